@@ -1,0 +1,193 @@
+"""The model folder: everything predict needs, and nothing it must download.
+
+    MODEL_DIR/
+      config.json          every setting of the run (fuselabel.config.Config)
+      labels.json          label vocabulary (order of the output columns) and display names
+      thresholds.json      the chosen decision rule plus the alternatives tuned beside it
+      preprocessing.json   image preprocessing from the backbone's config
+      text/                Hugging Face config + tokenizer of the text encoder
+      model.safetensors    all weights (fp16 by default)
+      split.json           ImageIDs of the train and validation sides
+      metrics.json         validation report;  history.csv  per-epoch log
+
+A folder is written beside its destination and renamed into place only once complete and
+within the size budget, so a failed save never destroys an earlier model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .encoders import create_tokenizer
+from .heads import FuseLabelNet
+
+WEIGHTS = "model.safetensors"
+
+
+class BundleError(RuntimeError):
+    """A model folder that is missing, incomplete, or over its size budget."""
+
+
+@dataclass
+class Bundle:
+    net: FuseLabelNet
+    config: Config
+    labels: list[str]
+    label_names: dict[str, str]
+    thresholds: dict
+    preprocessing: dict | None
+    tokenizer: object | None
+    path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def threshold_vector(self):
+        import numpy as np
+
+        return np.asarray(self.thresholds["thresholds"], dtype=np.float32)
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _state_for_saving(net: torch.nn.Module, dtype: str) -> dict:
+    state = {}
+    for name, tensor in net.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if dtype == "fp16" and tensor.is_floating_point():
+            tensor = tensor.half()
+        state[name] = tensor.contiguous()
+    return state
+
+
+def save_bundle(out: str | Path, bundle: Bundle, extra_files: dict[str, str | Path] | None = None) -> int:
+    """Write ``bundle`` to ``out`` atomically; returns the folder's size in bytes."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        cfg = bundle.config
+        _write_json(tmp / "config.json", cfg.to_dict())
+        _write_json(tmp / "labels.json", {"labels": bundle.labels, "names": bundle.label_names})
+        _write_json(tmp / "thresholds.json", bundle.thresholds)
+        if bundle.preprocessing is not None:
+            _write_json(tmp / "preprocessing.json", bundle.preprocessing)
+        if bundle.net.text_encoder is not None:
+            bundle.net.text_encoder.backbone.config.save_pretrained(tmp / "text")
+            bundle.tokenizer.save_pretrained(tmp / "text")
+        for name, data in bundle.extra.items():
+            _write_json(tmp / name, data)
+        for name, src in (extra_files or {}).items():
+            if src and Path(src).exists():
+                shutil.copyfile(src, tmp / name)
+        save_file(_state_for_saving(bundle.net, cfg.save_dtype), str(tmp / WEIGHTS),
+                  metadata={"format": "pt", "dtype": cfg.save_dtype})
+        size = folder_size(tmp)
+        if size > cfg.max_size_mb * 1e6:
+            raise BundleError(
+                f"model folder would be {size / 1e6:.1f} MB, over the budget of {cfg.max_size_mb:g} MB "
+                f"(--max-size-mb); try save_dtype=fp16 or a smaller encoder. Nothing was written to {out}.")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        return size
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path.parent}: not a fuselabel model folder ({path.name} is missing)") from None
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: model folder not found")
+    config = Config.from_dict(_read_json(path / "config.json"), source=str(path / "config.json"))
+    labels = _read_json(path / "labels.json")
+    thresholds = _read_json(path / "thresholds.json")
+    preprocessing = _read_json(path / "preprocessing.json") if (path / "preprocessing.json").exists() else None
+    text_dir = path / "text"
+    tokenizer = create_tokenizer(str(text_dir)) if config.uses_text else None
+    # Architectures only: the weights come from model.safetensors, so nothing is downloaded.
+    net = FuseLabelNet(config, len(labels["labels"]), pretrained=False, text_source=str(text_dir))
+    if not (path / WEIGHTS).exists():
+        raise BundleError(f"{path}: {WEIGHTS} is missing")
+    state = load_file(str(path / WEIGHTS))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BundleError(f"{path / WEIGHTS}: weights do not fit the model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    net = net.float().eval().to(device)
+    return Bundle(net=net, config=config, labels=labels["labels"], label_names=labels.get("names", {}),
+                  thresholds=thresholds, preprocessing=preprocessing, tokenizer=tokenizer, path=path)
+
+
+def describe(path: str | Path) -> str:
+    """What ``fuselabel info`` prints: size on disk by part, parameters by part, key settings, validation figures."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise BundleError(f"{path}: not a fuselabel model folder (config.json is missing)")
+    config = _read_json(path / "config.json")
+    labels = _read_json(path / "labels.json")
+    thresholds = _read_json(path / "thresholds.json")
+    lines = [f"model folder {path}: {folder_size(path) / 1e6:.1f} MB on disk"]
+    for p in sorted(path.iterdir()):
+        size = folder_size(p) if p.is_dir() else p.stat().st_size
+        lines.append(f"  {p.name + ('/' if p.is_dir() else ''):24s} {size / 1e6:8.2f} MB")
+    if (path / WEIGHTS).exists():
+        counts: dict[str, int] = {}
+        dtypes: set[str] = set()
+        with safe_open(str(path / WEIGHTS), "pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                part = key.split(".")[0]
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                counts[part] = counts.get(part, 0) + n
+                dtypes.add(str(sl.get_dtype()))
+        lines.append("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
+                     + f" (stored as {', '.join(sorted(dtypes))})")
+    lines.append(f"kind {config['kind']}" + (f" ({config['late_combine']})" if config["kind"] == "late" else "")
+                 + f"; image {config['image_model'] if config['kind'] != 'text' else '-'}"
+                 + f"; text {config['text_model'] if config['kind'] != 'image' else '-'}; regime {config['regime']}")
+    lines.append(f"labels ({len(labels['labels'])}): {' '.join(labels['labels'])}")
+    lines.append(f"thresholds: {thresholds['method']}, validation mean F1 {thresholds['val_mean_f1']:.4f}"
+                 + (f", late weight {thresholds['late_weight']}" if "late_weight" in thresholds else ""))
+    if (path / "metrics.json").exists():
+        m = _read_json(path / "metrics.json")
+        v = m.get("validation", {})
+        lines.append(f"validation: mean F1 {v.get('mean_f1', float('nan')):.4f}, micro F1 "
+                     f"{v.get('micro_f1', float('nan')):.4f}, macro F1 {v.get('macro_f1', float('nan')):.4f} "
+                     f"on {v.get('rows', '?')} rows; trained in {m.get('timings', {}).get('total_s', 0):.0f}s")
+    return "\n".join(lines)

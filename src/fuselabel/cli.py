@@ -1,0 +1,209 @@
+"""The ``fuselabel`` command: a thin shell over train, predict and the model folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_DATA = Path("..") / "shared" / "data" / "comp5329"
+
+
+def resolve_data(data: str | None, csv: str | None, default_csv: str = "train.csv") -> tuple[Path, Path]:
+    """(image folder, CSV). ``--data`` is the image folder, or a data-set folder holding ``data/`` and the CSV."""
+    root = Path(data) if data else DEFAULT_DATA
+    if not root.is_dir():
+        hint = "" if data else f" (no --data given and the default {DEFAULT_DATA} is absent)"
+        raise SystemExit(f"fuselabel: error: data folder {root} not found{hint}; pass --data IMAGE_DIR --csv FILE")
+    images = root / "data" if (root / "data").is_dir() else root
+    csv_path = Path(csv) if csv else root / default_csv
+    if not csv_path.exists():
+        raise SystemExit(f"fuselabel: error: CSV {csv_path} not found; pass --csv FILE")
+    return images, csv_path
+
+
+def _kv(text: str):
+    import yaml
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip().replace("-", "_"), yaml.safe_load(value)
+
+
+TRAIN_OPTIONS = [  # (flag, config key, type, help)
+    ("--kind", "kind", str, "image | text | early | late"),
+    ("--fusion", "late_combine", str, "late fusion rule: weighted | union"),
+    ("--late-weight", "late_weight", float, "image weight in weighted late fusion (default: tuned on validation)"),
+    ("--image-model", "image_model", str, "timm model name"),
+    ("--image-weights", "image_weights", str, "local checkpoint for the image backbone"),
+    ("--image-size", "image_size", int, "input size (default: the backbone's own)"),
+    ("--text-model", "text_model", str, "Hugging Face name or local folder (default: packaged minilm-l6)"),
+    ("--text-max-length", "text_max_length", int, "caption tokens kept"),
+    ("--regime", "regime", str, "auto | frozen | finetune"),
+    ("--epochs", "epochs", int, None), ("--batch-size", "batch_size", int, None),
+    ("--lr", "lr", float, "head learning rate"), ("--lr-image", "lr_image", float, None),
+    ("--lr-text", "lr_text", float, None), ("--loss", "loss", str, "bce | focal | asl"),
+    ("--sampler", "sampler", str, "none | oversample"), ("--augment", "augment", str, None),
+    ("--threshold-method", "threshold_method", str, "global | per_class | balanced"),
+    ("--seed", "seed", int, None), ("--val-fraction", "val_fraction", float, None),
+    ("--missing-images", "missing_images", str, "error | caption_only"),
+    ("--accelerator", "accelerator", str, None), ("--devices", "devices", str, None),
+    ("--num-nodes", "num_nodes", int, None), ("--strategy", "strategy", str, "auto | ddp | ..."),
+    ("--precision", "precision", str, None), ("--num-workers", "num_workers", int, None),
+    ("--cache-dir", "cache_dir", str, "frozen-feature cache (default ~/.cache/fuselabel)"),
+    ("--save-dtype", "save_dtype", str, "fp16 | fp32"), ("--max-size-mb", "max_size_mb", float, None),
+    ("--max-steps", "max_steps", int, None), ("--patience", "patience", int, None),
+]
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help=f"image folder, or a folder with data/ and the CSV (default {DEFAULT_DATA})")
+    p.add_argument("--csv", help="CSV file (default DATA/train.csv)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fuselabel", description="Multi-label classification of image + caption "
+                                     "pairs: train, evaluate, predict.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model and write its folder")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--config", help="YAML file of settings (keys as in config.json)")
+    p.add_argument("--preset", help="named settings: cpu-fast, cpu, cpu-best, gpu-best, seed")
+    p.add_argument("--label-names", help="CSV Label,Name (default: label_names.csv beside the CSV)")
+    p.add_argument("--work-dir", help="keep checkpoints and logs here (default: a temporary folder)")
+    p.add_argument("--tta-flip", action="store_true", default=None, help="average features of flipped images")
+    p.add_argument("--no-pretrained", action="store_true", help="random initialisation for both encoders")
+    p.add_argument("--set", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="any setting of config.json, e.g. --set hidden_dim=1024")
+    for flag, _, typ, help_ in TRAIN_OPTIONS:
+        p.add_argument(flag, type=typ, help=help_)
+
+    p = sub.add_parser("predict", help="write a submission CSV (ImageID,Labels)")
+    p.add_argument("model_dir")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="submission CSV to write")
+    p.add_argument("--proba", help="also write per-label probabilities to this CSV")
+    _add_inference_args(p)
+
+    p = sub.add_parser("evaluate", help="metrics of a model folder on a labelled CSV")
+    p.add_argument("model_dir")
+    _add_data_args(p)
+    p.add_argument("--json", help="also write the report as JSON here")
+    _add_inference_args(p)
+
+    p = sub.add_parser("inspect", help="what the reader makes of a CSV and image folder")
+    _add_data_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("info", help="size, parts and settings of a model folder")
+    p.add_argument("model_dir")
+    return parser
+
+
+def _add_inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default="auto", choices=("auto", "torch", "onnx"),
+                   help="image encoder runtime on CPU (auto: onnxruntime when installed)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--missing-images", choices=("error", "caption_only"),
+                   help="default: the model's setting (error)")
+
+
+def cmd_train(args) -> None:
+    from .config import build_config
+    from .train import fit
+
+    images, csv = resolve_data(args.data, args.csv)
+    overrides = {key: getattr(args, key_attr(flag)) for flag, key, _, _ in TRAIN_OPTIONS}
+    if overrides.get("devices") is not None:
+        overrides["devices"] = _devices(overrides["devices"])
+    overrides["tta_flip"] = args.tta_flip
+    if args.no_pretrained:
+        overrides.update(image_pretrained=False, text_pretrained=False)
+    overrides.update(dict(args.set))
+    config = build_config(args.preset, args.config, **overrides)
+    fit(config, images, csv, args.out, label_names=args.label_names, work_dir=args.work_dir)
+
+
+def key_attr(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _devices(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        return [int(x) for x in text.split(",")]
+
+
+def cmd_predict(args) -> None:
+    from .predict import predict
+
+    images, csv = resolve_data(args.data, args.csv, default_csv="test.csv")
+    result = predict(args.model_dir, images, csv, args.out, proba_out=args.proba, engine=args.engine,
+                     device=args.device, batch_size=args.batch_size, missing_images=args.missing_images,
+                     num_workers=args.num_workers)
+    print(f"wrote {result['out']}: {result['rows']} rows in {result['seconds']:.1f}s "
+          f"({result['rows_per_s']:.0f} rows/s)")
+
+
+def cmd_evaluate(args) -> None:
+    from .metrics import format_report
+    from .predict import evaluate
+
+    images, csv = resolve_data(args.data, args.csv)
+    report = evaluate(args.model_dir, images, csv, engine=args.engine, device=args.device,
+                      batch_size=args.batch_size, missing_images=args.missing_images, num_workers=args.num_workers)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def cmd_inspect(args) -> None:
+    from .records import format_summary, read_label_names, read_records, summarize
+
+    images, csv = resolve_data(args.data, args.csv)
+    records = read_records(csv, strict=False)
+    names_path = csv.with_name("label_names.csv")
+    names = read_label_names(names_path) if names_path.exists() else None
+    summary = summarize(records, images, names)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+
+
+def cmd_info(args) -> None:
+    from .bundle import describe
+
+    print(describe(args.model_dir))
+
+
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
+            "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .bundle import BundleError
+    from .data import ImageError
+    from .encoders import EncoderError
+    from .records import RecordsError
+
+    try:
+        COMMANDS[args.command](args)
+    except (RecordsError, ImageError, BundleError, EncoderError, ValueError, FileNotFoundError) as err:
+        print(f"fuselabel: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

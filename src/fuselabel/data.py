@@ -1,0 +1,173 @@
+"""Datasets, the validation split, image transforms and the rare-label sampler."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+
+class ImageError(RuntimeError):
+    """A missing or unreadable image, named by file and CSV line."""
+
+
+def stratified_split(label_matrix: np.ndarray, val_fraction: float = 0.1, seed: int = 42):
+    """Indices (train, val) by iterative stratification, so every label keeps its share on both sides."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    n = len(label_matrix)
+    if n < 2:
+        raise ValueError("need at least two labelled rows to split off a validation set")
+    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+    train_idx, val_idx = next(splitter.split(np.zeros(n), label_matrix))
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open as RGB whatever the file's mode (greyscale, CMYK, palette, alpha)."""
+    with Image.open(path) as img:
+        img.draft("RGB", (img.width, img.height))  # lets JPEG skip a colour conversion
+        return img.convert("RGB")
+
+
+def build_transform(data_config: dict, train: bool, augment: str = "seed"):
+    """torchvision transforms from the backbone's preprocessing config; training adds the augmentation preset."""
+    from torchvision import transforms as T
+
+    size = data_config["input_size"][-1]
+    interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}.get(
+        data_config.get("interpolation", "bicubic"), T.InterpolationMode.BICUBIC)
+    normalize = [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
+    if not train or augment == "none":
+        # Resize the short side then centre-crop, as the backbone was evaluated.
+        resize = int(round(size / data_config.get("crop_pct", 0.875)))
+        return T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size), *normalize])
+    ops = [T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interp), T.RandomHorizontalFlip()]
+    if augment == "trivial":
+        ops.append(T.TrivialAugmentWide(interpolation=interp))
+    elif augment == "randaugment":
+        ops.append(T.RandAugment(interpolation=interp))
+    elif augment == "colorjitter":
+        ops.append(T.ColorJitter(0.3, 0.3, 0.3, 0.05))
+    return T.Compose([*ops, *normalize])
+
+
+class PairDataset(Dataset):
+    """Rows of (image, caption, labels): the raw inputs for fine-tuning and for feature extraction.
+
+    A missing or unreadable image raises ImageError (file and CSV line named) unless
+    ``missing_images="caption_only"``, in which case the pixels are zeros and ``image_present`` is 0.
+    """
+
+    def __init__(self, records, image_dir, transform=None, labels: np.ndarray | None = None,
+                 missing_images: str = "error", load_images: bool = True):
+        self.records = list(records)
+        self.image_dir = Path(image_dir) if image_dir is not None else None
+        self.transform = transform
+        self.labels = labels
+        self.missing_images = missing_images
+        self.load_images = load_images
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _pixels(self, rec):
+        path = self.image_dir / rec.image_id
+        try:
+            return self.transform(load_rgb(path)), 1.0
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+            if self.missing_images == "caption_only":
+                size = self._zero_shape()
+                return torch.zeros(size), 0.0
+            reason = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({err})"
+            raise ImageError(f"{path}: image {reason} for row {rec.image_id} (CSV line {rec.line}); "
+                             "pass --missing-images caption_only to predict from the caption alone") from None
+
+    def _zero_shape(self):
+        for t in getattr(self.transform, "transforms", []):
+            size = getattr(t, "size", None)
+            if size is not None:
+                size = size if isinstance(size, (tuple, list)) else (size, size)
+                return (3, *size[-2:])
+        return (3, 224, 224)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.records[i]
+        item = {"index": i, "caption": rec.caption}
+        if self.load_images:
+            item["pixels"], item["image_present"] = self._pixels(rec)
+        if self.labels is not None:
+            item["labels"] = torch.as_tensor(self.labels[i], dtype=torch.float32)
+        return item
+
+
+class FeatureDataset(Dataset):
+    """Rows of cached features: what heads train on in the frozen regime."""
+
+    def __init__(self, features: dict[str, np.ndarray], labels: np.ndarray | None = None,
+                 image_present: np.ndarray | None = None):
+        self.features = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in features.items()}
+        n = len(next(iter(self.features.values())))
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.float32)
+        self.image_present = torch.ones(n) if image_present is None else torch.as_tensor(image_present).float()
+
+    def __len__(self) -> int:
+        return len(self.image_present)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {f"{k}_feat": v[i] for k, v in self.features.items()}
+        item["image_present"] = self.image_present[i]
+        if self.labels is not None:
+            item["labels"] = self.labels[i]
+        return item
+
+
+class TextCollate:
+    """Batches PairDataset items, tokenising captions with truncation and dynamic padding."""
+
+    def __init__(self, tokenizer=None, max_length: int = 64):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = {"index": torch.tensor([it["index"] for it in items])}
+        if "pixels" in items[0]:
+            batch["pixels"] = torch.stack([it["pixels"] for it in items])
+            batch["image_present"] = torch.tensor([it["image_present"] for it in items], dtype=torch.float32)
+        if "labels" in items[0]:
+            batch["labels"] = torch.stack([it["labels"] for it in items])
+        if self.tokenizer is not None:
+            tok = self.tokenizer([it["caption"] for it in items], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+            batch["input_ids"], batch["attention_mask"] = tok["input_ids"], tok["attention_mask"]
+        return batch
+
+
+def oversampling_weights(label_matrix: np.ndarray, power: float = 0.5) -> np.ndarray:
+    """Row weights that draw rows holding rare labels more often.
+
+    A row's weight is the largest inverse frequency among its labels, raised to ``power``
+    (0 = uniform, 1 = fully balanced by the rarest label); normalised to mean 1.
+    """
+    freq = label_matrix.sum(0).clip(min=1) / len(label_matrix)
+    inv = np.where(label_matrix > 0, 1.0 / freq, 0.0).max(1)
+    inv[inv == 0] = 1.0 / freq.max()
+    weights = inv ** power
+    return weights / weights.mean()
+
+
+def make_sampler(label_matrix: np.ndarray, kind: str, power: float, seed: int):
+    if kind == "none":
+        return None
+    weights = oversampling_weights(label_matrix, power)
+    gen = torch.Generator().manual_seed(seed)
+    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(weights), replacement=True,
+                                 generator=gen)
+
+
+def default_workers(requested: int | None) -> int:
+    return requested if requested is not None else min(8, os.cpu_count() or 1)

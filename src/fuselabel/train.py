@@ -1,0 +1,206 @@
+"""The training flow: CSV -> split -> (cached features | raw batches) -> Lightning -> thresholds -> model folder."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .bundle import Bundle, save_bundle
+from .config import Config
+from .data import (FeatureDataset, PairDataset, TextCollate, build_transform, default_workers, make_sampler,
+                   stratified_split)
+from .encoders import create_tokenizer, image_data_config
+from .features import frozen_features
+from .heads import FuseLabelNet, combine_probabilities
+from .losses import pos_weight_from_labels
+from .metrics import evaluate, format_report
+from .module import FuseLabelModule, infer
+from .records import label_vocabulary, labels_to_matrix, read_label_names, read_records
+from .thresholds import tune, tune_global
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    size_bytes: int
+    report: dict
+    thresholds: dict
+    timings: dict
+    val_parts: dict          # per-head validation probabilities, for studies
+    val_labels: np.ndarray
+
+
+def resolve_regime(config: Config) -> str:
+    if config.regime != "auto":
+        return config.regime
+    return "finetune" if torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda") else "frozen"
+
+
+def find_label_names(csv: Path, explicit: str | Path | None) -> dict[str, str]:
+    if explicit:
+        return read_label_names(explicit)
+    beside = Path(csv).with_name("label_names.csv")
+    return read_label_names(beside) if beside.exists() else {}
+
+
+def tune_fusion(config: Config, parts: dict, labels: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Fused validation probabilities, choosing the late-fusion weight on validation rows when not fixed."""
+    present = torch.as_tensor(parts["image_present"])
+    heads = {k: torch.as_tensor(v) for k, v in parts.items() if k != "image_present"}
+    info: dict = {}
+    if config.kind == "late" and config.late_combine == "weighted" and config.late_weight is None:
+        scores = {}
+        for w in np.round(np.arange(0.0, 1.0001, 0.05), 2):
+            probs = combine_probabilities(heads, "weighted", float(w), present).numpy()
+            scores[float(w)] = tune_global(labels, probs, config.ensure_nonempty)[1]
+        best = max(scores, key=scores.get)
+        info = {"late_weight": best, "late_weight_scores": scores}
+        weight = best
+    else:
+        weight = config.late_weight if config.late_weight is not None else 0.5
+        info = {"late_weight": weight}
+    probs = combine_probabilities(heads, config.late_combine, weight, present).numpy()
+    return probs, info
+
+
+def tune_thresholds(config: Config, labels: np.ndarray, probs: np.ndarray) -> dict:
+    """All three rules tuned on validation rows; the configured one is what predict uses."""
+    results = {m: tune(m, labels, probs, config.ensure_nonempty) for m in ("global", "per_class", "balanced")}
+    chosen = dict(results[config.threshold_method])
+    chosen["ensure_nonempty"] = config.ensure_nonempty
+    chosen["alternatives"] = {m: {"val_mean_f1": r["val_mean_f1"], "thresholds": r["thresholds"]}
+                              for m, r in results.items()}
+    return chosen
+
+
+class _DropFrozenWeights(L.Callback):
+    """Checkpoints of the frozen regime hold only what trains, not hundreds of MB of fixed encoders."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if pl_module.frozen:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith(("net.image_encoder.", "net.text_encoder."))}
+
+
+def _loaders(config, regime, net, tokenizer, data_config, records, labels, train_idx, val_idx, image_dir,
+             device):
+    workers = default_workers(config.num_workers)
+    sampler = make_sampler(labels[train_idx], config.sampler, config.oversample_power, config.seed)
+    if regime == "frozen":
+        feats, present = frozen_features(net, tokenizer, data_config, records, image_dir, config, device=device)
+        train_ds = FeatureDataset({k: v[train_idx] for k, v in feats.items()}, labels[train_idx], present[train_idx])
+        val_ds = FeatureDataset({k: v[val_idx] for k, v in feats.items()}, labels[val_idx], present[val_idx])
+        return (DataLoader(train_ds, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
+                           drop_last=len(train_ds) > config.batch_size),
+                DataLoader(val_ds, batch_size=1024))
+    collate = TextCollate(tokenizer, config.text_max_length)
+    load_images = net.image_encoder is not None
+    train_tf = build_transform(data_config, True, config.augment) if load_images else None
+    val_tf = build_transform(data_config, False) if load_images else None
+    train_ds = PairDataset([records[i] for i in train_idx], image_dir, train_tf, labels[train_idx],
+                           config.missing_images, load_images)
+    val_ds = PairDataset([records[i] for i in val_idx], image_dir, val_tf, labels[val_idx],
+                         config.missing_images, load_images)
+    common = dict(num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                  persistent_workers=workers > 0)
+    return (DataLoader(train_ds, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
+                       drop_last=len(train_ds) > config.batch_size, **common),
+            DataLoader(val_ds, batch_size=config.batch_size * 2, **common))
+
+
+def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, *,
+        label_names: str | Path | None = None, work_dir: str | Path | None = None,
+        progress: bool = True) -> TrainResult | None:
+    """Train a model on a labelled CSV and write its folder to ``out``.
+
+    Returns None on non-zero ranks of a multi-process run (only rank 0 tunes and saves).
+    """
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    records = read_records(csv)
+    if not records.labelled:
+        raise ValueError(f"{csv}: training needs a Labels column (header ImageID,Labels,Caption)")
+    vocab = label_vocabulary(records.label_sets)
+    labels = labels_to_matrix(records.label_sets, vocab).astype(np.float32)
+    names = find_label_names(Path(csv), label_names)
+    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
+    regime = resolve_regime(config)
+    print(f"fuselabel: {len(records)} rows, {len(vocab)} labels; train {len(train_idx)}, val {len(val_idx)}; "
+          f"model {config.kind}, regime {regime}")
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    tokenizer = create_tokenizer(config.text_model) if config.uses_text else None
+    net = FuseLabelNet(config, len(vocab), vocab_size=len(tokenizer) if tokenizer is not None else None)
+    data_config = image_data_config(net.image_encoder, config.image_size) if net.image_encoder is not None else None
+    device = torch.device("cuda" if torch.cuda.is_available() and config.accelerator != "cpu" else "cpu")
+    timings["setup_s"] = time.time() - t0
+
+    t1 = time.time()
+    train_loader, val_loader = _loaders(config, regime, net, tokenizer, data_config, records.records, labels,
+                                        train_idx, val_idx, data_dir, device)
+    timings["features_s"] = time.time() - t1 if regime == "frozen" else 0.0
+
+    pos_weight = pos_weight_from_labels(labels[train_idx]) if config.pos_weight else None
+    module = FuseLabelModule(net, config, pos_weight)
+    module.set_frozen(regime == "frozen")
+    with tempfile.TemporaryDirectory(prefix="fuselabel-") as tmp:
+        work = Path(work_dir) if work_dir else Path(tmp)
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=work / "checkpoints", monitor="val_f1", mode="max",
+                                                         save_top_k=1, save_weights_only=True, filename="best")
+        callbacks = [checkpoint, _DropFrozenWeights(),
+                     L.pytorch.callbacks.EarlyStopping(monitor="val_f1", mode="max", patience=config.patience)]
+        logger = L.pytorch.loggers.CSVLogger(work, name="logs")
+        precision = config.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
+        trainer = L.Trainer(max_epochs=config.epochs, max_steps=config.max_steps, accelerator=config.accelerator,
+                            devices=config.devices, num_nodes=config.num_nodes, strategy=config.strategy,
+                            precision=precision, callbacks=callbacks, logger=logger, num_sanity_val_steps=0,
+                            enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
+                            default_root_dir=work)
+        t2 = time.time()
+        trainer.fit(module, train_loader, val_loader)
+        timings["train_s"] = time.time() - t2
+        if not trainer.is_global_zero:
+            return None
+        if checkpoint.best_model_path:
+            state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+            module.load_state_dict(state, strict=False)
+        history = Path(logger.log_dir) / "metrics.csv"
+
+        t3 = time.time()
+        if regime == "finetune":  # DDP shuffles rows across ranks; re-run validation in order on one device
+            val_loader = DataLoader(val_loader.dataset, batch_size=val_loader.batch_size,
+                                    collate_fn=val_loader.collate_fn, num_workers=val_loader.num_workers)
+        parts = infer(net, val_loader, device, precision)
+        val_labels = labels[val_idx].astype(np.uint8)
+        probs, fusion_info = tune_fusion(config, parts, val_labels)
+        if "late_weight" in fusion_info:
+            net.late_weight.fill_(float(fusion_info["late_weight"]))
+        thresholds = tune_thresholds(config, val_labels, probs)
+        thresholds.update(fusion_info)
+        from .thresholds import apply_thresholds
+
+        pred = apply_thresholds(probs, np.asarray(thresholds["thresholds"]), config.ensure_nonempty)
+        report = evaluate(val_labels, pred, vocab, names)
+        report["threshold_method"] = config.threshold_method
+        timings["tune_s"] = time.time() - t3
+        timings["total_s"] = time.time() - t0
+
+        bundle = Bundle(net=net.cpu(), config=config, labels=vocab, label_names=names, thresholds=thresholds,
+                        preprocessing=data_config, tokenizer=tokenizer,
+                        extra={"split.json": {"seed": config.seed, "val_fraction": config.val_fraction,
+                                              "train_ids": [records.records[i].image_id for i in train_idx],
+                                              "val_ids": [records.records[i].image_id for i in val_idx]},
+                               "metrics.json": {"validation": report, "regime": regime, "timings": timings,
+                                                "epochs_run": trainer.current_epoch}})
+        size = save_bundle(out, bundle, {"history.csv": history})
+    print(format_report(report))
+    print(f"validation mean F1 {report['mean_f1']:.4f} ({config.threshold_method} thresholds); "
+          f"model folder {out} is {size / 1e6:.1f} MB; took {timings['total_s']:.0f}s")
+    return TrainResult(Path(out), size, report, thresholds, timings, parts, val_labels)
