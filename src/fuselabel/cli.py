@@ -40,9 +40,12 @@ TRAIN_OPTIONS = [  # (flag, config key, type, help)
     ("--image-model", "image_model", str, "timm model name"),
     ("--image-weights", "image_weights", str, "local checkpoint for the image backbone"),
     ("--image-size", "image_size", int, "input size (default: the backbone's own)"),
+    ("--image-pool", "image_pool", str, "avg | avgmax"),
+    ("--image-layers", "image_layers", int, "pool this many feature stages (default 1)"),
+    ("--decoder", "decoder", str, "head for image/text/early kinds: mlp | query | lstm"),
     ("--text-model", "text_model", str, "Hugging Face name or local folder (default: packaged minilm-l6)"),
     ("--text-max-length", "text_max_length", int, "caption tokens kept"),
-    ("--regime", "regime", str, "auto | frozen | finetune"),
+    ("--regime", "regime", str, "auto | frozen | hybrid | finetune"),
     ("--epochs", "epochs", int, None), ("--batch-size", "batch_size", int, None),
     ("--lr", "lr", float, "head learning rate"), ("--lr-image", "lr_image", float, None),
     ("--lr-text", "lr_text", float, None), ("--loss", "loss", str, "bce | focal | asl"),
@@ -102,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="size, parts and settings of a model folder")
     p.add_argument("model_dir")
+
+    p = sub.add_parser("export", help="write ONNX graphs of a model folder (image encoder, text encoder, head)")
+    p.add_argument("model_dir")
+    p.add_argument("--format", default="onnx", choices=("onnx",), help="only onnx so far")
+    p.add_argument("--int8", action="store_true", help="int8 weights for the text encoder and head (dynamic)")
+    p.add_argument("--out", help="folder to write (default MODEL_DIR/onnx)")
+    p.add_argument("--check-rows", type=int, default=8, help="synthetic rows compared with PyTorch (0: none)")
     return parser
 
 
@@ -185,8 +195,14 @@ def cmd_info(args) -> None:
     print(describe(args.model_dir))
 
 
+def cmd_export(args) -> None:
+    from .export import export_onnx, format_report
+
+    print(format_report(export_onnx(args.model_dir, args.out, int8=args.int8, check_rows=args.check_rows)))
+
+
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
-            "info": cmd_info}
+            "info": cmd_info, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

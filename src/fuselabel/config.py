@@ -14,7 +14,8 @@ from typing import Any
 
 MODEL_KINDS = ("image", "text", "early", "late")
 LATE_COMBINES = ("weighted", "union")
-REGIMES = ("auto", "frozen", "finetune")
+DECODERS = ("mlp", "query", "lstm")
+REGIMES = ("auto", "frozen", "hybrid", "finetune")
 THRESHOLD_METHODS = ("global", "per_class", "balanced")
 AUGMENTS = ("seed", "none", "trivial", "randaugment", "colorjitter")
 LOSSES = ("bce", "focal", "asl")
@@ -33,15 +34,19 @@ class Config:
     image_weights: str | None = None        # local checkpoint for backbones no package ships
     image_size: int | None = None           # None = the backbone's own input size
     image_model_kwargs: dict = field(default_factory=dict)   # passed to timm.create_model
+    image_pool: str = "avg"                 # avg | avgmax (max pooling keeps small objects)
+    image_layers: int = 1                   # >1 adds pooled outputs of earlier stages
     text_model: str = "minilm-l6"           # alias, Hugging Face name or local folder
     text_pretrained: bool = True
     text_max_length: int = 64
     text_config_overrides: dict = field(default_factory=dict)  # e.g. tiny configs for tests
+    decoder: str = "mlp"                    # mlp | query | lstm (label relations; image, text and early kinds)
     hidden_dim: int = 512
     dropout: float = 0.3
 
     # how to train
-    regime: str = "auto"                    # auto (frozen on CPU, finetune on GPU) | frozen | finetune
+    # auto = frozen on CPU, finetune on GPU; hybrid = cached image features + a fine-tuned text encoder
+    regime: str = "auto"
     epochs: int = 40
     batch_size: int = 256
     lr: float = 1e-3                        # heads
@@ -86,7 +91,7 @@ class Config:
             "kind": MODEL_KINDS, "late_combine": LATE_COMBINES, "regime": REGIMES,
             "threshold_method": THRESHOLD_METHODS, "augment": AUGMENTS, "loss": LOSSES,
             "sampler": SAMPLERS, "missing_images": MISSING_IMAGE_POLICIES,
-            "save_dtype": ("fp32", "fp16"),
+            "save_dtype": ("fp32", "fp16"), "decoder": DECODERS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -106,14 +106,19 @@ class PairDataset(Dataset):
 
 
 class FeatureDataset(Dataset):
-    """Rows of cached features: what heads train on in the frozen regime."""
+    """Rows of cached features: what heads train on in the frozen regime.
+
+    With ``captions`` the rows also carry their text, for the hybrid regime where the
+    image side is cached and the text encoder trains.
+    """
 
     def __init__(self, features: dict[str, np.ndarray], labels: np.ndarray | None = None,
-                 image_present: np.ndarray | None = None):
+                 image_present: np.ndarray | None = None, captions: list[str] | None = None):
         self.features = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in features.items()}
-        n = len(next(iter(self.features.values())))
+        n = len(next(iter(self.features.values()))) if self.features else len(captions)
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.float32)
         self.image_present = torch.ones(n) if image_present is None else torch.as_tensor(image_present).float()
+        self.captions = captions
 
     def __len__(self) -> int:
         return len(self.image_present)
@@ -123,23 +128,25 @@ class FeatureDataset(Dataset):
         item["image_present"] = self.image_present[i]
         if self.labels is not None:
             item["labels"] = self.labels[i]
+        if self.captions is not None:
+            item["index"], item["caption"] = i, self.captions[i]
         return item
 
 
 class TextCollate:
-    """Batches PairDataset items, tokenising captions with truncation and dynamic padding."""
+    """Batches dataset items: tensors are stacked, captions tokenised with truncation and dynamic padding."""
 
     def __init__(self, tokenizer=None, max_length: int = 64):
         self.tokenizer = tokenizer
         self.max_length = max_length
 
     def __call__(self, items: list[dict]) -> dict:
-        batch = {"index": torch.tensor([it["index"] for it in items])}
-        if "pixels" in items[0]:
-            batch["pixels"] = torch.stack([it["pixels"] for it in items])
-            batch["image_present"] = torch.tensor([it["image_present"] for it in items], dtype=torch.float32)
-        if "labels" in items[0]:
-            batch["labels"] = torch.stack([it["labels"] for it in items])
+        batch = {}
+        for key, value in items[0].items():
+            if key == "caption":
+                continue
+            batch[key] = torch.stack([it[key] for it in items]) if torch.is_tensor(value) else torch.tensor(
+                [it[key] for it in items], dtype=torch.float32 if isinstance(value, float) else None)
         if self.tokenizer is not None:
             tok = self.tokenizer([it["caption"] for it in items], padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt")

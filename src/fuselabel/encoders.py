@@ -107,6 +107,36 @@ def create_image_encoder(name: str, pretrained: bool = True, weights: str | None
         ) from None
 
 
+class PooledImageEncoder(nn.Module):
+    """A timm backbone pooled into one vector, optionally richer than its usual global average.
+
+    ``pool="avgmax"`` adds global max pooling of the last feature map (a small object that lights
+    up a few cells survives max pooling but is diluted by the average); ``layers=k`` adds the
+    average-pooled outputs of the k-1 stages before the last, which keep finer detail.
+    """
+
+    def __init__(self, backbone: nn.Module, layers: int = 1, pool: str = "avg"):
+        super().__init__()
+        if pool not in ("avg", "avgmax"):
+            raise ValueError(f"image_pool must be avg or avgmax, got {pool!r}")
+        self.backbone, self.layers, self.pool = backbone, layers, pool
+        extra = 0
+        if layers > 1:
+            chs = [f["num_chs"] for f in backbone.feature_info]
+            extra = sum(chs[-layers:-1])
+        self.num_features = backbone.num_features * (2 if pool == "avgmax" else 1) + extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layers == 1 and self.pool == "avg":
+            return self.backbone(x)
+        final_map, inter = self.backbone.forward_intermediates(x, indices=max(self.layers, 1))
+        pooled = [final_map.mean((2, 3))]
+        if self.pool == "avgmax":
+            pooled.append(final_map.amax((2, 3)))
+        pooled += [t.mean((2, 3)) for t in inter[:-1]]
+        return torch.cat(pooled, 1)
+
+
 def image_data_config(model: nn.Module, image_size: int | None = None) -> dict:
     """Preprocessing from the backbone's own pretrained config (size, mean, std, crop, interpolation)."""
     import timm.data

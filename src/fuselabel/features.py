@@ -29,9 +29,10 @@ def default_cache_dir(cache_dir: str | None = None) -> Path:
 
 
 def weights_digest(module: torch.nn.Module) -> str:
+    # Values and shapes only: renaming a wrapper's attributes does not change a single feature.
     h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
+    for tensor in module.state_dict().values():
+        h.update(str(tuple(tensor.shape)).encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -175,21 +176,23 @@ class FeatureCache:
         return arrays
 
 
-def frozen_features(net, tokenizer, data_config, records, image_dir, config, *, device=None, progress=True):
+def frozen_features(net, tokenizer, data_config, records, image_dir, config, *, device=None, progress=True,
+                    image=True, text=True):
     """Features for ``records`` from the network's frozen encoders, through the cache."""
     cache = FeatureCache(config.cache_dir)
     out: dict[str, np.ndarray] = {}
     present = np.ones(len(records), dtype=np.float32)
-    if net.image_encoder is not None:
+    if image and net.image_encoder is not None:
         key = cache.key(kind="image", weights=weights_digest(net.image_encoder), model=config.image_model,
-                        data_config=data_config, flip=config.tta_flip, rows=rows_digest(records, image_dir),
+                        data_config=data_config, flip=config.tta_flip,
+                        pool=[config.image_pool, config.image_layers], rows=rows_digest(records, image_dir),
                         missing=config.missing_images)
         arrays = cache.get_or_compute(key, lambda: dict(zip(("features", "present"), extract_image_features(
             net.image_encoder, data_config, records, image_dir, flip_tta=config.tta_flip,
             missing_images=config.missing_images, num_workers=config.num_workers, device=device,
             cache_dir=config.cache_dir, progress=progress))), "image features")
         out["image"], present = arrays["features"], arrays["present"]
-    if net.text_encoder is not None:
+    if text and net.text_encoder is not None:
         key = cache.key(kind="text", weights=weights_digest(net.text_encoder), model=config.text_model,
                         max_length=config.text_max_length, rows=rows_digest(records))
         arrays = cache.get_or_compute(key, lambda: {"features": extract_text_features(

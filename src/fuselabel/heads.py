@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .encoders import create_image_encoder, create_text_encoder
+from .encoders import PooledImageEncoder, create_image_encoder, create_text_encoder
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -56,8 +56,69 @@ class LateFusionHead(nn.Module):
         return {"image": self.image(feats["image"]), "text": self.text(feats["text"])}
 
 
+class LabelDecoderHead(nn.Module):
+    """Heads that model relations between labels, over one token per modality.
+
+    ``query``: a label-query attention decoder (ML-Decoder / Query2Label style): one learned
+    query per label attends to the modality tokens, and the queries attend to each other, so
+    one label's evidence can raise or lower another's.
+    ``lstm``: labels predicted as a sequence (the seed's proposal): an LSTM conditioned on the
+    fused features steps through the labels in vocabulary order and sees the previous label's
+    probability, so each decision can depend on the ones before it.
+    """
+
+    def __init__(self, kind: str, dims: dict[str, int], num_labels: int, hidden: int, dropout: float,
+                 decoder: str):
+        super().__init__()
+        self.kind, self.decoder, self.modalities = kind, decoder, list(dims)
+        d = min(hidden, 256)
+        self.proj = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(dim), nn.Dropout(dropout / 2), nn.Linear(dim, d))
+                                   for m, dim in dims.items()})
+        if decoder == "query":
+            self.modality_embed = nn.Parameter(torch.zeros(len(dims), d))
+            self.queries = nn.Parameter(torch.randn(num_labels, d) * 0.02)
+            layer = nn.TransformerDecoderLayer(d, nhead=4, dim_feedforward=2 * d, dropout=dropout, batch_first=True,
+                                               norm_first=True)
+            self.decoder_net = nn.TransformerDecoder(layer, num_layers=2)
+            self.out = nn.Linear(d, 1)
+        elif decoder == "lstm":
+            self.num_labels = num_labels
+            self.init = nn.Linear(d * len(dims), 2 * d)
+            self.label_embed = nn.Embedding(num_labels, d)
+            self.cell = nn.LSTMCell(d + 1, d)
+            self.out = nn.Linear(2 * d, 1)
+            self.context = nn.Linear(d * len(dims), d)
+            self.drop = nn.Dropout(dropout)
+        else:
+            raise ValueError(f"unknown decoder {decoder!r}; choose mlp, query or lstm")
+
+    def forward(self, feats: dict) -> dict:
+        tokens = [self.proj[m](feats[m]) for m in self.modalities]
+        if self.decoder == "query":
+            memory = torch.stack(tokens, 1) + self.modality_embed
+            queries = self.queries.unsqueeze(0).expand(memory.shape[0], -1, -1)
+            logits = self.out(self.decoder_net(queries, memory)).squeeze(-1)
+        else:
+            joined = torch.cat(tokens, -1)
+            h, c = self.init(joined).chunk(2, -1)
+            context = self.context(joined)
+            prev = torch.zeros(joined.shape[0], 1, device=joined.device, dtype=joined.dtype)
+            steps = []
+            for t in range(self.num_labels):
+                h, c = self.cell(torch.cat([self.label_embed.weight[t] + context, prev], -1), (h, c))
+                logit = self.out(torch.cat([self.drop(h), context], -1))
+                steps.append(logit)
+                prev = torch.sigmoid(logit)
+            logits = torch.cat(steps, -1)
+        return {self.kind: logits}
+
+
 def build_head(config: Config, image_dim: int, text_dim: int, num_labels: int) -> nn.Module:
     h, p = config.hidden_dim, config.dropout
+    if config.decoder != "mlp" and config.kind != "late":
+        dims = {"image": image_dim, "text": text_dim}
+        dims = {m: d for m, d in dims.items() if m == config.kind or config.kind == "early"}
+        return LabelDecoderHead(config.kind, dims, num_labels, h, p, config.decoder)
     if config.kind == "image":
         return SingleHead("image", image_dim, num_labels, h, p)
     if config.kind == "text":
@@ -77,8 +138,9 @@ class FuseLabelNet(nn.Module):
         self.image_encoder = self.text_encoder = None
         image_dim = text_dim = 0
         if config.uses_image:
-            self.image_encoder = create_image_encoder(config.image_model, pretrained and config.image_pretrained,
-                                                      config.image_weights, **config.image_model_kwargs)
+            backbone = create_image_encoder(config.image_model, pretrained and config.image_pretrained,
+                                            config.image_weights, **config.image_model_kwargs)
+            self.image_encoder = PooledImageEncoder(backbone, config.image_layers, config.image_pool)
             image_dim = self.image_encoder.num_features
         if config.uses_text:
             self.text_encoder = create_text_encoder(text_source or config.text_model, pretrained and config.text_pretrained,

@@ -26,22 +26,33 @@ class FuseLabelModule(L.LightningModule):
         self.criterion = build_loss(config.loss, pos_weight=pos_weight, **config.loss_kwargs)
         self._val_probs: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
-        self.frozen = True
+        self.trainable = {"image": False, "text": False}
         self.best_val_f1 = 0.0
 
-    def set_frozen(self, frozen: bool) -> None:
+    def set_trainable(self, image: bool, text: bool) -> None:
         """Frozen encoders take no gradient and stay in eval mode (BatchNorm statistics untouched)."""
-        self.frozen = frozen
-        for enc in (self.net.image_encoder, self.net.text_encoder):
+        self.trainable = {"image": image, "text": text}
+        for name, enc in (("image", self.net.image_encoder), ("text", self.net.text_encoder)):
             if enc is not None:
-                enc.requires_grad_(not frozen)
+                enc.requires_grad_(self.trainable[name])
+
+    def set_frozen(self, frozen: bool) -> None:
+        self.set_trainable(image=not frozen, text=not frozen)
+
+    @property
+    def frozen(self) -> bool:
+        return not any(self.trainable.values())
+
+    @property
+    def frozen_encoders(self) -> list[str]:
+        return [f"net.{k}_encoder." for k, v in self.trainable.items()
+                if not v and getattr(self.net, f"{k}_encoder") is not None]
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.frozen:
-            for enc in (self.net.image_encoder, self.net.text_encoder):
-                if enc is not None:
-                    enc.eval()
+        for name, enc in (("image", self.net.image_encoder), ("text", self.net.text_encoder)):
+            if enc is not None and not self.trainable[name]:
+                enc.eval()
         return self
 
     def _loss(self, logits: dict, batch: dict) -> torch.Tensor:
@@ -89,10 +100,10 @@ class FuseLabelModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.config
         groups = [{"params": [p for p in self.net.head.parameters() if p.requires_grad], "lr": cfg.lr}]
-        if not self.frozen:
-            for enc, lr in ((self.net.image_encoder, cfg.lr_image), (self.net.text_encoder, cfg.lr_text)):
-                if enc is not None:
-                    groups.append({"params": [p for p in enc.parameters() if p.requires_grad], "lr": lr})
+        for name, lr in (("image", cfg.lr_image), ("text", cfg.lr_text)):
+            enc = getattr(self.net, f"{name}_encoder")
+            if enc is not None and self.trainable[name]:
+                groups.append({"params": [p for p in enc.parameters() if p.requires_grad], "lr": lr})
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, total // 20)

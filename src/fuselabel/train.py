@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,22 +86,31 @@ class _DropFrozenWeights(L.Callback):
     """Checkpoints of the frozen regime hold only what trains, not hundreds of MB of fixed encoders."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        if pl_module.frozen:
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                        if not k.startswith(("net.image_encoder.", "net.text_encoder."))}
+        frozen = tuple(pl_module.frozen_encoders)
+        if frozen:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
 
 
 def _loaders(config, regime, net, tokenizer, data_config, records, labels, train_idx, val_idx, image_dir,
              device):
     workers = default_workers(config.num_workers)
     sampler = make_sampler(labels[train_idx], config.sampler, config.oversample_power, config.seed)
-    if regime == "frozen":
-        feats, present = frozen_features(net, tokenizer, data_config, records, image_dir, config, device=device)
-        train_ds = FeatureDataset({k: v[train_idx] for k, v in feats.items()}, labels[train_idx], present[train_idx])
-        val_ds = FeatureDataset({k: v[val_idx] for k, v in feats.items()}, labels[val_idx], present[val_idx])
+    if regime in ("frozen", "hybrid"):
+        # hybrid: only the image side is cached; captions travel with the rows for the text encoder to train on
+        text_trains = regime == "hybrid" and net.text_encoder is not None
+        feats, present = frozen_features(net, tokenizer, data_config, records, image_dir, config, device=device,
+                                         text=not text_trains)
+        captions = [r.caption for r in records] if text_trains else None
+
+        def subset(idx):
+            return FeatureDataset({k: v[idx] for k, v in feats.items()}, labels[idx], present[idx],
+                                  [captions[i] for i in idx] if captions else None)
+
+        collate = TextCollate(tokenizer if text_trains else None, config.text_max_length)
+        train_ds, val_ds = subset(train_idx), subset(val_idx)
         return (DataLoader(train_ds, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
-                           drop_last=len(train_ds) > config.batch_size),
-                DataLoader(val_ds, batch_size=1024))
+                           drop_last=len(train_ds) > config.batch_size, collate_fn=collate),
+                DataLoader(val_ds, batch_size=1024 if not text_trains else 256, collate_fn=collate))
     collate = TextCollate(tokenizer, config.text_max_length)
     load_images = net.image_encoder is not None
     train_tf = build_transform(data_config, True, config.augment) if load_images else None
@@ -115,6 +126,14 @@ def _loaders(config, regime, net, tokenizer, data_config, records, labels, train
             DataLoader(val_ds, batch_size=config.batch_size * 2, **common))
 
 
+def _quiet_lightning() -> None:
+    # Our own summary says what ran where; these notices only bury it.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen encoders, on purpose
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+
+
 def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, *,
         label_names: str | Path | None = None, work_dir: str | Path | None = None,
         progress: bool = True) -> TrainResult | None:
@@ -123,6 +142,7 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
     Returns None on non-zero ranks of a multi-process run (only rank 0 tunes and saves).
     """
     t0 = time.time()
+    _quiet_lightning()
     timings: dict[str, float] = {}
     records = read_records(csv)
     if not records.labelled:
@@ -138,18 +158,18 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
     L.seed_everything(config.seed, workers=True, verbose=False)
     tokenizer = create_tokenizer(config.text_model) if config.uses_text else None
     net = FuseLabelNet(config, len(vocab), vocab_size=len(tokenizer) if tokenizer is not None else None)
-    data_config = image_data_config(net.image_encoder, config.image_size) if net.image_encoder is not None else None
+    data_config = image_data_config(net.image_encoder.backbone, config.image_size) if net.image_encoder is not None else None
     device = torch.device("cuda" if torch.cuda.is_available() and config.accelerator != "cpu" else "cpu")
     timings["setup_s"] = time.time() - t0
 
     t1 = time.time()
     train_loader, val_loader = _loaders(config, regime, net, tokenizer, data_config, records.records, labels,
                                         train_idx, val_idx, data_dir, device)
-    timings["features_s"] = time.time() - t1 if regime == "frozen" else 0.0
+    timings["features_s"] = time.time() - t1 if regime != "finetune" else 0.0
 
     pos_weight = pos_weight_from_labels(labels[train_idx]) if config.pos_weight else None
     module = FuseLabelModule(net, config, pos_weight)
-    module.set_frozen(regime == "frozen")
+    module.set_trainable(image=regime == "finetune", text=regime in ("finetune", "hybrid"))
     with tempfile.TemporaryDirectory(prefix="fuselabel-") as tmp:
         work = Path(work_dir) if work_dir else Path(tmp)
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=work / "checkpoints", monitor="val_f1", mode="max",
