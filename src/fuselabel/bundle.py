@@ -63,14 +63,37 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+SCALE_SUFFIX = ".__int8_scale"
+
+
 def _state_for_saving(net: torch.nn.Module, dtype: str) -> dict:
+    """Weights as stored: fp32, fp16, or int8 matrices (weight-only, one fp16 scale per row) with the rest fp16.
+
+    int8 storage shrinks the folder; the weights are expanded back to floats on loading, so
+    inference runs at full precision on the rounded weights.
+    """
     state = {}
     for name, tensor in net.state_dict().items():
         tensor = tensor.detach().cpu()
-        if dtype == "fp16" and tensor.is_floating_point():
+        if tensor.is_floating_point() and dtype in ("fp16", "int8"):
+            if dtype == "int8" and tensor.ndim == 2 and tensor.numel() >= 4096:
+                scale = tensor.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+                state[name] = torch.round(tensor.float() / scale).clamp(-127, 127).to(torch.int8)
+                state[name + SCALE_SUFFIX] = scale.half()
+                continue
             tensor = tensor.half()
         state[name] = tensor.contiguous()
     return state
+
+
+def _state_for_loading(state: dict) -> dict:
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        scale = state.get(name + SCALE_SUFFIX)
+        out[name] = tensor.float() * scale.float() if scale is not None else tensor
+    return out
 
 
 def save_bundle(out: str | Path, bundle: Bundle, extra_files: dict[str, str | Path] | None = None) -> int:
@@ -140,7 +163,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     net = FuseLabelNet(config, len(labels["labels"]), pretrained=False, text_source=str(text_dir))
     if not (path / WEIGHTS).exists():
         raise BundleError(f"{path}: {WEIGHTS} is missing")
-    state = load_file(str(path / WEIGHTS))
+    state = _state_for_loading(load_file(str(path / WEIGHTS)))
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BundleError(f"{path / WEIGHTS}: weights do not fit the model (missing {missing[:3]}, "
@@ -169,6 +192,8 @@ def describe(path: str | Path) -> str:
         dtypes: set[str] = set()
         with safe_open(str(path / WEIGHTS), "pt") as f:
             for key in f.keys():
+                if key.endswith(SCALE_SUFFIX):
+                    continue
                 sl = f.get_slice(key)
                 part = key.split(".")[0]
                 n = 1
@@ -191,3 +216,15 @@ def describe(path: str | Path) -> str:
                      f"{v.get('micro_f1', float('nan')):.4f}, macro F1 {v.get('macro_f1', float('nan')):.4f} "
                      f"on {v.get('rows', '?')} rows; trained in {m.get('timings', {}).get('total_s', 0):.0f}s")
     return "\n".join(lines)
+
+
+def convert_bundle(src: str | Path, out: str | Path, save_dtype: str, max_size_mb: float | None = None) -> int:
+    """Re-save a model folder with other weight storage (e.g. int8 to shrink it); returns the new size."""
+    bundle = load_bundle(src)
+    changes = {"save_dtype": save_dtype}
+    if max_size_mb is not None:
+        changes["max_size_mb"] = max_size_mb
+    bundle.config = bundle.config.replace(**changes)
+    extra_json = ("split.json", "metrics.json")
+    bundle.extra = {n: _read_json(Path(src) / n) for n in extra_json if (Path(src) / n).exists()}
+    return save_bundle(out, bundle, {"history.csv": Path(src) / "history.csv"})

@@ -57,7 +57,7 @@ TRAIN_OPTIONS = [  # (flag, config key, type, help)
     ("--num-nodes", "num_nodes", int, None), ("--strategy", "strategy", str, "auto | ddp | ..."),
     ("--precision", "precision", str, None), ("--num-workers", "num_workers", int, None),
     ("--cache-dir", "cache_dir", str, "frozen-feature cache (default ~/.cache/fuselabel)"),
-    ("--save-dtype", "save_dtype", str, "fp16 | fp32"), ("--max-size-mb", "max_size_mb", float, None),
+    ("--save-dtype", "save_dtype", str, "fp16 | int8 | fp32"), ("--max-size-mb", "max_size_mb", float, None),
     ("--max-steps", "max_steps", int, None), ("--patience", "patience", int, None),
 ]
 
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     _add_data_args(p)
     p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--split", default="all", choices=("all", "val", "train"),
+                   help="only the rows on this side of the model's own split (split.json)")
     _add_inference_args(p)
 
     p = sub.add_parser("inspect", help="what the reader makes of a CSV and image folder")
@@ -105,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="size, parts and settings of a model folder")
     p.add_argument("model_dir")
+
+    sub.add_parser("experiment", add_help=False,
+                   help="train a grid of settings over seeds: --config GRID.yaml (see fuselabel.experiment)")
+
+    p = sub.add_parser("convert", help="re-save a model folder with other weight storage (fp32, fp16, int8)")
+    p.add_argument("model_dir")
+    p.add_argument("--out", required=True, help="new model folder (may equal MODEL_DIR)")
+    p.add_argument("--save-dtype", required=True, choices=("fp32", "fp16", "int8"))
+    p.add_argument("--max-size-mb", type=float)
 
     p = sub.add_parser("export", help="write ONNX graphs of a model folder (image encoder, text encoder, head)")
     p.add_argument("model_dir")
@@ -117,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=("auto", "torch", "onnx"),
-                   help="image encoder runtime on CPU (auto: onnxruntime when installed)")
+                   help="encoder runtime on CPU (auto: onnxruntime when installed)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int)
@@ -170,7 +181,7 @@ def cmd_evaluate(args) -> None:
     from .predict import evaluate
 
     images, csv = resolve_data(args.data, args.csv)
-    report = evaluate(args.model_dir, images, csv, engine=args.engine, device=args.device,
+    report = evaluate(args.model_dir, images, csv, split=args.split, engine=args.engine, device=args.device,
                       batch_size=args.batch_size, missing_images=args.missing_images, num_workers=args.num_workers)
     print(format_report(report))
     if args.json:
@@ -189,6 +200,13 @@ def cmd_inspect(args) -> None:
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
 
 
+def cmd_convert(args) -> None:
+    from .bundle import convert_bundle
+
+    size = convert_bundle(args.model_dir, args.out, args.save_dtype, args.max_size_mb)
+    print(f"wrote {args.out}: {size / 1e6:.1f} MB ({args.save_dtype})")
+
+
 def cmd_info(args) -> None:
     from .bundle import describe
 
@@ -202,10 +220,15 @@ def cmd_export(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
-            "info": cmd_info, "export": cmd_export}
+            "info": cmd_info, "convert": cmd_convert, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["experiment"]:  # its own parser: grids take options the other commands don't
+        from .experiment import main as experiment_main
+
+        return experiment_main(argv[1:])
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .bundle import BundleError

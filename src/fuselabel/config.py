@@ -80,7 +80,7 @@ class Config:
     ensure_nonempty: bool = True
 
     # the saved model folder
-    save_dtype: str = "fp16"                # fp32 | fp16
+    save_dtype: str = "fp16"                # fp32 | fp16 | int8 (weight-only int8 matrices, the rest fp16)
     max_size_mb: float = 100.0
 
     def __post_init__(self) -> None:
@@ -91,7 +91,7 @@ class Config:
             "kind": MODEL_KINDS, "late_combine": LATE_COMBINES, "regime": REGIMES,
             "threshold_method": THRESHOLD_METHODS, "augment": AUGMENTS, "loss": LOSSES,
             "sampler": SAMPLERS, "missing_images": MISSING_IMAGE_POLICIES,
-            "save_dtype": ("fp32", "fp16"), "decoder": DECODERS,
+            "save_dtype": ("fp32", "fp16", "int8"), "decoder": DECODERS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -88,7 +88,8 @@ class PairDataset(Dataset):
                              "pass --missing-images caption_only to predict from the caption alone") from None
 
     def _zero_shape(self):
-        for t in getattr(self.transform, "transforms", []):
+        # The last sized step (CenterCrop / RandomResizedCrop) fixes the output; an earlier Resize does not.
+        for t in reversed(getattr(self.transform, "transforms", [])):
             size = getattr(t, "size", None)
             if size is not None:
                 size = size if isinstance(size, (tuple, list)) else (size, size)
@@ -178,3 +179,42 @@ def make_sampler(label_matrix: np.ndarray, kind: str, power: float, seed: int):
 
 def default_workers(requested: int | None) -> int:
     return requested if requested is not None else min(8, os.cpu_count() or 1)
+
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of captions of similar length, in random order.
+
+    Dynamic padding pads each batch to its longest caption; grouping similar lengths cuts
+    that waste (most of a text encoder's cost on short captions) without giving up shuffling:
+    rows are shuffled (or drawn by ``weights``), cut into pools of ``pool`` batches, sorted by
+    length inside each pool, and the batches are shuffled again.
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0, weights: np.ndarray | None = None,
+                 drop_last: bool = True, pool: int = 50):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.seed, self.weights, self.drop_last, self.pool = batch_size, seed, weights, drop_last, pool
+        self.epoch = 0
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed + self.epoch)
+        self.epoch += 1
+        n = len(self.lengths)
+        if self.weights is not None:
+            order = rng.choice(n, size=n, replace=True, p=self.weights / self.weights.sum())
+        else:
+            order = rng.permutation(n)
+        batches = []
+        step = self.batch_size * self.pool
+        for start in range(0, n, step):
+            chunk = order[start:start + step]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        for i in rng.permutation(len(batches)):
+            yield batches[i].tolist()
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)

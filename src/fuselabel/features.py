@@ -3,7 +3,7 @@
 On a CPU the encoders cost far more than the heads, so the frozen regime runs each encoder
 over the data once and trains heads on the stored vectors. The cache key covers everything
 that changes the numbers: the encoder's weights, the preprocessing, test-time flipping, and
-the rows (ids, captions, image file sizes and times). Images run through onnxruntime when it
+each row's input (image file path, size and time; caption text). Images run through onnxruntime when it
 is installed (several times faster than eager PyTorch on a CPU), else through PyTorch.
 """
 
@@ -34,19 +34,6 @@ def weights_digest(module: torch.nn.Module) -> str:
     for tensor in module.state_dict().values():
         h.update(str(tuple(tensor.shape)).encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def rows_digest(records, image_dir=None) -> str:
-    h = hashlib.sha256()
-    for rec in records:
-        h.update(rec.image_id.encode() + b"\0" + rec.caption.encode() + b"\0")
-        if image_dir is not None:
-            try:
-                st = (Path(image_dir) / rec.image_id).stat()
-                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-            except OSError:
-                h.update(b"missing")
     return h.hexdigest()[:16]
 
 
@@ -154,7 +141,14 @@ def extract_text_features(encoder, tokenizer, captions, *, max_length=64, batch_
 
 
 class FeatureCache:
-    """Feature arrays on disk, keyed by a digest of everything that determines them."""
+    """Per-row feature vectors on disk, one store per encoder setting.
+
+    A store is keyed by a digest of everything that determines the numbers except the rows
+    (weights, preprocessing, pooling, flipping); inside it each row is keyed by what it reads
+    (an image file's path, size and time; a caption's text). Any subset of known rows (a
+    validation split, a second CSV over the same images) is served from the store, and only
+    rows never seen are computed.
+    """
 
     def __init__(self, cache_dir=None):
         self.root = default_cache_dir(cache_dir) / "features"
@@ -163,17 +157,47 @@ class FeatureCache:
     def key(**parts) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
-    def get_or_compute(self, key: str, compute, label: str):
+    def fetch(self, key: str, row_keys: list[str], compute, label: str) -> dict[str, np.ndarray]:
+        """Arrays for ``row_keys`` in order; ``compute(indices)`` supplies rows the store lacks."""
         path = self.root / f"{key}.npz"
+        stored: dict[str, np.ndarray] = {}
         if path.exists():
             with np.load(path) as data:
-                print(f"  {label}: cached ({path})")
-                return {k: data[k] for k in data.files}
-        start = time.time()
-        arrays = compute()
-        _save_atomic(path, **arrays)
-        print(f"  {label}: computed in {time.time() - start:.1f}s, cached at {path}")
-        return arrays
+                stored = {k: data[k] for k in data.files}
+        index = {k: i for i, k in enumerate(stored.get("row_keys", []))}
+        missing = [i for i, k in enumerate(row_keys) if k not in index]
+        if missing:
+            start = time.time()
+            fresh = compute(missing)
+            if stored:
+                stored = {k: np.concatenate([stored[k], fresh[k] if k != "row_keys" else
+                                             np.asarray([row_keys[i] for i in missing])]) for k in stored}
+            else:
+                stored = dict(fresh, row_keys=np.asarray([row_keys[i] for i in missing]))
+            _save_atomic(path, **stored)
+            index = {k: i for i, k in enumerate(stored["row_keys"])}
+            print(f"  {label}: {len(missing)} rows computed in {time.time() - start:.1f}s"
+                  f"{f', {len(row_keys) - len(missing)} cached' if len(missing) < len(row_keys) else ''} ({path})")
+        else:
+            print(f"  {label}: {len(row_keys)} rows cached ({path})")
+        take = np.asarray([index[k] for k in row_keys], dtype=np.int64)
+        return {k: v[take] for k, v in stored.items() if k != "row_keys"}
+
+
+def image_row_keys(records, image_dir) -> list[str]:
+    keys = []
+    for rec in records:
+        path = (Path(image_dir) / rec.image_id).resolve()
+        try:
+            st = path.stat()
+            keys.append(f"{path}|{st.st_size}|{st.st_mtime_ns}")
+        except OSError:
+            keys.append(f"{path}|missing")
+    return keys
+
+
+def text_row_keys(captions) -> list[str]:
+    return [hashlib.sha1(c.encode()).hexdigest() for c in captions]
 
 
 def frozen_features(net, tokenizer, data_config, records, image_dir, config, *, device=None, progress=True,
@@ -185,18 +209,23 @@ def frozen_features(net, tokenizer, data_config, records, image_dir, config, *, 
     if image and net.image_encoder is not None:
         key = cache.key(kind="image", weights=weights_digest(net.image_encoder), model=config.image_model,
                         data_config=data_config, flip=config.tta_flip,
-                        pool=[config.image_pool, config.image_layers], rows=rows_digest(records, image_dir),
-                        missing=config.missing_images)
-        arrays = cache.get_or_compute(key, lambda: dict(zip(("features", "present"), extract_image_features(
-            net.image_encoder, data_config, records, image_dir, flip_tta=config.tta_flip,
-            missing_images=config.missing_images, num_workers=config.num_workers, device=device,
-            cache_dir=config.cache_dir, progress=progress))), "image features")
+                        pool=[config.image_pool, config.image_layers], missing=config.missing_images)
+
+        def compute_images(idx):
+            feats, pres = extract_image_features(
+                net.image_encoder, data_config, [records[i] for i in idx], image_dir, flip_tta=config.tta_flip,
+                missing_images=config.missing_images, num_workers=config.num_workers, device=device,
+                cache_dir=config.cache_dir, progress=progress)
+            return {"features": feats, "present": pres}
+
+        arrays = cache.fetch(key, image_row_keys(records, image_dir), compute_images, "image features")
         out["image"], present = arrays["features"], arrays["present"]
     if text and net.text_encoder is not None:
         key = cache.key(kind="text", weights=weights_digest(net.text_encoder), model=config.text_model,
-                        max_length=config.text_max_length, rows=rows_digest(records))
-        arrays = cache.get_or_compute(key, lambda: {"features": extract_text_features(
-            net.text_encoder, tokenizer, [r.caption for r in records], max_length=config.text_max_length,
+                        max_length=config.text_max_length)
+        captions = [r.caption for r in records]
+        arrays = cache.fetch(key, text_row_keys(captions), lambda idx: {"features": extract_text_features(
+            net.text_encoder, tokenizer, [captions[i] for i in idx], max_length=config.text_max_length,
             device=device, progress=progress)}, "text features")
         out["text"] = arrays["features"]
     return out, present

@@ -6,6 +6,7 @@ the small head runs on the pooled features; fine-tuned and frozen models take th
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -82,17 +83,33 @@ def predict(model_dir, data_dir, csv, out, *, proba_out=None, engine="auto", dev
             "load_s": t1 - t0, "out": str(out)}
 
 
-def evaluate(model_dir, data_dir, csv, *, engine="auto", device=None, batch_size=64, missing_images=None,
-             num_workers=None, progress=True) -> dict:
-    """Metrics of a model folder on a labelled CSV."""
+def select_split(model_dir, records: list, split: str) -> list:
+    """The rows of one side of the model's own train/validation split (``all`` keeps every row)."""
+    if split == "all":
+        return records
+    path = Path(model_dir) / "split.json"
+    if not path.exists():
+        raise ValueError(f"{model_dir}: no split.json, so --split {split} cannot be applied")
+    ids = set(json.loads(path.read_text())[f"{split}_ids"])
+    chosen = [r for r in records if r.image_id in ids]
+    if not chosen:
+        raise ValueError(f"none of the CSV's rows are on the {split} side of {path}")
+    return chosen
+
+
+def evaluate(model_dir, data_dir, csv, *, split="all", engine="auto", device=None, batch_size=64,
+             missing_images=None, num_workers=None, progress=True) -> dict:
+    """Metrics of a model folder on a labelled CSV (or on the rows of one side of its own split)."""
     bundle = load_bundle(model_dir)
     records = read_records(csv)
     if not records.labelled:
         raise ValueError(f"{csv}: evaluate needs a Labels column (header ImageID,Labels,Caption)")
-    probs = predict_proba(bundle, records.records, data_dir, engine=engine, device=device, batch_size=batch_size,
+    rows = select_split(model_dir, records.records, split)
+    probs = predict_proba(bundle, rows, data_dir, engine=engine, device=device, batch_size=batch_size,
                           missing_images=missing_images, num_workers=num_workers, progress=progress)
-    truth = labels_to_matrix(records.label_sets, bundle.labels)
+    truth = labels_to_matrix([r.labels for r in rows], bundle.labels)
     report = evaluate_sets(truth, decide(bundle, probs), bundle.labels, bundle.label_names)
     report["model_dir"] = str(model_dir)
     report["csv"] = str(csv)
+    report["split"] = split
     return report

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from .bundle import Bundle, save_bundle
 from .config import Config
-from .data import (FeatureDataset, PairDataset, TextCollate, build_transform, default_workers, make_sampler,
-                   stratified_split)
+from .data import (FeatureDataset, LengthGroupedBatchSampler, PairDataset, TextCollate, build_transform,
+                   default_workers, make_sampler, oversampling_weights, stratified_split)
 from .encoders import create_tokenizer, image_data_config
 from .features import frozen_features
 from .heads import FuseLabelNet, combine_probabilities
@@ -91,6 +91,12 @@ class _DropFrozenWeights(L.Callback):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
 
 
+def _single_process(config: Config) -> bool:
+    """A custom batch sampler is only safe when Lightning will not shard batches across processes."""
+    return config.num_nodes == 1 and str(config.devices) in ("1", "auto") and not torch.cuda.device_count() > 1 \
+        and config.strategy in ("auto", "single_device")
+
+
 def _loaders(config, regime, net, tokenizer, data_config, records, labels, train_idx, val_idx, image_dir,
              device):
     workers = default_workers(config.num_workers)
@@ -108,9 +114,17 @@ def _loaders(config, regime, net, tokenizer, data_config, records, labels, train
 
         collate = TextCollate(tokenizer if text_trains else None, config.text_max_length)
         train_ds, val_ds = subset(train_idx), subset(val_idx)
-        return (DataLoader(train_ds, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
-                           drop_last=len(train_ds) > config.batch_size, collate_fn=collate),
-                DataLoader(val_ds, batch_size=1024 if not text_trains else 256, collate_fn=collate))
+        if text_trains and _single_process(config):
+            lengths = [len(tokenizer.tokenize(c)) for c in train_ds.captions]
+            weights = oversampling_weights(labels[train_idx], config.oversample_power) \
+                if config.sampler == "oversample" else None
+            batches = LengthGroupedBatchSampler(lengths, config.batch_size, config.seed, weights)
+            train_loader = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate)
+        else:
+            train_loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=sampler is None,
+                                      sampler=sampler, drop_last=len(train_ds) > config.batch_size,
+                                      collate_fn=collate)
+        return train_loader, DataLoader(val_ds, batch_size=1024 if not text_trains else 256, collate_fn=collate)
     collate = TextCollate(tokenizer, config.text_max_length)
     load_images = net.image_encoder is not None
     train_tf = build_transform(data_config, True, config.augment) if load_images else None
@@ -212,7 +226,7 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
         timings["tune_s"] = time.time() - t3
         timings["total_s"] = time.time() - t0
 
-        bundle = Bundle(net=net.cpu(), config=config, labels=vocab, label_names=names, thresholds=thresholds,
+        bundle = Bundle(net=net.cpu(), config=config.replace(regime=regime), labels=vocab, label_names=names, thresholds=thresholds,
                         preprocessing=data_config, tokenizer=tokenizer,
                         extra={"split.json": {"seed": config.seed, "val_fraction": config.val_fraction,
                                               "train_ids": [records.records[i].image_id for i in train_idx],
