@@ -40,6 +40,7 @@ TRAIN_OPTIONS = [  # (flag, config key, type, help)
     ("--image-model", "image_model", str, "timm model name"),
     ("--image-weights", "image_weights", str, "local checkpoint for the image backbone"),
     ("--image-size", "image_size", int, "input size (default: the backbone's own)"),
+    ("--image-crop-pct", "image_crop_pct", float, "centre crop share (1.0: whole photo, squashed)"),
     ("--image-pool", "image_pool", str, "avg | avgmax"),
     ("--image-layers", "image_layers", int, "pool this many feature stages (default 1)"),
     ("--decoder", "decoder", str, "head for image/text/early kinds: mlp | query | lstm"),
@@ -239,9 +240,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except (RecordsError, ImageError, BundleError, EncoderError, ValueError, FileNotFoundError) as err:
-        print(f"fuselabel: error: {err}", file=sys.stderr)
+        print(f"fuselabel: error: {_reason(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _reason(err: BaseException) -> str:
+    """The error's own message: a DataLoader worker re-raises it wrapped in the worker's traceback."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return last[len(name):] if last.startswith(name) else last
 
 
 if __name__ == "__main__":

@@ -33,12 +33,14 @@ class Config:
     image_pretrained: bool = True
     image_weights: str | None = None        # local checkpoint for backbones no package ships
     image_size: int | None = None           # None = the backbone's own input size
+    image_crop_pct: float | None = None     # None = the backbone's own; 1.0 keeps the whole photo (no centre crop)
     image_model_kwargs: dict = field(default_factory=dict)   # passed to timm.create_model
     image_pool: str = "avg"                 # avg | avgmax (max pooling keeps small objects)
     image_layers: int = 1                   # >1 adds pooled outputs of earlier stages
     text_model: str = "minilm-l6"           # alias, Hugging Face name or local folder
     text_pretrained: bool = True
     text_max_length: int = 64
+    word_dropout: float = 0.0               # caption augmentation when the text encoder trains
     text_config_overrides: dict = field(default_factory=dict)  # e.g. tiny configs for tests
     decoder: str = "mlp"                    # mlp | query | lstm (label relations; image, text and early kinds)
     hidden_dim: int = 512
@@ -74,6 +76,9 @@ class Config:
     cache_dir: str | None = None            # frozen-feature cache; None = ~/.cache/fuselabel
     max_steps: int = -1                     # for smoke tests
     tta_flip: bool = False
+    # fast data path (fuselabel.gpu)
+    image_cache: str = "none"               # none | memory: finetune decodes each image once, augments on the device
+    gpu_decode: bool = True                 # on a GPU, decode JPEGs with nvJPEG (image cache); False = PIL workers
 
     # decisions
     threshold_method: str = "global"
@@ -92,6 +97,7 @@ class Config:
             "threshold_method": THRESHOLD_METHODS, "augment": AUGMENTS, "loss": LOSSES,
             "sampler": SAMPLERS, "missing_images": MISSING_IMAGE_POLICIES,
             "save_dtype": ("fp32", "fp16", "int8"), "decoder": DECODERS,
+            "image_cache": ("none", "memory"),  # fast data path (fuselabel.gpu)
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -132,7 +138,8 @@ PRESETS: dict[str, dict] = {
     "cpu": dict(regime="frozen"),
     "cpu-best": dict(regime="frozen", kind="late", tta_flip=True, threshold_method="global"),
     "gpu-best": dict(regime="finetune", kind="late", epochs=12, batch_size=128, lr=1e-3, lr_image=3e-4,
-                     lr_text=5e-5, augment="seed", precision="bf16-mixed"),
+                     lr_text=5e-5, augment="seed", precision="bf16-mixed",
+                     image_cache="memory"),
     # the course seed: EfficientNet-B3 + ALBERT-base, Table 1 settings. Needs their weights (hub or local).
     "seed": dict(image_model="efficientnet_b3", text_model="albert-base-v2", regime="finetune", kind="late",
                  late_combine="union", epochs=10, batch_size=32, lr=1e-4, lr_image=1e-4, lr_text=2e-5,

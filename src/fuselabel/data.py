@@ -43,8 +43,12 @@ def build_transform(data_config: dict, train: bool, augment: str = "seed"):
         data_config.get("interpolation", "bicubic"), T.InterpolationMode.BICUBIC)
     normalize = [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
     if not train or augment == "none":
+        crop_pct = data_config.get("crop_pct", 0.875)
+        if crop_pct >= 1.0:
+            # The whole photo, squashed to a square: an object at the edge still counts in multi-label data.
+            return T.Compose([T.Resize((size, size), interpolation=interp), *normalize])
         # Resize the short side then centre-crop, as the backbone was evaluated.
-        resize = int(round(size / data_config.get("crop_pct", 0.875)))
+        resize = int(round(size / crop_pct))
         return T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size), *normalize])
     ops = [T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interp), T.RandomHorizontalFlip()]
     if augment == "trivial":
@@ -137,9 +141,17 @@ class FeatureDataset(Dataset):
 class TextCollate:
     """Batches dataset items: tensors are stacked, captions tokenised with truncation and dynamic padding."""
 
-    def __init__(self, tokenizer=None, max_length: int = 64):
+    def __init__(self, tokenizer=None, max_length: int = 64, word_dropout: float = 0.0, seed: int = 0):
         self.tokenizer = tokenizer
         self.max_length = max_length
+        # Caption-side augmentation for a text encoder that trains: each word dropped with this probability.
+        self.word_dropout = word_dropout
+        self.rng = np.random.default_rng(seed)
+
+    def _drop_words(self, caption: str) -> str:
+        words = caption.split()
+        kept = [w for w in words if self.rng.random() >= self.word_dropout]
+        return " ".join(kept or words[:1])
 
     def __call__(self, items: list[dict]) -> dict:
         batch = {}
@@ -149,7 +161,10 @@ class TextCollate:
             batch[key] = torch.stack([it[key] for it in items]) if torch.is_tensor(value) else torch.tensor(
                 [it[key] for it in items], dtype=torch.float32 if isinstance(value, float) else None)
         if self.tokenizer is not None:
-            tok = self.tokenizer([it["caption"] for it in items], padding=True, truncation=True,
+            captions = [it["caption"] for it in items]
+            if self.word_dropout > 0:
+                captions = [self._drop_words(c) for c in captions]
+            tok = self.tokenizer(captions, padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt")
             batch["input_ids"], batch["attention_mask"] = tok["input_ids"], tok["attention_mask"]
         return batch

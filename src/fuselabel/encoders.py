@@ -84,7 +84,12 @@ def create_image_encoder(name: str, pretrained: bool = True, weights: str | None
     if weights or name in PACKAGED_IMAGE_WEIGHTS:
         model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
         if weights:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            if str(weights).endswith(".safetensors"):  # e.g. the fp16 file benchmarks/gpu_prepare.py writes
+                from safetensors.torch import load_file
+
+                state = load_file(str(weights))
+            else:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             missing, _ = model.load_state_dict(state, strict=False)
             if missing:
@@ -137,13 +142,15 @@ class PooledImageEncoder(nn.Module):
         return torch.cat(pooled, 1)
 
 
-def image_data_config(model: nn.Module, image_size: int | None = None) -> dict:
+def image_data_config(model: nn.Module, image_size: int | None = None, crop_pct: float | None = None) -> dict:
     """Preprocessing from the backbone's own pretrained config (size, mean, std, crop, interpolation)."""
     import timm.data
 
     cfg = timm.data.resolve_data_config({}, model=model)
     if image_size:
         cfg["input_size"] = (3, image_size, image_size)
+    if crop_pct:
+        cfg["crop_pct"] = crop_pct
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 

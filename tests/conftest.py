@@ -1,0 +1,130 @@
+"""Shared fixtures: the real COMP5329 data when present, and a tiny synthetic data set.
+
+Everything here runs offline. Hugging Face is put in offline mode before anything imports it:
+without it, a name that is not cached locally (e.g. ``albert-base-v2``) is retried against the
+hub for about a minute before the offline fallback is taken.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before huggingface_hub is imported (it reads these once, at import).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that busy-wait at every barrier burn whole cores whenever another process shares the
+# machine (on a busy 2-core box the fine-tuning tests took 5-8x the CPU time); read when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+# The real data, beside the repository; FUSELABEL_TEST_DATA points the tests elsewhere (or at nothing).
+SHARED_DATA = Path(os.environ.get("FUSELABEL_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared/data/comp5329")
+
+# Synthetic labels, in the course's style (integer tokens), each with a colour and a caption word.
+TINY_LABELS = {"1": ((230, 40, 40), "person"), "2": ((40, 200, 40), "dog"), "3": ((40, 60, 230), "car"),
+               "4": ((230, 210, 40), "kite")}
+TINY_ROWS = 48
+FILLER = ["a photo of", "there is", "picture showing", "we can see", "an image with"]
+
+
+def require_shared_data(path: Path, what: str) -> Path:
+    """``path`` if it holds the real data (train.csv and data/), else skip with a reason that -ra prints."""
+    if not (path / "train.csv").is_file() or not (path / "data").is_dir():
+        pytest.skip(f"../shared/data/comp5329 not present: {what}")
+    return path
+
+
+def shared_data_or_skip(what: str) -> Path:
+    """The real data folder (``SHARED_DATA``), or skip with ``what`` as the reason."""
+    return require_shared_data(SHARED_DATA, what)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """Path of the real data set (``../shared/data/comp5329``); its users skip when it is absent."""
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Anything that forgets ``cache_dir`` still stays out of the real ~/.cache/fuselabel."""
+    old = os.environ.get("FUSELABEL_CACHE")
+    os.environ["FUSELABEL_CACHE"] = str(tmp_path_factory.mktemp("fuselabel-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FUSELABEL_CACHE", None)
+    else:
+        os.environ["FUSELABEL_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> str:
+    """A feature / ONNX cache shared by the tests of one session (keys include the weights, so no clashes)."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def tiny_label_sets(n: int = TINY_ROWS) -> list[tuple[str, ...]]:
+    """Deterministic label sets: every label on about half of the rows, one or two labels a row."""
+    keys = list(TINY_LABELS)
+    sets = []
+    for i in range(n):
+        first = keys[i % 4]
+        second = keys[(i // 4) % 4]
+        sets.append(tuple(sorted({first, second}, key=int)) if i % 3 else (first,))
+    return sets
+
+
+def _image_for(labels, i: int, size: int = 40) -> Image.Image:
+    colour = np.mean([TINY_LABELS[lab][0] for lab in labels], axis=0)
+    rng = np.random.default_rng(i)
+    pixels = np.clip(colour + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def make_tiny_dataset(root: Path, n: int = TINY_ROWS) -> tuple[Path, Path]:
+    """Write ``n`` image+caption rows under ``root``; returns (image_dir, csv_path).
+
+    Images are 40x40 JPEGs whose colour is the mean of their labels' colours; captions name their
+    labels' words. Row 0 is a greyscale ('L') JPEG, row 1 a CMYK JPEG, row 2's caption holds unescaped
+    inner quotes (as the course CSV does) and row 3's caption a line break.
+    """
+    image_dir = root / "data"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["ImageID,Labels,Caption"]
+    for i, labels in enumerate(tiny_label_sets(n)):
+        image_id = f"{i}.jpg"
+        img = _image_for(labels, i)
+        if i == 0:
+            img = img.convert("L")
+        elif i == 1:
+            img = img.convert("CMYK")
+        img.save(image_dir / image_id, "JPEG", quality=90)
+        words = " and a ".join(TINY_LABELS[lab][1] for lab in labels)
+        caption = f"{FILLER[i % len(FILLER)]} a {words}"
+        if i == 2:
+            caption = f'A {words} next to a sign that reads "no parking, ever" today'
+        elif i == 3:
+            caption = f"{caption}\nin the afternoon"
+        lines.append(f'{image_id},{" ".join(labels)},"{caption}"')
+    csv_path = root / "train.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    return image_dir, csv_path
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> tuple[Path, Path]:
+    """(image_dir, csv_path) of 48 synthetic labelled rows in the course CSV format."""
+    return make_tiny_dataset(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_session(tmp_path_factory) -> tuple[Path, Path]:
+    """The same rows as ``tiny_dataset``, written once per session for tests that only read them."""
+    return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
