@@ -37,12 +37,13 @@ class Config:
     image_model_kwargs: dict = field(default_factory=dict)   # passed to timm.create_model
     image_pool: str = "avg"                 # avg | avgmax (max pooling keeps small objects)
     image_layers: int = 1                   # >1 adds pooled outputs of earlier stages
+    image_tokens: bool = False              # keep the last feature map for decoder="query" (spatial attention)
     text_model: str = "minilm-l6"           # alias, Hugging Face name or local folder
     text_pretrained: bool = True
     text_max_length: int = 64
     word_dropout: float = 0.0               # caption augmentation when the text encoder trains
     text_config_overrides: dict = field(default_factory=dict)  # e.g. tiny configs for tests
-    decoder: str = "mlp"                    # mlp | query | lstm (label relations; image, text and early kinds)
+    decoder: str = "mlp"                    # mlp | query | lstm: label relations (for late: the image head)
     hidden_dim: int = 512
     dropout: float = 0.3
 
@@ -73,6 +74,7 @@ class Config:
     strategy: str = "auto"
     precision: str | None = None            # None = bf16-mixed on GPU, 32 on CPU
     num_workers: int | None = None          # None = number of CPU cores
+    feature_engine: str = "auto"            # auto | onnx | torch: runtime of frozen-feature extraction on CPU
     cache_dir: str | None = None            # frozen-feature cache; None = ~/.cache/fuselabel
     max_steps: int = -1                     # for smoke tests
     tta_flip: bool = False
@@ -96,7 +98,7 @@ class Config:
             "kind": MODEL_KINDS, "late_combine": LATE_COMBINES, "regime": REGIMES,
             "threshold_method": THRESHOLD_METHODS, "augment": AUGMENTS, "loss": LOSSES,
             "sampler": SAMPLERS, "missing_images": MISSING_IMAGE_POLICIES,
-            "save_dtype": ("fp32", "fp16", "int8"), "decoder": DECODERS,
+            "save_dtype": ("fp32", "fp16", "int8"), "feature_engine": ("auto", "onnx", "torch"), "decoder": DECODERS,
             "image_cache": ("none", "memory"),  # fast data path (fuselabel.gpu)
         }
         for key, allowed in choices.items():
@@ -104,6 +106,8 @@ class Config:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {self.val_fraction}")
+        if self.image_tokens and self.tta_flip:
+            raise ValueError("image_tokens and tta_flip do not mix: flipped feature maps would be averaged out of place")
         if self.late_weight is not None and not 0.0 <= self.late_weight <= 1.0:
             raise ValueError(f"late_weight must lie in [0, 1], got {self.late_weight}")
 

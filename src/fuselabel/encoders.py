@@ -9,6 +9,7 @@ config alone, so it can be trained and tested without any download.
 from __future__ import annotations
 
 import importlib
+import math
 from pathlib import Path
 
 import torch
@@ -118,28 +119,54 @@ class PooledImageEncoder(nn.Module):
     ``pool="avgmax"`` adds global max pooling of the last feature map (a small object that lights
     up a few cells survives max pooling but is diluted by the average); ``layers=k`` adds the
     average-pooled outputs of the k-1 stages before the last, which keep finer detail.
+    ``tokens=True`` appends the last stage's whole feature map, flattened, so a label-query
+    decoder can attend to *where* things are; ``split`` separates the two parts again. Keeping
+    one flat output means caching, ONNX export and prediction treat it like any feature vector.
     """
 
-    def __init__(self, backbone: nn.Module, layers: int = 1, pool: str = "avg"):
+    def __init__(self, backbone: nn.Module, layers: int = 1, pool: str = "avg", tokens: bool = False,
+                 input_size: int | None = None):
         super().__init__()
         if pool not in ("avg", "avgmax"):
             raise ValueError(f"image_pool must be avg or avgmax, got {pool!r}")
-        self.backbone, self.layers, self.pool = backbone, layers, pool
+        self.backbone, self.layers, self.pool, self.tokens = backbone, layers, pool, tokens
         extra = 0
         if layers > 1:
             chs = [f["num_chs"] for f in backbone.feature_info]
             extra = sum(chs[-layers:-1])
-        self.num_features = backbone.num_features * (2 if pool == "avgmax" else 1) + extra
+        self.pooled_features = backbone.num_features * (2 if pool == "avgmax" else 1) + extra
+        self.token_shape: tuple[int, int, int] | None = None
+        if tokens:
+            size = input_size or backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+            was_training = backbone.training
+            with torch.no_grad():
+                _, inter = backbone.eval().forward_intermediates(torch.zeros(1, 3, size, size), indices=1)
+            backbone.train(was_training)
+            self.token_shape = tuple(inter[-1].shape[1:])  # (C, H, W)
+        self.num_features = self.pooled_features + (math.prod(self.token_shape) if tokens else 0)
+
+    def extra_repr(self) -> str:
+        return f"layers={self.layers}, pool={self.pool}, tokens={self.tokens}, token_shape={self.token_shape}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layers == 1 and self.pool == "avg":
+        if self.layers == 1 and self.pool == "avg" and not self.tokens:
             return self.backbone(x)
         final_map, inter = self.backbone.forward_intermediates(x, indices=max(self.layers, 1))
         pooled = [final_map.mean((2, 3))]
         if self.pool == "avgmax":
             pooled.append(final_map.amax((2, 3)))
         pooled += [t.mean((2, 3)) for t in inter[:-1]]
+        if self.tokens:
+            pooled.append(inter[-1].flatten(1))
         return torch.cat(pooled, 1)
+
+    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pooled features (N, D), spatial tokens (N, H*W, C) or None)."""
+        if not self.tokens:
+            return flat, None
+        c, h, w = self.token_shape
+        pooled, grid = flat[:, :self.pooled_features], flat[:, self.pooled_features:]
+        return pooled, grid.reshape(-1, c, h * w).transpose(1, 2)
 
 
 def image_data_config(model: nn.Module, image_size: int | None = None, crop_pct: float | None = None) -> dict:

@@ -41,8 +41,8 @@ in ``threshold_method`` share one training: each method is reported from that ru
 and its micro/macro F1 are recomputed from the stored validation probabilities with that method's
 thresholds. The model folder keeps the first method listed. Likewise settings that cannot matter for
 a run don't cause a retrain and show as ``-``: ``late_combine`` and ``late_weight`` outside
-``kind: late`` (``late_weight`` also outside ``late_combine: weighted``), and ``decoder`` for
-``kind: late`` (late fusion always uses the MLP heads).
+``kind: late`` (``late_weight`` also outside ``late_combine: weighted``), and the image settings for
+``kind: text``.
 """
 
 from __future__ import annotations
@@ -160,8 +160,8 @@ def _irrelevant(values: dict) -> set[str]:
         out |= {"late_combine", "late_weight"}
     elif combine != "weighted":
         out.add("late_weight")
-    if kind == "late":
-        out.add("decoder")
+    if kind == "text":
+        out |= {"image_pool", "image_layers", "image_tokens", "image_crop_pct"}
     return out
 
 

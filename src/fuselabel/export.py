@@ -163,9 +163,9 @@ def session(path: str | Path, threads: int | None = None):
 
 
 def _digest_path(encoder: nn.Module, cache_dir: Path, prefix: str) -> Path:
-    from .features import weights_digest
+    from .features import graph_digest
 
-    return cache_dir / "onnx" / f"{prefix}-{weights_digest(encoder)}.onnx"
+    return cache_dir / "onnx" / f"{prefix}-{graph_digest(encoder)}.onnx"
 
 
 def text_onnx_session(encoder: nn.Module, tokenizer, cache_dir=None, max_length: int = 64,

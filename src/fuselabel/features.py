@@ -45,11 +45,16 @@ def _save_atomic(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def graph_digest(module: torch.nn.Module) -> str:
+    """Weights and structure: the same weights pooled another way are another graph."""
+    return hashlib.sha256(repr(module).encode()).hexdigest()[:8] + weights_digest(module)
+
+
 def onnx_session(encoder: torch.nn.Module, input_shape, cache_dir: Path, threads: int | None = None):
     """An onnxruntime session for ``encoder``, exported once per weights digest."""
     import onnxruntime as ort
 
-    path = cache_dir / "onnx" / f"{weights_digest(encoder)}-{'x'.join(map(str, input_shape))}.onnx"
+    path = cache_dir / "onnx" / f"{graph_digest(encoder)}-{'x'.join(map(str, input_shape))}.onnx"
     if not path.exists():
         export_onnx(encoder, path, input_shape)
     opts = ort.SessionOptions()
@@ -85,9 +90,18 @@ def use_onnx(engine: str, device: torch.device) -> bool:
 @torch.inference_mode()
 def extract_image_features(encoder, data_config, records, image_dir, *, batch_size=64, num_workers=None,
                            flip_tta=False, missing_images="error", engine="auto", device=None,
-                           cache_dir=None, progress=True):
+                           cache_dir=None, progress=True, gpu_decode=None):
     """Pooled image features for every row: (features float32 (n, d), image_present float32 (n,))."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # --- fast data path (fuselabel.gpu): on a GPU, workers read bytes and nvJPEG decodes; FUSELABEL_GPU_DECODE=0 off
+    if engine != "onnx":
+        from .gpu import extract_image_features_gpu, gpu_decode_enabled
+
+        if gpu_decode_enabled(gpu_decode, device):
+            return extract_image_features_gpu(encoder, data_config, records, image_dir, batch_size=batch_size,
+                                              num_workers=num_workers, flip_tta=flip_tta,
+                                              missing_images=missing_images, device=device, progress=progress)
+    # --- end fast data path ---
     encoder = encoder.eval()
     transform = build_transform(data_config, train=False)
     ds = PairDataset(records, image_dir, transform, missing_images=missing_images)
@@ -209,13 +223,15 @@ def frozen_features(net, tokenizer, data_config, records, image_dir, config, *, 
     if image and net.image_encoder is not None:
         key = cache.key(kind="image", weights=weights_digest(net.image_encoder), model=config.image_model,
                         data_config=data_config, flip=config.tta_flip,
-                        pool=[config.image_pool, config.image_layers], missing=config.missing_images)
+                        pool=[config.image_pool, config.image_layers, config.image_tokens],
+                        missing=config.missing_images)
 
         def compute_images(idx):
             feats, pres = extract_image_features(
                 net.image_encoder, data_config, [records[i] for i in idx], image_dir, flip_tta=config.tta_flip,
                 missing_images=config.missing_images, num_workers=config.num_workers, device=device,
-                cache_dir=config.cache_dir, progress=progress)
+                engine=config.feature_engine, cache_dir=config.cache_dir, progress=progress,
+                gpu_decode=config.gpu_decode)
             return {"features": feats, "present": pres}
 
         arrays = cache.fetch(key, image_row_keys(records, image_dir), compute_images, "image features")

@@ -47,13 +47,12 @@ class EarlyFusionHead(nn.Module):
 class LateFusionHead(nn.Module):
     """One head per modality, each trained on its own loss; combined only at probability level."""
 
-    def __init__(self, image_dim: int, text_dim: int, num_labels: int, hidden: int, dropout: float):
+    def __init__(self, image_head: nn.Module, text_head: nn.Module):
         super().__init__()
-        self.image = mlp(image_dim, hidden, num_labels, dropout)
-        self.text = mlp(text_dim, hidden, num_labels, dropout)
+        self.image, self.text = image_head, text_head
 
     def forward(self, feats: dict) -> dict:
-        return {"image": self.image(feats["image"]), "text": self.text(feats["text"])}
+        return {**self.image(feats), **self.text(feats)}
 
 
 class LabelDecoderHead(nn.Module):
@@ -62,18 +61,25 @@ class LabelDecoderHead(nn.Module):
     ``query``: a label-query attention decoder (ML-Decoder / Query2Label style): one learned
     query per label attends to the modality tokens, and the queries attend to each other, so
     one label's evidence can raise or lower another's.
+    With image tokens (``image_tokens: true``) the queries also attend to every cell of the
+    image's last feature map, each with a learned position: ML-Decoder's spatial attention.
     ``lstm``: labels predicted as a sequence (the seed's proposal): an LSTM conditioned on the
     fused features steps through the labels in vocabulary order and sees the previous label's
     probability, so each decision can depend on the ones before it.
     """
 
     def __init__(self, kind: str, dims: dict[str, int], num_labels: int, hidden: int, dropout: float,
-                 decoder: str):
+                 decoder: str, token_shape: tuple[int, int, int] | None = None):
         super().__init__()
         self.kind, self.decoder, self.modalities = kind, decoder, list(dims)
         d = min(hidden, 256)
         self.proj = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(dim), nn.Dropout(dropout / 2), nn.Linear(dim, d))
                                    for m, dim in dims.items()})
+        self.spatial = decoder == "query" and token_shape is not None and "image" in dims
+        if self.spatial:
+            c, h, w = token_shape
+            self.token_proj = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, d))
+            self.token_pos = nn.Parameter(torch.randn(h * w, d) * 0.02)
         if decoder == "query":
             self.modality_embed = nn.Parameter(torch.zeros(len(dims), d))
             self.queries = nn.Parameter(torch.randn(num_labels, d) * 0.02)
@@ -96,6 +102,8 @@ class LabelDecoderHead(nn.Module):
         tokens = [self.proj[m](feats[m]) for m in self.modalities]
         if self.decoder == "query":
             memory = torch.stack(tokens, 1) + self.modality_embed
+            if self.spatial:
+                memory = torch.cat([memory, self.token_proj(feats["image_tokens"]) + self.token_pos], 1)
             queries = self.queries.unsqueeze(0).expand(memory.shape[0], -1, -1)
             logits = self.out(self.decoder_net(queries, memory)).squeeze(-1)
         else:
@@ -113,19 +121,24 @@ class LabelDecoderHead(nn.Module):
         return {self.kind: logits}
 
 
-def build_head(config: Config, image_dim: int, text_dim: int, num_labels: int) -> nn.Module:
+def build_head(config: Config, image_dim: int, text_dim: int, num_labels: int,
+               token_shape: tuple[int, int, int] | None = None) -> nn.Module:
     h, p = config.hidden_dim, config.dropout
-    if config.decoder != "mlp" and config.kind != "late":
-        dims = {"image": image_dim, "text": text_dim}
-        dims = {m: d for m, d in dims.items() if m == config.kind or config.kind == "early"}
-        return LabelDecoderHead(config.kind, dims, num_labels, h, p, config.decoder)
-    if config.kind == "image":
-        return SingleHead("image", image_dim, num_labels, h, p)
-    if config.kind == "text":
-        return SingleHead("text", text_dim, num_labels, h, p)
-    if config.kind == "early":
-        return EarlyFusionHead(image_dim, text_dim, num_labels, h, p)
-    return LateFusionHead(image_dim, text_dim, num_labels, h, p)
+
+    def single(kind: str, dims: dict[str, int]) -> nn.Module:
+        if config.decoder != "mlp":
+            return LabelDecoderHead(kind, dims, num_labels, h, p, config.decoder, token_shape)
+        if kind == "early":
+            return EarlyFusionHead(image_dim, text_dim, num_labels, h, p)
+        (modality, dim), = dims.items()
+        return SingleHead(modality, dim, num_labels, h, p)
+
+    if config.kind == "late":
+        # The decoder setting shapes the image side; captions are one token, an MLP is all they need.
+        text_head = SingleHead("text", text_dim, num_labels, h, p)
+        return LateFusionHead(single("image", {"image": image_dim}), text_head)
+    dims = {"image": image_dim, "text": text_dim}
+    return single(config.kind, {m: d for m, d in dims.items() if m == config.kind or config.kind == "early"})
 
 
 class FuseLabelNet(nn.Module):
@@ -140,26 +153,34 @@ class FuseLabelNet(nn.Module):
         if config.uses_image:
             backbone = create_image_encoder(config.image_model, pretrained and config.image_pretrained,
                                             config.image_weights, **config.image_model_kwargs)
-            self.image_encoder = PooledImageEncoder(backbone, config.image_layers, config.image_pool)
-            image_dim = self.image_encoder.num_features
+            self.image_encoder = PooledImageEncoder(backbone, config.image_layers, config.image_pool,
+                                                    config.image_tokens, config.image_size)
+            image_dim = self.image_encoder.pooled_features
         if config.uses_text:
             self.text_encoder = create_text_encoder(text_source or config.text_model, pretrained and config.text_pretrained,
                                                     config.text_config_overrides, vocab_size)
             text_dim = self.text_encoder.num_features
-        self.head = build_head(config, image_dim, text_dim, num_labels)
+        token_shape = self.image_encoder.token_shape if self.image_encoder is not None else None
+        self.head = build_head(config, image_dim, text_dim, num_labels, token_shape)
         # Image weight of the weighted late-fusion average; a buffer so it travels with the weights.
         self.register_buffer("late_weight", torch.tensor(0.5 if config.late_weight is None else config.late_weight))
 
     def encode(self, batch: dict) -> dict:
         feats = {}
         if self.image_encoder is not None:
-            feats["image"] = batch["image_feat"] if "image_feat" in batch else self.image_encoder(batch["pixels"])
+            flat = batch["image_feat"] if "image_feat" in batch else self.image_encoder(batch["pixels"])
+            feats["image"], tokens = self.image_encoder.split(flat)
+            if tokens is not None:
+                feats["image_tokens"] = tokens
         if self.text_encoder is not None:
             feats["text"] = batch["text_feat"] if "text_feat" in batch else self.text_encoder(
                 batch["input_ids"], batch["attention_mask"])
         if "image" in feats and "image_present" in batch and self.config.kind == "early":
             # A caption-only row: no image evidence at all rather than features of a black frame.
-            feats["image"] = feats["image"] * batch["image_present"].to(feats["image"].dtype).unsqueeze(-1)
+            keep = batch["image_present"].to(feats["image"].dtype)
+            feats["image"] = feats["image"] * keep.unsqueeze(-1)
+            if "image_tokens" in feats:
+                feats["image_tokens"] = feats["image_tokens"] * keep[:, None, None]
         return feats
 
     def forward(self, batch: dict) -> dict:

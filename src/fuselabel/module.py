@@ -55,6 +55,13 @@ class FuseLabelModule(L.LightningModule):
                 enc.eval()
         return self
 
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        # fast data path (fuselabel.gpu): rows arrive as image-cache indices; pixels are made here, on the device
+        source = getattr(self, "image_source", None)
+        if source is not None and isinstance(batch, dict) and "cache_index" in batch and "pixels" not in batch:
+            batch = source.materialize(batch, train=self.training)
+        return batch
+
     def _loss(self, logits: dict, batch: dict) -> torch.Tensor:
         labels = batch["labels"]
         total = 0.0

@@ -38,7 +38,7 @@ def predict_proba(bundle: Bundle, records, image_dir, *, engine: str = "auto", d
         feats["image"], present = extract_image_features(
             net.image_encoder, bundle.preprocessing, records, image_dir, batch_size=batch_size,
             num_workers=num_workers, flip_tta=cfg.tta_flip, missing_images=missing_images or cfg.missing_images,
-            engine=engine, device=dev, cache_dir=cfg.cache_dir, progress=progress)
+            engine=engine, device=dev, cache_dir=cfg.cache_dir, progress=progress, gpu_decode=cfg.gpu_decode)
     if net.text_encoder is not None:
         captions = [r.caption for r in records]
         if use_onnx(engine, dev):  # like the image encoder: onnxruntime is ~3x eager PyTorch on a CPU

@@ -6,7 +6,7 @@ import logging
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -37,6 +37,7 @@ class TrainResult:
     timings: dict
     val_parts: dict          # per-head validation probabilities, for studies
     val_labels: np.ndarray
+    history: list = field(default_factory=list)   # [{epoch, seconds since start, val_f1}]
 
 
 def resolve_regime(config: Config) -> str:
@@ -82,6 +83,19 @@ def tune_thresholds(config: Config, labels: np.ndarray, probs: np.ndarray) -> di
     return chosen
 
 
+class _History(L.Callback):
+    """Validation mean F1 against wall time since ``fit`` began: what 'time to a given F1' is read from."""
+
+    def __init__(self, start: float):
+        self.start, self.rows = start, []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        f1 = trainer.callback_metrics.get("val_f1")
+        if f1 is not None and not trainer.sanity_checking:
+            self.rows.append({"epoch": trainer.current_epoch, "seconds": time.time() - self.start,
+                              "val_f1": float(f1)})
+
+
 class _DropFrozenWeights(L.Callback):
     """Checkpoints of the frozen regime hold only what trains, not hundreds of MB of fixed encoders."""
 
@@ -113,18 +127,27 @@ def _loaders(config, regime, net, tokenizer, data_config, records, labels, train
                                   [captions[i] for i in idx] if captions else None)
 
         collate = TextCollate(tokenizer if text_trains else None, config.text_max_length)
+        train_collate = TextCollate(tokenizer if text_trains else None, config.text_max_length,
+                                    config.word_dropout, config.seed)
         train_ds, val_ds = subset(train_idx), subset(val_idx)
         if text_trains and _single_process(config):
             lengths = [len(tokenizer.tokenize(c)) for c in train_ds.captions]
             weights = oversampling_weights(labels[train_idx], config.oversample_power) \
                 if config.sampler == "oversample" else None
             batches = LengthGroupedBatchSampler(lengths, config.batch_size, config.seed, weights)
-            train_loader = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate)
+            train_loader = DataLoader(train_ds, batch_sampler=batches, collate_fn=train_collate)
         else:
             train_loader = DataLoader(train_ds, batch_size=config.batch_size, shuffle=sampler is None,
                                       sampler=sampler, drop_last=len(train_ds) > config.batch_size,
-                                      collate_fn=collate)
+                                      collate_fn=train_collate)
         return train_loader, DataLoader(val_ds, batch_size=1024 if not text_trains else 256, collate_fn=collate)
+    # --- fast data path (fuselabel.gpu): decode every image once, augment on the device ---
+    from .gpu import cache_supported, cached_loaders
+
+    if cache_supported(config, net):
+        return cached_loaders(config, net, tokenizer, data_config, records, labels, train_idx, val_idx, image_dir,
+                              device, sampler)
+    # --- end fast data path ---
     collate = TextCollate(tokenizer, config.text_max_length)
     load_images = net.image_encoder is not None
     train_tf = build_transform(data_config, True, config.augment) if load_images else None
@@ -133,11 +156,11 @@ def _loaders(config, regime, net, tokenizer, data_config, records, labels, train
                            config.missing_images, load_images)
     val_ds = PairDataset([records[i] for i in val_idx], image_dir, val_tf, labels[val_idx],
                          config.missing_images, load_images)
-    common = dict(num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                  persistent_workers=workers > 0)
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    train_collate = TextCollate(tokenizer, config.text_max_length, config.word_dropout, config.seed)
     return (DataLoader(train_ds, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
-                       drop_last=len(train_ds) > config.batch_size, **common),
-            DataLoader(val_ds, batch_size=config.batch_size * 2, **common))
+                       drop_last=len(train_ds) > config.batch_size, collate_fn=train_collate, **common),
+            DataLoader(val_ds, batch_size=config.batch_size * 2, collate_fn=collate, **common))
 
 
 def _quiet_lightning() -> None:
@@ -172,7 +195,7 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
     L.seed_everything(config.seed, workers=True, verbose=False)
     tokenizer = create_tokenizer(config.text_model) if config.uses_text else None
     net = FuseLabelNet(config, len(vocab), vocab_size=len(tokenizer) if tokenizer is not None else None)
-    data_config = image_data_config(net.image_encoder.backbone, config.image_size) if net.image_encoder is not None else None
+    data_config = image_data_config(net.image_encoder.backbone, config.image_size, config.image_crop_pct) if net.image_encoder is not None else None
     device = torch.device("cuda" if torch.cuda.is_available() and config.accelerator != "cpu" else "cpu")
     timings["setup_s"] = time.time() - t0
 
@@ -183,12 +206,14 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
 
     pos_weight = pos_weight_from_labels(labels[train_idx]) if config.pos_weight else None
     module = FuseLabelModule(net, config, pos_weight)
+    module.image_source = getattr(train_loader.dataset, "image_source", None)  # fast data path (fuselabel.gpu)
     module.set_trainable(image=regime == "finetune", text=regime in ("finetune", "hybrid"))
     with tempfile.TemporaryDirectory(prefix="fuselabel-") as tmp:
         work = Path(work_dir) if work_dir else Path(tmp)
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=work / "checkpoints", monitor="val_f1", mode="max",
                                                          save_top_k=1, save_weights_only=True, filename="best")
-        callbacks = [checkpoint, _DropFrozenWeights(),
+        history = _History(t0)
+        callbacks = [checkpoint, _DropFrozenWeights(), history,
                      L.pytorch.callbacks.EarlyStopping(monitor="val_f1", mode="max", patience=config.patience)]
         logger = L.pytorch.loggers.CSVLogger(work, name="logs")
         precision = config.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
@@ -205,12 +230,14 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
         if checkpoint.best_model_path:
             state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
             module.load_state_dict(state, strict=False)
-        history = Path(logger.log_dir) / "metrics.csv"
+        history_csv = Path(logger.log_dir) / "metrics.csv"
 
         t3 = time.time()
         if regime == "finetune":  # DDP shuffles rows across ranks; re-run validation in order on one device
             val_loader = DataLoader(val_loader.dataset, batch_size=val_loader.batch_size,
                                     collate_fn=val_loader.collate_fn, num_workers=val_loader.num_workers)
+            if module.image_source is not None:  # fast data path (fuselabel.gpu): pixels from the image cache
+                val_loader = module.image_source.with_pixels(val_loader, device)
         parts = infer(net, val_loader, device, precision)
         val_labels = labels[val_idx].astype(np.uint8)
         probs, fusion_info = tune_fusion(config, parts, val_labels)
@@ -232,9 +259,10 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
                                               "train_ids": [records.records[i].image_id for i in train_idx],
                                               "val_ids": [records.records[i].image_id for i in val_idx]},
                                "metrics.json": {"validation": report, "regime": regime, "timings": timings,
-                                                "epochs_run": trainer.current_epoch}})
-        size = save_bundle(out, bundle, {"history.csv": history})
+                                                "epochs_run": trainer.current_epoch,
+                                                "val_f1_by_time": history.rows}})
+        size = save_bundle(out, bundle, {"history.csv": history_csv})
     print(format_report(report))
     print(f"validation mean F1 {report['mean_f1']:.4f} ({config.threshold_method} thresholds); "
           f"model folder {out} is {size / 1e6:.1f} MB; took {timings['total_s']:.0f}s")
-    return TrainResult(Path(out), size, report, thresholds, timings, parts, val_labels)
+    return TrainResult(Path(out), size, report, thresholds, timings, parts, val_labels, history.rows)
