@@ -27,7 +27,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,25 +34,13 @@ import torch
 from torch import nn
 
 from .bundle import BundleError
+from .onnxrt import (OPSET, SYNTHETIC_CAPTIONS, export_graph, export_image_encoder,  # noqa: F401 (re-exported)
+                     export_text_encoder, run_text_encoder, session)
 
 ONNX_DIR = "onnx"
 MANIFEST = "manifest.json"
-OPSET = 17
 INT8_OPS = ["MatMul", "Gemm"]
 INT8_TEXT_OPS = INT8_OPS + ["Gather"]   # + the embedding tables, most of a small text encoder's bytes
-
-# Captions for export tracing and the built-in checks: different lengths, so padding is exercised.
-SYNTHETIC_CAPTIONS = [
-    "A man riding a wave on top of a surfboard.",
-    "two dogs",
-    "A red double decker bus driving down a city street next to tall buildings and a crowd of people.",
-    "A plate of food with broccoli, rice and a fork.",
-    "a cat",
-    "Several people standing in a kitchen preparing a meal together on a sunny afternoon.",
-    "An airplane flying over the ocean.",
-    "A giraffe standing next to a tree in a zoo enclosure with rocks",
-]
-
 
 class ExportError(BundleError):
     """A model folder that cannot be exported, or an ONNX folder that cannot be used."""
@@ -78,48 +65,6 @@ class HeadGraph(nn.Module):
         return self.net.probabilities(logits, batch.get("image_present"))
 
 
-def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-            dynamic_axes: dict, opset: int = OPSET) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mha = getattr(torch.backends, "mha", None)
-    fastpath = mha.get_fastpath_enabled() if mha else None
-    try:
-        if mha:  # nn.MultiheadAttention's fused inference kernel has no ONNX form (the query decoder uses it)
-            mha.set_fastpath_enabled(False)
-        with torch.no_grad(), warnings.catch_warnings():
-            # The TorchScript tracer warns about Python-side shape checks in the HF code; the graphs are
-            # checked against PyTorch on other batch sizes and lengths after export.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                              dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
-    finally:
-        if mha:
-            mha.set_fastpath_enabled(fastpath)
-    return path
-
-
-def export_image_encoder(encoder: nn.Module, path: Path, input_size, opset: int = OPSET) -> Path:
-    """``pixels`` (N, 3, H, W) -> ``features`` (N, D)."""
-    encoder = encoder.float().eval()
-    dummy = torch.zeros(2, *input_size)
-    return _export(encoder, (dummy,), Path(path), ["pixels"], ["features"],
-                   {"pixels": {0: "batch"}, "features": {0: "batch"}}, opset)
-
-
-def export_text_encoder(encoder: nn.Module, tokenizer, path: Path, max_length: int = 64,
-                        opset: int = OPSET) -> Path:
-    """``input_ids``, ``attention_mask`` (N, L) int64 -> ``features`` (N, D), attention-masked mean."""
-    encoder = encoder.float().eval()
-    # A padded example: an all-ones mask could let the attention code skip the masking it must keep.
-    tok = tokenizer(SYNTHETIC_CAPTIONS[:3], padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt")
-    dynamic = {"batch": 0, "length": 1}
-    axes = {"input_ids": {v: k for k, v in dynamic.items()}, "attention_mask": {v: k for k, v in dynamic.items()},
-            "features": {0: "batch"}}
-    return _export(encoder, (tok["input_ids"], tok["attention_mask"]), Path(path),
-                   ["input_ids", "attention_mask"], ["features"], axes, opset)
-
-
 def export_head(net: nn.Module, path: Path, opset: int = OPSET) -> Path:
     """Pooled features (+ ``image_present``) -> fused per-label ``probabilities``."""
     graph = HeadGraph(net.float().eval()).eval()
@@ -128,7 +73,7 @@ def export_head(net: nn.Module, path: Path, opset: int = OPSET) -> Path:
     args = tuple(torch.ones(2) if n == "image_present" else torch.randn(2, dims[n]) for n in graph.names)
     axes = {n: {0: "batch"} for n in graph.names}
     axes["probabilities"] = {0: "batch"}
-    return _export(graph, args, Path(path), graph.names, ["probabilities"], axes, opset)
+    return export_graph(graph, args, Path(path), graph.names, ["probabilities"], axes, opset)
 
 
 def quantize_int8(src: Path, dst: Path, ops=INT8_OPS) -> Path:
@@ -151,68 +96,6 @@ def quantize_int8(src: Path, dst: Path, ops=INT8_OPS) -> Path:
     finally:
         logger.setLevel(level)
     return Path(dst)
-
-
-def session(path: str | Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _digest_path(encoder: nn.Module, cache_dir: Path, prefix: str) -> Path:
-    from .features import graph_digest
-
-    return cache_dir / "onnx" / f"{prefix}-{graph_digest(encoder)}.onnx"
-
-
-def text_onnx_session(encoder: nn.Module, tokenizer, cache_dir=None, max_length: int = 64,
-                      threads: int | None = None):
-    """An onnxruntime session for a text encoder, exported once per weights digest (like the image one)."""
-    from .features import default_cache_dir
-
-    path = _digest_path(encoder, default_cache_dir(cache_dir), "text")
-    if not path.exists():
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.onnx")
-        export_text_encoder(encoder, tokenizer, tmp, max_length)
-        os.replace(tmp, path)
-    return session(path, threads)
-
-
-def run_text_encoder(sess, tokenizer, captions, *, max_length: int = 64, batch_size: int = 256,
-                     progress: bool = False) -> np.ndarray:
-    """Text features from an onnxruntime session; batches of similar length, as in features.extract_text_features."""
-    order = np.argsort([len(c) for c in captions], kind="stable")
-    dim = sess.get_outputs()[0].shape[-1]
-    out = np.zeros((len(captions), dim if isinstance(dim, int) else 0), dtype=np.float32)
-    start = time.time()
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        tok = tokenizer([captions[j] for j in idx], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="np")
-        feats = sess.run(None, {"input_ids": tok["input_ids"].astype(np.int64),
-                                "attention_mask": tok["attention_mask"].astype(np.int64)})[0]
-        if out.shape[1] != feats.shape[1]:
-            out = np.zeros((len(captions), feats.shape[1]), dtype=np.float32)
-        out[idx] = feats
-        if progress:
-            done = min(i + batch_size, len(order))
-            print(f"\r  text features (onnx) {done}/{len(order)} ({done / max(time.time() - start, 1e-9):.0f}/s)",
-                  end="", flush=True)
-    if progress:
-        print()
-    return out
-
-
-def extract_text_features_onnx(encoder: nn.Module, tokenizer, captions, *, max_length: int = 64,
-                               batch_size: int = 256, cache_dir=None, threads: int | None = None,
-                               progress: bool = True) -> np.ndarray:
-    """Drop-in for features.extract_text_features on a CPU, through onnxruntime."""
-    sess = text_onnx_session(encoder, tokenizer, cache_dir, max_length, threads)
-    return run_text_encoder(sess, tokenizer, captions, max_length=max_length, batch_size=batch_size,
-                            progress=progress)
 
 
 # ----------------------------------------------------------------------------------------- export

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from . import onnxrt
 from .data import PairDataset, TextCollate, build_transform, default_workers
 
 
@@ -50,39 +51,34 @@ def graph_digest(module: torch.nn.Module) -> str:
     return hashlib.sha256(repr(module).encode()).hexdigest()[:8] + weights_digest(module)
 
 
-def onnx_session(encoder: torch.nn.Module, input_shape, cache_dir: Path, threads: int | None = None):
-    """An onnxruntime session for ``encoder``, exported once per weights digest."""
-    import onnxruntime as ort
-
-    path = cache_dir / "onnx" / f"{graph_digest(encoder)}-{'x'.join(map(str, input_shape))}.onnx"
+def _cached_graph(encoder: torch.nn.Module, cache_dir, name: str, export) -> Path:
+    path = default_cache_dir(cache_dir) / "onnx" / f"{name}-{graph_digest(encoder)}.onnx"
     if not path.exists():
-        export_onnx(encoder, path, input_shape)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def export_onnx(encoder: torch.nn.Module, path: Path, input_shape) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    encoder = encoder.float().eval()
-    dummy = torch.zeros(2, *input_shape)
-    tmp = path.with_suffix(".tmp")
-    with torch.no_grad():
-        torch.onnx.export(encoder, (dummy,), str(tmp), input_names=["pixels"], output_names=["features"],
-                          dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
-    os.replace(tmp, path)
+        export(path)
     return path
+
+
+def image_session(encoder: torch.nn.Module, input_shape, cache_dir=None, threads: int | None = None):
+    """An onnxruntime session for an image encoder, exported once per weights, structure and input size."""
+    size = "x".join(map(str, input_shape))
+    path = _cached_graph(encoder, cache_dir, f"image-{size}",
+                         lambda p: onnxrt.export_image_encoder(encoder, p, input_shape))
+    return onnxrt.session(path, threads)
+
+
+def text_session(encoder: torch.nn.Module, tokenizer, cache_dir=None, max_length: int = 64,
+                 threads: int | None = None):
+    path = _cached_graph(encoder, cache_dir, "text",
+                         lambda p: onnxrt.export_text_encoder(encoder, tokenizer, p, max_length))
+    return onnxrt.session(path, threads)
 
 
 def use_onnx(engine: str, device: torch.device) -> bool:
     if engine == "torch" or device.type != "cpu":
         return False
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    if not onnxrt.available():
         if engine == "onnx":
-            raise
+            raise ImportError("engine 'onnx' needs onnxruntime: pip install onnxruntime")
         return False
     return True
 
@@ -108,7 +104,7 @@ def extract_image_features(encoder, data_config, records, image_dir, *, batch_si
     loader = DataLoader(ds, batch_size=batch_size, num_workers=default_workers(num_workers),
                         collate_fn=TextCollate(None), pin_memory=device.type == "cuda")
     if use_onnx(engine, device):
-        session = onnx_session(encoder, tuple(data_config["input_size"]), default_cache_dir(cache_dir))
+        session = image_session(encoder, tuple(data_config["input_size"]), cache_dir)
         run = lambda x: torch.from_numpy(session.run(None, {"pixels": x.numpy()})[0])  # noqa: E731
     else:
         encoder = encoder.to(device)
@@ -133,8 +129,13 @@ def extract_image_features(encoder, data_config, records, image_dir, *, batch_si
 
 @torch.inference_mode()
 def extract_text_features(encoder, tokenizer, captions, *, max_length=64, batch_size=256, device=None,
-                          progress=True):
+                          engine="auto", cache_dir=None, progress=True):
+    """Mean-pooled caption features (n, d), through onnxruntime on a CPU when available."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if use_onnx(engine, device):
+        sess = text_session(encoder, tokenizer, cache_dir, max_length)
+        return onnxrt.run_text_encoder(sess, tokenizer, list(captions), max_length=max_length,
+                                       batch_size=batch_size, progress=progress)
     encoder = encoder.eval().to(device)
     # Sorting by length keeps padding (wasted work) small; the order is restored at the end.
     order = np.argsort([len(c) for c in captions], kind="stable")
@@ -242,6 +243,7 @@ def frozen_features(net, tokenizer, data_config, records, image_dir, config, *, 
         captions = [r.caption for r in records]
         arrays = cache.fetch(key, text_row_keys(captions), lambda idx: {"features": extract_text_features(
             net.text_encoder, tokenizer, [captions[i] for i in idx], max_length=config.text_max_length,
-            device=device, progress=progress)}, "text features")
+            device=device, engine=config.feature_engine, cache_dir=config.cache_dir, progress=progress)},
+            "text features")
         out["text"] = arrays["features"]
     return out, present

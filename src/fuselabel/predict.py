@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .bundle import Bundle, load_bundle
-from .features import extract_image_features, extract_text_features, use_onnx
+from .features import extract_image_features, extract_text_features
 from .heads import combine_probabilities
 from .metrics import evaluate as evaluate_sets
 from .records import labels_to_matrix, matrix_to_labels, read_records, write_probabilities, write_submission
@@ -40,16 +40,9 @@ def predict_proba(bundle: Bundle, records, image_dir, *, engine: str = "auto", d
             num_workers=num_workers, flip_tta=cfg.tta_flip, missing_images=missing_images or cfg.missing_images,
             engine=engine, device=dev, cache_dir=cfg.cache_dir, progress=progress, gpu_decode=cfg.gpu_decode)
     if net.text_encoder is not None:
-        captions = [r.caption for r in records]
-        if use_onnx(engine, dev):  # like the image encoder: onnxruntime is ~3x eager PyTorch on a CPU
-            from .export import extract_text_features_onnx
-
-            feats["text"] = extract_text_features_onnx(net.text_encoder, bundle.tokenizer, captions,
-                                                       max_length=cfg.text_max_length, cache_dir=cfg.cache_dir,
-                                                       progress=progress)
-        else:
-            feats["text"] = extract_text_features(net.text_encoder, bundle.tokenizer, captions,
-                                                  max_length=cfg.text_max_length, device=dev, progress=progress)
+        feats["text"] = extract_text_features(net.text_encoder, bundle.tokenizer, [r.caption for r in records],
+                                              max_length=cfg.text_max_length, device=dev, engine=engine,
+                                              cache_dir=cfg.cache_dir, progress=progress)
     net = net.to(dev)
     batch = {f"{k}_feat": torch.as_tensor(v, device=dev) for k, v in feats.items()}
     if present is not None:
