@@ -125,17 +125,22 @@ def save_bundle(out: str | Path, bundle: Bundle, extra_files: dict[str, str | Pa
             raise BundleError(
                 f"model folder would be {size / 1e6:.1f} MB, over the budget of {cfg.max_size_mb:g} MB "
                 f"(--max-size-mb); try save_dtype=fp16 or a smaller encoder. Nothing was written to {out}.")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
         return size
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Move a finished folder into place; an existing one is set aside until the move has happened."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def _read_json(path: Path):

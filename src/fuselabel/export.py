@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundle import BundleError
+from .bundle import BundleError, replace_folder
 from .onnxrt import (OPSET, SYNTHETIC_CAPTIONS, export_graph, export_image_encoder,  # noqa: F401 (re-exported)
                      export_text_encoder, run_text_encoder, session)
 
@@ -239,14 +239,7 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
             manifest["checks"] = check_against_torch(bundle, tmp, check_rows, threads=threads)
         manifest["export_s"] = round(time.time() - t0, 2)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     manifest["out_dir"] = str(out)

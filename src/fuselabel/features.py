@@ -137,22 +137,12 @@ def extract_text_features(encoder, tokenizer, captions, *, max_length=64, batch_
         return onnxrt.run_text_encoder(sess, tokenizer, list(captions), max_length=max_length,
                                        batch_size=batch_size, progress=progress)
     encoder = encoder.eval().to(device)
-    # Sorting by length keeps padding (wasted work) small; the order is restored at the end.
-    order = np.argsort([len(c) for c in captions], kind="stable")
-    out = np.zeros((len(captions), encoder.num_features), dtype=np.float32)
-    start = time.time()
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        tok = tokenizer([captions[j] for j in idx], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt").to(device)
-        out[idx] = encoder(tok["input_ids"], tok["attention_mask"]).float().cpu().numpy()
-        if progress:
-            done = min(i + batch_size, len(order))
-            print(f"\r  text features {done}/{len(order)} ({done / max(time.time() - start, 1e-9):.0f}/s)",
-                  end="", flush=True)
-    if progress:
-        print()
-    return out
+
+    def encode(ids, mask):
+        return encoder(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)).float().cpu().numpy()
+
+    return onnxrt.encode_in_length_order(encode, tokenizer, list(captions), max_length=max_length,
+                                         batch_size=batch_size, progress=progress)
 
 
 class FeatureCache:

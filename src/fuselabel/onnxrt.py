@@ -96,9 +96,12 @@ def available() -> bool:
     return True
 
 
-def run_text_encoder(sess, tokenizer, captions, *, max_length: int = 64, batch_size: int = 256,
-                     progress: bool = False) -> np.ndarray:
-    """Text features from an onnxruntime session; batches of similar length keep padding small."""
+def encode_in_length_order(encode, tokenizer, captions, *, max_length: int = 64, batch_size: int = 256,
+                           progress: bool = False, label: str = "text features") -> np.ndarray:
+    """``encode(input_ids, attention_mask) -> (n, d) array`` over all captions, in batches of similar length.
+
+    Sorting by length keeps padding (wasted work) small; rows come back in the input order.
+    """
     order = np.argsort([len(c) for c in captions], kind="stable")
     out: np.ndarray | None = None
     start = time.time()
@@ -106,15 +109,22 @@ def run_text_encoder(sess, tokenizer, captions, *, max_length: int = 64, batch_s
         idx = order[i:i + batch_size]
         tok = tokenizer([captions[j] for j in idx], padding=True, truncation=True, max_length=max_length,
                         return_tensors="np")
-        feats = sess.run(None, {"input_ids": tok["input_ids"].astype(np.int64),
-                                "attention_mask": tok["attention_mask"].astype(np.int64)})[0]
+        feats = encode(tok["input_ids"].astype(np.int64), tok["attention_mask"].astype(np.int64))
         if out is None:
             out = np.zeros((len(captions), feats.shape[1]), dtype=np.float32)
         out[idx] = feats
         if progress:
             done = min(i + batch_size, len(order))
-            print(f"\r  text features (onnx) {done}/{len(order)} ({done / max(time.time() - start, 1e-9):.0f}/s)",
+            print(f"\r  {label} {done}/{len(order)} ({done / max(time.time() - start, 1e-9):.0f}/s)",
                   end="", flush=True)
     if progress:
         print()
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+def run_text_encoder(sess, tokenizer, captions, *, max_length: int = 64, batch_size: int = 256,
+                     progress: bool = False) -> np.ndarray:
+    """Text features from an onnxruntime session."""
+    return encode_in_length_order(
+        lambda ids, mask: sess.run(None, {"input_ids": ids, "attention_mask": mask})[0], tokenizer, captions,
+        max_length=max_length, batch_size=batch_size, progress=progress, label="text features (onnx)")
