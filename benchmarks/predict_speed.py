@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", help="CSV (default DATA/train.csv)")
     parser.add_argument("--rows", type=int, default=200, help="first N rows of the CSV")
     parser.add_argument("--engine", default="auto", choices=("auto", "torch", "onnx"), help="for predict")
-    parser.add_argument("--batch-size", type=int, default=64, help="predict's image batch size")
+    parser.add_argument("--batch-size", type=int, help="predict's image batch size (default: predict's own)")
     parser.add_argument("--eager-batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, help="predict's DataLoader workers (default: CPU cores)")
     parser.add_argument("--keep", help="keep the two submissions in this folder")

@@ -131,7 +131,7 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=("auto", "torch", "onnx"),
                    help="encoder runtime on CPU (auto: onnxruntime when installed)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="images per batch (default 16 on CPU, 256 on GPU)")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--missing-images", choices=("error", "caption_only"),
                    help="default: the model's setting (error)")

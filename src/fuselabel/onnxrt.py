@@ -85,6 +85,9 @@ def session(path: str | Path, threads: int | None = None):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
     opts.log_severity_level = 3
+    if os.environ.get("FUSELABEL_ORT_SPIN", "0") != "1":
+        # Spinning threads burn the cores that the image-decoding workers need between batches.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -27,11 +27,13 @@ def _device(device: str | None) -> torch.device:
 
 @torch.inference_mode()
 def predict_proba(bundle: Bundle, records, image_dir, *, engine: str = "auto", device: str | None = None,
-                  batch_size: int = 64, missing_images: str | None = None, num_workers: int | None = None,
+                  batch_size: int | None = None, missing_images: str | None = None, num_workers: int | None = None,
                   progress: bool = True) -> np.ndarray:
     """Fused probabilities (n, labels) in the model folder's label order."""
     cfg = bundle.config
     dev = _device(device)
+    # Small batches suit onnxruntime on a few CPU cores (measured: 16 beats 64 by ~10 %); a GPU wants large ones.
+    batch_size = batch_size or (16 if dev.type == "cpu" else 256)
     net = bundle.net.eval()
     feats, present = {}, None
     if net.image_encoder is not None:
@@ -57,7 +59,7 @@ def decide(bundle: Bundle, probs: np.ndarray) -> np.ndarray:
     return apply_thresholds(probs, bundle.threshold_vector, bundle.thresholds.get("ensure_nonempty", True))
 
 
-def predict(model_dir, data_dir, csv, out, *, proba_out=None, engine="auto", device=None, batch_size=64,
+def predict(model_dir, data_dir, csv, out, *, proba_out=None, engine="auto", device=None, batch_size=None,
             missing_images=None, num_workers=None, progress=True) -> dict:
     """Write a Kaggle-style submission (``ImageID,Labels`` in input order); returns timings and counts."""
     t0 = time.time()
@@ -90,7 +92,7 @@ def select_split(model_dir, records: list, split: str) -> list:
     return chosen
 
 
-def evaluate(model_dir, data_dir, csv, *, split="all", engine="auto", device=None, batch_size=64,
+def evaluate(model_dir, data_dir, csv, *, split="all", engine="auto", device=None, batch_size=None,
              missing_images=None, num_workers=None, progress=True) -> dict:
     """Metrics of a model folder on a labelled CSV (or on the rows of one side of its own split)."""
     bundle = load_bundle(model_dir)
