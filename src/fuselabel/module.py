@@ -37,11 +37,8 @@ class FuseLabelModule(L.LightningModule):
                 enc.requires_grad_(self.trainable[name])
 
     def set_frozen(self, frozen: bool) -> None:
+        """Both encoders frozen (the frozen regime) or both trained (finetune)."""
         self.set_trainable(image=not frozen, text=not frozen)
-
-    @property
-    def frozen(self) -> bool:
-        return not any(self.trainable.values())
 
     @property
     def frozen_encoders(self) -> list[str]:

@@ -25,7 +25,7 @@ from .losses import pos_weight_from_labels
 from .metrics import evaluate, format_report
 from .module import FuseLabelModule, infer
 from .records import label_vocabulary, labels_to_matrix, read_label_names, read_records
-from .thresholds import tune, tune_global
+from .thresholds import apply_thresholds, tune, tune_global
 
 
 @dataclass
@@ -195,7 +195,8 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
     L.seed_everything(config.seed, workers=True, verbose=False)
     tokenizer = create_tokenizer(config.text_model) if config.uses_text else None
     net = FuseLabelNet(config, len(vocab), vocab_size=len(tokenizer) if tokenizer is not None else None)
-    data_config = image_data_config(net.image_encoder.backbone, config.image_size, config.image_crop_pct) if net.image_encoder is not None else None
+    data_config = None if net.image_encoder is None else image_data_config(
+        net.image_encoder.backbone, config.image_size, config.image_crop_pct)
     device = torch.device("cuda" if torch.cuda.is_available() and config.accelerator != "cpu" else "cpu")
     timings["setup_s"] = time.time() - t0
 
@@ -245,16 +246,14 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
             net.late_weight.fill_(float(fusion_info["late_weight"]))
         thresholds = tune_thresholds(config, val_labels, probs)
         thresholds.update(fusion_info)
-        from .thresholds import apply_thresholds
-
         pred = apply_thresholds(probs, np.asarray(thresholds["thresholds"]), config.ensure_nonempty)
         report = evaluate(val_labels, pred, vocab, names)
         report["threshold_method"] = config.threshold_method
         timings["tune_s"] = time.time() - t3
         timings["total_s"] = time.time() - t0
 
-        bundle = Bundle(net=net.cpu(), config=config.replace(regime=regime), labels=vocab, label_names=names, thresholds=thresholds,
-                        preprocessing=data_config, tokenizer=tokenizer,
+        bundle = Bundle(net=net.cpu(), config=config.replace(regime=regime), labels=vocab, label_names=names,
+                        thresholds=thresholds, preprocessing=data_config, tokenizer=tokenizer,
                         extra={"split.json": {"seed": config.seed, "val_fraction": config.val_fraction,
                                               "train_ids": [records.records[i].image_id for i in train_idx],
                                               "val_ids": [records.records[i].image_id for i in val_idx]},
