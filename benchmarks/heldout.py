@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fuselabel.cli import _kv, resolve_data
+from fuselabel.cli import _kv
+from fuselabel.data import resolve_data
 from fuselabel.config import build_config
 from fuselabel.data import stratified_split
 from fuselabel.metrics import mean_f1

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", help="keep the two submissions in this folder")
     args = parser.parse_args(argv)
 
-    from fuselabel.cli import resolve_data
+    from fuselabel.data import resolve_data
     from fuselabel.predict import predict
 
     images, csv_path = resolve_data(args.data, args.csv)

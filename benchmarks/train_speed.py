@@ -25,7 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import write_subset  # noqa: E402
 
-from fuselabel.cli import _kv, resolve_data  # noqa: E402
+from fuselabel.cli import _kv  # noqa: E402
+from fuselabel.data import resolve_data  # noqa: E402
 from fuselabel.config import build_config  # noqa: E402
 from fuselabel.records import read_records  # noqa: E402
 from fuselabel.train import fit  # noqa: E402

@@ -8,20 +8,14 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_DATA = Path("..") / "shared" / "data" / "comp5329"
-
-
 def resolve_data(data: str | None, csv: str | None, default_csv: str = "train.csv") -> tuple[Path, Path]:
-    """(image folder, CSV). ``--data`` is the image folder, or a data-set folder holding ``data/`` and the CSV."""
-    root = Path(data) if data else DEFAULT_DATA
-    if not root.is_dir():
-        hint = "" if data else f" (no --data given and the default {DEFAULT_DATA} is absent)"
-        raise SystemExit(f"fuselabel: error: data folder {root} not found{hint}; pass --data IMAGE_DIR --csv FILE")
-    images = root / "data" if (root / "data").is_dir() else root
-    csv_path = Path(csv) if csv else root / default_csv
-    if not csv_path.exists():
-        raise SystemExit(f"fuselabel: error: CSV {csv_path} not found; pass --csv FILE")
-    return images, csv_path
+    """fuselabel.data.resolve_data, as a command-line error."""
+    from .data import resolve_data as find_data
+
+    try:
+        return find_data(data, csv, default_csv)
+    except ValueError as err:
+        raise SystemExit(f"fuselabel: error: {err}") from None
 
 
 def _kv(text: str):
@@ -64,7 +58,7 @@ TRAIN_OPTIONS = [  # (flag, config key, type, help)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help=f"image folder, or a folder with data/ and the CSV (default {DEFAULT_DATA})")
+    p.add_argument("--data", help="image folder, or a folder with data/ and the CSV (default ../shared/data/comp5329)")
     p.add_argument("--csv", help="CSV file (default DATA/train.csv)")
 
 

@@ -11,6 +11,28 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 
+DEFAULT_DATA = Path("..") / "shared" / "data" / "comp5329"
+
+
+def resolve_data(data: str | None, csv: str | None, default_csv: str = "train.csv") -> tuple[Path, Path]:
+    """(image folder, CSV). ``data`` is the image folder, or a data-set folder holding ``data/`` and the CSV."""
+    root = Path(data) if data else DEFAULT_DATA
+    if not root.is_dir():
+        hint = "" if data else f" (no --data given and the default {DEFAULT_DATA} is absent)"
+        raise ValueError(f"data folder {root} not found{hint}; pass --data IMAGE_DIR --csv FILE")
+    images = root / "data" if (root / "data").is_dir() else root
+    csv_path = Path(csv) if csv else root / default_csv
+    if not csv_path.exists():
+        raise ValueError(f"CSV {csv_path} not found; pass --csv FILE")
+    return images, csv_path
+
+
+def single_process(config) -> bool:
+    """Whether Lightning runs one process, so custom batch samplers and device caches are safe."""
+    return config.num_nodes == 1 and str(config.devices) in ("1", "auto") and not torch.cuda.device_count() > 1 \
+        and config.strategy in ("auto", "single_device")
+
+
 class ImageError(RuntimeError):
     """A missing or unreadable image, named by file and CSV line."""
 

@@ -320,12 +320,9 @@ def plan_runs(grid: str | Path | dict, overrides: dict | None = None) -> Plan:
 
 
 def _resolve_data(data: str | None, csv_path: str | None) -> tuple[Path, Path]:
-    from .cli import resolve_data
+    from .data import resolve_data
 
-    try:
-        return resolve_data(data, csv_path)
-    except SystemExit as err:  # the CLI helper exits with a message; a library call should raise
-        raise ValueError(str(err).removeprefix("fuselabel: error: ")) from None
+    return resolve_data(data, csv_path)
 
 
 def _method_metrics(result, config: Config, method: str) -> dict:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .data import ImageError, TextCollate, default_workers
+from .data import ImageError, TextCollate, default_workers, single_process
 
 # torchvision >= 0.29 marks its JPEG codecs deprecated (in favour of TorchCodec); they still work, and the
 # GPU machine's torchvision 0.26 has no such notice.
@@ -582,11 +582,10 @@ def cached_loaders(config, net, tokenizer, data_config, records, labels, train_i
     ``loader.dataset.image_source`` is the ImageCache that the LightningModule's
     ``on_after_batch_transfer`` turns indices into pixels with.
     """
-    from .train import _single_process
 
     device = torch.device(device)
     # Several processes (DDP) would each hold a copy on one GPU: keep the cache in host memory then.
-    place = None if _single_process(config) else torch.device("cpu")
+    place = None if single_process(config) else torch.device("cpu")
     cache = ImageCache.build(records, image_dir, data_config, device=device,
                              gpu_decode=getattr(config, "gpu_decode", True), num_workers=config.num_workers,
                              missing_images=config.missing_images, augment=config.augment, seed=config.seed,

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from .bundle import Bundle, save_bundle
 from .config import Config
 from .data import (FeatureDataset, LengthGroupedBatchSampler, PairDataset, TextCollate, build_transform,
-                   default_workers, make_sampler, oversampling_weights, stratified_split)
+                   default_workers, make_sampler, oversampling_weights, single_process, stratified_split)
 from .encoders import create_tokenizer, image_data_config
 from .features import frozen_features
 from .heads import FuseLabelNet, combine_probabilities
@@ -105,12 +105,6 @@ class _DropFrozenWeights(L.Callback):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
 
 
-def _single_process(config: Config) -> bool:
-    """A custom batch sampler is only safe when Lightning will not shard batches across processes."""
-    return config.num_nodes == 1 and str(config.devices) in ("1", "auto") and not torch.cuda.device_count() > 1 \
-        and config.strategy in ("auto", "single_device")
-
-
 def _loaders(config, regime, net, tokenizer, data_config, records, labels, train_idx, val_idx, image_dir,
              device):
     workers = default_workers(config.num_workers)
@@ -130,7 +124,7 @@ def _loaders(config, regime, net, tokenizer, data_config, records, labels, train
         train_collate = TextCollate(tokenizer if text_trains else None, config.text_max_length,
                                     config.word_dropout, config.seed)
         train_ds, val_ds = subset(train_idx), subset(val_idx)
-        if text_trains and _single_process(config):
+        if text_trains and single_process(config):
             lengths = [len(tokenizer.tokenize(c)) for c in train_ds.captions]
             weights = oversampling_weights(labels[train_idx], config.oversample_power) \
                 if config.sampler == "oversample" else None
