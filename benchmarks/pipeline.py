@@ -48,7 +48,8 @@ import numpy as np  # noqa: E402
 import fuselabel.train  # noqa: E402,F401  (the import cost of `fuselabel train`, measured below)
 from fuselabel.config import Config, build_config  # noqa: E402
 from fuselabel.data import stratified_split  # noqa: E402
-from fuselabel.experiment import _resolve_data, run_experiment  # noqa: E402
+from fuselabel.data import resolve_data  # noqa: E402
+from fuselabel.experiment import run_experiment  # noqa: E402
 from fuselabel.metrics import mean_f1  # noqa: E402
 from fuselabel.records import label_vocabulary, labels_to_matrix, read_records  # noqa: E402
 from fuselabel.train import find_label_names  # noqa: E402
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    images, csv = _resolve_data(args.data, args.csv)
+    images, csv = resolve_data(args.data, args.csv)
     temp_cache = args.cache_dir is None
     cache_dir = Path(args.cache_dir or tempfile.mkdtemp(prefix="flcache-bench-"))
     out = Path(args.out) if args.out else None

@@ -7,7 +7,6 @@ in one-to-one correspondence: a key means the same thing everywhere it appears.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -179,6 +178,3 @@ def build_config(preset: str | None = None, yaml_path: str | Path | None = None,
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Config.from_dict(values, source=str(yaml_path or "settings"))
 
-
-def dump_json(config: Config, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")

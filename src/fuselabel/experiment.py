@@ -319,12 +319,6 @@ def plan_runs(grid: str | Path | dict, overrides: dict | None = None) -> Plan:
 # ---------------------------------------------------------------- running
 
 
-def _resolve_data(data: str | None, csv_path: str | None) -> tuple[Path, Path]:
-    from .data import resolve_data
-
-    return resolve_data(data, csv_path)
-
-
 def _method_metrics(result, config: Config, method: str) -> dict:
     """mean/micro/macro F1 of ``method``'s thresholds on the run's stored validation probabilities."""
     import torch
@@ -393,7 +387,9 @@ def run_experiment(grid_path_or_dict: str | Path | dict, out_dir: str | Path, da
     from . import train as train_module
 
     plan = plan_runs(grid_path_or_dict, overrides)
-    images, csv_path = _resolve_data(str(data) if data else plan.data, str(csv) if csv else plan.csv)
+    from .data import resolve_data
+
+    images, csv_path = resolve_data(str(data) if data else plan.data, str(csv) if csv else plan.csv)
     out = Path(out_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     spec = {k: v for k, v in plan.spec.items() if not k.startswith("_")}
