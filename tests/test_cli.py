@@ -239,3 +239,19 @@ def test_real_subset_round_trip(shared_data, tmp_path, capsys, session_cache):
     report = json.loads(report_path.read_text())
     # Always answering "person" scores about 0.64 here; a trained model must beat it on its own rows.
     assert report["mean_f1"] > 0.65, report["mean_f1"]
+
+
+def test_image_size_defaults_and_backbone_own():
+    """The default is the whole photo at 320 px; 0 (or null) asks for the backbone's own size and crop."""
+    from fuselabel.config import build_config
+    from fuselabel.encoders import create_image_encoder, image_data_config
+
+    default = build_config()
+    assert (default.image_size, default.image_crop_pct) == (320, 1.0)
+    assert build_config("cpu-best").image_size == 384
+    own = build_config(image_size=0, image_crop_pct=0)
+    assert own.image_size is None and own.image_crop_pct is None
+    backbone = create_image_encoder("tf_efficientnet_lite0", pretrained=False)
+    assert image_data_config(backbone, own.image_size, own.image_crop_pct)["input_size"] == [3, 224, 224]
+    whole = image_data_config(backbone, default.image_size, default.image_crop_pct)
+    assert whole["input_size"] == [3, 320, 320] and whole["crop_pct"] == 1.0
