@@ -75,20 +75,11 @@ torch.backends.cudnn.benchmark = True    # fixed input sizes: let cuDNN pick its
 import lightning, timm, torchvision, transformers  # noqa: E402
 from fuselabel.config import build_config  # noqa: E402
 from fuselabel.predict import predict  # noqa: E402
-from fuselabel.records import read_records  # noqa: E402
+from fuselabel.records import read_records, write_rows  # noqa: E402
 from fuselabel.train import fit  # noqa: E402
 
 print(f"[{card}] torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
       f"transformers {transformers.__version__}, lightning {lightning.__version__}; {os.cpu_count()} CPU cores")
-
-
-def first_rows(csv_path: Path, rows: int, out: Path) -> int:
-    """The header and the first ``rows`` rows of ``csv_path`` byte for byte (multi-line captions kept)."""
-    records = read_records(csv_path).records
-    lines = csv_path.read_bytes().splitlines(keepends=True)
-    end = records[rows].line - 1 if rows < len(records) else len(lines)
-    out.write_bytes(b"".join(lines[:end]))
-    return min(rows, len(records))
 
 
 def rows_of(path: Path) -> dict:
@@ -99,13 +90,21 @@ def rows_of(path: Path) -> dict:
 
 # 1) training -------------------------------------------------------------------------------------------------
 images, csv_all = data / "data", data / "train.csv"
+all_rows = read_records(csv_all)
+
+
+def first_rows(rows: int, out: Path) -> int:
+    """The header and the first ``rows`` rows of the CSV, byte for byte."""
+    return write_rows(all_rows, range(min(rows, len(all_rows))), out)
+
+
 overrides = dict(image_weights=str(w_img), text_model=str(w_txt), cache_dir=str(work / "cache"))
 if os.environ.get("GPU_SH_EPOCHS"):
     overrides["epochs"] = int(os.environ["GPU_SH_EPOCHS"])
 train_csv = csv_all
 if dry:
     train_csv = work / "train-subset.csv"
-    first_rows(csv_all, int(os.environ.get("GPU_SH_ROWS", "64")), train_csv)
+    first_rows(int(os.environ.get("GPU_SH_ROWS", "64")), train_csv)
     overrides.update(image_size=64, text_config_overrides={"num_hidden_layers": 1}, epochs=1,
                      batch_size=16, accelerator="cpu", precision="32-true", num_workers=0)
 config = build_config("gpu-best", **overrides)
@@ -124,8 +123,8 @@ print(f"[{card}] GPU train: {train_s:.0f} s, validation mean F1 {result.report['
       f"{result.timings['train_s'] / max(epochs_run or 1, 1):.1f} s/epoch incl. validation; time cap {cap})")
 
 # 2) + 3) prediction, nvJPEG vs PIL workers ---------------------------------------------------------------------
-n = first_rows(csv_all, int(os.environ.get("GPU_SH_PREDICT_ROWS", "64" if dry else "10000")), work / "predict.csv")
-warm = first_rows(csv_all, 16 if dry else 512, work / "warm.csv")
+n = first_rows(int(os.environ.get("GPU_SH_PREDICT_ROWS", "64" if dry else "10000")), work / "predict.csv")
+warm = first_rows(16 if dry else 512, work / "warm.csv")
 batch = int(os.environ.get("GPU_SH_BATCH", "16" if dry else "256"))
 workers = 0 if dry else None
 on = "force" if dry else "1"        # 'force' runs the tensor path on a CPU, for the dry run only

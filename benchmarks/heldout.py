@@ -35,18 +35,8 @@ from fuselabel.bundle import load_bundle
 from fuselabel.metrics import evaluate as evaluate_sets
 from fuselabel.predict import predict_proba
 from fuselabel.thresholds import apply_thresholds
-from fuselabel.records import label_vocabulary, labels_to_matrix, read_records
+from fuselabel.records import label_vocabulary, labels_to_matrix, read_records, write_rows
 from fuselabel.train import fit
-
-
-def write_subset(csv: Path, records, chosen: np.ndarray, out: Path) -> None:
-    """The chosen rows copied line for line from the original file (quirks included)."""
-    lines = csv.read_text(encoding="utf-8-sig").splitlines(keepends=True)
-    starts = [r.line for r in records] + [len(lines) + 1]
-    with out.open("w", encoding="utf-8") as f:
-        f.write(lines[0])
-        for i in sorted(chosen):
-            f.writelines(lines[starts[i] - 1:starts[i + 1] - 1])
 
 
 def main(argv=None) -> int:
@@ -69,8 +59,8 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fuselabel-heldout-"))
     out.mkdir(parents=True, exist_ok=True)
     dev_csv, test_csv = out / "dev.csv", out / "heldout.csv"
-    write_subset(csv, records.records, dev_idx, dev_csv)
-    write_subset(csv, records.records, test_idx, test_csv)
+    write_rows(records, dev_idx, dev_csv)
+    write_rows(records, test_idx, test_csv)
 
     top = y[dev_idx].sum(0).argmax()
     baseline_pred = np.zeros_like(y[test_idx])

@@ -32,17 +32,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def first_rows_csv(csv_path: Path, rows: int, out: Path) -> int:
-    """The header and the first ``rows`` logical rows of ``csv_path``, byte for byte (multi-line captions kept)."""
-    from fuselabel.records import read_records
-
-    records = read_records(csv_path).records
-    lines = csv_path.read_bytes().splitlines(keepends=True)
-    end = records[rows].line - 1 if rows < len(records) else len(lines)
-    out.write_bytes(b"".join(lines[:end]))
-    return min(rows, len(records))
-
-
 def read_submission(path: Path) -> dict[str, frozenset]:
     with open(path, newline="") as f:
         reader = csv.reader(f)
@@ -99,14 +88,16 @@ def main(argv=None) -> int:
 
     from fuselabel.data import resolve_data
     from fuselabel.predict import predict
+    from fuselabel.records import read_records, write_rows
 
     images, csv_path = resolve_data(args.data, args.csv)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="predict-speed-"))
     work.mkdir(parents=True, exist_ok=True)
     rows_csv = work / "rows.csv"
-    n = first_rows_csv(csv_path, args.rows, rows_csv)
+    all_rows = read_records(csv_path)
+    n = write_rows(all_rows, range(min(args.rows, len(all_rows))), rows_csv)
     warm_csv = work / "warm.csv"
-    first_rows_csv(csv_path, min(4, n), warm_csv)
+    write_rows(all_rows, range(min(4, n)), warm_csv)
     print(f"model {args.model}; {n} rows of {csv_path}; torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} CPU cores")
 

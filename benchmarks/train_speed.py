@@ -20,16 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import write_subset  # noqa: E402
-
-from fuselabel.cli import _kv  # noqa: E402
-from fuselabel.data import resolve_data  # noqa: E402
-from fuselabel.config import build_config  # noqa: E402
-from fuselabel.records import read_records  # noqa: E402
-from fuselabel.train import fit  # noqa: E402
+from fuselabel.cli import _kv
+from fuselabel.data import resolve_data
+from fuselabel.config import build_config
+from fuselabel.records import read_records, write_rows
+from fuselabel.train import fit
 
 
 def time_to(history: list[dict], target: float) -> float | None:
@@ -51,7 +46,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="fuselabel-train-speed-"))
     if args.rows:
         sub = work / "rows.csv"
-        write_subset(csv, records.records, np.arange(min(args.rows, len(records))), sub)
+        write_rows(records, range(min(args.rows, len(records))), sub)
         csv = sub
     results = {}
     for engine in ("onnx", "torch"):

@@ -24,6 +24,7 @@ from fuselabel.records import (
     read_records,
     summarize,
     write_probabilities,
+    write_rows,
     write_submission,
 )
 
@@ -82,6 +83,20 @@ def test_caption_spanning_two_and_three_lines_with_trailing_space(tmp_path):
     assert d["2.jpg"].caption == 'Red motor \nscooter parked, on "the" sand\nwith a sunset in background.'
     assert d["3.jpg"].caption == "after"
     assert [r.line for r in rs.records] == [2, 4, 7]
+
+
+def test_write_rows_copies_chosen_rows_byte_for_byte(tmp_path):
+    """Multi-line captions, CRLF, a BOM and a lone \\r or \\u2028 inside a caption survive the copy."""
+    rows = ['1.jpg,1,"multi \r\nline"\r\n', '2.jpg,2 3,"He said "x" \u2028 and \r here"\r\n', '3.jpg,4,"three"\r\n']
+    raw = b"\xef\xbb\xbf" + (HEADER.replace("\n", "\r\n") + "".join(rows)).encode("utf-8")
+    src = read_records(write(tmp_path, "", raw=raw))
+    assert write_rows(src, [2, 0], tmp_path / "sub.csv") == 2
+    assert (tmp_path / "sub.csv").read_bytes() == b"\xef\xbb\xbf" + (
+        HEADER.replace("\n", "\r\n") + rows[0] + rows[2]).encode("utf-8")
+    copied = read_records(tmp_path / "sub.csv")
+    assert copied.image_ids == ["1.jpg", "3.jpg"] and copied.captions == [src.captions[0], src.captions[2]]
+    write_rows(src, [1], tmp_path / "one.csv")
+    assert read_records(tmp_path / "one.csv").records[0].caption == src.records[1].caption
 
 
 def test_crlf_and_bom(tmp_path):

@@ -501,6 +501,28 @@ def _atomic_write(path: str | os.PathLike[str], lines: Iterator[str]) -> None:
         raise
 
 
+def write_rows(records: RecordSet, indices: Iterable[int], out: str | os.PathLike[str]) -> int:
+    """Copy the header and the chosen rows of ``records`` from its file into ``out``, byte for byte.
+
+    ``indices`` are positions in ``records.records``; rows are written in file order, each with
+    every physical line it spans (captions with line breaks, CRLF endings and a BOM are kept).
+    Lines are split on ``\\n`` exactly as :func:`read_records` counts them. Returns the rows written.
+    """
+    # Decoded only to reuse the atomic writer: UTF-8 round-trips byte for byte, BOM included.
+    lines = Path(records.path).read_bytes().decode("utf-8").split("\n")
+    lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    starts = [r.line for r in records.records] + [len(lines) + 1]
+    chosen = sorted(set(indices))
+
+    def rows() -> Iterator[str]:
+        yield lines[0]
+        for i in chosen:
+            yield from lines[starts[i] - 1:starts[i + 1] - 1]
+
+    _atomic_write(out, rows())
+    return len(chosen)
+
+
 def write_submission(
     path: str | os.PathLike[str],
     image_ids: Sequence[str],
