@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from fuselabel.encoders import PooledImageEncoder, create_image_encoder, image_data_config
-from fuselabel.features import FeatureCache, extract_image_features, extract_text_features
+from fuselabel.features import FeatureCache, extract_image_features, extract_text_features, image_row_keys
 from fuselabel.records import Record
 
 
@@ -36,6 +36,26 @@ def test_fetch_computes_only_rows_it_has_not_seen(tmp_path):
     assert calls == [[0, 1, 2]] and again["features"].ravel().tolist() == [2, 0]
     mixed = cache.fetch("k", ["d", "b"], compute, "test")
     assert calls[-1] == [0] and mixed["features"].ravel().tolist() == [0, 1]
+
+
+def test_image_rows_keyed_by_content_survive_copy_and_touch(images, tmp_path_factory):
+    import os
+    import shutil
+
+    folder, records = images
+    keys = image_row_keys(records, folder)
+    assert len(set(keys)) == 3
+    # A copy elsewhere, with new times, is the same data: every row hits the cache.
+    copy = tmp_path_factory.mktemp("copy")
+    for rec in records:
+        shutil.copy(folder / rec.image_id, copy / rec.image_id)
+        os.utime(copy / rec.image_id, (1, 1))
+    assert image_row_keys(records, copy) == keys
+    # An edited photo misses; a missing one gets a key of its own instead of an error here.
+    Image.new("RGB", (40, 48), "red").save(copy / records[1].image_id)
+    (copy / records[2].image_id).unlink()
+    changed = image_row_keys(records, copy)
+    assert changed[0] == keys[0] and changed[1] != keys[1] and changed[2] == f"missing|{records[2].image_id}"
 
 
 def test_onnx_graph_cache_tells_poolings_apart(images, tmp_path):

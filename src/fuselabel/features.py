@@ -150,7 +150,7 @@ class FeatureCache:
 
     A store is keyed by a digest of everything that determines the numbers except the rows
     (weights, preprocessing, pooling, flipping); inside it each row is keyed by what it reads
-    (an image file's path, size and time; a caption's text). Any subset of known rows (a
+    (an image file's bytes; a caption's text). Any subset of known rows (a
     validation split, a second CSV over the same images) is served from the store, and only
     rows never seen are computed.
     """
@@ -190,14 +190,20 @@ class FeatureCache:
 
 
 def image_row_keys(records, image_dir) -> list[str]:
+    """Each image row keyed by its file's bytes, not its path or time.
+
+    A data set copied to another machine, restored from an archive or moved keeps its features
+    (a path-and-time key re-extracted all 20,000 photos after every copy, minutes each time);
+    an edited photo misses. Hashing is cheap next to decoding: about 1 s for 217 MB of JPEGs.
+    """
     keys = []
     for rec in records:
-        path = (Path(image_dir) / rec.image_id).resolve()
         try:
-            st = path.stat()
-            keys.append(f"{path}|{st.st_size}|{st.st_mtime_ns}")
+            data = (Path(image_dir) / rec.image_id).read_bytes()
         except OSError:
-            keys.append(f"{path}|missing")
+            keys.append(f"missing|{rec.image_id}")
+            continue
+        keys.append(hashlib.blake2b(data, digest_size=16).hexdigest())
     return keys
 
 
