@@ -104,10 +104,11 @@ class Study:
         return self.fit(lambda: mlp(x.shape[1], 512, self.y.shape[1], 0.3), lambda rows: x[rows], **kw)
 
 
-def features(records, images, cache_dir, **settings) -> tuple[dict, FuseLabelNet]:
+def features(records, images, cache_dir, num_labels, **settings) -> tuple[dict, FuseLabelNet]:
+    """Features of the ``cpu`` preset changed by ``settings``, through the cache ``fuselabel train`` fills."""
     config = build_config("cpu", cache_dir=cache_dir, **settings)
     tokenizer = create_tokenizer(config.text_model) if config.uses_text else None
-    net = FuseLabelNet(config, 18, vocab_size=len(tokenizer) if tokenizer is not None else None)
+    net = FuseLabelNet(config, num_labels, vocab_size=len(tokenizer) if tokenizer is not None else None)
     data_config = image_data_config(net.image_encoder.backbone, config.image_size, config.image_crop_pct) \
         if net.image_encoder is not None else None
     feats, _ = frozen_features(net, tokenizer, data_config, records, images, config, progress=False)
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
     labels = labels_to_matrix(records.label_sets, label_vocabulary(records.label_sets))
     study = Study(labels, args.seed, args.val_fraction)
     t0 = time.time()
-    base, _ = features(records.records, images, args.cache_dir)
+    base, _ = features(records.records, images, args.cache_dir, labels.shape[1])
     image, text = base["image"], base["text"]
     p_image, p_text = study.fit_mlp(image), study.fit_mlp(text)
     print(f"{len(records)} rows; train {len(study.train)}, val {len(study.val)}; text head {study.f1(p_text):.4f}")
@@ -158,7 +159,8 @@ def main(argv=None) -> int:
                          study.fit_mlp(text, train_idx=rows))
 
     if "lite1" in args.probe:
-        lite1, _ = features(records.records, images, args.cache_dir, image_model="tf_efficientnet_lite1", kind="image")
+        lite1, _ = features(records.records, images, args.cache_dir, labels.shape[1],
+                            image_model="tf_efficientnet_lite1", kind="image")
         p_lite1 = study.fit_mlp(lite1["image"])
         study.report("lite1 alone", p_lite1, p_text)
         study.report("lite1 + lite2, probabilities averaged", (p_lite1 + p_image) / 2, p_text)
@@ -176,12 +178,13 @@ def main(argv=None) -> int:
         _, w = study.late(p_image, p_text)
         fused = w * p_image + (1 - w) * p_text
         for share in (0.1, 0.2, 0.3):
-            line = f"PROBE knn (30 rows) blended {share:.0%} into late fusion: {study.f1(share * p_knn + (1 - share) * fused):.4f}"
+            blended = study.f1(share * p_knn + (1 - share) * fused)
+            line = f"PROBE knn (30 rows) blended {share:.0%} into late fusion: {blended:.4f}"
             print(line, flush=True)
             study.lines.append(line)
 
     if {"csra", "imagenet"} & set(args.probe):
-        grid, net = features(records.records, images, args.cache_dir, image_tokens=True, kind="image")
+        grid, net = features(records.records, images, args.cache_dir, labels.shape[1], image_tokens=True, kind="image")
         encoder = net.image_encoder
         _, tokens = encoder.split(torch.as_tensor(grid["image"]))           # (N, cells, C) before conv_head
         c, h, w = encoder.token_shape

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -39,9 +42,6 @@ def test_fetch_computes_only_rows_it_has_not_seen(tmp_path):
 
 
 def test_image_rows_keyed_by_content_survive_copy_and_touch(images, tmp_path_factory):
-    import os
-    import shutil
-
     folder, records = images
     keys = image_row_keys(records, folder)
     assert len(set(keys)) == 3

@@ -194,16 +194,16 @@ def image_row_keys(records, image_dir) -> list[str]:
 
     A data set copied to another machine, restored from an archive or moved keeps its features
     (a path-and-time key re-extracted all 20,000 photos after every copy, minutes each time);
-    an edited photo misses. Hashing is cheap next to decoding: about 1 s for 217 MB of JPEGs.
+    an edited photo misses. Hashing is cheap next to decoding: 0.4 s for the 20,000 course photos
+    (217 MB) when the OS has them cached, about 2 s when it has not.
     """
     keys = []
     for rec in records:
         try:
-            data = (Path(image_dir) / rec.image_id).read_bytes()
+            with open(Path(image_dir) / rec.image_id, "rb") as f:
+                keys.append(hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest())
         except OSError:
             keys.append(f"missing|{rec.image_id}")
-            continue
-        keys.append(hashlib.blake2b(data, digest_size=16).hexdigest())
     return keys
 
 
