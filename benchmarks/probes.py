@@ -28,7 +28,6 @@ Ends with one
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 
@@ -37,7 +36,7 @@ import torch
 
 from fuselabel.config import build_config
 from fuselabel.data import resolve_data, stratified_split
-from fuselabel.encoders import PACKAGED_IMAGE_WEIGHTS, create_tokenizer, image_data_config
+from fuselabel.encoders import create_tokenizer, image_data_config, packaged_weights_path
 from fuselabel.features import frozen_features
 from fuselabel.heads import FuseLabelNet, mlp
 from fuselabel.records import label_vocabulary, labels_to_matrix, read_records
@@ -201,8 +200,7 @@ def main(argv=None) -> int:
         study.report("csra over the 10 x 10 map (15 epochs)", p_csra, p_text)
 
     if "imagenet" in args.probe:
-        package, cls = PACKAGED_IMAGE_WEIGHTS[build_config("cpu").image_model]
-        state = torch.load(getattr(importlib.import_module(package), cls).get_model_file_path(), map_location="cpu",
+        state = torch.load(packaged_weights_path(build_config("cpu").image_model), map_location="cpu",
                            weights_only=True)
         weight, bias = state["_fc.weight"].float(), state["_fc.bias"].float()
         with torch.no_grad():

