@@ -2,14 +2,14 @@
 """Held-out benchmark: train presets on part of the data, score them on rows no tuning has touched.
 
 A model's validation figure is tuned on its validation rows (early stopping, fusion weight,
-thresholds), so it flatters. Here a stratified share of the CSV (default 10 %) is set aside
-first, byte for byte as released; each preset trains on the rest (with its own validation split
-inside it), then ``fuselabel evaluate`` scores the untouched rows. The baseline, in the same run
+thresholds), so it flatters. This benchmark first sets aside a stratified share of the CSV
+(default 10 %), byte for byte as released; each preset trains on the rest (with its own validation
+split inside it), then the untouched rows are scored. The baseline, in the same run
 and on the same rows, answers every row with the most frequent training label ("person").
 
-    python benchmarks/heldout.py --preset cpu                 # the default model
-    python benchmarks/heldout.py --preset cpu cpu-best --out runs/heldout
-    python benchmarks/heldout.py --preset cpu --set kind=early --set decoder=query
+    python benchmarks/heldout.py --data DATA --preset cpu                 # the default model
+    python benchmarks/heldout.py --data DATA --preset cpu cpu-best --out runs/heldout
+    python benchmarks/heldout.py --data DATA --preset cpu --set kind=early --set decoder=query
 
 Prints one block per preset and ends with lines `HELDOUT <preset> mean F1 = ... (validation ...,
 train ... s); baseline = ...`.
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fuselabel.cli import _kv
-from fuselabel.data import resolve_data
+from fuselabel.records import resolve_data
 from fuselabel.config import build_config
 from fuselabel.data import stratified_split
 from fuselabel.metrics import mean_f1
@@ -35,13 +35,15 @@ from fuselabel.bundle import load_bundle
 from fuselabel.metrics import evaluate as evaluate_sets
 from fuselabel.predict import predict_proba
 from fuselabel.thresholds import apply_thresholds
-from fuselabel.records import label_vocabulary, labels_to_matrix, read_records, write_rows
+from fuselabel.labels import label_vocabulary, labels_to_matrix
+from fuselabel.records import read_records
+from fuselabel.writers import write_rows
 from fuselabel.train import fit
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data")
+    ap.add_argument("--data", required=True, help="image folder, or a folder with data/ and the CSV")
     ap.add_argument("--csv")
     ap.add_argument("--preset", nargs="+", default=["cpu"])
     ap.add_argument("--holdout", type=float, default=0.1)

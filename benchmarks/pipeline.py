@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""The pipeline benchmark: what each model kind scores, and what the CPU default costs, on this machine.
+"""The pipeline benchmark: what each model kind scores, and what the CPU default costs, on the machine it runs on.
 
-On the COMP5329 data (default ../shared/data/comp5329, or --data/--csv) with the CPU default, frozen
+On the COMP5329 data (--data, and --csv for another CSV) with the CPU default, frozen
 EfficientNet-Lite2 + MiniLM features (preset ``cpu``: every other setting at its default), it trains
 
     late fusion, weighted   <- first: exactly the default ``fuselabel train`` (kind late, weighted, seed 42)
@@ -20,9 +20,10 @@ It finishes with a baseline on the same validation rows (the seed's own stratifi
 frequent training label for every row (label 1, "person", on COMP5329) and score it with
 fuselabel.metrics.mean_f1.
 
-    python benchmarks/pipeline.py                                   # full data: long on 2 CPU cores
-    python benchmarks/pipeline.py --csv /tmp/train-500.csv --cache-dir /tmp/flcache-bench --epochs 3
-    python benchmarks/pipeline.py --seeds 42 0 1 --out runs/pipeline-benchmark   # mean ± std; writes json/md
+    python benchmarks/pipeline.py --data DATA                       # full data: long on 2 CPU cores
+    python benchmarks/pipeline.py --data DATA --csv FEW.csv --cache-dir CACHE --epochs 3
+    python benchmarks/pipeline.py --data DATA --seeds 42 0 1 --out runs/pipeline-benchmark   # mean ± std
+    python benchmarks/pipeline.py --data DATA --set image_size=0 --set image_crop_pct=0   # other settings
 
 The trainings go through fuselabel.experiment.run_experiment, so --out also holds the study's
 results.csv / results.md / results.png under OUT/experiment/.
@@ -36,6 +37,7 @@ _T_IMPORT = time.time()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
@@ -46,12 +48,14 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fuselabel.train  # noqa: E402,F401  (the import cost of `fuselabel train`, measured below)
+from fuselabel.cli import _kv  # noqa: E402
 from fuselabel.config import Config, build_config  # noqa: E402
 from fuselabel.data import stratified_split  # noqa: E402
-from fuselabel.data import resolve_data  # noqa: E402
+from fuselabel.records import resolve_data  # noqa: E402
 from fuselabel.experiment import run_experiment  # noqa: E402
 from fuselabel.metrics import mean_f1  # noqa: E402
-from fuselabel.records import label_vocabulary, labels_to_matrix, read_records  # noqa: E402
+from fuselabel.labels import label_vocabulary, labels_to_matrix  # noqa: E402
+from fuselabel.records import read_records  # noqa: E402
 from fuselabel.train import find_label_names  # noqa: E402
 
 IMPORT_S = time.time() - _T_IMPORT
@@ -117,7 +121,7 @@ def build_grid(cache_dir: str, seeds: list[int], epochs: int | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="image folder, or a folder with data/ and the CSV (default ../shared/data/comp5329)")
+    p.add_argument("--data", required=True, help="image folder, or a folder with data/ and the CSV")
     p.add_argument("--csv", help="labelled CSV (default DATA/train.csv)")
     p.add_argument("--cache-dir", help="feature cache; default a fresh temporary folder (so the cold extraction "
                                        "time is measured), removed afterwards")
@@ -127,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"seeds (each also draws the validation split); default {Config.seed}, the default's own")
     p.add_argument("--out", help="write results.json and results.md here (and the study under OUT/experiment)")
     p.add_argument("--verbose", action="store_true", help="show each fit's own output and progress bars")
+    p.add_argument("--set", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="a setting for every run, after preset cpu's (e.g. --set image_size=0)")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     images, csv = resolve_data(args.data, args.csv)
@@ -146,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                          seed=config.seed)
         val_labels[(run_id, config.seed)] = result.val_labels
 
-    config = build_config("cpu", epochs=args.epochs)  # what every run shares (preset cpu: frozen encoders)
+    config = build_config("cpu", epochs=args.epochs, **dict(args.set))  # what every run shares (preset cpu: frozen encoders)
     print(f"pipeline benchmark: {csv} ({images}); image {config.image_model}, text {config.text_model}, regime "
           f"frozen; seeds {args.seeds}; cache {cache_dir}{' (fresh)' if not before else ' (already holds features)'}")
     try:
         rows = run_experiment(build_grid(str(cache_dir), args.seeds, args.epochs), study_dir, images, csv,
-                              verbose=args.verbose, on_result=on_result)
+                              overrides=dict(args.set), verbose=args.verbose, on_result=on_result)
     finally:
         if temp_cache:
             shutil.rmtree(cache_dir, ignore_errors=True)

@@ -45,7 +45,9 @@ def eager_baseline(model_dir: Path, images: Path, csv_path: Path, out: Path, bat
     from fuselabel.bundle import load_bundle
     from fuselabel.data import build_transform, load_rgb
     from fuselabel.predict import decide
-    from fuselabel.records import matrix_to_labels, read_records, write_submission
+    from fuselabel.labels import matrix_to_labels
+    from fuselabel.records import read_records
+    from fuselabel.writers import write_submission
 
     t0 = time.time()
     bundle = load_bundle(model_dir)
@@ -86,9 +88,10 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", help="keep the two submissions in this folder")
     args = parser.parse_args(argv)
 
-    from fuselabel.data import resolve_data
+    from fuselabel.records import resolve_data
     from fuselabel.predict import predict
-    from fuselabel.records import read_records, write_rows
+    from fuselabel.records import read_records
+    from fuselabel.writers import write_rows
 
     images, csv_path = resolve_data(args.data, args.csv)
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="predict-speed-"))

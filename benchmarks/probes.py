@@ -8,8 +8,8 @@ fusion with the frozen text head (image weight tuned on validation, one global t
 plain MLP baseline of the same run. A probe that cannot beat the baseline by more than the spread between
 seeds (about 0.003 to 0.004) says its idea does not pay on frozen features.
 
-    python benchmarks/probes.py --cache-dir CACHE                      # every probe
-    python benchmarks/probes.py --cache-dir CACHE --probe curve lite1
+    python benchmarks/probes.py --data DATA --cache-dir CACHE          # every probe
+    python benchmarks/probes.py --data DATA --cache-dir CACHE --probe curve lite1
 
 Probes:
   curve     the baseline trained on 25, 50, 75 and 100 % of the training rows: what more data would give
@@ -35,11 +35,14 @@ import numpy as np
 import torch
 
 from fuselabel.config import build_config
-from fuselabel.data import resolve_data, stratified_split
+from fuselabel.data import stratified_split
+from fuselabel.records import resolve_data
 from fuselabel.encoders import create_tokenizer, image_data_config, packaged_weights_path
 from fuselabel.features import frozen_features
-from fuselabel.heads import FuseLabelNet, mlp
-from fuselabel.records import label_vocabulary, labels_to_matrix, read_records
+from fuselabel.heads import mlp
+from fuselabel.labels import label_vocabulary, labels_to_matrix
+from fuselabel.network import FuseLabelNet
+from fuselabel.records import read_records
 from fuselabel.thresholds import tune_global
 
 PROBES = ("curve", "lite1", "knn", "csra", "imagenet")
@@ -132,7 +135,7 @@ class CSRA(torch.nn.Module):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data")
+    ap.add_argument("--data", required=True, help="image folder, or a folder with data/ and the CSV")
     ap.add_argument("--csv")
     ap.add_argument("--cache-dir")
     ap.add_argument("--seed", type=int, default=42)

@@ -8,8 +8,8 @@ For each it prints the seconds from the start of ``fit`` to the first validation
 mean F1 (tuned global threshold) reaches ``--target``, the feature-extraction seconds, the
 whole run, and the best F1; the last line is the ratio.
 
-    python benchmarks/train_speed.py --rows 3000 --target 0.80
-    python benchmarks/train_speed.py --rows 20000 --target 0.87      # the full data: about an hour on 2 cores
+    python benchmarks/train_speed.py --data DATA --rows 3000 --target 0.80
+    python benchmarks/train_speed.py --data DATA --rows 20000 --target 0.87   # the full data: about an hour on 2 cores
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 from fuselabel.cli import _kv
-from fuselabel.data import resolve_data
+from fuselabel.records import resolve_data
 from fuselabel.config import build_config
-from fuselabel.records import read_records, write_rows
+from fuselabel.records import read_records
+from fuselabel.writers import write_rows
 from fuselabel.train import fit
 
 
@@ -33,7 +34,7 @@ def time_to(history: list[dict], target: float) -> float | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data")
+    ap.add_argument("--data", required=True, help="image folder, or a folder with data/ and the CSV")
     ap.add_argument("--csv")
     ap.add_argument("--rows", type=int, default=3000, help="first N rows of the CSV (0 = all)")
     ap.add_argument("--target", type=float, default=0.80, help="validation mean F1 to reach")

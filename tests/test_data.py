@@ -12,7 +12,8 @@ from conftest import SHARED_DATA, TINY_LABELS
 from fuselabel.data import (FeatureDataset, ImageError, PairDataset, TextCollate, build_transform, load_rgb,
                             make_sampler, oversampling_weights, stratified_split)
 from fuselabel.encoders import create_tokenizer
-from fuselabel.records import Record, label_vocabulary, labels_to_matrix, read_records
+from fuselabel.labels import label_vocabulary, labels_to_matrix
+from fuselabel.records import Record, read_records
 
 DATA_CONFIG = {"input_size": [3, 64, 64], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
                "interpolation": "bicubic", "crop_pct": 0.875}

@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent('''
 
     from fuselabel.config import Config
     from fuselabel.data import FeatureDataset
-    from fuselabel.heads import FuseLabelNet
+    from fuselabel.network import FuseLabelNet
     from fuselabel.module import FuseLabelModule
 
 

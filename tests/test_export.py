@@ -28,7 +28,7 @@ from fuselabel.config import Config  # noqa: E402
 from fuselabel.encoders import create_tokenizer, image_data_config  # noqa: E402
 from fuselabel.export import (HeadGraph, export_head, export_image_encoder, export_onnx, onnx_predict_proba,  # noqa: E402
                               session)
-from fuselabel.heads import FuseLabelNet  # noqa: E402
+from fuselabel.network import FuseLabelNet  # noqa: E402
 from fuselabel.predict import decide, predict_proba  # noqa: E402
 from fuselabel.records import Record, read_records  # noqa: E402
 from fuselabel.thresholds import apply_thresholds  # noqa: E402

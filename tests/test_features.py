@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from fuselabel.encoders import PooledImageEncoder, create_image_encoder, image_data_config
-from fuselabel.features import FeatureCache, extract_image_features, extract_text_features, image_row_keys
+from fuselabel.cache import FeatureCache, image_row_keys
+from fuselabel.features import extract_image_features, extract_text_features
 from fuselabel.records import Record
 
 

@@ -1,9 +1,9 @@
-"""The fast data path (fuselabel.gpu), run on CPU tensors: the same code a GPU runs, with device="cpu".
+"""The tensor data path (fuselabel.geometry, gpu_decode, image_cache) on CPU tensors: the code a GPU runs, on "cpu".
 
 Tolerances: the tensor path (torchvision.io.decode_jpeg + antialiased torch resize) against the PIL
 path (PIL decode + torchvision Resize/CenterCrop on PIL images), in normalised pixel units, must
 agree to a mean absolute difference < 0.02 over a batch and < 0.05 for every single image
-(measured here: about 0.0015 on the course JPEGs; a normalised unit is 1/(255 std), i.e. 0.008
+(measured: about 0.0015 on the course JPEGs; a normalised unit is 1/(255 std), i.e. 0.008
 to 0.017 per grey level for the usual std). Resize kernels differ slightly, so exact equality is
 not expected; the PIL-in-workers mode of the same path must match the PIL path exactly.
 """
@@ -21,9 +21,10 @@ from PIL import Image
 from conftest import shared_data_or_skip
 from fuselabel import Config
 from fuselabel.data import ImageError, build_transform, load_rgb
-from fuselabel.gpu import (CachedRows, Geometry, ImageCache, augment_batch, center_batch, center_offsets,
-                           crop_resize, gpu_decode_enabled, iter_uint8, jpeg_frame, normalize, nvjpeg_friendly,
-                           random_resized_crop_boxes, resized_hw)
+from fuselabel.geometry import (Geometry, augment_batch, center_batch, center_offsets, crop_resize, normalize,
+                                random_resized_crop_boxes, resized_hw)
+from fuselabel.gpu_decode import gpu_decode_enabled, iter_uint8, jpeg_frame, nvjpeg_friendly
+from fuselabel.image_cache import CachedRows, ImageCache
 from fuselabel.records import Record, read_records
 
 # torchvision >= 0.29 flags its JPEG codecs as deprecated (TorchCodec); the GPU machine's 0.26 does not

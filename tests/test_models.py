@@ -22,10 +22,11 @@ from fuselabel.data import FeatureDataset, PairDataset, TextCollate, build_trans
 from fuselabel.encoders import (EncoderError, _remap_by_order, create_image_encoder, create_text_encoder,
                                 create_tokenizer, image_data_config, packaged_weights_path)
 from fuselabel.features import frozen_features
-from fuselabel.heads import FuseLabelNet, combine_probabilities
+from fuselabel.network import FuseLabelNet, combine_probabilities
+from fuselabel.labels import label_vocabulary, labels_to_matrix
 from fuselabel.module import FuseLabelModule
 from fuselabel.predict import predict, predict_proba
-from fuselabel.records import label_vocabulary, labels_to_matrix, read_records
+from fuselabel.records import read_records
 
 # Optimizer steps on one fixed batch: the frozen regime only trains a head (cheap); the fine-tuning
 # regime back-propagates through the encoders, so it gets fewer steps.

@@ -1,4 +1,4 @@
-"""Tests for fuselabel.records: the quirky-CSV reader, label helpers and atomic writers."""
+"""Tests for the course-CSV reader (fuselabel.records) and its neighbours: labels, writers, inspection."""
 
 from __future__ import annotations
 
@@ -10,23 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fuselabel import records as rec
-from fuselabel.records import (
-    BadRow,
-    Record,
-    RecordsError,
-    find_missing_images,
-    format_summary,
-    label_vocabulary,
-    labels_to_matrix,
-    matrix_to_labels,
-    read_label_names,
-    read_records,
-    summarize,
-    write_probabilities,
-    write_rows,
-    write_submission,
-)
+from fuselabel import writers
+from fuselabel.inspection import find_missing_images, format_summary, summarize
+from fuselabel.labels import label_vocabulary, labels_to_matrix, matrix_to_labels, read_label_names
+from fuselabel.records import BadRow, Record, RecordsError, read_records
+from fuselabel.writers import write_probabilities, write_rows, write_submission
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared/data/comp5329"
 TRAIN_CSV = DATA_DIR / "train.csv"
@@ -161,7 +149,8 @@ def test_duplicate_image_id(tmp_path):
         read_records(path)
     rs = read_records(path, strict=False)
     assert rs.captions == ["a", "b"]
-    assert [(b.line, b.reason) for b in rs.bad_rows] == [(4, "duplicate ImageID 12.jpg, first at line 2")]
+    assert [(b.line, b.reason) for b in rs.bad_rows] == [
+        (4, "duplicate ImageID 12.jpg, first at line 2 (keep one of the two rows)")]
 
 
 GARBAGE = (
@@ -221,14 +210,15 @@ def test_unterminated_quote_followed_by_new_row(tmp_path):
     assert rs.image_ids == ["1.jpg", "3.jpg", "4.jpg"]
     assert rs.captions == ["ok", "next row", "last"]
     assert [(b.line, b.reason, b.text) for b in rs.bad_rows] == [
-        (3, "unterminated quoted caption", '2.jpg,1,"never closed')
+        (3, "unterminated quoted caption (no closing quote before the next row)", '2.jpg,1,"never closed')
     ]
 
 
 def test_unterminated_quote_at_end_of_file(tmp_path):
     rs = read_records(write(tmp_path, HEADER + '1.jpg,1,"ok"\n2.jpg,1,"open\nstill open\n'), strict=False)
     assert rs.image_ids == ["1.jpg"]
-    assert rs.bad_rows[0].line == 3 and rs.bad_rows[0].reason == "unterminated quoted caption"
+    assert rs.bad_rows[0].line == 3
+    assert rs.bad_rows[0].reason == "unterminated quoted caption (the file ends inside it: truncated file?)"
     assert rs.bad_rows[0].text.startswith('2.jpg,1,"open\nstill open')
 
 
@@ -371,7 +361,7 @@ def test_failed_replace_keeps_old_file(tmp_path, monkeypatch, writer):
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(rec.os, "replace", failing_replace)
+    monkeypatch.setattr(writers.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         if writer == "submission":
             write_submission(path, ["1.jpg"], [("1",)])
@@ -390,7 +380,7 @@ def test_failed_write_keeps_old_file(tmp_path, monkeypatch):
         real_fsync(fd)
         raise OSError("I/O error")
 
-    monkeypatch.setattr(rec.os, "fsync", failing_fsync)
+    monkeypatch.setattr(writers.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="I/O error"):
         write_probabilities(path, ["1.jpg", "2.jpg"], ["1"], np.array([[0.1], [0.2]]))
     assert path.read_text() == "old content\n"

@@ -1,7 +1,9 @@
 """The model folder: everything predict needs, and nothing it must download.
 
     MODEL_DIR/
-      config.json          every setting of the run (fuselabel.config.Config)
+      fuselabel.json       folder format version and the fuselabel version that wrote it
+      config.json          what the model is: the ``model`` group of fuselabel.config.Config
+      run.json             how it was trained: the ``run`` group (no machine's paths, no devices)
       labels.json          label vocabulary (order of the output columns) and display names
       thresholds.json      the chosen decision rule plus the alternatives tuned beside it
       preprocessing.json   image preprocessing from the backbone's config
@@ -16,20 +18,29 @@ within the size budget, so a failed save never destroys an earlier model.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import logging
 import os
 import shutil
-import tempfile
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .cache import pause_for_test, remove_stale_temporaries, temporary_name
 from .config import Config
 from .encoders import create_tokenizer
-from .heads import FuseLabelNet
+from .network import FuseLabelNet
+
+log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
+FORMAT_FILE = "fuselabel.json"
+# 2: config.json holds the model settings only, run.json the run's; 1 (no fuselabel.json): every setting in config.json
+FORMAT_VERSION = 2
 
 
 class BundleError(RuntimeError):
@@ -102,10 +113,15 @@ def save_bundle(out: str | Path, bundle: Bundle, extra_files: dict[str, str | Pa
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = new_folder_beside(out)
     try:
+        from . import __version__
+
         cfg = bundle.config
-        _write_json(tmp / "config.json", cfg.to_dict())
+        saved = cfg.saved()
+        _write_json(tmp / FORMAT_FILE, {"format_version": FORMAT_VERSION, "fuselabel": __version__})
+        _write_json(tmp / "config.json", saved["model"])
+        _write_json(tmp / "run.json", saved["run"])
         _write_json(tmp / "labels.json", {"labels": bundle.labels, "names": bundle.label_names})
         _write_json(tmp / "thresholds.json", bundle.thresholds)
         if bundle.preprocessing is not None:
@@ -125,22 +141,73 @@ def save_bundle(out: str | Path, bundle: Bundle, extra_files: dict[str, str | Pa
             raise BundleError(
                 f"model folder would be {size / 1e6:.1f} MB, over the budget of {cfg.max_size_mb:g} MB "
                 f"(--max-size-mb); try save_dtype=fp16 or a smaller encoder. Nothing was written to {out}.")
+        pause_for_test("bundle-write")
         replace_folder(tmp, out)
         return size
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def new_folder_beside(out: Path) -> Path:
+    """An empty folder beside ``out`` to build its replacement in; those of writers that died are removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out.parent, prefix=f".{out.name}.tmp.")
+    tmp = out.parent / temporary_name(f".{out.name}.tmp.")
+    tmp.mkdir()
+    return tmp
+
+
+def _set_aside(out: Path) -> Path:
+    return out.with_name(f".{out.name}.old")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # C library older than glibc 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # e.g. NFS, FUSE
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def replace_folder(tmp: Path, out: Path) -> None:
-    """Move a finished folder into place; an existing one is set aside until the move has happened."""
+    """Move a finished folder onto ``out``; at every moment ``out`` is the old folder or the new one.
+
+    Where the file system can swap two folders atomically (Linux: ext4, xfs, btrfs, tmpfs) it does;
+    elsewhere the old folder is set aside (``.OUT.old``) for the instant between two renames, and a
+    kill in that instant is healed by the next save, while readers load the set-aside copy.
+    """
+    old = _set_aside(out)
+    if not out.exists() and old.is_dir():  # a save was killed between its renames: the previous folder back
+        os.replace(old, out)
+    if out.exists() and _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous folder
+        return
     if out.exists():
-        old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
+        pause_for_test("bundle-swap")
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def readable_folder(path: str | Path) -> Path:
+    """``path``, or the previous folder set aside there when a save was killed between its two renames."""
+    path = Path(path)
+    old = _set_aside(path)
+    if not path.exists() and old.is_dir():
+        log.warning("%s: missing while %s exists (a save was interrupted); reading the previous folder", path, old)
+        return old
+    return path
 
 
 def _read_json(path: Path):
@@ -152,13 +219,43 @@ def _read_json(path: Path):
         raise BundleError(f"{path}: not valid JSON ({err})") from None
 
 
+def read_config(path: Path) -> Config:
+    """The settings a model folder was saved with, from any folder format this version reads."""
+    version = 1
+    if (path / FORMAT_FILE).exists():
+        info = _read_json(path / FORMAT_FILE)
+        version = info.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise BundleError(f"{path}: model folder format {version!r} was written by fuselabel "
+                              f"{info.get('fuselabel', '?')}; this fuselabel reads formats 1 to {FORMAT_VERSION}: "
+                              "upgrade fuselabel to load it")
+    values = _read_json(path / "config.json")
+    if version >= 2 and (path / "run.json").exists():
+        values = {**_read_json(path / "run.json"), **values}
+    # Where a model ran is not part of it: older folders stored devices and cache folders, which are dropped.
+    from .config import group_of
+
+    kept = {}
+    for key, value in values.items():
+        try:
+            if group_of(key) != "runtime":
+                kept[key] = value
+        except KeyError:
+            raise BundleError(f"{path / 'config.json'}: unknown setting {key!r}; the folder was written by a "
+                              "different fuselabel version") from None
+    try:
+        return Config.from_dict(kept, source=str(path / "config.json"))
+    except ValueError as err:
+        raise BundleError(str(err)) from None
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = readable_folder(path)
     if not path.is_dir():
         raise BundleError(f"{path}: model folder not found")
-    config = Config.from_dict(_read_json(path / "config.json"), source=str(path / "config.json"))
+    config = read_config(path)
     labels = _read_json(path / "labels.json")
     thresholds = _read_json(path / "thresholds.json")
     preprocessing = _read_json(path / "preprocessing.json") if (path / "preprocessing.json").exists() else None
@@ -182,10 +279,10 @@ def describe(path: str | Path) -> str:
     """What ``fuselabel info`` prints: size on disk by part, parameters by part, key settings, validation figures."""
     from safetensors import safe_open
 
-    path = Path(path)
+    path = readable_folder(path)
     if not (path / "config.json").exists():
         raise BundleError(f"{path}: not a fuselabel model folder (config.json is missing)")
-    config = _read_json(path / "config.json")
+    config = read_config(path).to_dict()
     labels = _read_json(path / "labels.json")
     thresholds = _read_json(path / "thresholds.json")
     lines = [f"model folder {path}: {folder_size(path) / 1e6:.1f} MB on disk"]

@@ -1,15 +1,27 @@
-"""Every setting of a run, in one flat dataclass, plus the named presets.
+"""Every setting of a run, typed, in one flat namespace, plus the named presets.
 
-One flat namespace keeps the command line, the YAML files and the saved model config
-in one-to-one correspondence: a key means the same thing everywhere it appears.
+One flat namespace keeps the command line, the YAML files and the keyword arguments of
+``FuseLabel`` in one-to-one correspondence: a key means the same thing everywhere it appears.
+Each key belongs to one of three groups, and the groups are stored apart:
+
+- ``model``: what a model *is* (architecture, preprocessing, decision rule): saved in the model folder;
+- ``run``: how one training run went (optimiser, epochs, seed, split): saved as the run's record;
+- ``runtime``: where it runs (devices, workers, cache folder): never saved, so a model folder
+  carries no path or device of the machine that trained it.
+
+Values are converted to their declared type or refused with the key named (pydantic), before
+any work starts: ``lr="1e-4"`` becomes 1e-4; ``epochs="ten"`` and ``batch_size=-3`` are refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
 
 MODEL_KINDS = ("image", "text", "early", "late")
 LATE_COMBINES = ("weighted", "union")
@@ -21,100 +33,112 @@ LOSSES = ("bce", "focal", "asl")
 SAMPLERS = ("none", "oversample")
 MISSING_IMAGE_POLICIES = ("error", "caption_only")
 
+Positive = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Share = Annotated[float, Field(ge=0, le=1)]
 
-@dataclass
+
+def _group(name: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    """A field tagged with its group (model | run | runtime)."""
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"group": name})
+    return dataclasses.field(default=default, metadata={"group": name})
+
+
+def model(default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    return _group("model", default, factory)
+
+
+def run(default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    return _group("run", default, factory)
+
+
+def runtime(default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    return _group("runtime", default, factory)
+
+
+@dataclass(config=ConfigDict(extra="forbid", arbitrary_types_allowed=False))
 class Config:
-    # what to build
-    kind: str = "late"                      # image | text | early | late
-    late_combine: str = "weighted"          # weighted | union
-    late_weight: float | None = None        # image weight in the weighted average; None = tuned on validation
-    image_model: str = "tf_efficientnet_lite2"
-    image_pretrained: bool = True
-    image_weights: str | None = None        # local checkpoint for backbones no package ships
+    # ---- what the model is (saved with it) ----
+    kind: Literal["image", "text", "early", "late"] = model("late")
+    late_combine: Literal["weighted", "union"] = model("weighted")
+    late_weight: Optional[Share] = model(None)  # image weight in the weighted average; None = tuned on validation
+    image_model: str = model("tf_efficientnet_lite2")
     # The whole photo at 320 px, the course photos' own longest side: a frozen network sees objects larger
     # than at its 260 px training size (the FixRes effect): +0.0036 ± 0.0017 mean F1 over 7 seeds against
     # the backbone's own 260 px centre crop (configs/resolution.yaml, docs/results.md).
-    image_size: int | None = 320            # None = the backbone's own input size
-    image_crop_pct: float | None = 1.0      # None = the backbone's own centre crop; 1.0 keeps the whole photo
-    image_model_kwargs: dict = field(default_factory=dict)   # passed to timm.create_model
-    image_pool: str = "avg"                 # avg | avgmax (max pooling keeps small objects)
-    image_layers: int = 1                   # >1 adds pooled outputs of earlier stages
-    image_tokens: bool = False              # keep the last feature map for decoder="query" (spatial attention)
-    text_model: str = "minilm-l6"           # alias, Hugging Face name or local folder
-    text_pretrained: bool = True
-    text_max_length: int = 64
-    word_dropout: float = 0.0               # caption augmentation when the text encoder trains
-    text_config_overrides: dict = field(default_factory=dict)  # e.g. tiny configs for tests
-    decoder: str = "mlp"                    # mlp | query | lstm: label relations (for late: the image head)
-    hidden_dim: int = 512
-    dropout: float = 0.3
+    image_size: Optional[NonNegative] = model(320)          # None (or 0) = the backbone's own input size
+    image_crop_pct: Optional[Share] = model(1.0)   # None (or 0) = the backbone's own crop; 1.0 = whole photo
+    image_model_kwargs: dict = model(factory=dict)   # passed to timm.create_model
+    image_pool: Literal["avg", "avgmax"] = model("avg")   # max pooling keeps small objects
+    image_layers: Positive = model(1)               # >1 adds pooled outputs of earlier stages
+    image_tokens: bool = model(False)               # keep the last feature map for decoder="query"
+    text_model: str = model("minilm-l6")            # alias, Hugging Face name or local folder
+    text_max_length: Positive = model(64)
+    text_config_overrides: dict = model(factory=dict)  # e.g. tiny configs for tests
+    decoder: Literal["mlp", "query", "lstm"] = model("mlp")  # label relations (for late: the image head)
+    hidden_dim: Positive = model(512)
+    dropout: Share = model(0.3)
+    tta_flip: bool = model(False)
+    threshold_method: Literal["global", "per_class", "balanced"] = model("global")
+    ensure_nonempty: bool = model(True)
+    save_dtype: Literal["fp32", "fp16", "int8"] = model("fp16")  # int8: weight-only int8 matrices, the rest fp16
 
-    # how to train
+    # ---- how one run trains (saved as the run's record) ----
+    image_pretrained: bool = run(True)
+    image_weights: Optional[str] = run(None)        # local checkpoint for backbones no package ships
+    text_pretrained: bool = run(True)
     # auto = frozen on CPU, finetune on GPU; hybrid = cached image features + a fine-tuned text encoder
-    regime: str = "auto"
-    epochs: int = 40
-    batch_size: int = 256
-    lr: float = 1e-3                        # heads
-    lr_image: float = 1e-4                  # backbones, finetune only
-    lr_text: float = 5e-5
-    weight_decay: float = 1e-4
-    loss: str = "bce"
-    loss_kwargs: dict = field(default_factory=dict)
-    pos_weight: bool = False
-    sampler: str = "none"
-    oversample_power: float = 0.5
-    augment: str = "seed"
-    patience: int = 8
-    seed: int = 42
-    val_fraction: float = 0.1
-    missing_images: str = "error"
+    regime: Literal["auto", "frozen", "hybrid", "finetune"] = run("auto")
+    epochs: Positive = run(40)
+    batch_size: Positive = run(256)
+    lr: PositiveFloat = run(1e-3)                   # heads
+    lr_image: PositiveFloat = run(1e-4)             # backbones, finetune only
+    lr_text: PositiveFloat = run(5e-5)
+    weight_decay: NonNegativeFloat = run(1e-4)
+    loss: Literal["bce", "focal", "asl"] = run("bce")
+    loss_kwargs: dict = run(factory=dict)
+    pos_weight: bool = run(False)
+    sampler: Literal["none", "oversample"] = run("none")
+    oversample_power: NonNegativeFloat = run(0.5)
+    augment: Literal["seed", "none", "trivial", "randaugment", "colorjitter"] = run("seed")
+    word_dropout: Share = run(0.0)                  # caption augmentation when the text encoder trains
+    # Share of training rows whose photo or caption is hidden, so fusion learns to cope with a missing input.
+    modality_dropout: Share = run(0.0)
+    patience: Positive = run(8)
+    seed: NonNegative = run(42)
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = run(0.1)
+    missing_images: Literal["error", "caption_only"] = run("error")
+    max_steps: int = run(-1)                        # for smoke tests
+    max_size_mb: PositiveFloat = run(100.0)
 
-    # where and on what
-    accelerator: str = "auto"
-    devices: Any = "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str | None = None            # None = bf16-mixed on GPU, 32 on CPU
-    num_workers: int | None = None          # None = number of CPU cores
-    feature_engine: str = "auto"            # auto | onnx | torch: runtime of frozen-feature extraction on CPU
-    cache_dir: str | None = None            # frozen-feature cache; None = ~/.cache/fuselabel
-    max_steps: int = -1                     # for smoke tests
-    tta_flip: bool = False
-    # fast data path (fuselabel.gpu)
-    image_cache: str = "none"               # none | memory: finetune decodes each image once, augments on the device
-    gpu_decode: bool = True                 # on a GPU, decode JPEGs with nvJPEG (image cache); False = PIL workers
+    # ---- where it runs (never saved) ----
+    accelerator: str = runtime("auto")
+    devices: Union[int, list[int], str] = runtime("auto")
+    num_nodes: Positive = runtime(1)
+    strategy: str = runtime("auto")
+    precision: Optional[str] = runtime(None)        # None = bf16-mixed on GPU, 32 on CPU
+    num_workers: Optional[NonNegative] = runtime(None)  # None = number of CPU cores
+    feature_engine: Literal["auto", "onnx", "torch"] = runtime("auto")  # frozen-feature runtime on CPU
+    cache_dir: Optional[str] = runtime(None)        # frozen-feature cache; None = ~/.cache/fuselabel
+    image_cache: Literal["none", "memory"] = runtime("none")  # finetune: decode each photo once, augment on device
+    gpu_decode: bool = runtime(True)                # on a GPU, decode JPEGs with nvJPEG; False = PIL workers
 
-    # decisions
-    threshold_method: str = "global"
-    ensure_nonempty: bool = True
-
-    # the saved model folder
-    save_dtype: str = "fp16"                # fp32 | fp16 | int8 (weight-only int8 matrices, the rest fp16)
-    max_size_mb: float = 100.0
+    @field_validator("image_size", "image_crop_pct", mode="before")
+    @classmethod
+    def _zero_is_own(cls, value):
+        # 0 on the command line means "the backbone's own", which the settings spell None
+        return None if value in (0, "0", 0.0) else value
 
     def __post_init__(self) -> None:
-        # 0 on the command line means "the backbone's own", which the settings spell None
-        self.image_size = self.image_size or None
-        self.image_crop_pct = self.image_crop_pct or None
-        self.validate()
-
-    def validate(self) -> None:
-        choices = {
-            "kind": MODEL_KINDS, "late_combine": LATE_COMBINES, "regime": REGIMES,
-            "threshold_method": THRESHOLD_METHODS, "augment": AUGMENTS, "loss": LOSSES,
-            "sampler": SAMPLERS, "missing_images": MISSING_IMAGE_POLICIES,
-            "save_dtype": ("fp32", "fp16", "int8"), "feature_engine": ("auto", "onnx", "torch"), "decoder": DECODERS,
-            "image_cache": ("none", "memory"),  # fast data path (fuselabel.gpu)
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {self.val_fraction}")
         if self.image_tokens and self.tta_flip:
             raise ValueError("image_tokens and tta_flip do not mix: flipped feature maps would be averaged out of place")
-        if self.late_weight is not None and not 0.0 <= self.late_weight <= 1.0:
-            raise ValueError(f"late_weight must lie in [0, 1], got {self.late_weight}")
+
+    def validate(self) -> None:
+        """Re-check every value (after attributes were set by hand)."""
+        Config.from_dict(self.to_dict())
 
     @property
     def uses_image(self) -> bool:
@@ -125,18 +149,52 @@ class Config:
         return self.kind in ("text", "early", "late")
 
     def replace(self, **changes: Any) -> "Config":
-        return dataclasses.replace(self, **changes)
+        return Config.from_dict({**self.to_dict(), **changes})
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self, group: str | None = None) -> dict:
+        """Every setting, or those of one group (model | run | runtime)."""
+        values = dataclasses.asdict(self)
+        if group is None:
+            return values
+        return {f.name: values[f.name] for f in fields(self) if f.metadata["group"] == group}
+
+    def saved(self) -> dict:
+        """The model and run groups as written into a model folder: no machine's absolute paths."""
+        return {"model": self.to_dict("model"), "run": {k: _portable(v) for k, v in self.to_dict("run").items()}}
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "Config":
+    def from_dict(cls, values: dict, source: str = "settings") -> "Config":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValidationError as err:
+            raise ValueError(_explain(err, source)) from None
+
+
+def group_of(key: str) -> str:
+    for f in fields(Config):
+        if f.name == key:
+            return f.metadata["group"]
+    raise KeyError(key)
+
+
+def _portable(value):
+    """A path-like setting reduced to its last part, so no machine's folders travel with a model."""
+    if isinstance(value, str) and (value.startswith("/") or value.startswith("~") or "\\" in value):
+        return Path(value).name
+    return value
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "settings"
+        got = e.get("input")
+        lines.append(f"{key}={got!r}: {e['msg']}")
+    return f"{source}: invalid setting " + "; ".join(lines)
 
 
 # Presets are partial dicts over Config's defaults so a user can read exactly what each changes.

@@ -7,34 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-
-DEFAULT_DATA = Path("..") / "shared" / "data" / "comp5329"
-
-
-def resolve_data(data: str | None, csv: str | None, default_csv: str = "train.csv") -> tuple[Path, Path]:
-    """(image folder, CSV). ``data`` is the image folder, or a data-set folder holding ``data/`` and the CSV."""
-    root = Path(data) if data else DEFAULT_DATA
-    if not root.is_dir():
-        hint = "" if data else f" (no --data given and the default {DEFAULT_DATA} is absent)"
-        raise ValueError(f"data folder {root} not found{hint}; pass --data IMAGE_DIR --csv FILE")
-    images = root / "data" if (root / "data").is_dir() else root
-    csv_path = Path(csv) if csv else root / default_csv
-    if not csv_path.exists():
-        raise ValueError(f"CSV {csv_path} not found; pass --csv FILE")
-    return images, csv_path
+from .images import ImageError, eval_pixels, load_rgb
 
 
 def single_process(config) -> bool:
     """Whether Lightning runs one process, so custom batch samplers and device caches are safe."""
     return config.num_nodes == 1 and str(config.devices) in ("1", "auto") and not torch.cuda.device_count() > 1 \
         and config.strategy in ("auto", "single_device")
-
-
-class ImageError(RuntimeError):
-    """A missing or unreadable image, named by file and CSV line."""
 
 
 def stratified_split(label_matrix: np.ndarray, val_fraction: float = 0.1, seed: int = 42):
@@ -49,29 +30,27 @@ def stratified_split(label_matrix: np.ndarray, val_fraction: float = 0.1, seed: 
     return np.sort(train_idx), np.sort(val_idx)
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Open as RGB whatever the file's mode (greyscale, CMYK, palette, alpha)."""
-    with Image.open(path) as img:
-        img.draft("RGB", (img.width, img.height))  # lets JPEG skip a colour conversion
-        return img.convert("RGB")
+class EvalTransform:
+    """``images.eval_pixels`` as a tensor: the one evaluation preprocessing, also inside DataLoader workers."""
+
+    def __init__(self, data_config: dict):
+        self.data_config = dict(data_config)
+        self.size = tuple(data_config["input_size"][-2:])
+
+    def __call__(self, img) -> torch.Tensor:
+        return torch.from_numpy(eval_pixels(img, self.data_config))
 
 
 def build_transform(data_config: dict, train: bool, augment: str = "seed"):
-    """torchvision transforms from the backbone's preprocessing config; training adds the augmentation preset."""
+    """The evaluation preprocessing, or torchvision's training augmentation preset from the backbone's config."""
+    if not train or augment == "none":
+        return EvalTransform(data_config)
     from torchvision import transforms as T
 
     size = data_config["input_size"][-1]
     interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}.get(
         data_config.get("interpolation", "bicubic"), T.InterpolationMode.BICUBIC)
     normalize = [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
-    if not train or augment == "none":
-        crop_pct = data_config.get("crop_pct", 0.875)
-        if crop_pct >= 1.0:
-            # The whole photo, squashed to a square: an object at the edge still counts in multi-label data.
-            return T.Compose([T.Resize((size, size), interpolation=interp), *normalize])
-        # Resize the short side then centre-crop, as the backbone was evaluated.
-        resize = int(round(size / crop_pct))
-        return T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(size), *normalize])
     ops = [T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interp), T.RandomHorizontalFlip()]
     if augment == "trivial":
         ops.append(T.TrivialAugmentWide(interpolation=interp))
@@ -105,15 +84,17 @@ class PairDataset(Dataset):
         path = self.image_dir / rec.image_id
         try:
             return self.transform(load_rgb(path)), 1.0
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        except ImageError as err:
             if self.missing_images == "caption_only":
                 size = self._zero_shape()
                 return torch.zeros(size), 0.0
-            reason = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({err})"
-            raise ImageError(f"{path}: image {reason} for row {rec.image_id} (CSV line {rec.line}); "
-                             "pass --missing-images caption_only to predict from the caption alone") from None
+            raise ImageError(f"{path}: image {err.reason} for row {rec.image_id} (CSV line {rec.line}); "
+                             f"{err.advice}, or pass --missing-images caption_only to use the caption alone",
+                             err.reason, err.advice) from None
 
     def _zero_shape(self):
+        if isinstance(self.transform, EvalTransform):
+            return (3, *self.transform.size)
         # The last sized step (CenterCrop / RandomResizedCrop) fixes the output; an earlier Resize does not.
         for t in reversed(getattr(self.transform, "transforms", [])):
             size = getattr(t, "size", None)
@@ -168,11 +149,29 @@ class TextCollate:
         self.max_length = max_length
         # Caption-side augmentation for a text encoder that trains: each word dropped with this probability.
         self.word_dropout = word_dropout
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self._rng, self._rng_key = None, None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The word-dropout stream of this process.
+
+        Every DataLoader worker starts from a copy of this object, so one seeded generator would
+        drop the same words in every worker, and again each epoch its workers are started afresh.
+        A worker's stream therefore mixes in its id and its torch seed (drawn anew per epoch from the
+        loader's generator, so a seeded run stays reproducible); in the main process it is ``seed``'s.
+        """
+        info = torch.utils.data.get_worker_info()
+        key = None if info is None else (info.id, info.seed)
+        if self._rng is None or key != self._rng_key:
+            entropy = [self.seed] if info is None else [self.seed, info.id, info.seed]
+            self._rng, self._rng_key = np.random.default_rng(entropy), key
+        return self._rng
 
     def _drop_words(self, caption: str) -> str:
         words = caption.split()
-        kept = [w for w in words if self.rng.random() >= self.word_dropout]
+        rng = self.rng
+        kept = [w for w in words if rng.random() >= self.word_dropout]
         return " ".join(kept or words[:1])
 
     def __call__(self, items: list[dict]) -> dict:

@@ -94,7 +94,7 @@ def create_image_encoder(name: str, pretrained: bool = True, weights: str | None
     if weights or name in PACKAGED_IMAGE_WEIGHTS:
         model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
         if weights:
-            if str(weights).endswith(".safetensors"):  # e.g. the fp16 file benchmarks/gpu_prepare.py writes
+            if str(weights).endswith(".safetensors"):  # e.g. an fp16 copy of a timm state dict
                 from safetensors.torch import load_file
 
                 state = load_file(str(weights))

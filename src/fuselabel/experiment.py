@@ -1,20 +1,20 @@
 """Studies: a grid of training settings, repeated over seeds, tabulated as mean ± std.
 
-``fuselabel experiment --config GRID.yaml`` (or ``python -m fuselabel.experiment``) trains one
+``fuselabel experiment --config GRID.yaml`` (or :func:`run_experiment`) trains one
 model per planned run with :func:`fuselabel.train.fit` and writes, after every run,
 
 * ``OUT/results.csv``  one row per (run, threshold method): settings, seed, validation F1s, timings, size;
 * ``OUT/results.md``   rows grouped by settings: mean ± sample std over seeds, with n and failures;
 * ``OUT/results.png``  mean F1 per settings group with std error bars;
 * ``OUT/results.json`` the same rows as JSON, plus the resolved grid;
-* ``OUT/logs/RUN.log`` what ``fit`` printed (``--verbose`` shows it instead); ``RUN.error.txt`` on failure;
+* ``OUT/logs/RUN.log`` what ``fit`` printed and logged (``--verbose`` shows it instead); ``RUN.error.txt`` on failure;
 * ``OUT/models/RUN/``  each model folder (``keep_models: false`` trains into a temporary folder instead).
 
 A grid file::
 
     name: ablation                  # default out folder runs/<name>
-    data: ../shared/data/comp5329   # optional, as --data (relative paths: to the current directory)
-    csv: ../shared/data/comp5329/train.csv   # optional, as --csv
+    data: datasets/comp5329         # as --data (needed here or on the command line; relative: to the cwd)
+    csv: datasets/comp5329/train.csv   # optional, as --csv
     base: {preset: cpu, epochs: 20} # settings shared by every run; preset first, then the keys given
     grid:                           # cartesian product; every key is a Config key, every value a list
       kind: [image, text, early, late]
@@ -47,18 +47,14 @@ a run don't cause a retrain and show as ``-``: ``late_combine`` and ``late_weigh
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import csv
 import dataclasses
 import gc
-import io
 import itertools
 import json
-import os
+import logging
 import re
 import shutil
-import sys
 import tempfile
 import time
 import traceback
@@ -69,13 +65,13 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import PRESETS, THRESHOLD_METHODS, Config, load_yaml
+from .experiment_results import METRIC_COLUMNS, NA, write_results
 
-__all__ = ["run_experiment", "plan_runs", "load_grid", "summarize", "main"]
+__all__ = ["run_experiment", "plan_runs", "load_grid", "format_plan", "default_out"]
+
+logger = logging.getLogger(__name__)
 
 GRID_KEYS = ("name", "description", "data", "csv", "label_names", "base", "grid", "runs", "seeds", "keep_models")
-NA = "-"  # a setting that cannot matter for this run
-METRIC_COLUMNS = ("val_mean_f1", "val_f1_global", "val_f1_per_class", "val_f1_balanced", "micro_f1", "macro_f1",
-                  "late_weight", "val_rows", "features_s", "train_s", "total_s", "size_mb")
 
 
 # ---------------------------------------------------------------- the grid file
@@ -323,7 +319,7 @@ def _method_metrics(result, config: Config, method: str) -> dict:
     """mean/micro/macro F1 of ``method``'s thresholds on the run's stored validation probabilities."""
     import torch
 
-    from .heads import combine_probabilities
+    from .network import combine_probabilities
     from .metrics import evaluate
     from .thresholds import apply_thresholds
 
@@ -371,6 +367,24 @@ def _rows_for(unit: Unit, plan: Plan, result=None, error: str | None = None, mod
     return out
 
 
+@contextlib.contextmanager
+def _logs_to(stream):
+    """The library's log records (INFO and up) go to ``stream`` alone while a run trains, then as before."""
+    package = logging.getLogger("fuselabel")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    saved = package.level, package.propagate
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(saved[0])
+        package.propagate = saved[1]
+
+
 def run_experiment(grid_path_or_dict: str | Path | dict, out_dir: str | Path, data: str | Path | None = None,
                    csv: str | Path | None = None, *, overrides: dict | None = None, verbose: bool = False,
                    on_result: Callable | None = None) -> list[dict]:
@@ -379,15 +393,15 @@ def run_experiment(grid_path_or_dict: str | Path | dict, out_dir: str | Path, da
     Args:
         grid_path_or_dict: a grid YAML file or the same content as a dict (see the module docstring).
         out_dir: where results.{csv,md,png,json}, logs/ and models/ go.
-        data, csv: image folder (or data-set folder) and CSV; default the grid's, then the CLI's default.
+        data, csv: image folder (or data-set folder) and CSV; default the grid's (one of the two must name the data).
         overrides: settings applied to every run after the grid's (``--set KEY=VALUE``).
-        verbose: show what ``fit`` prints (and its progress bars) instead of logging it to logs/RUN.log.
+        verbose: show what ``fit`` prints and logs (and its progress bars) instead of writing it to logs/RUN.log.
         on_result: called as ``on_result(run_id, config, result)`` after each successful training.
     """
     from . import train as train_module
 
     plan = plan_runs(grid_path_or_dict, overrides)
-    from .data import resolve_data
+    from .records import resolve_data
 
     images, csv_path = resolve_data(str(data) if data else plan.data, str(csv) if csv else plan.csv)
     out = Path(out_dir)
@@ -395,13 +409,13 @@ def run_experiment(grid_path_or_dict: str | Path | dict, out_dir: str | Path, da
     spec = {k: v for k, v in plan.spec.items() if not k.startswith("_")}
     rows: list[dict] = []
     total = plan.n_trainings
-    print(f"experiment {plan.name}: {total} training(s), {plan.n_rows} result row(s); data {images}, csv {csv_path}; "
-          f"results in {out}")
+    logger.info("experiment %s: %d training(s), %d result row(s); data %s, csv %s; results in %s", plan.name, total,
+                plan.n_rows, images, csv_path, out)
     done = 0
     for unit in plan.units:
         if not unit.trains:
             rows += _rows_for(unit, plan)
-            print(f"[--/{total}] {unit.run_id}: not run ({unit.error or unit.rows[0].error})")
+            logger.warning("[--/%d] %s: not run (%s)", total, unit.run_id, unit.error or unit.rows[0].error)
             write_results(out, plan, rows, spec)
             continue
         done += 1
@@ -420,6 +434,7 @@ def run_experiment(grid_path_or_dict: str | Path | dict, out_dir: str | Path, da
                 log = stack.enter_context(open(log_path, "w")) if not verbose else None
                 if log is not None:
                     stack.enter_context(contextlib.redirect_stdout(log))
+                    stack.enter_context(_logs_to(log))
                 result = train_module.fit(unit.config, images, csv_path, target, label_names=plan.label_names,
                                           progress=verbose)
                 if result is not None and on_result is not None:
@@ -438,178 +453,22 @@ def run_experiment(grid_path_or_dict: str | Path | dict, out_dir: str | Path, da
         write_results(out, plan, rows, spec)
         took = time.time() - start
         if error:
-            print(f"[{done}/{total}] {unit.run_id}: FAILED after {took:.0f}s: {error.splitlines()[0][:300]}")
+            logger.warning("[%d/%d] %s: FAILED after %.0fs: %s", done, total, unit.run_id, took,
+                           error.splitlines()[0][:300])
         else:
             scores = ", ".join(f"{r['threshold_method']} {r['val_mean_f1']:.4f}" for r in new
                                if r["status"] == "ok")
-            print(f"[{done}/{total}] {unit.run_id}: val mean F1 {scores} in {took:.0f}s")
+            logger.info("[%d/%d] %s: val mean F1 %s in %.0fs", done, total, unit.run_id, scores, took)
         del result
         gc.collect()
     failed = sum(r["status"] != "ok" for r in rows)
-    print(f"experiment {plan.name}: {len(rows) - failed} ok, {failed} failed; see {out / 'results.md'}")
+    logger.info("experiment %s: %d ok, %d failed; see %s", plan.name, len(rows) - failed, failed, out / "results.md")
     return rows
 
 
-# ---------------------------------------------------------------- results
-
-
-def _stats(values: list[float]) -> tuple[float, float | None]:
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else None)
-
-
-def summarize(rows: list[dict], varied: list[str]) -> list[dict]:
-    """Rows grouped by their settings and threshold method: n, failures, mean and sample std of each metric."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        key = tuple(str(r.get(k, "")) for k in varied) + (r["threshold_method"],)
-        groups.setdefault(key, []).append(r)
-    out = []
-    for key, members in groups.items():
-        ok = [m for m in members if m["status"] == "ok"]
-        g: dict[str, Any] = dict(zip(varied + ["threshold_method"], key))
-        g.update(n=len(ok), failed=len(members) - len(ok),
-                 errors=sorted({m["error"] for m in members if m["status"] != "ok"}))
-        for col in METRIC_COLUMNS:
-            vals = [m[col] for m in ok if m.get(col) is not None]
-            g[col] = _stats(vals) if vals else None
-        out.append(g)
-    return out
-
-
-def _fmt(stat, digits: int = 4) -> str:
-    """mean ± std; digits < 0: the mean alone, with -digits decimals (timings and sizes)."""
-    if stat is None:
-        return ""
-    mean, std = stat
-    if digits < 0:
-        return f"{mean:.{-digits}f}"
-    if std is None:
-        return f"{mean:.{digits}f} ± –"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def format_markdown(plan_name: str, groups: list[dict], varied: list[str], rows: list[dict]) -> str:
-    cols = varied + ["threshold_method"]
-    # All three threshold rules per model, unless the rows already are one per rule.
-    one_method = len({g["threshold_method"] for g in groups}) == 1
-    alternatives = [("F1 global", "val_f1_global", 4), ("F1 per_class", "val_f1_per_class", 4),
-                    ("F1 balanced", "val_f1_balanced", 4)] if one_method else []
-    metric_cols = [("mean F1", "val_mean_f1", 4)] + alternatives + [
-        ("micro F1", "micro_f1", 4), ("macro F1", "macro_f1", 4), ("features s", "features_s", -1),
-        ("train s", "train_s", -1), ("total s", "total_s", -1), ("size MB", "size_mb", -1)]
-    header = cols + ["n", "failed"] + [c[0] for c in metric_cols]
-    lines = [f"# Experiment `{plan_name}`", "",
-             f"{len(rows)} result rows, {sum(r['status'] != 'ok' for r in rows)} failed. Values are mean ± sample "
-             "std over seeds (± – for a single seed); timings and sizes are means. *mean F1* is validation mean F1 "
-             "with the row's threshold method" + ("; *F1 global / per_class / balanced* are all three methods on "
-             "the same trained models" if one_method else "") + ". Runs that differ only in threshold method "
-             "share one training.", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(cols) + ["---:"] * (len(header) - len(cols))) + "|"]
-    for g in groups:
-        cells = [_md_cell(g[c]) for c in cols] + [str(g["n"]), str(g["failed"])]
-        cells += [_fmt(g[key], d) for _, key, d in metric_cols]
-        lines.append("| " + " | ".join(cells) + " |")
-    failures = [r for r in rows if r["status"] != "ok"]
-    if failures:
-        lines += ["", "## Failed runs", ""]
-        for r in failures:
-            lines.append(f"- `{r['run_id']}` (seed {r['seed']}, {r['threshold_method']}): {_md_cell(r['error'])}")
-    return "\n".join(lines) + "\n"
-
-
-def plot_results(path: Path, groups: list[dict], varied: list[str], title: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    labels, means, errs, notes = [], [], [], []
-    for g in groups:
-        parts = [f"{k}={g[k]}" for k in varied if g[k] not in ("", NA)]
-        labels.append(", ".join(parts + [f"thresholds={g['threshold_method']}"]))
-        stat = g["val_mean_f1"]
-        means.append(stat[0] if stat else 0.0)
-        errs.append(stat[1] if stat and stat[1] is not None else 0.0)
-        notes.append(("" if g["n"] else "failed, ") + f"n={g['n']}" + (f", {g['failed']} failed" if g["failed"] else ""))
-    height = max(2.5, 0.38 * len(groups) + 1.2)
-    fig = Figure(figsize=(10, height))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    y = np.arange(len(groups))
-    ax.barh(y, means, xerr=errs, capsize=3, color="#4c72b0", alpha=0.85)
-    ax.set_yticks(y, labels, fontsize=8)
-    ax.invert_yaxis()
-    ok = [m for m, g in zip(means, groups) if g["n"]]
-    lo = max(0.0, min(ok) - 0.05) if ok else 0.0
-    ax.set_xlim(lo, 1.0)
-    for yi, m, note in zip(y, means, notes):  # inside the bar's left end: never clipped at F1 = 1
-        text = f"{m:.3f} ({note})" if not note.startswith("failed") else note
-        ax.text(lo + 0.003 * (1 - lo), yi, text, va="center", fontsize=7, color="white"
-                if m > lo + 0.15 * (1 - lo) else "black")
-    ax.set_xlabel("validation mean F1 (mean ± std over seeds)")
-    ax.set_title(title)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_results(out: Path, plan: Plan, rows: list[dict], spec: dict | None = None) -> None:
-    """results.csv / .md / .json / .png for the rows so far (atomic replaces, so a reader never sees half)."""
-    out.mkdir(parents=True, exist_ok=True)
-    columns = ["run_id", "status"] + plan.varied + ["threshold_method", "seed"] + list(METRIC_COLUMNS) + \
-        ["model_dir", "error"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if r.get(k) is None else round(r[k], 6) if isinstance(r.get(k), float) else r[k])
-                         for k in columns})
-    _write_atomic(out / "results.csv", buf.getvalue())
-    groups = summarize(rows, plan.varied)
-    _write_atomic(out / "results.md", format_markdown(plan.name, groups, plan.varied, rows))
-    _write_atomic(out / "results.json", json.dumps({"name": plan.name, "grid": spec, "varied": plan.varied,
-                                                    "rows": rows}, indent=2, default=str) + "\n")
-    try:
-        plot_results(out / "results.png", groups, plan.varied, f"{plan.name}: validation mean F1")
-    except Exception as err:  # a plotting problem must not lose a night of results
-        print(f"experiment: could not draw results.png: {err}", file=sys.stderr)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def _kv(text: str):
-    import yaml
-
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip().replace("-", "_"), yaml.safe_load(value)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fuselabel experiment",
-                                description="Train a grid of settings over seeds; tabulate mean ± std.")
-    p.add_argument("--config", required=True, help="grid YAML (name, base, grid, runs, seeds, keep_models)")
-    p.add_argument("--out", help="results folder (default runs/<grid name>)")
-    p.add_argument("--data", help="image folder, or a folder with data/ and the CSV (default: the grid's, then "
-                                  "../shared/data/comp5329)")
-    p.add_argument("--csv", help="CSV file (default: the grid's, then DATA/train.csv)")
-    p.add_argument("--set", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                   help="a setting for every run, after the grid's (e.g. --set epochs=1)")
-    p.add_argument("--dry-run", action="store_true", help="list the planned runs and exit")
-    p.add_argument("--verbose", action="store_true", help="show fit's output instead of logging it to OUT/logs/")
-    return p
+def default_out(plan: Plan) -> Path:
+    """The results folder when none is given: runs/<grid name>."""
+    return Path("runs") / _slug(plan.name)
 
 
 def format_plan(plan: Plan) -> str:
@@ -621,25 +480,3 @@ def format_plan(plan: Plan) -> str:
         state = f"  INVALID: {u.error}" if u.error else ""
         lines.append(f"  {u.run_id}  [{methods}]{state}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """0: every run succeeded; 1: some runs failed (recorded in the results); 2: the grid itself is unusable."""
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        plan = plan_runs(args.config, dict(args.set))
-        if args.dry_run:
-            print(format_plan(plan))
-            return 0
-        out = Path(args.out) if args.out else Path("runs") / _slug(plan.name)
-        rows = run_experiment(args.config, out, args.data, args.csv, overrides=dict(args.set),
-                              verbose=args.verbose)
-    except ValueError as err:
-        print(f"fuselabel experiment: error: {err}", file=sys.stderr)
-        return 2
-    return 1 if any(r["status"] != "ok" for r in rows) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

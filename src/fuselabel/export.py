@@ -1,23 +1,19 @@
-"""ONNX export of a model folder: three graphs that onnxruntime runs without PyTorch.
+"""ONNX export of a model folder: a self-contained folder that onnxruntime runs without PyTorch.
 
-    MODEL_DIR/onnx/
-      image_encoder.onnx   pixels (N, 3, H, W) float32            -> features (N, Di)   pooled
+    ONNX_DIR/
+      image_encoder.onnx   pixels (N, 3, H, W) float32            -> features (N, Di)
       text_encoder.onnx    input_ids, attention_mask (N, L) int64 -> features (N, Dt)   masked mean
-      head.onnx            image_feat, text_feat, image_present   -> probabilities (N, labels)
-      manifest.json        inputs and outputs, preprocessing, labels, thresholds, sizes, checks
+      head.onnx            features (+ presence flags)            -> one probability per label, per head
+      tokenizer/           the text encoder's tokenizer (tokenizer.json)
+      manifest.json        inputs and outputs, preprocessing, labels, names, thresholds, fusion rule, checks
 
-Only the graphs a model uses are written (an image-only model has no text encoder). The head
-graph includes the sigmoid and the late-fusion rule with the weight stored in the model, so
-its output is exactly what ``predict.predict_proba`` returns. Test-time flipping, when the
-model uses it, is done by the caller (``tta_flip`` in the manifest): run the image encoder on
-the pixels and on the horizontally flipped pixels and average the two feature vectors.
+Only the graphs a model uses are written. Fusion of the heads' probabilities, missing inputs,
+preprocessing and thresholds are done by ``runtime.Predictor``, the same code that serves a
+PyTorch model, so ``fuselabel predict ONNX_DIR`` gives the same label sets without torch.
 
 ``int8=True`` quantises the text encoder and the head dynamically (int8 weights for MatMul
 and Gemm, activations quantised per batch at run time); the image encoder stays float32
 (dynamically quantised convolutions are slower than float ones in onnxruntime).
-
-Image preprocessing stays in Python (``data.build_transform`` from ``preprocessing.json``),
-as does tokenisation (the tokenizer in ``MODEL_DIR/text``).
 """
 
 from __future__ import annotations
@@ -34,11 +30,10 @@ import torch
 from torch import nn
 
 from .bundle import BundleError, replace_folder
-from .onnxrt import (OPSET, SYNTHETIC_CAPTIONS, export_graph, export_image_encoder,  # noqa: F401 (re-exported)
-                     export_text_encoder, run_text_encoder, session)
+from .onnxrt import OPSET, SYNTHETIC_CAPTIONS, export_graph, export_image_encoder, export_text_encoder
+from .runtime import MANIFEST, ONNX_FORMAT, ONNX_FORMAT_VERSION
 
 ONNX_DIR = "onnx"
-MANIFEST = "manifest.json"
 INT8_OPS = ["MatMul", "Gemm"]
 INT8_TEXT_OPS = INT8_OPS + ["Gather"]   # + the embedding tables, most of a small text encoder's bytes
 
@@ -47,33 +42,36 @@ class ExportError(BundleError):
 
 
 def head_input_names(kind: str) -> list[str]:
-    """Inputs of ``head.onnx`` for a model kind."""
-    return {"image": ["image_feat"], "text": ["text_feat"]}.get(kind, ["image_feat", "text_feat", "image_present"])
+    """Inputs of ``head.onnx`` for a model kind (early fusion blanks a missing input inside the graph)."""
+    return {"image": ["image_feat"], "text": ["text_feat"], "late": ["image_feat", "text_feat"]}.get(
+        kind, ["image_feat", "text_feat", "image_present", "caption_present"])
+
+
+def head_output_names(kind: str) -> list[str]:
+    return ["image", "text"] if kind == "late" else [kind]
 
 
 class HeadGraph(nn.Module):
-    """Head + sigmoid + the model's fusion rule, with positional inputs for the exporter."""
+    """Head + sigmoid, one output per head, with positional inputs for the exporter."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
         self.names = head_input_names(net.config.kind)
+        self.outputs = head_output_names(net.config.kind)
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        batch = dict(zip(self.names, tensors))
-        logits = self.net.head(self.net.encode(batch))
-        return self.net.probabilities(logits, batch.get("image_present"))
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.net.head(self.net.encode(dict(zip(self.names, tensors))))
+        return tuple(torch.sigmoid(logits[k].float()) for k in self.outputs)
 
 
 def export_head(net: nn.Module, path: Path, opset: int = OPSET) -> Path:
-    """Pooled features (+ ``image_present``) -> fused per-label ``probabilities``."""
     graph = HeadGraph(net.float().eval()).eval()
     dims = {"image_feat": net.image_encoder.num_features if net.image_encoder is not None else 0,
             "text_feat": net.text_encoder.num_features if net.text_encoder is not None else 0}
-    args = tuple(torch.ones(2) if n == "image_present" else torch.randn(2, dims[n]) for n in graph.names)
-    axes = {n: {0: "batch"} for n in graph.names}
-    axes["probabilities"] = {0: "batch"}
-    return export_graph(graph, args, Path(path), graph.names, ["probabilities"], axes, opset)
+    args = tuple(torch.randn(2, dims[n]) if n in dims else torch.ones(2) for n in graph.names)
+    axes = {n: {0: "batch"} for n in graph.names + graph.outputs}
+    return export_graph(graph, args, Path(path), graph.names, graph.outputs, axes, opset)
 
 
 def quantize_int8(src: Path, dst: Path, ops=INT8_OPS) -> Path:
@@ -100,71 +98,35 @@ def quantize_int8(src: Path, dst: Path, ops=INT8_OPS) -> Path:
 
 # ----------------------------------------------------------------------------------------- export
 
-def _synthetic_inputs(bundle, n: int = 8, seed: int = 0) -> dict:
-    """Random pixels and fixed captions; the last row has no image when the model fuses both."""
-    gen = torch.Generator().manual_seed(seed)
-    out: dict = {}
-    if bundle.net.image_encoder is not None:
-        size = tuple(bundle.preprocessing["input_size"])
-        out["pixels"] = torch.randn(n, *size, generator=gen)
-        present = torch.ones(n)
-        if bundle.net.text_encoder is not None and n > 1:
-            present[-1] = 0.0
-        out["image_present"] = present
-    if bundle.net.text_encoder is not None:
-        caps = [SYNTHETIC_CAPTIONS[i % len(SYNTHETIC_CAPTIONS)] for i in range(n)]
-        tok = bundle.tokenizer(caps, padding=True, truncation=True, max_length=bundle.config.text_max_length,
-                               return_tensors="pt")
-        out["input_ids"], out["attention_mask"] = tok["input_ids"], tok["attention_mask"]
-    return out
+def _synthetic_rows(n: int = 8, seed: int = 0) -> tuple[list, list]:
+    """Random photos of several shapes and fixed captions; one row lacks its photo, one its caption."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (40 + 7 * i, 64 - 3 * i, 3), dtype=np.uint8)) for i in range(n)]
+    captions = [SYNTHETIC_CAPTIONS[i % len(SYNTHETIC_CAPTIONS)] for i in range(n)]
+    if n > 2:
+        images[-1], captions[-2] = None, ""
+    return images, captions
 
 
-def _flip_average(run, pixels: np.ndarray, flip: bool) -> np.ndarray:
-    f = run(pixels)
-    if flip:
-        f = (f + run(np.ascontiguousarray(pixels[..., ::-1]))) / 2
-    return f
-
-
-@torch.inference_mode()
 def check_against_torch(bundle, onnx_dir: Path, n: int = 8, seed: int = 0, threads: int | None = None) -> dict:
-    """Max |ONNX - PyTorch| per graph and end to end on synthetic inputs, and agreement of label decisions."""
-    from .thresholds import apply_thresholds
+    """Max |ONNX - PyTorch| per head and fused, and agreement of label decisions, end to end on synthetic rows."""
+    from .engines import engine_for_bundle
+    from .runtime import Predictor, load_onnx_predictor
 
-    manifest = json.loads((Path(onnx_dir) / MANIFEST).read_text())
-    files = manifest["files"]
-    net = bundle.net.float().eval()
-    x = _synthetic_inputs(bundle, n, seed)
-    flip = bool(bundle.config.tta_flip)
+    images, captions = _synthetic_rows(n, seed)
+    eager = Predictor(engine_for_bundle(bundle, engine="torch", device="cpu"), bundle.labels,
+                      bundle.threshold_vector, bundle.thresholds.get("ensure_nonempty", True), workers=1)
+    onnx, _ = load_onnx_predictor(onnx_dir, threads=threads, workers=1)
+    a, b = eager.predict(images, captions), onnx.predict(images, captions)
     checks: dict = {"rows": n}
-    feats_t, feats_o = {}, {}
-    if "image_encoder" in files:
-        sess = session(Path(onnx_dir) / files["image_encoder"]["path"], threads)
-        feats_t["image_feat"] = _flip_average(lambda p: net.image_encoder(torch.from_numpy(p)).numpy(),
-                                              x["pixels"].numpy(), flip)
-        feats_o["image_feat"] = _flip_average(lambda p: sess.run(None, {"pixels": p})[0], x["pixels"].numpy(), flip)
-        checks["image_encoder"] = float(np.abs(feats_t["image_feat"] - feats_o["image_feat"]).max())
-    if "text_encoder" in files:
-        sess = session(Path(onnx_dir) / files["text_encoder"]["path"], threads)
-        feats_t["text_feat"] = net.text_encoder(x["input_ids"], x["attention_mask"]).numpy()
-        feats_o["text_feat"] = sess.run(None, {"input_ids": x["input_ids"].numpy(),
-                                               "attention_mask": x["attention_mask"].numpy()})[0]
-        checks["text_encoder"] = float(np.abs(feats_t["text_feat"] - feats_o["text_feat"]).max())
-    names = manifest["head"]["inputs"]
-    if "image_present" in names:
-        feats_t["image_present"] = feats_o["image_present"] = x["image_present"].numpy()
-    head = HeadGraph(net).eval()
-    probs_t = head(*[torch.from_numpy(feats_t[k]) for k in names]).numpy()
-    sess = session(Path(onnx_dir) / files["head"]["path"], threads)
-    head_same_in = sess.run(None, {k: feats_t[k] for k in names})[0]
-    probs_o = sess.run(None, {k: feats_o[k] for k in names})[0]
-    checks["head"] = float(np.abs(head_same_in - probs_t).max())
-    checks["probabilities"] = float(np.abs(probs_o - probs_t).max())
-    thr = bundle.threshold_vector
-    nonempty = bundle.thresholds.get("ensure_nonempty", True)
-    dec_t, dec_o = apply_thresholds(probs_t, thr, nonempty), apply_thresholds(probs_o, thr, nonempty)
-    checks["label_agreement"] = float((dec_t == dec_o).mean())
-    checks["rows_identical"] = float((dec_t == dec_o).all(1).mean())
+    for k in a.parts:
+        checks[k] = float(np.abs(a.parts[k] - b.parts[k]).max())
+    known = ~np.isnan(a.probs).any(1)
+    checks["probabilities"] = float(np.abs(a.probs[known] - b.probs[known]).max())
+    checks["label_agreement"] = float((a.predicted == b.predicted).mean())
+    checks["rows_identical"] = float((a.predicted == b.predicted).all(1).mean())
     return checks
 
 
@@ -204,10 +166,10 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
                                      "outputs": {"features": ["batch", net.text_encoder.num_features]},
                                      "quantized": None}
         export_head(net, tmp / "head.onnx", opset)
-        names = head_input_names(cfg.kind)
-        files["head"] = {"path": "head.onnx", "inputs": {n: ["batch"] if n == "image_present" else ["batch", "dim"]
+        names, outputs = head_input_names(cfg.kind), head_output_names(cfg.kind)
+        files["head"] = {"path": "head.onnx", "inputs": {n: ["batch"] if n.endswith("_present") else ["batch", "dim"]
                                                          for n in names},
-                         "outputs": {"probabilities": ["batch", len(bundle.labels)]}, "quantized": None}
+                         "outputs": {o: ["batch", len(bundle.labels)] for o in outputs}, "quantized": None}
         float_bytes = {k: (tmp / v["path"]).stat().st_size for k, v in files.items()}
         if int8:
             for part in ("text_encoder", "head"):
@@ -222,16 +184,26 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
         for part, info in files.items():
             info["bytes"] = (tmp / info["path"]).stat().st_size
             info["float_bytes"] = float_bytes[part]
+        tokenizer = {}
+        if net.text_encoder is not None:
+            bundle.tokenizer.save_pretrained(tmp / "tokenizer")
+            tokenizer = {"tokenizer": "tokenizer/tokenizer.json", "pad_id": int(bundle.tokenizer.pad_token_id),
+                         "pad_token": str(bundle.tokenizer.pad_token)}
+        dims = {}
+        if net.image_encoder is not None:
+            dims["image"] = net.image_encoder.num_features
+        if net.text_encoder is not None:
+            dims["text"] = net.text_encoder.num_features
         manifest = {
-            "format": "fuselabel-onnx", "version": 1, "fuselabel": __version__, "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "opset": opset, "int8": bool(int8),
+            "format": ONNX_FORMAT, "version": ONNX_FORMAT_VERSION, "fuselabel": __version__,
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "opset": opset, "int8": bool(int8),
             "kind": cfg.kind, "late_combine": cfg.late_combine, "late_weight": float(net.late_weight),
-            "tta_flip": bool(cfg.tta_flip), "text_max_length": cfg.text_max_length,
-            "missing_images": cfg.missing_images, "preprocessing": bundle.preprocessing,
-            "tokenizer": "../text" if out == model_dir / ONNX_DIR else str((model_dir / "text").resolve()),
-            "labels": bundle.labels, "thresholds": [float(t) for t in bundle.threshold_vector],
+            "tta_flip": bool(cfg.tta_flip), "text_max_length": cfg.text_max_length, **tokenizer,
+            "preprocessing": bundle.preprocessing, "feature_dims": dims,
+            "labels": bundle.labels, "label_names": bundle.label_names,
+            "thresholds": [float(t) for t in bundle.threshold_vector],
             "ensure_nonempty": bool(bundle.thresholds.get("ensure_nonempty", True)),
-            "files": files, "head": {"inputs": names, "rule": _rule(cfg.kind, cfg.late_combine)},
+            "files": files, "head": {"inputs": names, "outputs": outputs, "rule": _rule(cfg.kind, cfg.late_combine)},
             "export_s": None, "checks": None,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -250,98 +222,10 @@ def _rule(kind: str, combine: str) -> str:
     if kind in ("image", "text"):
         return f"sigmoid({kind} head)"
     if kind == "early":
-        return "sigmoid(head(concat(norm(image_feat * image_present), norm(text_feat))))"
+        return "sigmoid(head(concat(norm(image_feat * image_present), norm(text_feat * caption_present))))"
     if combine == "union":
-        return "max(p_image, p_text); p_text where image_present == 0"
-    return "w * p_image + (1 - w) * p_text with w = late_weight; p_text where image_present == 0"
-
-
-# ----------------------------------------------------------------------------------------- predict
-
-class OnnxModel:
-    """An exported folder loaded into onnxruntime sessions, with its tokenizer and preprocessing."""
-
-    def __init__(self, model_dir, onnx_dir=None, threads: int | None = None):
-        self.model_dir = Path(model_dir)
-        self.onnx_dir = Path(onnx_dir) if onnx_dir else self.model_dir / ONNX_DIR
-        path = self.onnx_dir / MANIFEST
-        if not path.exists():
-            raise ExportError(f"{self.onnx_dir}: no {MANIFEST}; run `fuselabel export {self.model_dir} --format onnx`")
-        self.manifest = json.loads(path.read_text())
-        files = self.manifest["files"]
-        self.sessions = {part: session(self.onnx_dir / info["path"], threads) for part, info in files.items()}
-        self.tokenizer = None
-        if "text_encoder" in files:
-            from .encoders import create_tokenizer
-
-            self.tokenizer = create_tokenizer(str(self.model_dir / "text"))
-
-    @property
-    def labels(self) -> list[str]:
-        return self.manifest["labels"]
-
-    def image_features(self, records, image_dir, *, batch_size=64, num_workers=None, missing_images=None,
-                       progress=False):
-        from torch.utils.data import DataLoader
-
-        from .data import PairDataset, TextCollate, build_transform, default_workers
-
-        sess = self.sessions["image_encoder"]
-        transform = build_transform(self.manifest["preprocessing"], train=False)
-        ds = PairDataset(records, image_dir, transform,
-                         missing_images=missing_images or self.manifest["missing_images"])
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=default_workers(num_workers),
-                            collate_fn=TextCollate(None))
-        run = lambda p: sess.run(None, {"pixels": p})[0]  # noqa: E731
-        feats, present = [], []
-        start = time.time()
-        for batch in loader:
-            feats.append(_flip_average(run, batch["pixels"].numpy(), self.manifest["tta_flip"]))
-            present.append(batch["image_present"].numpy())
-            if progress:
-                done = sum(len(f) for f in feats)
-                print(f"\r  image features (onnx) {done}/{len(ds)} ({done / max(time.time() - start, 1e-9):.0f}/s)",
-                      end="", flush=True)
-        if progress:
-            print()
-        return np.concatenate(feats).astype(np.float32), np.concatenate(present).astype(np.float32)
-
-    def text_features(self, captions, *, batch_size=256, progress=False) -> np.ndarray:
-        return run_text_encoder(self.sessions["text_encoder"], self.tokenizer, list(captions),
-                                max_length=self.manifest["text_max_length"], batch_size=batch_size, progress=progress)
-
-    def head(self, feats: dict, batch_size: int = 4096) -> np.ndarray:
-        names = self.manifest["head"]["inputs"]
-        n = len(next(iter(feats.values())))
-        outs = [self.sessions["head"].run(None, {k: np.ascontiguousarray(feats[k][i:i + batch_size], np.float32)
-                                                 for k in names})[0] for i in range(0, n, batch_size)]
-        return np.concatenate(outs) if outs else np.zeros((0, len(self.labels)), np.float32)
-
-    def predict_proba(self, records, image_dir, *, batch_size=64, num_workers=None, missing_images=None,
-                      progress=False) -> np.ndarray:
-        records = list(records)
-        feats: dict = {}
-        if "image_encoder" in self.sessions:
-            feats["image_feat"], feats["image_present"] = self.image_features(
-                records, image_dir, batch_size=batch_size, num_workers=num_workers, missing_images=missing_images,
-                progress=progress)
-        if "text_encoder" in self.sessions:
-            feats["text_feat"] = self.text_features([r.caption for r in records], progress=progress)
-        return self.head(feats)
-
-    def decide(self, probs: np.ndarray) -> np.ndarray:
-        from .thresholds import apply_thresholds
-
-        return apply_thresholds(probs, np.asarray(self.manifest["thresholds"]), self.manifest["ensure_nonempty"])
-
-
-def onnx_predict_proba(model_dir, records, image_dir, *, onnx_dir=None, batch_size: int = 64,
-                       num_workers: int | None = None, missing_images: str | None = None,
-                       threads: int | None = None, progress: bool = False) -> np.ndarray:
-    """``predict.predict_proba`` through the exported graphs: (n, labels) fused probabilities."""
-    model = OnnxModel(model_dir, onnx_dir, threads)
-    return model.predict_proba(records, image_dir, batch_size=batch_size, num_workers=num_workers,
-                               missing_images=missing_images, progress=progress)
+        return "max(p_image, p_text); one head where the other input is missing"
+    return "w * p_image + (1 - w) * p_text with w = late_weight; one head where the other input is missing"
 
 
 def format_report(manifest: dict) -> str:
@@ -359,7 +243,7 @@ def format_report(manifest: dict) -> str:
     lines.append(f"  total {total / 1e6:.2f} MB; head rule: {manifest['head']['rule']}")
     c = manifest.get("checks")
     if c:
-        parts = ", ".join(f"{k} {c[k]:.2e}" for k in ("image_encoder", "text_encoder", "head") if k in c)
+        parts = ", ".join(f"{k} head {c[k]:.2e}" for k in ("image", "text", "early") if k in c)
         lines.append(f"max |onnx - torch| on {c['rows']} synthetic rows: {parts}; probabilities {c['probabilities']:.2e}")
         lines.append(f"label decisions agreeing: {100 * c['label_agreement']:.1f}% of cells, "
                      f"{100 * c['rows_identical']:.1f}% of rows identical")

@@ -1,7 +1,7 @@
-"""Classification heads (image, text, early and late fusion) and the whole network around them.
+"""Classification heads (image, text, early and late fusion, label decoder) and ``build_head``.
 
-Every head maps pooled features to a dict of logits; ``probabilities`` turns that dict into
-one probability per label, which is where the two late-fusion rules live.
+Every head maps pooled features to a dict of logits; fuselabel.network turns that dict into one
+probability per label, which is where the two late-fusion rules live.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from .config import Config
-from .encoders import PooledImageEncoder, create_image_encoder, create_text_encoder
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -139,72 +138,3 @@ def build_head(config: Config, image_dim: int, text_dim: int, num_labels: int,
         return LateFusionHead(single("image", {"image": image_dim}), text_head)
     dims = {"image": image_dim, "text": text_dim}
     return single(config.kind, {m: d for m, d in dims.items() if m == config.kind or config.kind == "early"})
-
-
-class FuseLabelNet(nn.Module):
-    """Encoders + head. Works from raw inputs (pixels, token ids) or from cached features."""
-
-    def __init__(self, config: Config, num_labels: int, pretrained: bool = True, vocab_size: int | None = None,
-                 text_source: str | None = None):
-        super().__init__()
-        self.config = config
-        self.image_encoder = self.text_encoder = None
-        image_dim = text_dim = 0
-        if config.uses_image:
-            backbone = create_image_encoder(config.image_model, pretrained and config.image_pretrained,
-                                            config.image_weights, **config.image_model_kwargs)
-            self.image_encoder = PooledImageEncoder(backbone, config.image_layers, config.image_pool,
-                                                    config.image_tokens, config.image_size)
-            image_dim = self.image_encoder.pooled_features
-        if config.uses_text:
-            self.text_encoder = create_text_encoder(text_source or config.text_model, pretrained and config.text_pretrained,
-                                                    config.text_config_overrides, vocab_size)
-            text_dim = self.text_encoder.num_features
-        token_shape = self.image_encoder.token_shape if self.image_encoder is not None else None
-        self.head = build_head(config, image_dim, text_dim, num_labels, token_shape)
-        # Image weight of the weighted late-fusion average; a buffer so it travels with the weights.
-        self.register_buffer("late_weight", torch.tensor(0.5 if config.late_weight is None else config.late_weight))
-
-    def encode(self, batch: dict) -> dict:
-        feats = {}
-        if self.image_encoder is not None:
-            flat = batch["image_feat"] if "image_feat" in batch else self.image_encoder(batch["pixels"])
-            feats["image"], tokens = self.image_encoder.split(flat)
-            if tokens is not None:
-                feats["image_tokens"] = tokens
-        if self.text_encoder is not None:
-            feats["text"] = batch["text_feat"] if "text_feat" in batch else self.text_encoder(
-                batch["input_ids"], batch["attention_mask"])
-        if "image" in feats and "image_present" in batch and self.config.kind == "early":
-            # A caption-only row: no image evidence at all rather than features of a black frame.
-            keep = batch["image_present"].to(feats["image"].dtype)
-            feats["image"] = feats["image"] * keep.unsqueeze(-1)
-            if "image_tokens" in feats:
-                feats["image_tokens"] = feats["image_tokens"] * keep[:, None, None]
-        return feats
-
-    def forward(self, batch: dict) -> dict:
-        return self.head(self.encode(batch))
-
-    def probabilities(self, logits: dict, image_present: torch.Tensor | None = None) -> torch.Tensor:
-        parts = {k: torch.sigmoid(v.float()) for k, v in logits.items()}
-        return combine_probabilities(parts, self.config.late_combine, self.late_weight, image_present)
-
-
-def combine_probabilities(parts: dict, combine: str = "weighted", weight=0.5,
-                          image_present: torch.Tensor | None = None) -> torch.Tensor:
-    """One probability per label from per-head probabilities (late fusion's two rules live here)."""
-    if len(parts) == 1:
-        return next(iter(parts.values()))
-    p_img, p_txt = parts["image"], parts["text"]
-    if combine == "union":
-        # The union of two thresholded sets under one threshold t is exactly {max(p_img, p_txt) >= t},
-        # so the max lets thresholds be tuned and stored like any other model's.
-        fused = torch.maximum(p_img, p_txt)
-    else:
-        w = torch.as_tensor(weight, dtype=p_img.dtype, device=p_img.device)
-        fused = w * p_img + (1 - w) * p_txt
-    if image_present is not None:
-        # A caption-only row is judged by its caption alone.
-        fused = torch.where(image_present.to(fused.device).bool().unsqueeze(-1), fused, p_txt)
-    return fused

@@ -13,9 +13,39 @@ import numpy as np
 import torch
 
 from .config import Config
-from .heads import FuseLabelNet
+from .network import FuseLabelNet
 from .losses import build_loss
 from .thresholds import tune_global
+
+
+# The batch flag that says a row has the input a one-modality head reads.
+PRESENCE_KEYS = {"image": "image_present", "text": "caption_present"}
+
+
+def hide_modalities(batch: dict, share: float, generator: torch.Generator) -> dict:
+    """Modality dropout: ``share`` of the rows lose their photo or their caption (one of the two, evenly).
+
+    A hidden photo looks exactly like a caption-only row (``image_present`` 0, features or pixels zeroed);
+    a hidden caption sets ``caption_present`` 0 and zeroes cached text features (the network zeroes those it
+    computes). Rows that already lack a photo keep their caption, so no row is left with nothing. The batch
+    given is not changed: a new dict is returned.
+    """
+    n = len(batch["labels"])
+    device = batch["labels"].device
+    hide = torch.rand(n, generator=generator) < share
+    photo = torch.rand(n, generator=generator) < 0.5
+    image_present = batch["image_present"].bool().cpu() if "image_present" in batch else torch.ones(n, dtype=torch.bool)
+    caption_present = batch["caption_present"].bool().cpu() if "caption_present" in batch else torch.ones(n, dtype=torch.bool)
+    hide_photo = hide & photo & image_present
+    hide_caption = hide & ~photo & image_present
+    out = dict(batch)
+    out["image_present"] = (image_present & ~hide_photo).float().to(device)
+    out["caption_present"] = (caption_present & ~hide_caption).float().to(device)
+    for key, hidden in (("image_feat", hide_photo), ("pixels", hide_photo), ("text_feat", hide_caption)):
+        if key in out:
+            keep = (~hidden).to(device=device, dtype=out[key].dtype)
+            out[key] = out[key] * keep.view(-1, *([1] * (out[key].dim() - 1)))
+    return out
 
 
 class FuseLabelModule(L.LightningModule):
@@ -28,6 +58,7 @@ class FuseLabelModule(L.LightningModule):
         self._val_labels: list[torch.Tensor] = []
         self.trainable = {"image": False, "text": False}
         self.best_val_f1 = 0.0
+        self._dropout_generator: torch.Generator | None = None
 
     def set_trainable(self, image: bool, text: bool) -> None:
         """Frozen encoders take no gradient and stay in eval mode (BatchNorm statistics untouched)."""
@@ -53,7 +84,7 @@ class FuseLabelModule(L.LightningModule):
         return self
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
-        # fast data path (fuselabel.gpu): rows arrive as image-cache indices; pixels are made here, on the device
+        # with the image cache (fuselabel.image_cache), rows arrive as image-cache indices; pixels are made here, on the device
         source = getattr(self, "image_source", None)
         if source is not None and isinstance(batch, dict) and "cache_index" in batch and "pixels" not in batch:
             batch = source.materialize(batch, train=self.training)
@@ -63,8 +94,10 @@ class FuseLabelModule(L.LightningModule):
         labels = batch["labels"]
         total = 0.0
         for name, out in logits.items():
-            if name == "image" and "image_present" in batch and not bool(batch["image_present"].all()):
-                keep = batch["image_present"].bool()
+            # A one-modality head learns only from rows that have its input (caption-only rows, hidden inputs).
+            present = batch.get(PRESENCE_KEYS.get(name))
+            if present is not None and not bool(present.all()):
+                keep = present.bool()
                 if not keep.any():
                     continue
                 out, target = out[keep], labels[keep]
@@ -73,7 +106,18 @@ class FuseLabelModule(L.LightningModule):
             total = total + self.criterion(out.float(), target)
         return total
 
+    def hide_modalities(self, batch: dict) -> dict:
+        """Modality dropout on one training batch; unchanged unless ``modality_dropout`` > 0 and both inputs are used."""
+        share = self.config.modality_dropout
+        if share <= 0 or not (self.config.uses_image and self.config.uses_text):
+            return batch
+        if self._dropout_generator is None:
+            # Seeded per rank: a run repeats, and DDP ranks hide different rows.
+            self._dropout_generator = torch.Generator().manual_seed(self.config.seed + self.global_rank)
+        return hide_modalities(batch, share, self._dropout_generator)
+
     def training_step(self, batch, batch_idx):
+        batch = self.hide_modalities(batch)
         loss = self._loss(self.net(batch), batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]),
                  sync_dist=False)

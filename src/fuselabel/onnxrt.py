@@ -1,6 +1,6 @@
-"""onnxruntime glue shared by feature extraction, prediction and ``fuselabel export``.
+"""Turning PyTorch modules into ONNX graphs: the encoders (for fast CPU features) and ``fuselabel export``.
 
-Turning an encoder into an ONNX graph and running it is one job wherever it happens. A CPU
+Running the graphs is ``runtime.session``'s job, which needs no torch. A CPU
 runs EfficientNet-Lite several times faster in onnxruntime than eagerly, and MiniLM about
 twice as fast.
 """
@@ -77,57 +77,3 @@ def export_text_encoder(encoder: nn.Module, tokenizer, path: Path, max_length: i
             "features": {0: "batch"}}
     return export_graph(encoder, (tok["input_ids"], tok["attention_mask"]), Path(path),
                         ["input_ids", "attention_mask"], ["features"], axes, opset)
-
-
-def session(path: str | Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-    opts.log_severity_level = 3
-    if os.environ.get("FUSELABEL_ORT_SPIN", "0") != "1":
-        # Spinning threads burn the cores that the image-decoding workers need between batches.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def encode_in_length_order(encode, tokenizer, captions, *, max_length: int = 64, batch_size: int = 256,
-                           progress: bool = False, label: str = "text features") -> np.ndarray:
-    """``encode(input_ids, attention_mask) -> (n, d) array`` over all captions, in batches of similar length.
-
-    Sorting by length keeps padding (wasted work) small; rows come back in the input order.
-    """
-    order = np.argsort([len(c) for c in captions], kind="stable")
-    out: np.ndarray | None = None
-    start = time.time()
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        tok = tokenizer([captions[j] for j in idx], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="np")
-        feats = encode(tok["input_ids"].astype(np.int64), tok["attention_mask"].astype(np.int64))
-        if out is None:
-            out = np.zeros((len(captions), feats.shape[1]), dtype=np.float32)
-        out[idx] = feats
-        if progress:
-            done = min(i + batch_size, len(order))
-            print(f"\r  {label} {done}/{len(order)} ({done / max(time.time() - start, 1e-9):.0f}/s)",
-                  end="", flush=True)
-    if progress:
-        print()
-    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
-
-
-def run_text_encoder(sess, tokenizer, captions, *, max_length: int = 64, batch_size: int = 256,
-                     progress: bool = False) -> np.ndarray:
-    """Text features from an onnxruntime session."""
-    return encode_in_length_order(
-        lambda ids, mask: sess.run(None, {"input_ids": ids, "attention_mask": mask})[0], tokenizer, captions,
-        max_length=max_length, batch_size=batch_size, progress=progress, label="text features (onnx)")

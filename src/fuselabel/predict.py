@@ -1,81 +1,183 @@
-"""The prediction flow: model folder + CSV + images -> probabilities -> label sets -> submission CSV.
+"""Course-format files in and out: a CSV of rows -> predictions -> submission (and probabilities) CSV.
 
-Encoders run once over all rows (images through onnxruntime on a CPU when available), then
-the small head runs on the pooled features; fine-tuned and frozen models take the same path.
+Rows go through the model in chunks; each finished chunk is saved as a part file, and the
+output files are written from the parts at the end, in the CSV's row order and atomically. So
+memory stays bounded however many rows there are, and one process or many (``devices > 1``:
+Lightning's ``Trainer.predict``, each rank taking every N-th chunk) write byte-identical files.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .bundle import Bundle, load_bundle
-from .features import extract_image_features, extract_text_features
-from .heads import combine_probabilities
+from .labels import labels_to_matrix
 from .metrics import evaluate as evaluate_sets
-from .records import labels_to_matrix, matrix_to_labels, read_records, write_probabilities, write_submission
-from .thresholds import apply_thresholds
+from .records import read_records
+from .runtime import STATUSES, Prediction
+from .writers import atomic_write_text, probability_lines, submission_lines
+
+log = logging.getLogger(__name__)
 
 
-def _device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def load_model(model_dir, **runtime):
+    """A PyTorch model folder as a ``FuseLabel``, or an exported ONNX folder as a torch-free predictor."""
+    from .runtime import is_onnx_folder, load_onnx_predictor
+
+    if is_onnx_folder(model_dir):
+        return OnnxModel(model_dir)
+    from .estimator import FuseLabel
+
+    return FuseLabel.from_pretrained(model_dir, **runtime)
 
 
-@torch.inference_mode()
-def predict_proba(bundle: Bundle, records, image_dir, *, engine: str = "auto", device: str | None = None,
-                  batch_size: int | None = None, missing_images: str | None = None, num_workers: int | None = None,
-                  progress: bool = True) -> np.ndarray:
-    """Fused probabilities (n, labels) in the model folder's label order."""
-    cfg = bundle.config
-    dev = _device(device)
-    # Small batches suit onnxruntime on a few CPU cores (measured: 16 beats 64 by ~10 %); a GPU wants large ones.
-    batch_size = batch_size or (16 if dev.type == "cpu" else 256)
-    net = bundle.net.eval()
-    feats, present = {}, None
-    if net.image_encoder is not None:
-        feats["image"], present = extract_image_features(
-            net.image_encoder, bundle.preprocessing, records, image_dir, batch_size=batch_size,
-            num_workers=num_workers, flip_tta=cfg.tta_flip, missing_images=missing_images or cfg.missing_images,
-            engine=engine, device=dev, cache_dir=cfg.cache_dir, progress=progress, gpu_decode=cfg.gpu_decode)
-    if net.text_encoder is not None:
-        feats["text"] = extract_text_features(net.text_encoder, bundle.tokenizer, [r.caption for r in records],
-                                              max_length=cfg.text_max_length, device=dev, engine=engine,
-                                              cache_dir=cfg.cache_dir, progress=progress)
-    net = net.to(dev)
-    batch = {f"{k}_feat": torch.as_tensor(v, device=dev) for k, v in feats.items()}
-    if present is not None:
-        batch["image_present"] = torch.as_tensor(present, device=dev)
-    logits = net.head(net.encode(batch))
-    parts = {k: torch.sigmoid(v.float()) for k, v in logits.items()}
-    probs = combine_probabilities(parts, cfg.late_combine, net.late_weight, batch.get("image_present"))
-    return probs.cpu().numpy()
+class OnnxModel:
+    """An exported folder behind the same few methods ``predict_csv`` uses of a ``FuseLabel``."""
+
+    def __init__(self, folder):
+        from .runtime import load_onnx_predictor
+
+        self._predictor, self.engine = load_onnx_predictor(folder)
+        self.tokens = self.engine.labels
+
+    def predictor(self, *, strict: bool = False, device=None):
+        self._predictor.strict = strict
+        return self._predictor
 
 
-def decide(bundle: Bundle, probs: np.ndarray) -> np.ndarray:
-    return apply_thresholds(probs, bundle.threshold_vector, bundle.thresholds.get("ensure_nonempty", True))
+def _tokens(model) -> list[str]:
+    return model.tokens if isinstance(model, OnnxModel) else model.bundle_.labels
 
 
-def predict(model_dir, data_dir, csv, out, *, proba_out=None, engine="auto", device=None, batch_size=None,
-            missing_images=None, num_workers=None, progress=True) -> dict:
-    """Write a Kaggle-style submission (``ImageID,Labels`` in input order); returns timings and counts."""
+def _save_part(folder: Path, index: int, p: Prediction) -> None:
+    code = np.asarray([STATUSES.index(s) for s in p.status], dtype=np.int8)
+    tmp = folder / f".part-{index:06d}.npz"
+    np.savez(tmp, probs=p.probs, predicted=p.predicted, status=code)
+    tmp.replace(folder / f"part-{index:06d}.npz")
+
+
+def _read_parts(folder: Path, n_chunks: int):
+    for i in range(n_chunks):
+        with np.load(folder / f"part-{i:06d}.npz") as part:
+            yield part["probs"], part["predicted"], [STATUSES[c] for c in part["status"]]
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def predict_chunk(model, records, image_dir, bounds, *, strict: bool) -> Prediction:
+    lo, hi = bounds
+    rows = records[lo:hi]
+    return model.predictor(strict=strict).predict([r.image_id for r in rows], [r.caption for r in rows],
+                                                  image_dir=image_dir,
+                                                  row_names=[f"row {r.image_id} (CSV line {r.line})" for r in rows])
+
+
+def predict_csv(model, image_dir, csv, out, *, proba_out=None, strict: bool = False, chunk_size: int = 512,
+                devices: int = 1, num_nodes: int = 1, strategy: str = "auto", accelerator: str = "cpu",
+                progress: bool = True) -> dict:
+    """Write a Kaggle-style submission (``ImageID,Labels`` in input order); returns counts and timings.
+
+    ``model`` is a ``FuseLabel``, a model folder, or an exported ONNX folder. Rows without a usable
+    photo are predicted from their caption and rows with an empty caption from their photo; each is
+    counted, and ``--proba`` output has an ``input`` column saying which. A row with neither gets
+    no labels and is named in the summary. ``strict=True`` makes any of these an error instead.
+    """
     t0 = time.time()
-    bundle = load_bundle(model_dir)
-    records = read_records(csv)
-    t1 = time.time()
-    probs = predict_proba(bundle, records.records, data_dir, engine=engine, device=device, batch_size=batch_size,
-                          missing_images=missing_images, num_workers=num_workers, progress=progress)
-    pred = decide(bundle, probs)
-    ids = records.image_ids
-    write_submission(out, ids, matrix_to_labels(pred, bundle.labels))
+    if isinstance(model, (str, Path)):
+        model = load_model(model)
+    records = read_records(csv).records
+    bounds = _chunks(len(records), chunk_size)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    distributed = devices > 1 or num_nodes > 1
+    if distributed:  # every rank computes the same folder name, and no rank needs to be told it
+        parts = out.parent / f".{out.name}.parts"
+        parts.mkdir(exist_ok=True)
+    else:
+        parts = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
+    rank0 = True
+    try:
+        if distributed:
+            rank0 = _predict_distributed(model, records, image_dir, bounds, parts, strict=strict, devices=devices,
+                                         num_nodes=num_nodes, strategy=strategy, accelerator=accelerator)
+            if not rank0:  # rank 0 writes the outputs, then removes the parts
+                return {}
+        else:
+            from tqdm.auto import tqdm
+
+            for i, b in enumerate(tqdm(bounds, desc="predict", unit="chunk", disable=not progress, leave=False)):
+                _save_part(parts, i, predict_chunk(model, records, image_dir, b, strict=strict))
+        summary = _merge(parts, len(bounds), records, _tokens(model), out, proba_out)
+    finally:
+        if rank0:
+            shutil.rmtree(parts, ignore_errors=True)
+    elapsed = time.time() - t0
+    summary.update(rows=len(records), seconds=elapsed, rows_per_s=len(records) / max(elapsed, 1e-9), out=str(out),
+                   engine=model.predictor().engine.name)
+    return summary
+
+
+def _merge(parts: Path, n_chunks: int, records, tokens, out: Path, proba_out) -> dict:
+    """The output files from the part files, streamed in row order; counts of each input status."""
+    ids = [r.image_id for r in records]
+    counts: Counter = Counter()
+    no_input: list[str] = []
+
+    def label_rows():
+        start = 0
+        for _, predicted, status in _read_parts(parts, n_chunks):
+            for j, (row, s) in enumerate(zip(predicted, status)):
+                counts[s] += 1
+                if s == "no_input":
+                    no_input.append(ids[start + j])
+                yield [tokens[k] for k in np.flatnonzero(row)]
+            start += len(status)
+
+    def proba_rows():
+        for probs, _, status in _read_parts(parts, n_chunks):
+            yield from zip(probs, status)
+
+    atomic_write_text(out, submission_lines(ids, label_rows()))
     if proba_out:
-        write_probabilities(proba_out, ids, bundle.labels, probs)
-    elapsed = time.time() - t1
-    return {"rows": len(ids), "seconds": elapsed, "rows_per_s": len(ids) / max(elapsed, 1e-9),
-            "load_s": t1 - t0, "out": str(out)}
+        atomic_write_text(proba_out, probability_lines(ids, tokens, proba_rows()))
+    return {"status_counts": {s: counts.get(s, 0) for s in STATUSES}, "no_input_rows": no_input}
+
+
+def _predict_distributed(model, records, image_dir, bounds, parts: Path, *, strict, devices, num_nodes, strategy,
+                         accelerator) -> bool:
+    """Chunks shared among Lightning ranks (ddp, SLURM, torchrun); True on the rank that writes the outputs."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    class Chunks(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(bounds)
+
+        def __getitem__(self, i):
+            return i
+
+    class ChunkPredictor(L.LightningModule):
+        def predict_step(self, batch, batch_idx):
+            # Lightning's sampler pads the last round with repeated chunks; rewriting a part is harmless.
+            for i in batch.tolist():
+                _save_part(parts, i, predict_chunk(model, records, image_dir, bounds[i], strict=strict))
+
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                        strategy="ddp" if strategy == "auto" else strategy, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.predict(ChunkPredictor(), DataLoader(Chunks(), batch_size=1), return_predictions=False)
+    trainer.strategy.barrier()
+    return trainer.is_global_zero
 
 
 def select_split(model_dir, records: list, split: str) -> list:
@@ -92,19 +194,19 @@ def select_split(model_dir, records: list, split: str) -> list:
     return chosen
 
 
-def evaluate(model_dir, data_dir, csv, *, split="all", engine="auto", device=None, batch_size=None,
-             missing_images=None, num_workers=None, progress=True) -> dict:
-    """Metrics of a model folder on a labelled CSV (or on the rows of one side of its own split)."""
-    bundle = load_bundle(model_dir)
+def evaluate_csv(model, image_dir, csv, *, split: str = "all", progress: bool = True) -> dict:
+    """Metrics of a model on a labelled CSV (or on the rows of one side of its own split)."""
+    if isinstance(model, (str, Path)):
+        model = load_model(model)
     records = read_records(csv)
     if not records.labelled:
         raise ValueError(f"{csv}: evaluate needs a Labels column (header ImageID,Labels,Caption)")
-    rows = select_split(model_dir, records.records, split)
-    probs = predict_proba(bundle, rows, data_dir, engine=engine, device=device, batch_size=batch_size,
-                          missing_images=missing_images, num_workers=num_workers, progress=progress)
-    truth = labels_to_matrix([r.labels for r in rows], bundle.labels)
-    report = evaluate_sets(truth, decide(bundle, probs), bundle.labels, bundle.label_names)
-    report["model_dir"] = str(model_dir)
-    report["csv"] = str(csv)
-    report["split"] = split
+    rows = select_split(model.bundle_.path, records.records, split)
+    chunks = [predict_chunk(model, rows, image_dir, b, strict=False) for b in _chunks(len(rows), 512)]
+    p = Prediction.concat(chunks)
+    tokens = _tokens(model)
+    truth = labels_to_matrix([r.labels for r in rows], tokens)
+    report = evaluate_sets(truth, p.predicted, tokens, model.bundle_.label_names)
+    report.update(model_dir=str(model.bundle_.path), csv=str(csv), split=split,
+                  status_counts={s: p.status.count(s) for s in STATUSES})
     return report

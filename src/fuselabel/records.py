@@ -1,4 +1,4 @@
-"""Reading and writing the image/caption/label tables of the COMP5329 data.
+"""Reading the course CSV exactly: the image/caption/label tables of the COMP5329 data.
 
 The course CSV (``ImageID,Labels,Caption``) is *not* valid CSV: captions are
 wrapped in double quotes, but quotes inside a caption are not escaped, and a
@@ -21,57 +21,49 @@ so :func:`read_records` uses a small line-oriented parser instead:
   line number. In strict mode (the default) bad rows raise
   :class:`RecordsError`; rows are never silently dropped or merged.
 
-The module also holds the label-vocabulary helpers and the atomic writers for
-submission and probability files. It depends only on the standard library and
-numpy.
+Label vocabularies live in :mod:`fuselabel.labels`, the writers in
+:mod:`fuselabel.writers` and the CSV overview in :mod:`fuselabel.inspection`.
+This module depends only on the standard library.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import re
-import statistics
-import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 __all__ = [
     "BadRow",
+    "LABEL_TOKEN",
+    "LABEL_TOKEN_RE",
     "Record",
     "RecordSet",
     "RecordsError",
-    "find_missing_images",
-    "format_summary",
-    "label_vocabulary",
-    "labels_to_matrix",
-    "matrix_to_labels",
-    "read_label_names",
     "read_records",
-    "summarize",
-    "write_probabilities",
-    "write_submission",
 ]
 
 LABELLED_HEADER = ("imageid", "labels", "caption")
 UNLABELLED_HEADER = ("imageid", "caption")
+_COLUMN_NAMES = {"imageid": "ImageID", "labels": "Labels", "caption": "Caption"}
 
 # Ids and label fields may not contain a comma or a quote, otherwise the first
 # two commas of a line would no longer delimit them unambiguously.
 _LABELLED_ROW = re.compile(r'([^,"]*),([^,"]*),(.*)', re.DOTALL)
 _UNLABELLED_ROW = re.compile(r'([^,"]*),(.*)', re.DOTALL)
-_LABEL_TOKEN = r"[A-Za-z0-9_.\-]+"
-_LABELS_FIELD = re.compile(rf"(?:{_LABEL_TOKEN}(?: +{_LABEL_TOKEN})*)?")
-_LABEL_TOKEN_RE = re.compile(_LABEL_TOKEN)
-_INTEGER = re.compile(r"[+-]?[0-9]+")
+# One label token; shared with the label helpers and the writers so that what
+# is written can always be read back.
+LABEL_TOKEN = r"[A-Za-z0-9_.\-]+"
+_LABELS_FIELD = re.compile(rf"(?:{LABEL_TOKEN}(?: +{LABEL_TOKEN})*)?")
+LABEL_TOKEN_RE = re.compile(LABEL_TOKEN)
 _WHITESPACE = re.compile(r"\s")
+# A caption line like '"a dog",web': a quoted field and then more, comma-separated.
+_TEXT_AFTER_QUOTE = re.compile(r'".*",[^"]*')
 
-# How many bad rows a strict-mode error message spells out.
-_MAX_LISTED_BAD_ROWS = 10
+# How many bad rows an error message or a summary spells out.
+MAX_LISTED_BAD_ROWS = 10
 
 
 class RecordsError(ValueError):
@@ -175,13 +167,28 @@ def _id_shape(image_id: str) -> tuple[str, bool]:
     return ext.lower(), stem.isdigit()
 
 
+# File signatures of what is most often passed by mistake where a CSV belongs.
+_BINARY_SIGNATURES = {
+    b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"RIFF": "a RIFF file (WebP?)",
+    b"PK\x03\x04": "a zip archive (an .xlsx workbook?)", b"%PDF": "a PDF document",
+    b"\xd0\xcf\x11\xe0": "an old Office document (.xls?)", b"\x1f\x8b": "a gzip archive",
+}
+
+
 def _decode(raw: bytes, path: Path) -> str:
+    kind = next((what for magic, what in _BINARY_SIGNATURES.items() if raw.startswith(magic)), None)
+    if kind is None and b"\x00" in raw[:4096]:
+        kind = "binary data"
+    if kind is not None:
+        raise RecordsError(f"{path}:1: not a CSV text file (it looks like {kind}); "
+                           "pass the CSV of ImageID,Labels,Caption rows")
     try:
         # utf-8-sig strips a leading BOM and is identical to utf-8 otherwise.
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise RecordsError(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        raise RecordsError(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                           "save the file as UTF-8") from exc
 
 
 def _check_header(line: str, path: Path) -> bool:
@@ -191,8 +198,18 @@ def _check_header(line: str, path: Path) -> bool:
         return True
     if fields == UNLABELLED_HEADER:
         return False
+    problem = ""
+    expected = LABELLED_HEADER if "labels" in fields else UNLABELLED_HEADER
+    if sorted(fields) == sorted(expected):
+        problem = "columns in another order; the caption must come last, as it may hold commas: "
+    elif set(fields) > set(expected):
+        extra = [name for name, f in zip(line.strip().split(","), fields) if f not in expected]
+        problem = f"unexpected column(s) {', '.join(extra)}; remove them: "
+    elif set(fields) < set(expected):
+        absent = [_COLUMN_NAMES[f] for f in expected if f not in fields]
+        problem = f"missing column(s) {', '.join(absent)}: "
     raise RecordsError(
-        f"{path}:1: bad header {line.strip()[:80]!r}: expected 'ImageID,Labels,Caption' or 'ImageID,Caption'"
+        f"{path}:1: bad header {line.strip()[:80]!r}: {problem}expected 'ImageID,Labels,Caption' or 'ImageID,Caption'"
     )
 
 
@@ -278,11 +295,20 @@ class _Parser:
                     i += 1
                 text = "\n".join([line, *chunk[1:]])
                 if not closed:
-                    self._bad(line_no, "unterminated quoted caption", text)
+                    self._bad(line_no, self._unterminated(chunk[0], at_end=i >= n), text)
                     continue
                 logical = "\n".join(chunk)
                 caption = logical[1 : logical.rstrip(" \t").rindex('"')]
             self._add(line_no, image_id, labels_field, caption, text)
+
+    @staticmethod
+    def _unterminated(first_line: str, *, at_end: bool) -> str:
+        """The reason for a caption that never closes, with the likeliest cause."""
+        if _TEXT_AFTER_QUOTE.fullmatch(first_line):
+            return "unterminated quoted caption (text follows its closing quote: an extra column?)"
+        if at_end:
+            return "unterminated quoted caption (the file ends inside it: truncated file?)"
+        return "unterminated quoted caption (no closing quote before the next row)"
 
     @staticmethod
     def _closes(physical: str, *, first: bool) -> bool:
@@ -311,10 +337,10 @@ class _Parser:
                 )
                 return
             # dict.fromkeys de-duplicates while keeping file order.
-            labels = tuple(dict.fromkeys(_LABEL_TOKEN_RE.findall(labels_field)))
+            labels = tuple(dict.fromkeys(LABEL_TOKEN_RE.findall(labels_field)))
         first = self.first_line.get(image_id)
         if first is not None:
-            self._bad(line_no, f"duplicate ImageID {image_id}, first at line {first}", text)
+            self._bad(line_no, f"duplicate ImageID {image_id}, first at line {first} (keep one of the two rows)", text)
             return
         self.first_line[image_id] = line_no
         self.shapes.add(_id_shape(image_id))
@@ -322,10 +348,11 @@ class _Parser:
 
 
 def _bad_rows_message(path: Path, bad_rows: Sequence[BadRow]) -> str:
-    shown = "\n".join(f"  {b}" for b in bad_rows[:_MAX_LISTED_BAD_ROWS])
-    more = len(bad_rows) - _MAX_LISTED_BAD_ROWS
+    shown = "\n".join(f"  {b}" for b in bad_rows[:MAX_LISTED_BAD_ROWS])
+    more = len(bad_rows) - MAX_LISTED_BAD_ROWS
     tail = f"\n  ... and {more} more" if more > 0 else ""
-    return f"{path}: {len(bad_rows)} bad row(s):\n{shown}{tail}"
+    return (f"{path}: {len(bad_rows)} bad row(s):\n{shown}{tail}\n"
+            "fix or remove these rows (`fuselabel inspect` lists every one)")
 
 
 def read_records(path: str | os.PathLike[str], *, strict: bool = True) -> RecordSet:
@@ -368,360 +395,20 @@ def read_records(path: str | os.PathLike[str], *, strict: bool = True) -> Record
     return RecordSet(path=path, records=parser.records, bad_rows=parser.bad_rows, labelled=labelled)
 
 
-def read_label_names(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Read a ``Label,Name`` table (e.g. ``label_names.csv``) into ``{label: name}``.
-
-    Raises:
-        RecordsError: if the file is missing or unreadable, the header is not
-            ``Label,Name``, or a row is malformed or repeats a label.
-    """
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise RecordsError(f"{path}: cannot read label names: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise RecordsError(f"{path}: not valid UTF-8: {exc.reason}") from exc
-    rows = csv.reader(text.splitlines())
-    header = next(rows, None)
-    if header is None or [h.strip().lower() for h in header] != ["label", "name"]:
-        raise RecordsError(f"{path}:1: bad header {header!r}: expected 'Label,Name'")
-    names: dict[str, str] = {}
-    for row in rows:
-        line = rows.line_num
-        if not row or not "".join(row).strip():
-            continue
-        if len(row) != 2 or not row[0].strip():
-            raise RecordsError(f"{path}:{line}: expected 'Label,Name', got {row!r}")
-        label, name = row[0].strip(), row[1].strip()
-        if label in names:
-            raise RecordsError(f"{path}:{line}: duplicate label {label!r}")
-        names[label] = name
-    return names
-
-
 # ---------------------------------------------------------------------------
-# Label vocabulary and matrices
+# Finding the files
 
 
-def _vocab_sort_key(tokens: Iterable[str]) -> list[str]:
-    tokens = list(tokens)
-    if tokens and all(_INTEGER.fullmatch(t) for t in tokens):
-        # Numeric ids must sort 1, 2, ..., 10 rather than 1, 10, 11, 2; the
-        # string tie-break keeps "01" and "1" in a stable order.
-        return sorted(tokens, key=lambda t: (int(t), t))
-    return sorted(tokens)
-
-
-def label_vocabulary(label_sets: Iterable[Iterable[str]]) -> list[str]:
-    """All distinct labels of ``label_sets``.
-
-    Sorted numerically when every token is an integer (``1, 2, ..., 19``),
-    lexicographically otherwise.
-    """
-    seen: set[str] = set()
-    for labels in label_sets:
-        seen.update(labels)
-    return _vocab_sort_key(seen)
-
-
-def _vocab_index(vocab: Sequence[str]) -> dict[str, int]:
-    index = {label: j for j, label in enumerate(vocab)}
-    if len(index) != len(vocab):
-        dupes = sorted(label for label, c in Counter(vocab).items() if c > 1)
-        raise ValueError(f"vocabulary has duplicate labels: {dupes}")
-    return index
-
-
-def labels_to_matrix(label_sets: Sequence[Iterable[str]], vocab: Sequence[str]) -> np.ndarray:
-    """Multi-hot encode label sets as an ``(n, len(vocab))`` uint8 matrix.
-
-    Raises:
-        RecordsError: if a label is not in ``vocab`` (the message names the
-            label and the row index).
-    """
-    index = _vocab_index(vocab)
-    matrix = np.zeros((len(label_sets), len(vocab)), dtype=np.uint8)
-    for i, labels in enumerate(label_sets):
-        for label in labels:
-            j = index.get(label)
-            if j is None:
-                raise RecordsError(f"unknown label {label!r} in row {i} (vocabulary: {list(vocab)})")
-            matrix[i, j] = 1
-    return matrix
-
-
-def matrix_to_labels(matrix_bool: np.ndarray | Sequence[Sequence[object]], vocab: Sequence[str]) -> list[tuple[str, ...]]:
-    """Inverse of :func:`labels_to_matrix`: each row's nonzero columns as labels in vocab order."""
-    matrix = np.asarray(matrix_bool)
-    if matrix.ndim != 2 or matrix.shape[1] != len(vocab):
-        raise ValueError(f"matrix shape {matrix.shape} does not match a vocabulary of {len(vocab)} labels")
-    vocab = list(vocab)
-    return [tuple(vocab[j] for j in np.flatnonzero(row)) for row in matrix.astype(bool)]
-
-
-# ---------------------------------------------------------------------------
-# Writing
-
-
-def _check_id(image_id: str) -> None:
-    if not isinstance(image_id, str) or not image_id or any(c in image_id for c in ',"\r\n'):
-        raise ValueError(f"cannot write ImageID {image_id!r}: must be a non-empty string without , \" or line breaks")
-
-
-def _atomic_write(path: str | os.PathLike[str], lines: Iterator[str]) -> None:
-    """Write ``lines`` to ``path`` via a temp file in the same directory + os.replace.
-
-    The temp file lives beside the target so that os.replace is a same-
-    filesystem rename: readers see either the old file or the complete new
-    one, and an error at any point leaves the old file untouched.
-    """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            for line in lines:
-                fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates the file 0600; give the result the permissions the
-        # old file had, or ordinary ones for a new file.
-        try:
-            mode = path.stat().st_mode & 0o7777
-        except FileNotFoundError:
-            mode = 0o644
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def write_rows(records: RecordSet, indices: Iterable[int], out: str | os.PathLike[str]) -> int:
-    """Copy the header and the chosen rows of ``records`` from its file into ``out``, byte for byte.
-
-    ``indices`` are positions in ``records.records``; rows are written in file order, each with
-    every physical line it spans (captions with line breaks, CRLF endings and a BOM are kept).
-    Lines are split on ``\\n`` exactly as :func:`read_records` counts them. Returns the rows written.
-    """
-    # Decoded only to reuse the atomic writer: UTF-8 round-trips byte for byte, BOM included.
-    lines = Path(records.path).read_bytes().decode("utf-8").split("\n")
-    lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
-    starts = [r.line for r in records.records] + [len(lines) + 1]
-    chosen = sorted(set(indices))
-
-    def rows() -> Iterator[str]:
-        yield lines[0]
-        for i in chosen:
-            yield from lines[starts[i] - 1:starts[i + 1] - 1]
-
-    _atomic_write(out, rows())
-    return len(chosen)
-
-
-def write_submission(
-    path: str | os.PathLike[str],
-    image_ids: Sequence[str],
-    label_sets: Sequence[Iterable[str]],
-) -> None:
-    """Write a Kaggle-style ``ImageID,Labels`` file, labels space-separated.
-
-    Rows are written in the given order. The write is atomic: on any failure
-    an existing file at ``path`` is left as it was and no partial file remains.
-
-    Raises:
-        ValueError: lengths differ, or an id/label cannot be written unambiguously.
-    """
-    if len(image_ids) != len(label_sets):
-        raise ValueError(f"{len(image_ids)} image ids but {len(label_sets)} label sets")
-
-    def lines() -> Iterator[str]:
-        yield "ImageID,Labels\n"
-        for image_id, labels in zip(image_ids, label_sets):
-            _check_id(image_id)
-            labels = list(labels)
-            for label in labels:
-                if not isinstance(label, str) or not _LABEL_TOKEN_RE.fullmatch(label):
-                    raise ValueError(f"cannot write label {label!r} for {image_id}: expected a token of [A-Za-z0-9_.-]")
-            yield f"{image_id},{' '.join(labels)}\n"
-
-    _atomic_write(path, lines())
-
-
-def write_probabilities(
-    path: str | os.PathLike[str],
-    image_ids: Sequence[str],
-    vocab: Sequence[str],
-    probs: np.ndarray | Sequence[Sequence[float]],
-) -> None:
-    """Write per-label probabilities: header ``ImageID,<label1>,<label2>,...``, 6 decimals.
-
-    Atomic like :func:`write_submission`.
-
-    Raises:
-        ValueError: ``probs`` is not ``(len(image_ids), len(vocab))`` or has
-            non-finite values, or an id/label cannot be written.
-    """
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.shape != (len(image_ids), len(vocab)):
-        raise ValueError(f"probs has shape {probs.shape}, expected {(len(image_ids), len(vocab))}")
-    if not np.all(np.isfinite(probs)):
-        raise ValueError("probs contains NaN or infinite values")
-    _vocab_index(vocab)
-    for label in vocab:
-        if not isinstance(label, str) or not _LABEL_TOKEN_RE.fullmatch(label):
-            raise ValueError(f"cannot write label {label!r} as a column name")
-
-    def lines() -> Iterator[str]:
-        yield "ImageID," + ",".join(vocab) + "\n"
-        for image_id, row in zip(image_ids, probs):
-            _check_id(image_id)
-            yield image_id + "," + ",".join(f"{p:.6f}" for p in row.tolist()) + "\n"
-
-    _atomic_write(path, lines())
-
-
-# ---------------------------------------------------------------------------
-# Images and summaries
-
-
-def find_missing_images(image_ids: Iterable[str], image_dir: str | os.PathLike[str]) -> list[str]:
-    """ImageIDs (in the given order) with no file ``image_dir/<ImageID>``.
-
-    Raises:
-        RecordsError: if ``image_dir`` is not a directory.
-    """
-    image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise RecordsError(f"{image_dir}: image directory not found")
-    # One directory listing is far cheaper than 20,000 stat calls.
-    present = set(os.listdir(image_dir))
-    missing = []
-    for image_id in image_ids:
-        if image_id in present:
-            continue
-        if ("/" in image_id or os.sep in image_id) and (image_dir / image_id).is_file():
-            continue
-        missing.append(image_id)
-    return missing
-
-
-def _length_stats(values: Sequence[int]) -> dict[str, float | int | None]:
-    if not values:
-        return {"min": None, "mean": None, "median": None, "max": None}
-    return {
-        "min": min(values),
-        "mean": round(statistics.fmean(values), 2),
-        "median": statistics.median(values),
-        "max": max(values),
-    }
-
-
-def summarize(
-    recordset: RecordSet,
-    image_dir: str | os.PathLike[str] | None = None,
-    label_names: Mapping[str, str] | str | os.PathLike[str] | None = None,
-) -> dict:
-    """JSON-able overview of a :class:`RecordSet`.
-
-    Keys: ``file``, ``rows``, ``bad_rows`` (list of str), ``labelled``,
-    ``label_counts`` ({label: rows} in vocabulary order; ``None`` if
-    unlabelled), ``labels_per_row`` ({"k": rows}, keys are strings so the dict
-    survives a JSON round trip; ``None`` if unlabelled), ``caption_words`` and
-    ``caption_chars`` (min/mean/median/max), ``captions_with_line_breaks``,
-    ``label_names`` ({label: name} for the vocabulary, when ``label_names`` is
-    given as a dict or a path to ``label_names.csv``), and when ``image_dir``
-    is given ``image_dir``, ``missing_images`` (count) and
-    ``missing_images_first`` (up to 20 ids).
-    """
-    records = recordset.records
-    summary: dict = {
-        "file": str(recordset.path),
-        "rows": len(records),
-        "bad_rows": [str(b) for b in recordset.bad_rows],
-        "labelled": recordset.labelled,
-        "label_counts": None,
-        "labels_per_row": None,
-    }
-    vocab: list[str] = []
-    if recordset.labelled:
-        label_sets = recordset.label_sets
-        vocab = label_vocabulary(label_sets)
-        counts = Counter(label for labels in label_sets for label in labels)
-        summary["label_counts"] = {label: counts[label] for label in vocab}
-        per_row = Counter(len(labels) for labels in label_sets)
-        summary["labels_per_row"] = {str(k): per_row[k] for k in sorted(per_row)}
-    summary["caption_words"] = _length_stats([len(r.caption.split()) for r in records])
-    summary["caption_chars"] = _length_stats([len(r.caption) for r in records])
-    summary["captions_with_line_breaks"] = sum("\n" in r.caption for r in records)
-    if label_names is not None:
-        names = label_names if isinstance(label_names, Mapping) else read_label_names(label_names)
-        shown = vocab or _vocab_sort_key(names)
-        summary["label_names"] = {label: names.get(label, "") for label in shown}
-    if image_dir is not None:
-        missing = find_missing_images((r.image_id for r in records), image_dir)
-        summary["image_dir"] = str(image_dir)
-        summary["missing_images"] = len(missing)
-        summary["missing_images_first"] = missing[:20]
-    return summary
-
-
-def _fmt_stats(stats: Mapping[str, object]) -> str:
-    if stats.get("min") is None:
-        return "n/a"
-    mean = stats["mean"]
-    median = stats["median"]
-    return f"min {stats['min']}, mean {mean:.1f}, median {median:g}, max {stats['max']}"  # type: ignore[str-format]
-
-
-def format_summary(summary: Mapping) -> str:
-    """Render :func:`summarize` output as a readable multi-line text report."""
-    rows = summary["rows"]
-    out = [
-        f"File:      {summary['file']}",
-        f"Rows:      {rows} ({'labelled' if summary['labelled'] else 'unlabelled'})",
-        f"Bad rows:  {len(summary['bad_rows'])}",
-    ]
-    for bad in summary["bad_rows"][:_MAX_LISTED_BAD_ROWS]:
-        out.append(f"  {bad}")
-    if len(summary["bad_rows"]) > _MAX_LISTED_BAD_ROWS:
-        out.append(f"  ... and {len(summary['bad_rows']) - _MAX_LISTED_BAD_ROWS} more")
-    out.append(f"Captions:  words {_fmt_stats(summary['caption_words'])}")
-    out.append(f"           chars {_fmt_stats(summary['caption_chars'])}")
-    out.append(f"           with line breaks: {summary['captions_with_line_breaks']}")
-    if "missing_images" in summary:
-        first = summary["missing_images_first"]
-        line = f"Images:    {summary['missing_images']} missing in {summary['image_dir']}"
-        if first:
-            line += " (first: " + ", ".join(first) + ")"
-        out.append(line)
-
-    def share(count: int) -> str:
-        return f"{100.0 * count / rows:5.1f}%" if rows else "    -"
-
-    if summary.get("labels_per_row") is not None:
-        out.append("")
-        out.append("Labels per row:")
-        for k, count in summary["labels_per_row"].items():
-            out.append(f"  {k:>3}  {count:>7}  {share(count)}")
-    names = summary.get("label_names") or {}
-    if summary.get("label_counts") is not None:
-        counts = summary["label_counts"]
-        width = max([5, *(len(label) for label in counts)])
-        name_width = max([4, *(len(names.get(label, "")) for label in counts)]) if names else 0
-        out.append("")
-        out.append(f"Label counts ({len(counts)} labels):")
-        head = f"  {'label':<{width}}"
-        if names:
-            head += f"  {'name':<{name_width}}"
-        out.append(head + f"  {'rows':>7}  {'share':>6}")
-        for label, count in counts.items():
-            line = f"  {label:<{width}}"
-            if names:
-                line += f"  {names.get(label, ''):<{name_width}}"
-            out.append(line + f"  {count:>7}  {share(count)}")
-    return "\n".join(out)
+def resolve_data(data: str | None, csv: str | None, default_csv: str = "train.csv") -> tuple[Path, Path]:
+    """(image folder, CSV). ``data`` is the image folder, or a data-set folder holding ``data/`` and the CSV."""
+    if not data:
+        raise ValueError("no data folder given; pass --data IMAGE_DIR (a folder of images, or one holding data/ "
+                         "and the CSV)")
+    root = Path(data)
+    if not root.is_dir():
+        raise ValueError(f"data folder {root} not found; pass --data IMAGE_DIR --csv FILE")
+    images = root / "data" if (root / "data").is_dir() else root
+    csv_path = Path(csv) if csv else root / default_csv
+    if not csv_path.exists():
+        raise ValueError(f"CSV {csv_path} not found; pass --csv FILE")
+    return images, csv_path

@@ -1,0 +1,273 @@
+"""Image decoding for the tensor path: file bytes -> uint8 tensors on the device, and image features from them.
+
+DataLoader workers only read file bytes; JPEGs are decoded in batches with nvJPEG
+(``torchvision.io.decode_jpeg(list, device="cuda")``), resized on the device (antialiased) and
+centre-cropped (fuselabel.geometry). Files nvJPEG should not take (not a JPEG, CMYK/YCCK,
+arithmetic coding) are decoded with PIL in the worker; files it fails on fall back to PIL one by
+one; missing or unreadable files follow the ``missing_images`` policy exactly like the PIL path.
+
+``FUSELABEL_GPU_DECODE`` overrides the choice of decoder: ``0`` = the PIL path, ``1`` = nvJPEG
+(GPU only, the default there), ``force`` = this tensor path even on a CPU (for tests / dry runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .data import ImageError, default_workers
+from .geometry import Geometry, normalize, resize_center_crop
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _quiet_codecs():
+    """torchvision >= 0.29 marks its JPEG codecs deprecated (in favour of TorchCodec); they still work."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The image decoding and encoding capabilities of TorchVision",
+                                category=DeprecationWarning)
+        yield
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int] | None:
+    """(SOF marker, colour components) of a JPEG, or None when ``data`` is not a parsable JPEG."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:                      # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):              # end of image / start of scan before any frame header
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return (marker, data[i + 9]) if i + 9 < n else None
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+def nvjpeg_friendly(data: bytes) -> bool:
+    """Baseline, extended or progressive Huffman JPEG with 1 or 3 components (not CMYK/YCCK, not arithmetic)."""
+    frame = jpeg_frame(data)
+    return frame is not None and frame[0] in (0xC0, 0xC1, 0xC2) and frame[1] in (1, 3)
+
+
+def _pil_rgb(data: bytes):
+    from .images import load_rgb  # the one safe door: pixel limit, EXIF orientation, every mode to RGB
+
+    return load_rgb(data)
+
+
+def _pil_to_chw(img) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+class _ReadDataset(Dataset):
+    """What a worker does per row: read the bytes (``mode="bytes"``) or decode and crop with PIL (``"pil"``).
+
+    bytes mode returns the raw file for nvJPEG when it can take it, else the full-size PIL decode.
+    pil mode returns uint8 at the final geometry (resize ``resize``, centre crop ``crop``).
+    Errors travel back as strings; the main process applies the missing-images policy. Items hold
+    bytes and numpy arrays, not tensors: a batch of tensors would cost one shared-memory file each.
+    """
+
+    def __init__(self, records, image_dir, mode: str, geometry: Geometry, crop: int):
+        self.records, self.image_dir, self.mode, self.geometry, self.crop = list(records), Path(image_dir), mode, \
+            geometry, crop
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"pos": i, "data": None, "pixels": None, "final": False, "error": None}
+        path = self.image_dir / self.records[i].image_id
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            item["error"] = "missing"
+            return item
+        except OSError as err:
+            item["error"] = f"unreadable ({err})"
+            return item
+        if self.mode == "bytes" and nvjpeg_friendly(data):
+            item["data"] = data
+            return item
+        try:
+            img = _pil_rgb(data)
+            if self.mode == "pil":
+                from torchvision import transforms as T
+
+                interp = T.InterpolationMode.BICUBIC if self.geometry.interpolation == "bicubic" \
+                    else T.InterpolationMode.BILINEAR
+                if self.geometry.squash:
+                    img = T.Resize((self.crop, self.crop), interpolation=interp)(img)
+                else:
+                    img = T.CenterCrop(self.crop)(T.Resize(self.geometry.resize, interpolation=interp)(img))
+                item["final"] = True
+            item["pixels"] = _pil_to_chw(img)
+        except Exception as err:  # PIL raises several types for a broken file
+            item["error"] = f"unreadable ({err})"
+        return item
+
+
+def _collate_read(items: list[dict]) -> dict:
+    """One tensor for the batch's final-geometry pixels (one shared-memory file), the rest as pickled items."""
+    final = [k for k, it in enumerate(items) if it["final"] and it["error"] is None]
+    stacked = torch.from_numpy(np.stack([items[k]["pixels"] for k in final])) if final else None
+    for k in final:
+        items[k]["pixels"] = None
+    return {"items": items, "final": final, "pixels": stacked}
+
+
+def _decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """Decode JPEG byte tensors on ``device`` (batched on CUDA); None where one fails on its own."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not datas:
+        return []
+    with _quiet_codecs():
+        try:
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        except Exception:  # one bad file fails the whole batch: decode one by one to find it
+            out = []
+            for d in datas:
+                try:
+                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+                except Exception:
+                    out.append(None)
+            return out
+
+
+@functools.lru_cache(maxsize=4)
+def _nvjpeg_works(device: str) -> bool:
+    """Whether this torchvision decodes JPEGs on ``device`` (built with nvJPEG, driver usable)."""
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+    try:
+        with _quiet_codecs():
+            probe = encode_jpeg(torch.full((3, 16, 16), 128, dtype=torch.uint8))
+            decode_jpeg([probe], mode=ImageReadMode.RGB, device=device)
+        return True
+    except Exception as err:
+        logger.warning("JPEG decoding on %s is not available (%s: %s); using PIL in DataLoader workers",
+                       device, type(err).__name__, err)
+        return False
+
+
+def gpu_decode_enabled(requested: bool | None, device) -> bool:
+    """Whether to decode with the tensor path: ``FUSELABEL_GPU_DECODE`` first, then ``requested``, then CUDA or not."""
+    device = torch.device(device)
+    env = os.environ.get("FUSELABEL_GPU_DECODE", "").strip().lower()
+    if env in ("0", "false", "no", "off"):
+        return False
+    if env == "force":
+        return True
+    if requested is False or device.type != "cuda":
+        return False
+    return _nvjpeg_works(str(device))
+
+
+def _policy_error(record, image_dir, reason: str) -> ImageError:
+    path = Path(image_dir) / record.image_id
+    return ImageError(f"{path}: image {reason} for row {record.image_id} (CSV line {record.line}); "
+                      "pass --missing-images caption_only to predict from the caption alone")
+
+
+def iter_uint8(records, image_dir, geometry: Geometry, crop: int, *, device, gpu_decode: bool,
+               num_workers: int | None = None, batch_size: int = 256, missing_images: str = "error"):
+    """Yield (positions (B,) int64, pixels uint8 (B, 3, crop, crop) on ``device``, present float32 (B,)) in row order.
+
+    ``gpu_decode``: workers read bytes and JPEGs are decoded on ``device`` (nvJPEG on CUDA); else
+    workers decode, resize and crop with PIL. Either way the pixels follow the evaluation geometry
+    (short side ``geometry.resize``, centre crop ``crop``; or squashed whole to ``crop``). Unusable
+    images raise ImageError, or with ``missing_images="caption_only"`` come back as zeros, present 0.
+    """
+    device = torch.device(device)
+    records = list(records)
+    ds = _ReadDataset(records, image_dir, "bytes" if gpu_decode else "pil", geometry, crop)
+    workers = default_workers(num_workers)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_read,
+                        prefetch_factor=4 if workers > 0 else None)
+    for batch in loader:
+        items, final = batch["items"], batch["final"]
+        jpegs = [it for it in items if it["data"] is not None]
+        datas = [torch.frombuffer(bytearray(it["data"]), dtype=torch.uint8) for it in jpegs]
+        for it, img in zip(jpegs, _decode(datas, device)):
+            if img is None:  # nvJPEG refused it: PIL, in this process (rare)
+                try:
+                    img = _pil_to_chw(_pil_rgb(it["data"]))
+                except Exception as err:
+                    it["error"] = f"unreadable ({err})"
+            it["pixels"] = img
+        out = torch.zeros((len(items), 3, crop, crop), dtype=torch.uint8, device=device)
+        present = torch.ones(len(items), dtype=torch.float32)
+        done = set(final)
+        todo = [k for k, it in enumerate(items) if it["error"] is None and k not in done]
+        if final:
+            out[final] = batch["pixels"].to(device, non_blocking=True)
+        if todo:
+            out[todo] = resize_center_crop([torch.as_tensor(items[k]["pixels"]).to(device, non_blocking=True)
+                                            for k in todo],
+                                           geometry.resize, crop, geometry.interpolation, geometry.squash)
+        for k, it in enumerate(items):
+            if it["error"] is not None:
+                if missing_images != "caption_only":
+                    raise _policy_error(records[it["pos"]], image_dir, it["error"])
+                present[k] = 0.0
+        yield torch.tensor([it["pos"] for it in items], dtype=torch.int64), out, present
+
+
+@torch.inference_mode()
+def extract_image_features_gpu(encoder, data_config, records, image_dir, *, batch_size=64, num_workers=None,
+                               flip_tta=False, missing_images="error", device=None, progress=True):
+    """``features.extract_image_features`` with nvJPEG decoding and device-side resize/crop/normalise.
+
+    Same outputs: (features float32 (n, d), image_present float32 (n,)); caption-only rows get the
+    features of an all-zero (normalised) input, as on the PIL path.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    geo = Geometry.from_data_config(data_config)
+    encoder = encoder.eval().to(device)
+    # Pixels in the encoder's own layout, so this path differs from the PIL one in decoding alone.
+    conv = next((p for p in encoder.parameters() if p.dim() == 4), None)
+    layout = torch.channels_last if conv is not None and not conv.is_contiguous() and conv.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
+    n = len(records)
+    feats: list[torch.Tensor] = []     # kept on the device: no sync per batch, so the next batch's decode
+    present: list[np.ndarray] = []     # (nvJPEG's Huffman stage runs on this thread) overlaps this one's forward
+    bar = tqdm(total=n, desc=f"image features ({device.type} decode)", unit="img",
+               disable=not progress or not sys.stderr.isatty())
+    for _, pixels, pres in iter_uint8(records, image_dir, geo, geo.size, device=device, gpu_decode=True,
+                                      num_workers=num_workers, batch_size=max(batch_size, 1),
+                                      missing_images=missing_images):
+        x = normalize(pixels, geo.mean, geo.std).contiguous(memory_format=layout)
+        if not bool(pres.all()):
+            x = x * pres.to(device).view(-1, 1, 1, 1)
+        f = encoder(x).float()
+        if flip_tta:
+            f = (f + encoder(x.flip(-1)).float()) / 2
+        feats.append(f)
+        present.append(pres.numpy())
+        bar.update(len(pres))
+    bar.close()
+    if not feats:
+        return np.zeros((0, encoder.num_features), np.float32), np.zeros(0, np.float32)
+    return torch.cat(feats).cpu().numpy().astype(np.float32), np.concatenate(present).astype(np.float32)

@@ -1,0 +1,314 @@
+"""The prediction service behind ``fuselabel serve MODEL``: a FastAPI app, a web page, and explanations.
+
+    GET  /                 the web page (photo + caption -> label bars, and a "why" view)
+    POST /predict          multipart ``image`` and/or ``caption`` -> every label's probability and the set
+    POST /predict/batch    JSON list of {caption, image_base64} (at most ``max_batch`` items)
+    POST /explain          multipart ``image`` and/or ``caption`` and ``label`` -> heatmap + word scores
+    GET  /labels, /health, /info;  OpenAPI at /docs
+
+The model folder loads once, at start. Each request is read and checked first (size, photo, caption),
+then makes one call into the model under a lock (the network and its explanation hooks are shared),
+then its answer is built. Every client mistake is a 4xx with a JSON ``detail``: 413 for a body over
+the upload limit (counted while it arrives, whatever Content-Length claims), 415 for bytes that are
+not a photo (or a decompression bomb), 422 for no input or malformed fields. Requests name no file
+on the server: photos arrive as bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict
+
+from .bundle import folder_size
+from .data import load_rgb
+from .estimator import FuseLabel
+from .explain import explain, heatmap_png
+
+log = logging.getLogger(__name__)
+
+WEB = Path(__file__).with_name("web")
+MAX_CAPTION_CHARS = 10_000   # far beyond any token limit; keeps tokenising inside the lock cheap
+
+
+# ---------------------------------------------------------------- the model, behind one lock
+
+class Model:
+    """A model folder loaded once, with what the service reports about it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.estimator = FuseLabel.from_pretrained(self.path)
+        self.lock = threading.Lock()
+        weights = self.path / "model.safetensors"
+        with weights.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        self.id = f"{self.path.resolve().name}@{digest[:12]}"
+
+    @property
+    def labels(self) -> list[dict]:
+        est = self.estimator
+        return [{"id": lab, "name": name, "threshold": float(t)}
+                for lab, name, t in zip(est.labels_, est.label_names_, est.thresholds_)]
+
+    def predict(self, images: list, captions: list):
+        with self.lock:
+            return self.estimator.predict_details(images, captions)
+
+    def explain(self, label_index: int, image, caption):
+        with self.lock:
+            return self.estimator.predict_details([image], [caption]), explain(
+                self.estimator.bundle_, label_index, image, caption)
+
+
+# ---------------------------------------------------------------- request parsing and checks
+
+class BatchItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    caption: str | None = None
+    image_base64: str | None = None
+
+
+def _photo(data: bytes, where: str = "image"):
+    """An RGB image from uploaded bytes, or 415. Empty bytes mean no photo (a form's empty file field)."""
+    if not data:
+        return None
+    try:
+        return load_rgb(data)   # refuses decompression bombs by their pixel count
+    except Exception as err:  # any decoder failure on a client's bytes is the client's, not the server's
+        raise HTTPException(415, f"{where}: not a photo this service can decode ({err}); "
+                                 "send a JPEG, PNG, WebP, GIF or BMP file") from None
+
+
+def _caption(text: str | None, where: str = "caption") -> str | None:
+    if text is None or not text.strip():
+        return None
+    if len(text) > MAX_CAPTION_CHARS:
+        raise HTTPException(422, f"{where}: {len(text)} characters, over the limit of {MAX_CAPTION_CHARS}")
+    return text
+
+
+def _require_input(image, caption, where: str = "request") -> None:
+    if image is None and caption is None:
+        raise HTTPException(422, f"{where}: send a photo (image) or a caption, or both")
+
+
+def _decode_base64(text: str | None, where: str) -> bytes:
+    if not text:
+        return b""
+    if text.startswith("data:") and "," in text:   # a data: URL, as browsers write them
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(422, f"{where}: image_base64 is not valid base64") from None
+
+
+def _upload(image: UploadFile | None):
+    return _photo(image.file.read()) if image is not None else None
+
+
+# ---------------------------------------------------------------- response building
+
+def _rows(model: Model, pred) -> list[dict]:
+    est = model.estimator
+    out = []
+    for i, status in enumerate(pred.status):
+        labels = []
+        for j, (lab, name) in enumerate(zip(est.labels_, est.label_names_)):
+            labels.append({"id": lab, "name": name, "probability": float(pred.probs[i, j]),
+                           "threshold": float(est.thresholds_[j]), "predicted": bool(pred.predicted[i, j]),
+                           "parts": {part: float(p[i, j]) for part, p in pred.parts.items()}})
+        out.append({
+            "labels": labels,
+            "predicted": [{"id": lab["id"], "name": lab["name"]} for lab in labels if lab["predicted"]],
+            "inputs": [name for name, used in (("image", pred.image_present[i]), ("caption", pred.caption_present[i]))
+                       if used],
+            "status": status,
+        })
+    return out
+
+
+def _explanation(model: Model, label_index: int, pred, expl) -> dict:
+    row = _rows(model, pred)[0]
+    heat = words = None
+    if expl.heatmap is not None:
+        heat = {"png_base64": base64.b64encode(heatmap_png(expl.heatmap)).decode(),
+                "width": int(expl.heatmap.shape[1]), "height": int(expl.heatmap.shape[0]),
+                "target": expl.heatmap_target, "logit": expl.heatmap_logit}
+    if expl.words is not None:
+        words = {"items": expl.words, "target": expl.words_target, "logit": expl.words_logit}
+    return {"model": model.id, "label": row["labels"][label_index], "status": row["status"],
+            "inputs": row["inputs"], "heatmap": heat, "words": words}
+
+
+def _settings(model: Model) -> dict:
+    """The model's settings, without paths of the machine that trained it (only a file or folder's name)."""
+    config = model.estimator.bundle_.config
+    settings = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    settings.pop("cache_dir", None)
+    for key in ("image_weights", "text_model"):
+        value = settings.get(key)
+        if isinstance(value, str) and ("/" in value and Path(value).exists()):
+            settings[key] = Path(value).name
+    return settings
+
+
+# ---------------------------------------------------------------- the app
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413, counted as it arrives.
+
+    The body is read here (at most ``max_bytes``) and handed on whole, so a chunked upload without a
+    Content-Length, or one that lies about it, is cut off the same way as an honest one.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        limit = self.max_bytes / 1e6
+        response = JSONResponse({"detail": f"request body over the upload limit of {limit:g} MB "
+                                           f"(fuselabel serve --max-upload-mb)"}, status_code=413)
+        await response(scope, receive, send)
+
+
+def create_app(model_dir: str | Path, *, max_upload_mb: float = 10, max_batch: int = 32) -> FastAPI:
+    """The service for one model folder (loaded now, once)."""
+    if not max_upload_mb > 0 or max_batch < 1:
+        raise ValueError(f"--max-upload-mb must be above 0 and --max-batch at least 1 "
+                         f"(got {max_upload_mb:g} and {max_batch})")
+    model = Model(model_dir)
+    app = FastAPI(title="fuselabel", summary="Labels for image + caption pairs", version=model.id)
+    app.add_middleware(BodyLimit, max_bytes=int(max_upload_mb * 1e6))
+    app.state.model = model
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, exc: RequestValidationError):
+        # One readable line, and the errors without their inputs (which may be a whole photo).
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        message = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in errors)
+        return JSONResponse({"detail": message, "errors": errors}, status_code=422)
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(WEB / "index.html")
+
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": model.id}
+
+    @app.get("/labels")
+    def labels():
+        return {"model": model.id, "labels": model.labels}
+
+    @app.get("/info")
+    def info():
+        metrics_path = model.path / "metrics.json"
+        metrics = {}
+        if metrics_path.is_file():
+            metrics = json.loads(metrics_path.read_text()).get("validation", {})
+        validation = {k: v for k, v in metrics.items() if k != "per_label"}
+        return {"model": model.id, "folder": model.path.resolve().name, "size_bytes": folder_size(model.path),
+                "labels": model.labels, "settings": _settings(model), "validation": validation,
+                "limits": {"max_upload_mb": max_upload_mb, "max_batch": max_batch,
+                           "max_caption_chars": MAX_CAPTION_CHARS}}
+
+    # The POST handlers are plain functions: FastAPI runs them in worker threads, so decoding photos and
+    # waiting for the model lock never hold up the event loop (nor its shutdown).
+    @app.post("/predict")
+    def predict(image: UploadFile | None = File(None, description="a photo (JPEG, PNG, ...)"),
+                      caption: str | None = Form(None, description="the photo's caption")):
+        photo, text = _upload(image), _caption(caption)
+        _require_input(photo, text)
+        pred = model.predict([photo], [text])
+        return {"model": model.id, **_rows(model, pred)[0]}
+
+    @app.post("/predict/batch")
+    def predict_batch(items: list[BatchItem]):
+        if not items:
+            raise HTTPException(422, "send a non-empty JSON list of {caption, image_base64} items")
+        if len(items) > max_batch:
+            raise HTTPException(413, f"{len(items)} items, over the limit of {max_batch} a request "
+                                     f"(fuselabel serve --max-batch)")
+        photos, texts = [], []
+        for i, item in enumerate(items):
+            photo = _photo(_decode_base64(item.image_base64, f"item {i}"), f"item {i}: image_base64")
+            text = _caption(item.caption, f"item {i}: caption")
+            _require_input(photo, text, f"item {i}")
+            photos.append(photo)
+            texts.append(text)
+        pred = model.predict(photos, texts)
+        return {"model": model.id, "results": _rows(model, pred)}
+
+    @app.post("/explain")
+    def explain_label(label: str = Form(..., description="a label id, as /labels lists them"),
+                            image: UploadFile | None = File(None), caption: str | None = Form(None)):
+        ids = [str(lab) for lab in model.estimator.labels_]
+        if label not in ids:
+            raise HTTPException(422, f"label: {label!r} is not one of this model's labels ({', '.join(ids)})")
+        photo, text = _upload(image), _caption(caption)
+        _require_input(photo, text)
+        pred, expl = model.explain(ids.index(label), photo, text)
+        return _explanation(model, ids.index(label), pred, expl)
+
+    return app
+
+
+def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, max_upload_mb: float = 10,
+        max_batch: int = 32) -> None:
+    """Serve until SIGINT or SIGTERM; requests in flight finish first, then this returns."""
+    import uvicorn
+
+    app = create_app(model_dir, max_upload_mb=max_upload_mb, max_batch=max_batch)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    # uvicorn drains in-flight requests on SIGTERM, then raises the signal again once its own handler
+    # is gone; under the default disposition that would end a clean stop with status 143.
+    previous = signal.signal(signal.SIGTERM, lambda *_: log.info("stopped on SIGTERM"))
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
