@@ -153,9 +153,13 @@ def main(argv: list[str] | None = None) -> int:
                          seed=config.seed)
         val_labels[(run_id, config.seed)] = result.val_labels
 
-    config = build_config("cpu", epochs=args.epochs, **dict(args.set))  # what every run shares (preset cpu: frozen encoders)
+    # what every run shares (preset cpu: frozen encoders)
+    config = build_config("cpu", epochs=args.epochs, **dict(args.set))
     print(f"pipeline benchmark: {csv} ({images}); image {config.image_model}, text {config.text_model}, regime "
           f"frozen; seeds {args.seeds}; cache {cache_dir}{' (fresh)' if not before else ' (already holds features)'}")
+    t_read = time.perf_counter()
+    n_rows = len(read_records(csv))
+    print(f"reading the CSV: {n_rows} rows in {time.perf_counter() - t_read:.2f} s")
     try:
         rows = run_experiment(build_grid(str(cache_dir), args.seeds, args.epochs), study_dir, images, csv,
                               overrides=dict(args.set), verbose=args.verbose, on_result=on_result)

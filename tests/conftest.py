@@ -34,21 +34,13 @@ TINY_ROWS = 48
 FILLER = ["a photo of", "there is", "picture showing", "we can see", "an image with"]
 
 
-def require_shared_data(path: Path, what: str) -> Path:
-    """``path`` if it holds the real data (train.csv and data/), else skip with a reason that -ra prints."""
-    if not (path / "train.csv").is_file() or not (path / "data").is_dir():
-        pytest.skip(f"../shared/data/comp5329 not present: {what}")
-    return path
-
-
 def shared_data_or_skip(what: str) -> Path:
-    """The real data folder (``SHARED_DATA``), or skip with ``what`` as the reason."""
-    return require_shared_data(SHARED_DATA, what)
+    """The real data folder (``SHARED_DATA``: train.csv and data/), or skip, saying ``what`` is skipped and why.
 
-
-@pytest.fixture
-def shared_data() -> Path:
-    """Path of the real data set (``../shared/data/comp5329``); its users skip when it is absent."""
+    Every test on the real data goes through here, so ``FUSELABEL_TEST_DATA`` moves them all at once.
+    """
+    if not (SHARED_DATA / "train.csv").is_file() or not (SHARED_DATA / "data").is_dir():
+        pytest.skip(f"{what}: no real data at {SHARED_DATA} (set FUSELABEL_TEST_DATA to the course data folder)")
     return SHARED_DATA
 
 

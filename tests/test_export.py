@@ -23,17 +23,16 @@ from PIL import Image  # noqa: E402
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from conftest import shared_data_or_skip  # noqa: E402
 from fuselabel.bundle import Bundle, load_bundle, save_bundle  # noqa: E402
 from fuselabel.config import Config  # noqa: E402
 from fuselabel.encoders import create_tokenizer, image_data_config  # noqa: E402
-from fuselabel.export import (HeadGraph, export_head, export_image_encoder, export_onnx, onnx_predict_proba,  # noqa: E402
-                              session)
+from fuselabel.engines import TorchEngine, engine_for_bundle  # noqa: E402
+from fuselabel.export import HeadGraph, export_head, export_image_encoder, export_onnx  # noqa: E402
 from fuselabel.network import FuseLabelNet  # noqa: E402
-from fuselabel.predict import decide, predict_proba  # noqa: E402
 from fuselabel.records import Record, read_records  # noqa: E402
-from fuselabel.thresholds import apply_thresholds  # noqa: E402
+from fuselabel.runtime import Prediction, Predictor, load_onnx_predictor, session  # noqa: E402
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared/data/comp5329"
 FP32_TOL = 1e-4          # max |onnx - torch| of fp32 probabilities
 INT8_AGREEMENT = 0.95    # share of label decisions (row x label cells) int8 must keep
 NUM_LABELS = 6
@@ -48,7 +47,7 @@ def _data_config(net, size):
 
 def build_model(out: Path, pretrained: bool = True, logit_scale: float = 8.0, **overrides) -> Path:
     settings = dict(kind="late", late_weight=LATE_WEIGHT, image_model="tf_efficientnet_lite0", image_size=64,
-                    text_config_overrides=dict(num_hidden_layers=1), save_dtype="fp32", cache_dir=str(out) + "-cache")
+                    text_config_overrides=dict(num_hidden_layers=1), save_dtype="fp32")
     settings.update(overrides)
     cfg = Config(**settings)
     torch.manual_seed(0)
@@ -90,6 +89,19 @@ def synthetic_rows(image_dir: Path, n: int = 12, seed: int = 0, missing: int = 1
     return rows
 
 
+def torch_predict(bundle, rows, image_dir, engine: str = "torch", cache_dir=None) -> Prediction:
+    """The model folder's own prediction (PyTorch heads; encoders eager, or in onnxruntime with ``engine="onnx"``)."""
+    predictor = Predictor(engine_for_bundle(bundle, engine=engine, device="cpu", cache_dir=cache_dir),
+                          bundle.labels, bundle.threshold_vector, bundle.thresholds["ensure_nonempty"], workers=1)
+    return predictor.predict([r.image_id for r in rows], [r.caption for r in rows], image_dir=image_dir)
+
+
+def onnx_predict(onnx_dir, rows, image_dir) -> Prediction:
+    """An exported folder's prediction, in onnxruntime alone."""
+    predictor, _ = load_onnx_predictor(onnx_dir, workers=1)
+    return predictor.predict([r.image_id for r in rows], [r.caption for r in rows], image_dir=image_dir)
+
+
 @pytest.fixture(scope="module")
 def late_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
@@ -107,41 +119,53 @@ def test_export_writes_graphs_and_manifest(late_model):
     onnx_dir = late_model["model"] / "onnx"
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
     assert {p.name for p in onnx_dir.iterdir()} == {"image_encoder.onnx", "text_encoder.onnx", "head.onnx",
-                                                    "manifest.json"}
-    assert manifest["late_weight"] == pytest.approx(LATE_WEIGHT)
-    assert manifest["head"]["inputs"] == ["image_feat", "text_feat", "image_present"]
+                                                    "tokenizer", "manifest.json"}
+    assert (onnx_dir / manifest["tokenizer"]).is_file()
+    assert manifest["version"] == 2 and manifest["late_weight"] == pytest.approx(LATE_WEIGHT)
+    # Late fusion's head graph gives each head's probabilities; fusing them is the runtime's job.
+    assert manifest["head"]["inputs"] == ["image_feat", "text_feat"]
+    assert manifest["head"]["outputs"] == ["image", "text"]
     assert manifest["int8"] is False and manifest["labels"] == [str(i + 1) for i in range(NUM_LABELS)]
     checks = manifest["checks"]
-    assert checks["probabilities"] < FP32_TOL and checks["head"] < FP32_TOL and checks["text_encoder"] < FP32_TOL
+    assert checks["probabilities"] < FP32_TOL and checks["image"] < FP32_TOL and checks["text"] < FP32_TOL
     assert checks["rows_identical"] == 1.0
     # The folder still loads as a model (the onnx/ folder is extra, not in the way).
     load_bundle(late_model["model"])
 
 
-def test_onnx_predict_proba_matches_pytorch(late_model):
+def test_onnx_folder_matches_pytorch(late_model):
     model, rows, images = late_model["model"], late_model["rows"], late_model["images"]
     bundle = load_bundle(model)
-    ref = predict_proba(bundle, rows, images, engine="torch", missing_images="caption_only", num_workers=0,
-                        progress=False)
-    got = onnx_predict_proba(model, rows, images, missing_images="caption_only", num_workers=0)
-    assert got.shape == ref.shape == (len(rows), NUM_LABELS)
-    assert np.abs(got - ref).max() < FP32_TOL
-    assert (decide(bundle, got) == decide(bundle, ref)).all()
+    ref = torch_predict(bundle, rows, images)
+    got = onnx_predict(model / "onnx", rows, images)
+    assert got.probs.shape == ref.probs.shape == (len(rows), NUM_LABELS)
+    assert np.abs(got.probs - ref.probs).max() < FP32_TOL
+    for head in ("image", "text"):
+        assert np.abs(got.parts[head] - ref.parts[head]).max() < FP32_TOL, head
+    assert (got.predicted == ref.predicted).all()
     # the thresholds split the rows: some labels on, some off
-    assert 0.1 < decide(bundle, ref).mean() < 0.9
+    assert 0.1 < ref.predicted.mean() < 0.9
+    # rows with both inputs use the stored image weight
+    weighted = LATE_WEIGHT * ref.parts["image"][0] + (1 - LATE_WEIGHT) * ref.parts["text"][0]
+    np.testing.assert_allclose(ref.probs[0], weighted, atol=1e-6)
     # the caption-only row is judged by the text head alone, in both paths
-    assert not np.allclose(ref[-1], ref[0])
+    assert ref.status[-1] == got.status[-1] == "caption_only" and ref.status[:-1] == ["ok"] * (len(rows) - 1)
+    np.testing.assert_allclose(ref.probs[-1], ref.parts["text"][-1], atol=1e-6)
+    np.testing.assert_allclose(got.probs[-1], got.parts["text"][-1], atol=1e-6)
+    assert not np.allclose(ref.probs[-1], ref.probs[0])
 
 
-def test_predict_engine_onnx_uses_onnx_text_encoder(late_model):
+def test_predict_engine_onnx_uses_onnx_text_encoder(late_model, tmp_path):
     model, rows, images = late_model["model"], late_model["rows"], late_model["images"]
     bundle = load_bundle(model)
-    kw = dict(missing_images="caption_only", num_workers=0, progress=False)
-    ref = predict_proba(bundle, rows, images, engine="torch", **kw)
-    got = predict_proba(bundle, rows, images, engine="onnx", **kw)
-    assert np.abs(got - ref).max() < FP32_TOL
-    cached = list((Path(bundle.config.cache_dir) / "onnx").glob("text-*.onnx"))
-    assert len(cached) == 1, "the text encoder is exported once into the cache"
+    ref = torch_predict(bundle, rows, images, engine="torch")
+    got = torch_predict(bundle, rows, images, engine="onnx", cache_dir=tmp_path)
+    assert np.abs(got.probs - ref.probs).max() < FP32_TOL
+    assert (got.predicted == ref.predicted).all()
+    again = torch_predict(bundle, rows, images, engine="onnx", cache_dir=tmp_path)
+    np.testing.assert_array_equal(again.probs, got.probs)
+    assert len(list((tmp_path / "onnx").glob("text-*.onnx"))) == 1, "the text encoder is exported once into the cache"
+    assert len(list((tmp_path / "onnx").glob("image-*.onnx"))) == 1
 
 
 def test_graphs_take_any_batch_and_length(late_model):
@@ -174,10 +198,10 @@ def test_int8_export_is_smaller_and_agrees(late_model):
     model, images = late_model["model"], late_model["images"] / "int8"
     rows = synthetic_rows(images, n=48, seed=1, missing=0)  # enough cells (288) for a stable share
     bundle = load_bundle(model)
-    ref = predict_proba(bundle, rows, images, engine="torch", num_workers=0, progress=False)
-    got = onnx_predict_proba(model, rows, images, onnx_dir=late_model["int8_dir"], num_workers=0)
-    agreement = (decide(bundle, got) == decide(bundle, ref)).mean()
-    print(f"int8: max |p - p_torch| {np.abs(got - ref).max():.4f}, label agreement {agreement:.3f}")
+    ref = torch_predict(bundle, rows, images)
+    got = onnx_predict(late_model["int8_dir"], rows, images)
+    agreement = (got.predicted == ref.predicted).mean()
+    print(f"int8: max |p - p_torch| {np.abs(got.probs - ref.probs).max():.4f}, label agreement {agreement:.3f}")
     assert agreement >= INT8_AGREEMENT
 
 
@@ -192,10 +216,8 @@ def test_cli_export(late_model, tmp_path, capsys):
     assert main(["export", str(tmp_path / "nowhere"), "--format", "onnx"]) == 2
 
 
-HEAD_VARIANTS = [dict(kind="late", late_combine="union"), dict(kind="early"), dict(kind="image"), dict(kind="text")]
-for _decoder in ("query", "lstm"):
-    if "decoder" in Config.__dataclass_fields__:
-        HEAD_VARIANTS.append(dict(kind="early", decoder=_decoder))
+HEAD_VARIANTS = [dict(kind="late", late_combine="union"), dict(kind="early"), dict(kind="image"), dict(kind="text"),
+                 dict(kind="early", decoder="query"), dict(kind="early", decoder="lstm")]
 
 
 @pytest.mark.parametrize("variant", HEAD_VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
@@ -215,18 +237,25 @@ def test_head_graph_matches_pytorch(variant, tmp_path):
         feeds["text_feat"] = torch.randn(n, net.text_encoder.num_features)
     if "image_present" in graph.names:
         feeds["image_present"] = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 1], dtype=torch.float32)
+    if "caption_present" in graph.names:
+        feeds["caption_present"] = torch.tensor([1, 0, 1, 1, 1, 1, 0, 1, 1], dtype=torch.float32)
+    assert graph.outputs == (["image", "text"] if cfg.kind == "late" else [cfg.kind])
     with torch.no_grad():
-        ref = graph(*[feeds[k] for k in graph.names]).numpy()
-        # the graph is exactly predict_proba's head step
-        logits = net.head(net.encode({k: v for k, v in feeds.items()}))
-        assert np.allclose(ref, net.probabilities(logits, feeds.get("image_present")).numpy())
-    got = session(path).run(None, {k: v.numpy() for k, v in feeds.items()})[0]
-    assert np.abs(got - ref).max() < FP32_TOL
+        ref = dict(zip(graph.outputs, (t.numpy() for t in graph(*[feeds[k] for k in graph.names]))))
+    # the graph is exactly the PyTorch engine's head step
+    engine = TorchEngine(net, None, None, encoders="torch", device="cpu")
+    eager = engine.heads({k: v.numpy() for k, v in feeds.items()})
+    assert sorted(eager) == sorted(ref)
+    for k in ref:
+        assert ref[k].shape == (n, NUM_LABELS) and np.allclose(ref[k], eager[k]), k
+    sess = session(path)
+    outs = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})
+    assert [o.name for o in sess.get_outputs()] == graph.outputs
+    for k, got in zip(graph.outputs, outs):
+        assert np.abs(got - ref[k]).max() < FP32_TOL, k
 
 
-IMAGE_VARIANTS = [{}]
-if "image_pool" in Config.__dataclass_fields__:
-    IMAGE_VARIANTS += [dict(image_pool="avgmax"), dict(image_layers=2)]
+IMAGE_VARIANTS = [{}, dict(image_pool="avgmax"), dict(image_layers=2)]
 
 
 @pytest.mark.parametrize("variant", IMAGE_VARIANTS, ids=lambda v: "-".join(map(str, v.values())) or "default")
@@ -241,22 +270,21 @@ def test_image_encoder_graph_matches_pytorch(variant, tmp_path):
 
 
 def test_real_rows_same_label_sets(late_model):
-    if not (REAL_DATA / "train.csv").exists() or not (REAL_DATA / "data").is_dir():
-        print(f"skipping: real data not found at {REAL_DATA}")
-        pytest.skip(f"real data not found at {REAL_DATA}")
-    rows = read_records(REAL_DATA / "train.csv").records[:64]
-    images = REAL_DATA / "data"
+    real = shared_data_or_skip("ONNX against PyTorch on real rows")
+    rows = read_records(real / "train.csv").records[:64]
+    images = real / "data"
     model = late_model["model"]
     bundle = load_bundle(model)
-    ref = predict_proba(bundle, rows, images, engine="torch", num_workers=0, progress=False)
-    got = onnx_predict_proba(model, rows, images, num_workers=0)
-    assert np.abs(got - ref).max() < FP32_TOL
-    assert (decide(bundle, got) == decide(bundle, ref)).all(1).all()
-    got8 = onnx_predict_proba(model, rows, images, onnx_dir=late_model["int8_dir"], num_workers=0)
-    agreement = (decide(bundle, got8) == decide(bundle, ref)).mean()
-    print(f"real rows: fp32 max diff {np.abs(got - ref).max():.2e}; int8 label agreement {agreement:.3f}")
+    ref = torch_predict(bundle, rows, images)
+    got = onnx_predict(model / "onnx", rows, images)
+    assert ref.status == got.status == ["ok"] * len(rows)
+    assert np.abs(got.probs - ref.probs).max() < FP32_TOL
+    assert (got.predicted == ref.predicted).all(1).all()
+    got8 = onnx_predict(late_model["int8_dir"], rows, images)
+    agreement = (got8.predicted == ref.predicted).mean()
+    print(f"real rows: fp32 max diff {np.abs(got.probs - ref.probs).max():.2e}; int8 label agreement {agreement:.3f}")
     assert agreement >= INT8_AGREEMENT
-    assert apply_thresholds(ref, bundle.threshold_vector).any(1).all()
+    assert ref.predicted.any(1).all()   # ensure_nonempty: every row gets at least its most likely label
 
 
 @pytest.mark.parametrize("name", ["minilm-l6", "albert-base-v2", "bert-base-uncased"])

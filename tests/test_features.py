@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fuselabel.encoders import PooledImageEncoder, create_image_encoder, image_data_config
+from fuselabel import Config
 from fuselabel.cache import FeatureCache, image_row_keys
-from fuselabel.features import extract_image_features, extract_text_features
+from fuselabel.encoders import image_data_config
+from fuselabel.engines import TorchEngine
+from fuselabel.features import extract_image_features
+from fuselabel.network import FuseLabelNet
 from fuselabel.records import Record
 
 
@@ -62,25 +65,29 @@ def test_image_rows_keyed_by_content_survive_copy_and_touch(images, tmp_path_fac
 def test_onnx_graph_cache_tells_poolings_apart(images, tmp_path):
     """The same weights pooled two ways are two graphs: a cached avg graph must not serve avgmax."""
     image_dir, records = images
-    backbone = create_image_encoder("tf_efficientnet_lite0", pretrained=False)
-    config = image_data_config(backbone, 64)
+    nets = {pool: FuseLabelNet(Config(kind="image", image_model="tf_efficientnet_lite0", image_pool=pool), 3,
+                               pretrained=False) for pool in ("avg", "avgmax")}
+    backbone = nets["avg"].image_encoder.backbone
+    nets["avgmax"].image_encoder.backbone.load_state_dict(backbone.state_dict())
+    data_config = image_data_config(backbone, 64)
     dims = {}
-    for pool in ("avg", "avgmax"):
-        encoder = PooledImageEncoder(backbone, pool=pool).eval()
-        feats, present = extract_image_features(encoder, config, records, image_dir, engine="onnx", num_workers=0,
-                                                cache_dir=tmp_path / "cache", progress=False)
+    for pool, net in nets.items():
+        engine = TorchEngine(net, None, data_config, encoders="onnx", device="cpu", cache_dir=tmp_path / "cache")
+        feats, present = extract_image_features(engine, records, image_dir, num_workers=1)
         dims[pool] = feats.shape[1]
         assert present.tolist() == [1.0, 1.0, 1.0]
     assert dims == {"avg": 1280, "avgmax": 2560}
+    assert len(list((tmp_path / "cache" / "onnx").glob("image-*.onnx"))) == 2
 
 
 def test_text_features_same_through_onnx_and_torch(tmp_path):
-    from fuselabel.encoders import create_text_encoder, create_tokenizer
+    from fuselabel.encoders import create_tokenizer
 
     tokenizer = create_tokenizer("minilm-l6")
-    encoder = create_text_encoder("minilm-l6", pretrained=False, overrides=dict(num_hidden_layers=1))
+    net = FuseLabelNet(Config(kind="text", text_config_overrides=dict(num_hidden_layers=1)), 3, pretrained=False)
     captions = ["a dog", "A red bus driving down a city street.", "two cats on a sofa"]
-    eager = extract_text_features(encoder, tokenizer, captions, engine="torch", progress=False)
-    onnx = extract_text_features(encoder, tokenizer, captions, engine="onnx", cache_dir=tmp_path, progress=False)
-    assert eager.shape == onnx.shape == (3, encoder.num_features)
+    eager = TorchEngine(net, tokenizer, None, encoders="torch", device="cpu").text_features(captions)
+    onnx = TorchEngine(net, tokenizer, None, encoders="onnx", device="cpu", cache_dir=tmp_path).text_features(captions)
+    assert eager.shape == onnx.shape == (3, net.text_encoder.num_features)
     assert np.abs(eager - onnx).max() < 1e-4
+    assert len(list((tmp_path / "onnx").glob("text-*.onnx"))) == 1

@@ -11,7 +11,6 @@ not expected; the PIL-in-workers mode of the same path must match the PIL path e
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -252,7 +251,7 @@ def test_image_cache_build_and_batches(tiny_dataset, monkeypatch, decode):
 
 def test_fit_with_image_cache_end_to_end(tiny_dataset, tmp_path, monkeypatch):
     from fuselabel.bundle import load_bundle
-    from fuselabel.predict import predict
+    from fuselabel.predict import load_model, predict_csv
     from fuselabel.train import fit
 
     calls = {"train": 0, "eval": 0}
@@ -269,34 +268,15 @@ def test_fit_with_image_cache_end_to_end(tiny_dataset, tmp_path, monkeypatch):
     config = Config(image_model="tf_efficientnet_lite0", image_size=64, text_config_overrides=dict(num_hidden_layers=1),
                     regime="finetune", kind="late", epochs=1, batch_size=16, hidden_dim=32, num_workers=0,
                     accelerator="cpu", cache_dir=str(tmp_path / "cache"), text_max_length=32, image_cache="memory")
-    if "word_dropout" in Config.__dataclass_fields__:
-        config = config.replace(word_dropout=0.1)   # the training loader's captions are augmented too
-    start = time.time()
+    config = config.replace(word_dropout=0.1)   # the training loader's captions are augmented too
     result = fit(config, image_dir, csv, tmp_path / "model", work_dir=tmp_path / "work", progress=False)
     assert result is not None and (tmp_path / "model" / "model.safetensors").exists()
     assert calls["train"] >= 2 and calls["eval"] >= 2                # Lightning's loop and the final validation pass
-    assert 0.0 <= result.report["mean_f1"] <= 1.0 and result.val_parts["image"].shape[1] == 4
-    assert load_bundle(tmp_path / "model").config.image_cache == "memory"
+    assert result.val_parts["image"].shape == (len(result.val_labels), 4)
+    assert result.report["rows"] == len(result.val_labels) > 0
+    # where a model ran (image_cache is a runtime setting) is not part of the folder; the model itself loads
+    assert load_bundle(tmp_path / "model").config.kind == "late"
     sub = tmp_path / "sub.csv"
-    predict(tmp_path / "model", image_dir, csv, sub, engine="torch", num_workers=0, progress=False)
+    predict_csv(load_model(tmp_path / "model", feature_engine="torch", num_workers=0), image_dir, csv, sub,
+                progress=False)
     assert len(sub.read_text().splitlines()) == len(read_records(csv).records) + 1
-    assert time.time() - start < 60
-
-
-def test_feature_extraction_tensor_path_matches_pil_path(tiny_dataset, monkeypatch):
-    from fuselabel.encoders import PooledImageEncoder, create_image_encoder, image_data_config
-    from fuselabel.features import extract_image_features
-
-    image_dir, csv = tiny_dataset
-    records = read_records(csv).records[:16]
-    encoder = PooledImageEncoder(create_image_encoder("tf_efficientnet_lite0"))
-    dc = image_data_config(encoder.backbone, 64)
-    monkeypatch.setenv("FUSELABEL_GPU_DECODE", "0")
-    ref, _ = extract_image_features(encoder, dc, records, image_dir, num_workers=0, engine="torch", device="cpu",
-                                    progress=False)
-    monkeypatch.setenv("FUSELABEL_GPU_DECODE", "force")
-    ours, present = extract_image_features(encoder, dc, records, image_dir, num_workers=0, engine="torch",
-                                           device="cpu", progress=False, flip_tta=False)
-    assert ours.shape == ref.shape and ours.dtype == np.float32 and present.tolist() == [1.0] * 16
-    cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
-    assert cos.min() > 0.99, cos.min()

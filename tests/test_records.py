@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import shared_data_or_skip
 from fuselabel import writers
 from fuselabel.inspection import find_missing_images, format_summary, summarize
 from fuselabel.labels import label_vocabulary, labels_to_matrix, matrix_to_labels, read_label_names
-from fuselabel.records import BadRow, Record, RecordsError, read_records
-from fuselabel.writers import write_probabilities, write_rows, write_submission
+from fuselabel.records import BadRow, Record, RecordsError, parse_records, read_records
+from fuselabel.writers import write_labelled_csv, write_probabilities, write_rows, write_submission
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared/data/comp5329"
-TRAIN_CSV = DATA_DIR / "train.csv"
 
 HEADER = "ImageID,Labels,Caption\n"
 
@@ -96,6 +94,40 @@ def test_crlf_and_bom(tmp_path):
     assert d["2.jpg"].caption == 'He said "x"'
     assert d["2.jpg"].labels == ("2", "3")
     assert rs.image_ids == ["1.jpg", "2.jpg"]  # no BOM glued to anything
+
+
+def test_line_ends_follow_the_header(tmp_path):
+    # An LF file keeps a \r inside a caption as text; a CRLF row among LF rows still reads.
+    text = HEADER + '1.jpg,1,"two\r\nlines"\n2.jpg,2,"crlf row"\r\n3.jpg,3,unquoted\r\n4.jpg,1,"nul \x00 ok"\n'
+    rs = read_records(write(tmp_path, text))
+    assert rs.captions == ["two\r\nlines", "crlf row", "unquoted", "nul \x00 ok"]
+    assert rs.image_ids == ["1.jpg", "2.jpg", "3.jpg", "4.jpg"]
+
+
+def test_parse_records_in_memory():
+    rs = parse_records(HEADER + '1.jpg,1,"a"\n', "memory.csv")
+    assert rs.captions == ["a"] and rs.path.name == "memory.csv"
+    with pytest.raises(RecordsError, match=r"memory\.csv:3: duplicate ImageID"):
+        parse_records(HEADER + '1.jpg,1,"a"\n1.jpg,1,"b"\n', "memory.csv")
+
+
+def test_write_labelled_csv_round_trip_and_refusal(tmp_path):
+    path = tmp_path / "labelled.csv"
+    rows = [("1.jpg", ["2", "1"], 'A "quoted", comma\nsecond line\ttab'), ("2.jpg", [], "")]
+    assert write_labelled_csv(path, rows) == 2
+    rs = read_records(path)
+    assert [(r.image_id, r.labels, r.caption) for r in rs.records] == [
+        ("1.jpg", ("2", "1"), 'A "quoted", comma\nsecond line\ttab'), ("2.jpg", (), "")]
+    assert write_labelled_csv(tmp_path / "copy.csv", rs.records) == 2
+    assert (tmp_path / "copy.csv").read_bytes() == path.read_bytes()
+    # A caption line ending in a quote before a line break cannot be told from the caption's end.
+    with pytest.raises(ValueError, match=r"cannot write row 2 \(ImageID 2\.jpg\) so that it reads back"):
+        write_labelled_csv(path, [("1.jpg", ["1"], "fine"), ("2.jpg", ["1"], 'says "hi"\nthen more')])
+    with pytest.raises(ValueError, match="duplicate ImageID"):
+        write_labelled_csv(path, [("1.jpg", ["1"], "a"), ("1.jpg", ["1"], "b")])
+    with pytest.raises(ValueError, match="cannot write label"):
+        write_labelled_csv(path, [("1.jpg", ["a b"], "a")])
+    assert read_records(path).image_ids == ["1.jpg", "2.jpg"]  # refused writes left the file as it was
 
 
 def test_header_is_case_and_whitespace_tolerant(tmp_path):
@@ -284,8 +316,10 @@ def test_labels_matrix_round_trip():
     assert m.dtype == np.uint8 and m.shape == (3, 3)
     assert m.tolist() == [[1, 0, 1], [0, 0, 0], [0, 1, 0]]
     assert matrix_to_labels(m.astype(bool), vocab) == [("1", "10"), (), ("2",)]
-    with pytest.raises(RecordsError, match="'12'"):
+    with pytest.raises(RecordsError, match="'12' in row 1 "):
         labels_to_matrix([("1",), ("12",)], vocab)
+    with pytest.raises(RecordsError, match=r"'12' in test\.csv:3 .*remove it, or retrain"):
+        labels_to_matrix([("1",), ("12",)], vocab, row_names=["test.csv:2", "test.csv:3"])
     with pytest.raises(ValueError):
         matrix_to_labels(np.zeros((2, 2), bool), vocab)
 
@@ -429,18 +463,14 @@ def test_summary_of_unlabelled_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_train():
-    if not TRAIN_CSV.exists():
-        pytest.skip(f"../shared/data/comp5329 not present: {TRAIN_CSV} is missing")
-    start = time.perf_counter()
-    rs = read_records(TRAIN_CSV)
-    return rs, time.perf_counter() - start
+    data = shared_data_or_skip("checks of the real course CSV")
+    return read_records(data / "train.csv"), data
 
 
 def test_real_train_csv(real_train):
-    rs, seconds = real_train
+    rs, _ = real_train
     assert len(rs) == 20_000
     assert rs.bad_rows == []
-    assert seconds < 1.0
     assert label_vocabulary(rs.label_sets) == [str(i) for i in range(1, 20) if i != 12]
     d = by_id(rs)
     assert d["9508.jpg"].caption == 'A cow in street with writing that reads "oh no, not beef on the menu again!"'
@@ -453,11 +483,11 @@ def test_real_train_csv(real_train):
 
 
 def test_real_train_summary_and_images(real_train):
-    rs, _ = real_train
-    names = read_label_names(DATA_DIR / "label_names.csv")
+    rs, data = real_train
+    names = read_label_names(data / "label_names.csv")
     assert names["1"] == "person" and len(names) == 18
-    assert find_missing_images(rs.image_ids, DATA_DIR / "data") == []
-    s = summarize(rs, image_dir=DATA_DIR / "data", label_names=names)
+    assert find_missing_images(rs.image_ids, data / "data") == []
+    s = summarize(rs, image_dir=data / "data", label_names=names)
     assert s["rows"] == 20_000 and s["missing_images"] == 0
     assert s["captions_with_line_breaks"] == 2
     assert list(s["label_counts"]) == [str(i) for i in range(1, 20) if i != 12]

@@ -266,6 +266,13 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     if not (path / WEIGHTS).exists():
         raise BundleError(f"{path}: {WEIGHTS} is missing")
     state = _state_for_loading(load_file(str(path / WEIGHTS)))
+    expected = net.state_dict()
+    wrong = [f"{name} has shape {tuple(t.shape)} where the model expects {tuple(expected[name].shape)}"
+             for name, t in state.items() if name in expected and t.shape != expected[name].shape]
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise BundleError(f"{path / WEIGHTS}: weights do not fit the model of config.json: tensor {wrong[0]}{more}; "
+                          "the folder's files do not belong together: save or train the model again")
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BundleError(f"{path / WEIGHTS}: weights do not fit the model (missing {missing[:3]}, "

@@ -290,7 +290,7 @@ class FeatureCache:
             if k not in seen:
                 seen.add(k)
                 first.append(i)
-        computed, waiting_since = 0, None
+        computed, waiting = 0, False
         while True:
             with file_lock(store / ".lock"):
                 index = self._index(store)
@@ -301,8 +301,8 @@ class FeatureCache:
             if not missing:
                 return computed
             if claim is None:  # every missing row is being computed by another process
-                if waiting_since is None:
-                    waiting_since = time.time()
+                if not waiting:
+                    waiting = True
                     log.info("%s: waiting for %d rows another process is computing", label, len(missing))
                 time.sleep(self.poll_s)
                 continue

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 def resolve_data(data: str | None, csv: str | None, default_csv: str = "train.csv") -> tuple[Path, Path]:
-    """fuselabel.records.resolve_data, as a command-line error."""
     from .records import resolve_data as find_data
 
-    try:
-        return find_data(data, csv, default_csv)
-    except ValueError as err:
-        raise SystemExit(f"fuselabel: error: {err}") from None
+    return find_data(data, csv, default_csv)   # a ValueError names what is missing; main exits with status 2
 
 
 def _kv(text: str):
@@ -76,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="checkpoints and logs (default: OUT.work, removed once the model is saved)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run interrupted in the work folder (same settings and data)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars; only warnings and errors")
     p.add_argument("--tta-flip", action="store_true", default=None, help="average features of flipped images")
     p.add_argument("--no-pretrained", action="store_true", help="random initialisation for both encoders")
     p.add_argument("--set", action="append", type=_kv, default=[], metavar="KEY=VALUE",
@@ -156,7 +154,7 @@ def _add_inference_args(p: argparse.ArgumentParser, distributed: bool = False) -
                    help="a row without a usable photo or caption is an error (default: predicted from the other)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if distributed:
-        p.add_argument("--chunk-size", type=int, default=512, help="rows per chunk (bounds memory)")
+        p.add_argument("--chunk-size", type=int, default=512, help="rows per chunk, a multiple of 64 (bounds memory)")
         p.add_argument("--devices", type=int, default=1, help="processes per machine (Lightning ranks)")
         p.add_argument("--num-nodes", type=int, default=1, help="machines (under SLURM or torchrun)")
         p.add_argument("--strategy", default="auto", help="Lightning strategy when --devices > 1 (default ddp)")
@@ -183,7 +181,13 @@ def cmd_train(args) -> None:
         overrides.update(image_pretrained=False, text_pretrained=False)
     overrides.update(dict(args.set))
     config = build_config(args.preset, args.config, **overrides)
-    fit(config, images, csv, args.out, label_names=args.label_names, work_dir=args.work_dir, resume=args.resume)
+    fit(config, images, csv, args.out, label_names=args.label_names, work_dir=args.work_dir, resume=args.resume,
+        progress=_progress(args))
+
+
+def _progress(args) -> bool:
+    """Progress bars only for a person watching a terminal."""
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
 
 
 def key_attr(flag: str) -> str:
@@ -204,7 +208,7 @@ def cmd_predict(args) -> None:
 
     images, csv = resolve_data(args.data, args.csv, default_csv="test.csv")
     model = _load_model(args)
-    progress = not args.quiet and sys.stderr.isatty()
+    progress = _progress(args)
     result = predict_csv(model, images, csv, args.out, proba_out=args.proba, strict=args.strict,
                          chunk_size=args.chunk_size, devices=args.devices, num_nodes=args.num_nodes,
                          strategy=args.strategy, accelerator=args.accelerator, progress=progress)
@@ -306,6 +310,7 @@ COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _show_log(quiet=getattr(args, "quiet", False))
     try:
         code = COMMANDS[args.command](args)
     except Exception as err:
@@ -314,6 +319,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fuselabel: error: {_reason(err)}", file=sys.stderr)
         return 2
     return code or 0
+
+
+class _Stdout(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at the time (it may be replaced after the handler is made)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _show_log(quiet: bool) -> None:
+    """The library logs; the command shows its messages (only warnings with --quiet)."""
+    logger = logging.getLogger("fuselabel")
+    if not any(getattr(h, "fuselabel_cli", False) for h in logger.handlers):
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.fuselabel_cli = True
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 def _user_errors() -> tuple[type, ...]:

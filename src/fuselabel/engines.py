@@ -133,4 +133,5 @@ class TorchEngine:
 def engine_for_bundle(bundle, *, engine: str = "auto", device=None, cache_dir=None) -> TorchEngine:
     cfg = bundle.config
     return TorchEngine(bundle.net, bundle.tokenizer, bundle.preprocessing, tta_flip=cfg.tta_flip,
-                       text_max_length=cfg.text_max_length, device=device, encoders=engine, cache_dir=cache_dir)
+                       text_max_length=cfg.text_max_length, device=device, encoders=engine,
+                       cache_dir=cache_dir or cfg.cache_dir)

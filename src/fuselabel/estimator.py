@@ -173,9 +173,40 @@ class FuseLabel:
 
     def evaluate(self, csv: str | Path, images: str | Path, *, split: str = "all") -> dict:
         """The metrics report on a labelled course-format CSV (``split``: only one side of the model's split)."""
-        from .predict import evaluate_csv
+        from .labels import labels_to_matrix
+        from .metrics import evaluate as evaluate_sets
+        from .records import read_records
+        from .runtime import STATUSES
 
-        return evaluate_csv(self, images, csv, split=split)
+        self._check_fitted()
+        records = read_records(csv)
+        if not records.labelled:
+            raise ValueError(f"{csv}: evaluate needs a Labels column (header ImageID,Labels,Caption)")
+        rows = split_rows(self.bundle_.path, records.records, split)
+        chunks = list(self.predictor().iter_predict(((r.image_id, r.caption) for r in rows), image_dir=images))
+        p = Prediction.concat(chunks)
+        tokens = self.bundle_.labels
+        truth = labels_to_matrix([r.labels for r in rows], tokens)
+        report = evaluate_sets(truth, p.predicted, tokens, self.bundle_.label_names)
+        report.update(model_dir=str(self.bundle_.path), csv=str(csv), split=split,
+                      status_counts={s: p.status.count(s) for s in STATUSES})
+        return report
+
+
+def split_rows(model_dir, records: list, split: str) -> list:
+    """The rows of one side of the model's own train/validation split (``all`` keeps every row)."""
+    import json
+
+    if split == "all":
+        return records
+    path = Path(model_dir) / "split.json"
+    if not path.exists():
+        raise ValueError(f"{model_dir}: no split.json, so --split {split} cannot be applied")
+    ids = set(json.loads(path.read_text())[f"{split}_ids"])
+    chosen = [r for r in records if r.image_id in ids]
+    if not chosen:
+        raise ValueError(f"none of the CSV's rows are on the {split} side of {path}")
+    return chosen
 
 
 def _length(images, captions) -> int:

@@ -30,13 +30,16 @@ def extract_image_features(engine, records, image_dir, *, missing_images: str = 
     """
     feats, present, errors = encode_images(engine, [r.image_id for r in records], image_dir,
                                            batch_size=batch_size, workers=num_workers, progress=progress)
-    if missing_images == "error" and not present.all():
+    if not present.all():
         bad = [i for i, ok in enumerate(present) if not ok]
         first = records[bad[0]]
-        more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
-        raise ImageError(f"{errors[bad[0]]}: row {first.image_id} (CSV line {first.line}){more}; "
-                         "fix or remove the row, or pass --missing-images caption_only to train such rows "
-                         "on their caption alone")
+        if missing_images == "error":
+            more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
+            raise ImageError(f"{errors[bad[0]]}: row {first.image_id} (CSV line {first.line}){more}; "
+                             "fix or remove the row, or pass --missing-images caption_only to train such rows "
+                             "on their caption alone")
+        log.warning("%d of %d rows have no usable photo and train on their caption alone (first: %s, CSV line %d: "
+                    "%s)", len(bad), len(records), first.image_id, first.line, errors[bad[0]])
     if feats is None:
         feats = np.zeros((len(records), engine.feature_dims["image"]), np.float32)
     return feats, present.astype(np.float32)

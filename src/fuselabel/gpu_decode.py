@@ -16,17 +16,15 @@ import contextlib
 import functools
 import logging
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from .data import ImageError, default_workers
-from .geometry import Geometry, normalize, resize_center_crop
+from .geometry import Geometry, resize_center_crop
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +186,7 @@ def gpu_decode_enabled(requested: bool | None, device) -> bool:
 def _policy_error(record, image_dir, reason: str) -> ImageError:
     path = Path(image_dir) / record.image_id
     return ImageError(f"{path}: image {reason} for row {record.image_id} (CSV line {record.line}); "
-                      "pass --missing-images caption_only to predict from the caption alone")
+                      "pass --missing-images caption_only to train such rows on their caption alone")
 
 
 def iter_uint8(records, image_dir, geometry: Geometry, crop: int, *, device, gpu_decode: bool,
@@ -233,41 +231,3 @@ def iter_uint8(records, image_dir, geometry: Geometry, crop: int, *, device, gpu
                     raise _policy_error(records[it["pos"]], image_dir, it["error"])
                 present[k] = 0.0
         yield torch.tensor([it["pos"] for it in items], dtype=torch.int64), out, present
-
-
-@torch.inference_mode()
-def extract_image_features_gpu(encoder, data_config, records, image_dir, *, batch_size=64, num_workers=None,
-                               flip_tta=False, missing_images="error", device=None, progress=True):
-    """``features.extract_image_features`` with nvJPEG decoding and device-side resize/crop/normalise.
-
-    Same outputs: (features float32 (n, d), image_present float32 (n,)); caption-only rows get the
-    features of an all-zero (normalised) input, as on the PIL path.
-    """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    geo = Geometry.from_data_config(data_config)
-    encoder = encoder.eval().to(device)
-    # Pixels in the encoder's own layout, so this path differs from the PIL one in decoding alone.
-    conv = next((p for p in encoder.parameters() if p.dim() == 4), None)
-    layout = torch.channels_last if conv is not None and not conv.is_contiguous() and conv.is_contiguous(
-        memory_format=torch.channels_last) else torch.contiguous_format
-    n = len(records)
-    feats: list[torch.Tensor] = []     # kept on the device: no sync per batch, so the next batch's decode
-    present: list[np.ndarray] = []     # (nvJPEG's Huffman stage runs on this thread) overlaps this one's forward
-    bar = tqdm(total=n, desc=f"image features ({device.type} decode)", unit="img",
-               disable=not progress or not sys.stderr.isatty())
-    for _, pixels, pres in iter_uint8(records, image_dir, geo, geo.size, device=device, gpu_decode=True,
-                                      num_workers=num_workers, batch_size=max(batch_size, 1),
-                                      missing_images=missing_images):
-        x = normalize(pixels, geo.mean, geo.std).contiguous(memory_format=layout)
-        if not bool(pres.all()):
-            x = x * pres.to(device).view(-1, 1, 1, 1)
-        f = encoder(x).float()
-        if flip_tta:
-            f = (f + encoder(x.flip(-1)).float()) / 2
-        feats.append(f)
-        present.append(pres.numpy())
-        bar.update(len(pres))
-    bar.close()
-    if not feats:
-        return np.zeros((0, encoder.num_features), np.float32), np.zeros(0, np.float32)
-    return torch.cat(feats).cpu().numpy().astype(np.float32), np.concatenate(present).astype(np.float32)

@@ -187,19 +187,11 @@ def open_image(item: ImageInput, image_dir: str | PathLike | None = None) -> tup
     if item is None:
         return None, "no photo given"
     if isinstance(item, (str, PathLike)):
-        path = Path(image_dir) / item if image_dir is not None else Path(item)
-        if not path.is_file():
-            return None, f"{path}: photo not found" if not path.exists() else f"{path}: not a file"
-        if path.stat().st_size == 0:
-            return None, f"{path}: empty file"
-        item = path
+        item = Path(image_dir) / item if image_dir is not None else Path(item)
     try:
         return load_rgb(item), None
     except ImageError as err:
         return None, str(err)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        name = item if isinstance(item, Path) else "photo"
-        return None, f"{name}: unreadable ({err})"
 
 
 def eval_size(data_config: dict) -> tuple[int, int]:

@@ -92,12 +92,15 @@ def vocab_index(vocab: Sequence[str]) -> dict[str, int]:
     return index
 
 
-def labels_to_matrix(label_sets: Sequence[Iterable[str]], vocab: Sequence[str]) -> np.ndarray:
+def labels_to_matrix(label_sets: Sequence[Iterable[str]], vocab: Sequence[str], *,
+                     row_names: Sequence[str] | None = None) -> np.ndarray:
     """Multi-hot encode label sets as an ``(n, len(vocab))`` uint8 matrix.
+
+    ``row_names`` (e.g. ``"test.csv:12"`` per row) name the rows in errors instead of their index.
 
     Raises:
         RecordsError: if a label is not in ``vocab`` (the message names the
-            label and the row index).
+            label and the row).
     """
     index = vocab_index(vocab)
     matrix = np.zeros((len(label_sets), len(vocab)), dtype=np.uint8)
@@ -105,7 +108,9 @@ def labels_to_matrix(label_sets: Sequence[Iterable[str]], vocab: Sequence[str]) 
         for label in labels:
             j = index.get(label)
             if j is None:
-                raise RecordsError(f"unknown label {label!r} in row {i} (vocabulary: {list(vocab)})")
+                where = row_names[i] if row_names is not None else f"row {i}"
+                raise RecordsError(f"unknown label {label!r} in {where} (vocabulary: {list(vocab)}); "
+                                   "the model was trained without it: remove it, or retrain with it")
             matrix[i, j] = 1
     return matrix
 

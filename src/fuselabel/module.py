@@ -84,7 +84,7 @@ class FuseLabelModule(L.LightningModule):
         return self
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
-        # with the image cache (fuselabel.image_cache), rows arrive as image-cache indices; pixels are made here, on the device
+        # With the image cache (fuselabel.image_cache) rows arrive as cache indices; pixels are made on the device.
         source = getattr(self, "image_source", None)
         if source is not None and isinstance(batch, dict) and "cache_index" in batch and "pixels" not in batch:
             batch = source.materialize(batch, train=self.training)

@@ -8,11 +8,9 @@ twice as fast.
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -8,7 +8,6 @@ Lightning's ``Trainer.predict``, each rank taking every N-th chunk) write byte-i
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -18,10 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .labels import labels_to_matrix
-from .metrics import evaluate as evaluate_sets
 from .records import read_records
-from .runtime import STATUSES, Prediction
+from .runtime import STATUSES, WINDOW, Prediction
 from .writers import atomic_write_text, probability_lines, submission_lines
 
 log = logging.getLogger(__name__)
@@ -29,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def load_model(model_dir, **runtime):
     """A PyTorch model folder as a ``FuseLabel``, or an exported ONNX folder as a torch-free predictor."""
-    from .runtime import is_onnx_folder, load_onnx_predictor
+    from .runtime import is_onnx_folder
 
     if is_onnx_folder(model_dir):
         return OnnxModel(model_dir)
@@ -94,6 +91,8 @@ def predict_csv(model, image_dir, csv, out, *, proba_out=None, strict: bool = Fa
     t0 = time.time()
     if isinstance(model, (str, Path)):
         model = load_model(model)
+    if chunk_size <= 0 or chunk_size % WINDOW:
+        raise ValueError(f"chunk_size must be a positive multiple of {WINDOW}, got {chunk_size}")
     records = read_records(csv).records
     bounds = _chunks(len(records), chunk_size)
     out = Path(out)
@@ -114,7 +113,7 @@ def predict_csv(model, image_dir, csv, out, *, proba_out=None, strict: bool = Fa
         else:
             from tqdm.auto import tqdm
 
-            for i, b in enumerate(tqdm(bounds, desc="predict", unit="chunk", disable=not progress, leave=False)):
+            for i, b in enumerate(tqdm(bounds, desc="predict", unit="chunk", disable=None if progress else True, leave=False)):
                 _save_part(parts, i, predict_chunk(model, records, image_dir, b, strict=strict))
         summary = _merge(parts, len(bounds), records, _tokens(model), out, proba_out)
     finally:
@@ -180,33 +179,10 @@ def _predict_distributed(model, records, image_dir, bounds, parts: Path, *, stri
     return trainer.is_global_zero
 
 
-def select_split(model_dir, records: list, split: str) -> list:
-    """The rows of one side of the model's own train/validation split (``all`` keeps every row)."""
-    if split == "all":
-        return records
-    path = Path(model_dir) / "split.json"
-    if not path.exists():
-        raise ValueError(f"{model_dir}: no split.json, so --split {split} cannot be applied")
-    ids = set(json.loads(path.read_text())[f"{split}_ids"])
-    chosen = [r for r in records if r.image_id in ids]
-    if not chosen:
-        raise ValueError(f"none of the CSV's rows are on the {split} side of {path}")
-    return chosen
-
-
-def evaluate_csv(model, image_dir, csv, *, split: str = "all", progress: bool = True) -> dict:
-    """Metrics of a model on a labelled CSV (or on the rows of one side of its own split)."""
+def evaluate_csv(model, image_dir, csv, *, split: str = "all") -> dict:
+    """Metrics of a model (or model folder) on a labelled CSV, or on the rows of one side of its own split."""
     if isinstance(model, (str, Path)):
         model = load_model(model)
-    records = read_records(csv)
-    if not records.labelled:
-        raise ValueError(f"{csv}: evaluate needs a Labels column (header ImageID,Labels,Caption)")
-    rows = select_split(model.bundle_.path, records.records, split)
-    chunks = [predict_chunk(model, rows, image_dir, b, strict=False) for b in _chunks(len(rows), 512)]
-    p = Prediction.concat(chunks)
-    tokens = _tokens(model)
-    truth = labels_to_matrix([r.labels for r in rows], tokens)
-    report = evaluate_sets(truth, p.predicted, tokens, model.bundle_.label_names)
-    report.update(model_dir=str(model.bundle_.path), csv=str(csv), split=split,
-                  status_counts={s: p.status.count(s) for s in STATUSES})
-    return report
+    if isinstance(model, OnnxModel):
+        raise ValueError(f"{csv}: evaluate needs the model folder; an exported ONNX folder only predicts")
+    return model.evaluate(csv, images=image_dir, split=split)

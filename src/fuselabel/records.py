@@ -42,6 +42,7 @@ __all__ = [
     "Record",
     "RecordSet",
     "RecordsError",
+    "parse_records",
     "read_records",
 ]
 
@@ -177,18 +178,20 @@ _BINARY_SIGNATURES = {
 
 def _decode(raw: bytes, path: Path) -> str:
     kind = next((what for magic, what in _BINARY_SIGNATURES.items() if raw.startswith(magic)), None)
-    if kind is None and b"\x00" in raw[:4096]:
-        kind = "binary data"
+    try:
+        # utf-8-sig strips a leading BOM and is identical to utf-8 otherwise.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if kind is None and b"\x00" in raw[:4096]:
+            kind = "binary data"
+        if kind is None:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise RecordsError(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                               "save the file as UTF-8") from exc
     if kind is not None:
         raise RecordsError(f"{path}:1: not a CSV text file (it looks like {kind}); "
                            "pass the CSV of ImageID,Labels,Caption rows")
-    try:
-        # utf-8-sig strips a leading BOM and is identical to utf-8 otherwise.
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise RecordsError(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start}); "
-                           "save the file as UTF-8") from exc
+    return text
 
 
 def _check_header(line: str, path: Path) -> bool:
@@ -288,17 +291,19 @@ class _Parser:
             if caption.startswith('"'):
                 # Collect the physical lines of the quoted caption.
                 chunk = [caption]
-                closed = self._closes(caption, first=True)
+                closed = self._closes(caption, first=True, next_index=i)
                 while not closed and i < n and not self._starts_new_row(lines[i]):
                     chunk.append(lines[i])
-                    closed = self._closes(lines[i], first=False)
                     i += 1
+                    closed = self._closes(lines[i - 1], first=False, next_index=i)
                 text = "\n".join([line, *chunk[1:]])
                 if not closed:
                     self._bad(line_no, self._unterminated(chunk[0], at_end=i >= n), text)
                     continue
                 logical = "\n".join(chunk)
-                caption = logical[1 : logical.rstrip(" \t").rindex('"')]
+                caption = logical[1 : logical.rstrip(" \t\r").rindex('"')]
+            else:
+                caption = caption.rstrip("\r")  # a CRLF row in an LF file
             self._add(line_no, image_id, labels_field, caption, text)
 
     @staticmethod
@@ -310,15 +315,25 @@ class _Parser:
             return "unterminated quoted caption (the file ends inside it: truncated file?)"
         return "unterminated quoted caption (no closing quote before the next row)"
 
-    @staticmethod
-    def _closes(physical: str, *, first: bool) -> bool:
+    def _closes(self, physical: str, *, first: bool, next_index: int) -> bool:
+        """Whether a physical line ends its quoted caption (``next_index``: the line after it)."""
         # Trailing blanks after the closing quote are tolerated; blanks before
         # a line break inside the caption are caption text and are kept.
         stripped = physical.rstrip(" \t")
         if not stripped.endswith('"'):
-            return False
+            # In a file of LF line ends a "\r" is caption text, except after the
+            # closing quote of a row that ends on this line (a CRLF row among LF ones).
+            if not stripped.endswith("\r") or not self._row_ends(next_index):
+                return False
+            stripped = stripped.rstrip(" \t\r")
+            if not stripped.endswith('"'):
+                return False
         # On the first line the opening quote itself does not close the caption.
         return not first or len(stripped) >= 2
+
+    def _row_ends(self, index: int) -> bool:
+        """Whether line ``index`` cannot continue a caption: end of file, a blank line or the next row."""
+        return index >= len(self.lines) or not self.lines[index].strip() or self._starts_new_row(self.lines[index])
 
     def _add(self, line_no: int, image_id: str, labels_field: str | None, caption: str, text: str) -> None:
         if not image_id.strip():
@@ -381,10 +396,19 @@ def read_records(path: str | os.PathLike[str], *, strict: bool = True) -> Record
         raw = path.read_bytes()
     except OSError as exc:
         raise RecordsError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    text = _decode(raw, path)
-    # Only CRLF is normalised: str.splitlines() would also split on characters
-    # such as \x1c or \u2028 that may legitimately occur inside captions.
-    lines = text.replace("\r\n", "\n").split("\n")
+    return parse_records(_decode(raw, path), path, strict=strict)
+
+
+def parse_records(text: str, path: str | os.PathLike[str] = "<text>", *, strict: bool = True) -> RecordSet:
+    """:func:`read_records` on text already in memory (``path`` only names it in messages)."""
+    path = Path(path)
+    # The header's line end decides: in a CRLF file every CRLF is a line break
+    # (one inside a caption is read as "\n"); in an LF file a "\r" is text.
+    # Only these are line breaks: str.splitlines() would also split on
+    # characters such as \x1c or \u2028 that may legitimately occur inside captions.
+    if text.split("\n", 1)[0].endswith("\r"):
+        text = text.replace("\r\n", "\n")
+    lines = text.split("\n")
     if not lines[0].strip():
         raise RecordsError(f"{path}:1: empty file or blank header: expected 'ImageID,Labels,Caption' or 'ImageID,Caption'")
     labelled = _check_header(lines[0], path)

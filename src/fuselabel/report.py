@@ -14,6 +14,7 @@ import html
 import logging
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,25 +63,33 @@ def _pr_curves(truth: np.ndarray, probs: np.ndarray, per_label: list[dict]) -> l
     return curves
 
 
-def _label_issues(truth: np.ndarray, probs: np.ndarray, thresholds: np.ndarray) -> tuple[list[dict], str]:
+def _label_issues(truth: np.ndarray, probs: np.ndarray, pred: np.ndarray) -> tuple[list[dict], str]:
     """Rows whose given labels the model most confidently disputes (cleanlab, multi-label), best first."""
-    from cleanlab.filter import find_label_issues
     from cleanlab.multilabel_classification import get_label_quality_scores
+    from cleanlab.multilabel_classification.filter import find_label_issues
 
     given = [[int(j) for j in np.flatnonzero(row)] for row in truth]
     try:
-        ranked = find_label_issues(labels=given, pred_probs=probs, multi_label=True,
-                                   return_indices_ranked_by="self_confidence")
-        quality = get_label_quality_scores(given, probs)
+        with warnings.catch_warnings(record=True) as caught:
+            # cleanlab warns once per rare label per call; said once in the log instead of dozens of times
+            warnings.simplefilter("always")
+            ranked = find_label_issues(labels=given, pred_probs=probs, return_indices_ranked_by="self_confidence",
+                                       n_jobs=1)  # a process pool per label costs more than it saves
+            quality = get_label_quality_scores(given, probs)
     except ValueError as err:  # e.g. a label that no row holds
         return [], f"cleanlab could not rank these rows: {err}"
+    for message in sorted({str(w.message) for w in caught}):
+        log.info("cleanlab: %s", message)
     issues = []
     for i in ranked[:ISSUE_ROWS]:
-        # What the model disputes: labels given that it finds unlikely, labels absent that it finds likely.
+        # What the model disputes: labels given that it does not predict, labels it predicts that are not given;
+        # the most confident first.
         disputed = [(int(j), float(probs[i, j]), "given" if truth[i, j] else "missing")
-                    for j in range(truth.shape[1]) if bool(truth[i, j]) != bool(probs[i, j] >= thresholds[j])]
-        disputed.sort(key=lambda d: -abs(d[1] - thresholds[d[0]]))
+                    for j in np.flatnonzero(truth[i].astype(bool) != pred[i])]
+        disputed.sort(key=lambda d: d[1] if d[2] == "given" else 1 - d[1])
         issues.append({"row": int(i), "quality": float(quality[i]), "disputed": disputed})
+    if not issues:
+        return [], "cleanlab flags no row: the model disputes none of the given label sets"
     return issues, f"{len(ranked)} rows flagged by cleanlab; the {len(issues)} most confident shown"
 
 
@@ -142,7 +151,7 @@ def summarize(truth, probs, thresholds, names, *, labels=None, parts=None, degra
     worst = [{"row": int(usable[i]), "f1": float(f1[i]), "true": np.flatnonzero(y[i]).tolist(),
               "pred": np.flatnonzero(pred[i]).tolist()} for i in order]
 
-    issues, issue_note = _label_issues(y, p, thresholds)
+    issues, issue_note = _label_issues(y, p, pred)
     for issue in issues:
         local = issue["row"]
         issue.update(row=int(usable[local]), true=np.flatnonzero(y[local]).tolist(),
@@ -293,11 +302,12 @@ def _issues_table(summary: dict, rows: list[dict], out_dir: Path) -> str:
         disputed = "; ".join(f"{'given' if kind == 'given' else 'not given'}: {_esc(summary['names'][j])} ({p:.2f})"
                              for j, p, kind in issue["disputed"]) or "-"
         cells = _row_cells(summary, issue, rows, out_dir)
-        body.append(f"<tr><td class=\"num\">{rank}</td>{cells}<td>{disputed}</td>"
+        row_id = _esc(rows[issue["row"]]["image_id"])
+        body.append(f"<tr data-image-id=\"{row_id}\"><td class=\"num\">{rank}</td>{cells}<td>{disputed}</td>"
                     f"<td class=\"num\">{issue['quality']:.3f}</td></tr>")
-    return (f"<p>{_esc(summary['label_issue_note'])}. On rows the model trained on it has seen these labels, so "
-            "it disputes them less than it would on held-out rows (<code>--split val</code>).</p>"
-            f"<table class=\"gallery\">{head}{''.join(body)}</table>")
+    return (f"<p>{_esc(summary['label_issue_note'])}. The model has learnt the labels of the rows it trained on, "
+            "so the ranking is sharpest on rows it did not (<code>--split val</code>).</p>"
+            f"<table class=\"gallery\" id=\"label-issues\">{head}{''.join(body)}</table>")
 
 
 def write_report(summary: dict, rows: list[dict], out: str | Path, *, title: str = "fuselabel report") -> Path:
@@ -342,14 +352,13 @@ def write_report(summary: dict, rows: list[dict], out: str | Path, *, title: str
 
 def build_report(model_dir, data_dir, csv_path, out, *, split: str = "all") -> Path:
     """Run the model over the labelled rows of ``csv_path`` and write the report to ``out``."""
-    from .estimator import FuseLabel
-    from .predict import select_split
+    from .estimator import FuseLabel, split_rows
     from .records import read_records
 
     records = read_records(csv_path)
     if not records.labelled:
         raise ValueError(f"{csv_path}: the report needs a Labels column (header ImageID,Labels,Caption)")
-    rows = select_split(model_dir, records.records, split)
+    rows = split_rows(model_dir, records.records, split)
     model = FuseLabel.from_pretrained(model_dir)
     config = model.bundle_.config
     images = [str(Path(data_dir) / r.image_id) for r in rows]
@@ -360,11 +369,15 @@ def build_report(model_dir, data_dir, csv_path, out, *, split: str = "all") -> P
     parts = {head: np.where(seen.get(head, full.image_present | full.caption_present)[:, None], p, np.nan)
              for head, p in full.parts.items()}
     degraded = {}
-    # Taking away the only input a model reads leaves nothing to score.
-    if config.uses_text:
-        degraded["photo removed"] = model.predict_details(images=[None] * len(rows), captions=captions).probs
-    if config.uses_image:
-        degraded["caption removed"] = model.predict_details(images=images, captions=[None] * len(rows)).probs
+    if config.kind == "late":
+        # Late fusion answers a one-input row with that input's head: the heads already hold the answers.
+        degraded["photo removed"] = parts["text"]
+        degraded["caption removed"] = parts["image"]
+    else:  # taking away the only input a model reads leaves nothing to score
+        if config.uses_text:
+            degraded["photo removed"] = model.predict_details(images=[None] * len(rows), captions=captions).probs
+        if config.uses_image:
+            degraded["caption removed"] = model.predict_details(images=images, captions=[None] * len(rows)).probs
     truth = labels_to_matrix([r.labels for r in rows], model.bundle_.labels)
     summary = summarize(truth, full.probs, model.thresholds_, model.label_names_, labels=model.bundle_.labels,
                         parts=parts, degraded=degraded,

@@ -32,6 +32,10 @@ ONNX_FORMAT = "fuselabel-onnx"
 ONNX_FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 STATUSES = ("ok", "caption_only", "image_only", "no_input")
+# Encoders and heads see rows in fixed windows of the input's row positions, so the numbers a row gets
+# never depend on how the rows were chunked or shared among processes (batch composition changes the
+# last bits of a float). Chunks are whole windows.
+WINDOW = 64
 
 
 @dataclass
@@ -156,13 +160,15 @@ def encode_images(engine: Engine, images: Sequence[ImageInput], image_dir=None, 
     out: np.ndarray | None = None
     present = np.zeros(n, bool)
     errors: list[str | None] = [None] * n
-    bar = tqdm(total=n, desc="image features", unit="photo", disable=not progress, leave=False)
+    # disable=None: tqdm stays quiet when output is not a terminal (a log file, a pipe).
+    bar = tqdm(total=n, desc="image features", unit="photo", disable=None if progress else True, leave=False)
     for lo in range(0, n, read_ahead):
         pixels, errs = read_photos(images[lo:lo + read_ahead], image_dir, engine.data_config, workers)
         errors[lo:lo + len(errs)] = errs
-        rows = [i for i, p in enumerate(pixels) if p is not None]
-        for start in range(0, len(rows), batch_size):
-            idx = rows[start:start + batch_size]
+        for start in range(0, len(pixels), batch_size):
+            idx = [i for i in range(start, min(start + batch_size, len(pixels))) if pixels[i] is not None]
+            if not idx:
+                continue
             x = np.stack([pixels[i] for i in idx])
             f = engine.image_features(x)
             if engine.tta_flip:
@@ -181,7 +187,7 @@ class Predictor:
 
     def __init__(self, engine: Engine, labels: Sequence[str], thresholds, ensure_nonempty: bool = True, *,
                  batch_size: int = 16, workers: int | None = None, strict: bool = False,
-                 chunk_size: int = 512):
+                 chunk_size: int = 8 * WINDOW):
         self.engine = engine
         self.labels = list(labels)
         self.thresholds = np.asarray(thresholds, dtype=np.float32)
@@ -190,6 +196,9 @@ class Predictor:
         self.batch_size = batch_size
         self.workers = workers
         self.strict = strict
+        if WINDOW % batch_size or chunk_size % WINDOW:
+            raise ValueError(f"batch_size must divide {WINDOW} and chunk_size be a multiple of it "
+                             f"(got {batch_size} and {chunk_size})")
         self.chunk_size = chunk_size
 
     def predict(self, images: Sequence[ImageInput] | None, captions: Sequence[str | None] | None, *,
@@ -213,13 +222,16 @@ class Predictor:
         if not uses_text(kind):
             caption_present[:] = False
         elif caption_present.any():
-            idx = np.flatnonzero(caption_present)
-            text = self.engine.text_features([captions[i] for i in idx])
-            feats["text_feat"] = np.zeros((n, text.shape[1]), dtype=np.float32)
-            feats["text_feat"][idx] = text
+            feats["text_feat"] = np.zeros((n, self.engine.feature_dims["text"]), dtype=np.float32)
+            for lo in range(0, n, WINDOW):
+                idx = lo + np.flatnonzero(caption_present[lo:lo + WINDOW])
+                if len(idx):
+                    feats["text_feat"][idx] = self.engine.text_features([captions[i] for i in idx])
         if self.strict:
             self._check_strict(image_present, caption_present, errors, row_names, kind)
-        parts = self.engine.heads(self._complete(feats, n, image_present, caption_present)) if n else {}
+        inputs = self._complete(feats, n, image_present, caption_present)
+        windows = [self.engine.heads({k: v[lo:lo + WINDOW] for k, v in inputs.items()}) for lo in range(0, n, WINDOW)]
+        parts = {k: np.concatenate([w[k] for w in windows]) for k in windows[0]} if n else {}
         probs = fuse(parts, self.engine.late_combine, self.engine.late_weight, image_present, caption_present) \
             if n else np.zeros((0, len(self.labels)), np.float32)
         status = [_status(i, c, kind) for i, c in zip(image_present, caption_present)]

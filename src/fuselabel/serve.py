@@ -24,15 +24,17 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from .bundle import folder_size
-from .data import load_rgb
+from .data import ImageError, load_rgb
 from .estimator import FuseLabel
 from .explain import explain, heatmap_png
 
@@ -50,11 +52,15 @@ class Model:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.estimator = FuseLabel.from_pretrained(self.path)
+        self.kind = self.estimator.config.kind
         self.lock = threading.Lock()
         weights = self.path / "model.safetensors"
         with weights.open("rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         self.id = f"{self.path.resolve().name}@{digest[:12]}"
+        # The first prediction sets up the encoders' runtime (an ONNX export on a CPU, seconds): do it
+        # before the port opens, so no client waits for it and a broken folder fails at start.
+        self.estimator.predict_details([Image.new("RGB", (64, 64), "gray")], ["a photo"])
 
     @property
     def labels(self) -> list[dict]:
@@ -74,6 +80,10 @@ class Model:
 
 # ---------------------------------------------------------------- request parsing and checks
 
+Photo = Annotated[UploadFile | None, File(description="a photo (JPEG, PNG, WebP, GIF, BMP)")]
+Caption = Annotated[str | None, Form(description="the photo's caption")]
+
+
 class BatchItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     caption: str | None = None
@@ -85,10 +95,9 @@ def _photo(data: bytes, where: str = "image"):
     if not data:
         return None
     try:
-        return load_rgb(data)   # refuses decompression bombs by their pixel count
-    except Exception as err:  # any decoder failure on a client's bytes is the client's, not the server's
-        raise HTTPException(415, f"{where}: not a photo this service can decode ({err}); "
-                                 "send a JPEG, PNG, WebP, GIF or BMP file") from None
+        return load_rgb(data, name=where)   # refuses decompression bombs by their pixel count
+    except (ImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise HTTPException(415, f"{err} (send a JPEG, PNG, WebP, GIF or BMP file)") from None
 
 
 def _caption(text: str | None, where: str = "caption") -> str | None:
@@ -99,9 +108,14 @@ def _caption(text: str | None, where: str = "caption") -> str | None:
     return text
 
 
-def _require_input(image, caption, where: str = "request") -> None:
-    if image is None and caption is None:
-        raise HTTPException(422, f"{where}: send a photo (image) or a caption, or both")
+def _require_input(kind: str, image, caption, where: str = "request") -> None:
+    """422 unless the request holds an input this model reads (an image-only model ignores captions)."""
+    reads = {"image": ("photo",), "text": ("caption",)}.get(kind, ("photo", "caption"))
+    given = [name for name, value in (("photo", image), ("caption", caption)) if value is not None]
+    if not set(given) & set(reads):
+        what = " or ".join(reads)
+        raise HTTPException(422, f"{where}: send a {what}" + (" (this model reads only its "
+                                 f"{reads[0]}s)" if len(reads) == 1 else ", or both"))
 
 
 def _decode_base64(text: str | None, where: str) -> bytes:
@@ -148,20 +162,19 @@ def _explanation(model: Model, label_index: int, pred, expl) -> dict:
                 "width": int(expl.heatmap.shape[1]), "height": int(expl.heatmap.shape[0]),
                 "target": expl.heatmap_target, "logit": expl.heatmap_logit}
     if expl.words is not None:
-        words = {"items": expl.words, "target": expl.words_target, "logit": expl.words_logit}
+        words = {"items": expl.words, "target": expl.words_target, "logit": expl.words_logit,
+                 "baseline_logit": expl.words_baseline_logit}
     return {"model": model.id, "label": row["labels"][label_index], "status": row["status"],
             "inputs": row["inputs"], "heatmap": heat, "words": words}
 
 
 def _settings(model: Model) -> dict:
-    """The model's settings, without paths of the machine that trained it (only a file or folder's name)."""
-    config = model.estimator.bundle_.config
-    settings = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
-    settings.pop("cache_dir", None)
-    for key in ("image_weights", "text_model"):
-        value = settings.get(key)
-        if isinstance(value, str) and ("/" in value and Path(value).exists()):
-            settings[key] = Path(value).name
+    """The model's settings as its folder stores them (model and run groups), naming no path on the server."""
+    settings = model.estimator.config.saved()
+    for key in ("image_weights", "text_model"):   # local files by path: their names are enough
+        value = settings["model"].get(key)
+        if isinstance(value, str) and Path(value).is_absolute():
+            settings["model"][key] = Path(value).name
     return settings
 
 
@@ -222,7 +235,6 @@ def create_app(model_dir: str | Path, *, max_upload_mb: float = 10, max_batch: i
     model = Model(model_dir)
     app = FastAPI(title="fuselabel", summary="Labels for image + caption pairs", version=model.id)
     app.add_middleware(BodyLimit, max_bytes=int(max_upload_mb * 1e6))
-    app.state.model = model
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError):
@@ -260,10 +272,9 @@ def create_app(model_dir: str | Path, *, max_upload_mb: float = 10, max_batch: i
     # The POST handlers are plain functions: FastAPI runs them in worker threads, so decoding photos and
     # waiting for the model lock never hold up the event loop (nor its shutdown).
     @app.post("/predict")
-    def predict(image: UploadFile | None = File(None, description="a photo (JPEG, PNG, ...)"),
-                      caption: str | None = Form(None, description="the photo's caption")):
+    def predict(image: Photo = None, caption: Caption = None):
         photo, text = _upload(image), _caption(caption)
-        _require_input(photo, text)
+        _require_input(model.kind, photo, text)
         pred = model.predict([photo], [text])
         return {"model": model.id, **_rows(model, pred)[0]}
 
@@ -278,20 +289,20 @@ def create_app(model_dir: str | Path, *, max_upload_mb: float = 10, max_batch: i
         for i, item in enumerate(items):
             photo = _photo(_decode_base64(item.image_base64, f"item {i}"), f"item {i}: image_base64")
             text = _caption(item.caption, f"item {i}: caption")
-            _require_input(photo, text, f"item {i}")
+            _require_input(model.kind, photo, text, f"item {i}")
             photos.append(photo)
             texts.append(text)
         pred = model.predict(photos, texts)
         return {"model": model.id, "results": _rows(model, pred)}
 
     @app.post("/explain")
-    def explain_label(label: str = Form(..., description="a label id, as /labels lists them"),
-                            image: UploadFile | None = File(None), caption: str | None = Form(None)):
+    def explain_label(label: Annotated[str, Form(description="a label id, as /labels lists them")],
+                      image: Photo = None, caption: Caption = None):
         ids = [str(lab) for lab in model.estimator.labels_]
         if label not in ids:
             raise HTTPException(422, f"label: {label!r} is not one of this model's labels ({', '.join(ids)})")
         photo, text = _upload(image), _caption(caption)
-        _require_input(photo, text)
+        _require_input(model.kind, photo, text)
         pred, expl = model.explain(ids.index(label), photo, text)
         return _explanation(model, ids.index(label), pred, expl)
 

@@ -35,6 +35,8 @@ from .records import RecordSet, read_records
 from .thresholds import apply_thresholds, tune, tune_global
 
 
+log = logging.getLogger(__name__)
+
 @dataclass
 class TrainResult:
     model_dir: Path
@@ -100,7 +102,7 @@ class _History(L.Callback):
     def __init__(self, start: float):
         self.start, self.rows = start, []
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):  # after the module has logged this epoch's val_f1
         f1 = trainer.callback_metrics.get("val_f1")
         if f1 is not None and not trainer.sanity_checking:
             self.rows.append({"epoch": trainer.current_epoch, "seconds": time.time() - self.start,
@@ -214,11 +216,12 @@ def _work_folder(work_dir, out, resume: bool, fingerprint: dict):
         if changed:
             raise ValueError(f"{work}: cannot resume: that run had other settings or rows ({', '.join(changed)}); "
                              "pass the same ones, or drop --resume to start again")
-        print(f"fuselabel: resuming from {work}" + (" (training had finished)" if (work / TRAINED).exists() else
+        log.info(f"resuming from {work}" + (" (training had finished)" if (work / TRAINED).exists() else
                                                     f", {'last checkpoint' if last.exists() else 'no checkpoint yet'}"))
     else:
         if resume:
-            print(f"fuselabel: nothing to resume in {work}; starting from the beginning")
+            log.info(f"no training to resume in {work}; training from the start "
+                  "(features already extracted come from the cache)")
         if rank_zero_only.rank == 0:
             shutil.rmtree(work / "checkpoints", ignore_errors=True)
             shutil.rmtree(work / "logs", ignore_errors=True)
@@ -295,12 +298,15 @@ def _loaders(config, regime, net, tokenizer, data_config, records, labels, train
             DataLoader(val_ds, batch_size=config.batch_size * 2, collate_fn=collate, **common))
 
 
-def _quiet_lightning() -> None:
-    # Our own summary says what ran where; these notices only bury it.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen encoders, on purpose
-    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Lightning warnings that only bury our own summary, hidden while the Trainer runs (the caller's filters
+    are back afterwards)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # frozen encoders, on purpose
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+        yield
 
 
 def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, *,
@@ -314,17 +320,19 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
     Returns None on non-zero ranks of a multi-process run (only rank 0 tunes and saves).
     """
     t0 = time.time()
-    _quiet_lightning()
     timings: dict[str, float] = {}
     records = csv if isinstance(csv, RecordSet) else read_records(csv)
     if not records.labelled:
         raise ValueError(f"{csv}: training needs a Labels column (header ImageID,Labels,Caption)")
+    if len(records) < 2:
+        raise ValueError(f"{records.path}: {len(records)} row(s) after the header; training needs at least two "
+                         "labelled rows (one for training, one for validation)")
     vocab = label_vocabulary(records.label_sets)
     labels = labels_to_matrix(records.label_sets, vocab).astype(np.float32)
     names = find_label_names(csv, label_names)
     train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
     regime = resolve_regime(config)
-    print(f"fuselabel: {len(records)} rows, {len(vocab)} labels; train {len(train_idx)}, val {len(val_idx)}; "
+    log.info(f"{len(records)} rows, {len(vocab)} labels; train {len(train_idx)}, val {len(val_idx)}; "
           f"model {config.kind}, regime {regime}")
 
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -353,13 +361,14 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
                      L.pytorch.callbacks.EarlyStopping(monitor="val_f1", mode="max", patience=config.patience)]
         logger = L.pytorch.loggers.CSVLogger(work, name="logs", version=0)  # a resumed run appends
         precision = config.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
-        trainer = L.Trainer(max_epochs=config.epochs, max_steps=config.max_steps, accelerator=config.accelerator,
-                            devices=config.devices, num_nodes=config.num_nodes, strategy=config.strategy,
-                            precision=precision, callbacks=callbacks, logger=logger, num_sanity_val_steps=0,
-                            enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
-                            default_root_dir=work, plugins=[_AtomicCheckpointIO()])
         t2 = time.time()
-        trained = _train_stage(trainer, module, train_loader, val_loader, work, last, checkpoint, history)
+        with _quiet_lightning():
+            trainer = L.Trainer(max_epochs=config.epochs, max_steps=config.max_steps,
+                                accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+                                strategy=config.strategy, precision=precision, callbacks=callbacks, logger=logger,
+                                num_sanity_val_steps=0, enable_progress_bar=progress, enable_model_summary=False,
+                                log_every_n_steps=10, default_root_dir=work, plugins=[_AtomicCheckpointIO()])
+            trained = _train_stage(trainer, module, train_loader, val_loader, work, last, checkpoint, history)
         timings["train_s"] = time.time() - t2
         if not trainer.is_global_zero:
             return None
@@ -397,7 +406,7 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
                                                 "epochs_run": trained["epochs_run"],
                                                 "val_f1_by_time": history.rows}})
         size = save_bundle(out, bundle, {"history.csv": history_csv})
-    print(format_report(report))
-    print(f"validation mean F1 {report['mean_f1']:.4f} ({config.threshold_method} thresholds); "
+    log.info(format_report(report))
+    log.info(f"validation mean F1 {report['mean_f1']:.4f} ({config.threshold_method} thresholds); "
           f"model folder {out} is {size / 1e6:.1f} MB; took {timings['total_s']:.0f}s")
     return TrainResult(Path(out), size, report, thresholds, timings, parts, val_labels, history.rows)

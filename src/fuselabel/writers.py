@@ -1,4 +1,4 @@
-"""Writing tables atomically: submissions, probabilities and row subsets of a course CSV.
+"""Writing tables atomically: submissions, probabilities, labelled course CSVs and row subsets of one.
 
 Every writer goes through :func:`atomic_write_text`, so a failure at any point
 leaves an existing file as it was: nothing already written is lost.
@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .labels import vocab_index
-from .records import LABEL_TOKEN_RE, RecordSet
+from .records import LABEL_TOKEN_RE, Record, RecordSet, parse_records
 
 __all__ = [
     "atomic_write_text",
+    "write_labelled_csv",
     "write_probabilities",
     "write_rows",
     "write_submission",
@@ -81,6 +82,42 @@ def write_rows(records: RecordSet, indices: Iterable[int], out: str | os.PathLik
 
     atomic_write_text(out, rows())
     return len(chosen)
+
+
+def write_labelled_csv(path: str | os.PathLike[str], rows: Iterable) -> int:
+    """Write ``ImageID,Labels,Caption`` rows in the course format; returns the rows written.
+
+    ``rows`` holds :class:`~fuselabel.records.Record` objects or ``(image_id, labels, caption)``
+    tuples. Captions are quoted and written as they are (inner quotes unescaped, line breaks kept),
+    so :func:`~fuselabel.records.read_records` reads back exactly what was given. The course format
+    cannot hold every caption: one with a line that ends in a double quote before a line break, or
+    with a line that reads like the start of a row, would read back differently. So the text is read
+    back in memory first, and such a row raises ValueError naming it; nothing is written then.
+    The write is atomic, like :func:`write_submission`.
+    """
+    lines = ["ImageID,Labels,Caption\n"]
+    wanted = []
+    for row in rows:
+        image_id, labels, caption = (row.image_id, row.labels, row.caption) if isinstance(row, Record) else row
+        _check_id(image_id)
+        labels = tuple(dict.fromkeys(labels or ()))
+        for label in labels:
+            if not isinstance(label, str) or not LABEL_TOKEN_RE.fullmatch(label):
+                raise ValueError(f"cannot write label {label!r} for {image_id}: expected a token of [A-Za-z0-9_.-]")
+        if not isinstance(caption, str):
+            raise ValueError(f"cannot write caption {caption!r} for {image_id}: expected a string")
+        lines.append(f'{image_id},{" ".join(labels)},"{caption}"\n')
+        wanted.append(Record(image_id, caption, labels, 0))
+    back = parse_records("".join(lines), path, strict=False)
+    got = [(r.image_id, r.caption, r.labels) for r in back.records]
+    for k, want in enumerate(wanted):
+        if k >= len(got) or got[k] != (want.image_id, want.caption, want.labels):
+            why = f" ({back.bad_rows[0].reason})" if back.bad_rows else ""
+            raise ValueError(f"cannot write row {k + 1} (ImageID {want.image_id}) so that it reads back as given{why}: "
+                             f"caption {want.caption[:80]!r}; the course format cannot hold a caption line that "
+                             "ends in a double quote or reads like the start of a row")
+    atomic_write_text(path, iter(lines))
+    return len(wanted)
 
 
 def submission_lines(image_ids: Sequence[str], label_sets: Iterable[Iterable[str]]) -> Iterator[str]:

@@ -182,15 +182,15 @@ function renderWords(words) {
   }
   if (at < caption.length) parts.push(document.createTextNode(caption.slice(at)));
   $("words").replaceChildren(...parts);
-  $("words-target").textContent = `Each word's effect on the ${words.target} when it is left out: `
-    + "red raised the label, blue lowered it.";
+  $("words-target").textContent = `Each word's share of the ${words.target} above an empty caption `
+    + "(integrated gradients): red raised the label, blue lowered it.";
 }
 
 async function showModel() {
   try {
     const info = await (await fetch("info")).json();
     const f1 = info.validation && info.validation.mean_f1;
-    $("model-id").textContent = `model ${info.model}` + (f1 ? ` · validation mean F1 ${f1.toFixed(3)}` : "");
+    $("model-id").textContent = info.model + (f1 ? ` · validation mean F1 ${f1.toFixed(3)}` : "");
   } catch (err) { /* the page works without it */ }
 }
 

@@ -1,0 +1,98 @@
+"""Prediction at scale: peak memory and throughput of ``fuselabel predict`` on a large CSV against a small one.
+
+Builds a synthetic test set of ``--rows`` rows (default 200,000) that repeats the course photos under
+new ids (symbolic links in a scratch folder) with their captions, then runs ``fuselabel predict`` in a
+fresh process on the first ``--small`` rows (default 2,000) and on all of them, and prints each run's
+peak resident memory (the kernel's maximum RSS of the process) and rows per second. It also checks
+that streaming changes nothing: the small run's output equals a run of the small CSV in a single
+chunk byte for byte, and its probabilities equal the big run's on the same leading rows.
+
+    python benchmarks/predict_scale.py --model MODEL --data ../shared/data/comp5329 [--rows 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fuselabel.records import read_records, resolve_data
+
+
+def build(data: Path, csv: Path, rows: int, folder: Path) -> Path:
+    """``rows`` rows cycling through the labelled ones; photo ``i.jpg`` links to the source photo."""
+    source = read_records(csv).records
+    images = folder / "data"
+    images.mkdir(parents=True)
+    with open(folder / "test.csv", "w", encoding="utf-8", newline="") as f:
+        f.write("ImageID,Caption\n")
+        for i in range(rows):
+            rec = source[i % len(source)]
+            os.symlink((data / rec.image_id).resolve(), images / f"{i}.jpg")
+            f.write(f'{i}.jpg,"{rec.caption}"\n')
+    return folder / "test.csv"
+
+
+def head(csv: Path, rows: int, out: Path) -> Path:
+    with open(csv, encoding="utf-8") as src, open(out, "w", encoding="utf-8", newline="") as dst:
+        for i, line in enumerate(src):
+            if i > rows:
+                break
+            dst.write(line)
+    return out
+
+
+def run(model: str, images: Path, csv: Path, out: Path, *extra: str) -> dict:
+    """One ``fuselabel predict`` in its own process: wall seconds and peak RSS (the kernel's ru_maxrss)."""
+    cmd = [sys.executable, "-m", "fuselabel.cli", "predict", model, "--data", str(images), "--csv", str(csv),
+           "--out", str(out), "--proba", str(out.with_suffix(".proba.csv")), "--quiet", *extra]
+    start = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.time() - start
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"predict failed:\n{stderr[-3000:]}")
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "stdout": stdout.strip()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="model folder or exported ONNX folder")
+    ap.add_argument("--data", required=True, help="the course data folder (train.csv and data/)")
+    ap.add_argument("--csv", help="labelled CSV whose photos and captions are repeated (default DATA/train.csv)")
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--small", type=int, default=2_000)
+    ap.add_argument("--work", help="scratch folder (default: a temporary one, removed)")
+    args = ap.parse_args()
+    images, csv = resolve_data(args.data, args.csv)
+    with tempfile.TemporaryDirectory(prefix="predict-scale-", dir=args.work) as tmp:
+        tmp = Path(tmp)
+        big_csv = build(images, csv, args.rows, tmp / "set")
+        small_csv = head(big_csv, args.small, tmp / "small.csv")
+        one_chunk = str(-(-args.small // 64) * 64)
+        small = run(args.model, tmp / "set" / "data", small_csv, tmp / "small.out.csv")
+        whole = run(args.model, tmp / "set" / "data", small_csv, tmp / "whole.out.csv", "--chunk-size", one_chunk)
+        big = run(args.model, tmp / "set" / "data", big_csv, tmp / "big.out.csv")
+        # Rows are computed in windows of 64; the small CSV's last window may be partial, the big one's is not.
+        full = args.small // 64 * 64 + 1
+        same_prefix = (tmp / "big.out.proba.csv").read_text().splitlines()[:full] == \
+            (tmp / "small.out.proba.csv").read_text().splitlines()[:full]
+        same_whole = (tmp / "small.out.csv").read_bytes() == (tmp / "whole.out.csv").read_bytes() and \
+            (tmp / "small.out.proba.csv").read_bytes() == (tmp / "whole.out.proba.csv").read_bytes()
+    print(f"model {args.model}")
+    print(f"{'rows':>8} {'seconds':>9} {'rows/s':>8} {'peak RSS MB':>12}")
+    for n, r in ((args.small, small), (args.small, whole), (args.rows, big)):
+        print(f"{n:>8} {r['seconds']:>9.1f} {n / r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f}")
+    print(f"peak memory ratio {args.rows} / {args.small} rows: {big['peak_rss_mb'] / small['peak_rss_mb']:.2f}")
+    print(f"small run equals the big run's first {full - 1} rows: {same_prefix}; "
+          f"equals a single-chunk run byte for byte: {same_whole}")
+    print(big["stdout"])
+
+
+if __name__ == "__main__":
+    main()

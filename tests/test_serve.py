@@ -1,0 +1,501 @@
+"""``fuselabel serve``: every endpoint, every client error, explanations, concurrency and a graceful stop.
+
+One tiny model is trained per module (as in tests/test_cli.py); the endpoints are driven through
+FastAPI's TestClient, concurrency through a real uvicorn server in a thread, and the SIGTERM case
+through ``fuselabel serve`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_dataset
+from fastapi import HTTPException
+from fastapi.testclient import TestClient
+from PIL import Image
+from test_cli import TINY_TRAIN
+
+from fuselabel.bundle import folder_size
+from fuselabel.cli import main
+from fuselabel.estimator import FuseLabel
+from fuselabel.explain import _to_photo_frame, explain
+from fuselabel.serve import MAX_CAPTION_CHARS, _require_input, create_app
+
+CAPTION = "a photo of a dog and a car next to a kite"
+
+
+def train_tiny_model(root: Path, cache_dir: str) -> tuple[Path, Path]:
+    """(image folder, model folder) of a tiny late-fusion model trained in seconds."""
+    image_dir, csv = make_tiny_dataset(root)
+    model = root / "model"
+    code = main(["train", "--data", str(image_dir), "--csv", str(csv), "--out", str(model), "--cache-dir", cache_dir,
+                 *TINY_TRAIN])
+    assert code == 0
+    return image_dir, model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(app):
+    """``app`` on a real uvicorn server on a free loopback port, in a thread; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(600):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, session_cache):
+    return train_tiny_model(tmp_path_factory.mktemp("serve"), session_cache)
+
+
+@pytest.fixture(scope="module")
+def client(trained):
+    return TestClient(create_app(trained[1]))
+
+
+@pytest.fixture(scope="module")
+def strict_client(trained):
+    """Small limits, to reach them cheaply: 0.05 MB a request, 2 items a batch."""
+    return TestClient(create_app(trained[1], max_upload_mb=0.05, max_batch=2))
+
+
+@pytest.fixture(scope="module")
+def estimator(trained):
+    return FuseLabel.from_pretrained(trained[1])
+
+
+def _photo(trained, i: int = 5) -> bytes:
+    return (trained[0] / f"{i}.jpg").read_bytes()
+
+
+def _png(size=(64, 40), colour=(40, 200, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _post(client, path="/predict", photo: bytes | None = None, **fields):
+    files = {"image": ("photo.jpg", photo, "image/jpeg")} if photo is not None else None
+    return client.post(path, files=files, data=fields)
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+# ---------------------------------------------------------------- reading endpoints
+
+def test_health_labels_info(client, trained):
+    _, model = trained
+    health = client.get("/health").json()
+    assert health["status"] == "ok"
+    name, digest = health["model"].split("@")
+    assert name == model.name and len(digest) == 12
+
+    labels = client.get("/labels").json()["labels"]
+    stored = json.loads((model / "thresholds.json").read_text())["thresholds"]
+    assert [lab["id"] for lab in labels] == [1, 2, 3, 4]   # integer-literal tokens come back as ints
+    np.testing.assert_allclose([lab["threshold"] for lab in labels], stored, rtol=1e-6)
+
+    response = client.get("/info")
+    info = response.json()
+    assert info["size_bytes"] == folder_size(model)
+    validation = json.loads((model / "metrics.json").read_text())["validation"]
+    assert info["validation"]["mean_f1"] == pytest.approx(validation["mean_f1"])
+    assert info["settings"]["model"]["kind"] == "late" and info["settings"]["model"]["image_size"] == 64
+    assert info["limits"] == {"max_upload_mb": 10, "max_batch": 32, "max_caption_chars": MAX_CAPTION_CHARS}
+    # Nothing about the server's file system leaks: not the model's path, nor any other.
+    assert str(model.parent) not in response.text
+
+
+def test_page_docs_and_openapi(client):
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="predict-button"' in page.text
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert client.get(asset).status_code == 200, asset
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/predict", "/predict/batch", "/explain", "/labels", "/health", "/info"} <= set(paths)
+
+
+# ---------------------------------------------------------------- predictions
+
+def test_predict_photo_and_caption_matches_the_model(client, trained, estimator):
+    photo = _photo(trained)
+    body = _post(client, photo=photo, caption=CAPTION).json()
+    assert body["status"] == "ok" and body["inputs"] == ["image", "caption"]
+    assert body["model"] == client.get("/health").json()["model"]
+    expected = estimator.predict_details([photo], [CAPTION])
+    probs = [lab["probability"] for lab in body["labels"]]
+    np.testing.assert_allclose(probs, expected.probs[0], atol=1e-5)
+    assert [lab["predicted"] for lab in body["labels"]] == expected.predicted[0].tolist()
+    assert body["predicted"] == [{"id": lab["id"], "name": lab["name"]} for lab in body["labels"] if lab["predicted"]]
+    assert body["predicted"], "ensure_nonempty: at least one label"
+    for lab in body["labels"]:
+        assert set(lab["parts"]) == {"image", "text"}
+
+
+def test_caption_only_is_judged_by_its_caption(client):
+    body = _post(client, caption=CAPTION).json()
+    assert body["status"] == "caption_only" and body["inputs"] == ["caption"]
+    for lab in body["labels"]:
+        assert lab["probability"] == pytest.approx(lab["parts"]["text"], abs=1e-6)
+
+
+def test_photo_only_is_judged_by_its_photo(client, trained):
+    body = _post(client, photo=_photo(trained)).json()
+    assert body["status"] == "image_only" and body["inputs"] == ["image"]
+    for lab in body["labels"]:
+        assert lab["probability"] == pytest.approx(lab["parts"]["image"], abs=1e-6)
+
+
+def test_empty_file_field_means_no_photo(client):
+    # What a browser form sends when no file was chosen.
+    body = _post(client, photo=b"", caption=CAPTION).json()
+    assert body["status"] == "caption_only"
+
+
+def test_batch_matches_single_requests(client, trained):
+    photo = _photo(trained, 7)
+    items = [{"caption": CAPTION, "image_base64": base64.b64encode(photo).decode()},
+             {"caption": "a red kite"},
+             {"image_base64": "data:image/png;base64," + base64.b64encode(_png()).decode()}]
+    response = client.post("/predict/batch", json=items)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == ["ok", "caption_only", "image_only"]
+    singles = [_post(client, photo=photo, caption=CAPTION), _post(client, caption="a red kite"),
+               _post(client, photo=_png())]
+    for got, single in zip(results, singles):
+        np.testing.assert_allclose([lab["probability"] for lab in got["labels"]],
+                                   [lab["probability"] for lab in single.json()["labels"]], atol=1e-5)
+        assert got["predicted"] == single.json()["predicted"]
+
+
+# ---------------------------------------------------------------- explanations
+
+def test_explain_photo_and_caption(client, trained):
+    photo = Image.open(io.BytesIO(_photo(trained))).resize((60, 36))   # not square: the heatmap keeps its shape
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG")
+    body = _post(client, "/explain", buf.getvalue(), caption=CAPTION, label="2").json()
+    predicted = _post(client, photo=buf.getvalue(), caption=CAPTION).json()
+    assert body["label"] == predicted["labels"][1] and body["status"] == "ok"
+
+    heat = Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["png_base64"])))
+    assert heat.mode == "RGBA" and heat.size == (60, 36) == (body["heatmap"]["width"], body["heatmap"]["height"])
+    assert np.asarray(heat)[..., 3].max() > 0, "some part of the photo carries evidence"
+    # Each side explains the logit its head computes for this label.
+    assert body["heatmap"]["target"] == "image head logit"
+    assert body["heatmap"]["logit"] == pytest.approx(_logit(body["label"]["parts"]["image"]), abs=1e-3)
+    assert body["words"]["target"] == "text head logit"
+    assert body["words"]["logit"] == pytest.approx(_logit(body["label"]["parts"]["text"]), abs=1e-3)
+
+    words = body["words"]["items"]
+    assert [w["text"] for w in words] == CAPTION.split()
+    assert all(CAPTION[w["start"]:w["end"]] == w["text"] for w in words)
+    assert all(isinstance(w["score"], float) for w in words)
+    assert len({round(w["score"], 6) for w in words}) > 1
+
+
+def test_explain_one_input_only(client, trained):
+    caption_only = _post(client, "/explain", caption=CAPTION, label="1").json()
+    assert caption_only["heatmap"] is None and caption_only["words"] is not None
+    assert caption_only["status"] == "caption_only"
+    photo_only = _post(client, "/explain", _photo(trained), label="1").json()
+    assert photo_only["words"] is None and photo_only["heatmap"]["width"] == 40
+
+
+def test_word_scores_add_up_to_the_logit_above_an_empty_caption(estimator):
+    """Integrated gradients' completeness: the words' scores sum to logit(caption) - logit([PAD] caption)."""
+    bundle = estimator.bundle_
+    caption = "a skateboarding dog, unbelievably, beside a car"   # words of several tokens, and commas
+    result = explain(bundle, 1, None, caption)
+    net, tokenizer = bundle.net, bundle.tokenizer
+    ids = tokenizer(caption, return_tensors="pt")["input_ids"]
+    empty = ids.clone()
+    empty[0, 1:-1] = tokenizer.pad_token_id
+
+    def text_logit(input_ids):
+        with torch.no_grad():
+            feats = {"text_feat": net.text_encoder(input_ids, torch.ones_like(input_ids)),
+                     "caption_present": torch.ones(1), "image_present": torch.zeros(1),
+                     "image_feat": torch.zeros(1, net.image_encoder.num_features)}
+            return float(net.head(net.encode(feats))["text"][0, 1])
+
+    full, base = text_logit(ids), text_logit(empty)
+    assert result.words_logit == pytest.approx(full, abs=1e-5)
+    assert result.words_baseline_logit == pytest.approx(base, abs=1e-5)
+    assert len(result.words) == 7 and all(w["score"] is not None for w in result.words)
+    total = sum(w["score"] for w in result.words)
+    assert total == pytest.approx(full - base, abs=0.1 * abs(full - base) + 0.01)
+
+
+@pytest.mark.parametrize("kind, settings", [("early", {}), ("image", {}), ("text", {}),
+                                             ("late", {"decoder": "query", "image_tokens": True})])
+def test_explanations_follow_the_logit_each_kind_computes(kind, settings):
+    """Heatmap and words explain the very logit the network computes from the photo and caption."""
+    from fuselabel.bundle import Bundle
+    from fuselabel.config import Config
+    from fuselabel.data import build_transform
+    from fuselabel.encoders import create_tokenizer, image_data_config
+    from fuselabel.network import FuseLabelNet
+
+    torch.manual_seed(0)
+    config = Config(kind=kind, image_model="tf_efficientnet_lite0", image_size=64, hidden_dim=16,
+                    text_config_overrides={"num_hidden_layers": 1}, **settings)
+    net = FuseLabelNet(config, 3, pretrained=False).eval()
+    tokenizer = create_tokenizer("minilm-l6")
+    preprocessing = image_data_config(net.image_encoder.backbone, 64, 1.0) if net.image_encoder else None
+    bundle = Bundle(net=net, config=config, labels=["a", "b", "c"], label_names={}, thresholds={},
+                    preprocessing=preprocessing, tokenizer=tokenizer)
+    photo = Image.new("RGB", (48, 30), (200, 40, 40))
+    result = explain(bundle, 2, photo, CAPTION)
+
+    batch = {"image_present": torch.ones(1), "caption_present": torch.ones(1)}
+    if net.image_encoder is not None:
+        batch["pixels"] = build_transform(preprocessing, train=False)(photo)[None]
+    if net.text_encoder is not None:
+        batch.update(tokenizer(CAPTION, return_tensors="pt"))
+    with torch.no_grad():
+        logits = {part: float(v[0, 2]) for part, v in net(batch).items()}
+    heat_part = {"early": "early", "text": None}.get(kind, "image")
+    word_part = {"early": "early", "image": None}.get(kind, "text")
+    assert (result.heatmap is None) == (heat_part is None) and (result.words is None) == (word_part is None)
+    if heat_part:
+        assert result.heatmap.shape == (30, 48)
+        assert result.heatmap_logit == pytest.approx(logits[heat_part], abs=1e-4)
+    if word_part:
+        assert result.words_logit == pytest.approx(logits[word_part], abs=1e-4)
+
+
+def test_words_past_the_token_limit_have_no_score(estimator):
+    caption = " ".join(["dog"] * 200)
+    words = explain(estimator.bundle_, 0, None, caption).words
+    assert len(words) == 200
+    scored = [w["score"] is not None for w in words]
+    assert scored[0] and not scored[-1]
+    assert sum(scored) == estimator.bundle_.config.text_max_length - 2   # [CLS] and [SEP] take two
+
+
+def test_heatmap_of_a_centre_crop_covers_only_the_crop():
+    cam = torch.ones(2, 2)
+    heat = _to_photo_frame(cam, (100, 50), {"crop_pct": 0.5, "input_size": [3, 32, 32]})
+    assert heat.shape == (50, 100)
+    hot = np.argwhere(heat > 0)
+    # The model saw a square of side 25 (half the short side) at the centre.
+    assert hot[:, 0].min() == 12 and hot[:, 0].max() == 36
+    assert hot[:, 1].min() == 38 and hot[:, 1].max() == 62
+    whole = _to_photo_frame(cam, (100, 50), {"crop_pct": 1.0})
+    assert (whole == 1).all()
+
+
+# ---------------------------------------------------------------- client errors: 4xx with a message, never 500
+
+def _bomb_png(width=50_000, height=50_000) -> bytes:
+    """A tiny PNG whose header claims a huge image: decoding it naively would take gigabytes."""
+    data = bytearray(_png((8, 8)))
+    ihdr = 8 + 8                                 # signature, then the IHDR chunk's length and type
+    data[ihdr:ihdr + 8] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    crc = zlib.crc32(bytes(data[ihdr - 4:ihdr + 13]))
+    data[ihdr + 13:ihdr + 17] = crc.to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("case, status", [
+    ("no input", 422), ("blank caption only", 422), ("caption too long", 422), ("not an image", 415),
+    ("truncated jpeg", 415), ("decompression bomb", 415), ("photo as a text field", 422),
+])
+def test_predict_client_errors(client, trained, case, status):
+    photo = _photo(trained)
+    response = {
+        "no input": lambda: _post(client),
+        "blank caption only": lambda: _post(client, caption="   \n "),
+        "caption too long": lambda: _post(client, caption="dog " * (MAX_CAPTION_CHARS // 4 + 1)),
+        "not an image": lambda: _post(client, photo=b"%PDF-1.4 certainly not a photo", caption=CAPTION),
+        "truncated jpeg": lambda: _post(client, photo=photo[:len(photo) // 3]),
+        "decompression bomb": lambda: _post(client, photo=_bomb_png()),
+        # A request can name no file on the server: a string where the photo goes is refused.
+        "photo as a text field": lambda: client.post("/predict", data={"image": str(trained[0] / "5.jpg")}),
+    }[case]()
+    assert response.status_code == status, response.text
+    assert isinstance(response.json()["detail"], str) and response.json()["detail"]
+
+
+def test_upload_limit_counts_the_body_not_its_header(strict_client, trained):
+    too_big = b"\xff" * 60_000
+    response = _post(strict_client, photo=too_big)
+    assert response.status_code == 413 and "0.05 MB" in response.json()["detail"]
+
+    def chunks():   # no Content-Length: the body arrives chunked and is counted as it comes
+        for _ in range(10):
+            yield b"x" * 10_000
+
+    response = strict_client.post("/predict", content=chunks(),
+                                  headers={"content-type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 413
+    assert _post(strict_client, photo=_photo(trained)).status_code == 200   # within the limit: served
+
+
+@pytest.mark.parametrize("payload, status", [
+    ([], 422), ({"caption": "a dog"}, 422), ([{"caption": "a dog", "image": "/etc/passwd"}], 422),
+    ([{"caption": ""}], 422), ([{"image_base64": "not base64!"}], 422), ([{"caption": 5}], 422),
+    ([{"image_base64": base64.b64encode(b"GIF89a nonsense").decode()}], 415),
+    ([{"caption": "a dog"}] * 3, 413),
+])
+def test_batch_client_errors(strict_client, payload, status):
+    response = strict_client.post("/predict/batch", json=payload)
+    assert response.status_code == status, response.text
+    assert response.json()["detail"]
+
+
+def test_batch_error_names_the_item(client):
+    response = client.post("/predict/batch", json=[{"caption": "a dog"}, {"caption": " "}])
+    assert response.status_code == 422 and response.json()["detail"].startswith("item 1")
+
+
+@pytest.mark.parametrize("fields, status", [({"label": "99", "caption": CAPTION}, 422), ({"caption": CAPTION}, 422),
+                                            ({"label": "1"}, 422)])
+def test_explain_client_errors(client, fields, status):
+    response = client.post("/explain", data=fields)
+    assert response.status_code == status, response.text
+    assert response.json()["detail"]
+
+
+def test_explain_rejects_a_non_image(client):
+    assert _post(client, "/explain", b"<html>", label="1").status_code == 415
+
+
+@pytest.mark.parametrize("kind, photo, caption, ok", [
+    ("late", True, False, True), ("late", False, True, True), ("late", False, False, False),
+    ("image", False, True, False), ("image", True, True, True), ("text", True, False, False),
+    ("text", False, True, True), ("early", True, False, True)])
+def test_a_request_needs_an_input_the_model_reads(kind, photo, caption, ok):
+    args = (kind, object() if photo else None, "a dog" if caption else None)
+    if ok:
+        _require_input(*args)
+    else:
+        with pytest.raises(HTTPException) as err:
+            _require_input(*args)
+        assert err.value.status_code == 422
+
+
+def test_bad_limits_are_refused(trained):
+    with pytest.raises(ValueError, match="max-batch"):
+        create_app(trained[1], max_batch=0)
+
+
+# ---------------------------------------------------------------- concurrency and a graceful stop
+
+def test_concurrent_requests_agree_with_sequential_ones(trained):
+    photos = [_photo(trained, i) for i in range(4, 10)]
+    with serving(create_app(trained[1])) as url, httpx.Client(base_url=url, timeout=120) as http:
+        def ask(i):
+            files = {"image": ("p.jpg", photos[i % len(photos)], "image/jpeg")}
+            path = "/explain" if i % 3 == 0 else "/predict"
+            data = {"caption": f"{CAPTION} {i}", **({"label": "3"} if path == "/explain" else {})}
+            return path, http.post(path, files=files, data=data)
+
+        sequential = [ask(i) for i in range(12)]
+        concurrent: dict[int, tuple] = {}
+        threads = [threading.Thread(target=lambda i=i: concurrent.__setitem__(i, ask(i))) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for i, (path, first) in enumerate(sequential):
+        second = concurrent[i][1]
+        assert first.status_code == second.status_code == 200, (i, second.text)
+        a, b = first.json(), second.json()
+        if path == "/predict":
+            np.testing.assert_allclose([x["probability"] for x in a["labels"]],
+                                       [x["probability"] for x in b["labels"]], atol=1e-6)
+        else:
+            assert a["heatmap"]["png_base64"] == b["heatmap"]["png_base64"]
+            assert [w["score"] for w in a["words"]["items"]] == pytest.approx(
+                [w["score"] for w in b["words"]["items"]], abs=1e-6)
+
+
+def test_sigterm_lets_the_request_in_flight_finish(trained, tmp_path):
+    """SIGTERM while a request's body is still arriving: it is answered 200, then the process exits 0."""
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "fuselabel.cli", "serve", str(trained[1]), "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        request = httpx.Client().build_request("POST", f"{url}/predict", data={"caption": CAPTION},
+                                               files={"image": ("p.jpg", _photo(trained), "image/jpeg")})
+        body, content_type = request.read(), request.headers["content-type"]
+        half_sent, resume = threading.Event(), threading.Event()
+
+        def slow_body():
+            yield body[:100]
+            half_sent.set()
+            resume.wait(30)
+            yield body[100:]
+
+        answer = {}
+
+        def send():
+            answer["response"] = httpx.post(f"{url}/predict", content=slow_body(),
+                                            headers={"content-type": content_type}, timeout=60)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        assert half_sent.wait(30)
+        time.sleep(0.5)          # the server has the request's head and is waiting for the rest
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)          # ... and is now shutting down, with this request in flight
+        assert proc.poll() is None, "the server quit with a request in flight"
+        resume.set()
+        sender.join(60)
+        response = answer["response"]
+        assert response.status_code == 200 and response.json()["status"] == "ok"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert "Shutting down" in (tmp_path / "serve.log").read_text()
