@@ -120,3 +120,33 @@ def tiny_dataset(tmp_path) -> tuple[Path, Path]:
 def tiny_dataset_session(tmp_path_factory) -> tuple[Path, Path]:
     """The same rows as ``tiny_dataset``, written once per session for tests that only read them."""
     return make_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+class RepeatBatch:
+    """A dataset that is one ready-made batch, ``n`` times: what overfitting and loss tests need."""
+
+    def __init__(self, batch: dict, n: int):
+        self.batch, self.n = batch, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.batch
+
+
+# A tiny FuseLabel: frozen packaged Lite0 at 64 px, a one-layer MiniLM, two epochs (seconds on a CPU).
+TINY_SETTINGS = dict(preset="cpu-fast", image_size=64, epochs=2, batch_size=16, val_fraction=0.25, num_workers=0,
+                     accelerator="cpu", hidden_dim=32, text_config_overrides={"num_hidden_layers": 1})
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, session_cache):
+    """(folder, image_dir, csv): the tiny data set and a FuseLabel trained on it, saved in ``folder / "model"``."""
+    from fuselabel import FuseLabel
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    image_dir, csv = make_tiny_dataset(root)
+    FuseLabel(**TINY_SETTINGS, cache_dir=session_cache).fit(csv, images=image_dir, out=root / "model", progress=False)
+    return root, image_dir, csv
+

@@ -10,21 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_tiny_dataset, shared_data_or_skip
+from conftest import TINY_SETTINGS as TINY
+from conftest import shared_data_or_skip
 from fuselabel import FuseLabel
 from fuselabel.records import read_records
 from fuselabel.writers import write_rows
 
-TINY = dict(preset="cpu-fast", image_size=64, epochs=2, batch_size=16, val_fraction=0.25, num_workers=0,
-            accelerator="cpu", hidden_dim=32, text_config_overrides={"num_hidden_layers": 1})
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, session_cache):
-    root = tmp_path_factory.mktemp("estimator")
-    image_dir, csv = make_tiny_dataset(root)
-    model = FuseLabel(**TINY, cache_dir=session_cache).fit(csv, images=image_dir, out=root / "model", progress=False)
-    return model, image_dir, csv, root
+def tiny(tiny_model):
+    root, image_dir, csv = tiny_model
+    return FuseLabel.from_pretrained(root / "model"), image_dir, csv, root
 
 
 @pytest.mark.parametrize("bad, key", [(dict(epochs="ten"), "epochs"), (dict(batch_size=-3), "batch_size"),

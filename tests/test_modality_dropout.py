@@ -10,8 +10,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from conftest import RepeatBatch
 from fuselabel import Config
 from fuselabel.module import FuseLabelModule
 from fuselabel.network import FuseLabelNet
@@ -125,16 +126,6 @@ def test_early_fusion_ignores_hidden_inputs():
         assert not torch.allclose(module.net(shifted)["early"][~caption], module.net(raw)["early"][~caption])
 
 
-class _Repeat(Dataset):
-    def __init__(self, batch: dict, n: int):
-        self.batch, self.n = batch, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.batch
-
 
 def _fit_losses(kind: str, share: float) -> list[float]:
     L.seed_everything(0, verbose=False)
@@ -149,7 +140,7 @@ def _fit_losses(kind: str, share: float) -> list[float]:
     trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[Log()])
-    trainer.fit(module, DataLoader(_Repeat(_batch(module), 6), batch_size=None))
+    trainer.fit(module, DataLoader(RepeatBatch(_batch(module), 6), batch_size=None))
     return seen
 
 

@@ -14,8 +14,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from conftest import RepeatBatch
 from fuselabel import Config
 from fuselabel.bundle import Bundle, BundleError, describe, load_bundle, save_bundle
 from fuselabel.data import FeatureDataset, PairDataset, TextCollate, build_transform
@@ -58,18 +59,6 @@ def tiny(tiny_dataset_session):
     vocab = label_vocabulary(records.label_sets)
     return image_dir, records.records, vocab, labels_to_matrix(records.label_sets, vocab).astype(np.float32)
 
-
-class _Repeat(Dataset):
-    """The same ready-made batch, ``n`` times: overfitting one batch is what the loss test needs."""
-
-    def __init__(self, batch: dict, n: int):
-        self.batch, self.n = batch, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return self.batch
 
 
 class _LossLog(L.Callback):
@@ -122,7 +111,7 @@ def test_training_steps_reduce_loss(regime, kind, combine, tokenizer, tiny, sess
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, callbacks=[log])
-    trainer.fit(module, DataLoader(_Repeat(batch, steps), batch_size=None))
+    trainer.fit(module, DataLoader(RepeatBatch(batch, steps), batch_size=None))
 
     assert len(log.losses) == steps
     assert np.isfinite(log.losses).all()

@@ -11,23 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_tiny_dataset
-from fuselabel import FuseLabel
 from fuselabel.cli import main
 from fuselabel.images import eval_pixels
 from fuselabel.predict import predict_csv
 from fuselabel.runtime import decide, fuse
 
-TINY = dict(preset="cpu-fast", image_size=64, epochs=2, batch_size=16, val_fraction=0.25, num_workers=0,
-            accelerator="cpu", hidden_dim=32, text_config_overrides={"num_hidden_layers": 1})
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, session_cache):
-    root = tmp_path_factory.mktemp("runtime")
-    image_dir, csv = make_tiny_dataset(root)
-    FuseLabel(**TINY, cache_dir=session_cache).fit(csv, images=image_dir, out=root / "model", progress=False)
-    return root, image_dir, csv
+def trained(tiny_model):
+    return tiny_model
 
 
 @pytest.mark.parametrize("crop", [1.0, 0.875])

@@ -418,6 +418,11 @@ def test_bad_limits_are_refused(trained):
         create_app(trained[1], max_batch=0)
 
 
+def test_serve_command_refuses_a_folder_that_is_no_model(tmp_path, capsys):
+    assert main(["serve", str(tmp_path)]) == 2
+    assert "not a fuselabel model folder" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- concurrency and a graceful stop
 
 def test_concurrent_requests_agree_with_sequential_ones(trained):

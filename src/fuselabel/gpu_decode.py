@@ -1,4 +1,4 @@
-"""Image decoding for the tensor path: file bytes -> uint8 tensors on the device, and image features from them.
+"""Image decoding for the device image cache: file bytes -> uint8 tensors on the device.
 
 DataLoader workers only read file bytes; JPEGs are decoded in batches with nvJPEG
 (``torchvision.io.decode_jpeg(list, device="cuda")``), resized on the device (antialiased) and

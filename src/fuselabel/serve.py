@@ -183,7 +183,7 @@ def _settings(model: Model) -> dict:
 class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` gets 413, counted as it arrives.
 
-    The body is read here (at most ``max_bytes``) and handed on whole, so a chunked upload without a
+    The body is read by this middleware (at most ``max_bytes``) and handed on whole, so a chunked upload without a
     Content-Length, or one that lies about it, is cut off the same way as an honest one.
     """
 
