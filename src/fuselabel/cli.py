@@ -343,6 +343,9 @@ def _show_log(quiet: bool) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if quiet:  # Lightning's notices (accelerators found, tips) as well
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _user_errors() -> tuple[type, ...]:
