@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write (index.html and its figures)")
     p.add_argument("--split", default="all", choices=("all", "val", "train"),
                    help="only the rows on this side of the model's own split (split.json)")
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors")
     return parser
 
 
@@ -233,8 +234,10 @@ def cmd_evaluate(args) -> None:
     from .predict import evaluate_csv
 
     images, csv = resolve_data(args.data, args.csv)
-    report = evaluate_csv(_load_model(args), images, csv, split=args.split)
+    model = _load_model(args)
+    report = evaluate_csv(model, images, csv, split=args.split)
     print(format_report(report))
+    print(f"predicted with {model.predictor().engine.name}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -134,7 +134,8 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.image_tokens and self.tta_flip:
-            raise ValueError("image_tokens and tta_flip do not mix: flipped feature maps would be averaged out of place")
+            raise ValueError("image_tokens and tta_flip do not mix: flipped feature maps would be averaged "
+                             "out of place")
 
     def validate(self) -> None:
         """Re-check every value (after attributes were set by hand)."""

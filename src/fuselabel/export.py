@@ -162,7 +162,8 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
             export_text_encoder(net.text_encoder, bundle.tokenizer, tmp / "text_encoder.onnx",
                                 cfg.text_max_length, opset)
             files["text_encoder"] = {"path": "text_encoder.onnx",
-                                     "inputs": {"input_ids": ["batch", "length"], "attention_mask": ["batch", "length"]},
+                                     "inputs": {"input_ids": ["batch", "length"],
+                                                "attention_mask": ["batch", "length"]},
                                      "outputs": {"features": ["batch", net.text_encoder.num_features]},
                                      "quantized": None}
         export_head(net, tmp / "head.onnx", opset)
@@ -244,7 +245,8 @@ def format_report(manifest: dict) -> str:
     c = manifest.get("checks")
     if c:
         parts = ", ".join(f"{k} head {c[k]:.2e}" for k in ("image", "text", "early") if k in c)
-        lines.append(f"max |onnx - torch| on {c['rows']} synthetic rows: {parts}; probabilities {c['probabilities']:.2e}")
+        lines.append(f"max |onnx - torch| on {c['rows']} synthetic rows: {parts}; "
+                     f"probabilities {c['probabilities']:.2e}")
         lines.append(f"label decisions agreeing: {100 * c['label_agreement']:.1f}% of cells, "
                      f"{100 * c['rows_identical']:.1f}% of rows identical")
     return "\n".join(lines)

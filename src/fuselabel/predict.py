@@ -113,7 +113,8 @@ def predict_csv(model, image_dir, csv, out, *, proba_out=None, strict: bool = Fa
         else:
             from tqdm.auto import tqdm
 
-            for i, b in enumerate(tqdm(bounds, desc="predict", unit="chunk", disable=None if progress else True, leave=False)):
+            bar = tqdm(bounds, desc="predict", unit="chunk", disable=None if progress else True, leave=False)
+            for i, b in enumerate(bar):
                 _save_part(parts, i, predict_chunk(model, records, image_dir, b, strict=strict))
         summary = _merge(parts, len(bounds), records, _tokens(model), out, proba_out)
     finally:
