@@ -7,7 +7,7 @@
     GET  /labels, /health, /info;  OpenAPI at /docs
 
 The model folder loads once, at start. Each request is read and checked first (size, photo, caption),
-then makes one call into the model under a lock (the network and its explanation hooks are shared),
+then makes one call into the model on its one model thread (the network and its explanation hooks are shared),
 then its answer is built. Every client mistake is a 4xx with a JSON ``detail``: 413 for a body over
 the upload limit (counted while it arrives, whatever Content-Length claims), 415 for bytes that are
 not a photo (or a decompression bomb), 422 for no input or malformed fields. Requests name no file
@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import signal
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 
@@ -34,17 +34,17 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from .bundle import folder_size
-from .data import ImageError, load_rgb
+from .images import ImageError, load_rgb
 from .estimator import FuseLabel
 from .explain import explain, heatmap_png
 
 log = logging.getLogger(__name__)
 
 WEB = Path(__file__).with_name("web")
-MAX_CAPTION_CHARS = 10_000   # far beyond any token limit; keeps tokenising inside the lock cheap
+MAX_CAPTION_CHARS = 10_000   # far beyond any token limit; keeps tokenising on the model thread cheap
 
 
-# ---------------------------------------------------------------- the model, behind one lock
+# ---------------------------------------------------------------- the model, on one thread
 
 class Model:
     """A model folder loaded once, with what the service reports about it."""
@@ -53,7 +53,9 @@ class Model:
         self.path = Path(path)
         self.estimator = FuseLabel.from_pretrained(self.path)
         self.kind = self.estimator.config.kind
-        self.lock = threading.Lock()
+        # Every model call runs on this one thread, in turn: the network and its explanation hooks are
+        # shared, and one thread keeps the model's large buffers in one malloc arena.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuselabel-model")
         weights = self.path / "model.safetensors"
         with weights.open("rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
@@ -69,13 +71,14 @@ class Model:
                 for lab, name, t in zip(est.labels_, est.label_names_, est.thresholds_)]
 
     def predict(self, images: list, captions: list):
-        with self.lock:
-            return self.estimator.predict_details(images, captions)
+        return self.worker.submit(self.estimator.predict_details, images, captions).result()
 
     def explain(self, label_index: int, image, caption):
-        with self.lock:
+        def both():
             return self.estimator.predict_details([image], [caption]), explain(
                 self.estimator.bundle_, label_index, image, caption)
+
+        return self.worker.submit(both).result()
 
 
 # ---------------------------------------------------------------- request parsing and checks
@@ -270,7 +273,7 @@ def create_app(model_dir: str | Path, *, max_upload_mb: float = 10, max_batch: i
                            "max_caption_chars": MAX_CAPTION_CHARS}}
 
     # The POST handlers are plain functions: FastAPI runs them in worker threads, so decoding photos and
-    # waiting for the model lock never hold up the event loop (nor its shutdown).
+    # waiting for the model thread never hold up the event loop (nor its shutdown).
     @app.post("/predict")
     def predict(image: Photo = None, caption: Caption = None):
         photo, text = _upload(image), _caption(caption)
@@ -309,11 +312,31 @@ def create_app(model_dir: str | Path, *, max_upload_mb: float = 10, max_batch: i
     return app
 
 
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's per-thread heaps for this server process.
+
+    glibc gives threads heaps of their own ("arenas"); with a request thread pool, each keeps freed photo
+    and tensor buffers and the server's memory creeps up under load. Two arenas keep it flat
+    (``benchmarks/load.py``; ``MALLOC_ARENA_MAX=2`` in the environment does the same).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-8, arenas)   # M_ARENA_MAX
+    except OSError:  # not glibc: nothing to cap
+        pass
+
+
 def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, max_upload_mb: float = 10,
         max_batch: int = 32) -> None:
     """Serve until SIGINT or SIGTERM; requests in flight finish first, then this returns."""
     import uvicorn
 
+    _limit_malloc_arenas()
     app = create_app(model_dir, max_upload_mb=max_upload_mb, max_batch=max_batch)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     # uvicorn drains in-flight requests on SIGTERM, then raises the signal again once its own handler
