@@ -1,0 +1,36 @@
+"""Data flows one way: each module imports only modules listed before it (the README's layout table), and
+nothing imports the command line or the service."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fuselabel"
+ORDER = ["config", "records", "images", "labels", "writers", "inspection", "metrics", "thresholds", "losses",
+         "runtime", "data", "geometry", "gpu_decode", "image_cache", "encoders", "heads", "network", "onnxrt",
+         "cache", "engines", "features", "module", "bundle", "train", "estimator", "predict", "export", "figures",
+         "report", "explain", "experiment_results", "experiment", "serve", "cli"]
+
+
+def _imports(path: Path) -> set[str]:
+    text = path.read_text()
+    return {a or b for a, b in re.findall(r"from \.(\w+) import|from \. import (\w+)", text)}
+
+
+def test_every_module_is_in_the_layout():
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert modules == set(ORDER), (modules - set(ORDER), set(ORDER) - modules)
+
+
+def test_imports_point_up_the_layout_only():
+    rank = {m: i for i, m in enumerate(ORDER)}
+    wrong = [(m, dep) for m in ORDER for dep in _imports(PACKAGE / f"{m}.py") if rank.get(dep, -1) >= rank[m]]
+    assert not wrong, wrong
+
+
+def test_readme_lists_the_same_order():
+    readme = (PACKAGE.parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Layout"):]
+    named = [m for m in re.findall(r"`(\w+)`", table) if m in ORDER]
+    assert named[:len(ORDER)] == ORDER
