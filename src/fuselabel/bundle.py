@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .cache import pause_for_test, remove_stale_temporaries, temporary_name
-from .config import Config
+from .config import Config, group_of
 from .encoders import create_tokenizer
 from .network import FuseLabelNet
 
@@ -233,8 +233,6 @@ def read_config(path: Path) -> Config:
     if version >= 2 and (path / "run.json").exists():
         values = {**_read_json(path / "run.json"), **values}
     # Where a model ran is not part of it: older folders stored devices and cache folders, which are dropped.
-    from .config import group_of
-
     kept = {}
     for key, value in values.items():
         try:

@@ -166,7 +166,9 @@ def _load_model(args):
     from .predict import load_model
 
     runtime = {"feature_engine": args.engine, "num_workers": args.num_workers, "cache_dir": args.cache_dir}
-    return load_model(args.model_dir, **{k: v for k, v in runtime.items() if v is not None})
+    model = load_model(args.model_dir, **{k: v for k, v in runtime.items() if v is not None})
+    model.predictor(device=args.device)  # built here, once, on the chosen device
+    return model
 
 
 def cmd_train(args) -> None:
@@ -235,7 +237,7 @@ def cmd_evaluate(args) -> None:
 
     images, csv = resolve_data(args.data, args.csv)
     model = _load_model(args)
-    report = evaluate_csv(model, images, csv, split=args.split)
+    report = evaluate_csv(model, images, csv, split=args.split, strict=args.strict)
     print(format_report(report))
     print(f"predicted with {model.predictor().engine.name}")
     if args.json:

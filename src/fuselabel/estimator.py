@@ -100,12 +100,10 @@ class FuseLabel:
 
         ``runtime`` takes where-it-runs settings only (``feature_engine``, ``cache_dir``, ``num_workers``).
         """
-        from .bundle import read_config
-
         model = cls.__new__(cls)
         model.preset, model.config_file, model.settings = None, None, {}
         model.bundle_, model.result_, model._predictor = None, None, None
-        model.config = read_config(Path(path)).replace(**runtime)
+        model.config = Config.from_dict(runtime, source="from_pretrained")  # only its runtime group is used
         model._load(Path(path))
         return model
 
@@ -138,17 +136,19 @@ class FuseLabel:
 
     # ------------------------------------------------------------------ prediction
     def predictor(self, *, strict: bool = False, device=None) -> Predictor:
-        """The ``runtime.Predictor`` this model predicts with (built once, reused)."""
+        """The ``runtime.Predictor`` this model predicts with. Its engine is built on the first call, on
+        ``device`` (default: cuda when present), and reused; ``strict`` applies to the calls that follow."""
         from .engines import engine_for_bundle
 
         self._check_fitted()
-        if self._predictor is None or self._predictor.strict != strict:
+        if self._predictor is None:
             cfg = self.bundle_.config
             engine = engine_for_bundle(self.bundle_, engine=cfg.feature_engine, device=device,
                                        cache_dir=cfg.cache_dir)
             self._predictor = Predictor(engine, self.bundle_.labels, self.bundle_.threshold_vector,
                                         self.bundle_.thresholds.get("ensure_nonempty", True),
-                                        workers=cfg.num_workers, strict=strict)
+                                        workers=cfg.num_workers)
+        self._predictor.strict = strict
         return self._predictor
 
     def predict_details(self, images: Sequence[ImageInput] | None = None,
@@ -171,7 +171,7 @@ class FuseLabel:
         labels = self.labels_
         return [[labels[j] for j in np.flatnonzero(row)] for row in self.predict_details(images, captions).predicted]
 
-    def evaluate(self, csv: str | Path, images: str | Path, *, split: str = "all") -> dict:
+    def evaluate(self, csv: str | Path, images: str | Path, *, split: str = "all", strict: bool = False) -> dict:
         """The metrics report on a labelled course-format CSV (``split``: only one side of the model's split)."""
         from .labels import labels_to_matrix
         from .metrics import evaluate as evaluate_sets
@@ -183,7 +183,9 @@ class FuseLabel:
         if not records.labelled:
             raise ValueError(f"{csv}: evaluate needs a Labels column (header ImageID,Labels,Caption)")
         rows = split_rows(self.bundle_.path, records.records, split)
-        chunks = list(self.predictor().iter_predict(((r.image_id, r.caption) for r in rows), image_dir=images))
+        names = (f"row {r.image_id} (CSV line {r.line})" for r in rows)
+        chunks = list(self.predictor(strict=strict).iter_predict(((r.image_id, r.caption) for r in rows),
+                                                                 image_dir=images, names=names))
         p = Prediction.concat(chunks)
         tokens = self.bundle_.labels
         truth = labels_to_matrix([r.labels for r in rows], tokens)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .writers import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 NA = "-"  # a setting that cannot matter for this run
@@ -127,12 +129,6 @@ def plot_results(path: Path, groups: list[dict], varied: list[str], title: str) 
     os.replace(tmp, path)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_results(out: Path, plan, rows: list[dict], spec: dict | None = None) -> None:
     """results.csv / .md / .json / .png for the rows so far (atomic replaces, so a reader never sees half).
 
@@ -147,11 +143,11 @@ def write_results(out: Path, plan, rows: list[dict], spec: dict | None = None) -
     for r in rows:
         writer.writerow({k: ("" if r.get(k) is None else round(r[k], 6) if isinstance(r.get(k), float) else r[k])
                          for k in columns})
-    _write_atomic(out / "results.csv", buf.getvalue())
+    atomic_write_text(out / "results.csv", [buf.getvalue()])
     groups = summarize(rows, plan.varied)
-    _write_atomic(out / "results.md", format_markdown(plan.name, groups, plan.varied, rows))
-    _write_atomic(out / "results.json", json.dumps({"name": plan.name, "grid": spec, "varied": plan.varied,
-                                                    "rows": rows}, indent=2, default=str) + "\n")
+    atomic_write_text(out / "results.md", [format_markdown(plan.name, groups, plan.varied, rows)])
+    atomic_write_text(out / "results.json", [json.dumps({"name": plan.name, "grid": spec, "varied": plan.varied,
+                                                         "rows": rows}, indent=2, default=str) + "\n"])
     try:
         plot_results(out / "results.png", groups, plan.varied, f"{plan.name}: validation mean F1")
     except Exception as err:  # a plotting problem must not lose a night of results

@@ -194,11 +194,6 @@ def open_image(item: ImageInput, image_dir: str | PathLike | None = None) -> tup
         return None, str(err)
 
 
-def eval_size(data_config: dict) -> tuple[int, int]:
-    size = data_config["input_size"][-1]
-    return size, size
-
-
 def eval_pixels(img: Image.Image, data_config: dict) -> np.ndarray:
     """The encoder's input at evaluation: (3, H, W) float32, normalised, from one RGB image.
 

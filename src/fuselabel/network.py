@@ -1,18 +1,20 @@
 """The whole network: image and text encoders around a head, and the rule that fuses per-head probabilities.
 
 ``FuseLabelNet`` works from raw inputs (pixels, token ids) or from cached features;
-``combine_probabilities`` turns per-head probabilities into one per label (late fusion's
-weighted average or union).
+``combine_probabilities`` applies the prediction path's fusion rule (``runtime.fuse``) to the
+per-head probabilities of training and validation.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from .config import Config
 from .encoders import PooledImageEncoder, create_image_encoder, create_text_encoder
 from .heads import build_head
+from .runtime import fuse
 
 
 class FuseLabelNet(nn.Module):
@@ -70,18 +72,10 @@ class FuseLabelNet(nn.Module):
 
 def combine_probabilities(parts: dict, combine: str = "weighted", weight=0.5,
                           image_present: torch.Tensor | None = None) -> torch.Tensor:
-    """One probability per label from per-head probabilities (late fusion's two rules live here)."""
+    """``runtime.fuse`` for training's tensors, where every row has its caption and a lone head is kept as is."""
     if len(parts) == 1:
         return next(iter(parts.values()))
-    p_img, p_txt = parts["image"], parts["text"]
-    if combine == "union":
-        # The union of two thresholded sets under one threshold t is exactly {max(p_img, p_txt) >= t},
-        # so the max lets thresholds be tuned and stored like any other model's.
-        fused = torch.maximum(p_img, p_txt)
-    else:
-        w = torch.as_tensor(weight, dtype=p_img.dtype, device=p_img.device)
-        fused = w * p_img + (1 - w) * p_txt
-    if image_present is not None:
-        # A caption-only row is judged by its caption alone.
-        fused = torch.where(image_present.to(fused.device).bool().unsqueeze(-1), fused, p_txt)
-    return fused
+    arrays = {k: v.detach().float().cpu().numpy() for k, v in parts.items()}
+    n = len(arrays["image"])
+    image = np.ones(n, bool) if image_present is None else image_present.detach().cpu().numpy().astype(bool)
+    return torch.from_numpy(fuse(arrays, combine, float(weight), image, np.ones(n, bool)))

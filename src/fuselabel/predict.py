@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import atomic_path
 from .records import read_records
 from .runtime import STATUSES, WINDOW, Prediction
 from .writers import atomic_write_text, probability_lines, submission_lines
@@ -55,9 +56,8 @@ def _tokens(model) -> list[str]:
 
 def _save_part(folder: Path, index: int, p: Prediction) -> None:
     code = np.asarray([STATUSES.index(s) for s in p.status], dtype=np.int8)
-    tmp = folder / f".part-{index:06d}.npz"
-    np.savez(tmp, probs=p.probs, predicted=p.predicted, status=code)
-    tmp.replace(folder / f"part-{index:06d}.npz")
+    with atomic_path(folder / f"part-{index:06d}.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, probs=p.probs, predicted=p.predicted, status=code)
 
 
 def _read_parts(folder: Path, n_chunks: int):
@@ -180,10 +180,10 @@ def _predict_distributed(model, records, image_dir, bounds, parts: Path, *, stri
     return trainer.is_global_zero
 
 
-def evaluate_csv(model, image_dir, csv, *, split: str = "all") -> dict:
+def evaluate_csv(model, image_dir, csv, *, split: str = "all", strict: bool = False) -> dict:
     """Metrics of a model (or model folder) on a labelled CSV, or on the rows of one side of its own split."""
     if isinstance(model, (str, Path)):
         model = load_model(model)
     if isinstance(model, OnnxModel):
         raise ValueError(f"{csv}: evaluate needs the model folder; an exported ONNX folder only predicts")
-    return model.evaluate(csv, images=image_dir, split=split)
+    return model.evaluate(csv, images=image_dir, split=split, strict=strict)

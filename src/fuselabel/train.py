@@ -37,6 +37,7 @@ from .thresholds import apply_thresholds, tune, tune_global
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class TrainResult:
     model_dir: Path
@@ -217,11 +218,11 @@ def _work_folder(work_dir, out, resume: bool, fingerprint: dict):
             raise ValueError(f"{work}: cannot resume: that run had other settings or rows ({', '.join(changed)}); "
                              "pass the same ones, or drop --resume to start again")
         log.info(f"resuming from {work}" + (" (training had finished)" if (work / TRAINED).exists() else
-                                                    f", {'last checkpoint' if last.exists() else 'no checkpoint yet'}"))
+                                            f", {'last checkpoint' if last.exists() else 'no checkpoint yet'}"))
     else:
         if resume:
             log.info(f"no training to resume in {work}; training from the start "
-                  "(features already extracted come from the cache)")
+                     "(features already extracted come from the cache)")
         if rank_zero_only.rank == 0:
             shutil.rmtree(work / "checkpoints", ignore_errors=True)
             shutil.rmtree(work / "logs", ignore_errors=True)
@@ -333,7 +334,7 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
     train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
     regime = resolve_regime(config)
     log.info(f"{len(records)} rows, {len(vocab)} labels; train {len(train_idx)}, val {len(val_idx)}; "
-          f"model {config.kind}, regime {regime}")
+             f"model {config.kind}, regime {regime}")
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     tokenizer = create_tokenizer(config.text_model) if config.uses_text else None
@@ -408,5 +409,5 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
         size = save_bundle(out, bundle, {"history.csv": history_csv})
     log.info(format_report(report))
     log.info(f"validation mean F1 {report['mean_f1']:.4f} ({config.threshold_method} thresholds); "
-          f"model folder {out} is {size / 1e6:.1f} MB; took {timings['total_s']:.0f}s")
+             f"model folder {out} is {size / 1e6:.1f} MB; took {timings['total_s']:.0f}s")
     return TrainResult(Path(out), size, report, thresholds, timings, parts, val_labels, history.rows)
