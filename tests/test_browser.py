@@ -1,12 +1,15 @@
-"""The web page in a real headless browser (Debian's chromium driven by Playwright).
+"""The web page in a real headless browser (Debian's chromium driven by Playwright), at 1280 px and 390 px.
 
 The service runs on a free loopback port with a tiny model; the browser uploads a photo, types a
 caption, predicts, opens the "why" view for a predicted label, and saves a screenshot. The same
-flow runs on a photo of the real data set when ../shared is present.
+flow runs on a photo of the real data set when ../shared is present. Slow or failing answers are made
+in the page (a wrapped ``fetch``, or Playwright's routing), so the order in which answers arrive is set
+by the test, not by timing luck.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx
@@ -49,60 +52,134 @@ def _real_row() -> tuple[Path, str]:
     return data / "data" / record.image_id, record.caption
 
 
+WIDTHS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
+ROUNDED = re.compile(r"^(\d{1,3}\.\d|<0\.1)%$")
+
+
+def _open(browser, url, viewport="desktop"):
+    page = browser.new_page(viewport=WIDTHS[viewport])
+    page.errors = []
+    page.on("pageerror", lambda err: page.errors.append(str(err)))
+    page.goto(url)
+    page.wait_for_function("() => document.getElementById('model-id').textContent !== ''")
+    return page
+
+
+def _predict(page, photo=None, caption=None):
+    if photo is not None:
+        page.set_input_files("#photo-input", str(photo))
+        page.wait_for_selector("#photo-frame:not([hidden])")
+    if caption is not None:
+        page.fill("#caption", caption)
+    page.click("#predict-button")
+    page.wait_for_selector("#bars .bar-row")
+
+
+def _slow_first(page, path: str, ms: int = 1500):
+    """The page's first answer from ``path`` is held back ``ms`` after it arrives (later ones are not)."""
+    page.evaluate("""([path, ms]) => {
+        const real = window.fetch;
+        let held = false;
+        window.fetch = async (url, opts) => {
+            const answer = await real(url, opts);
+            if (String(url).endsWith(path) && !held) { held = true; await new Promise(r => setTimeout(r, ms)); }
+            return answer;
+        };
+    }""", [path, ms])
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
 @pytest.mark.parametrize("source", ["tiny", "real"])
-def test_predict_and_explain_in_the_page(service, browser, source, tmp_path):
+def test_predict_and_explain_in_the_page(service, browser, source, viewport, tmp_path):
     url, image_dir = service
     photo, caption = (image_dir / "5.jpg", CAPTION) if source == "tiny" else _real_row()
     expected = httpx.post(f"{url}/predict", data={"caption": caption},
                           files={"image": (photo.name, photo.read_bytes(), "image/jpeg")}, timeout=60).json()
+    by_probability = sorted(expected["labels"], key=lambda lab: -lab["probability"])
 
-    page = browser.new_page(viewport={"width": 1000, "height": 760})
-    errors = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
-    page.goto(url)
-    page.set_input_files("#photo-input", str(photo))
-    page.fill("#caption", caption)
-    page.click("#predict-button")
-    page.wait_for_selector("#bars .bar-row")
+    page = _open(browser, url, viewport)
+    _predict(page, photo, caption)
 
     assert page.locator("#bars .bar-row").count() == len(expected["labels"])
-    shown = page.locator("#predicted .chip").all_inner_texts()
-    assert shown == [lab["name"] for lab in expected["predicted"]]
+    assert page.locator("#bars .bar-name").all_inner_texts() == [lab["name"] for lab in by_probability]
+    # The chips are the predicted labels in the bars' order, and every figure is rounded.
+    assert page.locator("#predicted .chip").all_inner_texts() == [lab["name"] for lab in by_probability
+                                                                  if lab["predicted"]]
+    assert all(ROUNDED.match(v) for v in page.locator("#bars .bar-value").all_inner_texts())
     assert page.locator("#bars .bar-row.predicted").count() == len(expected["predicted"])
     assert page.locator("#bars .bar-threshold").count() == len(expected["labels"])
 
-    label = expected["predicted"][0]["id"]
-    page.click(f".why-button[data-label='{label}']")
+    # "why" for the last row: on a phone it is far below the panel, which must scroll into view.
+    target = by_probability[-1]
+    page.click(f".why-button[data-label='{target['id']}']")
     page.wait_for_function("() => { const h = document.getElementById('heatmap');"
                            " return !h.hidden && h.complete && h.naturalWidth > 0; }")
-    assert page.locator("#why-label").inner_text() == expected["predicted"][0]["name"]
+    page.wait_for_function("() => { const r = document.getElementById('why-panel').getBoundingClientRect();"
+                           " return r.top >= 0 && r.top < window.innerHeight / 2; }", timeout=5000)
+    assert page.locator("#why-label").inner_text() == target["name"]
+    # Each head's probability and the rule that combined them, as the API gives them.
+    heads = page.locator("#why-heads li").all_inner_texts()
+    assert heads[0].startswith("photo head: ") and heads[1].startswith("caption head: ")
+    assert heads[2].startswith(f"combined: {_percent(target['probability'])}")
+    for part, text in zip(("image", "text"), heads):
+        assert text.endswith(_percent(target["parts"][part])), (part, text)
+    assert "photo head" in page.locator("#why-rule").inner_text()
+    heat_text = page.locator("#heat-target").inner_text()
+    assert "relative" in heat_text and f"photo head gives this label {_percent(target['parts']['image'])}" in heat_text
     shades = page.eval_on_selector_all("#words .word", "els => els.map(e => getComputedStyle(e).backgroundColor)")
     assert len(shades) == len(caption.split())
     assert all(s not in ("", "transparent", "rgba(0, 0, 0, 0)") for s in shades), shades
     # The overlay is drawn over the photo at the photo's shown size.
-    photo_box, heat_box = page.locator("#photo").bounding_box(), page.locator("#heatmap").bounding_box()
-    assert photo_box["width"] > 0 and heat_box == pytest.approx(photo_box, abs=1)
-    assert not errors, errors
+    photo_box, heat_box = page.evaluate("() => ['photo', 'heatmap'].map(id => { const r = "
+                                        "document.getElementById(id).getBoundingClientRect();"
+                                        " return [r.x, r.y, r.width, r.height]; })")
+    assert photo_box[2] > 0 and heat_box == pytest.approx(photo_box, abs=1)
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= WIDTHS[viewport]["width"]
+    assert not page.errors, page.errors
 
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert (tmp_path / "page.png").stat().st_size > 0
     page.close()
 
 
+def _percent(p: float) -> str:
+    """As the page writes a probability."""
+    return "<0.1%" if 0 < 100 * p < 0.1 else f"{100 * p:.1f}%"
+
+
+def test_phone_layout(service, browser):
+    """At 390 px: each label's name above a bar the width of the row, and 44 px targets."""
+    url, image_dir = service
+    page = _open(browser, url, "phone")
+    _predict(page, image_dir / "5.jpg", CAPTION)
+    rows = page.locator("#bars .bar-row")
+    for i in range(rows.count()):
+        row = rows.nth(i)
+        row_box = row.bounding_box()
+        name, track = row.locator(".bar-name").bounding_box(), row.locator(".bar-track").bounding_box()
+        why = row.locator(".why-button").bounding_box()
+        assert name["y"] + name["height"] <= track["y"] + 1, "the label is not above its bar"
+        assert track["width"] >= 0.9 * row_box["width"], (track, row_box)
+        assert why["height"] >= 44 and why["width"] >= 44, why
+    assert page.locator("#predict-button").bounding_box()["height"] >= 44
+    assert page.locator("#clear-photo").bounding_box()["height"] >= 44
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
+    page.close()
+
+
 def test_caption_only_and_photo_only(service, browser):
     url, image_dir = service
-    page = browser.new_page()
-    page.goto(url)
-    page.fill("#caption", CAPTION)
-    page.click("#predict-button")
-    page.wait_for_selector("#bars .bar-row")
+    page = _open(browser, url)
+    _predict(page, caption=CAPTION)
     assert page.locator("#status").inner_text() == "from the caption only"
     page.locator(".why-button").first.click()
     page.wait_for_selector("#words .word[data-score]")
     assert page.locator("#why-heat").is_hidden() and page.locator("#heatmap").is_hidden()
+    assert "not used" in page.locator("#why-heads li[data-part='image']").inner_text()
 
     page.fill("#caption", "")
     page.set_input_files("#photo-input", str(image_dir / "7.jpg"))
+    page.wait_for_selector("#photo-frame:not([hidden])")
     page.click("#predict-button")
     page.wait_for_function("() => document.getElementById('status').textContent === 'from the photo only'")
     page.locator(".why-button").first.click()
@@ -111,13 +188,104 @@ def test_caption_only_and_photo_only(service, browser):
     page.close()
 
 
-def test_page_reports_a_client_error(service, browser):
+def test_a_late_why_answer_is_not_drawn_over_a_newer_prediction(service, browser):
+    url, image_dir = service
+    page = _open(browser, url)
+    _predict(page, image_dir / "5.jpg", CAPTION)
+    _slow_first(page, "explain")
+    page.locator(".why-button").first.click()              # its answer is held back 1.5 s
+    page.set_input_files("#photo-input", str(image_dir / "7.jpg"))
+    assert page.locator("#result-panel").is_hidden()        # new input: the old results go at once
+    page.fill("#caption", "a kite")
+    page.click("#predict-button")
+    page.wait_for_selector("#bars .bar-row")
+    page.wait_for_timeout(2500)                             # the held "why" answer has arrived by now
+    assert page.locator("#why-panel").is_hidden()
+    assert page.locator("#heatmap").is_hidden() and page.locator("#heatmap").get_attribute("src") is None
+    assert page.locator("#message").inner_text() == ""
+    assert not page.errors, page.errors
+    page.close()
+
+
+def test_a_late_prediction_is_not_drawn_over_a_newer_one(service, browser):
+    url, image_dir = service
+    page = _open(browser, url)
+    _slow_first(page, "predict")
+    page.fill("#caption", CAPTION)
+    page.click("#predict-button")                           # caption only; held back 1.5 s
+    page.set_input_files("#photo-input", str(image_dir / "5.jpg"))
+    page.wait_for_selector("#photo-frame:not([hidden])")
+    page.click("#predict-button")                           # photo and caption; answered at once
+    page.wait_for_selector("#bars .bar-row")
+    page.wait_for_timeout(2500)
+    assert page.locator("#status").inner_text() == "from the photo and the caption"
+    page.close()
+
+
+def test_an_error_clears_the_old_results(service, browser):
+    url, image_dir = service
+    page = _open(browser, url)
+    _predict(page, image_dir / "5.jpg", CAPTION)
+    page.route("**/predict", lambda route: route.fulfill(status=503, headers={"Retry-After": "3"},
+                                                         content_type="application/json",
+                                                         body='{"detail": "busy: 4 at work and 32 waiting"}'))
+    page.click("#predict-button")
+    page.wait_for_function("() => document.getElementById('message').className === 'error'")
+    assert page.locator("#message").inner_text() == "The service is busy: try again in 3 seconds."
+    assert page.locator("#result-panel").is_hidden() and page.locator("#bars .bar-row").count() == 0
+    page.close()
+
+
+def test_the_browser_checks_a_file_before_sending_it(service, browser):
     url, _ = service
-    page = browser.new_page()
-    page.goto(url)
+    page = _open(browser, url)
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
+    page.set_input_files("#photo-input", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"notes"}])
+    assert "choose a JPEG, PNG, WebP, GIF or BMP file" in page.locator("#message").inner_text()
+    page.set_input_files("#photo-input", files=[{"name": "huge.jpg", "mimeType": "image/jpeg",
+                                                 "buffer": b"\xff" * 11_000_000}])
+    assert "over the 10 MB limit" in page.locator("#message").inner_text()
     page.set_input_files("#photo-input", files=[{"name": "notes.jpg", "mimeType": "image/jpeg",
                                                  "buffer": b"these are notes, not a photo"}])
+    page.wait_for_function("() => document.getElementById('message').textContent.includes('could not be opened')")
+    assert page.locator("#photo-frame").is_hidden()        # no broken-image icon
+    assert not sent, sent
+    page.close()
+
+
+def test_a_refused_photo_gets_a_human_message(service, browser):
+    """A photo the browser opens but the service refuses (415): what to do, not a status code."""
+    url, image_dir = service
+    page = _open(browser, url)
+    page.route("**/predict", lambda route: route.fulfill(
+        status=415, content_type="application/json", body='{"detail": "image: too large: 30 megapixels"}'))
+    page.set_input_files("#photo-input", str(image_dir / "5.jpg"))
+    page.wait_for_selector("#photo-frame:not([hidden])")
     page.click("#predict-button")
-    page.wait_for_function("() => document.getElementById('message').textContent.startsWith('415')")
+    page.wait_for_function("() => document.getElementById('message').className === 'error'")
+    message = page.locator("#message").inner_text()
+    assert message.startswith("The service could not read this file as a photo") and "415" not in message
     assert page.locator("#result-panel").is_hidden()
+    page.close()
+
+
+def test_docs_render_offline(service, browser):
+    """/docs draws the API from the service's own copy of Swagger UI, with every other host blocked."""
+    url, _ = service
+    page = browser.new_page()
+    outside = []
+
+    def only_local(route):
+        if route.request.url.startswith(url):
+            return route.continue_()
+        outside.append(route.request.url)
+        return route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(f"{url}/docs")
+    page.wait_for_selector(".opblock-summary-path", timeout=20000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert {"/predict", "/predict/batch", "/explain", "/metrics"} <= {p.strip() for p in paths}
+    assert not outside, outside
     page.close()

@@ -116,3 +116,30 @@ def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     frozen = [k for k in init if k.startswith(("image_encoder.", "text_encoder."))]
     assert frozen and all(torch.equal(init[k], final[0][k]) for k in frozen), "frozen encoders must not move"
     print(f"2-process DDP on CPU: {elapsed:.1f}s, {len(changed)}/{len(head)} head tensors trained, ranks equal")
+
+
+def test_each_rank_builds_its_engine_on_its_own_device():
+    """Several ranks: the engine is built when Lightning has assigned the rank's device (cuda:1 on local rank 1),
+    not before on a bare ``cuda``; checked with a stand-in model, so no GPU is needed."""
+    from types import SimpleNamespace
+
+    from fuselabel.predict import place_on
+
+    built = []
+
+    class Model:
+        _predictor = None
+
+        def predictor(self, *, strict=False, device=None):
+            if self._predictor is None:
+                built.append(device)
+                self._predictor = SimpleNamespace(engine=SimpleNamespace(device=device))
+            return self._predictor
+
+    model = Model()
+    place_on(model, "cuda:1")
+    place_on(model, "cuda:1")          # already there: not built again
+    assert built == ["cuda:1"]
+    model._predictor = SimpleNamespace(engine=SimpleNamespace(device="cuda"))   # built early, before the ranks
+    place_on(model, "cuda:1")
+    assert built == ["cuda:1", "cuda:1"]

@@ -280,3 +280,24 @@ def test_fit_with_image_cache_end_to_end(tiny_dataset, tmp_path, monkeypatch):
     predict_csv(load_model(tmp_path / "model", feature_engine="torch", num_workers=0), image_dir, csv, sub,
                 progress=False)
     assert len(sub.read_text().splitlines()) == len(read_records(csv).records) + 1
+
+
+def test_photos_stored_turned_are_not_sent_to_the_device_decoder(tmp_path):
+    """nvJPEG ignores EXIF: a JPEG with an orientation tag is decoded by PIL (upright), the rest go as bytes."""
+    from PIL import Image
+
+    from fuselabel.geometry import Geometry
+    from fuselabel.gpu_decode import _ReadDataset
+    from fuselabel.records import Record
+
+    img = Image.new("RGB", (60, 40), (200, 30, 30))
+    img.save(tmp_path / "plain.jpg", "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6   # stored turned: shown rotated 90 degrees
+    img.save(tmp_path / "turned.jpg", "JPEG", exif=exif.tobytes())
+    records = [Record("plain.jpg", "", (), 1), Record("turned.jpg", "", (), 2)]
+    geometry = Geometry(size=32, resize=32, mean=(0.5,) * 3, std=(0.5,) * 3, squash=True)
+    ds = _ReadDataset(records, tmp_path, "bytes", geometry, 32)
+    plain, turned = ds[0], ds[1]
+    assert plain["data"] is not None and plain["pixels"] is None
+    assert turned["data"] is None and turned["pixels"].shape[1:] == (60, 40)   # upright: 40 wide, 60 high

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fuselabel"
-ORDER = ["config", "records", "images", "labels", "writers", "inspection", "metrics", "thresholds", "losses",
-         "runtime", "data", "geometry", "gpu_decode", "image_cache", "encoders", "heads", "network", "onnxrt",
+ORDER = ["config", "records", "images", "labels", "tables", "writers", "outputs", "inspection", "metrics", "thresholds",
+         "losses", "runtime", "data", "geometry", "gpu_decode", "image_cache", "encoders", "heads", "network", "onnxrt",
          "cache", "engines", "features", "module", "bundle", "train", "estimator", "predict", "export", "figures",
          "report", "explain", "experiment_results", "experiment", "serve", "cli"]
 

@@ -329,8 +329,10 @@ def test_read_label_names(tmp_path):
     assert read_label_names(path) == {"1": "person", "10": "traffic light"}
     with pytest.raises(RecordsError, match="missing.csv"):
         read_label_names(tmp_path / "missing.csv")
-    with pytest.raises(RecordsError, match="expected 'Label,Name'"):
-        read_label_names(write(tmp_path, "a,b\n1,x\n", name="bad.csv"))
+    # any header above numeric ids is a header; a file of one column names nothing
+    assert read_label_names(write(tmp_path, "code,meaning\n1,x\n", name="other.csv")) == {"1": "x"}
+    with pytest.raises(RecordsError, match=r"one.csv:1: expected label,name"):
+        read_label_names(write(tmp_path, "1\n2\n", name="one.csv"))
 
 
 # ---------------------------------------------------------------------------

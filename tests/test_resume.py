@@ -149,9 +149,18 @@ def test_resume_refuses_a_run_with_other_settings(root, reference, capsys):
             "--cache-dir", str(root / "cache-reference"), *TRAIN, "--work-dir", str(work)]
     assert main(args) == 0
     assert (work / "trained.json").exists()  # a work folder the user named is kept
-    code = main([*args, "--lr", "0.5", "--resume"])
+    import fuselabel.train as train_module
+
+    computed = []
+    real_loaders = train_module._loaders
+    train_module._loaders = lambda *a, **k: computed.append(1) or real_loaders(*a, **k)
+    try:
+        code = main([*args, "--lr", "0.5", "--resume"])
+    finally:
+        train_module._loaders = real_loaders
     err = capsys.readouterr().err
     assert code == 2 and "cannot resume" in err and "lr" in err and "Traceback" not in err
+    assert not computed   # refused before any feature was computed
     # The same settings resume: training had finished, so only tuning and the save run again.
     assert main([*args, "--resume"]) == 0
     assert "training had finished" in capsys.readouterr().out

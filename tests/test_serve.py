@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import math
+import re
 import signal
 import socket
 import subprocess
@@ -35,7 +36,7 @@ from fuselabel.bundle import folder_size
 from fuselabel.cli import main
 from fuselabel.estimator import FuseLabel
 from fuselabel.explain import _to_photo_frame, explain
-from fuselabel.serve import MAX_CAPTION_CHARS, _require_input, create_app
+from fuselabel.serve import REQUEST_ID, MAX_CAPTION_CHARS, JsonFormatter, _require_input, create_app
 
 CAPTION = "a photo of a dog and a car next to a kite"
 
@@ -57,11 +58,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(app):
-    """``app`` on a real uvicorn server on a free loopback port, in a thread; yields its base URL."""
+def serving(app, header_timeout: float = 10, **config):
+    """``app`` on a real uvicorn server on a free loopback port, in a thread, with the HTTP protocol and
+    connection limits ``fuselabel serve`` uses (``config``: more uvicorn settings); yields its base URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
+                            http="fuselabel.serve:TimedH11Protocol", **config)
+    config.header_timeout = header_timeout
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(600):
@@ -88,8 +93,8 @@ def client(trained):
 
 @pytest.fixture(scope="module")
 def strict_client(trained):
-    """Small limits, to reach them cheaply: 0.05 MB a request, 2 items a batch."""
-    return TestClient(create_app(trained[1], max_upload_mb=0.05, max_batch=2))
+    """Small limits, to reach them cheaply: 0.05 MB a request, 2 items a batch, 1 megapixel a photo."""
+    return TestClient(create_app(trained[1], max_upload_mb=0.05, max_batch=2, max_megapixels=1))
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +141,10 @@ def test_health_labels_info(client, trained):
     validation = json.loads((model / "metrics.json").read_text())["validation"]
     assert info["validation"]["mean_f1"] == pytest.approx(validation["mean_f1"])
     assert info["settings"]["model"]["kind"] == "late" and info["settings"]["model"]["image_size"] == 64
-    assert info["limits"] == {"max_upload_mb": 10, "max_batch": 32, "max_caption_chars": MAX_CAPTION_CHARS}
+    assert info["limits"] == {"max_upload_mb": 10, "max_batch": 32, "max_caption_chars": MAX_CAPTION_CHARS,
+                              "max_megapixels": 25, "decode_workers": 2, "max_concurrency": 4, "max_queue": 32,
+                              "queue_timeout_s": 30, "body_timeout_s": 60}
+    assert info["fusion"]["kind"] == "late" and "photo head" in info["fusion"]["rule"]
     # Nothing about the server's file system leaks: not the model's path, nor any other.
     assert str(model.parent) not in response.text
 
@@ -146,9 +154,85 @@ def test_page_docs_and_openapi(client):
     assert page.status_code == 200 and 'id="predict-button"' in page.text
     for asset in ("/static/app.js", "/static/style.css"):
         assert client.get(asset).status_code == 200, asset
-    assert client.get("/docs").status_code == 200
-    paths = client.get("/openapi.json").json()["paths"]
-    assert {"/predict", "/predict/batch", "/explain", "/labels", "/health", "/info"} <= set(paths)
+    # The docs pages load their scripts and styles from the service itself: they work offline.
+    for docs in ("/docs", "/redoc"):
+        html = client.get(docs).text
+        assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', html)
+        assert assets and all(a.startswith("/") for a in assets), (docs, assets)
+        assert all(client.get(a).status_code == 200 for a in assets), assets
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    assert {"/predict", "/predict/batch", "/explain", "/labels", "/health", "/info", "/metrics"} <= set(paths)
+    for path in ("/predict", "/predict/batch", "/explain"):
+        answers = paths[path]["post"]["responses"]
+        assert {"200", "413", "415", "422", "503"} <= set(answers), path
+        assert answers["200"]["content"]["application/json"]["schema"] != {}, path
+        assert "Retry-After" in answers["503"]["headers"]
+    for path in ("/health", "/labels", "/info"):
+        assert "$ref" in paths[path]["get"]["responses"]["200"]["content"]["application/json"]["schema"], path
+    form = spec["components"]["schemas"]["Body_explain_label_explain_post"]["properties"]["label"]
+    assert form["enum"] == ["1", "2", "3", "4"]
+    assert spec["components"]["schemas"]["BatchItem"]["examples"]
+
+
+def test_metrics_scrape(client, trained):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert _post(client, photo=_photo(trained), caption=CAPTION).status_code == 200
+    assert _post(client, caption=CAPTION).status_code == 200
+    assert _post(client, caption="").status_code == 422
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+    def value(name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))), 0)
+
+    assert value("fuselabel_requests_total", route="/predict", method="POST", status="200") >= 2
+    assert value("fuselabel_requests_total", route="/predict", method="POST", status="422") >= 1
+    assert value("fuselabel_request_duration_seconds_count", route="/predict") >= 3
+    assert value("fuselabel_rows_predicted_total", inputs="caption") >= 1
+    assert value("fuselabel_rows_predicted_total", inputs="photo+caption") >= 1
+    assert value("fuselabel_photos_decoded_total") >= 1
+    assert value("fuselabel_model_load_seconds") > 0
+    assert ("fuselabel_requests_in_progress", ()) in samples and ("fuselabel_requests_waiting", ()) in samples
+
+
+def test_request_ids(client):
+    given = client.get("/health", headers={"X-Request-ID": "order-42.a"})
+    assert given.headers["x-request-id"] == "order-42.a"
+    made = [client.get("/health").headers["x-request-id"] for _ in range(2)]
+    assert made[0] != made[1] and all(re.fullmatch(r"[0-9a-f]{32}", m) for m in made)
+    # A header that could forge log lines is replaced, not echoed.
+    assert client.get("/health", headers={"X-Request-ID": "a b\tc"}).headers["x-request-id"] != "a b\tc"
+    assert "x-request-id" in _post(client, caption="").headers   # client errors carry one too
+
+
+def test_json_log_lines_carry_the_request_id():
+    import logging
+
+    token = REQUEST_ID.set("abc123")
+    try:
+        record = logging.LogRecord("fuselabel.access", logging.INFO, __file__, 1, "%s %s", ("GET", "/health"), None)
+        record.status, record.ms = 200, 1.5
+        from fuselabel.serve import RequestIdFilter
+
+        RequestIdFilter().filter(record)
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        REQUEST_ID.reset(token)
+    assert line["request_id"] == "abc123" and line["message"] == "GET /health"
+    assert line["status"] == 200 and line["level"] == "INFO"
+
+
+def test_pixel_limit(strict_client, client):
+    """Photos over the service's pixel limit are refused from their header, before decoding."""
+    big = _png((1200, 1000))   # 1.2 megapixels: over strict_client's 1, under the default 25
+    refused = _post(strict_client, photo=big)
+    assert refused.status_code == 415 and "megapixel" in refused.json()["detail"]
+    assert strict_client.get("/info").json()["limits"]["max_megapixels"] == 1
+    assert _post(client, photo=big).status_code == 200
 
 
 # ---------------------------------------------------------------- predictions
@@ -416,6 +500,8 @@ def test_a_request_needs_an_input_the_model_reads(kind, photo, caption, ok):
 def test_bad_limits_are_refused(trained):
     with pytest.raises(ValueError, match="max-batch"):
         create_app(trained[1], max_batch=0)
+    with pytest.raises(ValueError, match="--max-concurrency must be above 0.*--max-queue must be at least 0"):
+        create_app(trained[1], max_concurrency=0, max_queue=-1)
 
 
 def test_serve_command_refuses_a_folder_that_is_no_model(tmp_path, capsys):
@@ -504,3 +590,172 @@ def test_sigterm_lets_the_request_in_flight_finish(trained, tmp_path):
             proc.wait()
         log.close()
     assert "Shutting down" in (tmp_path / "serve.log").read_text()
+
+
+# ---------------------------------------------------------------- admission control, timeouts, processes
+
+def _slow_request(url: str, body: bytes, content_type: str, path: str = "/predict"):
+    """A POST whose body stops after 100 bytes until the returned event is set; (thread, event, answer)."""
+    resume, answer = threading.Event(), {}
+
+    def slow_body():
+        yield body[:100]
+        resume.wait(60)
+        yield body[100:]
+
+    def send():
+        answer["response"] = httpx.post(f"{url}{path}", content=slow_body(),
+                                        headers={"content-type": content_type}, timeout=60)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread, resume, answer
+
+
+def _form(trained) -> tuple[bytes, str]:
+    request = httpx.Client().build_request("POST", "http://x/predict", data={"caption": CAPTION},
+                                           files={"image": ("p.jpg", _photo(trained), "image/jpeg")})
+    return request.read(), request.headers["content-type"]
+
+
+def test_busy_service_answers_503_with_retry_after(trained):
+    """One request at work and one waiting at most: a third is refused at once, a waiting one after its
+    queue timeout, and /health and /metrics still answer."""
+    app = create_app(trained[1], max_concurrency=1, max_queue=1, queue_timeout=1.5)
+    body, content_type = _form(trained)
+    with serving(app) as url:
+        first, resume, answer = _slow_request(url, body, content_type)
+        time.sleep(0.5)   # the first holds the one slot, its body half sent
+        waiting = {}
+        second = threading.Thread(target=lambda: waiting.__setitem__(
+            "response", httpx.post(f"{url}/predict", data={"caption": CAPTION}, timeout=30)))
+        second.start()
+        time.sleep(0.3)
+        third = httpx.post(f"{url}/predict", data={"caption": CAPTION}, timeout=30)
+        assert third.status_code == 503 and int(third.headers["retry-after"]) >= 1
+        assert "busy" in third.json()["detail"]
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        assert "fuselabel_requests_waiting 1.0" in httpx.get(f"{url}/metrics", timeout=5).text
+        second.join(30)
+        assert waiting["response"].status_code == 503   # waited its 1.5 s, then refused
+        resume.set()
+        first.join(60)
+        assert answer["response"].status_code == 200
+        assert httpx.post(f"{url}/predict", data={"caption": CAPTION}, timeout=30).status_code == 200
+
+
+def test_stalled_connections_are_closed_and_do_not_block_health(trained):
+    """Sockets that send nothing, or half a request head, are closed after the header timeout; a body
+    that stops arriving gets 408 after the body timeout."""
+    with serving(create_app(trained[1], body_timeout=1), header_timeout=1) as url:
+        port = int(url.rsplit(":", 1)[1])
+        stalled = []
+        for i in range(40):
+            s = socket.create_connection(("127.0.0.1", port))
+            if i % 2:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")   # a head without its end
+            stalled.append(s)
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        for s in stalled:
+            s.settimeout(10)
+            assert s.recv(100) == b"", "the server did not close a stalled connection"
+            s.close()
+
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                      b"Content-Length: 1000\r\n\r\n--b\r\n")
+            s.settimeout(10)
+            answer = b""
+            while chunk := s.recv(4096):   # until the server closes the connection
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"body-timeout" in answer
+
+
+def test_workers_share_the_port_and_metrics(trained, tmp_path):
+    """``--workers 2``: two processes serve one port, /metrics adds up both, and SIGTERM stops both cleanly."""
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "fuselabel.cli", "serve", str(trained[1]), "--port", str(port),
+                             "--workers", "2", "--json-logs"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(900):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        time.sleep(3)   # the second process may still be loading its model
+        for _ in range(6):
+            assert httpx.post(f"{url}/predict", data={"caption": CAPTION}, timeout=60).status_code == 200
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        line = next(x for x in text.splitlines() if x.startswith("fuselabel_requests_total{")
+                    and 'route="/predict"' in x and 'status="200"' in x)
+        assert float(line.split()[-1]) == 6
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    lines = [json.loads(x) for x in (tmp_path / "serve.log").read_text().splitlines() if x.startswith("{")]
+    access = [x for x in lines if x["logger"] == "fuselabel.access" and x.get("path") == "/predict"]
+    assert len(access) == 6 and all(x["status"] == 200 and len(x["request_id"]) == 32 for x in access)
+
+
+# ---------------------------------------------------------------- the container
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dockerfile_copies_what_exists_and_runs_without_privileges():
+    """What can be checked without a Docker daemon: each COPY source is in the build context, and the
+    service runs as a user of its own."""
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    allowed = [x[1:].rstrip("/") for x in ignore if x.startswith("!")]
+    for line in lines:
+        if line.startswith("COPY "):
+            for source in [w for w in line.split()[1:-1] if not w.startswith("--")]:
+                assert (ROOT / source).exists(), line
+                assert any(source == a or source.startswith(a + "/") for a in allowed), f"{line}: ignored"
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    assert any(line.startswith("ENTRYPOINT") and '"serve", "/model"' in line for line in lines)
+
+
+@pytest.fixture
+def docker() -> None:
+    """Skips, saying why, where no Docker daemon answers (before any model is trained for the test)."""
+    import shutil
+
+    if shutil.which("docker") is None:
+        pytest.skip("docker is not installed: the image is not built here")
+    ran = subprocess.run(["docker", "info"], capture_output=True, text=True)
+    if ran.returncode != 0:
+        pytest.skip(f"no Docker daemon answers `docker info`: {(ran.stderr or ran.stdout).strip()[:200]}")
+
+
+def test_container_serves_a_mounted_model(docker, trained):
+    tag = "fuselabel-test:latest"
+    subprocess.run(["docker", "build", "-t", tag, str(ROOT)], check=True, timeout=3600)
+    port = free_port()
+    name = f"fuselabel-test-{port}"
+    subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:8000",
+                    "-v", f"{trained[1]}:/model:ro", tag], check=True, timeout=120)
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(1)
+        assert httpx.post(f"http://127.0.0.1:{port}/predict", data={"caption": CAPTION},
+                          timeout=60).status_code == 200
+        user = subprocess.run(["docker", "exec", name, "id", "-u"], capture_output=True, text=True, check=True)
+        assert user.stdout.strip() != "0"
+    finally:
+        subprocess.run(["docker", "stop", "-t", "30", name], capture_output=True)

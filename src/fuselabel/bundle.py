@@ -4,41 +4,56 @@
       fuselabel.json       folder format version and the fuselabel version that wrote it
       config.json          what the model is: the ``model`` group of fuselabel.config.Config
       run.json             how it was trained: the ``run`` group (no machine's paths, no devices)
-      labels.json          label vocabulary (order of the output columns) and display names
+      labels.json          label vocabulary (order of the output columns), display names, and the
+                           training table's column names and label separator
       thresholds.json      the chosen decision rule plus the alternatives tuned beside it
       preprocessing.json   image preprocessing from the backbone's config
       text/                Hugging Face config + tokenizer of the text encoder
       model.safetensors    all weights (fp16 by default)
       split.json           ImageIDs of the train and validation sides
       metrics.json         validation report;  history.csv  per-epoch log
+      sha256.json          a hash of every other file, written last
 
 A folder is written beside its destination and renamed into place only once complete and
-within the size budget, so a failed save never destroys an earlier model.
+within the size budget, so a failed save never destroys an earlier model; it replaces only a model
+folder (``outputs``). A folder is loaded as one snapshot: every file is read through one open
+descriptor of the folder, so a load that races a replacement gets the old model or the new one,
+never one's thresholds with the other's weights.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
+import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .cache import pause_for_test, remove_stale_temporaries, temporary_name
+from .cache import pause_for_test
 from .config import Config, group_of
 from .encoders import create_tokenizer
 from .network import FuseLabelNet
+from .outputs import OutputError, kind_of, output_lock
+from .writers import ordinary_permissions
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 FORMAT_FILE = "fuselabel.json"
+CHECKSUMS = "sha256.json"
+TEXT_DIR = "text"
+# What a load reads: one snapshot of these (and of text/), never the rest of the folder (e.g. an onnx/ export)
+LOADED_FILES = (FORMAT_FILE, "config.json", "run.json", "labels.json", "thresholds.json", "preprocessing.json",
+                "split.json", "metrics.json", WEIGHTS, CHECKSUMS)
 # 2: config.json holds the model settings only, run.json the run's; 1 (no fuselabel.json): every setting in config.json
 FORMAT_VERSION = 2
 
@@ -58,6 +73,7 @@ class Bundle:
     tokenizer: object | None
     path: Path | None = None
     extra: dict = field(default_factory=dict)
+    table: dict = field(default_factory=dict)   # the training table's columns and label separator (tables.py)
 
     @property
     def threshold_vector(self):
@@ -107,12 +123,21 @@ def _state_for_loading(state: dict) -> dict:
     return out
 
 
+def stored_state(net: torch.nn.Module, dtype: str) -> dict:
+    """The weights a folder saved as ``dtype`` gives back on loading (rounded to fp16, or int8 and expanded)."""
+    return _state_for_loading(_state_for_saving(net, dtype))
+
+
 def save_bundle(out: str | Path, bundle: Bundle, extra_files: dict[str, str | Path] | None = None) -> int:
     """Write ``bundle`` to ``out`` atomically; returns the folder's size in bytes."""
+    out = Path(out)
+    with output_lock(out):
+        return _save_bundle(out, bundle, extra_files)
+
+
+def _save_bundle(out: Path, bundle: Bundle, extra_files) -> int:
     from safetensors.torch import save_file
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_folder_beside(out)
     try:
         from . import __version__
@@ -122,7 +147,8 @@ def save_bundle(out: str | Path, bundle: Bundle, extra_files: dict[str, str | Pa
         _write_json(tmp / FORMAT_FILE, {"format_version": FORMAT_VERSION, "fuselabel": __version__})
         _write_json(tmp / "config.json", saved["model"])
         _write_json(tmp / "run.json", saved["run"])
-        _write_json(tmp / "labels.json", {"labels": bundle.labels, "names": bundle.label_names})
+        _write_json(tmp / "labels.json", {"labels": bundle.labels, "names": bundle.label_names,
+                                          "table": bundle.table})
         _write_json(tmp / "thresholds.json", bundle.thresholds)
         if bundle.preprocessing is not None:
             _write_json(tmp / "preprocessing.json", bundle.preprocessing)
@@ -134,13 +160,20 @@ def save_bundle(out: str | Path, bundle: Bundle, extra_files: dict[str, str | Pa
         for name, src in (extra_files or {}).items():
             if src and Path(src).exists():
                 shutil.copyfile(src, tmp / name)
-        save_file(_state_for_saving(bundle.net, cfg.save_dtype), str(tmp / WEIGHTS),
-                  metadata={"format": "pt", "dtype": cfg.save_dtype})
+        try:
+            save_file(_state_for_saving(bundle.net, cfg.save_dtype), str(tmp / WEIGHTS),
+                      metadata={"format": "pt", "dtype": cfg.save_dtype})
+        except Exception as err:  # safetensors reports a full disk as its own error, without the path
+            if type(err).__name__ != "SafetensorError":
+                raise
+            raise OSError(errno.EIO, f"cannot write the weights ({err})", str(out / WEIGHTS)) from err
+        _write_json(tmp / CHECKSUMS, {name: _sha256(tmp / name) for name in _files_of(tmp)})
         size = folder_size(tmp)
         if size > cfg.max_size_mb * 1e6:
             raise BundleError(
                 f"model folder would be {size / 1e6:.1f} MB, over the budget of {cfg.max_size_mb:g} MB "
                 f"(--max-size-mb); try save_dtype=fp16 or a smaller encoder. Nothing was written to {out}.")
+        ordinary_permissions(tmp)
         pause_for_test("bundle-write")
         replace_folder(tmp, out)
         return size
@@ -148,11 +181,25 @@ def save_bundle(out: str | Path, bundle: Bundle, extra_files: dict[str, str | Pa
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _files_of(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def new_folder_beside(out: Path) -> Path:
-    """An empty folder beside ``out`` to build its replacement in; those of writers that died are removed."""
+    """An empty folder beside ``out`` to build its replacement in.
+
+    Called under ``out``'s lock (``outputs.output_lock``): no other writer of ``out`` lives, so any
+    ``.OUT.tmp.*`` folder there was left by one that died, and is removed.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out.parent, prefix=f".{out.name}.tmp.")
-    tmp = out.parent / temporary_name(f".{out.name}.tmp.")
+    for left in out.parent.glob(f".{out.name}.tmp.*"):
+        shutil.rmtree(left, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp.{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     return tmp
 
@@ -183,10 +230,17 @@ def replace_folder(tmp: Path, out: Path) -> None:
     Where the file system can swap two folders atomically (Linux: ext4, xfs, btrfs, tmpfs) it does;
     elsewhere the old folder is set aside (``.OUT.old``) for the instant between two renames, and a
     kill in that instant is healed by the next save, while readers load the set-aside copy.
+
+    Only a folder of the same kind as ``tmp`` (``outputs.kind_of``: a model folder, an ONNX folder, a
+    report), or an empty one, is replaced: never a file, nor a folder of anything else.
     """
     old = _set_aside(out)
     if not out.exists() and old.is_dir():  # a save was killed between its renames: the previous folder back
         os.replace(old, out)
+    found, new = kind_of(out), kind_of(tmp)
+    if found is not None and found != new:
+        raise OutputError(f"{out}: already exists and is not a folder of the kind being written ({found}, not "
+                          f"{new}); it was left as it is: choose a new path, or move it away first")
     if out.exists() and _exchange(tmp, out):
         shutil.rmtree(tmp, ignore_errors=True)  # now the previous folder
         return
@@ -219,19 +273,27 @@ def _read_json(path: Path):
         raise BundleError(f"{path}: not valid JSON ({err})") from None
 
 
-def read_config(path: Path) -> Config:
-    """The settings a model folder was saved with, from any folder format this version reads."""
+def _json_of(files: dict[str, bytes], path: Path, name: str):
+    if name not in files:
+        raise BundleError(f"{path}: not a fuselabel model folder ({name} is missing)")
+    try:
+        return json.loads(files[name])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{path / name}: not valid JSON ({err})") from None
+
+
+def _config_of(files: dict[str, bytes], path: Path) -> Config:
     version = 1
-    if (path / FORMAT_FILE).exists():
-        info = _read_json(path / FORMAT_FILE)
+    if FORMAT_FILE in files:
+        info = _json_of(files, path, FORMAT_FILE)
         version = info.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise BundleError(f"{path}: model folder format {version!r} was written by fuselabel "
                               f"{info.get('fuselabel', '?')}; this fuselabel reads formats 1 to {FORMAT_VERSION}: "
                               "upgrade fuselabel to load it")
-    values = _read_json(path / "config.json")
-    if version >= 2 and (path / "run.json").exists():
-        values = {**_read_json(path / "run.json"), **values}
+    values = _json_of(files, path, "config.json")
+    if version >= 2 and "run.json" in files:
+        values = {**_json_of(files, path, "run.json"), **values}
     # Where a model ran is not part of it: older folders stored devices and cache folders, which are dropped.
     kept = {}
     for key, value in values.items():
@@ -247,23 +309,127 @@ def read_config(path: Path) -> Config:
         raise BundleError(str(err)) from None
 
 
-def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
-    from safetensors.torch import load_file
+def read_config(path: Path) -> Config:
+    """The settings a model folder was saved with, from any folder format this version reads."""
+    names = (FORMAT_FILE, "config.json", "run.json")
+    return _config_of({n: (path / n).read_bytes() for n in names if (path / n).is_file()}, path)
 
-    path = readable_folder(path)
-    if not path.is_dir():
-        raise BundleError(f"{path}: model folder not found")
-    config = read_config(path)
-    labels = _read_json(path / "labels.json")
-    thresholds = _read_json(path / "thresholds.json")
-    preprocessing = _read_json(path / "preprocessing.json") if (path / "preprocessing.json").exists() else None
-    text_dir = path / "text"
-    tokenizer = create_tokenizer(str(text_dir)) if config.uses_text else None
-    # Architectures only: the weights come from model.safetensors, so nothing is downloaded.
-    net = FuseLabelNet(config, len(labels["labels"]), pretrained=False, text_source=str(text_dir))
-    if not (path / WEIGHTS).exists():
+
+class _Moved(Exception):
+    """The folder was replaced while it was being read: read the new one."""
+
+
+def _read_at(dir_fd: int, names) -> dict[str, bytes]:
+    """The files of ``names`` that the open folder ``dir_fd`` holds, read through it (never by path)."""
+    present = set(os.listdir(dir_fd))
+    files = {}
+    for name in names:
+        if name not in present:
+            continue
+        try:
+            fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+        except FileNotFoundError:  # listed a moment ago: the folder is being removed after a replacement
+            raise _Moved() from None
+        with os.fdopen(fd, "rb") as f:
+            files[name] = f.read()
+    return files
+
+
+def _snapshot_at(path: Path) -> dict[str, bytes]:
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        files = _read_at(dir_fd, LOADED_FILES)
+        if TEXT_DIR in os.listdir(dir_fd):
+            try:
+                text_fd = os.open(TEXT_DIR, os.O_RDONLY | os.O_DIRECTORY, dir_fd=dir_fd)
+            except FileNotFoundError:
+                raise _Moved() from None
+            try:
+                names = [n for n in os.listdir(text_fd) if not n.startswith(".")]
+                files.update({f"{TEXT_DIR}/{n}": data for n, data in _read_at(text_fd, names).items()})
+            finally:
+                os.close(text_fd)
+        # A folder replaced and already being removed may lack files: then what is at the path now is read.
+        if not {"config.json", WEIGHTS} <= set(files) and os.stat(path).st_ino != os.fstat(dir_fd).st_ino:
+            raise _Moved()
+        return files
+    finally:
+        os.close(dir_fd)
+
+
+def _snapshot_by_path(path: Path) -> dict[str, bytes]:
+    """Where folders cannot be opened as descriptors: by path, checked against ``sha256.json`` below."""
+    files = {n: (path / n).read_bytes() for n in LOADED_FILES if (path / n).is_file()}
+    if (path / TEXT_DIR).is_dir():
+        files.update({f"{TEXT_DIR}/{p.name}": p.read_bytes() for p in (path / TEXT_DIR).iterdir() if p.is_file()})
+    return files
+
+
+def _checked(files: dict[str, bytes], path: Path) -> dict[str, bytes]:
+    """``files``, if each matches its hash in ``sha256.json`` (folders saved before it existed are not checked)."""
+    if CHECKSUMS not in files:
+        return files
+    hashes = _json_of(files, path, CHECKSUMS)
+    wrong = [name for name, data in files.items()
+             if name in hashes and hashlib.sha256(data).hexdigest() != hashes[name]]
+    missing = [name for name in hashes if name not in files and (name in LOADED_FILES or name.startswith(TEXT_DIR))]
+    if wrong or missing:
+        raise _Moved(f"{', '.join(wrong + missing)} do not match {CHECKSUMS}")
+    return files
+
+
+# Folders opened as descriptors, files read relative to them: Linux and macOS (not Windows).
+_BY_FD = os.open in os.supports_dir_fd and os.listdir in os.supports_fd and hasattr(os, "O_DIRECTORY")
+
+
+def snapshot(path: str | Path, attempts: int = 5) -> tuple[Path, dict[str, bytes]]:
+    """(folder, {name: bytes}) of the files a load reads, all from one version of the folder."""
+    last: Exception | None = None
+    previous = files = None
+    for _ in range(attempts):
+        folder = readable_folder(path)
+        if not folder.is_dir():
+            if last is None:
+                raise BundleError(f"{folder}: model folder not found")
+            continue   # between the two renames of a replacement where folders cannot be swapped
+        try:
+            files = _snapshot_at(folder) if _BY_FD else _snapshot_by_path(folder)
+            return folder, _checked(files, folder)
+        except (_Moved, FileNotFoundError) as err:
+            if isinstance(err, _Moved) and err.args and files == previous:
+                # The same bytes twice: no replacement under way; the files were changed after the save.
+                log.warning("%s: %s (edited since it was saved?); loading it as it is", folder, err)
+                return folder, files
+            last, previous, files = err, (files if isinstance(err, _Moved) and err.args else None), None
+    raise BundleError(f"{path}: the folder changed on every one of {attempts} reads ({last or 'replaced'}); "
+                      "if nothing is writing it, it is damaged: save or train the model again")
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    from safetensors.torch import load as load_weights
+
+    path, files = snapshot(path)
+    config = _config_of(files, path)
+    labels = _json_of(files, path, "labels.json")
+    thresholds = _json_of(files, path, "thresholds.json")
+    preprocessing = _json_of(files, path, "preprocessing.json") if "preprocessing.json" in files else None
+    if WEIGHTS not in files:
         raise BundleError(f"{path}: {WEIGHTS} is missing")
-    state = _state_for_loading(load_file(str(path / WEIGHTS)))
+    try:
+        state = _state_for_loading(load_weights(files[WEIGHTS]))
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise BundleError(f"{path / WEIGHTS}: not a readable weights file ({err}); save or train the model "
+                          "again") from None
+    # The tokenizer and text-encoder structure load from a folder: the snapshot's copy, not the live one.
+    with tempfile.TemporaryDirectory(prefix="fuselabel-text-") as text_dir:
+        for name, data in files.items():
+            if name.startswith(TEXT_DIR + "/"):
+                (Path(text_dir) / name.split("/", 1)[1]).write_bytes(data)
+        tokenizer = create_tokenizer(text_dir) if config.uses_text else None
+        # Architectures only: the weights come from model.safetensors, so nothing is downloaded.
+        net = FuseLabelNet(config, len(labels["labels"]), pretrained=False, text_source=text_dir)
     expected = net.state_dict()
     wrong = [f"{name} has shape {tuple(t.shape)} where the model expects {tuple(expected[name].shape)}"
              for name, t in state.items() if name in expected and t.shape != expected[name].shape]
@@ -276,8 +442,10 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         raise BundleError(f"{path / WEIGHTS}: weights do not fit the model (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")
     net = net.float().eval().to(device)
+    extra = {n: _json_of(files, path, n) for n in ("split.json", "metrics.json") if n in files}
     return Bundle(net=net, config=config, labels=labels["labels"], label_names=labels.get("names", {}),
-                  thresholds=thresholds, preprocessing=preprocessing, tokenizer=tokenizer, path=path)
+                  thresholds=thresholds, preprocessing=preprocessing, tokenizer=tokenizer, path=path, extra=extra,
+                  table=labels.get("table") or {})
 
 
 def describe(path: str | Path) -> str:
@@ -313,6 +481,9 @@ def describe(path: str | Path) -> str:
     lines.append(f"kind {config['kind']}" + (f" ({config['late_combine']})" if config["kind"] == "late" else "")
                  + f"; image {config['image_model'] if config['kind'] != 'text' else '-'}"
                  + f"; text {config['text_model'] if config['kind'] != 'image' else '-'}; regime {config['regime']}")
+    lines.append(f"task {config['task']}" + ("; one label a row, the most probable" if config["task"] == "multiclass"
+                                             else "") + (f"; text length {config['text_max_length']} tokens"
+                                                         if config["kind"] != "image" else ""))
     lines.append(f"labels ({len(labels['labels'])}): {' '.join(labels['labels'])}")
     lines.append(f"thresholds: {thresholds['method']}, validation mean F1 {thresholds['val_mean_f1']:.4f}"
                  + (f", late weight {thresholds['late_weight']}" if "late_weight" in thresholds else ""))
@@ -331,7 +502,5 @@ def convert_bundle(src: str | Path, out: str | Path, save_dtype: str, max_size_m
     changes = {"save_dtype": save_dtype}
     if max_size_mb is not None:
         changes["max_size_mb"] = max_size_mb
-    bundle.config = bundle.config.replace(**changes)
-    extra_json = ("split.json", "metrics.json")
-    bundle.extra = {n: _read_json(Path(src) / n) for n in extra_json if (Path(src) / n).exists()}
-    return save_bundle(out, bundle, {"history.csv": Path(src) / "history.csv"})
+    bundle.config = bundle.config.replace(**changes)   # split.json and metrics.json came with the load
+    return save_bundle(out, bundle, {"history.csv": bundle.path / "history.csv"})

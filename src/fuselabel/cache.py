@@ -3,36 +3,38 @@
 Several processes may fill one cache folder at once (the ranks of a DDP run, two runs started
 side by side, a run killed and started again). The rules that keep that safe:
 
-- a file is written under a temporary name in its destination folder and renamed into place
-  (``os.replace``), so a reader sees the whole file or none of it, and a killed writer leaves
-  only a temporary file that nothing reads (and that the next writer on the host removes);
-- a feature store is a folder of immutable chunk files (one per finished batch of rows); its
-  index is the union of the chunks' row keys, so adding rows never rewrites what is stored;
-- before computing, a process claims the rows it will compute (a small claim file, written
-  under the store's ``flock``); others skip claimed rows and wait for them, so no row is computed
-  twice while its claimant lives. A claim whose process is dead (same host), or whose heartbeat
-  stopped (another host), is stale and its rows are free again.
+- a file is written under a temporary name in its destination folder, flushed to disk and renamed
+  into place (``os.replace``), so a reader sees the whole file or none of it; a killed writer leaves
+  only a temporary file that nothing reads, and that the next writer removes once the ``flock``
+  its writer held on it is free (the lock goes when its process dies);
+- a feature store is a folder of immutable chunk files named by the hash of their bytes, checked on
+  reading; its index is the union of the chunks' row keys, so adding rows never rewrites what is
+  stored, and a damaged chunk is removed and its rows computed again;
+- the ranks of one run split the rows they need into fixed shares (share ``i`` to rank
+  ``i % world``), so no two of them compute a row; separate runs may both compute a row,
+  and each stores a whole chunk of it.
 
-See docs/robustness.md for what this assumes of the file system.
+There are no claims, process ids, host names or clocks. See docs/robustness.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
-import shutil
-import socket
+import re
 import sys
-import threading
 import time
 import uuid
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from .writers import atomic_path as _atomic_path, fsync_dir
 
 try:
     import fcntl
@@ -43,17 +45,17 @@ log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 2000          # rows computed and saved at a time: a killed extraction keeps every finished chunk
 COMPACT_CHUNKS = 16        # more small chunks than this in a store are merged into one
-HEARTBEAT_S = 10.0         # a claimant touches its claim this often ...
-STALE_AFTER_S = 120.0      # ... and a claim untouched this long is abandoned (its owner died on another host)
 TMP_PREFIX = ".tmp."
+WAIT_LOG_S = 60.0          # how often a rank waiting for the other ranks' shares says so
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    base = cache_dir or os.environ.get("FUSELABEL_CACHE") or Path.home() / ".cache" / "fuselabel"
+    base = cache_dir or os.environ.get("FUSELABEL_CACHE") or \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fuselabel"
     return Path(base)
 
 
-# ---- test hook: stop at a named point so that a test can kill the process there ----
+# ---- test hooks: stop at a named point so that a test can kill the process there, or dawdle there ----
 
 _pauses_seen: dict[str, int] = {}
 
@@ -63,7 +65,12 @@ def pause_for_test(stage: str) -> None:
 
     ``FUSELABEL_TEST_PAUSE_AT=stage`` or ``stage:N`` (the N-th time this process reaches it), several
     joined by commas. The process announces the pause on stderr and sleeps, for the test to kill it.
+    ``FUSELABEL_TEST_DELAY_S=seconds`` makes every stage a short wait instead, to widen the windows in
+    which concurrent processes could get in each other's way.
     """
+    delay = os.environ.get("FUSELABEL_TEST_DELAY_S")
+    if delay:
+        time.sleep(float(delay))
     wanted = os.environ.get("FUSELABEL_TEST_PAUSE_AT")
     if not wanted:
         return
@@ -78,60 +85,15 @@ def pause_for_test(stage: str) -> None:
 
 # ---- atomic files ----
 
-_HOST = socket.gethostname()
-
-
 def temporary_name(prefix: str = TMP_PREFIX) -> str:
-    """``PREFIX<pid>.<random>.<host>``: whose it is, so that one left by a dead writer can be removed."""
-    # pid first: host names may hold dots
-    return f"{prefix}{os.getpid()}.{uuid.uuid4().hex[:8]}.{_HOST}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return f"{prefix}{uuid.uuid4().hex[:16]}"
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, stage: str | None = None):
-    """A temporary path beside ``path``, renamed onto it when the block succeeds, removed when it fails.
-
-    Whatever the block writes there (a file, or a folder) appears at ``path`` whole or not at all.
-    ``stage`` names the moment before the rename for the test hook (``pause_for_test``).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / temporary_name()
-    try:
+    """:func:`fuselabel.writers.atomic_path`, with the test hook ``pause_for_test(stage)`` before the rename."""
+    with _atomic_path(path, (lambda: pause_for_test(stage)) if stage else None) as tmp:
         yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        if stage:
-            pause_for_test(stage)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.is_file():
-            tmp.unlink()
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -139,19 +101,48 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def remove_stale_temporaries(folder: Path, prefix: str = TMP_PREFIX, older_than_s: float = 24 * 3600) -> None:
-    """Temporaries (``temporary_name``) of writers that died: the pid is gone on this host, or a day old."""
+@contextlib.contextmanager
+def _locked_temporary(folder: Path):
+    """(path, file) of a new temporary in ``folder``, ``flock``-ed while open: while its writer lives, nobody
+    else's :func:`remove_abandoned` touches it."""
+    while True:
+        tmp = folder / temporary_name()
+        f = open(tmp, "w+b")
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        if os.fstat(f.fileno()).st_nlink:  # not removed by a cleaner between creating and locking it
+            break
+        f.close()
+    try:
+        yield tmp, f
+    finally:
+        f.close()
+        tmp.unlink(missing_ok=True)
+
+
+def write_locked_atomic(path: Path, data: bytes, stage: str | None = None) -> None:
+    """``data`` into ``path``: temporary file (locked while written), fsync, rename, fsync of the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked_temporary(path.parent) as (tmp, f):
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        if stage:
+            pause_for_test(stage)
+        os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def remove_abandoned(folder: Path, prefix: str = TMP_PREFIX) -> None:
+    """Temporaries whose writer died: their ``flock`` is free. Without ``fcntl`` nothing is removed."""
+    if fcntl is None:
+        return
     for p in Path(folder).glob(prefix + "*"):
-        pid, _, rest = p.name[len(prefix):].partition(".")
-        host = rest.partition(".")[2]
         try:
-            dead = (host == _HOST and pid.isdigit() and not _pid_alive(int(pid))) or \
-                time.time() - p.stat().st_mtime > older_than_s
-            if dead and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif dead:
-                p.unlink()
-        except FileNotFoundError:
+            with open(p, "rb") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                p.unlink()   # while locked: its writer, if it just created it, sees it gone and starts again
+        except (BlockingIOError, FileNotFoundError, IsADirectoryError):
             pass
 
 
@@ -199,38 +190,24 @@ class _BadChunk(Exception):
     pass
 
 
-def _npy_shapes(path: Path) -> dict[str, tuple]:
-    """Shape of each array of an ``.npz`` from its headers alone (the data is read, and CRC-checked, later)."""
+_HASHED = re.compile(r"chunk-([0-9a-f]{64})\.npz")   # chunk-<uuid>.npz: earlier versions, zip CRCs only
+
+
+def _npy_shapes(z: zipfile.ZipFile) -> dict[str, tuple]:
+    """Shape of each array of an ``.npz`` from its headers alone."""
     shapes = {}
-    with zipfile.ZipFile(path) as z:
-        for member in z.namelist():
-            with z.open(member) as f:
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                    np.lib.format.read_array_header_2_0
-                shapes[member.removesuffix(".npy")] = read(f)[0]
+    for member in z.namelist():
+        with z.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shapes[member.removesuffix(".npy")] = read(f)[0]
     return shapes
 
 
-class _Heartbeat:
-    """Touches a claim file every few seconds while its rows are computed, so others know its owner lives."""
-
-    def __init__(self, path: Path, every: float):
-        self.path, self.every, self.stop = path, every, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self.stop.wait(self.every):
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
+def _chunk_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
 class FeatureCache:
@@ -242,9 +219,9 @@ class FeatureCache:
     second CSV over the same images) is served from the store, and only rows never seen are
     computed, ``chunk_rows`` at a time, each chunk saved as soon as it is done.
 
-        features/<key>/chunk-<id>.npz     immutable: row_keys plus one array per output, same length
-        features/<key>/claim-<id>.json    rows a live process is computing now
-        features/<key>/.lock              flock guarding chunk and claim changes
+        features/<key>/chunk-<sha256>.npz   immutable: row_keys plus one array per output, same length
+        features/<key>/.lock                flock: merging and removing chunks exclude readers
+        features/<key>/.tmp.<random>        a chunk being written (flock-ed by its writer); never read
     """
 
     def __init__(self, cache_dir=None, chunk_rows: int | None = None, poll_s: float = 0.2):
@@ -257,16 +234,41 @@ class FeatureCache:
     def key(**parts) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
-    def fetch(self, key: str, row_keys: list[str], compute, label: str) -> dict[str, np.ndarray]:
+    def fetch(self, key: str, row_keys: list[str], compute, label: str, *, rank: int = 0,
+              world: int = 1) -> dict[str, np.ndarray]:
         """Arrays for ``row_keys`` in order; ``compute(indices)`` supplies the rows the store lacks.
 
         ``compute`` is called once per chunk of missing rows (indices into ``row_keys``) and returns a
-        dict of arrays, one row per index.
+        dict of arrays, one row per index. The ``world`` processes of one run pass the same
+        ``row_keys`` and each its ``rank``: each computes only its own shares, then waits for the rest.
         """
         store = self.root / key
+        store.mkdir(parents=True, exist_ok=True)
         start, computed = time.time(), 0
+        first, seen = [], set()  # one index per distinct key: a repeated caption is computed once
+        for i, k in enumerate(row_keys):
+            if k not in seen:
+                seen.add(k)
+                first.append(i)
+        shares = [first[lo:lo + self.chunk_rows] for lo in range(0, len(first), self.chunk_rows)]
+        mine = shares[rank::world]
+        waited = None
         while True:
-            computed += self._fill(store, row_keys, compute, label)
+            for share in mine:
+                index = self._index(store)
+                todo = [i for i in share if row_keys[i] not in index]
+                if todo:
+                    pause_for_test("cache-chunk-listed")
+                    self._save_chunk(store, [row_keys[i] for i in todo], compute(todo), label)
+                    computed += len(todo)
+                    pause_for_test("cache-chunk-saved")
+            index = self._index(store)
+            if any(row_keys[i] not in index for i in first):
+                if waited is None or time.time() - waited > WAIT_LOG_S:
+                    log.info("%s: waiting for the rows the other %d processes of this run compute", label, world - 1)
+                    waited = time.time()
+                time.sleep(self.poll_s)   # another rank's share, or one of ours found damaged and removed
+                continue
             try:
                 with file_lock(store / ".lock", shared=True):
                     arrays = self._read(store, row_keys)
@@ -274,6 +276,8 @@ class FeatureCache:
             except _BadChunk as err:  # unreadable data found late: drop that chunk and compute its rows again
                 if str(err):
                     self._discard(store, Path(str(err)))
+                if world > 1:
+                    mine = shares   # whose share it was is unknown: whoever gets there first computes it
         if computed:
             log.info("%s: %d rows computed in %.1fs%s (%s)", label, computed, time.time() - start,
                      f", {len(row_keys) - computed} cached" if computed < len(row_keys) else "", store)
@@ -282,71 +286,21 @@ class FeatureCache:
         self._compact(store)
         return arrays
 
-    # -- filling: claim free rows, compute them, save them; wait for rows others are computing --
-
-    def _fill(self, store: Path, row_keys: list[str], compute, label: str) -> int:
-        first, seen = [], set()  # one index per distinct key: a repeated caption is computed once
-        for i, k in enumerate(row_keys):
-            if k not in seen:
-                seen.add(k)
-                first.append(i)
-        computed, waiting = 0, False
-        while True:
-            with file_lock(store / ".lock"):
-                index = self._index(store)
-                claimed = self._live_claims(store)
-                missing = [i for i in first if row_keys[i] not in index]
-                mine = [i for i in missing if row_keys[i] not in claimed][:self.chunk_rows]
-                claim = self._claim(store, [row_keys[i] for i in mine]) if mine else None
-            if not missing:
-                return computed
-            if claim is None:  # every missing row is being computed by another process
-                if not waiting:
-                    waiting = True
-                    log.info("%s: waiting for %d rows another process is computing", label, len(missing))
-                time.sleep(self.poll_s)
-                continue
-            try:
-                with _Heartbeat(claim, HEARTBEAT_S):
-                    fresh = compute(mine)
-                self._save_chunk(store, [row_keys[i] for i in mine], fresh, label)
-            finally:
-                claim.unlink(missing_ok=True)
-            computed += len(mine)
-            pause_for_test("cache-chunk-saved")
-
-    def _claim(self, store: Path, keys: list[str]) -> Path:
-        path = store / f"claim-{uuid.uuid4().hex}.json"
-        write_atomic(path, json.dumps({"pid": os.getpid(), "host": _HOST, "rows": keys}).encode())
-        return path
-
-    def _live_claims(self, store: Path) -> set[str]:
-        """Row keys claimed by live processes; stale claims (and temporaries of dead writers) are removed."""
-        remove_stale_temporaries(store)
-        rows: set[str] = set()
-        for path in store.glob("claim-*.json"):
-            try:
-                claim = json.loads(path.read_text())
-                age = time.time() - path.stat().st_mtime
-            except (OSError, ValueError):
-                continue  # vanished (finished) between listing and reading
-            dead = claim.get("host") == _HOST and not _pid_alive(int(claim.get("pid", -1)))
-            if dead or age > STALE_AFTER_S:
-                log.warning("%s: claim of %d rows by pid %s on %s is stale; its rows will be computed again",
-                            store, len(claim.get("rows", [])), claim.get("pid"), claim.get("host"))
-                path.unlink(missing_ok=True)
-                continue
-            rows.update(claim.get("rows", []))
-        return rows
-
     def _save_chunk(self, store: Path, keys: list[str], arrays: dict, label: str) -> None:
         arrays = {k: np.asarray(v) for k, v in arrays.items()}
         wrong = {k: len(v) for k, v in arrays.items() if len(v) != len(keys)}
         if wrong or "row_keys" in arrays:
             raise ValueError(f"{label}: compute returned {wrong or 'a row_keys array'} for {len(keys)} rows")
-        with atomic_path(store / f"chunk-{uuid.uuid4().hex}.npz", stage="cache-chunk-write") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, row_keys=np.asarray(keys, dtype=str), **arrays)
+        self._write(store, {"row_keys": np.asarray(keys, dtype=str), **arrays}, stage="cache-chunk-write")
+
+    @staticmethod
+    def _write(store: Path, arrays: dict, stage: str | None = None) -> Path:
+        """A chunk named by the hash of its bytes, so that reading it can check every byte."""
+        remove_abandoned(store)
+        data = _chunk_bytes(arrays)
+        path = store / f"chunk-{hashlib.sha256(data).hexdigest()}.npz"
+        write_locked_atomic(path, data, stage=stage)
+        return path
 
     # -- reading --
 
@@ -372,12 +326,16 @@ class FeatureCache:
 
     @staticmethod
     def _check(path: Path) -> np.ndarray:
+        """The chunk's row keys, once its bytes match its name's hash and its arrays agree in length."""
+        data = path.read_bytes()
+        named = _HASHED.fullmatch(path.name)
+        if named and hashlib.sha256(data).hexdigest() != named.group(1):
+            raise _BadChunk(f"its bytes do not match its hash: {len(data)} bytes, damaged or cut short")
         try:
-            shapes = _npy_shapes(path)
-            with np.load(path, allow_pickle=False) as data:
-                keys = data["row_keys"]
-        except FileNotFoundError:
-            raise
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                shapes = _npy_shapes(z)
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                keys = arrays["row_keys"]
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise _BadChunk(f"unreadable: {err}") from None
         lengths = {name: shape[0] if shape else None for name, shape in shapes.items()}
@@ -434,10 +392,9 @@ class FeatureCache:
                     seen.update(str(k) for k in data["row_keys"])
                     for name in data.files:
                         merged.setdefault(name, []).append(data[name][keep])
-            with atomic_path(store / f"chunk-{uuid.uuid4().hex}.npz") as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez(f, **{k: np.concatenate(v) for k, v in merged.items()})
+            written = self._write(store, {k: np.concatenate(v) for k, v in merged.items()})
             for path in small:  # a kill before these go leaves duplicates only: the index keeps the first
-                path.unlink(missing_ok=True)
-                self._keys.pop(path, None)
+                if path != written:
+                    path.unlink(missing_ok=True)
+                    self._keys.pop(path, None)
             log.info("%s: %d chunks merged into one", store, len(small))

@@ -9,10 +9,30 @@ import os
 import sys
 from pathlib import Path
 
+from . import outputs
+from .outputs import check_output
+
 def resolve_data(data: str | None, csv: str | None, default_csv: str = "train.csv") -> tuple[Path, Path]:
     from .records import resolve_data as find_data
 
     return find_data(data, csv, default_csv)   # a ValueError names what is missing; main exits with status 2
+
+
+def _columns(args, split: bool = False):
+    """Which column is which, as the table flags say (None: found from the table)."""
+    from .tables import Columns
+
+    return Columns.of(args.image_col, args.text_col, args.label_col, args.id_col,
+                      getattr(args, "split_col", None) if split else None, args.label_sep)
+
+
+def _image_dir(args, images: Path, records) -> Path:
+    """--images, else the data folder's data/ or the folder itself, whichever holds the table's photos."""
+    from .tables import image_root
+
+    if getattr(args, "images", None):
+        return Path(args.images)
+    return image_root(Path(args.data), images, records)
 
 
 def _kv(text: str):
@@ -24,39 +44,113 @@ def _kv(text: str):
     return key.strip().replace("-", "_"), yaml.safe_load(value)
 
 
-TRAIN_OPTIONS = [  # (flag, config key, type, help)
-    ("--kind", "kind", str, "image | text | early | late"),
-    ("--fusion", "late_combine", str, "late fusion rule: weighted | union"),
-    ("--late-weight", "late_weight", float, "image weight in weighted late fusion (default: tuned on validation)"),
-    ("--image-model", "image_model", str, "timm model name"),
-    ("--image-weights", "image_weights", str, "local checkpoint for the image backbone"),
-    ("--image-size", "image_size", int, "input size (default 320; 0: the backbone's own)"),
-    ("--image-crop-pct", "image_crop_pct", float, "centre crop share (default 1.0: the whole photo, squashed; 0: the backbone's own)"),
-    ("--image-pool", "image_pool", str, "avg | avgmax"),
-    ("--image-layers", "image_layers", int, "pool this many feature stages (default 1)"),
-    ("--decoder", "decoder", str, "head for image/text/early kinds: mlp | query | lstm"),
-    ("--text-model", "text_model", str, "Hugging Face name or local folder (default: packaged minilm-l6)"),
-    ("--text-max-length", "text_max_length", int, "caption tokens kept"),
-    ("--regime", "regime", str, "auto | frozen | hybrid | finetune"),
-    ("--epochs", "epochs", int, None), ("--batch-size", "batch_size", int, None),
-    ("--lr", "lr", float, "head learning rate"), ("--lr-image", "lr_image", float, None),
-    ("--lr-text", "lr_text", float, None), ("--loss", "loss", str, "bce | focal | asl"),
-    ("--sampler", "sampler", str, "none | oversample"), ("--augment", "augment", str, None),
-    ("--threshold-method", "threshold_method", str, "global | per_class | balanced"),
-    ("--seed", "seed", int, None), ("--val-fraction", "val_fraction", float, None),
-    ("--missing-images", "missing_images", str, "error | caption_only"),
-    ("--accelerator", "accelerator", str, None), ("--devices", "devices", str, None),
-    ("--num-nodes", "num_nodes", int, None), ("--strategy", "strategy", str, "auto | ddp | ..."),
-    ("--precision", "precision", str, None), ("--num-workers", "num_workers", int, None),
-    ("--cache-dir", "cache_dir", str, "frozen-feature cache (default ~/.cache/fuselabel)"),
-    ("--save-dtype", "save_dtype", str, "fp16 | int8 | fp32"), ("--max-size-mb", "max_size_mb", float, None),
-    ("--max-steps", "max_steps", int, None), ("--patience", "patience", int, None),
-]
+# Flags of earlier releases, kept beside the generated ones (same setting, same meaning).
+ALIASES = {"late_combine": ("--fusion",), "feature_engine": ("--engine",)}
+# The where-it-runs settings every command that loads a model takes.
+RUNNING = ("feature_engine", "num_workers", "cache_dir")
+_GROUP_TITLES = {"model": "what the model is (saved in the model folder's config.json)",
+                 "run": "how it trains (saved in run.json)",
+                 "runtime": "where it runs (never saved)"}
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="image folder, or a folder with data/ and the CSV")
-    p.add_argument("--csv", help="CSV file (default DATA/train.csv)")
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _converter(key: str, annotation):
+    """(argparse type, choices, is a switch) for a setting's declared type; the settings check the range."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _converter(key, typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return str, list(typing.get_args(annotation)), False
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:   # Optional[X]: "none" (or 0 for sizes) means "not set"
+            inner, choices, switch = _converter(key, args[0])
+
+            def optional(text: str, inner=inner):
+                return None if text.strip().lower() in ("none", "null", "") else inner(text)
+            optional.__name__ = getattr(inner, "__name__", "value")
+            return optional, choices, switch
+        return _devices, None, False   # devices: a number, a list or a word
+    if annotation is bool:
+        return None, None, True
+    if annotation is dict:
+        return _yaml_mapping, None, False
+    return annotation, None, False
+
+
+def _yaml_mapping(text: str) -> dict:
+    import yaml
+
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as {{key: value}}, got {text!r}")
+    return value
+
+
+def _default_text(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return json.dumps(value) if isinstance(value, dict) else str(value)
+
+
+def add_settings(p: argparse.ArgumentParser, keys=None) -> None:
+    """A flag for every setting (or those in ``keys``), with its help and default, grouped as in config.py:
+    --image-size sets image_size, the same in every command that takes it."""
+    import dataclasses
+    import typing
+
+    from .config import HELP, Config
+
+    hints = typing.get_type_hints(Config, include_extras=True)
+    fields = [f for f in dataclasses.fields(Config) if keys is None or f.name in keys]
+    for group in ("model", "run", "runtime"):
+        members = [f for f in fields if f.metadata["group"] == group]
+        if not members:
+            continue
+        g = p.add_argument_group(f"settings: {_GROUP_TITLES[group]}")
+        for f in members:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_ = f"{HELP[f.name]} (default: {_default_text(default)})"
+            flags = (_flag(f.name), *ALIASES.get(f.name, ()))
+            typ, choices, switch = _converter(f.name, hints[f.name])
+            if switch:
+                g.add_argument(*flags, dest=f"setting_{f.name}", action=argparse.BooleanOptionalAction,
+                               default=None, help=help_)
+            else:
+                g.add_argument(*flags, dest=f"setting_{f.name}", type=typ, choices=choices, default=None,
+                               metavar=f.name.upper() if choices is None else None, help=help_)
+
+
+def given_settings(args) -> dict:
+    """The settings given as flags (those left out stay with the preset, the YAML file or the default)."""
+    return {name[len("setting_"):]: value for name, value in vars(args).items()
+            if name.startswith("setting_") and value is not None}
+
+
+def _add_data_args(p: argparse.ArgumentParser, default_csv: str = "train.csv") -> None:
+    p.add_argument("--data", required=True, help="image folder, or a folder with data/ and the table")
+    p.add_argument("--csv", "--table", dest="csv", metavar="TABLE",
+                   help=f"the table: CSV, TSV, JSON Lines, Parquet or the course CSV (default DATA/{default_csv})")
+    p.add_argument("--images", metavar="DIR",
+                   help="folder the table's photo paths are relative to (default: DATA/data if it holds them, "
+                        "else DATA)")
+    g = p.add_argument_group("table columns (default: found from the table; the course's ImageID, Caption, Labels)")
+    g.add_argument("--image-col", metavar="COL", help="column of photo paths (relative to the image folder, or "
+                                                       "absolute)")
+    g.add_argument("--text-col", metavar="COL", action="append",
+                   help="text column; repeat for several (joined with a line break)")
+    g.add_argument("--label-col", metavar="COL", help="column of labels: a list, or labels joined by --label-sep")
+    g.add_argument("--id-col", metavar="COL", help="column naming each row in outputs (default: the photo column)")
+    g.add_argument("--label-sep", metavar="SEP",
+                   help="separator inside the label column: '|', ';', ',', 'space', or 'none' for one label "
+                        "(default: found from the data)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,22 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--config", help="YAML file of settings (keys as in config.json)")
     p.add_argument("--preset", help="named settings: cpu-fast, cpu, cpu-best, gpu-best, seed")
-    p.add_argument("--label-names", help="CSV Label,Name (default: label_names.csv beside the CSV)")
+    p.add_argument("--label-names", help="names of label ids: two columns (id, name) of a CSV/TSV, or a JSON "
+                                         "object (default: label_names.csv beside the table or in DATA)")
+    p.add_argument("--val-csv", "--val-table", dest="val_csv", metavar="TABLE",
+                   help="validation rows, in the training table's format (default: a stratified --val-fraction)")
+    p.add_argument("--split-col", metavar="COL",
+                   help="column saying train, val or test for each row (test rows are left out of training)")
     p.add_argument("--work-dir", help="checkpoints and logs (default: OUT.work, removed once the model is saved)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run interrupted in the work folder (same settings and data)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars; only warnings and errors")
-    p.add_argument("--tta-flip", action="store_true", default=None, help="average features of flipped images")
-    p.add_argument("--no-pretrained", action="store_true", help="random initialisation for both encoders")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notices; only the final summary, "
+                                                         "warnings and errors")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="random initialisation for both encoders (--no-image-pretrained --no-text-pretrained)")
     p.add_argument("--set", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                   help="any setting of config.json, e.g. --set hidden_dim=1024")
-    for flag, _, typ, help_ in TRAIN_OPTIONS:
-        p.add_argument(flag, type=typ, help=help_)
+                   help="any setting by its key, e.g. --set hidden_dim=1024 (the same as its flag)")
+    add_settings(p)
 
-    p = sub.add_parser("predict", help="write a submission CSV (ImageID,Labels)")
+    p = sub.add_parser("predict", help="write each row's labels (Kaggle ImageID,Labels for course files)")
     p.add_argument("model_dir", help="a model folder, or an exported ONNX folder (runs without PyTorch)")
-    _add_data_args(p)
-    p.add_argument("--out", required=True, help="submission CSV to write")
+    _add_data_args(p, default_csv="test.csv")
+    p.add_argument("--out", required=True, help="predictions to write: .csv, .tsv, .jsonl or .parquet")
     p.add_argument("--proba", help="also write per-label probabilities (and each row's inputs) to this CSV")
     _add_inference_args(p, distributed=True)
 
@@ -96,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the rows on this side of the model's own split (split.json)")
     _add_inference_args(p)
 
-    p = sub.add_parser("inspect", help="what the reader makes of a CSV and image folder")
+    p = sub.add_parser("inspect", help="what the reader makes of a table and image folder")
     _add_data_args(p)
+    p.add_argument("--label-names", help="names of label ids (default: label_names.csv beside the table or in DATA)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("info", help="size, parts and settings of a model folder")
@@ -134,11 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=10, help="largest request body")
     p.add_argument("--max-batch", type=int, default=32, help="most items in one /predict/batch request")
+    p.add_argument("--max-megapixels", type=float, default=25,
+                   help="photos with more pixels are refused (415) before they are decoded")
+    p.add_argument("--decode-workers", type=int, default=2, help="threads decoding photos (each holds one at full size)")
+    p.add_argument("--max-concurrency", type=int, default=4, help="prediction requests at work at once")
+    p.add_argument("--max-queue", type=int, default=32,
+                   help="prediction requests waiting for a turn; beyond it, 503 with Retry-After")
+    p.add_argument("--queue-timeout", type=float, default=30, help="seconds a request may wait before its 503")
+    p.add_argument("--body-timeout", type=float, default=60, help="seconds for a request body to arrive (else 408)")
+    p.add_argument("--header-timeout", type=float, default=10,
+                   help="seconds for a request head to arrive (else the connection is closed)")
+    p.add_argument("--max-connections", type=int, default=2048, help="open connections (beyond them, 503)")
+    p.add_argument("--workers", type=int, default=1, help="processes, each with the model loaded (more cores)")
+    p.add_argument("--json-logs", action="store_true", help="one JSON object a log line")
 
-    p = sub.add_parser("report", help="an HTML page of figures about a model on labelled rows")
-    p.add_argument("model_dir")
+    p = sub.add_parser("report", help="one HTML file about a model on labelled rows, or comparing several models")
+    p.add_argument("model_dir", nargs="+", help="a model folder; two or more: a side-by-side comparison")
     _add_data_args(p)
-    p.add_argument("--out", required=True, help="folder to write (index.html and its figures)")
+    p.add_argument("--out", required=True,
+                   help="the HTML file to write (a folder an earlier report wrote gets its index.html)")
     p.add_argument("--split", default="all", choices=("all", "val", "train"),
                    help="only the rows on this side of the model's own split (split.json)")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors")
@@ -146,55 +260,71 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_inference_args(p: argparse.ArgumentParser, distributed: bool = False) -> None:
-    p.add_argument("--engine", default="auto", choices=("auto", "torch", "onnx"),
-                   help="encoder runtime (auto: onnxruntime on a CPU, PyTorch on a GPU)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    p.add_argument("--num-workers", type=int, help="threads decoding photos (default: up to 8 cores)")
-    p.add_argument("--cache-dir", help="where exported encoder graphs are kept (default ~/.cache/fuselabel)")
+    p.add_argument("--device", help="where the model runs: cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--strict", action="store_true",
                    help="a row without a usable photo or caption is an error (default: predicted from the other)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars; only the summary, warnings and errors")
     if distributed:
-        p.add_argument("--chunk-size", type=int, default=512, help="rows per chunk, a multiple of 64 (bounds memory)")
-        p.add_argument("--devices", type=int, default=1, help="processes per machine (Lightning ranks)")
-        p.add_argument("--num-nodes", type=int, default=1, help="machines (under SLURM or torchrun)")
-        p.add_argument("--strategy", default="auto", help="Lightning strategy when --devices > 1 (default ddp)")
-        p.add_argument("--accelerator", default="cpu", help="cpu | gpu for the ranks")
+        from .config import HELP
+
+        p.add_argument("--chunk-size", type=int, default=512,
+                       help="rows per chunk, a multiple of 64 (bounds memory; finished chunks survive a kill) "
+                            "(default: 512)")
+        p.add_argument("--devices", type=int, default=1, help=f"{HELP['devices']} (default: 1)")
+        p.add_argument("--num-nodes", type=int, default=1, help=f"{HELP['num_nodes']} (default: 1)")
+        p.add_argument("--strategy", default="auto", help=f"{HELP['strategy']} (default: auto, ddp when "
+                                                          "--devices > 1)")
+        p.add_argument("--accelerator", default="cpu", help="cpu | gpu for the ranks (default: cpu)")
+    add_settings(p, RUNNING)
 
 
-def _load_model(args):
+def _load_model(args, exported: bool = False):
     from .predict import load_model
 
-    runtime = {"feature_engine": args.engine, "num_workers": args.num_workers, "cache_dir": args.cache_dir}
-    model = load_model(args.model_dir, **{k: v for k, v in runtime.items() if v is not None})
-    model.predictor(device=args.device)  # built here, once, on the chosen device
+    model = load_model(args.model_dir, exported=exported and _one_cpu(args), **given_settings(args))
+    if getattr(args, "devices", 1) <= 1 and getattr(args, "num_nodes", 1) <= 1:
+        model.predictor(device=args.device)  # built here, once; several ranks build it on their own devices
     return model
 
 
 def cmd_train(args) -> None:
     from .config import build_config
-    from .train import fit
+    from .tables import read_table
 
+    # Everything a user can get wrong is checked before the heavy imports and any work.
     images, csv = resolve_data(args.data, args.csv)
-    overrides = {key: getattr(args, key_attr(flag)) for flag, key, _, _ in TRAIN_OPTIONS}
-    if overrides.get("devices") is not None:
-        overrides["devices"] = _devices(overrides["devices"])
-    overrides["tta_flip"] = args.tta_flip
+    overrides = given_settings(args)
     if args.no_pretrained:
         overrides.update(image_pretrained=False, text_pretrained=False)
     overrides.update(dict(args.set))
     config = build_config(args.preset, args.config, **overrides)
-    fit(config, images, csv, args.out, label_names=args.label_names, work_dir=args.work_dir, resume=args.resume,
-        progress=_progress(args))
+
+    if args.val_csv and args.split_col:
+        raise ValueError("give either --val-csv or --split-col, not both")
+    records = read_table(csv, _columns(args, split=True), need_labels=True)
+    inputs = [csv, images, args.label_names, args.val_csv]   # refused as outputs before any work starts
+    check_output(args.out, outputs.MODEL, inputs)
+    if args.work_dir:
+        check_output(args.work_dir, outputs.WORK, inputs, other_outputs=[args.out])
+    from .train import fit
+
+    _show_log(quiet=args.quiet)   # again: importing Lightning set its own loggers up
+    with outputs.output_locks(args.out, args.work_dir):   # one training per model (and work) folder at a time
+        result = fit(config, _image_dir(args, images, records), records, args.out, label_names=args.label_names,
+                     work_dir=args.work_dir, resume=args.resume, progress=_progress(args), columns=_columns(args),
+                     val=args.val_csv)
+    if result is not None:   # per-label figures, then the one line (--quiet keeps only that)
+        if not args.quiet:
+            from .metrics import format_report
+
+            print(format_report(result.report))
+        print(result.summary)
 
 
 def _progress(args) -> bool:
     """Progress bars only for a person watching a terminal."""
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
 
-
-def key_attr(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
 
 
 def _devices(text: str):
@@ -207,19 +337,43 @@ def _devices(text: str):
 
 
 def cmd_predict(args) -> None:
+    images, csv = resolve_data(args.data, args.csv, default_csv="test.csv")
+    check_output(args.out, outputs.FILE, [args.model_dir, csv], other_outputs=[args.proba])
+    if args.proba:
+        check_output(args.proba, outputs.FILE, [args.model_dir, csv], other_outputs=[args.out])
+    with outputs.output_locks(args.out, args.proba):
+        _predict(args, images, csv)
+
+
+def _one_cpu(args) -> bool:
+    """One process on the CPU: a model folder can then run from its exported ONNX copy (no torch to load)."""
+    gpu = os.path.exists("/proc/driver/nvidia/version")   # where a GPU is, the default device is cuda
+    device = args.device or ("cuda" if gpu else "cpu")
+    return (device == "cpu" and getattr(args, "devices", 1) <= 1 and getattr(args, "num_nodes", 1) <= 1
+            and getattr(args, "accelerator", "cpu") == "cpu")
+
+
+def _predict(args, images, csv) -> None:
     from .predict import predict_csv
 
-    images, csv = resolve_data(args.data, args.csv, default_csv="test.csv")
-    model = _load_model(args)
+    model = _load_model(args, exported=True)
     progress = _progress(args)
-    result = predict_csv(model, images, csv, args.out, proba_out=args.proba, strict=args.strict,
-                         chunk_size=args.chunk_size, devices=args.devices, num_nodes=args.num_nodes,
-                         strategy=args.strategy, accelerator=args.accelerator, progress=progress)
+    from .predict import trained_table
+    from .tables import read_table
+
+    records = read_table(csv, _columns(args), trained=trained_table(model))
+    result = predict_csv(model, _image_dir(args, images, records), records, args.out, proba_out=args.proba,
+                         strict=args.strict, chunk_size=args.chunk_size, devices=args.devices,
+                         num_nodes=args.num_nodes, strategy=args.strategy, accelerator=args.accelerator,
+                         progress=progress)
     if not result:  # a rank other than the one that writes the outputs
         return
     counts = result["status_counts"]
     print(f"wrote {result['out']}: {result['rows']} rows in {result['seconds']:.1f}s "
           f"({result['rows_per_s']:.0f} rows/s) with {result['engine']}")
+    if result.get("texts_cut"):
+        print(f"  {result['texts_cut']} of {result['rows']} texts were longer than the model's text length and "
+              "were cut to it")
     degraded = counts["caption_only"] + counts["image_only"] + counts["no_input"]
     if degraded:
         print(f"  {counts['caption_only']} rows predicted from the caption alone (no usable photo), "
@@ -235,27 +389,35 @@ def cmd_evaluate(args) -> None:
     from .metrics import format_report
     from .predict import evaluate_csv
 
+    from .predict import trained_table
+    from .tables import read_table
+
     images, csv = resolve_data(args.data, args.csv)
+    if args.json:
+        check_output(args.json, outputs.FILE, [args.model_dir, csv])
     model = _load_model(args)
-    report = evaluate_csv(model, images, csv, split=args.split, strict=args.strict)
+    records = read_table(csv, _columns(args), trained=trained_table(model), need_labels=True)
+    report = evaluate_csv(model, _image_dir(args, images, records), records, split=args.split, strict=args.strict)
     print(format_report(report))
     print(f"predicted with {model.predictor().engine.name}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        from .writers import atomic_write_text
+
+        with outputs.output_lock(args.json):
+            atomic_write_text(args.json, [json.dumps(report, indent=2) + "\n"])
         print(f"wrote {args.json}")
 
 
 def cmd_inspect(args) -> None:
     from .inspection import format_summary, summarize
-    from .labels import read_label_names
-    from .records import read_records
+    from .labels import find_label_names
+    from .tables import read_table
 
     images, csv = resolve_data(args.data, args.csv)
-    records = read_records(csv, strict=False)
-    names_path = csv.with_name("label_names.csv")
-    names = read_label_names(names_path) if names_path.exists() else None
-    summary = summarize(records, images, names)
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    records = read_table(csv, _columns(args), strict=False)
+    names, _ = find_label_names(args.label_names, [csv.parent, Path(args.data), Path(args.data).parent])
+    summary = summarize(records, _image_dir(args, images, records), names or None)
+    print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_summary(summary))
 
 
 def cmd_experiment(args) -> int:
@@ -268,7 +430,6 @@ def cmd_experiment(args) -> int:
     if args.dry_run:
         print(format_plan(plan))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out) if args.out else default_out(plan)
     rows = run_experiment(args.config, out, args.data, args.csv, overrides=dict(args.set), verbose=args.verbose)
     return 1 if any(r["status"] != "ok" for r in rows) else 0
@@ -277,33 +438,56 @@ def cmd_experiment(args) -> int:
 def cmd_convert(args) -> None:
     from .bundle import convert_bundle
 
+    in_place = Path(args.out).resolve() == Path(args.model_dir).resolve()   # re-saving a folder in place is fine
+    check_output(args.out, outputs.MODEL, [] if in_place else [args.model_dir])
     size = convert_bundle(args.model_dir, args.out, args.save_dtype, args.max_size_mb)
     print(f"wrote {args.out}: {size / 1e6:.1f} MB ({args.save_dtype})")
 
 
 def cmd_info(args) -> None:
+    from .runtime import is_onnx_folder
+
+    if is_onnx_folder(args.model_dir):
+        from .predict import describe_exported
+
+        print(describe_exported(args.model_dir))
+        return
     from .bundle import describe
 
     print(describe(args.model_dir))
 
 
 def cmd_export(args) -> None:
-    from .export import export_onnx, format_report
+    from .export import ONNX_DIR, export_onnx, format_report
 
-    print(format_report(export_onnx(args.model_dir, args.out, int8=args.int8, check_rows=args.check_rows)))
+    out = Path(args.out) if args.out else Path(args.model_dir) / ONNX_DIR
+    check_output(out, outputs.ONNX, [args.model_dir])
+    with outputs.output_lock(out):
+        print(format_report(export_onnx(args.model_dir, out, int8=args.int8, check_rows=args.check_rows)))
 
 
 def cmd_serve(args) -> None:
     from .serve import run
 
-    run(args.model_dir, args.host, args.port, max_upload_mb=args.max_upload_mb, max_batch=args.max_batch)
+    run(args.model_dir, args.host, args.port, workers=args.workers, max_connections=args.max_connections,
+        header_timeout=args.header_timeout, json_logs=args.json_logs, max_upload_mb=args.max_upload_mb,
+        max_batch=args.max_batch, max_megapixels=args.max_megapixels, decode_workers=args.decode_workers,
+        max_concurrency=args.max_concurrency, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
+        body_timeout=args.body_timeout)
 
 
 def cmd_report(args) -> None:
-    from .report import build_report
+    from .report import build_comparison, build_report, report_target
+
+    from .tables import read_table
 
     images, csv = resolve_data(args.data, args.csv)
-    page = build_report(args.model_dir, images, csv, args.out, split=args.split)
+    records = read_table(csv, _columns(args), strict=True)
+    report_target(args.out, [*args.model_dir, csv, images])   # refuses an output that is not a report's
+    build = build_report if len(args.model_dir) == 1 else build_comparison
+    with outputs.output_lock(args.out):
+        page = build(args.model_dir[0] if len(args.model_dir) == 1 else args.model_dir,
+                     _image_dir(args, images, records), records, args.out, split=args.split, columns=_columns(args))
     print(f"wrote {page}")
 
 
@@ -319,9 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = COMMANDS[args.command](args)
     except Exception as err:
-        if not isinstance(err, _user_errors()):
+        limit = outputs.explain_error(err)   # a full disk, a read-only folder ...: the path and what to do
+        if limit is None and not isinstance(err, _user_errors()):
             raise
-        print(f"fuselabel: error: {_reason(err)}", file=sys.stderr)
+        if limit and args.command == "train":
+            limit += "; the finished part of the run is kept: run the same command with --resume to continue"
+        print(f"fuselabel: error: {limit or _reason(err)}", file=sys.stderr)
         return 2
     return code or 0
 
@@ -348,9 +535,13 @@ def _show_log(quiet: bool) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    if quiet:  # Lightning's notices (accelerators found, tips) as well
-        for name in ("lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    if quiet:  # the libraries' notices (accelerators found, tips, weight-loading reports) as well
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning", "transformers"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.set_verbosity_error()
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _user_errors() -> tuple[type, ...]:

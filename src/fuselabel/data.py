@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from .images import ImageError, eval_pixels, load_rgb
+from .images import ImageError, eval_pixels, load_rgb, resolve_image
 
 
 def single_process(config) -> bool:
@@ -80,10 +80,21 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _decode_size(self):
+        """What photos are decoded for (see ``images.load_rgb``): the evaluation preprocessing, or the side
+        of a random resized crop (a crop of half the photo still keeps >= 1.2x its side); None decodes
+        every pixel for a transform of unknown size."""
+        if isinstance(self.transform, EvalTransform):
+            return self.transform.data_config
+        for t in reversed(getattr(self.transform, "transforms", [])):
+            if type(t).__name__ == "RandomResizedCrop":
+                return max(t.size)
+        return None
+
     def _pixels(self, rec):
-        path = self.image_dir / rec.image_id
+        path = resolve_image(rec.image_id, self.image_dir)
         try:
-            return self.transform(load_rgb(path)), 1.0
+            return self.transform(load_rgb(path, size=self._decode_size())), 1.0
         except ImageError as err:
             if self.missing_images == "caption_only":
                 size = self._zero_shape()

@@ -12,6 +12,7 @@ import importlib
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -212,6 +213,40 @@ def create_tokenizer(name: str):
         if fallback is None:
             raise EncoderError(f"no tokenizer for {name!r}: {err}") from None
         return AutoTokenizer.from_pretrained(str(fallback))
+
+
+# Tokenizers and configs that know no limit say so with huge numbers (transformers' VERY_LARGE_INTEGER, 1e30).
+_NO_LIMIT = 1_000_000
+# Without any limit from the tokenizer or the model: BERT's 512 positions.
+_DEFAULT_LIMIT = 512
+
+
+def text_length_limit(tokenizer, model_config=None) -> int:
+    """The most tokens the text encoder takes: the tokenizer's ``model_max_length`` capped by the model's
+    ``max_position_embeddings`` (either may be absent or a huge sentinel, which means no limit from it)."""
+    limits = [getattr(tokenizer, "model_max_length", None), getattr(model_config, "max_position_embeddings", None)]
+    limits = [int(x) for x in limits if isinstance(x, (int, float)) and 0 < x < _NO_LIMIT]
+    return min(limits) if limits else _DEFAULT_LIMIT
+
+
+def token_counts(tokenizer, texts: list[str], batch_size: int = 4096) -> np.ndarray:
+    """Tokens of each text as the encoder would see it uncut, special tokens included."""
+    counts = []
+    for lo in range(0, len(texts), batch_size):
+        # verbose=False: the "longer than the maximum" warning is exactly what is being measured
+        ids = tokenizer(list(texts[lo:lo + batch_size]), truncation=False, verbose=False)["input_ids"]
+        counts.extend(len(i) for i in ids)
+    return np.asarray(counts, dtype=np.int64)
+
+
+def choose_text_length(counts, limit: int, percentile: float = 99.0, multiple: int = 16,
+                       minimum: int = 16) -> int:
+    """Text length for captions with these token counts: their ``percentile``, rounded up to ``multiple``,
+    at least ``minimum``, at most ``limit``."""
+    counts = np.asarray(counts)
+    high = float(np.percentile(counts, percentile)) if counts.size else 0.0
+    length = max(minimum, multiple * math.ceil(high / multiple))
+    return int(min(length, limit))
 
 
 def text_config(name: str, pretrained: bool, overrides: dict | None = None, vocab_size: int | None = None):

@@ -8,8 +8,10 @@ size into the cache folder. The heads are small and run in PyTorch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,8 @@ import torch
 
 from . import onnxrt
 from .cache import default_cache_dir
+from .encoders import text_length_limit
+from .losses import probabilities
 from .runtime import encode_by_length, session
 
 log = logging.getLogger(__name__)
@@ -40,17 +44,43 @@ def graph_digest(module: torch.nn.Module) -> str:
 
 def _cached_graph(encoder: torch.nn.Module, cache_dir, name: str, export) -> Path:
     path = default_cache_dir(cache_dir) / "onnx" / f"{name}-{graph_digest(encoder)}.onnx"
-    if not path.exists():
-        export(path)   # written beside and renamed into place, so a concurrent reader never sees half
-    return path
+    return onnxrt.cached_graph(path, export)   # checked on every use; exported again when cut short or damaged
 
 
-def image_session(encoder: torch.nn.Module, input_shape, cache_dir=None, threads: int | None = None):
-    """An onnxruntime session for an image encoder, exported once per weights, structure and input size."""
+def image_graph(encoder: torch.nn.Module, input_shape, cache_dir=None, int8: dict | None = None) -> Path:
+    """An image encoder's ONNX graph in the cache, exported once per weights, structure and input size; with
+    ``int8`` calibration ranges, its static int8 form (built once per graph and ranges)."""
     size = "x".join(map(str, input_shape))
     path = _cached_graph(encoder, cache_dir, f"image-{size}",
                          lambda p: onnxrt.export_image_encoder(encoder, p, input_shape))
-    return session(path, threads)
+    if int8 is None:
+        return path
+    quantized = path.with_name(f"{path.stem}-int8-{onnxrt.ranges_digest(int8)}.onnx")
+    return onnxrt.cached_graph(quantized, lambda p: onnxrt.quantize_int8_static(path, p, int8))
+
+
+def image_session(encoder: torch.nn.Module, input_shape, cache_dir=None, threads: int | None = None,
+                  int8: dict | None = None):
+    return session(image_graph(encoder, input_shape, cache_dir, int8), threads)
+
+
+def calibrate_image_int8(encoder: torch.nn.Module, data_config: dict, images, image_dir=None, cache_dir=None,
+                         photos: int = 128, batch_size: int = 16) -> dict:
+    """Activation ranges for the static int8 image encoder, measured on up to ``photos`` of ``images`` spread
+    evenly over them (unusable ones skipped). Deterministic: the same photos give the same ranges."""
+    from .images import normalise, pixel_table
+    from .runtime import read_photos_uint8
+
+    step = max(1, len(images) // photos)
+    pixels, _ = read_photos_uint8(list(images)[::step][:photos], image_dir, data_config, workers=None)
+    pixels = [p for p in pixels if p is not None]
+    if not pixels:
+        raise ValueError("image_quant='int8' needs usable training photos to calibrate on; none could be read")
+    table = pixel_table(data_config)
+    batches = [normalise(np.stack(pixels[i:i + batch_size]), table) for i in range(0, len(pixels), batch_size)]
+    ranges = onnxrt.calibrate_int8(image_graph(encoder, tuple(data_config["input_size"]), cache_dir), batches)
+    return {"method": "static QDQ, per-channel int8 weights, uint8 activations, min-max ranges",
+            "photos": len(pixels), "ranges": ranges}
 
 
 def text_session(encoder: torch.nn.Module, tokenizer, cache_dir=None, max_length: int = 64,
@@ -78,22 +108,30 @@ class TorchEngine:
     """
 
     def __init__(self, net, tokenizer, data_config: dict | None, *, tta_flip: bool = False,
-                 text_max_length: int = 64, device=None, encoders: str = "auto", cache_dir=None):
+                 text_max_length: int | None = 64, device=None, encoders: str = "auto", cache_dir=None):
         self.device = resolve_device(device)
         self.net = net.eval().to(self.device)
         cfg = net.config
-        self.kind, self.late_combine = cfg.kind, cfg.late_combine
+        self.kind, self.late_combine, self.task = cfg.kind, cfg.late_combine, cfg.task
         self.late_weight = float(net.late_weight)
         self.data_config = data_config
         self.tta_flip = tta_flip
+        if text_max_length is None and net.text_encoder is not None:  # not chosen yet: all the encoder takes
+            text_max_length = text_length_limit(tokenizer, net.text_encoder.backbone.config)
         self.tokenizer, self.max_length = tokenizer, text_max_length
+        self.texts_cut = 0   # captions longer than max_length, over every call so far
+        self._lock = threading.Lock()
         self.onnx = use_onnx(encoders, self.device)
         self.feature_dims = {}
         self._image_run = self._text_run = None
         if net.image_encoder is not None:
             self.feature_dims["image"] = net.image_encoder.num_features
-            if self.onnx:
-                image_sess = image_session(net.image_encoder, tuple(data_config["input_size"]), cache_dir)
+            int8 = (data_config or {}).get(onnxrt.INT8_CALIBRATION)
+            # An int8 model's heads were trained on its int8 features: its image encoder runs in onnxruntime
+            # whatever the engine asked for.
+            if self.onnx or int8 is not None:
+                image_sess = image_session(net.image_encoder, tuple(data_config["input_size"]), cache_dir,
+                                           int8=int8["ranges"] if int8 else None)
                 self._image_run = lambda x: image_sess.run(None, {"pixels": x})[0]
         if net.text_encoder is not None:
             self.feature_dims["text"] = net.text_encoder.num_features
@@ -105,15 +143,17 @@ class TorchEngine:
     @torch.inference_mode()
     def image_features(self, pixels: np.ndarray) -> np.ndarray:
         if self._image_run is not None:
-            return self._image_run(pixels.astype(np.float32))
+            return self._image_run(np.asarray(pixels, dtype=np.float32))
         x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         return self.net.image_encoder(x).float().cpu().numpy()
 
     @torch.inference_mode()
     def text_features(self, captions: list[str]) -> np.ndarray:
         def encode(batch: list[str]) -> np.ndarray:
-            tok = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="np")
+            with self._lock:   # a fast tokenizer set up per call is not safe from several threads at once
+                tok = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
+                                     return_tensors="np")
+                self.texts_cut += count_cut(tok, self.tokenizer, batch, self.max_length)
             ids, mask = tok["input_ids"].astype(np.int64), tok["attention_mask"].astype(np.int64)
             if self._text_run is not None:
                 return self._text_run(ids, mask)
@@ -126,8 +166,32 @@ class TorchEngine:
     @torch.inference_mode()
     def heads(self, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = {k: torch.as_tensor(v, device=self.device) for k, v in feats.items()}
-        logits = self.net.head(self.net.encode(batch))
-        return {k: torch.sigmoid(v.float()).cpu().numpy() for k, v in logits.items()}
+        with self._one_thread():
+            logits = self.net.head(self.net.encode(batch))
+            return {k: probabilities(v, self.task).cpu().numpy() for k, v in logits.items()}
+
+    @contextlib.contextmanager
+    def _one_thread(self):
+        """A 64-row window of the small heads is slower on several threads than on one, far slower under
+        outside load; the thread count is the process's, so it is restored after."""
+        if self.device.type != "cpu":
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+def count_cut(encoded, tokenizer, texts: list[str], max_length: int) -> int:
+    """How many of ``texts`` truncation cut, from a tokenizer call's output (no second pass where it can be told)."""
+    encodings = getattr(encoded, "encodings", None)
+    if encodings is not None:   # a fast tokenizer keeps what it cut off in each encoding
+        return sum(bool(e.overflowing) for e in encodings)
+    lengths = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+    return sum(len(ids) > max_length for ids in lengths)
 
 
 def engine_for_bundle(bundle, *, engine: str = "auto", device=None, cache_dir=None) -> TorchEngine:

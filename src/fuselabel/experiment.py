@@ -316,20 +316,13 @@ def plan_runs(grid: str | Path | dict, overrides: dict | None = None) -> Plan:
 
 
 def _method_metrics(result, config: Config, method: str) -> dict:
-    """mean/micro/macro F1 of ``method``'s thresholds on the run's stored validation probabilities."""
-    import torch
-
-    from .network import combine_probabilities
+    """mean/micro/macro F1 of ``method``'s thresholds on the run's validation probabilities (as the stored model
+    predicts them: the same numbers the chosen method was tuned on)."""
     from .metrics import evaluate
-    from .thresholds import apply_thresholds
+    from .runtime import decide
 
-    parts = dict(result.val_parts)
-    present = torch.as_tensor(parts.pop("image_present"))
-    heads = {k: torch.as_tensor(v) for k, v in parts.items()}
-    weight = result.thresholds.get("late_weight", 0.5)
-    probs = combine_probabilities(heads, config.late_combine, float(weight), present).numpy()
-    thr = np.asarray(result.thresholds["alternatives"][method]["thresholds"])
-    pred = apply_thresholds(probs, thr, config.ensure_nonempty)
+    thr = np.asarray(result.thresholds["alternatives"][method]["thresholds"], np.float32)
+    pred = decide(result.val_probs, thr, config.ensure_nonempty)
     report = evaluate(result.val_labels, pred, [str(i) for i in range(pred.shape[1])])
     return {k: report[k] for k in ("mean_f1", "micro_f1", "macro_f1")}
 
@@ -373,7 +366,9 @@ def _logs_to(stream):
     package = logging.getLogger("fuselabel")
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    saved = package.level, package.propagate
+    saved = package.level, package.propagate, list(package.handlers)
+    for other in saved[2]:   # alone: the command line's own handler would write every line a second time
+        package.removeHandler(other)
     package.addHandler(handler)
     package.setLevel(logging.INFO)
     package.propagate = False
@@ -381,6 +376,8 @@ def _logs_to(stream):
         yield
     finally:
         package.removeHandler(handler)
+        for other in saved[2]:
+            package.addHandler(other)
         package.setLevel(saved[0])
         package.propagate = saved[1]
 

@@ -10,13 +10,12 @@ import csv
 import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .writers import atomic_write_text
+from .writers import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +123,8 @@ def plot_results(path: Path, groups: list[dict], varied: list[str], title: str) 
     ax.set_xlabel("validation mean F1 (mean ± std over seeds)")
     ax.set_title(title)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def write_results(out: Path, plan, rows: list[dict], spec: dict | None = None) -> None:

@@ -13,7 +13,9 @@ PyTorch model, so ``fuselabel predict ONNX_DIR`` gives the same label sets witho
 
 ``int8=True`` quantises the text encoder and the head dynamically (int8 weights for MatMul
 and Gemm, activations quantised per batch at run time); the image encoder stays float32
-(dynamically quantised convolutions are slower than float ones in onnxruntime).
+(dynamically quantised convolutions are slower than float ones in onnxruntime), unless the
+model was trained with ``image_quant=int8``: then, with or without ``int8``, it is the static
+int8 encoder rebuilt from the calibration saved in its preprocessing, the one its heads learnt on.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ import torch
 from torch import nn
 
 from .bundle import BundleError, replace_folder
-from .onnxrt import OPSET, SYNTHETIC_CAPTIONS, export_graph, export_image_encoder, export_text_encoder
+from .writers import ordinary_permissions
+from .encoders import text_length_limit
+from .losses import probabilities
+from .onnxrt import (INT8_CALIBRATION, OPSET, SYNTHETIC_CAPTIONS, export_graph, export_image_encoder,
+                     export_text_encoder, quantize_int8_static)
 from .runtime import MANIFEST, ONNX_FORMAT, ONNX_FORMAT_VERSION
 
 ONNX_DIR = "onnx"
@@ -52,7 +58,7 @@ def head_output_names(kind: str) -> list[str]:
 
 
 class HeadGraph(nn.Module):
-    """Head + sigmoid, one output per head, with positional inputs for the exporter."""
+    """Head + sigmoid (softmax for multiclass), one output per head, with positional inputs for the exporter."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -62,7 +68,7 @@ class HeadGraph(nn.Module):
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = self.net.head(self.net.encode(dict(zip(self.names, tensors))))
-        return tuple(torch.sigmoid(logits[k].float()) for k in self.outputs)
+        return tuple(probabilities(logits[k], self.net.config.task) for k in self.outputs)
 
 
 def export_head(net: nn.Module, path: Path, opset: int = OPSET) -> Path:
@@ -147,6 +153,9 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
     out = Path(out_dir) if out_dir else model_dir / ONNX_DIR
     bundle = load_bundle(model_dir)
     net, cfg = bundle.net.float().eval(), bundle.config
+    text_length = cfg.text_max_length
+    if text_length is None and net.text_encoder is not None:   # never chosen: all the encoder takes
+        text_length = text_length_limit(bundle.tokenizer, net.text_encoder.backbone.config)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     t0 = time.time()
@@ -158,9 +167,17 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
             files["image_encoder"] = {"path": "image_encoder.onnx", "inputs": {"pixels": ["batch", *size]},
                                       "outputs": {"features": ["batch", net.image_encoder.num_features]},
                                       "quantized": None}
+            calibration = bundle.preprocessing.get(INT8_CALIBRATION)
+            if calibration:   # the int8 encoder the heads were trained on, rebuilt from its saved ranges
+                fp32 = tmp / "image_encoder.fp32.onnx"
+                os.replace(tmp / "image_encoder.onnx", fp32)
+                quantize_int8_static(fp32, tmp / "image_encoder.onnx", calibration["ranges"])
+                fp32_bytes = fp32.stat().st_size
+                fp32.unlink()
+                files["image_encoder"]["quantized"] = calibration["method"]
         if net.text_encoder is not None:
             export_text_encoder(net.text_encoder, bundle.tokenizer, tmp / "text_encoder.onnx",
-                                cfg.text_max_length, opset)
+                                text_length, opset)
             files["text_encoder"] = {"path": "text_encoder.onnx",
                                      "inputs": {"input_ids": ["batch", "length"],
                                                 "attention_mask": ["batch", "length"]},
@@ -172,6 +189,8 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
                                                          for n in names},
                          "outputs": {o: ["batch", len(bundle.labels)] for o in outputs}, "quantized": None}
         float_bytes = {k: (tmp / v["path"]).stat().st_size for k, v in files.items()}
+        if files.get("image_encoder", {}).get("quantized"):
+            float_bytes["image_encoder"] = fp32_bytes
         if int8:
             for part in ("text_encoder", "head"):
                 if part in files:
@@ -198,13 +217,15 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
         manifest = {
             "format": ONNX_FORMAT, "version": ONNX_FORMAT_VERSION, "fuselabel": __version__,
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "opset": opset, "int8": bool(int8),
-            "kind": cfg.kind, "late_combine": cfg.late_combine, "late_weight": float(net.late_weight),
-            "tta_flip": bool(cfg.tta_flip), "text_max_length": cfg.text_max_length, **tokenizer,
+            "kind": cfg.kind, "task": cfg.task, "late_combine": cfg.late_combine,
+            "late_weight": float(net.late_weight),
+            "tta_flip": bool(cfg.tta_flip), "text_max_length": text_length, **tokenizer,
             "preprocessing": bundle.preprocessing, "feature_dims": dims,
-            "labels": bundle.labels, "label_names": bundle.label_names,
+            "labels": bundle.labels, "label_names": bundle.label_names, "table": bundle.table,
             "thresholds": [float(t) for t in bundle.threshold_vector],
             "ensure_nonempty": bool(bundle.thresholds.get("ensure_nonempty", True)),
-            "files": files, "head": {"inputs": names, "outputs": outputs, "rule": _rule(cfg.kind, cfg.late_combine)},
+            "files": files, "head": {"inputs": names, "outputs": outputs,
+                                     "rule": _rule(cfg.kind, cfg.late_combine, cfg.task)},
             "export_s": None, "checks": None,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -212,6 +233,7 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
             manifest["checks"] = check_against_torch(bundle, tmp, check_rows, threads=threads)
         manifest["export_s"] = round(time.time() - t0, 2)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        ordinary_permissions(tmp)   # a folder others may read, like any the user writes
         replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -219,14 +241,18 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
     return manifest
 
 
-def _rule(kind: str, combine: str) -> str:
+def _rule(kind: str, combine: str, task: str = "multilabel") -> str:
+    act = "softmax" if task == "multiclass" else "sigmoid"
+    decision = "; the arg-max label" if task == "multiclass" else ""
     if kind in ("image", "text"):
-        return f"sigmoid({kind} head)"
+        return f"{act}({kind} head){decision}"
     if kind == "early":
-        return "sigmoid(head(concat(norm(image_feat * image_present), norm(text_feat * caption_present))))"
+        return (f"{act}(head(concat(norm(image_feat * image_present), norm(text_feat * caption_present))))"
+                + decision)
     if combine == "union":
-        return "max(p_image, p_text); one head where the other input is missing"
-    return "w * p_image + (1 - w) * p_text with w = late_weight; one head where the other input is missing"
+        return "max(p_image, p_text); one head where the other input is missing" + decision
+    return ("w * p_image + (1 - w) * p_text with w = late_weight; one head where the other input is missing"
+            + decision)
 
 
 def format_report(manifest: dict) -> str:

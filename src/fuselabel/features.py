@@ -10,12 +10,14 @@ through the same engine and image loop as prediction (``engines``, ``runtime.enc
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
 from .cache import FeatureCache, image_row_keys, text_row_keys
-from .engines import TorchEngine, weights_digest
+from .engines import TorchEngine, calibrate_image_int8, weights_digest
 from .images import ImageError
+from .onnxrt import INT8_CALIBRATION
 from .runtime import encode_images
 
 log = logging.getLogger(__name__)
@@ -45,12 +47,34 @@ def extract_image_features(engine, records, image_dir, *, missing_images: str = 
     return feats, present.astype(np.float32)
 
 
+def run_shares() -> tuple[int, int]:
+    """(rank, world) of this process in a run launched as several by torchrun (RANK, WORLD_SIZE); else (0, 1).
+
+    The ranks of one run split the rows to compute between them by these. A Lightning-spawned rank
+    starts after rank 0 has extracted everything, so it only reads; under other launchers (srun) each
+    rank computes what the cache lacks, as separate runs do.
+    """
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError):
+        return 0, 1
+    return (rank, world) if 0 <= rank < world else (0, 1)
+
+
 def frozen_features(net, tokenizer, data_config, records, image_dir, config, *, device=None, progress=True,
                     image=True, text=True):
     """Features for ``records`` from the network's frozen encoders, through the cache."""
     cache = FeatureCache(config.cache_dir)
+    rank, world = run_shares()
     out: dict[str, np.ndarray] = {}
     present = np.ones(len(records), dtype=np.float32)
+    if image and net.image_encoder is not None and config.image_quant == "int8" \
+            and INT8_CALIBRATION not in data_config:
+        # Calibrated here, on the training photos, and kept in the preprocessing the model folder saves, so
+        # prediction rebuilds the very encoder the heads learn from (and the feature cache keys on it).
+        data_config[INT8_CALIBRATION] = calibrate_image_int8(net.image_encoder, data_config,
+                                                             [r.image_id for r in records], image_dir,
+                                                             config.cache_dir)
     engine = TorchEngine(net, tokenizer, data_config, tta_flip=config.tta_flip, text_max_length=config.text_max_length,
                          device=device, encoders=config.feature_engine, cache_dir=config.cache_dir)
     if image and net.image_encoder is not None:
@@ -65,13 +89,14 @@ def frozen_features(net, tokenizer, data_config, records, image_dir, config, *, 
                                                  num_workers=config.num_workers, progress=progress)
             return {"features": feats, "present": pres}
 
-        arrays = cache.fetch(key, image_row_keys(records, image_dir), compute_images, "image features")
+        arrays = cache.fetch(key, image_row_keys(records, image_dir), compute_images, "image features",
+                             rank=rank, world=world)
         out["image"], present = arrays["features"], arrays["present"]
     if text and net.text_encoder is not None:
         key = cache.key(kind="text", weights=weights_digest(net.text_encoder), model=config.text_model,
                         max_length=config.text_max_length)
         captions = [r.caption for r in records]
         arrays = cache.fetch(key, text_row_keys(captions), lambda idx: {"features": engine.text_features(
-            [captions[i] for i in idx])}, "text features")
+            [captions[i] for i in idx])}, "text features", rank=rank, world=world)
         out["text"] = arrays["features"]
     return out, present

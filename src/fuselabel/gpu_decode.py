@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .images import exif_orientation
+
 from .data import ImageError, default_workers
 from .geometry import Geometry, resize_center_crop
 
@@ -105,7 +107,8 @@ class _ReadDataset(Dataset):
         except OSError as err:
             item["error"] = f"unreadable ({err})"
             return item
-        if self.mode == "bytes" and nvjpeg_friendly(data):
+        # nvJPEG knows nothing of EXIF: a photo stored turned goes the PIL way, which turns it upright.
+        if self.mode == "bytes" and nvjpeg_friendly(data) and exif_orientation(data) == 1:
             item["data"] = data
             return item
         try:

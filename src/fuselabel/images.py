@@ -15,9 +15,25 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-ImageInput = Union[str, PathLike, bytes, Image.Image, None]
+ImageInput = Union[str, PathLike, bytes, Image.Image, np.ndarray, None]
+# What a photo is decoded for: the encoder's input side (int), a (width, height) box, or the encoder's
+# data config (``input_size``, ``crop_pct``); None decodes every pixel.
+DecodeTarget = Union[int, tuple, list, dict, None]
+
+# A large photo is decoded (JPEG: DCT scaling) or reduced (other formats: integer box averaging) only
+# down to twice the size the evaluation resize needs, and that resize does the rest. This is Pillow's
+# ``reducing_gap``: with a gap of 2 the result is close to resampling every pixel, and a photo under twice
+# the needed size -- every course photo, for any encoder input from 121 px up -- decodes exactly as it
+# did before, so its pixels and predictions do not change.
+REDUCING_GAP = 2
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+              7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+# Modes Image.reduce takes; others (palette, 1-bit, 16-bit grey) are converted to RGB first.
+_REDUCIBLE = {"L", "LA", "RGB", "RGBA", "CMYK", "I", "F", "YCbCr", "La", "RGBa"}
+_BAND_ROWS = 256   # rows reduced at a time: a few MB for the widest photo under the pixel limit
 
 
 # Photos above this many pixels are refused before they are decoded: a 20,000 x 20,000 PNG of a few
@@ -106,13 +122,79 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _upright_rgb(img: Image.Image) -> Image.Image:
-    """A new RGB image, turned as its EXIF orientation says (the source may be closed afterwards)."""
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8; 1 when absent or unreadable: the pixels are still good)."""
     try:
-        upright = ImageOps.exif_transpose(img)  # always a new image
-    except (SyntaxError, ValueError, struct.error, TypeError, KeyError):
-        upright = img.copy()  # unreadable EXIF: the pixels are still good, only their orientation is unknown
-    return _to_rgb(upright)
+        value = img.getexif().get(0x0112, 1)
+        return value if value in _TRANSPOSE else 1
+    except (SyntaxError, ValueError, struct.error, TypeError, KeyError, OSError):
+        return 1
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation of a photo's bytes (1-8), from its header alone: what every decoder must apply."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return _orientation(img)
+    except _DECODE_ERRORS:
+        return 1
+
+
+def decode_box(target: DecodeTarget) -> tuple[int, int] | None:
+    """The smallest upright (width, height) a photo may be decoded at for ``target`` (see DecodeTarget).
+
+    For a data config: with ``crop_pct >= 1`` the whole photo is squashed to size x size, so each side
+    must stay >= size; otherwise the short side is resized to size / crop_pct before the centre crop,
+    so both sides must stay >= that.
+    """
+    if target is None:
+        return None
+    if isinstance(target, dict):
+        side = int(target["input_size"][-1])
+        crop_pct = target.get("crop_pct", 0.875)
+        side = side if crop_pct >= 1.0 else int(round(side / crop_pct))
+        return side, side
+    if isinstance(target, (tuple, list)):
+        return max(1, int(target[0])), max(1, int(target[1]))
+    return max(1, int(target)), max(1, int(target))
+
+
+def _reduced(img: Image.Image, box: tuple[int, int] | None, orientation: int) -> Image.Image:
+    """``img`` shrunk by the largest whole factor that keeps it REDUCING_GAP x ``box`` (upright) or more."""
+    if box is None:
+        return img
+    w, h = box if orientation < 5 else box[::-1]   # the box is upright; the pixels are as stored
+    factor = min(img.width // (REDUCING_GAP * w), img.height // (REDUCING_GAP * h))
+    if factor < 2:
+        return img
+    # In bands of rows: reducing RGBA (premultiplied first) or converting a palette image would each
+    # make a full-size copy. Bands start on multiples of the factor, and every step is per pixel or per
+    # block, so the result is that of reducing the whole image at once.
+    out = None
+    step = factor * max(1, _BAND_ROWS // factor)
+    for top in range(0, img.height, step):
+        band = img.crop((0, top, img.width, min(img.height, top + step)))
+        band = (band if band.mode in _REDUCIBLE else _to_rgb(band)).reduce(factor)
+        if out is None:
+            out = Image.new(band.mode, (band.width, -(-img.height // factor)))
+        out.paste(band, (0, top // factor))
+    return out
+
+
+def _upright_rgb(img: Image.Image, box: tuple[int, int] | None = None) -> Image.Image:
+    """A new RGB image, reduced for ``box`` and turned as its EXIF orientation says (the source may be
+    closed afterwards).
+
+    The orientation is read before reducing: the reduced copy carries no EXIF.
+    """
+    orientation = _orientation(img)
+    out = _reduced(img, box, orientation)
+    method = _TRANSPOSE.get(orientation)
+    if method is not None:
+        out = out.transpose(method)
+    elif out is img:
+        out = img.copy()
+    return _to_rgb(out)
 
 
 @contextlib.contextmanager
@@ -140,10 +222,13 @@ def _label(source, name: str | None) -> str:
         return name
     if isinstance(source, Image.Image):
         return "image"
+    if isinstance(source, np.ndarray):
+        return "photo array"
     return "photo bytes" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
 
 
-def load_rgb(source, *, max_pixels: int | None = MAX_PIXELS, name: str | None = None) -> Image.Image:
+def load_rgb(source, *, max_pixels: int | None = MAX_PIXELS, name: str | None = None,
+             size: DecodeTarget = None) -> Image.Image:
     """Open a photo as an upright RGB image: the one door every photo comes in by.
 
     ``source`` is a path, the file's bytes, or a PIL image. The format is read from the contents, not
@@ -152,21 +237,51 @@ def load_rgb(source, *, max_pixels: int | None = MAX_PIXELS, name: str | None = 
     transparency, LA, RGBA), which are laid on white. ``name`` labels the photo in errors (default: the
     path, or "photo bytes").
 
+    ``size`` says what the photo is for (the encoder's input side, a (width, height) box, or its data
+    config): a photo larger than twice that is then not decoded in full. A JPEG is decoded at the
+    smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= twice the needed size, so a 12-megapixel
+    phone photo decodes at 1/4 or 1/8 of each side; other formats (PNG, WebP, ...) are decoded once in
+    their own mode and then reduced by a whole factor to the same bound before any turn or colour
+    conversion, so a photo costs its decoded size once plus the reduced copy (a quarter of the pixels
+    or fewer), instead of several full-size copies. Photos up to twice the needed size come out pixel for pixel as without
+    ``size``.
+
     Raises:
         ImageError: the photo is missing, empty, a folder, not readable, not an image, truncated or
             corrupt, or larger than ``max_pixels`` (``MAX_PIXELS``, 64 megapixels; None: no limit). The
             message names the photo, the problem and what to do; ``reason`` and ``advice`` hold the parts.
     """
     label = _label(source, name)
+    box = decode_box(size)
+    if isinstance(source, np.ndarray):
+        source = _from_array(source, label)
     if isinstance(source, Image.Image):
         try:
-            return _upright_rgb(source)
+            return _upright_rgb(source, box)
         except _DECODE_ERRORS as err:
             raise _explain(err, None, label, max_pixels) from None
     with _opened(source, label, max_pixels) as img:
-        img.draft("RGB", img.size)  # lets JPEG skip a colour conversion
+        draft = img.size  # the full size still lets JPEG skip a colour conversion
+        if box is not None and img.format in ("JPEG", "MPO"):
+            # The DCT scale applies to the pixels as stored, so a box for the upright photo is turned
+            # for orientations 5-8 (stored sideways).
+            w, h = box if _orientation(img) < 5 else box[::-1]
+            draft = (REDUCING_GAP * w, REDUCING_GAP * h)
+        img.draft("RGB", draft)
         img.load()
-        return _upright_rgb(img)
+        return _upright_rgb(img, box)
+
+
+def _from_array(array: np.ndarray, label: str) -> Image.Image:
+    """A photo given as pixels: HxW (grey) or HxWx3 / HxWx4 (RGB, RGBA) uint8, as numpy and OpenCV users hold
+    them (OpenCV's BGR order is the caller's to turn)."""
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ImageError(f"{label}: an array of shape {array.shape} and type {array.dtype} is not a photo; give "
+                         "HxW or HxWx3 (or HxWx4) uint8 pixels", "unreadable: not a photo array",
+                         "convert it with np.asarray(img, dtype=np.uint8)")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 def check_image(source, *, decode: bool = False, max_pixels: int | None = MAX_PIXELS,
@@ -182,14 +297,27 @@ def check_image(source, *, decode: bool = False, max_pixels: int | None = MAX_PI
         return img.size
 
 
-def open_image(item: ImageInput, image_dir: str | PathLike | None = None) -> tuple[Image.Image | None, str | None]:
-    """(RGB image, None), or (None, why it is unusable): a missing photo is an answer, not an exception."""
-    if item is None:
+def resolve_image(item: str | PathLike, image_dir: str | PathLike | None = None) -> Path:
+    """Where a table's image entry points: relative to ``image_dir`` (nested folders allowed, as in
+    ``shoes/red/1.webp``), or an absolute path used as it is."""
+    path = Path(item)
+    if image_dir is None or path.is_absolute():
+        return path
+    return Path(image_dir) / path
+
+
+def open_image(item: ImageInput, image_dir: str | PathLike | None = None, *, size: DecodeTarget = None
+               ) -> tuple[Image.Image | None, str | None]:
+    """(RGB image, None), or (None, why it is unusable): a missing photo is an answer, not an exception.
+
+    A path is resolved by :func:`resolve_image`; ``size`` is passed to :func:`load_rgb`.
+    """
+    if item is None or (isinstance(item, str) and not item.strip()):
         return None, "no photo given"
     if isinstance(item, (str, PathLike)):
-        item = Path(image_dir) / item if image_dir is not None else Path(item)
+        item = resolve_image(item, image_dir)
     try:
-        return load_rgb(item), None
+        return load_rgb(item, size=size), None
     except ImageError as err:
         return None, str(err)
 
@@ -201,6 +329,11 @@ def eval_pixels(img: Image.Image, data_config: dict) -> np.ndarray:
     in multi-label data); otherwise the short side is resized and the centre cropped, as the
     backbone was evaluated. Same arithmetic as torchvision's Resize / CenterCrop on PIL images.
     """
+    return normalise(eval_uint8(img, data_config), pixel_table(data_config))
+
+
+def eval_uint8(img: Image.Image, data_config: dict) -> np.ndarray:
+    """The resized, cropped photo of :func:`eval_pixels` before normalisation: (3, H, W) uint8."""
     size = data_config["input_size"][-1]
     resample = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(
         data_config.get("interpolation", "bicubic"), Image.BICUBIC)
@@ -218,7 +351,25 @@ def eval_pixels(img: Image.Image, data_config: dict) -> np.ndarray:
             img = img.resize((new_w, new_h), resample)
         top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
         img = img.crop((left, top, left + size, top + size))
-    x = np.asarray(img, dtype=np.float32) / 255.0
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def pixel_table(data_config: dict) -> np.ndarray:
+    """(3, 256) float32: each channel's normalised value of every uint8 level.
+
+    Computed with the float32 arithmetic of ``(x / 255 - mean) / std``, so looking pixels up gives
+    exactly those numbers; a fused multiply-add (``x * a + b``) differs in the last bit for about
+    four levels in ten.
+    """
+    levels = np.arange(256, dtype=np.float32)[:, None] / 255.0
     mean = np.asarray(data_config["mean"], dtype=np.float32)
     std = np.asarray(data_config["std"], dtype=np.float32)
-    return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))
+    return np.ascontiguousarray(((levels - mean) / std).T)
+
+
+def normalise(pixels: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """float32 encoder input from uint8 photos, (3, H, W) or (N, 3, H, W): one table look-up a pixel."""
+    out = np.empty(pixels.shape, dtype=np.float32)
+    for c in range(3):   # indexing per channel is about 3x faster than np.take or one 3-D gather
+        out[..., c, :, :] = table[c][pixels[..., c, :, :]]
+    return out

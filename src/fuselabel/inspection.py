@@ -13,18 +13,24 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from .images import ImageError, check_image
+from .images import ImageError, check_image, resolve_image
 from .labels import label_vocabulary, read_label_names, sort_labels
 from .records import MAX_LISTED_BAD_ROWS, RecordSet, RecordsError
 
 __all__ = ["find_missing_images", "find_unreadable_images", "format_summary", "summarize"]
+
+_FORMAT_NAMES = {"course": "course CSV (ImageID,Labels,Caption; quotes inside captions left as written)",
+                 "csv": "CSV (RFC 4180)", "tsv": "TSV", "jsonl": "JSON Lines", "parquet": "Parquet",
+                 "dataframe": "DataFrame"}
+_SEP_NAMES = {" ": "whitespace", "|": "'|'", ";": "';'", ",": "','", "\t": "tabs"}
 
 # How many missing or unreadable photos a summary names.
 _MAX_LISTED_IMAGES = 20
 
 
 def find_missing_images(image_ids: Iterable[str], image_dir: str | os.PathLike[str]) -> list[str]:
-    """ImageIDs (in the given order) with no file ``image_dir/<ImageID>``.
+    """ImageIDs (in the given order) with no file where :func:`fuselabel.images.resolve_image` points:
+    ``image_dir/<ImageID>`` (nested folders allowed) or the ImageID itself when it is an absolute path.
 
     Raises:
         RecordsError: if ``image_dir`` is not a directory.
@@ -38,7 +44,7 @@ def find_missing_images(image_ids: Iterable[str], image_dir: str | os.PathLike[s
     for image_id in image_ids:
         if image_id in present:
             continue
-        if ("/" in image_id or os.sep in image_id) and (image_dir / image_id).is_file():
+        if ("/" in image_id or os.sep in image_id) and resolve_image(image_id, image_dir).is_file():
             continue
         missing.append(image_id)
     return missing
@@ -57,7 +63,7 @@ def find_unreadable_images(
     unreadable = []
     for image_id in image_ids:
         try:
-            check_image(image_dir / image_id, decode=decode)
+            check_image(resolve_image(image_id, image_dir), decode=decode)
         except ImageError as err:
             if err.reason != "missing":
                 unreadable.append((image_id, err.reason))
@@ -99,14 +105,25 @@ def summarize(
     is empty.
     """
     records = recordset.records
+    table = recordset.table or {}
     summary: dict = {
         "file": str(recordset.path),
+        "format": table.get("format"),
+        "columns": {"all": table.get("columns"), "image": table.get("image_col"), "text": table.get("text_cols"),
+                    "labels": table.get("label_col"), "id": table.get("id_col"), "split": table.get("split_col")},
+        "label_sep": table.get("label_sep"),
+        "labels_as": table.get("labels_as"),
         "rows": len(records),
         "bad_rows": [str(b) for b in recordset.bad_rows],
         "labelled": recordset.labelled,
         "label_counts": None,
         "labels_per_row": None,
+        "first_rows": [{"id": r.id, "image": r.image_id, "text": r.caption[:200],
+                        "labels": list(r.labels) if r.labels is not None else None,
+                        **({"split": r.split} if r.split else {})} for r in records[:3]],
     }
+    if table.get("split_col"):
+        summary["split_counts"] = dict(Counter(r.split for r in records))
     vocab: list[str] = []
     if recordset.labelled:
         label_sets = recordset.label_sets
@@ -115,6 +132,8 @@ def summarize(
         summary["label_counts"] = {label: counts[label] for label in vocab}
         per_row = Counter(len(labels) for labels in label_sets)
         summary["labels_per_row"] = {str(k): per_row[k] for k in sorted(per_row)}
+        # Exactly one label on every row: a single-label problem, which a softmax head models directly.
+        summary["suggest_multiclass"] = bool(records) and set(per_row) == {1} and len(vocab) > 2
     summary["caption_words"] = _length_stats([len(r.caption.split()) for r in records])
     summary["caption_chars"] = _length_stats([len(r.caption) for r in records])
     summary["captions_with_line_breaks"] = sum("\n" in r.caption for r in records)
@@ -145,11 +164,28 @@ def _fmt_stats(stats: Mapping[str, object]) -> str:
 def format_summary(summary: Mapping) -> str:
     """Render :func:`summarize` output as a readable multi-line text report."""
     rows = summary["rows"]
-    out = [
-        f"File:      {summary['file']}",
-        f"Rows:      {rows} ({'labelled' if summary['labelled'] else 'unlabelled'})",
-        f"Bad rows:  {len(summary['bad_rows'])}",
-    ]
+    out = [f"File:      {summary['file']}"]
+    columns = summary.get("columns") or {}
+    if summary.get("format"):
+        out.append(f"Format:    {_FORMAT_NAMES.get(summary['format'], summary['format'])}")
+        out.append(f"Columns:   photo {columns.get('image')!r}, text {', '.join(map(repr, columns.get('text') or []))}"
+                   + (f", labels {columns['labels']!r}" if columns.get("labels") else ", no label column")
+                   + (f", id {columns['id']!r}" if columns.get("id") not in (None, columns.get("image")) else "")
+                   + (f", split {columns['split']!r}" if columns.get("split") else ""))
+        other = [c for c in columns.get("all") or [] if c not in {columns.get("image"), columns.get("labels"),
+                                                                  columns.get("id"), columns.get("split"),
+                                                                  *(columns.get("text") or [])}]
+        if other:
+            out.append(f"           not used: {', '.join(map(repr, other))}")
+        if columns.get("labels"):
+            sep = summary.get("label_sep")
+            how = ("a list per row" if summary.get("labels_as") == "list" else
+                   "one label per field" if sep is None else f"separated by {_SEP_NAMES.get(sep, repr(sep))}")
+            out.append(f"Labels:    {how}")
+    out += [f"Rows:      {rows} ({'labelled' if summary['labelled'] else 'unlabelled'})",
+            f"Bad rows:  {len(summary['bad_rows'])}"]
+    if summary.get("split_counts"):
+        out.append("Split:     " + ", ".join(f"{k} {v}" for k, v in sorted(summary["split_counts"].items())))
     for bad in summary["bad_rows"][:MAX_LISTED_BAD_ROWS]:
         out.append(f"  {bad}")
     if len(summary["bad_rows"]) > MAX_LISTED_BAD_ROWS:
@@ -191,4 +227,14 @@ def format_summary(summary: Mapping) -> str:
             if names:
                 line += f"  {names.get(label, ''):<{name_width}}"
             out.append(line + f"  {count:>7}  {share(count)}")
+    if summary.get("suggest_multiclass"):
+        out.append("")
+        out.append("Every row has exactly one label: consider training with --task multiclass (one softmax over "
+                   "the labels)")
+    if summary.get("first_rows"):
+        out.append("")
+        out.append("First rows as read:")
+        for row in summary["first_rows"]:
+            labels = "" if row["labels"] is None else f"  labels {row['labels']}"
+            out.append(f"  {row['id']}: photo {row['image']!r}  text {row['text'][:60]!r}{labels}")
     return "\n".join(out)

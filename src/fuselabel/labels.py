@@ -7,10 +7,12 @@ are integers), and a label matrix is its multi-hot ``(rows, labels)`` encoding.
 from __future__ import annotations
 
 import csv
+import io
+import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,8 @@ import numpy as np
 from .records import RecordsError
 
 __all__ = [
+    "LABEL_NAME_FILES",
+    "find_label_names",
     "label_vocabulary",
     "labels_to_matrix",
     "matrix_to_labels",
@@ -29,12 +33,21 @@ __all__ = [
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
+# Names of the two columns of a names file, as people spell them; a file without a header is (id, name).
+_ID_HEADERS = ("label", "labels", "id", "label_id", "labelid", "class", "class_id", "classid", "code", "index",
+               "key", "tag", "category_id", "imageid")
+_NAME_HEADERS = ("name", "names", "label_name", "labelname", "class_name", "classname", "category", "category_name",
+                 "title", "description", "display_name", "text", "value")
+# Files looked for beside the table and in the data folder when no names file is given.
+LABEL_NAME_FILES = ("label_names.csv", "label_names.tsv", "label_names.json", "class_names.csv", "class_names.tsv")
+
+
 def read_label_names(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Read a ``Label,Name`` table (e.g. ``label_names.csv``) into ``{label: name}``.
+    """Read a names file into ``{label: name}``: two columns (id, name) of a CSV or TSV, with or without a
+    header (``Label,Name``, ``id,name``, ``class_id,class_name``, ...), or a JSON object ``{"1": "person"}``.
 
     Raises:
-        RecordsError: if the file is missing or unreadable, the header is not
-            ``Label,Name``, or a row is malformed or repeats a label.
+        RecordsError: the file is missing or unreadable, has fewer than two columns, or repeats a label.
     """
     path = Path(path)
     try:
@@ -43,22 +56,59 @@ def read_label_names(path: str | os.PathLike[str]) -> dict[str, str]:
         raise RecordsError(f"{path}: cannot read label names: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise RecordsError(f"{path}: not valid UTF-8: {exc.reason}") from exc
-    rows = csv.reader(text.splitlines())
-    header = next(rows, None)
-    if header is None or [h.strip().lower() for h in header] != ["label", "name"]:
-        raise RecordsError(f"{path}:1: bad header {header!r}: expected 'Label,Name'")
+    if path.suffix.lower() == ".json" or text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RecordsError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise RecordsError(f"{path}: expected a JSON object of label: name")
+        return {str(k).strip(): str(v).strip() for k, v in data.items()}
+    first = text.split("\n", 1)[0]
+    delimiter = max(("\t", ",", ";"), key=first.count) if any(d in first for d in "\t,;") else ","
+    rows = [(n, row) for n, row in enumerate(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), 1)
+            if row and "".join(row).strip()]
+    if not rows:
+        raise RecordsError(f"{path}: no label names: expected rows of label{delimiter}name")
+    header = [h.strip().lower() for h in rows[0][1]]
+    id_col, name_col = 0, 1
+    known = any(h in _ID_HEADERS for h in header) or any(h in _NAME_HEADERS for h in header)
+    # A first row of unknown words above rows of numeric ids is a header too (``code,meaning``).
+    numeric_ids = len(rows) > 1 and all(_INTEGER.fullmatch(row[0].strip()) for _, row in rows[1:] if row)
+    if known or (numeric_ids and not _INTEGER.fullmatch(rows[0][1][0].strip())):
+        id_col = next((i for i, h in enumerate(header) if h in _ID_HEADERS), 0)
+        name_col = next((i for i, h in enumerate(header) if h in _NAME_HEADERS and i != id_col),
+                        1 if id_col == 0 else 0)
+        rows = rows[1:]
     names: dict[str, str] = {}
-    for row in rows:
-        line = rows.line_num
-        if not row or not "".join(row).strip():
-            continue
-        if len(row) != 2 or not row[0].strip():
-            raise RecordsError(f"{path}:{line}: expected 'Label,Name', got {row!r}")
-        label, name = row[0].strip(), row[1].strip()
+    for line, row in rows:
+        if len(row) < 2 or not row[id_col].strip():
+            raise RecordsError(f"{path}:{line}: expected label{delimiter}name, got {delimiter.join(row)!r}")
+        label, name = row[id_col].strip(), row[name_col].strip()
         if label in names:
-            raise RecordsError(f"{path}:{line}: duplicate label {label!r}")
+            raise RecordsError(f"{path}:{line}: label {label!r} named twice")
         names[label] = name
     return names
+
+
+def find_label_names(explicit: str | os.PathLike[str] | Mapping | None,
+                     folders: Iterable[str | os.PathLike[str] | None]) -> tuple[dict[str, str], Path | None]:
+    """({label: name}, the file read): ``explicit`` (a path or a mapping), else the first of
+    ``LABEL_NAME_FILES`` in ``folders`` (beside the table, the data folder); ({}, None) when there is none."""
+    if isinstance(explicit, Mapping):
+        return {str(k): str(v) for k, v in explicit.items()}, None
+    if explicit:
+        return read_label_names(explicit), Path(explicit)
+    seen = set()
+    for folder in folders:
+        if folder is None or Path(folder) in seen:
+            continue
+        seen.add(Path(folder))
+        for name in LABEL_NAME_FILES:
+            candidate = Path(folder) / name
+            if candidate.is_file():
+                return read_label_names(candidate), candidate
+    return {}, None
 
 
 def sort_labels(tokens: Iterable[str]) -> list[str]:

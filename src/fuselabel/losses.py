@@ -1,4 +1,4 @@
-"""Multi-label training losses on logits.
+"""Training losses on logits, and the output activation that goes with them.
 
 All losses take raw logits and 0/1 targets of shape ``(batch, n_labels)`` and
 return the mean over all elements, like ``nn.BCEWithLogitsLoss``, so they are
@@ -9,6 +9,16 @@ drop-in replacements and learning rates tuned for BCE remain sensible.
 * ``"asl"``   - :class:`AsymmetricLoss` (Ben-Baruch et al. 2020), focuses harder
   on negatives and discards very easy ones; designed for the many-negatives
   imbalance of multi-label data.
+
+With ``task="multiclass"`` (exactly one label a row) the heads' outputs go through a softmax and
+the losses become their single-label forms, on the same one-hot targets:
+
+* ``"bce"``   - cross-entropy (``nn.CrossEntropyLoss``); ``loss_kwargs`` may set ``label_smoothing``.
+* ``"focal"`` - :class:`SoftmaxFocalLoss`, ``(1 - p_true) ** gamma * cross-entropy``; ``alpha`` (a
+  binary positive/negative weight) is refused.
+* ``"asl"``   - refused: its clipping of easy negatives has no meaning for one softmax.
+* ``pos_weight`` - per-class weights of the cross-entropy, ``n / (classes * count)`` capped at 10
+  (:func:`class_weight_from_labels`), so rare classes count more, as ``pos_weight`` does for BCE.
 """
 
 from __future__ import annotations
@@ -18,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FocalLoss", "AsymmetricLoss", "build_loss", "pos_weight_from_labels", "LOSSES"]
+__all__ = ["FocalLoss", "AsymmetricLoss", "SoftmaxFocalLoss", "build_loss", "pos_weight_from_labels",
+           "class_weight_from_labels", "probabilities", "LOSSES", "TASKS"]
 
 LOSSES = ("bce", "focal", "asl")
+TASKS = ("multilabel", "multiclass")
 
 # Floor for the focusing terms' base before it is raised to a power: the
 # derivative of x**g at x = 0 is infinite for 0 < g < 1, which would turn the
@@ -154,20 +166,70 @@ class AsymmetricLoss(nn.Module):
         )
 
 
-def build_loss(name: str, pos_weight: torch.Tensor | None = None, **kwargs) -> nn.Module:
+class SoftmaxFocalLoss(nn.Module):
+    """Focal loss over one softmax (single-label rows): ``(1 - p_true) ** gamma * CE``, averaged over rows.
+
+    With ``gamma=0`` and no ``weight`` it is exactly ``nn.CrossEntropyLoss``.
+    """
+
+    def __init__(self, gamma: float = 2.0, weight=None):
+        super().__init__()
+        if gamma < 0:
+            raise ValueError("gamma must be >= 0")
+        self.gamma = float(gamma)
+        self.register_buffer("weight", _as_pos_weight(weight))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)
+        w = None if self.weight is None else self.weight.to(logits.dtype)
+        ce = F.cross_entropy(logits, target, weight=w, reduction="none")
+        if self.gamma != 0.0:
+            ce = ce * (-torch.expm1(log_p)).clamp(min=_BASE_EPS).pow(self.gamma)   # 1 - p_true, accurately
+        # Weighted like nn.CrossEntropyLoss: divide by the weights of the rows' classes, not the row count.
+        return ce.sum() / (w[target].sum() if w is not None else ce.new_tensor(float(len(ce))))
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, weight={'set' if self.weight is not None else None}"
+
+
+class _OneHotToIndex(nn.Module):
+    """A single-label loss fed the one-hot ``(batch, classes)`` targets every loader produces."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, targets.argmax(dim=-1))
+
+
+def probabilities(logits: torch.Tensor, task: str = "multilabel") -> torch.Tensor:
+    """The probabilities a head's logits stand for: a sigmoid per label, or one softmax over the classes."""
+    logits = logits.float()
+    return torch.softmax(logits, dim=-1) if task == "multiclass" else torch.sigmoid(logits)
+
+
+def build_loss(name: str, pos_weight: torch.Tensor | None = None, task: str = "multilabel", **kwargs) -> nn.Module:
     """Construct a loss module by name.
 
     Args:
         name: ``"bce"``, ``"focal"`` or ``"asl"`` (case-insensitive).
         pos_weight: optional ``(n_labels,)`` positive-term weights, e.g. from
-            :func:`pos_weight_from_labels`.
+            :func:`pos_weight_from_labels` (for ``task="multiclass"``: class
+            weights, e.g. from :func:`class_weight_from_labels`).
+        task: ``"multilabel"`` or ``"multiclass"`` (see the module docstring
+            for what each name means there).
         **kwargs: forwarded to the loss constructor (e.g. ``gamma=1.0`` for
             focal, ``gamma_neg=2, clip=0.0`` for ASL).
 
     Raises:
-        ValueError: for an unknown name.
+        ValueError: for an unknown name, or a loss the task cannot use.
     """
     key = name.lower().strip()
+    if task == "multiclass":
+        return _OneHotToIndex(_multiclass_loss(key, pos_weight, kwargs))
+    if task != "multilabel":
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if key == "bce":
         return nn.BCEWithLogitsLoss(pos_weight=_as_pos_weight(pos_weight), **kwargs)
     if key == "focal":
@@ -175,6 +237,39 @@ def build_loss(name: str, pos_weight: torch.Tensor | None = None, **kwargs) -> n
     if key == "asl":
         return AsymmetricLoss(pos_weight=pos_weight, **kwargs)
     raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+
+
+def _multiclass_loss(key: str, weight, kwargs: dict) -> nn.Module:
+    if key == "bce":
+        unknown = sorted(set(kwargs) - {"label_smoothing"})
+        if unknown:
+            raise ValueError(f"loss_kwargs {', '.join(unknown)}: not options of the cross-entropy that "
+                             "task='multiclass' trains with loss='bce' (it takes label_smoothing)")
+        return nn.CrossEntropyLoss(weight=_as_pos_weight(weight), **kwargs)
+    if key == "focal":
+        if kwargs.get("alpha") is not None:
+            raise ValueError("loss_kwargs alpha: focal loss with task='multiclass' is one softmax, with no "
+                             "positive/negative balance to weight; use pos_weight=true for class weights")
+        return SoftmaxFocalLoss(weight=weight, **{k: v for k, v in kwargs.items() if k != "alpha"})
+    if key == "asl":
+        raise ValueError("loss='asl' is a multi-label loss; with task='multiclass' use 'bce' (cross-entropy) "
+                         "or 'focal'")
+    raise ValueError(f"unknown loss {key!r}; choose one of {', '.join(LOSSES)}")
+
+
+def class_weight_from_labels(y: np.ndarray, clip: float = 10.0) -> torch.Tensor:
+    """Per-class weights ``n_rows / (n_classes * count)`` of one-hot labels, capped at ``clip``.
+
+    The cross-entropy counterpart of :func:`pos_weight_from_labels`: a class seen half as often
+    weighs twice as much; a class never seen gets the cap (it cannot occur in the loss anyway).
+    """
+    y = np.asarray(y)
+    if y.ndim != 2:
+        raise ValueError(f"expected a 2-D (n_rows, n_classes) array, got shape {y.shape}")
+    count = (y > 0).sum(axis=0).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        w = np.where(count > 0, y.shape[0] / (y.shape[1] * np.maximum(count, 1.0)), np.inf)
+    return torch.as_tensor(np.minimum(w, clip), dtype=torch.float32)
 
 
 def pos_weight_from_labels(y: np.ndarray, clip: float = 10.0) -> torch.Tensor:

@@ -19,12 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    f1_score,
-    multilabel_confusion_matrix,
-    precision_recall_fscore_support,
-)
+
+# scikit-learn is imported where it is used: the prediction path needs only the F1 arithmetic below, and
+# importing scikit-learn costs over a second at start-up.
 
 __all__ = ["mean_f1", "row_f1", "evaluate", "format_report"]
 
@@ -66,6 +63,8 @@ def mean_f1(y_true, y_pred) -> float:
         # sklearn treats a single column as a binary (not multilabel) target and
         # rejects average="samples"; the per-row definition still applies.
         return float(row_f1(yt, yp).mean())
+    from sklearn.metrics import f1_score
+
     return float(f1_score(yt, yp, average="samples", zero_division=1.0))
 
 
@@ -130,6 +129,8 @@ def evaluate(
         ``per_label`` entry has ``label, name, precision, recall, f1, support,
         predicted, tp, fp, fn, tn``. All values are plain Python types.
     """
+    from sklearn.metrics import accuracy_score, multilabel_confusion_matrix, precision_recall_fscore_support
+
     yt, yp = _as_indicator_pair(y_true, y_pred)
     n, c = yt.shape
     labels = [str(lab) for lab in labels]

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from .config import Config
-from .network import FuseLabelNet
-from .losses import build_loss
-from .thresholds import tune_global
+from .network import FuseLabelNet, combine_probabilities
+from .losses import build_loss, probabilities
+from .metrics import row_f1
+from .thresholds import apply_argmax, tune_global
 
 
 # The batch flag that says a row has the input a one-modality head reads.
@@ -53,7 +54,8 @@ class FuseLabelModule(L.LightningModule):
         super().__init__()
         self.net = net
         self.config = config
-        self.criterion = build_loss(config.loss, pos_weight=pos_weight, **config.loss_kwargs)
+        # pos_weight: per-label positive weights (multilabel) or per-class weights (multiclass), see losses
+        self.criterion = build_loss(config.loss, pos_weight=pos_weight, task=config.task, **config.loss_kwargs)
         self._val_probs: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
         self.trainable = {"image": False, "text": False}
@@ -127,7 +129,9 @@ class FuseLabelModule(L.LightningModule):
         logits = self.net(batch)
         loss = self._loss(logits, batch)
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=len(batch["labels"]), sync_dist=True)
-        self._val_probs.append(self.net.probabilities(logits, batch.get("image_present")).detach().float().cpu())
+        parts = {k: probabilities(v, self.config.task) for k, v in logits.items()}
+        fused = combine_probabilities(parts, self.config.late_combine, self.net.late_weight, batch.get("image_present"))
+        self._val_probs.append(fused.detach().float().cpu())
         self._val_labels.append(batch["labels"].detach().cpu())
 
     def on_validation_epoch_end(self):
@@ -140,8 +144,12 @@ class FuseLabelModule(L.LightningModule):
         if self.trainer.world_size > 1:
             probs = self.all_gather(probs.to(self.device)).reshape(-1, probs.shape[-1]).cpu()
             labels = self.all_gather(labels.to(self.device)).reshape(-1, labels.shape[-1]).cpu()
-        # Checkpoints and early stopping follow mean F1 at a tuned global threshold, the figure we report.
-        _, f1 = tune_global(labels.numpy().astype(np.uint8), probs.numpy(), self.config.ensure_nonempty)
+        # Checkpoints and early stopping follow the figure we report: mean F1 at a tuned global threshold, or
+        # of the arg-max label for multiclass (there the same as accuracy: one true label, one predicted).
+        if self.config.task == "multiclass":
+            f1 = row_f1(labels.numpy().astype(bool), apply_argmax(probs.numpy())).mean()
+        else:
+            _, f1 = tune_global(labels.numpy().astype(np.uint8), probs.numpy(), self.config.ensure_nonempty)
         self.best_val_f1 = max(self.best_val_f1, float(f1))
         self.log("val_f1", float(f1), prog_bar=True, sync_dist=False)
 
@@ -165,27 +173,3 @@ class FuseLabelModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-@torch.inference_mode()
-def infer(net, loader, device: torch.device, precision: str | None = None) -> dict[str, np.ndarray]:
-    """Per-head sigmoid probabilities for every row of ``loader``, plus ``image_present``.
-
-    The heads are kept apart so late fusion's weight and rule can be tuned after training
-    without running the network again.
-    """
-    net = net.eval().to(device)
-    autocast = device.type == "cuda" and precision not in (None, "32", "32-true")
-    parts: dict[str, list] = {}
-    present: list = []
-    for batch in loader:
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = net(batch)
-        for name, out in logits.items():
-            parts.setdefault(name, []).append(torch.sigmoid(out.float()).cpu())
-        ref = next(iter(logits.values()))
-        present.append(batch["image_present"].float().cpu() if "image_present" in batch else torch.ones(len(ref)))
-    out = {k: torch.cat(v).numpy() for k, v in parts.items()}
-    out["image_present"] = torch.cat(present).numpy()
-    return out

@@ -3,16 +3,33 @@
 Running the graphs is ``runtime.session``'s job, which needs no torch. A CPU
 runs EfficientNet-Lite several times faster in onnxruntime than eagerly, and MiniLM about
 twice as fast.
+
+Graphs kept in the cache folder (:func:`cached_graph`) are exported by one process at a time
+(an ``flock`` beside the graph), written under a temporary name, flushed to disk and renamed into
+place, and recorded with their size and hash beside them (``NAME.onnx.sha256``). A graph that
+does not match its record (cut short by a crash, damaged, or left without one) is exported again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
 import os
+import shutil
+import uuid
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: two processes may export the same graph at once, each renaming a whole one
+    fcntl = None
+
+log = logging.getLogger(__name__)
 
 OPSET = 17
 
@@ -34,7 +51,7 @@ def export_graph(module: nn.Module, args: tuple, path: Path, input_names: list[s
     """torch.onnx.export into ``path``, written beside it first so a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.onnx")
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp.onnx")
     mha = getattr(torch.backends, "mha", None)
     fastpath = mha.get_fastpath_enabled() if mha else None
     try:
@@ -46,12 +63,76 @@ def export_graph(module: nn.Module, args: tuple, path: Path, input_names: list[s
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,
                               dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if mha:
             mha.set_fastpath_enabled(fastpath)
         if tmp.exists():
             tmp.unlink()
+    return path
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries after a rename, to disk (where the system allows opening it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _record(path: Path) -> str:
+    with open(path, "rb") as f:
+        return f"{os.fstat(f.fileno()).st_size} {hashlib.file_digest(f, 'sha256').hexdigest()}\n"
+
+
+def _intact(path: Path, record: Path) -> bool:
+    try:
+        size, _ = record.read_text().split()
+        return path.stat().st_size == int(size) and _record(path) == record.read_text()
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    with open(lock, "a+b") as f:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+def cached_graph(path: str | os.PathLike, export) -> Path:
+    """``path``, checked against its size-and-hash record; ``export(path)`` writes it when it is missing or fails
+    the check. Other processes wanting the same graph wait for the one exporting it, then use it."""
+    path = Path(path)
+    record = path.with_name(path.name + ".sha256")
+    if _intact(path, record):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(path.with_name(f".{path.name}.lock")):
+        if _intact(path, record):  # exported by another process while this one waited
+            return path
+        if path.exists():
+            log.warning("%s: does not match %s (cut short or damaged); exporting it again", path, record.name)
+        # Under the lock no other exporter of this graph lives: its leftovers are a killed one's.
+        for left in path.parent.glob(f".{path.stem}.*.tmp.onnx"):
+            left.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        export(path)
+        tmp = record.with_name(f".{record.name}.{uuid.uuid4().hex[:12]}.tmp")
+        tmp.write_text(_record(path))
+        _fsync(tmp)
+        os.replace(tmp, record)
+        _fsync(path.parent)
     return path
 
 
@@ -75,3 +156,77 @@ def export_text_encoder(encoder: nn.Module, tokenizer, path: Path, max_length: i
             "features": {0: "batch"}}
     return export_graph(encoder, (tok["input_ids"], tok["attention_mask"]), Path(path),
                         ["input_ids", "attention_mask"], ["features"], axes, opset)
+
+
+# ------------------------------------------------------------------------------ static int8 image encoder
+# QDQ format, int8 weights with one scale per output channel, uint8 activations without reduced range: on a
+# 2-core AVX2 CPU without VNNI this runs EfficientNet-Lite2 1.9x as fast as float32 (reduced range: 1.6x, with
+# larger errors). Activation ranges come from calibration photos and are saved with the model, so the graph
+# is rebuilt exactly wherever the model goes.
+INT8_CALIBRATION = "int8_calibration"
+
+
+@contextlib.contextmanager
+def _quiet_quantization():
+    """onnxruntime.quantization logs advice on every call (pre-processing, ...); the results are checked instead."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def calibrate_int8(graph: Path, batches) -> dict:
+    """Activation ranges (onnxruntime's calibration-cache JSON) of a float32 image graph over ``batches`` of
+    normalised pixels (N, 3, H, W), by min and max."""
+    import json
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            x = next(self.batches, None)
+            return None if x is None else {"pixels": x}
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet_quantization():
+        ranges = Path(tmp) / "ranges.json"
+        # The ranges are wanted, not this graph: quantize_static writes them as its calibration cache.
+        quantize_static(str(graph), str(Path(tmp) / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=ranges)
+        return json.loads(ranges.read_text())
+
+
+def quantize_int8_static(src: Path, dst: Path, ranges: dict) -> Path:
+    """The static QDQ int8 graph of a float32 image graph, from ranges :func:`calibrate_int8` measured."""
+    import json
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet_quantization():
+        cache = Path(tmp) / "ranges.json"
+        cache.write_text(json.dumps(ranges))
+        out = Path(tmp) / "q.onnx"
+        quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache)
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        tmp_dst = Path(dst).with_name(f".{Path(dst).stem}.{uuid.uuid4().hex[:12]}.tmp.onnx")
+        shutil.move(str(out), tmp_dst)
+        _fsync(tmp_dst)
+        os.replace(tmp_dst, dst)
+    return Path(dst)
+
+
+def ranges_digest(ranges: dict) -> str:
+    import json
+
+    return hashlib.sha256(json.dumps(ranges, sort_keys=True).encode()).hexdigest()[:12]

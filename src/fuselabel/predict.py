@@ -8,7 +8,11 @@ Lightning's ``Trainer.predict``, each rank taking every N-th chunk) write byte-i
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -17,47 +21,104 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import atomic_path
-from .records import read_records
+from .cache import atomic_path, fsync_dir, pause_for_test, write_atomic
+from .images import ImageError
 from .runtime import STATUSES, WINDOW, Prediction
-from .writers import atomic_write_text, probability_lines, submission_lines
+from .tables import Columns, read_table
+from .writers import (atomic_write_text, output_format, probability_lines, submission_lines, table_prediction_lines,
+                      table_probability_lines, write_table_lines)
 
 log = logging.getLogger(__name__)
 
 
-def load_model(model_dir, **runtime):
-    """A PyTorch model folder as a ``FuseLabel``, or an exported ONNX folder as a torch-free predictor."""
+def load_model(model_dir, *, exported: bool = False, **runtime):
+    """A PyTorch model folder as a ``FuseLabel``, or an exported ONNX folder as a torch-free predictor.
+
+    ``exported=True`` (a CPU run whose encoders are not asked to run in torch): a model folder is run from
+    its exported ONNX folder, kept in the cache folder, so that starting takes neither torch nor timm nor
+    transformers; the first run exports it.
+    """
     from .runtime import is_onnx_folder
 
+    workers = runtime.get("num_workers")
     if is_onnx_folder(model_dir):
-        return OnnxModel(model_dir)
+        return OnnxModel(model_dir, workers=workers)
+    if exported and runtime.get("feature_engine", "auto") != "torch":
+        folder = exported_copy(model_dir, runtime.get("cache_dir"))
+        if folder is not None:
+            return OnnxModel(folder, workers=workers)
     from .estimator import FuseLabel
 
     return FuseLabel.from_pretrained(model_dir, **runtime)
 
 
+def exported_copy(model_dir, cache_dir=None) -> Path | None:
+    """A model folder's exported ONNX folder in the cache (exported on first use), keyed by the model folder's
+    file hashes; None for a folder without ``sha256.json`` (from before those were written)."""
+    from .cache import default_cache_dir
+    from .runtime import MANIFEST, ONNX_FORMAT_VERSION
+
+    hashes = Path(model_dir) / "sha256.json"
+    if not hashes.is_file():
+        return None
+    key = hashlib.sha256(hashes.read_bytes() + f":{ONNX_FORMAT_VERSION}".encode()).hexdigest()[:20]
+    folder = default_cache_dir(cache_dir) / "exported" / key
+    if not (folder / MANIFEST).is_file():
+        from .export import export_onnx
+
+        log.info("exporting %s to %s once, so that later runs start without PyTorch", model_dir, folder)
+        export_onnx(model_dir, folder)
+    return folder
+
+
 class OnnxModel:
     """An exported folder behind the same few methods ``predict_csv`` uses of a ``FuseLabel``."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, workers: int | None = None):
         from .runtime import load_onnx_predictor
 
-        self._predictor, self.engine = load_onnx_predictor(folder)
+        self._predictor, self.engine = load_onnx_predictor(folder, workers=workers)
         self.tokens = self.engine.labels
+        self.table = self.engine.manifest.get("table") or {}
 
     def predictor(self, *, strict: bool = False, device=None):
         self._predictor.strict = strict
         return self._predictor
 
 
+def describe_exported(folder) -> str:
+    """What ``fuselabel info`` prints of an exported ONNX folder: its files, the model and its decision rule."""
+    from .runtime import MANIFEST
+
+    folder = Path(folder)
+    m = json.loads((folder / MANIFEST).read_text())
+    lines = [f"{folder}: exported ONNX folder ({m.get('format')} version {m.get('version')}), runs without PyTorch"]
+    for part, info in m.get("files", {}).items():
+        path = folder / info["path"]
+        size = path.stat().st_size / 1e6 if path.is_file() else 0.0
+        lines.append(f"  {part:<14} {info['path']:<24} {size:8.1f} MB" + (" (int8)" if info.get("quantized") else ""))
+    lines.append(f"model: {m.get('kind')} ({m.get('late_combine')}), task {m.get('task', 'multilabel')}, "
+                 f"text length {m.get('text_max_length')}")
+    names = m.get("label_names") or {}
+    labels = [names.get(t, t) if names.get(t, t) == t else f"{t} ({names[t]})" for t in m["labels"]]
+    lines.append(f"labels ({len(labels)}): {', '.join(labels)}")
+    lines.append(f"rule: {m.get('head', {}).get('rule', '')}")
+    return "\n".join(lines)
+
+
 def _tokens(model) -> list[str]:
     return model.tokens if isinstance(model, OnnxModel) else model.bundle_.labels
+
+
+def trained_table(model) -> dict:
+    """The model's training table (column names, label separator); {} for folders older than that record."""
+    return model.table if isinstance(model, OnnxModel) else model.bundle_.table
 
 
 def _save_part(folder: Path, index: int, p: Prediction) -> None:
     code = np.asarray([STATUSES.index(s) for s in p.status], dtype=np.int8)
     with atomic_path(folder / f"part-{index:06d}.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, probs=p.probs, predicted=p.predicted, status=code)
+        np.savez(f, probs=p.probs, predicted=p.predicted, status=code, texts_cut=np.int64(p.texts_cut))
 
 
 def _read_parts(folder: Path, n_chunks: int):
@@ -71,17 +132,23 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def predict_chunk(model, records, image_dir, bounds, *, strict: bool) -> Prediction:
+    """One chunk of a RecordSet's rows; a row with an empty photo cell has no photo."""
     lo, hi = bounds
-    rows = records[lo:hi]
-    return model.predictor(strict=strict).predict([r.image_id for r in rows], [r.caption for r in rows],
-                                                  image_dir=image_dir,
-                                                  row_names=[f"row {r.image_id} (CSV line {r.line})" for r in rows])
+    rows = records.records[lo:hi]
+    return model.predictor(strict=strict).predict([r.image_id or None for r in rows], [r.caption for r in rows],
+                                                  image_dir=image_dir, row_names=[records.row_name(r) for r in rows])
 
 
 def predict_csv(model, image_dir, csv, out, *, proba_out=None, strict: bool = False, chunk_size: int = 512,
                 devices: int = 1, num_nodes: int = 1, strategy: str = "auto", accelerator: str = "cpu",
-                progress: bool = True) -> dict:
-    """Write a Kaggle-style submission (``ImageID,Labels`` in input order); returns counts and timings.
+                progress: bool = True, columns: Columns | None = None) -> dict:
+    """Write the predictions of a table's rows, in input order; returns counts and timings.
+
+    ``csv`` is any table ``fuselabel.tables.read_table`` reads (``columns`` says which column is which;
+    by default the model's training columns, then the course names). The output has the table's id
+    column and the model's label column, labels spelled and separated as in its training table; its
+    format follows ``out``'s suffix (``.csv``, ``.tsv``, ``.jsonl``, ``.parquet``). A course-format table
+    predicted by a model trained on course-format data gives Kaggle's ``ImageID,Labels``.
 
     ``model`` is a ``FuseLabel``, a model folder, or an exported ONNX folder. Rows without a usable
     photo are predicted from their caption and rows with an empty caption from their photo; each is
@@ -93,42 +160,110 @@ def predict_csv(model, image_dir, csv, out, *, proba_out=None, strict: bool = Fa
         model = load_model(model)
     if chunk_size <= 0 or chunk_size % WINDOW:
         raise ValueError(f"chunk_size must be a positive multiple of {WINDOW}, got {chunk_size}")
-    records = read_records(csv).records
+    records = read_table(csv, columns, trained=trained_table(model))
     bounds = _chunks(len(records), chunk_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     distributed = devices > 1 or num_nodes > 1
-    if distributed:  # every rank computes the same folder name, and no rank needs to be told it
-        parts = out.parent / f".{out.name}.parts"
-        parts.mkdir(exist_ok=True)
+    # Every rank, and a rerun after a kill, computes the same folder from what the parts depend on.
+    key = parts_key(model, records, chunk_size, strict)
+    parts = out.parent / f".{out.name}.parts-{key}" if key else \
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
+    parts.mkdir(exist_ok=True)
+    if not distributed or _is_rank_zero():
+        _finish_publish(parts)   # a kill between the renames of an earlier run: complete them first
+    done = {i for i, b in enumerate(bounds) if _part_ok(parts, i, b[1] - b[0])}
+    if done:
+        log.info(f"resuming: {len(done)} of {len(bounds)} chunks were already predicted by an earlier run "
+                 f"({parts.name}); predicting the other {len(bounds) - len(done)}")
+    if distributed:
+        rank0 = _predict_distributed(model, records, image_dir, bounds, parts, strict=strict, devices=devices,
+                                     num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, done=done)
+        if not rank0:  # rank 0 writes the outputs, then removes the parts
+            return {}
     else:
-        parts = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
-    rank0 = True
-    try:
-        if distributed:
-            rank0 = _predict_distributed(model, records, image_dir, bounds, parts, strict=strict, devices=devices,
-                                         num_nodes=num_nodes, strategy=strategy, accelerator=accelerator)
-            if not rank0:  # rank 0 writes the outputs, then removes the parts
-                return {}
-        else:
-            from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-            bar = tqdm(bounds, desc="predict", unit="chunk", disable=None if progress else True, leave=False)
-            for i, b in enumerate(bar):
+        bar = tqdm(total=len(bounds), initial=len(done), desc="predict", unit="chunk",
+                   disable=None if progress else True, leave=False)
+        try:
+            for i, b in enumerate(bounds):
+                if i in done:
+                    continue
                 _save_part(parts, i, predict_chunk(model, records, image_dir, b, strict=strict))
-        summary = _merge(parts, len(bounds), records, _tokens(model), out, proba_out)
-    finally:
-        if rank0:
+                pause_for_test("predict-chunk")
+                bar.update(1)
+        except (ValueError, ImageError):
+            # Bad input (--strict): a rerun on the same rows stops at the same row, so nothing is kept for it.
+            # A kill, a full disk or Ctrl-C keeps the finished chunks for the rerun.
             shutil.rmtree(parts, ignore_errors=True)
+            raise
+        finally:
+            bar.close()
+    summary = _merge(parts, len(bounds), records, _tokens(model), trained_table(model), out, proba_out)
+    summary["resumed_chunks"] = len(done)
+    summary["texts_cut"] = _texts_cut(parts, len(bounds))
+    _remove_leftovers(out, proba_out)   # this run's parts and any earlier run's, and killed writes' temporaries
     elapsed = time.time() - t0
     summary.update(rows=len(records), seconds=elapsed, rows_per_s=len(records) / max(elapsed, 1e-9), out=str(out),
                    engine=model.predictor().engine.name)
     return summary
 
 
-def _merge(parts: Path, n_chunks: int, records, tokens, out: Path, proba_out) -> dict:
+def _texts_cut(parts: Path, n_chunks: int) -> int:
+    """Texts longer than the model's text length, over every chunk (reused ones included)."""
+    total = 0
+    for i in range(n_chunks):
+        with np.load(parts / f"part-{i:06d}.npz") as part:
+            total += int(part["texts_cut"]) if "texts_cut" in part.files else 0
+    return total
+
+
+def parts_key(model, records, chunk_size: int, strict: bool) -> str | None:
+    """What finished parts depend on: the model's files, the rows, the chunk size and strictness (None: a model
+    held only in memory, whose parts cannot be recognised by a later run)."""
+    digest = hashlib.sha256()
+    folder = model.engine.folder if isinstance(model, OnnxModel) else getattr(model.bundle_, "path", None)
+    if folder is None:
+        return None
+    folder = Path(folder)
+    for name in ("sha256.json", "manifest.json", "model.safetensors", "thresholds.json"):
+        path = folder / name
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            if name.endswith(".json"):
+                digest.update(path.read_bytes())
+    digest.update(str(folder.resolve()).encode())
+    for r in records.records:
+        digest.update(json.dumps([r.image_id, r.caption]).encode())
+    digest.update(f"{chunk_size}:{strict}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _part_ok(parts: Path, index: int, rows: int) -> bool:
+    """A finished part: it opens and holds its chunk's rows (a part is written atomically, so this is a check
+    against files damaged later, not half-written ones)."""
+    path = parts / f"part-{index:06d}.npz"
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as part:
+            return len(part["status"]) == rows and part["probs"].shape[0] == rows
+    except Exception:   # zipfile, numpy and OS errors alike: the part is computed again
+        path.unlink(missing_ok=True)
+        return False
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0
+
+
+def _merge(parts: Path, n_chunks: int, records, tokens, trained: dict, out: Path, proba_out) -> dict:
     """The output files from the part files, streamed in row order; counts of each input status."""
-    ids = [r.image_id for r in records]
+    ids = [r.id for r in records.records]
     counts: Counter = Counter()
     no_input: list[str] = []
 
@@ -146,14 +281,85 @@ def _merge(parts: Path, n_chunks: int, records, tokens, out: Path, proba_out) ->
         for probs, _, status in _read_parts(parts, n_chunks):
             yield from zip(probs, status)
 
-    atomic_write_text(out, submission_lines(ids, label_rows()))
-    if proba_out:
-        atomic_write_text(proba_out, probability_lines(ids, tokens, proba_rows()))
+    course = records.table.get("format") == "course" and trained.get("format") in (None, "course")
+    staged = []   # (temporary, final): both outputs are written whole first, then renamed together
+    try:
+        tmp = _stage(parts, out)
+        if course and output_format(out) == "csv":  # Kaggle's ImageID,Labels, exactly as the course expects
+            atomic_write_text(tmp, submission_lines(ids, label_rows()))
+        else:
+            fmt = output_format(out)
+            write_table_lines(tmp, fmt, table_prediction_lines(
+                "jsonl" if fmt == "parquet" else fmt, ids, label_rows(),
+                id_col=records.table.get("id_col") or "ImageID", label_col=trained.get("label_col") or "Labels",
+                label_sep=trained.get("label_sep") or " "))
+        staged.append((tmp, Path(out)))
+        if proba_out:
+            tmp = _stage(parts, proba_out)
+            if course and output_format(proba_out) == "csv":
+                atomic_write_text(tmp, probability_lines(ids, tokens, proba_rows()))
+            else:
+                fmt = output_format(proba_out)
+                write_table_lines(tmp, fmt, table_probability_lines(
+                    "jsonl" if fmt == "parquet" else fmt, ids, tokens, proba_rows(),
+                    id_col=records.table.get("id_col") or "ImageID"))
+            staged.append((tmp, Path(proba_out)))
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    _publish(parts, staged)
     return {"status_counts": {s: counts.get(s, 0) for s in STATUSES}, "no_input_rows": no_input}
 
 
+# ---- publishing the outputs together: both files change, or (after a kill, until the next run) neither ----
+
+JOURNAL = "publish.json"
+
+
+def _stage(parts: Path, final) -> Path:
+    """Where an output is written before publishing: beside it (so the rename stays on one file system)."""
+    final = Path(final)
+    return final.parent / f".{final.name}.{parts.name[-16:]}.staged"
+
+
+def _publish(parts: Path, staged: list[tuple[Path, Path]]) -> None:
+    """Rename the staged outputs onto their names. The journal, written first and removed last, lets the next
+    run complete renames a kill interrupted (roll forward), so the outputs never stay a mix of two runs."""
+    journal = parts / JOURNAL
+    write_atomic(journal, json.dumps([[str(t), str(f)] for t, f in staged]).encode())
+    pause_for_test("predict-publish")
+    _finish_publish(parts)
+
+
+def _finish_publish(parts: Path) -> None:
+    journal = parts / JOURNAL
+    if not journal.is_file():
+        return
+    pairs = json.loads(journal.read_text())
+    for tmp, final in pairs:
+        if Path(tmp).exists():
+            os.replace(tmp, final)
+            pause_for_test("predict-rename")
+    for folder in {Path(final).parent for _, final in pairs}:
+        fsync_dir(folder)
+    journal.unlink()
+
+
+def _remove_leftovers(out: Path, proba_out) -> None:
+    """Parts folders and staged or temporary files that runs writing these outputs left behind (a run that was
+    killed, or one over other rows); only names this module and the atomic writers make are touched."""
+    for target in [Path(out)] + ([Path(proba_out)] if proba_out else []):
+        folder = target.parent
+        for path in folder.glob(f".{glob.escape(target.name)}.*"):
+            if path.is_dir() and path.name.startswith(f".{target.name}.parts-"):
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.is_file() and (path.name.endswith(".staged") or path.name.endswith(".tmp")):
+                path.unlink(missing_ok=True)
+
+
 def _predict_distributed(model, records, image_dir, bounds, parts: Path, *, strict, devices, num_nodes, strategy,
-                         accelerator) -> bool:
+                         accelerator, done=frozenset()) -> bool:
     """Chunks shared among Lightning ranks (ddp, SLURM, torchrun); True on the rank that writes the outputs."""
     import lightning as L
     import torch
@@ -167,10 +373,14 @@ def _predict_distributed(model, records, image_dir, bounds, parts: Path, *, stri
             return i
 
     class ChunkPredictor(L.LightningModule):
+        def on_predict_start(self):
+            place_on(model, self.device)   # this rank's device, known only now that Lightning has assigned it
+
         def predict_step(self, batch, batch_idx):
             # Lightning's sampler pads the last round with repeated chunks; rewriting a part is harmless.
             for i in batch.tolist():
-                _save_part(parts, i, predict_chunk(model, records, image_dir, bounds[i], strict=strict))
+                if i not in done:
+                    _save_part(parts, i, predict_chunk(model, records, image_dir, bounds[i], strict=strict))
 
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                         strategy="ddp" if strategy == "auto" else strategy, logger=False,
@@ -180,10 +390,23 @@ def _predict_distributed(model, records, image_dir, bounds, parts: Path, *, stri
     return trainer.is_global_zero
 
 
-def evaluate_csv(model, image_dir, csv, *, split: str = "all", strict: bool = False) -> dict:
-    """Metrics of a model (or model folder) on a labelled CSV, or on the rows of one side of its own split."""
+def place_on(model, device) -> None:
+    """Build ``model``'s engine on ``device`` (a rank's own: cuda:1 on local rank 1), unless it is there already.
+    An exported ONNX folder runs on the CPU wherever it is."""
+    if isinstance(model, OnnxModel):
+        return
+    device = str(device)
+    current = model._predictor.engine.device if model._predictor is not None else None
+    if current is None or str(current) != device:
+        model._predictor = None
+        model.predictor(device=device)
+
+
+def evaluate_csv(model, image_dir, csv, *, split: str = "all", strict: bool = False,
+                 columns: Columns | None = None) -> dict:
+    """Metrics of a model (or model folder) on a labelled table, or on the rows of one side of its own split."""
     if isinstance(model, (str, Path)):
         model = load_model(model)
     if isinstance(model, OnnxModel):
         raise ValueError(f"{csv}: evaluate needs the model folder; an exported ONNX folder only predicts")
-    return model.evaluate(csv, images=image_dir, split=split, strict=strict)
+    return model.evaluate(csv, images=image_dir, split=split, strict=strict, **(columns or Columns()).keywords())

@@ -82,13 +82,24 @@ class Record:
         labels: label tokens as strings, in file order, de-duplicated; ``()``
             for an empty Labels field and ``None`` when the file has no
             Labels column.
-        line: 1-based physical line of the file where the row starts.
+        line: 1-based physical line of the file where the row starts (the row number in a Parquet
+            file or a DataFrame).
+        row_id: the row's id, when the table has an id column other than the photo's (None: the photo's
+            path is the id, as in the course files).
+        split: ``train``, ``val`` or ``test`` from a table's split column; None without one.
     """
 
     image_id: str
     caption: str
     labels: tuple[str, ...] | None
     line: int
+    row_id: str | None = None
+    split: str | None = None
+
+    @property
+    def id(self) -> str:
+        """The id that names the row in outputs: its own id, else its photo's path."""
+        return self.row_id if self.row_id is not None else self.image_id
 
 
 @dataclass(frozen=True)
@@ -120,12 +131,14 @@ class RecordSet:
         records: the good rows, in file order.
         bad_rows: rows that could not be read (always empty after a strict read).
         labelled: whether the file has a Labels column.
+        table: what was read (format, column names, label separator), as ``fuselabel.tables`` describes it.
     """
 
     path: Path
     records: list[Record]
     bad_rows: list[BadRow] = field(default_factory=list)
     labelled: bool = True
+    table: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -134,6 +147,12 @@ class RecordSet:
     def image_ids(self) -> list[str]:
         """ImageIDs of the good rows, in file order."""
         return [r.image_id for r in self.records]
+
+    def row_name(self, record: Record) -> str:
+        """How messages name a row: its id and where it is in the file."""
+        where = {"course": "CSV line", "csv": "CSV line", "tsv": "TSV line", "jsonl": "line"}.get(
+            self.table.get("format", "course"), "row")
+        return f"row {record.id} ({where} {record.line} of {Path(self.path).name})"
 
     @property
     def captions(self) -> list[str]:
@@ -148,8 +167,14 @@ class RecordSet:
             RecordsError: if the file has no Labels column.
         """
         if not self.labelled:
-            raise RecordsError(f"{self.path}: file has no Labels column (header ImageID,Caption)")
+            raise no_labels_error(self.path)
         return [r.labels for r in self.records]  # type: ignore[misc]
+
+
+def no_labels_error(path, what: str = "this") -> RecordsError:
+    """The one wording of "this table has no labels", for every reader and command that needs them."""
+    return RecordsError(f"{path}: {what} needs labels, and the table has no Labels column (name its label column "
+                        "with --label-col; course files have the header ImageID,Labels,Caption)")
 
 
 # ---------------------------------------------------------------------------
@@ -176,7 +201,8 @@ _BINARY_SIGNATURES = {
 }
 
 
-def _decode(raw: bytes, path: Path) -> str:
+def decode_text(raw: bytes, path: Path) -> str:
+    """A table file's text: UTF-8 with or without BOM; a binary file passed by mistake is named."""
     kind = next((what for magic, what in _BINARY_SIGNATURES.items() if raw.startswith(magic)), None)
     try:
         # utf-8-sig strips a leading BOM and is identical to utf-8 otherwise.
@@ -190,7 +216,7 @@ def _decode(raw: bytes, path: Path) -> str:
                                "save the file as UTF-8") from exc
     if kind is not None:
         raise RecordsError(f"{path}:1: not a CSV text file (it looks like {kind}); "
-                           "pass the CSV of ImageID,Labels,Caption rows")
+                           "pass the table (CSV, TSV, JSON Lines or Parquet)")
     return text
 
 
@@ -396,7 +422,7 @@ def read_records(path: str | os.PathLike[str], *, strict: bool = True) -> Record
         raw = path.read_bytes()
     except OSError as exc:
         raise RecordsError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return parse_records(_decode(raw, path), path, strict=strict)
+    return parse_records(decode_text(raw, path), path, strict=strict)
 
 
 def parse_records(text: str, path: str | os.PathLike[str] = "<text>", *, strict: bool = True) -> RecordSet:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,8 @@ from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .images import ImageError, ImageInput, eval_pixels, open_image
-from .thresholds import apply_thresholds
+from .images import ImageError, ImageInput, eval_uint8, normalise, open_image, pixel_table
+from .thresholds import apply_argmax, apply_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Prediction:
     caption_present: np.ndarray         # (n,) bool
     status: list[str]                   # ok | caption_only | image_only | no_input
     image_errors: list[str | None] = field(default_factory=list)   # why a photo was unusable
+    texts_cut: int = 0                  # captions longer than the model's text length, cut to it
 
     def __len__(self) -> int:
         return len(self.status)
@@ -62,7 +64,8 @@ class Prediction:
                    image_present=np.concatenate([c.image_present for c in chunks]),
                    caption_present=np.concatenate([c.caption_present for c in chunks]),
                    status=[s for c in chunks for s in c.status],
-                   image_errors=[e for c in chunks for e in c.image_errors])
+                   image_errors=[e for c in chunks for e in c.image_errors],
+                   texts_cut=sum(c.texts_cut for c in chunks))
 
 
 def fuse(parts: dict[str, np.ndarray], combine: str, weight: float, image_present: np.ndarray,
@@ -87,12 +90,18 @@ def fuse(parts: dict[str, np.ndarray], combine: str, weight: float, image_presen
     return fused.astype(np.float32)
 
 
-def decide(probs: np.ndarray, thresholds: np.ndarray, ensure_nonempty: bool) -> np.ndarray:
-    """Label sets from probabilities; rows without probabilities get no labels."""
+def decide(probs: np.ndarray, thresholds: np.ndarray, ensure_nonempty: bool, task: str = "multilabel"
+           ) -> np.ndarray:
+    """Label sets from probabilities; rows without probabilities get no labels.
+
+    ``task="multiclass"``: the most probable label alone, whatever the thresholds (the max of two
+    softmaxes under ``union`` can put two labels over any threshold).
+    """
     known = ~np.isnan(probs).any(axis=1)
     out = np.zeros(probs.shape, dtype=bool)
     if known.any():
-        out[known] = apply_thresholds(probs[known], thresholds, ensure_nonempty)
+        out[known] = apply_argmax(probs[known]) if task == "multiclass" else \
+            apply_thresholds(probs[known], thresholds, ensure_nonempty)
     return out
 
 
@@ -104,12 +113,14 @@ class Engine(Protocol):
     """Runs a model's encoders and heads on numbers; a Predictor does everything around them."""
 
     kind: str                  # image | text | early | late
+    task: str                  # multilabel | multiclass (softmax heads, one label a row)
     late_combine: str
     late_weight: float
     data_config: dict | None   # image preprocessing (timm data config); None for text-only models
     tta_flip: bool
     feature_dims: dict         # {"image": d, "text": d} for the modalities the model uses
     name: str                  # which runtime, for the user: "onnxruntime", "torch (cpu)", ...
+    texts_cut: int             # captions so far longer than the text length (cut to it)
 
     def image_features(self, pixels: np.ndarray) -> np.ndarray: ...
 
@@ -126,16 +137,56 @@ def uses_text(kind: str) -> bool:
     return kind in ("text", "early", "late")
 
 
+def usable_cores() -> int:
+    """How many cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):   # not Linux
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        cores = min(cores, max(1, int(quota + 0.5)))
+    return max(1, cores)
+
+
+def _cgroup_quota() -> float | None:
+    """The CPU quota of this process's cgroup in cores (v2 ``cpu.max``, v1 ``cfs_quota_us``); None: no limit."""
+    candidates = [("/sys/fs/cgroup/cpu.max", None),
+                  ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")]
+    for quota_file, period_file in candidates:
+        try:
+            fields = Path(quota_file).read_text().split()
+            if period_file is not None:
+                fields.append(Path(period_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if len(fields) < 2 or fields[0] in ("max", "-1"):
+            return None
+        try:
+            return int(fields[0]) / int(fields[1])
+        except (ValueError, ZeroDivisionError):
+            return None
+    return None
+
+
 def _workers(workers: int | None) -> int:
-    return workers if workers is not None else min(8, os.cpu_count() or 1)
+    return workers if workers else usable_cores()
 
 
 def read_photos(images: Sequence[ImageInput], image_dir, data_config: dict, workers: int | None = None
                 ) -> tuple[list, list[str | None]]:
     """Decoded, preprocessed photos (None where unusable) and why each unusable one is."""
+    pixels, errors = read_photos_uint8(images, image_dir, data_config, workers)
+    table = pixel_table(data_config)
+    return [normalise(p, table) if p is not None else None for p in pixels], errors
+
+
+def read_photos_uint8(images: Sequence[ImageInput], image_dir, data_config: dict, workers: int | None = 1
+                      ) -> tuple[list, list[str | None]]:
+    """Decoded photos as the encoder's (3, H, W) uint8 pixels (None where unusable), and why each unusable one is."""
     def one(item):
-        img, err = open_image(item, image_dir)
-        return (eval_pixels(img, data_config), None) if img is not None else (None, err)
+        img, err = open_image(item, image_dir, size=data_config)   # no more pixels than the encoder uses
+        return (eval_uint8(img, data_config), None) if img is not None else (None, err)
 
     workers = _workers(workers)
     if workers > 1 and len(images) > 1:
@@ -147,12 +198,37 @@ def read_photos(images: Sequence[ImageInput], image_dir, data_config: dict, work
     return [d[0] for d in done], [d[1] for d in done]
 
 
+def _image_window(engine: Engine, images: Sequence[ImageInput], image_dir, batch_size: int, table
+                  ) -> tuple[np.ndarray | None, np.ndarray, list[str | None]]:
+    """One window of rows: decode, then encode in batches at fixed positions (missing photos left out)."""
+    pixels, errors = read_photos_uint8(images, image_dir, engine.data_config, workers=1)
+    n = len(images)
+    present = np.array([p is not None for p in pixels], bool)
+    out: np.ndarray | None = None
+    for start in range(0, n, batch_size):
+        idx = [i for i in range(start, min(start + batch_size, n)) if pixels[i] is not None]
+        if not idx:
+            continue
+        x = np.stack([pixels[i] for i in idx])
+        f = engine.image_features(normalise(x, table))
+        if engine.tta_flip:
+            # Flipping commutes with the per-pixel normalisation, so the uint8 photo is flipped.
+            f = (f + engine.image_features(normalise(x[..., ::-1], table))) / 2
+        if out is None:
+            out = np.zeros((n, f.shape[1]), dtype=np.float32)
+        out[idx] = f
+    return out, present, errors
+
+
 def encode_images(engine: Engine, images: Sequence[ImageInput], image_dir=None, *, batch_size: int = 16,
-                  workers: int | None = None, progress: bool = False, read_ahead: int = 256
+                  workers: int | None = None, progress: bool = False, read_ahead: int | None = None
                   ) -> tuple[np.ndarray | None, np.ndarray, list[str | None]]:
     """The one image feature loop: (features (n, d), zeros where unusable; present (n,) bool; errors).
 
-    Photos are read ``read_ahead`` at a time, so memory holds a bounded number of decoded photos.
+    The rows are cut into windows of ``WINDOW``; ``workers`` threads (default: the usable cores) each
+    decode and encode whole windows with single-thread sessions, so decoding overlaps encoding and a
+    window's numbers never depend on the number of workers. Memory holds a few windows of photos.
+    ``read_ahead`` is accepted for older callers and unused.
     """
     from tqdm.auto import tqdm
 
@@ -160,26 +236,46 @@ def encode_images(engine: Engine, images: Sequence[ImageInput], image_dir=None, 
     out: np.ndarray | None = None
     present = np.zeros(n, bool)
     errors: list[str | None] = [None] * n
+    table = pixel_table(engine.data_config)
     # disable=None: tqdm stays quiet when output is not a terminal (a log file, a pipe).
     bar = tqdm(total=n, desc="image features", unit="photo", disable=None if progress else True, leave=False)
-    for lo in range(0, n, read_ahead):
-        pixels, errs = read_photos(images[lo:lo + read_ahead], image_dir, engine.data_config, workers)
-        errors[lo:lo + len(errs)] = errs
-        for start in range(0, len(pixels), batch_size):
-            idx = [i for i in range(start, min(start + batch_size, len(pixels))) if pixels[i] is not None]
-            if not idx:
-                continue
-            x = np.stack([pixels[i] for i in idx])
-            f = engine.image_features(x)
-            if engine.tta_flip:
-                f = (f + engine.image_features(np.ascontiguousarray(x[..., ::-1]))) / 2
+    for lo, (f, p, e) in _over_windows(lambda a, b: _image_window(engine, images[a:b], image_dir, batch_size,
+                                                                     table), n, workers):
+        errors[lo:lo + len(e)] = e
+        present[lo:lo + len(p)] = p
+        if f is not None:
             if out is None:
                 out = np.zeros((n, f.shape[1]), dtype=np.float32)
-            out[[lo + i for i in idx]] = f
-            present[[lo + i for i in idx]] = True
-        bar.update(len(pixels))
+            out[lo:lo + len(f)] = f
+        bar.update(len(p))
     bar.close()
     return out, present, errors
+
+
+def _over_windows(work, n: int, workers: int | None) -> Iterator[tuple[int, object]]:
+    """(start, ``work(start, stop)``) for each window of ``n`` rows, in order, run on ``workers`` threads.
+
+    Encoders release the GIL (onnxruntime, PIL, torch), so threads over different windows keep that
+    many cores busy; at most two windows a worker are in flight, which bounds memory.
+    """
+    bounds = [(lo, min(lo + WINDOW, n)) for lo in range(0, n, WINDOW)]
+    workers = min(_workers(workers), max(1, len(bounds)))
+    if workers == 1:
+        for lo, hi in bounds:
+            yield lo, work(lo, hi)
+        return
+    from collections import deque
+
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for lo, hi in bounds:
+            pending.append((lo, pool.submit(work, lo, hi)))
+            if len(pending) >= 2 * workers:
+                start, fut = pending.popleft()
+                yield start, fut.result()
+        while pending:
+            start, fut = pending.popleft()
+            yield start, fut.result()
 
 
 class Predictor:
@@ -187,11 +283,14 @@ class Predictor:
 
     def __init__(self, engine: Engine, labels: Sequence[str], thresholds, ensure_nonempty: bool = True, *,
                  batch_size: int = 16, workers: int | None = None, strict: bool = False,
-                 chunk_size: int = 8 * WINDOW):
+                 chunk_size: int = 8 * WINDOW, task: str | None = None):
         self.engine = engine
         self.labels = list(labels)
         self.thresholds = np.asarray(thresholds, dtype=np.float32)
         self.ensure_nonempty = ensure_nonempty
+        # The decision rule follows the model (its engine) unless a caller says otherwise.
+        self.task = task or getattr(engine, "task", "multilabel")
+        self.texts_cut = 0   # captions cut to the model's text length, over every call so far
         # Small batches suit onnxruntime on a few CPU cores (measured: 16 beats 64 by ~10 %).
         self.batch_size = batch_size
         self.workers = workers
@@ -213,31 +312,54 @@ class Predictor:
         feats: dict[str, np.ndarray] = {}
         errors: list[str | None] = [None] * n
         image_present = np.zeros(n, bool)
-        if uses_image(kind):
-            image_feat, image_present, errors = encode_images(self.engine, images, image_dir,
-                                                              batch_size=self.batch_size, workers=self.workers)
-            if image_feat is not None:
-                feats["image_feat"] = image_feat
         caption_present = np.array([caption_given(c) for c in captions], bool)
         if not uses_text(kind):
             caption_present[:] = False
-        elif caption_present.any():
-            feats["text_feat"] = np.zeros((n, self.engine.feature_dims["text"]), dtype=np.float32)
-            for lo in range(0, n, WINDOW):
-                idx = lo + np.flatnonzero(caption_present[lo:lo + WINDOW])
-                if len(idx):
-                    feats["text_feat"][idx] = self.engine.text_features([captions[i] for i in idx])
+        table = pixel_table(self.engine.data_config) if uses_image(kind) else None
+        cut_before = getattr(self.engine, "texts_cut", 0)
+
+        def window(lo: int, hi: int):
+            # Photos, then captions, of one window on one worker: the other workers' windows run meanwhile.
+            image = _image_window(self.engine, images[lo:hi], image_dir, self.batch_size, table) \
+                if uses_image(kind) else None
+            idx = np.flatnonzero(caption_present[lo:hi])
+            text = self.engine.text_features([captions[lo + i] for i in idx]) if len(idx) else None
+            return image, (idx, text)
+
+        for lo, (image, (idx, text)) in _over_windows(window, n, self.workers):
+            if image is not None:
+                f, p, e = image
+                image_present[lo:lo + len(p)], errors[lo:lo + len(e)] = p, e
+                if f is not None:
+                    feats.setdefault("image_feat", np.zeros((n, f.shape[1]), np.float32))[lo:lo + len(f)] = f
+            if text is not None:
+                feats.setdefault("text_feat", np.zeros((n, text.shape[1]), np.float32))[lo + idx] = text
+        texts_cut = getattr(self.engine, "texts_cut", 0) - cut_before
         if self.strict:
             self._check_strict(image_present, caption_present, errors, row_names, kind)
+        self.texts_cut += texts_cut
+        return self.predict_features(feats, image_present, caption_present, image_errors=errors,
+                                     texts_cut=texts_cut)
+
+    def predict_features(self, feats: dict[str, np.ndarray], image_present, caption_present, *,
+                         image_errors: list | None = None, texts_cut: int = 0) -> Prediction:
+        """The rest of the path from encoder features on (``image_feat``, ``text_feat``: rows already encoded,
+        such as the frozen features training cached): heads in fixed windows, fusion, the decision rule."""
+        kind = self.engine.kind
+        image_present = np.asarray(image_present, bool)
+        caption_present = np.asarray(caption_present, bool)
+        n = len(image_present)
         inputs = self._complete(feats, n, image_present, caption_present)
         windows = [self.engine.heads({k: v[lo:lo + WINDOW] for k, v in inputs.items()}) for lo in range(0, n, WINDOW)]
         parts = {k: np.concatenate([w[k] for w in windows]) for k in windows[0]} if n else {}
         probs = fuse(parts, self.engine.late_combine, self.engine.late_weight, image_present, caption_present) \
             if n else np.zeros((0, len(self.labels)), np.float32)
         status = [_status(i, c, kind) for i, c in zip(image_present, caption_present)]
-        return Prediction(probs=probs, parts=parts, predicted=decide(probs, self.thresholds, self.ensure_nonempty),
+        return Prediction(probs=probs, parts=parts,
+                          predicted=decide(probs, self.thresholds, self.ensure_nonempty, self.task),
                           image_present=image_present, caption_present=caption_present, status=status,
-                          image_errors=errors)
+                          image_errors=image_errors if image_errors is not None else [None] * n,
+                          texts_cut=texts_cut)
 
     def _complete(self, feats: dict, n: int, image_present: np.ndarray, caption_present: np.ndarray) -> dict:
         """Every input the heads take, with zeros for what a row lacks (its head's answer is then unused)."""
@@ -293,11 +415,14 @@ def _status(image: bool, caption: bool, kind: str) -> str:
 # --------------------------------------------------------------------------- exported ONNX folders
 
 def session(path, threads: int | None = None):
-    """An onnxruntime CPU session that leaves cores to the photo decoders."""
+    """An onnxruntime CPU session, single-threaded by default: the cores are kept busy by workers over
+    different windows of rows (two 1-thread streams scale better than one 2-thread one, and a window's
+    numbers then never depend on how many cores there are)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    opts.intra_op_num_threads = threads or 1
+    opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     if os.environ.get("FUSELABEL_ORT_SPIN", "0") != "1":
         # Spinning threads burn the cores that the photo decoders need between batches.
@@ -320,6 +445,9 @@ class OnnxFolderEngine:
                              f"with `fuselabel export MODEL_DIR`")
         self.manifest = m
         self.kind, self.late_combine, self.late_weight = m["kind"], m["late_combine"], float(m["late_weight"])
+        self.task = m.get("task", "multilabel")   # folders exported before multiclass models are multilabel
+        self.texts_cut = 0
+        self._lock = threading.Lock()
         self.data_config = m["preprocessing"]
         self.tta_flip = bool(m["tta_flip"])
         self.feature_dims = m["feature_dims"]
@@ -341,6 +469,8 @@ class OnnxFolderEngine:
 
     def _encode_text(self, captions: list[str]) -> np.ndarray:
         enc = self.tokenizer.encode_batch(captions)
+        with self._lock:   # workers count from several threads
+            self.texts_cut += sum(bool(e.overflowing) for e in enc)   # truncation keeps what it cut there
         ids = np.asarray([e.ids for e in enc], dtype=np.int64)
         mask = np.asarray([e.attention_mask for e in enc], dtype=np.int64)
         return self.sessions["text_encoder"].run(None, {"input_ids": ids, "attention_mask": mask})[0]

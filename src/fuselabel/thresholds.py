@@ -37,12 +37,18 @@ __all__ = [
     "tune_balanced",
     "tune",
     "METHODS",
+    "ARGMAX",
+    "apply_argmax",
+    "argmax_rule",
 ]
 
 #: 0.01, 0.02, ..., 0.99 (rounded so the values print and serialise cleanly).
 DEFAULT_GRID = np.round(np.arange(1, 100) / 100.0, 2)
 
 METHODS = ("global", "per_class", "balanced")
+
+#: The decision rule of single-label (``task="multiclass"``) models: the most probable class, nothing tuned.
+ARGMAX = "argmax"
 
 # Threshold floor for the prob/threshold ratio: a zero threshold predicts every
 # label anyway (probs >= 0), so the fallback never fires there, but the ratio is
@@ -111,6 +117,32 @@ def apply_thresholds(probs, thresholds, ensure_nonempty: bool = True) -> np.ndar
             top = _ratio(probs[rows], thr).argmax(axis=1)
             pred[rows, top] = True
     return pred
+
+
+def apply_argmax(probs) -> np.ndarray:
+    """Exactly one label a row: the most probable (ties go to the lowest column index)."""
+    _, probs = _check_inputs(None, probs)
+    pred = np.zeros(probs.shape, dtype=bool)
+    if probs.shape[1]:
+        pred[np.arange(len(probs)), probs.argmax(axis=1)] = True
+    return pred
+
+
+def argmax_rule(y_true, probs) -> dict[str, Any]:
+    """The stored decision rule of a multiclass model, scored on the tuning rows, shaped like :func:`tune`'s.
+
+    ``thresholds`` are 0.5 for readers that only know thresholds: on softmax probabilities at most
+    one class reaches 0.5, and the non-empty fallback picks the arg-max otherwise, so they give the
+    same label sets (``runtime.decide`` applies the arg-max itself).
+    """
+    y, probs = _check_inputs(y_true, probs)
+    pred = apply_argmax(probs)
+    return {
+        "method": ARGMAX,
+        "thresholds": [0.5] * probs.shape[1],
+        "val_mean_f1": float(row_f1(y, pred).mean()) if len(y) else float("nan"),
+        "val_accuracy": float((pred == y).all(axis=1).mean()) if len(y) else float("nan"),
+    }
 
 
 def _global_scores(y: np.ndarray, probs: np.ndarray, grid: np.ndarray, ensure_nonempty: bool) -> np.ndarray:

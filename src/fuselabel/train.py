@@ -24,15 +24,17 @@ from .cache import atomic_path, pause_for_test, write_atomic
 from .config import Config
 from .data import (FeatureDataset, LengthGroupedBatchSampler, PairDataset, TextCollate, build_transform,
                    default_workers, make_sampler, oversampling_weights, single_process, stratified_split)
-from .encoders import create_tokenizer, image_data_config
+from .encoders import choose_text_length, create_tokenizer, image_data_config, text_length_limit, token_counts
 from .features import frozen_features
-from .network import FuseLabelNet, combine_probabilities
-from .labels import label_vocabulary, labels_to_matrix, read_label_names
-from .losses import pos_weight_from_labels
+from .network import FuseLabelNet
+from .labels import find_label_names, label_vocabulary, labels_to_matrix
+from .losses import class_weight_from_labels, pos_weight_from_labels
 from .metrics import evaluate, format_report
-from .module import FuseLabelModule, infer
-from .records import RecordSet, read_records
-from .thresholds import apply_thresholds, tune, tune_global
+from .module import FuseLabelModule
+from .records import RecordSet
+from .tables import Columns, read_table, require_labels, table_spelling
+from .runtime import decide
+from .thresholds import argmax_rule, tune, tune_global
 
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ class TrainResult:
     val_parts: dict          # per-head validation probabilities, for studies
     val_labels: np.ndarray
     history: list = field(default_factory=list)   # [{epoch, seconds since start, val_f1}]
+    summary: str = ""        # the run in one line: validation figure, folder size, time
+    val_probs: np.ndarray | None = None   # fused validation probabilities, as the stored model predicts them
 
 
 def resolve_regime(config: Config) -> str:
@@ -56,45 +60,156 @@ def resolve_regime(config: Config) -> str:
     return "finetune" if torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda") else "frozen"
 
 
-def find_label_names(csv, explicit: str | Path | dict | None) -> dict[str, str]:
-    if isinstance(explicit, dict):
-        return {str(k): str(v) for k, v in explicit.items()}
-    if explicit:
-        return read_label_names(explicit)
-    if isinstance(csv, RecordSet):
-        csv = csv.path
-    beside = Path(csv).with_name("label_names.csv")
-    return read_label_names(beside) if beside.exists() else {}
+def label_names_for(records: RecordSet, data_dir, explicit) -> dict[str, str]:
+    """The label names: given, or a names file beside the table or in the data folder. Said once when the
+    labels are bare ids and no names were found, since every table, report and page then shows numbers."""
+    folders = [Path(records.path).parent if records.table.get("format") != "dataframe" else None,
+               Path(data_dir), Path(data_dir).parent]
+    names, found = find_label_names(explicit, folders)
+    vocab = label_vocabulary(records.label_sets)
+    if found is not None:
+        log.info(f"label names from {found}")
+    elif not names and vocab and all(t.lstrip("+-").isdigit() for t in vocab):
+        log.info("the labels are numbers and no names file was found (label_names.csv beside the table or in "
+                 "the data folder); pass --label-names FILE to show names in reports and the service")
+    return names
 
 
-def tune_fusion(config: Config, parts: dict, labels: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Fused validation probabilities, choosing the late-fusion weight on validation rows when not fixed."""
-    present = torch.as_tensor(parts["image_present"])
-    heads = {k: torch.as_tensor(v) for k, v in parts.items() if k != "image_present"}
-    info: dict = {}
-    if config.kind == "late" and config.late_combine == "weighted" and config.late_weight is None:
-        scores = {}
-        for w in np.round(np.arange(0.0, 1.0001, 0.05), 2):
-            probs = combine_probabilities(heads, "weighted", float(w), present).numpy()
-            scores[float(w)] = tune_global(labels, probs, config.ensure_nonempty)[1]
-        best = max(scores, key=scores.get)
-        info = {"late_weight": best, "late_weight_scores": scores}
-        weight = best
+def choose_split(records: RecordSet, val: RecordSet | None, config: Config, labels_of) -> tuple:
+    """(rows, train indices, validation indices, how): the user's validation table, the table's split column,
+    or a multilabel-stratified share of the rows (``val_fraction``, seeded)."""
+    if val is not None:
+        ids = {r.id for r in records.records}
+        shared = [r.id for r in val.records if r.id in ids]
+        if shared:
+            raise ValueError(f"{val.path}: {len(shared)} validation row id(s) are also training rows (first: "
+                             f"{shared[0]!r}); a row may be on one side only")
+        rows = RecordSet(records.path, records.records + val.records, labelled=True, table=records.table)
+        n = len(records)
+        return rows, np.arange(n), np.arange(n, n + len(val)), "val_table"
+    if records.table.get("split_col"):
+        test = sum(r.split == "test" for r in records.records)
+        kept = [r for r in records.records if r.split in ("train", "val")]
+        rows = RecordSet(records.path, kept, labelled=True, table=records.table)
+        train_idx = np.asarray([i for i, r in enumerate(kept) if r.split == "train"], dtype=np.int64)
+        val_idx = np.asarray([i for i, r in enumerate(kept) if r.split == "val"], dtype=np.int64)
+        column = records.table["split_col"]
+        if not len(train_idx) or not len(val_idx):
+            raise ValueError(f"{records.path}: the split column {column!r} has {len(train_idx)} train and "
+                             f"{len(val_idx)} val rows; training needs both")
+        if test:
+            log.info(f"{test} rows marked test in {column!r} are left out of training")
+        return rows, train_idx, val_idx, "split_column"
+    train_idx, val_idx = stratified_split(labels_of(records), config.val_fraction, config.seed)
+    return records, train_idx, val_idx, "random"
+
+
+def calibrate(bundle: Bundle, config: Config, rows, val_labels: np.ndarray, device, *, features=None,
+              image_present=None, image_dir=None):
+    """The late-fusion weight and the thresholds, tuned on what the stored model predicts for the validation rows.
+
+    ``bundle`` holds the weights as they will be stored (rounded to ``save_dtype``), and the rows go through
+    ``runtime.Predictor``, the one prediction path: so the figure the folder records is the one ``evaluate``
+    gives. Frozen rows come with their cached ``features`` (the frozen encoders were rounded before those were
+    computed); other rows run through the encoders. Returns (fused probabilities, the Prediction, fusion info).
+    """
+    from .engines import engine_for_bundle
+    from .runtime import Prediction, Predictor, caption_given, fuse
+
+    engine = engine_for_bundle(bundle, engine="torch" if features is not None else config.feature_engine,
+                               device=device, cache_dir=config.cache_dir)
+    predictor = Predictor(engine, bundle.labels, np.full(len(bundle.labels), 0.5, np.float32), config.ensure_nonempty,
+                          workers=config.num_workers)
+    if features is not None:
+        p = predictor.predict_features({f"{k}_feat": v for k, v in features.items()}, np.asarray(image_present) > 0.5,
+                                       [caption_given(r.caption) for r in rows])
     else:
-        weight = config.late_weight if config.late_weight is not None else 0.5
+        chunks = list(predictor.iter_predict(((r.image_id or None, r.caption) for r in rows), image_dir=image_dir))
+        p = Prediction.concat(chunks)
+    known = ~np.isnan(p.probs).any(axis=1)   # rows with neither input get no labels, whatever is tuned
+
+    def fused(weight: float) -> np.ndarray:
+        return fuse(p.parts, config.late_combine, weight, p.image_present, p.caption_present)
+
+    def score(probs: np.ndarray) -> float:
+        if config.task == "multiclass":
+            return argmax_rule(val_labels[known], probs[known])["val_mean_f1"]
+        return tune_global(val_labels[known], probs[known], config.ensure_nonempty)[1]
+
+    # The weight is stored in fp16 like every weight, so the candidates are fp16 values too.
+    if config.kind == "late" and config.late_combine == "weighted" and config.late_weight is None:
+        scores = {float(np.float16(w)): score(fused(float(np.float16(w))))
+                  for w in np.round(np.arange(0.0, 1.0001, 0.05), 2)}
+        weight = max(scores, key=scores.get)
+        info = {"late_weight": weight, "late_weight_scores": {str(k): v for k, v in scores.items()}}
+    else:
+        weight = float(np.float16(config.late_weight if config.late_weight is not None else 0.5))
         info = {"late_weight": weight}
-    probs = combine_probabilities(heads, config.late_combine, weight, present).numpy()
-    return probs, info
+    return fused(weight), p, info, known
+
+
+def round_like_saved(module: torch.nn.Module, dtype: str) -> None:
+    """Give ``module`` the weights saving it as ``dtype`` and loading it back would: what predictions will use."""
+    from .bundle import stored_state
+
+    current = module.state_dict()
+    module.load_state_dict({k: v.to(current[k].dtype) for k, v in stored_state(module, dtype).items()})
 
 
 def tune_thresholds(config: Config, labels: np.ndarray, probs: np.ndarray) -> dict:
-    """All three rules tuned on validation rows; the configured one is what predict uses."""
+    """All three rules tuned on validation rows; the configured one is what predict uses.
+
+    A multiclass model tunes nothing: its rule is the arg-max label (``method: "argmax"``).
+    """
+    if config.task == "multiclass":
+        return {**argmax_rule(labels, probs), "ensure_nonempty": True, "alternatives": {}}
     results = {m: tune(m, labels, probs, config.ensure_nonempty) for m in ("global", "per_class", "balanced")}
     chosen = dict(results[config.threshold_method])
     chosen["ensure_nonempty"] = config.ensure_nonempty
     chosen["alternatives"] = {m: {"val_mean_f1": r["val_mean_f1"], "thresholds": r["thresholds"]}
                               for m, r in results.items()}
     return chosen
+
+
+def check_task_labels(config: Config, records) -> None:
+    """Multiclass training needs exactly one label on every row: refused, naming the first row that has not."""
+    if config.task != "multiclass":
+        return
+    bad = [i for i, s in enumerate(records.label_sets) if len(s) != 1]
+    if bad:
+        r, got = records.records[bad[0]], records.label_sets[bad[0]]
+        what = "no label" if not got else f"{len(got)} labels ({' '.join(got)})"
+        more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
+        raise ValueError(f"{records.path}: row {r.id} (line {r.line}) has {what}{more}; task=multiclass "
+                         "needs exactly one label on every row: fix the rows, or train with task=multilabel")
+
+
+def resolve_text_length(config: Config, tokenizer, net, captions: list[str]) -> tuple[Config, dict]:
+    """The text length to train and predict with, and how many ``captions`` it cuts.
+
+    ``text_max_length`` None: the 99th percentile of the captions' token counts (special tokens
+    included), rounded up to a multiple of 16, at least 16, at most what the encoder takes. A value
+    given is kept, unless the encoder cannot take it.
+    """
+    if tokenizer is None or net.text_encoder is None:
+        return config, {}
+    limit = text_length_limit(tokenizer, net.text_encoder.backbone.config)
+    counts = token_counts(tokenizer, captions)
+    if config.text_max_length is None:
+        length, how = choose_text_length(counts, limit), "99th percentile of the training captions"
+        if length == limit and counts.size and np.percentile(counts, 99) > limit:
+            how += f", capped at the encoder's {limit}"
+    elif config.text_max_length > limit:
+        raise ValueError(f"text_max_length={config.text_max_length}: the text encoder {config.text_model} takes at "
+                         f"most {limit} tokens; set it to {limit} or less, or leave it unset to choose from the data")
+    else:
+        length, how = config.text_max_length, "as set"
+    info = {"tokens": int(length), "chosen": how, "texts": int(counts.size), "texts_cut": int((counts > length).sum()),
+            "longest": int(counts.max()) if counts.size else 0, "limit": int(limit)}
+    log.info(f"text length {length} tokens ({how}); {info['texts_cut']:,} of {info['texts']:,} texts cut")
+    config = config.replace(text_max_length=int(length))
+    net.config = config
+    return config, info
 
 
 class _History(L.Callback):
@@ -200,9 +315,22 @@ def default_work_dir(out: str | Path) -> Path:
 def _run_fingerprint(config: Config, records) -> dict:
     """What a resumed run must share with the run it continues: the model and run settings, and the rows."""
     saved = config.saved()
-    rows = hashlib.sha256(json.dumps([[r.image_id, r.caption] for r in records.records]
+    rows = hashlib.sha256(json.dumps([[r.image_id, r.caption, r.split] for r in records.records]
                                      + [list(s) for s in records.label_sets]).encode()).hexdigest()
     return json.loads(json.dumps({**saved["model"], **saved["run"], "rows": rows}, default=str))
+
+
+def check_resumable(work_dir, out, resume: bool, fingerprint: dict) -> None:
+    """With ``resume``, refuse at once a work folder whose run had other settings or rows: before any feature
+    is computed, not after."""
+    work = Path(work_dir) if work_dir else default_work_dir(out)
+    record = work / "run.json"
+    if resume and record.exists():
+        before = json.loads(record.read_text())
+        changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
+        if changed:
+            raise ValueError(f"{work}: cannot resume: that run had other settings or rows ({', '.join(changed)}); "
+                             "pass the same ones, or drop --resume to start again")
 
 
 @contextlib.contextmanager
@@ -212,11 +340,7 @@ def _work_folder(work_dir, out, resume: bool, fingerprint: dict):
     work = Path(work_dir) if work_dir else default_work_dir(out)
     record, last = work / "run.json", work / "checkpoints" / "last.ckpt"
     if resume and record.exists():
-        before = json.loads(record.read_text())
-        changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
-        if changed:
-            raise ValueError(f"{work}: cannot resume: that run had other settings or rows ({', '.join(changed)}); "
-                             "pass the same ones, or drop --resume to start again")
+        check_resumable(work_dir, out, resume, fingerprint)
         log.info(f"resuming from {work}" + (" (training had finished)" if (work / TRAINED).exists() else
                                             f", {'last checkpoint' if last.exists() else 'no checkpoint yet'}"))
     else:
@@ -310,11 +434,14 @@ def _quiet_lightning():
         yield
 
 
-def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, *,
-        label_names: str | Path | None = None, work_dir: str | Path | None = None,
-        progress: bool = True, resume: bool = False) -> TrainResult | None:
-    """Train a model on a labelled CSV and write its folder to ``out``.
+def fit(config: Config, data_dir: str | Path, csv, out: str | Path, *,
+        label_names: str | Path | dict | None = None, work_dir: str | Path | None = None,
+        progress: bool = True, resume: bool = False, columns: Columns | None = None, val=None) -> TrainResult | None:
+    """Train a model on a labelled table and write its folder to ``out``.
 
+    ``csv`` (and ``val``) is a table's path (CSV, TSV, JSON Lines, Parquet, the course CSV), a DataFrame or a
+    RecordSet; ``columns`` says which column is which. The validation rows are ``val`` when given, else the
+    rows a split column marks ``val``, else a stratified ``val_fraction`` of the rows.
     Checkpoints and logs go to ``work_dir`` (default ``OUT.work``, removed once the model is saved);
     ``resume=True`` continues the run a kill interrupted there: extracted features come from the
     cache, training from its last checkpoint (optimiser, schedule and random streams included).
@@ -322,34 +449,51 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
     """
     t0 = time.time()
     timings: dict[str, float] = {}
-    records = csv if isinstance(csv, RecordSet) else read_records(csv)
-    if not records.labelled:
-        raise ValueError(f"{csv}: training needs a Labels column (header ImageID,Labels,Caption)")
-    if len(records) < 2:
+    records = csv if isinstance(csv, RecordSet) else read_table(csv, columns, need_labels=True)
+    require_labels(records, "training")
+    if val is not None and not isinstance(val, RecordSet):
+        val_columns = Columns.of(label_sep=records.table.get("label_sep") or "none") if columns is None else \
+            Columns(columns.image, columns.text, columns.label, columns.id, None,
+                    columns.label_sep or records.table.get("label_sep") or "none")
+        val = read_table(val, val_columns, trained=records.table, need_labels=True)
+    if len(records) + (len(val) if val is not None else 0) < 2:
         raise ValueError(f"{records.path}: {len(records)} row(s) after the header; training needs at least two "
                          "labelled rows (one for training, one for validation)")
+    records, train_idx, val_idx, split_how = choose_split(
+        records, val, config, lambda rs: labels_to_matrix(rs.label_sets, label_vocabulary(rs.label_sets)))
     vocab = label_vocabulary(records.label_sets)
     labels = labels_to_matrix(records.label_sets, vocab).astype(np.float32)
-    names = find_label_names(csv, label_names)
-    train_idx, val_idx = stratified_split(labels, config.val_fraction, config.seed)
+    names = label_names_for(records, data_dir, label_names)
     regime = resolve_regime(config)
     log.info(f"{len(records)} rows, {len(vocab)} labels; train {len(train_idx)}, val {len(val_idx)}; "
              f"model {config.kind}, regime {regime}")
 
+    check_task_labels(config, records)
     L.seed_everything(config.seed, workers=True, verbose=False)
     tokenizer = create_tokenizer(config.text_model) if config.uses_text else None
     net = FuseLabelNet(config, len(vocab), vocab_size=len(tokenizer) if tokenizer is not None else None)
+    # Before any feature is computed: cached text features are keyed by the length they were cut to.
+    config, text_length = resolve_text_length(config, tokenizer, net,
+                                              [records.records[i].caption for i in train_idx])
     data_config = None if net.image_encoder is None else image_data_config(
         net.image_encoder.backbone, config.image_size, config.image_crop_pct)
     device = torch.device("cuda" if torch.cuda.is_available() and config.accelerator != "cpu" else "cpu")
     timings["setup_s"] = time.time() - t0
 
+    check_resumable(work_dir, out, resume, _run_fingerprint(config, records))
+    if regime in ("frozen", "hybrid"):
+        # Frozen encoders are stored rounded to save_dtype: the heads learn on, and are tuned with, the features
+        # of the encoders that predictions will run.
+        for encoder in (net.image_encoder, net.text_encoder if regime == "frozen" else None):
+            if encoder is not None:
+                round_like_saved(encoder, config.save_dtype)
     t1 = time.time()
     train_loader, val_loader = _loaders(config, regime, net, tokenizer, data_config, records.records, labels,
                                         train_idx, val_idx, data_dir, device)
     timings["features_s"] = time.time() - t1 if regime != "finetune" else 0.0
 
-    pos_weight = pos_weight_from_labels(labels[train_idx]) if config.pos_weight else None
+    weigh = class_weight_from_labels if config.task == "multiclass" else pos_weight_from_labels
+    pos_weight = weigh(labels[train_idx]) if config.pos_weight else None
     module = FuseLabelModule(net, config, pos_weight)
     module.image_source = getattr(train_loader.dataset, "image_source", None)  # image cache, if any
     module.set_trainable(image=regime == "finetune", text=regime in ("finetune", "hybrid"))
@@ -375,39 +519,54 @@ def fit(config: Config, data_dir: str | Path, csv: str | Path, out: str | Path, 
             return None
         if trained["best"]:
             state = torch.load(trained["best"], map_location="cpu", weights_only=True)["state_dict"]
-            module.load_state_dict(state, strict=False)
+            # Strict but for the frozen encoders, which checkpoints leave out (_DropFrozenWeights).
+            missing, unexpected = module.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith(tuple(module.frozen_encoders))]
+            if missing or unexpected:
+                raise ValueError(f"{trained['best']}: the best checkpoint does not fit this model (missing "
+                                 f"{missing[:3]}, unexpected {unexpected[:3]}); it belongs to another run: train "
+                                 "again without --resume")
         history_csv = Path(logger.log_dir) / "metrics.csv"
 
         t3 = time.time()
         pause_for_test("tune")
-        if regime == "finetune":  # DDP shuffles rows across ranks; re-run validation in order on one device
-            val_loader = DataLoader(val_loader.dataset, batch_size=val_loader.batch_size,
-                                    collate_fn=val_loader.collate_fn, num_workers=val_loader.num_workers)
-            if module.image_source is not None:  # pixels from the image cache
-                val_loader = module.image_source.with_pixels(val_loader, device)
-        parts = infer(net, val_loader, device, precision)
+        # Tuned on the stored model through the prediction path: the weights rounded as they will be saved.
+        round_like_saved(net, config.save_dtype)
         val_labels = labels[val_idx].astype(np.uint8)
-        probs, fusion_info = tune_fusion(config, parts, val_labels)
+        bundle = Bundle(net=net.cpu() if device.type != "cuda" else net, config=config.replace(regime=regime),
+                        labels=vocab, label_names=names, thresholds={}, preprocessing=data_config,
+                        tokenizer=tokenizer, table=table_spelling(records.table, vocab))
+        frozen = regime == "frozen" and isinstance(val_loader.dataset, FeatureDataset)
+        probs, val_prediction, fusion_info, known = calibrate(
+            bundle, config, [records.records[i] for i in val_idx], val_labels, device,
+            features={k: v.numpy() for k, v in val_loader.dataset.features.items()} if frozen else None,
+            image_present=val_loader.dataset.image_present.numpy() if frozen else None, image_dir=data_dir)
         if "late_weight" in fusion_info:
             net.late_weight.fill_(float(fusion_info["late_weight"]))
-        thresholds = tune_thresholds(config, val_labels, probs)
+        thresholds = tune_thresholds(config, val_labels[known], probs[known])
         thresholds.update(fusion_info)
-        pred = apply_thresholds(probs, np.asarray(thresholds["thresholds"]), config.ensure_nonempty)
+        pred = decide(probs, np.asarray(thresholds["thresholds"], np.float32), config.ensure_nonempty, config.task)
         report = evaluate(val_labels, pred, vocab, names)
-        report["threshold_method"] = config.threshold_method
+        report["threshold_method"] = thresholds["method"]
+        if config.task == "multiclass":
+            report["accuracy"] = float((pred == val_labels.astype(bool)).all(axis=1).mean())
         timings["tune_s"] = time.time() - t3
         timings["total_s"] = time.time() - t0
 
-        bundle = Bundle(net=net.cpu(), config=config.replace(regime=regime), labels=vocab, label_names=names,
-                        thresholds=thresholds, preprocessing=data_config, tokenizer=tokenizer,
-                        extra={"split.json": {"seed": config.seed, "val_fraction": config.val_fraction,
-                                              "train_ids": [records.records[i].image_id for i in train_idx],
-                                              "val_ids": [records.records[i].image_id for i in val_idx]},
-                               "metrics.json": {"validation": report, "regime": regime, "timings": timings,
-                                                "epochs_run": trained["epochs_run"],
-                                                "val_f1_by_time": history.rows}})
+        bundle.net, bundle.thresholds = net.cpu(), thresholds
+        bundle.extra = {"split.json": {"method": split_how, "seed": config.seed, "val_fraction": config.val_fraction,
+                                       "train_ids": [records.records[i].id for i in train_idx],
+                                       "val_ids": [records.records[i].id for i in val_idx]},
+                        "metrics.json": {"validation": report, "regime": regime, "timings": timings,
+                                         "text_length": text_length, "epochs_run": trained["epochs_run"],
+                                         "val_f1_by_time": history.rows}}
         size = save_bundle(out, bundle, {"history.csv": history_csv})
-    log.info(format_report(report))
-    log.info(f"validation mean F1 {report['mean_f1']:.4f} ({config.threshold_method} thresholds); "
-             f"model folder {out} is {size / 1e6:.1f} MB; took {timings['total_s']:.0f}s")
-    return TrainResult(Path(out), size, report, thresholds, timings, parts, val_labels, history.rows)
+    log.debug(format_report(report))   # the command line prints it; from Python, the one line below
+    rule = f"arg-max label, accuracy {report['accuracy']:.4f}" if config.task == "multiclass" \
+        else f"{config.threshold_method} thresholds"
+    summary = (f"validation mean F1 {report['mean_f1']:.4f} ({rule}) on {len(val_idx)} rows; "
+               f"model folder {out} is {size / 1e6:.1f} MB; took {timings['total_s']:.0f}s")
+    log.info(summary)
+    parts = {**val_prediction.parts, "image_present": val_prediction.image_present.astype(np.float32)}
+    return TrainResult(Path(out), size, report, thresholds, timings, parts, val_labels, history.rows, summary,
+                       probs)

@@ -6,9 +6,15 @@ leaves an existing file as it was: nothing already written is lost.
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
+import itertools
+import json
 import os
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +23,14 @@ from .labels import vocab_index
 from .records import LABEL_TOKEN_RE, Record, RecordSet, parse_records
 
 __all__ = [
+    "atomic_path",
+    "fsync_dir",
     "atomic_write_text",
+    "ordinary_permissions",
+    "output_format",
+    "table_prediction_lines",
+    "table_probability_lines",
+    "write_table_lines",
     "write_labelled_csv",
     "write_probabilities",
     "write_rows",
@@ -30,36 +43,72 @@ def _check_id(image_id: str) -> None:
         raise ValueError(f"cannot write ImageID {image_id!r}: must be a non-empty string without , \" or line breaks")
 
 
-def atomic_write_text(path: str | os.PathLike[str], lines: Iterator[str]) -> None:
-    """Write ``lines`` to ``path`` via a temp file in the same directory + os.replace.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], before_rename: Callable[[], None] | None = None) -> Iterator[Path]:
+    """The one way anything is written in place of something: a temporary path beside ``path`` (nothing there
+    yet); whatever the block writes there, a file or a folder, is synced and renamed onto ``path`` when the
+    block succeeds, and removed when it fails.
 
-    The temp file lives beside the target so that os.replace is a same-
-    filesystem rename: readers see either the old file or the complete new
-    one, and an error at any point leaves the old file untouched.
+    Beside the target, so the rename stays on one file system: readers see either the old thing or the
+    complete new one, and an error at any point leaves the old one untouched. A file gets the permissions of
+    the file it replaces, or ordinary ones (:func:`ordinary_permissions`), never a temporary's 0600.
+    ``before_rename`` runs just before the rename (a test hook).
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            try:
+                os.chmod(tmp, path.stat().st_mode & 0o7777)
+            except FileNotFoundError:
+                ordinary_permissions(tmp)
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+        fsync_dir(directory)
+    finally:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename in ``path`` durable (where the system allows opening a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def ordinary_permissions(path: str | os.PathLike[str]) -> None:
+    """Give a file, or a folder and everything in it, the permissions any file the user writes gets (0666 and
+    0777 less the umask), not the 0600/0700 of temporaries: others in the group can read a model or a report."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def atomic_write_text(path: str | os.PathLike[str], lines: Iterable[str]) -> None:
+    """Write ``lines`` to ``path`` atomically (:func:`atomic_path`), as UTF-8 with the line ends given."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
             for line in lines:
                 fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates the file 0600; give the result the permissions the
-        # old file had, or ordinary ones for a new file.
-        try:
-            mode = path.stat().st_mode & 0o7777
-        except FileNotFoundError:
-            mode = 0o644
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def write_rows(records: RecordSet, indices: Iterable[int], out: str | os.PathLike[str]) -> int:
@@ -203,3 +252,78 @@ def write_probabilities(
             yield image_id + "," + ",".join(f"{p:.6f}" for p in row.tolist()) + "\n"
 
     atomic_write_text(path, lines())
+
+
+# --------------------------------------------------------------------------- users' own tables
+
+OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                  ".parquet": "parquet", ".pq": "parquet"}
+
+
+def output_format(path: str | os.PathLike[str]) -> str:
+    """The format an output file's name asks for: csv (the default), tsv, jsonl or parquet."""
+    return OUTPUT_FORMATS.get(Path(path).suffix.lower(), "csv")
+
+
+def _delimited(rows: Iterable[Sequence[str]], delimiter: str) -> Iterator[str]:
+    """RFC 4180 lines: a field holding the delimiter, a quote or a line break is quoted, its quotes doubled."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
+    for row in rows:
+        writer.writerow(row)
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+
+
+def _join_labels(labels: Sequence[str], sep: str, row_id: str) -> str:
+    clash = [label for label in labels if sep in label or (sep == " " and any(c.isspace() for c in label))]
+    if clash:
+        raise ValueError(f"cannot write label {clash[0]!r} for {row_id}: it holds the separator {sep!r}; "
+                         "write the predictions as JSON Lines or Parquet (--out FILE.jsonl), which keep lists")
+    return sep.join(labels)
+
+
+def table_prediction_lines(fmt: str, ids: Sequence[str], label_sets: Iterable[Sequence[str]], *, id_col: str,
+                           label_col: str, label_sep: str) -> Iterator[str]:
+    """Lines of a predictions table in the user's spelling: the id column and the label column, labels joined
+    by the training separator (CSV, TSV) or as a list (JSON Lines)."""
+    if fmt == "jsonl":
+        for row_id, labels in zip(ids, label_sets):
+            yield json.dumps({id_col: row_id, label_col: list(labels)}, ensure_ascii=False) + "\n"
+        return
+    rows = ((row_id, _join_labels(list(labels), label_sep, row_id)) for row_id, labels in zip(ids, label_sets))
+    yield from _delimited(itertools.chain([(id_col, label_col)], rows), "\t" if fmt == "tsv" else ",")
+
+
+def table_probability_lines(fmt: str, ids: Sequence[str], vocab: Sequence[str], rows: Iterable, *,
+                            id_col: str) -> Iterator[str]:
+    """Per-label probabilities (6 decimals; empty for a row predicted from nothing) and each row's inputs."""
+    vocab_index(vocab)
+    if id_col in vocab or "input" in vocab:
+        raise ValueError(f"a label is called {id_col!r} or 'input', like another column of the probabilities "
+                         "file; name the id column otherwise with --id-col")
+
+    def cells(row):
+        return [None if p != p else round(p, 6) for p in np.asarray(row, dtype=np.float64).tolist()]
+
+    if fmt == "jsonl":
+        for row_id, (row, status) in zip(ids, rows):
+            yield json.dumps({id_col: row_id, **dict(zip(vocab, cells(row))), "input": status},
+                             ensure_ascii=False) + "\n"
+        return
+    body = ((row_id, *("" if p is None else f"{p:.6f}" for p in cells(row)), status)
+            for row_id, (row, status) in zip(ids, rows))
+    yield from _delimited(itertools.chain([(id_col, *vocab, "input")], body), "\t" if fmt == "tsv" else ",")
+
+
+def write_table_lines(path: str | os.PathLike[str], fmt: str, lines: Iterator[str]) -> None:
+    """Write lines made by the table writers, atomically; Parquet is built from the JSON Lines form."""
+    if fmt != "parquet":
+        atomic_write_text(path, lines)
+        return
+    import pandas as pd
+
+    frame = pd.DataFrame([json.loads(line) for line in lines])
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)

@@ -1,25 +1,84 @@
 // The fuselabel page: one photo and/or caption -> every label's bar, and a "why" view for one label.
 // Plain DOM code against the service's JSON (POST predict, POST explain, GET info); no build step.
+//
+// What is shown always belongs to the inputs shown: a newer request makes any older answer stale (it is
+// dropped when it arrives), and new input or an error clears the results of the old one.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { file: null, photoUrl: null, result: null, sent: null };
+const TYPES = { "image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WebP", "image/gif": "GIF", "image/bmp": "BMP" };
+const state = { file: null, photoUrl: null, sent: null, ticket: 0, limits: { max_upload_mb: 10 }, pending: null };
 
 function setMessage(text, isError = false) {
   $("message").textContent = text;
   $("message").className = isError ? "error" : "muted";
 }
 
-function choosePhoto(file) {
+function percent(p) {
+  if (p === null || p === undefined || Number.isNaN(p)) return "–";
+  const value = 100 * p;
+  // Small but non-zero figures keep one significant digit instead of reading as zero.
+  if (value > 0 && value < 0.1) return "<0.1%";
+  return `${value.toFixed(1)}%`;
+}
+
+// A new ticket for each request; an answer whose ticket is no longer the latest is stale and dropped.
+function newTicket() {
+  if (state.pending) state.pending.abort();
+  state.pending = new AbortController();
+  state.ticket += 1;
+  return state.ticket;
+}
+
+function clearResults() {
+  newTicket();   // whatever is still on its way belongs to inputs no longer shown
+  $("result-panel").hidden = true;
+  $("why-panel").hidden = true;
+  $("bars").replaceChildren();
+  $("predicted").replaceChildren();
+  hideHeatmap();
+  state.sent = null;
+}
+
+function fileProblem(file) {
+  if (!TYPES[file.type]) {
+    return `"${file.name}" is not a photo this page can send: choose a JPEG, PNG, WebP, GIF or BMP file.`;
+  }
+  const limit = state.limits.max_upload_mb;
+  if (file.size > limit * 1e6) {
+    return `"${file.name}" is ${(file.size / 1e6).toFixed(1)} MB, over the ${limit} MB limit: choose a smaller photo.`;
+  }
+  return null;
+}
+
+async function choosePhoto(file) {
   if (!file) return;
-  state.file = file;
+  clearResults();
+  const problem = fileProblem(file);
+  if (problem) {
+    clearPhoto();
+    setMessage(problem, true);
+    return;
+  }
+  const url = URL.createObjectURL(file);
+  const probe = new Image();
+  probe.src = url;
+  try {
+    await probe.decode();   // the browser opens it, so the service very likely will too
+  } catch (err) {
+    URL.revokeObjectURL(url);
+    clearPhoto();
+    setMessage(`"${file.name}" could not be opened as a photo: it may be damaged, or not a photo at all.`, true);
+    return;
+  }
   if (state.photoUrl) URL.revokeObjectURL(state.photoUrl);
-  state.photoUrl = URL.createObjectURL(file);
-  $("photo").src = state.photoUrl;
+  state.file = file;
+  state.photoUrl = url;
+  $("photo").src = url;
   $("photo-frame").hidden = false;
   $("drop-hint").hidden = true;
   $("clear-photo").hidden = false;
-  hideHeatmap();
+  setMessage("");
 }
 
 function clearPhoto() {
@@ -46,13 +105,31 @@ function inputsForm(extra = {}) {
   return form;
 }
 
-async function post(path, form) {
-  const response = await fetch(path, { method: "POST", body: form });
+// What a person reads when the service says no: what happened and what to do, not a status code.
+function humanError(status, detail, retryAfter) {
+  if (status === 413) return `Too large for the service (limit ${state.limits.max_upload_mb} MB): choose a smaller photo.`;
+  if (status === 415) return "The service could not read this file as a photo: send a JPEG, PNG, WebP, GIF or BMP "
+    + "photo (very large photos are refused too).";
+  if (status === 503) return `The service is busy: try again in ${retryAfter || "a few"} seconds.`;
+  if (status === 408) return "The upload took too long: try again, or with a smaller photo.";
+  if (status === 422 && detail) return `The service needs something else: ${detail}.`;
+  return `Something went wrong in the service (${status}): try again later.`;
+}
+
+class ServiceError extends Error {}
+
+async function post(path, form, signal) {
+  let response;
+  try {
+    response = await fetch(path, { method: "POST", body: form, signal });
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new ServiceError("Could not reach the service: check that it is running, then try again.");
+  }
   let body = null;
-  try { body = await response.json(); } catch (err) { /* not JSON: reported below */ }
+  try { body = await response.json(); } catch (err) { /* not JSON: said below */ }
   if (!response.ok) {
-    const detail = body && body.detail ? body.detail : response.statusText;
-    throw new Error(`${response.status}: ${detail}`);
+    throw new ServiceError(humanError(response.status, body && body.detail, response.headers.get("Retry-After")));
   }
   return body;
 }
@@ -60,41 +137,43 @@ async function post(path, form) {
 async function predict() {
   const caption = $("caption").value.trim();
   if (!state.file && !caption) {
+    clearResults();
     setMessage("Choose a photo or type a caption first.", true);
     return;
   }
+  clearResults();
+  const ticket = state.ticket;
+  const signal = state.pending.signal;
   state.sent = { file: state.file, caption };
-  $("predict-button").disabled = true;
   setMessage("Predicting…");
   try {
-    state.result = await post("predict", inputsForm());
-    renderResult(state.result);
+    const result = await post("predict", inputsForm(), signal);
+    if (ticket !== state.ticket) return;
+    renderResult(result);
     setMessage("");
   } catch (err) {
+    if (ticket !== state.ticket || err.name === "AbortError") return;
+    clearResults();
     setMessage(err.message, true);
-  } finally {
-    $("predict-button").disabled = false;
   }
 }
 
 const STATUS_TEXT = { ok: "from the photo and the caption", caption_only: "from the caption only",
                       image_only: "from the photo only" };
 
-function percent(p) { return `${(100 * p).toFixed(1)}%`; }
-
 function renderResult(result) {
   $("result-panel").hidden = false;
   $("why-panel").hidden = true;
   hideHeatmap();
   $("status").textContent = STATUS_TEXT[result.status] || result.status;
-  const chips = $("predicted");
-  chips.replaceChildren(...result.predicted.map((lab) => {
+  const rows = [...result.labels].sort((a, b) => b.probability - a.probability);
+  // Chips in the bars' order: the most probable first.
+  $("predicted").replaceChildren(...rows.filter((lab) => lab.predicted).map((lab) => {
     const chip = document.createElement("span");
     chip.className = "chip";
     chip.textContent = lab.name;
     return chip;
   }));
-  const rows = [...result.labels].sort((a, b) => b.probability - a.probability);
   $("bars").replaceChildren(...rows.map(barRow));
 }
 
@@ -110,46 +189,77 @@ function barRow(lab) {
   track.title = `probability ${percent(lab.probability)}, threshold ${percent(lab.threshold)}`;
   const fill = document.createElement("span");
   fill.className = "bar-fill";
-  fill.style.width = percent(lab.probability);
+  fill.style.width = `${(100 * lab.probability).toFixed(2)}%`;
   const tick = document.createElement("span");
   tick.className = "bar-threshold";
-  tick.style.left = percent(lab.threshold);
+  tick.style.left = `${(100 * lab.threshold).toFixed(2)}%`;
   track.append(fill, tick);
   const value = document.createElement("span");
   value.className = "bar-value";
   value.textContent = percent(lab.probability);
   const why = document.createElement("button");
   why.type = "button";
-  why.className = "why-button link";
+  why.className = "why-button";
   why.dataset.label = lab.id;
   why.textContent = "why";
+  why.setAttribute("aria-label", `why ${lab.name}`);
   why.addEventListener("click", () => explain(lab));
-  row.append(name, track, value, why);
+  row.append(name, value, track, why);
   return row;
 }
 
 async function explain(lab) {
+  if (!state.sent) return;
+  const ticket = newTicket();
+  const signal = state.pending.signal;
   setMessage(`Explaining ${lab.name}…`);
+  $("why-panel").hidden = true;
+  hideHeatmap();
   document.querySelectorAll(".bar-row").forEach((r) => r.classList.toggle("chosen", r.dataset.label === String(lab.id)));
   try {
-    const why = await post("explain", inputsForm({ label: String(lab.id) }));
+    const why = await post("explain", inputsForm({ label: String(lab.id) }), signal);
+    if (ticket !== state.ticket) return;   // a newer prediction or "why" was asked for since
     renderWhy(why);
     setMessage("");
+    $("why-panel").scrollIntoView({ block: "start", behavior: "smooth" });
   } catch (err) {
+    if (ticket !== state.ticket || err.name === "AbortError") return;
+    $("why-panel").hidden = true;
     setMessage(err.message, true);
   }
+}
+
+const HEAD_NAMES = { image: "photo head", text: "caption head", early: "joint head" };
+
+function renderHeads(why) {
+  const list = $("why-heads");
+  const items = Object.entries(why.label.parts).map(([part, p]) => {
+    const li = document.createElement("li");
+    li.dataset.part = part;
+    const used = part === "image" ? why.inputs.includes("image") : part === "text" ? why.inputs.includes("caption") : true;
+    li.textContent = `${HEAD_NAMES[part] || part}: ${used ? percent(p) : "not used (no input)"}`;
+    return li;
+  });
+  const fused = document.createElement("li");
+  fused.className = "fused";
+  fused.textContent = `combined: ${percent(why.label.probability)} (threshold ${percent(why.label.threshold)}) → `
+    + (why.label.predicted ? "predicted" : "not predicted");
+  list.replaceChildren(...items, fused);
+  $("why-rule").textContent = `How the heads combine: ${why.fusion.rule}.`;
 }
 
 function renderWhy(why) {
   $("why-panel").hidden = false;
   $("why-label").textContent = why.label.name;
-  $("why-summary").textContent = `probability ${percent(why.label.probability)}, threshold `
-    + `${percent(why.label.threshold)}: ${why.label.predicted ? "predicted" : "not predicted"}`;
+  renderHeads(why);
   $("why-heat").hidden = !why.heatmap;
   if (why.heatmap) {
     $("heatmap").src = `data:image/png;base64,${why.heatmap.png_base64}`;
     $("heatmap").hidden = !$("show-heatmap").checked;
-    $("heat-target").textContent = `Grad-CAM of the ${why.heatmap.target}: warm areas raised it.`;
+    const imageHead = why.label.parts.image;
+    const strength = imageHead === undefined ? "" : ` The photo head gives this label ${percent(imageHead)}.`;
+    $("heat-target").textContent = `Grad-CAM of the ${why.heatmap.target}: warm areas raised it. The shading is `
+      + `relative: its strongest spot is always full strength, however weak the evidence.${strength}`;
   } else {
     hideHeatmap();
   }
@@ -175,7 +285,7 @@ function renderWords(words) {
       const colour = w.score >= 0 ? "220, 50, 32" : "40, 90, 220";
       span.style.backgroundColor = `rgba(${colour}, ${(0.08 + 0.72 * strength).toFixed(3)})`;
       span.dataset.score = w.score.toFixed(4);
-      span.title = `${w.score >= 0 ? "+" : ""}${w.score.toFixed(3)} on the ${words.target}`;
+      span.title = `${w.score >= 0 ? "+" : ""}${w.score.toFixed(2)} on the ${words.target}`;
     }
     parts.push(span);
     at = w.end;
@@ -183,12 +293,13 @@ function renderWords(words) {
   if (at < caption.length) parts.push(document.createTextNode(caption.slice(at)));
   $("words").replaceChildren(...parts);
   $("words-target").textContent = `Each word's share of the ${words.target} above an empty caption `
-    + "(integrated gradients): red raised the label, blue lowered it.";
+    + "(integrated gradients): red raised the label, blue lowered it; shading relative to the strongest word.";
 }
 
 async function showModel() {
   try {
     const info = await (await fetch("info")).json();
+    if (info.limits) state.limits = info.limits;
     const f1 = info.validation && info.validation.mean_f1;
     $("model-id").textContent = info.model + (f1 ? ` · validation mean F1 ${f1.toFixed(3)}` : "");
   } catch (err) { /* the page works without it */ }
@@ -196,7 +307,8 @@ async function showModel() {
 
 function wire() {
   $("photo-input").addEventListener("change", (e) => choosePhoto(e.target.files[0]));
-  $("clear-photo").addEventListener("click", clearPhoto);
+  $("clear-photo").addEventListener("click", () => { clearResults(); clearPhoto(); setMessage(""); });
+  $("caption").addEventListener("input", () => { if (state.sent) { clearResults(); setMessage(""); } });
   $("predict-button").addEventListener("click", predict);
   $("show-heatmap").addEventListener("change", (e) => {
     $("heatmap").hidden = !e.target.checked || !$("heatmap").getAttribute("src");

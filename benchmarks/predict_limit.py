@@ -1,0 +1,157 @@
+"""How close does `fuselabel predict` come to what the CPU allows?
+
+    python benchmarks/predict_limit.py --model MODEL_DIR --data DIR --csv ROWS.csv [--rows 1000]
+                                       [--baseline-src OLD_CHECKOUT/src]
+
+Times every stage of prediction alone, in CPU seconds of one thread (so outside load inflates them
+little): decoding and the evaluation resize, the uint8 -> float look-up, the image encoder, the text
+encoder, heads and fusion. Rows are independent, so the limit is ``cores / CPU seconds a row``. Then
+runs the whole command (`fuselabel predict`, a fresh process) on the same rows, and on one row, and
+the training feature loop (``runtime.encode_images``, decoding and the image encoder) on the same
+photos. Prints the limits, the achieved rows/s with and without start-up and the fractions.
+
+A model folder runs from its exported copy in the cache, as `fuselabel predict` does (exported once,
+before anything is timed). ``--baseline-src`` also runs the command from another source tree (an
+older fuselabel) on the same rows in the same run, and says whether its files are byte-identical.
+Ends with lines ``LIMIT ...``, ``PREDICT ...``, ``ONE_ROW ...``, ``FEATURES ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fuselabel.predict import OnnxModel, exported_copy
+from fuselabel.records import read_records, resolve_data
+from fuselabel.runtime import WINDOW, encode_images, is_onnx_folder, read_photos_uint8, usable_cores
+from fuselabel.images import normalise, pixel_table
+from fuselabel.writers import write_rows
+
+
+def cpu(fn):
+    """(result, CPU seconds of this process) of ``fn()``."""
+    t0 = time.process_time()
+    out = fn()
+    return out, time.process_time() - t0
+
+
+def stages(engine, predictor, records, image_dir, batch: int = 16) -> dict:
+    """CPU seconds a row of each stage, each alone on one thread."""
+    n = len(records)
+    (pixels, _), decode = cpu(lambda: read_photos_uint8([r.image_id for r in records], image_dir,
+                                                        engine.data_config, workers=1))
+    table = pixel_table(engine.data_config)
+    ok = [p for p in pixels if p is not None]
+    batches = [np.stack(ok[i:i + batch]) for i in range(0, len(ok), batch)]
+    floats, lookup = cpu(lambda: [normalise(x, table) for x in batches])
+
+    def image():
+        out = []
+        for x in floats:
+            f = engine.image_features(x)
+            if engine.tta_flip:
+                f = (f + engine.image_features(np.ascontiguousarray(x[..., ::-1]))) / 2
+            out.append(f)
+        return np.concatenate(out)
+
+    image_feat, image_s = cpu(image)
+    captions = [r.caption for r in records]
+    text_feat, text_s = cpu(lambda: np.concatenate([engine.text_features(captions[lo:lo + WINDOW])
+                                                   for lo in range(0, n, WINDOW)]))
+    present = np.ones(n, bool)
+    _, heads_s = cpu(lambda: predictor.predict_features({"image_feat": image_feat, "text_feat": text_feat},
+                                                        present, present))
+    return {"decode and resize": decode / n, "uint8 -> float": lookup / n, "image encoder": image_s / n,
+            "text encoder": text_s / n, "heads and fusion": heads_s / n}
+
+
+def command(src: str | None, model, data, csv, out: Path) -> tuple[float, float, str]:
+    """(wall seconds with start-up, seconds of prediction alone as the command reports it, its output line)."""
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = src
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "fuselabel.cli", "predict", str(model), "--data", str(data),
+                           "--csv", str(csv), "--out", str(out), "--proba", str(out.with_suffix(".proba.csv"))],
+                          capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("wrote"))
+    return wall, float(re.search(r"rows in ([0-9.]+)s", line).group(1)), line
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="model folder or exported ONNX folder")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--csv", help="table (default DATA/train.csv); its first --rows rows are used")
+    ap.add_argument("--rows", type=int, default=1000)
+    ap.add_argument("--baseline-src", help="another fuselabel's src folder, run on the same rows for comparison")
+    ap.add_argument("--skip-features", action="store_true", help="leave out the training feature loop")
+    args = ap.parse_args(argv)
+
+    images, csv = resolve_data(args.data, args.csv)
+    records = read_records(csv)
+    work = Path(tempfile.mkdtemp(prefix="fuselabel-limit-"))
+    rows_csv, one_csv = work / "rows.csv", work / "one.csv"
+    write_rows(records, range(min(args.rows, len(records.records))), rows_csv)
+    write_rows(records, [0], one_csv)
+    rows = read_records(rows_csv).records
+    image_dir = images if (Path(images) / rows[0].image_id).exists() else Path(args.data)
+    cores = usable_cores()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{len(rows)} rows, {cores} usable cores, load average {load:.2f} at start")
+
+    folder = args.model if is_onnx_folder(args.model) else exported_copy(args.model)   # exported before timing
+    model = OnnxModel(folder, workers=1)
+    engine, predictor = model.engine, model.predictor()
+    per_row = stages(engine, predictor, rows, image_dir)
+    total = sum(per_row.values())
+    for name, s in per_row.items():
+        print(f"  {name:18s} {1e3 * s:7.2f} ms CPU a row")
+    limit = cores / total
+    print(f"LIMIT {limit:.1f} rows/s ({cores} cores / {1e3 * total:.1f} ms CPU a row)")
+
+    results = {}
+    for name, src in [("new", None)] + ([("baseline", args.baseline_src)] if args.baseline_src else []):
+        wall, alone, line = command(src, args.model, args.data, rows_csv, work / f"{name}.csv")
+        one_wall, _, _ = command(src, args.model, args.data, one_csv, work / f"{name}-one.csv")
+        results[name] = (wall, alone, one_wall)
+        print(f"PREDICT {name}: {len(rows) / wall:.1f} rows/s with start-up ({100 * len(rows) / wall / limit:.0f} % "
+              f"of the limit), {len(rows) / alone:.1f} rows/s without ({100 * len(rows) / alone / limit:.0f} %); "
+              f"start-up {wall - alone:.1f} s  [{line}]")
+        print(f"ONE_ROW {name}: {one_wall:.2f} s")
+    if "baseline" in results:
+        for suffix in (".csv", ".proba.csv"):
+            same = (work / f"new{suffix}").read_bytes() == (work / f"baseline{suffix}").read_bytes()
+            print(f"  {suffix[1:]} byte-identical to the baseline's: {same}")
+        if (work / "new.proba.csv").read_bytes() != (work / "baseline.proba.csv").read_bytes():
+            a = np.genfromtxt(work / "new.proba.csv", delimiter=",", skip_header=1)[:, 1:-1]
+            b = np.genfromtxt(work / "baseline.proba.csv", delimiter=",", skip_header=1)[:, 1:-1]
+            print(f"  largest probability difference {np.nanmax(np.abs(a - b)):.2e}")
+        print(f"SPEED-UP new/baseline: {results['baseline'][0] / results['new'][0]:.2f}x with start-up, "
+              f"{results['baseline'][1] / results['new'][1]:.2f}x without")
+
+    if not args.skip_features:
+        image_limit = cores / (per_row["decode and resize"] + per_row["uint8 -> float"] + per_row["image encoder"])
+        t0 = time.perf_counter()
+        encode_images(engine, [r.image_id for r in rows], image_dir)
+        rate = len(rows) / (time.perf_counter() - t0)
+        print(f"FEATURES {rate:.1f} photos/s on {cores} workers, limit {image_limit:.1f} "
+              f"({100 * rate / image_limit:.0f} %)")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average {load:.2f} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
