@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fuselabel.predict import OnnxModel, exported_copy
+from fuselabel.export import export_cached
+from fuselabel.predict import OnnxModel
 from fuselabel.records import read_records, resolve_data
 from fuselabel.runtime import WINDOW, encode_images, is_onnx_folder, read_photos_uint8, usable_cores
 from fuselabel.images import normalise, pixel_table
@@ -50,19 +52,22 @@ def stages(engine, predictor, records, image_dir, batch: int = 16) -> dict:
                                                         engine.data_config, workers=1))
     table = pixel_table(engine.data_config)
     ok = [p for p in pixels if p is not None]
-    batches = [np.stack(ok[i:i + batch]) for i in range(0, len(ok), batch)]
-    floats, lookup = cpu(lambda: [normalise(x, table) for x in batches])
+    lookup = image_s = 0.0
+    image_feat = []
+    for i in range(0, len(ok), batch):   # one batch of floats at a time, as prediction holds them
+        x, s = cpu(lambda: normalise(np.stack(ok[i:i + batch]), table))
+        lookup += s
 
-    def image():
-        out = []
-        for x in floats:
+        def encode():
             f = engine.image_features(x)
             if engine.tta_flip:
                 f = (f + engine.image_features(np.ascontiguousarray(x[..., ::-1]))) / 2
-            out.append(f)
-        return np.concatenate(out)
+            return f
 
-    image_feat, image_s = cpu(image)
+        f, s = cpu(encode)
+        image_s += s
+        image_feat.append(f)
+    image_feat = np.concatenate(image_feat)
     captions = [r.caption for r in records]
     text_feat, text_s = cpu(lambda: np.concatenate([engine.text_features(captions[lo:lo + WINDOW])
                                                    for lo in range(0, n, WINDOW)]))
@@ -73,20 +78,24 @@ def stages(engine, predictor, records, image_dir, batch: int = 16) -> dict:
             "text encoder": text_s / n, "heads and fusion": heads_s / n}
 
 
-def command(src: str | None, model, data, csv, out: Path) -> tuple[float, float, str]:
-    """(wall seconds with start-up, seconds of prediction alone as the command reports it, its output line)."""
+def command(src: str | None, model, data, csv, out: Path) -> tuple[float, float, str, float]:
+    """(wall seconds with start-up, seconds of prediction alone as the command reports it, its output line,
+    CPU seconds the command used)."""
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = src
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "fuselabel.cli", "predict", str(model), "--data", str(data),
                            "--csv", str(csv), "--out", str(out), "--proba", str(out.with_suffix(".proba.csv"))],
                           capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         raise SystemExit(done.stderr)
     line = next(x for x in done.stdout.splitlines() if x.startswith("wrote"))
-    return wall, float(re.search(r"rows in ([0-9.]+)s", line).group(1)), line
+    used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return wall, float(re.search(r"rows in ([0-9.]+)s", line).group(1)), line, used
 
 
 def main(argv=None) -> int:
@@ -96,6 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", help="table (default DATA/train.csv); its first --rows rows are used")
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--baseline-src", help="another fuselabel's src folder, run on the same rows for comparison")
+    ap.add_argument("--other-model", help="a second model (say, --preset cpu-int8) timed the same way in the same "
+                                          "run, with the ratio of its rows/s to the first's")
     ap.add_argument("--skip-features", action="store_true", help="leave out the training feature loop")
     args = ap.parse_args(argv)
 
@@ -111,21 +122,34 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{len(rows)} rows, {cores} usable cores, load average {load:.2f} at start")
 
-    folder = args.model if is_onnx_folder(args.model) else exported_copy(args.model)   # exported before timing
-    model = OnnxModel(folder, workers=1)
-    engine, predictor = model.engine, model.predictor()
-    per_row = stages(engine, predictor, rows, image_dir)
-    total = sum(per_row.values())
-    for name, s in per_row.items():
-        print(f"  {name:18s} {1e3 * s:7.2f} ms CPU a row")
-    limit = cores / total
-    print(f"LIMIT {limit:.1f} rows/s ({cores} cores / {1e3 * total:.1f} ms CPU a row)")
+    limits = {}
+    for label, path in [("model", args.model)] + ([("other", args.other_model)] if args.other_model else []):
+        folder = path if is_onnx_folder(path) else export_cached(path)   # exported before anything is timed
+        model = OnnxModel(folder, workers=1)
+        engine, predictor = model.engine, model.predictor()
+        per_row = stages(engine, predictor, rows, image_dir)
+        total = sum(per_row.values())
+        print(f"{label} {path}:")
+        for name, s in per_row.items():
+            print(f"  {name:18s} {1e3 * s:7.2f} ms CPU a row")
+        limits[label] = cores / total
+        print(f"LIMIT {label} {limits[label]:.1f} rows/s ({cores} cores / {1e3 * total:.1f} ms CPU a row)")
+        if label == "model":
+            first = engine, per_row
+    engine, per_row = first
+    limit = limits["model"]
 
     results = {}
-    for name, src in [("new", None)] + ([("baseline", args.baseline_src)] if args.baseline_src else []):
-        wall, alone, line = command(src, args.model, args.data, rows_csv, work / f"{name}.csv")
-        one_wall, _, _ = command(src, args.model, args.data, one_csv, work / f"{name}-one.csv")
+    runs = [("new", None, args.model)] + ([("baseline", args.baseline_src, args.model)] if args.baseline_src else []) \
+        + ([("other", None, args.other_model)] if args.other_model else [])
+    for name, src, path in runs:
+        wall, alone, line, used = command(src, path, args.data, rows_csv, work / f"{name}.csv")
+        one_wall, _, _, _ = command(src, path, args.data, one_csv, work / f"{name}-one.csv")
         results[name] = (wall, alone, one_wall)
+        limit = limits["other" if name == "other" else "model"]
+        # Outside load shows as fewer cores used; the pipeline's own overhead as CPU beyond the stages' sum.
+        print(f"CPU {name}: {used:.1f} s for {len(rows)} rows ({used / wall:.2f} cores busy on average; "
+              f"{len(rows) * cores / limit / used * 100:.0f} % of it the stages' own CPU)")
         print(f"PREDICT {name}: {len(rows) / wall:.1f} rows/s with start-up ({100 * len(rows) / wall / limit:.0f} % "
               f"of the limit), {len(rows) / alone:.1f} rows/s without ({100 * len(rows) / alone / limit:.0f} %); "
               f"start-up {wall - alone:.1f} s  [{line}]")
@@ -141,6 +165,10 @@ def main(argv=None) -> int:
         print(f"SPEED-UP new/baseline: {results['baseline'][0] / results['new'][0]:.2f}x with start-up, "
               f"{results['baseline'][1] / results['new'][1]:.2f}x without")
 
+    if "other" in results:
+        print(f"RATIO other/model rows/s: {results['new'][0] / results['other'][0]:.2f}x with start-up, "
+              f"{results['new'][1] / results['other'][1]:.2f}x without; limits {limits['other'] / limits['model']:.2f}x")
+    limit = limits["model"]
     if not args.skip_features:
         image_limit = cores / (per_row["decode and resize"] + per_row["uint8 -> float"] + per_row["image encoder"])
         t0 = time.perf_counter()

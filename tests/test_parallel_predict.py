@@ -11,7 +11,8 @@ from PIL import Image
 
 from fuselabel import runtime
 from fuselabel.images import eval_pixels, eval_uint8, normalise, pixel_table
-from fuselabel.predict import OnnxModel, exported_copy, predict_csv
+from fuselabel.export import export_cached
+from fuselabel.predict import OnnxModel, predict_csv
 
 
 def _float_pixels(img: Image.Image, cfg: dict) -> np.ndarray:
@@ -116,7 +117,7 @@ def test_workers_and_chunk_size_never_change_a_byte(tiny_model, tmp_path, sessio
     outputs = {}
     for workers, chunk in [(1, 512), (2, 512), (2, 64), (3, 128)]:
         if exported:
-            model = OnnxModel(exported_copy(root / "model", session_cache), workers=workers)
+            model = OnnxModel(export_cached(root / "model", session_cache), workers=workers)
         else:
             model = FuseLabel.from_pretrained(root / "model", num_workers=workers, cache_dir=session_cache)
         assert model.predictor().workers == workers
@@ -127,3 +128,17 @@ def test_workers_and_chunk_size_never_change_a_byte(tiny_model, tmp_path, sessio
     assert first[1].count(b"caption_only") == 1 and first[1].count(b"image_only") == 1
     for key, files in outputs.items():
         assert files == first, f"{key} workers/chunk size changed the output"
+
+
+def test_training_features_do_not_depend_on_workers(tiny_model, session_cache):
+    from fuselabel.records import read_records
+    from fuselabel.runtime import encode_images, encode_texts
+
+    root, image_dir, csv = tiny_model
+    engine = OnnxModel(export_cached(root / "model", session_cache)).engine
+    records = read_records(csv).records * 3
+    texts = [encode_texts(engine, [r.caption for r in records], workers=w) for w in (1, 2)]
+    assert texts[0].shape == (len(records), engine.feature_dims["text"])
+    assert texts[0].tobytes() == texts[1].tobytes()
+    images = [encode_images(engine, [r.image_id for r in records], image_dir, workers=w) for w in (1, 2)]
+    assert images[0][0].tobytes() == images[1][0].tobytes() and images[0][1].all()

@@ -279,9 +279,17 @@ def _add_inference_args(p: argparse.ArgumentParser, distributed: bool = False) -
 
 
 def _load_model(args, exported: bool = False):
-    from .predict import load_model
+    from .predict import exported_folder, load_model
 
-    model = load_model(args.model_dir, exported=exported and _one_cpu(args), **given_settings(args))
+    settings = given_settings(args)
+    exported = exported and _one_cpu(args) and settings.get("feature_engine", "auto") != "torch"
+    if exported:
+        folder = exported_folder(args.model_dir, settings.get("cache_dir"))
+        if folder is not None and not (folder / "manifest.json").is_file():   # the first run exports it
+            from .export import export_cached
+
+            export_cached(args.model_dir, settings.get("cache_dir"))
+    model = load_model(args.model_dir, exported=exported, **settings)
     if getattr(args, "devices", 1) <= 1 and getattr(args, "num_nodes", 1) <= 1:
         model.predictor(device=args.device)  # built here, once; several ranks build it on their own devices
     return model

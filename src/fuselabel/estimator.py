@@ -150,13 +150,11 @@ class FuseLabel:
             if data is not None:
                 if captions is not None or labels is not None:
                     raise ValueError("give either a table (data=) or captions= and labels= lists, not both")
-                if images is None:
-                    raise ValueError("fit(data, images=FOLDER): the folder the table's photo paths are relative "
-                                     "to is needed")
                 if not _is_table(data):
                     raise ValueError(f"fit(data=...): expected a table's path (.csv, .tsv, .jsonl, .parquet) or a "
                                      f"pandas DataFrame, got {type(data).__name__}")
-                rows, image_dir = data, Path(images)
+                # photo paths are relative to ``images``; without it, absolute or relative to where this runs
+                rows, image_dir = data, Path(images) if images is not None else Path(".")
             else:
                 rows, image_dir = _records_in_memory(images, captions, labels, work / "photos")
             target = Path(out) if out is not None else work / "model"

@@ -21,6 +21,7 @@ int8 encoder rebuilt from the calibration saved in its preprocessing, the one it
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -38,6 +39,8 @@ from .losses import probabilities
 from .onnxrt import (INT8_CALIBRATION, OPSET, SYNTHETIC_CAPTIONS, export_graph, export_image_encoder,
                      export_text_encoder, quantize_int8_static)
 from .runtime import MANIFEST, ONNX_FORMAT, ONNX_FORMAT_VERSION
+
+log = logging.getLogger(__name__)
 
 ONNX_DIR = "onnx"
 INT8_OPS = ["MatMul", "Gemm"]
@@ -239,6 +242,19 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
         shutil.rmtree(tmp, ignore_errors=True)
     manifest["out_dir"] = str(out)
     return manifest
+
+
+def export_cached(model_dir, cache_dir=None) -> Path | None:
+    """A model folder's exported ONNX copy in the cache folder, exported on first use (None: a model folder
+    without file hashes, which cannot be recognised later). `fuselabel predict` on a CPU runs from it."""
+    from .cache import default_cache_dir
+    from .runtime import exported_location, is_onnx_folder
+
+    folder = exported_location(model_dir, default_cache_dir(cache_dir))
+    if folder is not None and not is_onnx_folder(folder):
+        log.info("exporting %s to %s once, so that later runs start without PyTorch", model_dir, folder)
+        export_onnx(model_dir, folder)
+    return folder
 
 
 def _rule(kind: str, combine: str, task: str = "multilabel") -> str:

@@ -18,7 +18,7 @@ from .cache import FeatureCache, image_row_keys, text_row_keys
 from .engines import TorchEngine, calibrate_image_int8, weights_digest
 from .images import ImageError
 from .onnxrt import INT8_CALIBRATION
-from .runtime import encode_images
+from .runtime import encode_images, encode_texts
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def frozen_features(net, tokenizer, data_config, records, image_dir, config, *, 
         key = cache.key(kind="text", weights=weights_digest(net.text_encoder), model=config.text_model,
                         max_length=config.text_max_length)
         captions = [r.caption for r in records]
-        arrays = cache.fetch(key, text_row_keys(captions), lambda idx: {"features": engine.text_features(
-            [captions[i] for i in idx])}, "text features", rank=rank, world=world)
+        arrays = cache.fetch(key, text_row_keys(captions), lambda idx: {"features": encode_texts(
+            engine, [captions[i] for i in idx], config.num_workers)}, "text features", rank=rank, world=world)
         out["text"] = arrays["features"]
     return out, present

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .writers import atomic_path, fsync_dir
+
 try:
     import fcntl
 except ImportError:  # not POSIX: two processes may export the same graph at once, each renaming a whole one
@@ -63,29 +65,15 @@ def export_graph(module: nn.Module, args: tuple, path: Path, input_names: list[s
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,
                               dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
-        _fsync(tmp)
+        fsync_dir(tmp)
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync_dir(path.parent)
     finally:
         if mha:
             mha.set_fastpath_enabled(fastpath)
         if tmp.exists():
             tmp.unlink()
     return path
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries after a rename, to disk (where the system allows opening it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _record(path: Path) -> str:
@@ -128,11 +116,8 @@ def cached_graph(path: str | os.PathLike, export) -> Path:
         record.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         export(path)
-        tmp = record.with_name(f".{record.name}.{uuid.uuid4().hex[:12]}.tmp")
-        tmp.write_text(_record(path))
-        _fsync(tmp)
-        os.replace(tmp, record)
-        _fsync(path.parent)
+        with atomic_path(record) as tmp:
+            tmp.write_text(_record(path))
     return path
 
 
@@ -221,7 +206,7 @@ def quantize_int8_static(src: Path, dst: Path, ranges: dict) -> Path:
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
         tmp_dst = Path(dst).with_name(f".{Path(dst).stem}.{uuid.uuid4().hex[:12]}.tmp.onnx")
         shutil.move(str(out), tmp_dst)
-        _fsync(tmp_dst)
+        fsync_dir(tmp_dst)
         os.replace(tmp_dst, dst)
     return Path(dst)
 

@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 def load_model(model_dir, *, exported: bool = False, **runtime):
     """A PyTorch model folder as a ``FuseLabel``, or an exported ONNX folder as a torch-free predictor.
 
-    ``exported=True`` (a CPU run whose encoders are not asked to run in torch): a model folder is run from
-    its exported ONNX folder, kept in the cache folder, so that starting takes neither torch nor timm nor
-    transformers; the first run exports it.
+    ``exported=True`` (a CPU run whose encoders are not asked to run in torch): a model folder whose exported
+    ONNX copy is in the cache (``export.export_cached`` makes it) runs from that copy, so that starting takes
+    neither torch nor timm nor transformers.
     """
     from .runtime import is_onnx_folder
 
@@ -44,31 +44,20 @@ def load_model(model_dir, *, exported: bool = False, **runtime):
     if is_onnx_folder(model_dir):
         return OnnxModel(model_dir, workers=workers)
     if exported and runtime.get("feature_engine", "auto") != "torch":
-        folder = exported_copy(model_dir, runtime.get("cache_dir"))
-        if folder is not None:
+        folder = exported_folder(model_dir, runtime.get("cache_dir"))
+        if folder is not None and is_onnx_folder(folder):
             return OnnxModel(folder, workers=workers)
     from .estimator import FuseLabel
 
     return FuseLabel.from_pretrained(model_dir, **runtime)
 
 
-def exported_copy(model_dir, cache_dir=None) -> Path | None:
-    """A model folder's exported ONNX folder in the cache (exported on first use), keyed by the model folder's
-    file hashes; None for a folder without ``sha256.json`` (from before those were written)."""
+def exported_folder(model_dir, cache_dir=None) -> Path | None:
+    """Where a model folder's exported ONNX copy is kept in the cache (None: a folder too old to have file hashes)."""
     from .cache import default_cache_dir
-    from .runtime import MANIFEST, ONNX_FORMAT_VERSION
+    from .runtime import exported_location
 
-    hashes = Path(model_dir) / "sha256.json"
-    if not hashes.is_file():
-        return None
-    key = hashlib.sha256(hashes.read_bytes() + f":{ONNX_FORMAT_VERSION}".encode()).hexdigest()[:20]
-    folder = default_cache_dir(cache_dir) / "exported" / key
-    if not (folder / MANIFEST).is_file():
-        from .export import export_onnx
-
-        log.info("exporting %s to %s once, so that later runs start without PyTorch", model_dir, folder)
-        export_onnx(model_dir, folder)
-    return folder
+    return exported_location(model_dir, default_cache_dir(cache_dir))
 
 
 class OnnxModel:

@@ -13,6 +13,7 @@ probabilities (NaN) and no labels. ``strict=True`` makes any missing input an er
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -170,7 +171,8 @@ def _cgroup_quota() -> float | None:
 
 
 def _workers(workers: int | None) -> int:
-    return workers if workers else usable_cores()
+    """Worker threads: None follows the usable cores; 0 (no extra workers, as for a DataLoader) means one."""
+    return usable_cores() if workers is None else max(1, workers)
 
 
 def read_photos(images: Sequence[ImageInput], image_dir, data_config: dict, workers: int | None = None
@@ -250,6 +252,32 @@ def encode_images(engine: Engine, images: Sequence[ImageInput], image_dir=None, 
         bar.update(len(p))
     bar.close()
     return out, present, errors
+
+
+def encode_texts(engine: Engine, captions: Sequence[str], workers: int | None = None, batch_size: int = 64
+                 ) -> np.ndarray:
+    """Text features of many captions (training's frozen features): batches of similar length, as
+    ``encode_by_length`` makes them, spread over ``workers`` threads (default: the usable cores)."""
+    captions = list(captions)
+    order = np.argsort([len(c) for c in captions], kind="stable")
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    workers = min(_workers(workers), max(1, len(batches)))
+    run = lambda idx: engine.text_features([captions[j] for j in idx])   # noqa: E731
+    if workers == 1:
+        done = map(run, batches)
+    else:
+        pool = ThreadPoolExecutor(workers)
+        done = pool.map(run, batches)
+    out: np.ndarray | None = None
+    try:
+        for idx, feats in zip(batches, done):
+            if out is None:
+                out = np.zeros((len(captions), feats.shape[1]), dtype=np.float32)
+            out[idx] = feats
+    finally:
+        if workers > 1:
+            pool.shutdown()
+    return out if out is not None else np.zeros((0, engine.feature_dims.get("text", 0)), dtype=np.float32)
 
 
 def _over_windows(work, n: int, workers: int | None) -> Iterator[tuple[int, object]]:
@@ -502,6 +530,16 @@ def encode_by_length(encode, captions: list[str], batch_size: int = 64) -> np.nd
 
 def is_onnx_folder(path) -> bool:
     return (Path(path) / MANIFEST).is_file() and not (Path(path) / "model.safetensors").exists()
+
+
+def exported_location(model_dir, cache_root) -> Path | None:
+    """The folder under ``cache_root`` for a model folder's exported ONNX copy, named by the hashes of the model's
+    files (``sha256.json``) and the ONNX folder format; None for a model folder without file hashes."""
+    hashes = Path(model_dir) / "sha256.json"
+    if not hashes.is_file():
+        return None
+    key = hashlib.sha256(hashes.read_bytes() + f":{ONNX_FORMAT_VERSION}".encode()).hexdigest()[:20]
+    return Path(cache_root) / "exported" / key
 
 
 def load_onnx_predictor(folder, *, threads: int | None = None, **options) -> tuple[Predictor, OnnxFolderEngine]:

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,10 +222,9 @@ def _is_course(text: str) -> bool:
 
 def _load(source, name: str | None) -> tuple[_Raw | None, RecordSet | None, Path]:
     """(raw table, None) for the general formats, or (None, RecordSet) for a course-dialect file."""
-    try:
-        import pandas as pd
-    except ImportError:  # pragma: no cover - pandas is a dependency
-        pd = None
+    # A DataFrame can only come from a pandas that is loaded already: reading a file does not import pandas
+    # (over half a second at start-up) unless the file is Parquet.
+    pd = sys.modules.get("pandas")
     if pd is not None and isinstance(source, pd.DataFrame):
         label = name or "DataFrame"
         return _read_dataframe(source, label, "dataframe"), None, Path(label)
@@ -281,12 +281,8 @@ def _missing(value) -> bool:
         return True
     if isinstance(value, float) and math.isnan(value):
         return True
-    try:
-        import pandas as pd
-
-        return value is pd.NA or value is pd.NaT
-    except ImportError:  # pragma: no cover
-        return False
+    pd = sys.modules.get("pandas")
+    return pd is not None and (value is pd.NA or value is pd.NaT)
 
 
 def _text(value) -> str:

@@ -79,7 +79,7 @@ def atomic_path(path: str | os.PathLike[str], before_rename: Callable[[], None] 
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a rename in ``path`` durable (where the system allows opening a folder)."""
+    """Flush a file, or a folder's entries after a rename, to disk (where the system allows opening it)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

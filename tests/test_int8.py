@@ -1,0 +1,79 @@
+"""The int8 preset: the frozen image encoder in static int8 (QDQ), calibrated on training photos, is the one the
+heads are trained on and the one prediction runs, in the model folder, its converted copy and its export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fuselabel.config import PRESETS, build_config
+
+
+@pytest.fixture(scope="module")
+def int8_model(tmp_path_factory, session_cache):
+    from conftest import TINY_SETTINGS, make_tiny_dataset
+    from fuselabel import FuseLabel
+
+    root = tmp_path_factory.mktemp("int8-model")
+    image_dir, csv = make_tiny_dataset(root)
+    FuseLabel(**TINY_SETTINGS, image_quant="int8", cache_dir=session_cache).fit(
+        csv, images=image_dir, out=root / "model", progress=False)
+    return root, image_dir, csv
+
+
+def test_preset_and_refusals():
+    assert PRESETS["cpu-int8"]["image_quant"] == "int8"
+    assert build_config("cpu-int8").regime == "frozen"
+    with pytest.raises(ValueError, match="image_quant='int8' quantises a frozen image encoder"):
+        build_config("cpu", image_quant="int8", regime="finetune")
+
+
+def test_training_features_are_the_prediction_features(int8_model, session_cache):
+    from fuselabel.bundle import load_bundle
+    from fuselabel.engines import TorchEngine, engine_for_bundle
+    from fuselabel.features import frozen_features
+    from fuselabel.records import read_records
+    from fuselabel.runtime import encode_images
+
+    root, image_dir, csv = int8_model
+    bundle = load_bundle(root / "model")
+    calibration = bundle.preprocessing["int8_calibration"]
+    assert calibration["photos"] > 0 and calibration["ranges"]
+    records = read_records(csv).records
+    # What training stored (the feature cache) is what prediction computes, to the byte.
+    config = bundle.config.replace(cache_dir=session_cache)
+    trained, _ = frozen_features(bundle.net, bundle.tokenizer, dict(bundle.preprocessing), records, image_dir, config,
+                                 device="cpu", progress=False, text=False)
+    engine = engine_for_bundle(bundle, device="cpu", cache_dir=session_cache)
+    predicted, _, _ = encode_images(engine, [r.image_id for r in records], image_dir, workers=2)
+    assert trained["image"].tobytes() == predicted.tobytes()
+    # ... and it is not the float32 encoder's.
+    fp32 = dict(bundle.preprocessing)
+    del fp32["int8_calibration"]
+    float_engine = TorchEngine(bundle.net, bundle.tokenizer, fp32, device="cpu", cache_dir=session_cache)
+    float_feats, _, _ = encode_images(float_engine, [r.image_id for r in records], image_dir)
+    assert not np.array_equal(float_feats, predicted)
+
+
+def test_converted_and_exported_folders_keep_it(int8_model, tmp_path, session_cache):
+    from fuselabel.bundle import convert_bundle
+    from fuselabel.export import export_onnx
+    from fuselabel.predict import predict_csv
+
+    root, image_dir, csv = int8_model
+    convert_bundle(root / "model", tmp_path / "small", "int8")
+    kept = json.loads((tmp_path / "small" / "preprocessing.json").read_text())
+    assert kept["int8_calibration"] == json.loads((root / "model" / "preprocessing.json").read_text())[
+        "int8_calibration"]
+    manifest = export_onnx(root / "model", tmp_path / "onnx")
+    assert manifest["files"]["image_encoder"]["quantized"].startswith("static QDQ")
+    assert manifest["files"]["image_encoder"]["bytes"] < manifest["files"]["image_encoder"]["float_bytes"]
+    assert manifest["checks"]["rows_identical"] == 1.0
+    predict_csv(tmp_path / "onnx", image_dir, csv, tmp_path / "onnx.csv", progress=False)
+    from fuselabel import FuseLabel
+
+    model = FuseLabel.from_pretrained(root / "model", cache_dir=session_cache)
+    predict_csv(model, image_dir, csv, tmp_path / "torch.csv", progress=False)
+    assert (tmp_path / "onnx.csv").read_bytes() == (tmp_path / "torch.csv").read_bytes()
