@@ -240,11 +240,11 @@ def test_cut_short_onnx_graph_is_exported_again(tmp_path, caplog):
     assert cached_graph(path, export) == path and len(exports) == 1  # checked, and used as it is
     whole = path.read_bytes()
     path.write_bytes(whole[: len(whole) // 2])        # what a crash after an unsynced rename can leave
-    (path.parent / ".linear.0123abcd.tmp.onnx").write_bytes(b"half")  # and a killed export's temporary
+    (path.parent / ".linear.onnx.0123abcd.tmp").write_bytes(b"half")  # and a killed export's temporary
     cached_graph(path, export)
     assert len(exports) == 2 and "exporting it again" in caplog.text
     assert path.read_bytes() == whole
-    assert not list(path.parent.glob(".linear.*.tmp.onnx"))
+    assert not list(path.parent.glob(".linear.onnx.*.tmp"))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": np.zeros((5, 4), np.float32)})[0].shape == (5, 3)
     # A graph without its record (written by an earlier version, or the record lost) is exported again too.

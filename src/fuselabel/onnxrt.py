@@ -13,18 +13,18 @@ does not match its record (cut short by a crash, damaged, or left without one) i
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import logging
 import os
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .writers import atomic_path, fsync_dir
+from .writers import atomic_path
 
 try:
     import fcntl
@@ -52,27 +52,20 @@ def export_graph(module: nn.Module, args: tuple, path: Path, input_names: list[s
                  dynamic_axes: dict, opset: int = OPSET) -> Path:
     """torch.onnx.export into ``path``, written beside it first so a reader never sees half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp.onnx")
     mha = getattr(torch.backends, "mha", None)
     fastpath = mha.get_fastpath_enabled() if mha else None
     try:
         if mha:  # nn.MultiheadAttention's fused inference kernel has no ONNX form (the query decoder uses it)
             mha.set_fastpath_enabled(False)
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), atomic_path(path) as tmp:
             # The TorchScript tracer warns about Python-side shape checks in the HF code; the graphs are
             # checked against PyTorch on other batch sizes and lengths after export.
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,
                               dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
-        fsync_dir(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
     finally:
         if mha:
             mha.set_fastpath_enabled(fastpath)
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -111,7 +104,7 @@ def cached_graph(path: str | os.PathLike, export) -> Path:
         if path.exists():
             log.warning("%s: does not match %s (cut short or damaged); exporting it again", path, record.name)
         # Under the lock no other exporter of this graph lives: its leftovers are a killed one's.
-        for left in path.parent.glob(f".{path.stem}.*.tmp.onnx"):
+        for left in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
             left.unlink(missing_ok=True)
         record.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
@@ -203,11 +196,8 @@ def quantize_int8_static(src: Path, dst: Path, ranges: dict) -> Path:
         quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache)
-        Path(dst).parent.mkdir(parents=True, exist_ok=True)
-        tmp_dst = Path(dst).with_name(f".{Path(dst).stem}.{uuid.uuid4().hex[:12]}.tmp.onnx")
-        shutil.move(str(out), tmp_dst)
-        fsync_dir(tmp_dst)
-        os.replace(tmp_dst, dst)
+        with atomic_path(dst) as tmp_dst:
+            shutil.move(str(out), tmp_dst)
     return Path(dst)
 
 
