@@ -368,6 +368,11 @@ def _snapshot_by_path(path: Path) -> dict[str, bytes]:
 def _checked(files: dict[str, bytes], path: Path) -> dict[str, bytes]:
     """``files``, if each matches its hash in ``sha256.json`` (folders saved before it existed are not checked)."""
     if CHECKSUMS not in files:
+        # A folder without the record: one saved before it existed, or one being removed while it was read
+        # (the set-aside old folder of a replacement). Which, the same bytes on a second read tell (snapshot).
+        absent = [name for name in ESSENTIAL if name not in files]
+        if absent:
+            raise _Moved(f"{', '.join(absent)} missing")
         return files
     hashes = _json_of(files, path, CHECKSUMS)
     wrong = [name for name, data in files.items()
@@ -377,6 +382,9 @@ def _checked(files: dict[str, bytes], path: Path) -> dict[str, bytes]:
         raise _Moved(f"{', '.join(wrong + missing)} do not match {CHECKSUMS}")
     return files
 
+
+# What every model folder has, whatever version wrote it.
+ESSENTIAL = ("config.json", "labels.json", "thresholds.json", WEIGHTS)
 
 # Folders opened as descriptors, files read relative to them: Linux and macOS (not Windows).
 _BY_FD = os.open in os.supports_dir_fd and os.listdir in os.supports_fd and hasattr(os, "O_DIRECTORY")
