@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,16 +392,25 @@ ESSENTIAL = ("config.json", "labels.json", "thresholds.json", WEIGHTS)
 _BY_FD = os.open in os.supports_dir_fd and os.listdir in os.supports_fd and hasattr(os, "O_DIRECTORY")
 
 
+def _being_replaced(path: Path) -> bool:
+    """Whether a save of ``path`` is under way: its replacement being built beside it, or the old one set aside."""
+    return _set_aside(path).exists() or any(path.parent.glob(f".{glob.escape(path.name)}.tmp.*"))
+
+
 def snapshot(path: str | Path, attempts: int = 5) -> tuple[Path, dict[str, bytes]]:
     """(folder, {name: bytes}) of the files a load reads, all from one version of the folder."""
     last: Exception | None = None
     previous = files = None
-    for _ in range(attempts):
+    for attempt in range(attempts):
         folder = readable_folder(path)
         if not folder.is_dir():
-            if last is None:
+            # Between the two renames of a replacement where folders cannot be swapped: the new folder is
+            # being built beside it, or the old one set aside. Anything else is a folder that is not there.
+            if last is None and not _being_replaced(Path(path)):
                 raise BundleError(f"{folder}: model folder not found")
-            continue   # between the two renames of a replacement where folders cannot be swapped
+            last = last or FileNotFoundError(f"{folder} missing while it was replaced")
+            time.sleep(0.01 * (attempt + 1))
+            continue
         try:
             files = _snapshot_at(folder) if _BY_FD else _snapshot_by_path(folder)
             return folder, _checked(files, folder)
