@@ -58,6 +58,31 @@ def free_port() -> int:
 
 
 @contextmanager
+def served_process(model, tmp_path, *args, tries: int = 600):
+    """``fuselabel serve MODEL`` in its own process on a free port, answering /health: (process, url). Its output
+    goes to ``tmp_path/serve.log``; a process still running at the end is killed."""
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "fuselabel.cli", "serve", str(model), "--port", str(port), *args],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(tries):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@contextmanager
 def serving(app, header_timeout: float = 10, **config):
     """``app`` on a real uvicorn server on a free loopback port, in a thread, with the HTTP protocol and
     connection limits ``fuselabel serve`` uses (``config``: more uvicorn settings); yields its base URL."""
@@ -542,19 +567,7 @@ def test_concurrent_requests_agree_with_sequential_ones(trained):
 
 def test_sigterm_lets_the_request_in_flight_finish(trained, tmp_path):
     """SIGTERM while a request's body is still arriving: it is answered 200, then the process exits 0."""
-    port = free_port()
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "fuselabel.cli", "serve", str(trained[1]), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+    with served_process(trained[1], tmp_path) as (proc, url):
         request = httpx.Client().build_request("POST", f"{url}/predict", data={"caption": CAPTION},
                                                files={"image": ("p.jpg", _photo(trained), "image/jpeg")})
         body, content_type = request.read(), request.headers["content-type"]
@@ -584,11 +597,6 @@ def test_sigterm_lets_the_request_in_flight_finish(trained, tmp_path):
         response = answer["response"]
         assert response.status_code == 200 and response.json()["status"] == "ok"
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
     assert "Shutting down" in (tmp_path / "serve.log").read_text()
 
 
@@ -674,19 +682,7 @@ def test_stalled_connections_are_closed_and_do_not_block_health(trained):
 
 def test_workers_share_the_port_and_metrics(trained, tmp_path):
     """``--workers 2``: two processes serve one port, /metrics adds up both, and SIGTERM stops both cleanly."""
-    port = free_port()
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "fuselabel.cli", "serve", str(trained[1]), "--port", str(port),
-                             "--workers", "2", "--json-logs"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(900):
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+    with served_process(trained[1], tmp_path, "--workers", "2", "--json-logs", tries=900) as (proc, url):
         time.sleep(3)   # the second process may still be loading its model
         for _ in range(6):
             assert httpx.post(f"{url}/predict", data={"caption": CAPTION}, timeout=60).status_code == 200
@@ -696,11 +692,6 @@ def test_workers_share_the_port_and_metrics(trained, tmp_path):
         assert float(line.split()[-1]) == 6
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
     lines = [json.loads(x) for x in (tmp_path / "serve.log").read_text().splitlines() if x.startswith("{")]
     access = [x for x in lines if x["logger"] == "fuselabel.access" and x.get("path") == "/predict"]
     assert len(access) == 6 and all(x["status"] == 200 and len(x["request_id"]) == 32 for x in access)
