@@ -113,7 +113,8 @@ def _save_part(folder: Path, index: int, p: Prediction) -> None:
 def _read_parts(folder: Path, n_chunks: int):
     for i in range(n_chunks):
         with np.load(folder / f"part-{i:06d}.npz") as part:
-            yield part["probs"], part["predicted"], [STATUSES[c] for c in part["status"]]
+            cut = int(part["texts_cut"]) if "texts_cut" in part.files else 0
+            yield part["probs"], part["predicted"], [STATUSES[c] for c in part["status"]], cut
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
@@ -191,21 +192,11 @@ def predict_csv(model, image_dir, csv, out, *, proba_out=None, strict: bool = Fa
             bar.close()
     summary = _merge(parts, len(bounds), records, _tokens(model), trained_table(model), out, proba_out)
     summary["resumed_chunks"] = len(done)
-    summary["texts_cut"] = _texts_cut(parts, len(bounds))
     _remove_leftovers(out, proba_out)   # this run's parts and any earlier run's, and killed writes' temporaries
     elapsed = time.time() - t0
     summary.update(rows=len(records), seconds=elapsed, rows_per_s=len(records) / max(elapsed, 1e-9), out=str(out),
                    engine=model.predictor().engine.name)
     return summary
-
-
-def _texts_cut(parts: Path, n_chunks: int) -> int:
-    """Texts longer than the model's text length, over every chunk (reused ones included)."""
-    total = 0
-    for i in range(n_chunks):
-        with np.load(parts / f"part-{i:06d}.npz") as part:
-            total += int(part["texts_cut"]) if "texts_cut" in part.files else 0
-    return total
 
 
 def parts_key(model, records, chunk_size: int, strict: bool) -> str | None:
@@ -255,10 +246,13 @@ def _merge(parts: Path, n_chunks: int, records, tokens, trained: dict, out: Path
     ids = [r.id for r in records.records]
     counts: Counter = Counter()
     no_input: list[str] = []
+    texts_cut = 0
 
     def label_rows():
+        nonlocal texts_cut
         start = 0
-        for _, predicted, status in _read_parts(parts, n_chunks):
+        for _, predicted, status, cut in _read_parts(parts, n_chunks):
+            texts_cut += cut
             for j, (row, s) in enumerate(zip(predicted, status)):
                 counts[s] += 1
                 if s == "no_input":
@@ -267,7 +261,7 @@ def _merge(parts: Path, n_chunks: int, records, tokens, trained: dict, out: Path
             start += len(status)
 
     def proba_rows():
-        for probs, _, status in _read_parts(parts, n_chunks):
+        for probs, _, status, _ in _read_parts(parts, n_chunks):
             yield from zip(probs, status)
 
     course = records.table.get("format") == "course" and trained.get("format") in (None, "course")
@@ -298,7 +292,8 @@ def _merge(parts: Path, n_chunks: int, records, tokens, trained: dict, out: Path
             tmp.unlink(missing_ok=True)
         raise
     _publish(parts, staged)
-    return {"status_counts": {s: counts.get(s, 0) for s in STATUSES}, "no_input_rows": no_input}
+    return {"status_counts": {s: counts.get(s, 0) for s in STATUSES}, "no_input_rows": no_input,
+            "texts_cut": texts_cut}
 
 
 # ---- publishing the outputs together: both files change, or (after a kill, until the next run) neither ----
