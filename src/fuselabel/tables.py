@@ -344,8 +344,8 @@ def _split_labels(value, sep: str | None) -> tuple[str, ...]:
 
 def _label_sep(raw: _Raw, label_col: str, given: str | None, preferred: str | None) -> str | None:
     if given is not None:
-        sep = _SEP_WORDS.get(given.lower(), given) if given.strip() or given == " " else " "
-        return sep
+        # a word ("none", "space", "pipe"...) or the separator itself; blank means whitespace
+        return _SEP_WORDS.get(given.strip().lower(), given) if given.strip() else " "
     values = [row.get(label_col) for row in raw.rows]
     if any(_is_list(v) for v in values):
         return None
