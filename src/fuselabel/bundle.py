@@ -37,15 +37,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .cache import pause_for_test
 from .config import Config, group_of
-from .encoders import create_tokenizer
-from .network import FuseLabelNet
 from .outputs import OutputError, kind_of, output_lock
 from .writers import ordinary_permissions
+
+if TYPE_CHECKING:   # torch, the network and the tokenizer load with the weights: reading a folder's records
+    import torch     # (settings, size, files) and replacing folders need none of them
+
+    from .network import FuseLabelNet
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,8 @@ def _state_for_saving(net: torch.nn.Module, dtype: str) -> dict:
     int8 storage shrinks the folder; the weights are expanded back to floats on loading, so
     inference runs at full precision on the rounded weights.
     """
+    import torch
+
     state = {}
     for name, tensor in net.state_dict().items():
         tensor = tensor.detach().cpu()
@@ -426,6 +430,9 @@ def snapshot(path: str | Path, attempts: int = 5) -> tuple[Path, dict[str, bytes
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     from safetensors.torch import load as load_weights
+
+    from .encoders import create_tokenizer
+    from .network import FuseLabelNet
 
     path, files = snapshot(path)
     config = _config_of(files, path)

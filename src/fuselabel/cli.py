@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=2048, help="open connections (beyond them, 503)")
     p.add_argument("--workers", type=int, default=1, help="processes, each with the model loaded (more cores)")
     p.add_argument("--json-logs", action="store_true", help="one JSON object a log line")
+    add_settings(p, RUNNING)
 
     p = sub.add_parser("report", help="one HTML file about a model on labelled rows, or comparing several models")
     p.add_argument("model_dir", nargs="+", help="a model folder; two or more: a side-by-side comparison")
@@ -278,7 +279,7 @@ def _add_inference_args(p: argparse.ArgumentParser, distributed: bool = False) -
     add_settings(p, RUNNING)
 
 
-def _load_model(args, exported: bool = False):
+def _load_model(args, exported: bool = False, evaluates: bool = False):
     from .predict import exported_folder, load_model
 
     settings = given_settings(args)
@@ -289,7 +290,7 @@ def _load_model(args, exported: bool = False):
             from .export import export_cached
 
             export_cached(args.model_dir, settings.get("cache_dir"))
-    model = load_model(args.model_dir, exported=exported, **settings)
+    model = load_model(args.model_dir, exported=exported, evaluates=evaluates, **settings)
     if getattr(args, "devices", 1) <= 1 and getattr(args, "num_nodes", 1) <= 1:
         model.predictor(device=args.device)  # built here, once; several ranks build it on their own devices
     return model
@@ -403,7 +404,7 @@ def cmd_evaluate(args) -> None:
     images, csv = resolve_data(args.data, args.csv)
     if args.json:
         check_output(args.json, outputs.FILE, [args.model_dir, csv])
-    model = _load_model(args)
+    model = _load_model(args, exported=True, evaluates=True)   # on a CPU, from the exported copy: no torch
     records = read_table(csv, _columns(args), trained=trained_table(model), need_labels=True)
     report = evaluate_csv(model, _image_dir(args, images, records), records, split=args.split, strict=args.strict)
     print(format_report(report))
@@ -481,7 +482,7 @@ def cmd_serve(args) -> None:
         header_timeout=args.header_timeout, json_logs=args.json_logs, max_upload_mb=args.max_upload_mb,
         max_batch=args.max_batch, max_megapixels=args.max_megapixels, decode_workers=args.decode_workers,
         max_concurrency=args.max_concurrency, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
-        body_timeout=args.body_timeout)
+        body_timeout=args.body_timeout, **given_settings(args))
 
 
 def cmd_report(args) -> None:

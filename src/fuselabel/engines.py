@@ -65,7 +65,7 @@ def image_session(encoder: torch.nn.Module, input_shape, cache_dir=None, threads
 
 
 def calibrate_image_int8(encoder: torch.nn.Module, data_config: dict, images, image_dir=None, cache_dir=None,
-                         photos: int = 128, batch_size: int = 16) -> dict:
+                         photos: int = 64, batch_size: int = 16) -> dict:
     """Activation ranges for the static int8 image encoder, measured on up to ``photos`` of ``images`` spread
     evenly over them (unusable ones skipped). Deterministic: the same photos give the same ranges."""
     from .images import normalise, pixel_table
@@ -79,15 +79,26 @@ def calibrate_image_int8(encoder: torch.nn.Module, data_config: dict, images, im
     table = pixel_table(data_config)
     batches = [normalise(np.stack(pixels[i:i + batch_size]), table) for i in range(0, len(pixels), batch_size)]
     ranges = onnxrt.calibrate_int8(image_graph(encoder, tuple(data_config["input_size"]), cache_dir), batches)
-    return {"method": "static QDQ, per-channel int8 weights, uint8 activations, min-max ranges",
+    return {"method": f"static QDQ, per-channel int8 weights, uint8 activations, {onnxrt.PERCENTILE}th-percentile "
+                      "ranges",
             "photos": len(pixels), "ranges": ranges}
 
 
-def text_session(encoder: torch.nn.Module, tokenizer, cache_dir=None, max_length: int = 64,
-                 threads: int | None = None):
+def text_graph(encoder: torch.nn.Module, tokenizer, cache_dir=None, max_length: int = 64, int8: bool = False
+               ) -> Path:
+    """A text encoder's ONNX graph in the cache, exported once per weights and structure; with ``int8``, its
+    dynamic int8 form (the one ``fuselabel export`` writes for such a model)."""
     path = _cached_graph(encoder, cache_dir, "text",
                          lambda p: onnxrt.export_text_encoder(encoder, tokenizer, p, max_length))
-    return session(path, threads)
+    if not int8:
+        return path
+    return onnxrt.cached_graph(path.with_name(f"{path.stem}-int8.onnx"),
+                               lambda p: onnxrt.quantize_int8_dynamic(path, p, onnxrt.INT8_TEXT_OPS))
+
+
+def text_session(encoder: torch.nn.Module, tokenizer, cache_dir=None, max_length: int = 64,
+                 threads: int | None = None, int8: bool = False):
+    return session(text_graph(encoder, tokenizer, cache_dir, max_length, int8), threads)
 
 
 def resolve_device(device=None) -> torch.device:
@@ -133,10 +144,15 @@ class TorchEngine:
                 image_sess = image_session(net.image_encoder, tuple(data_config["input_size"]), cache_dir,
                                            int8=int8["ranges"] if int8 else None)
                 self._image_run = lambda x: image_sess.run(None, {"pixels": x})[0]
+        # Dynamic int8 quantises each run's activations with one scale, so such a text encoder runs one caption
+        # a run: a caption's features never depend on the captions beside it.
+        self.text_batch = 1 if cfg.text_quant == "int8" else None
         if net.text_encoder is not None:
             self.feature_dims["text"] = net.text_encoder.num_features
-            if self.onnx:
-                text_sess = text_session(net.text_encoder, tokenizer, cache_dir, text_max_length)
+            # Like the image encoder: an int8 text encoder runs in onnxruntime whatever the engine asked for.
+            if self.onnx or cfg.text_quant == "int8":
+                text_sess = text_session(net.text_encoder, tokenizer, cache_dir, text_max_length,
+                                         int8=cfg.text_quant == "int8")
                 self._text_run = lambda ids, mask: text_sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
         self.name = ("onnxruntime encoders, " if self.onnx else "torch encoders, ") + f"torch heads ({self.device})"
 
@@ -161,7 +177,8 @@ class TorchEngine:
                                          torch.from_numpy(mask).to(self.device)).float().cpu().numpy()
 
         # A GPU wants large batches; on a CPU moderate ones keep padding and memory small.
-        return encode_by_length(encode, captions, batch_size=256 if self.device.type == "cuda" else 64)
+        batch = self.text_batch or (256 if self.device.type == "cuda" else 64)
+        return encode_by_length(encode, captions, batch_size=batch)
 
     @torch.inference_mode()
     def heads(self, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -180,6 +180,18 @@ class FuseLabel:
         model._load(Path(path), Config.from_dict(runtime, source="from_pretrained").to_dict("runtime"))
         return model
 
+    @classmethod
+    def from_exported(cls, folder: str | Path, model_dir: str | Path, **runtime) -> "FuseLabel":
+        """A model folder run from its exported ONNX copy ``folder`` (``export.export_cached`` makes it): it
+        predicts and evaluates, its own split included, through onnxruntime, without loading torch."""
+        import json
+
+        model = cls.from_pretrained(folder, **runtime)
+        split = Path(model_dir) / "split.json"
+        model.bundle_.extra = {"split.json": json.loads(split.read_text())} if split.is_file() else {}
+        model.bundle_.source = Path(model_dir)
+        return model
+
     def save_pretrained(self, path: str | Path) -> Path:
         """Write what this object holds (weights, settings, split, metrics, history) as a model folder,
         atomically: an existing folder is replaced only once the new one is whole."""
@@ -203,12 +215,13 @@ class FuseLabel:
         history), so nothing depends on the folder staying there."""
         import json
 
-        from .bundle import load_bundle
         from .runtime import is_onnx_folder
 
         if is_onnx_folder(path):
             self.bundle_, self._history, self._predictor = Exported.load(path, runtime), None, None
             return
+        from .bundle import load_bundle   # torch: only for a model folder's own weights
+
         bundle = load_bundle(path)
         # The folder holds what the model is; where it runs comes from this object's settings.
         bundle.config = bundle.config.replace(**runtime)
@@ -223,14 +236,14 @@ class FuseLabel:
     def predictor(self, *, strict: bool = False, device=None) -> Predictor:
         """The ``runtime.Predictor`` this model predicts with. Its engine is built on the first call, on
         ``device`` (default: cuda when present), and reused; ``strict`` applies to the calls that follow."""
-        from .engines import engine_for_bundle
-
         self._check_fitted()
         if self._predictor is None and isinstance(self.bundle_, Exported):
             from .runtime import load_onnx_predictor
 
             self._predictor, _ = load_onnx_predictor(self.bundle_.path, workers=self.bundle_.config.num_workers)
         if self._predictor is None:
+            from .engines import engine_for_bundle   # torch: only for a model folder's own weights
+
             cfg = self.bundle_.config
             engine = engine_for_bundle(self.bundle_, engine=cfg.feature_engine, device=device,
                                        cache_dir=cfg.cache_dir)
@@ -329,7 +342,8 @@ class FuseLabel:
         report = evaluate_sets(truth, predicted, vocab, self.bundle_.label_names)
         if self.bundle_.config.task == "multiclass":
             report["accuracy"] = float((predicted == truth.astype(bool)).all(axis=1).mean()) if len(rows) else 0.0
-        report.update(model_dir=str(self.bundle_.path), csv=str(records.path), split=split,
+        report.update(model_dir=str(getattr(self.bundle_, "source", None) or self.bundle_.path), csv=str(records.path),
+                      split=split,
                       status_counts={s: p.status.count(s) for s in STATUSES}, unseen_labels=unseen,
                       texts_cut=p.texts_cut)
         return report
@@ -347,6 +361,7 @@ class Exported:
     config: Config
     path: Path
     extra: dict = dataclasses.field(default_factory=dict)
+    source: Path | None = None   # the model folder this copy was exported from, where known
 
     @property
     def threshold_vector(self) -> np.ndarray:

@@ -12,10 +12,11 @@ preprocessing and thresholds are done by ``runtime.Predictor``, the same code th
 PyTorch model, so ``fuselabel predict ONNX_DIR`` gives the same label sets without torch.
 
 ``int8=True`` quantises the text encoder and the head dynamically (int8 weights for MatMul
-and Gemm, activations quantised per batch at run time); the image encoder stays float32
-(dynamically quantised convolutions are slower than float ones in onnxruntime), unless the
-model was trained with ``image_quant=int8``: then, with or without ``int8``, it is the static
-int8 encoder rebuilt from the calibration saved in its preprocessing, the one its heads learnt on.
+and Gemm, activations quantised at run time, one caption a run); the image encoder stays float32
+(dynamically quantised convolutions are slower than float ones in onnxruntime). A model trained
+with ``image_quant=int8`` or ``text_quant=int8`` keeps the int8 encoder its heads learnt on, with or
+without ``int8``: the static image encoder rebuilt from the calibration saved in its preprocessing,
+the dynamic text encoder quantised as training quantised it.
 """
 
 from __future__ import annotations
@@ -36,15 +37,14 @@ from .bundle import BundleError, replace_folder
 from .writers import ordinary_permissions
 from .encoders import text_length_limit
 from .losses import probabilities
-from .onnxrt import (INT8_CALIBRATION, OPSET, SYNTHETIC_CAPTIONS, export_graph, export_image_encoder,
-                     export_text_encoder, quantize_int8_static)
+from .onnxrt import (INT8_CALIBRATION, INT8_OPS, INT8_TEXT_OPS, OPSET, SYNTHETIC_CAPTIONS, dynamic_label,
+                     export_graph, export_image_encoder, export_text_encoder, quantize_int8_dynamic,
+                     quantize_int8_static)
 from .runtime import MANIFEST, ONNX_FORMAT, ONNX_FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
 ONNX_DIR = "onnx"
-INT8_OPS = ["MatMul", "Gemm"]
-INT8_TEXT_OPS = INT8_OPS + ["Gather"]   # + the embedding tables, most of a small text encoder's bytes
 
 class ExportError(BundleError):
     """A model folder that cannot be exported, or an ONNX folder that cannot be used."""
@@ -81,28 +81,6 @@ def export_head(net: nn.Module, path: Path, opset: int = OPSET) -> Path:
     args = tuple(torch.randn(2, dims[n]) if n in dims else torch.ones(2) for n in graph.names)
     axes = {n: {0: "batch"} for n in graph.names + graph.outputs}
     return export_graph(graph, args, Path(path), graph.names, graph.outputs, axes, opset)
-
-
-def quantize_int8(src: Path, dst: Path, ops=INT8_OPS) -> Path:
-    """Dynamic int8 quantisation (onnxruntime.quantization): int8 weights with one scale per output channel.
-
-    Per-channel scales matter: on all-MiniLM-L6-v2 one scale per tensor leaves a 26 % relative
-    error in the pooled features, per-channel 11 % (512 real captions).
-    """
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # quantize_dynamic logs a recommendation to pre-process the model; its accuracy is checked instead.
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=list(ops),
-                         per_channel=True)
-    finally:
-        logger.setLevel(level)
-    return Path(dst)
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -194,16 +172,18 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
         float_bytes = {k: (tmp / v["path"]).stat().st_size for k, v in files.items()}
         if files.get("image_encoder", {}).get("quantized"):
             float_bytes["image_encoder"] = fp32_bytes
-        if int8:
-            for part in ("text_encoder", "head"):
-                if part in files:
-                    src = tmp / files[part]["path"]
-                    fp32 = src.with_name(src.stem + ".fp32.onnx")
-                    os.replace(src, fp32)
-                    ops = INT8_TEXT_OPS if part == "text_encoder" else INT8_OPS
-                    quantize_int8(fp32, src, ops)
-                    fp32.unlink()
-                    files[part]["quantized"] = f"dynamic, per-channel QInt8 weights ({', '.join(ops)})"
+        # A text_quant model's text encoder is always its int8 one (the one its heads learnt on); --int8
+        # quantises the same way what is still float.
+        parts = [p for p in ("text_encoder", "head")
+                 if p in files and (int8 or (p == "text_encoder" and cfg.text_quant == "int8"))]
+        for part in parts:
+            src = tmp / files[part]["path"]
+            fp32 = src.with_name(src.stem + ".fp32.onnx")
+            os.replace(src, fp32)
+            ops = INT8_TEXT_OPS if part == "text_encoder" else INT8_OPS
+            quantize_int8_dynamic(fp32, src, ops)
+            fp32.unlink()
+            files[part]["quantized"] = dynamic_label(ops)
         for part, info in files.items():
             info["bytes"] = (tmp / info["path"]).stat().st_size
             info["float_bytes"] = float_bytes[part]
@@ -274,7 +254,8 @@ def _rule(kind: str, combine: str, task: str = "multilabel") -> str:
 def format_report(manifest: dict) -> str:
     """What ``fuselabel export`` prints."""
     out = Path(manifest["out_dir"])
-    lines = [f"wrote {out} ({'int8 text encoder and head' if manifest['int8'] else 'float32'}, opset "
+    quantized = [part.replace("_", " ") for part, info in manifest["files"].items() if info["quantized"]]
+    lines = [f"wrote {out} ({'int8 ' + ', '.join(quantized) if quantized else 'float32'}, opset "
              f"{manifest['opset']}, {manifest['export_s']:.1f}s)"]
     total = 0
     for part, info in manifest["files"].items():

@@ -93,8 +93,10 @@ def frozen_features(net, tokenizer, data_config, records, image_dir, config, *, 
                              rank=rank, world=world)
         out["image"], present = arrays["features"], arrays["present"]
     if text and net.text_encoder is not None:
+        # Keyed on the quantisation only when there is one, so float features keep the keys they had.
+        quant = {"quant": config.text_quant} if config.text_quant != "none" else {}
         key = cache.key(kind="text", weights=weights_digest(net.text_encoder), model=config.text_model,
-                        max_length=config.text_max_length)
+                        max_length=config.text_max_length, **quant)
         captions = [r.caption for r in records]
         arrays = cache.fetch(key, text_row_keys(captions), lambda idx: {"features": encode_texts(
             engine, [captions[i] for i in idx], config.num_workers)}, "text features", rank=rank, world=world)

@@ -156,9 +156,15 @@ def _quiet_quantization():
         logger.setLevel(level)
 
 
+# Ranges at the 99.999th percentile of each activation's values rather than their min and max: a few outlying
+# values no longer coarsen the steps of every other one. On the default Lite2 at 320 px, over 400 photos, the
+# int8 features' cosine with the float32 ones rose from 0.946 (min-max, 128 photos) to 0.971 (64 photos).
+PERCENTILE = 99.999
+
+
 def calibrate_int8(graph: Path, batches) -> dict:
     """Activation ranges (onnxruntime's calibration-cache JSON) of a float32 image graph over ``batches`` of
-    normalised pixels (N, 3, H, W), by min and max."""
+    normalised pixels (N, 3, H, W), at the ``PERCENTILE``th percentile of each activation's values."""
     import json
     import tempfile
 
@@ -178,7 +184,8 @@ def calibrate_int8(graph: Path, batches) -> dict:
         # The ranges are wanted, not this graph: quantize_static writes them as its calibration cache.
         quantize_static(str(graph), str(Path(tmp) / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=ranges)
+                        calibrate_method=CalibrationMethod.Percentile, calibration_cache_path=ranges,
+                        extra_options={"CalibPercentile": PERCENTILE})
         return json.loads(ranges.read_text())
 
 
@@ -193,12 +200,49 @@ def quantize_int8_static(src: Path, dst: Path, ranges: dict) -> Path:
         cache = Path(tmp) / "ranges.json"
         cache.write_text(json.dumps(ranges))
         out = Path(tmp) / "q.onnx"
+        # onnxruntime checks the ranges' method against the one it is told: the ranges say theirs (models
+        # calibrated before percentile ranges hold min-max ones).
+        method = str((ranges.get("calibration_method") or {}).get("value", "")).rpartition(".")[2] or "MinMax"
         quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache)
+                        calibrate_method=CalibrationMethod[method], calibration_cache_path=cache)
         with atomic_path(dst) as tmp_dst:
             shutil.move(str(out), tmp_dst)
     return Path(dst)
+
+
+# ------------------------------------------------------------------------------ dynamic int8 matrices
+# Weights in int8 with one scale per output channel, activations quantised at run time. Per-channel scales
+# matter: on all-MiniLM-L6-v2 one scale per tensor leaves a 26 % relative error in the pooled features,
+# per-channel 11 % (512 real captions; static activation ranges: 34 %, as transformer activations have
+# outliers that min-max ranges spread over every value).
+INT8_OPS = ["MatMul", "Gemm"]
+INT8_TEXT_OPS = INT8_OPS + ["Gather"]   # + the embedding tables, most of a small text encoder's bytes
+DYNAMIC_INT8 = "dynamic, per-channel QInt8 weights"
+
+
+def quantize_int8_dynamic(src: Path, dst: Path, ops=INT8_OPS) -> Path:
+    """Dynamic int8 quantisation of a float32 graph's ``ops`` (onnxruntime.quantization), written atomically.
+
+    The activations of one run share one scale, so a row's numbers depend on the rows run with it:
+    graphs quantised so are run one row at a time where rows must not affect each other (``runtime``).
+    """
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet_quantization():
+        out = Path(tmp) / "q.onnx"
+        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=list(ops),
+                         per_channel=True)
+        with atomic_path(dst) as tmp_dst:
+            shutil.move(str(out), tmp_dst)
+    return Path(dst)
+
+
+def dynamic_label(ops) -> str:
+    """How a manifest names a graph quantised by :func:`quantize_int8_dynamic` over ``ops``."""
+    return f"{DYNAMIC_INT8} ({', '.join(ops)})"
 
 
 def ranges_digest(ranges: dict) -> str:

@@ -31,12 +31,13 @@ from .writers import (atomic_write_text, output_format, probability_lines, submi
 log = logging.getLogger(__name__)
 
 
-def load_model(model_dir, *, exported: bool = False, **runtime):
+def load_model(model_dir, *, exported: bool = False, evaluates: bool = False, **runtime):
     """A PyTorch model folder as a ``FuseLabel``, or an exported ONNX folder as a torch-free predictor.
 
     ``exported=True`` (a CPU run whose encoders are not asked to run in torch): a model folder whose exported
     ONNX copy is in the cache (``export.export_cached`` makes it) runs from that copy, so that starting takes
-    neither torch nor timm nor transformers.
+    neither torch nor timm nor transformers; ``evaluates=True`` wants a ``FuseLabel`` even then (it scores
+    labelled rows, its own split included).
     """
     from .runtime import is_onnx_folder
 
@@ -46,6 +47,10 @@ def load_model(model_dir, *, exported: bool = False, **runtime):
     if exported and runtime.get("feature_engine", "auto") != "torch":
         folder = exported_folder(model_dir, runtime.get("cache_dir"))
         if folder is not None and is_onnx_folder(folder):
+            if evaluates:
+                from .estimator import FuseLabel
+
+                return FuseLabel.from_exported(folder, model_dir, **runtime)
             return OnnxModel(folder, workers=workers)
     from .estimator import FuseLabel
 

@@ -481,6 +481,9 @@ class OnnxFolderEngine:
         self.feature_dims = m["feature_dims"]
         self.sessions = {part: session(self.folder / info["path"], threads) for part, info in m["files"].items()}
         self.tokenizer = None
+        # A dynamically quantised text encoder runs one caption a run (see ``onnxrt.quantize_int8_dynamic``).
+        text_quant = (m["files"].get("text_encoder") or {}).get("quantized") or ""
+        self.text_batch = 1 if text_quant.startswith("dynamic") else 64
         if "text_encoder" in self.sessions:
             from tokenizers import Tokenizer
 
@@ -493,7 +496,7 @@ class OnnxFolderEngine:
         return self.sessions["image_encoder"].run(None, {"pixels": pixels.astype(np.float32)})[0]
 
     def text_features(self, captions: list[str]) -> np.ndarray:
-        return encode_by_length(self._encode_text, captions, batch_size=64)
+        return encode_by_length(self._encode_text, captions, batch_size=self.text_batch)
 
     def _encode_text(self, captions: list[str]) -> np.ndarray:
         enc = self.tokenizer.encode_batch(captions)

@@ -6,7 +6,10 @@
     POST /explain          multipart ``image`` and/or ``caption`` and ``label`` -> heatmap + word scores
     GET  /labels, /health, /info, /metrics (Prometheus);  OpenAPI at /openapi.json, /docs and /redoc
 
-The model folder loads once, at start. A request passes, in turn:
+The model folder loads once, at start. On a CPU it predicts from the folder's exported ONNX copy in the cache
+(made by the first start, as for ``fuselabel predict``), so the service starts without PyTorch and gives the
+label sets ``fuselabel predict`` gives; the PyTorch model that explanations need loads on the first /explain.
+A request passes, in turn:
 
 1. ``Observe``: a request id (the client's ``X-Request-ID`` when sane, else a new one) in every log line and
    in the answer's header; counts and latency for ``/metrics``; one access-log line.
@@ -55,9 +58,10 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .bundle import folder_size
+# Nothing that imports torch at module level (explain, export, engines): on a CPU the service starts and
+# predicts without it.
+from .bundle import folder_size, read_config
 from .estimator import FuseLabel
-from .explain import explain, heatmap_png
 from .images import ImageError, load_rgb
 
 log = logging.getLogger(__name__)
@@ -80,27 +84,52 @@ _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 
 # ---------------------------------------------------------------- the model, on one thread
 
-class Model:
-    """A model folder loaded once, with what the service reports about it."""
+class ModelChanged(RuntimeError):
+    """The model folder's weights are no longer those the service started with."""
 
-    def __init__(self, path: str | Path):
+
+class Model:
+    """A model folder loaded once, with what the service reports about it.
+
+    On a CPU (unless ``feature_engine="torch"``) predictions come from the folder's exported ONNX copy in
+    ``cache_dir`` (exported here when missing), and the PyTorch model is loaded only for the first
+    explanation; elsewhere the PyTorch model is loaded at once. ``cache_dir``, ``feature_engine`` and
+    ``num_workers`` are the runtime settings of ``fuselabel predict``.
+    """
+
+    def __init__(self, path: str | Path, *, cache_dir: str | None = None, feature_engine: str = "auto",
+                 num_workers: int | None = None):
         t0 = time.perf_counter()
         self.path = Path(path)
-        self.estimator = FuseLabel.from_pretrained(self.path)
-        self.kind = self.estimator.config_.kind
-        self.preprocessing = self.estimator.bundle_.preprocessing   # photos are decoded for this, no larger
+        runtime = {k: v for k, v in dict(cache_dir=cache_dir, feature_engine=feature_engine,
+                                         num_workers=num_workers).items() if v is not None}
+        exported = None
+        if feature_engine != "torch" and _on_cpu():
+            exported = _exported_copy(self.path, cache_dir)
+        self._bundle = None   # the PyTorch model (network, tokenizer) that explanations run on
+        if exported is not None:
+            self.estimator = FuseLabel.from_pretrained(exported, **runtime)
+            # The exported copy keeps only what prediction needs; /info shows the folder's own settings.
+            self.config = read_config(self.path)
+        else:
+            self.estimator = FuseLabel.from_pretrained(self.path, **runtime)
+            self.config = self.estimator.config_
+            self._bundle = self.estimator.bundle_
+        self.kind = self.config.kind
         # Every model call runs on this one thread, in turn: the network and its explanation hooks are
         # shared, and one thread keeps the model's large buffers in one malloc arena.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuselabel-model")
-        weights = self.path / "model.safetensors"
-        with weights.open("rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        self.id = f"{self.path.resolve().name}@{digest[:12]}"
-        # The first prediction sets up the encoders' runtime (an ONNX export on a CPU, seconds): do it
-        # before the port opens, so no client waits for it and a broken folder fails at start.
+        self.digest = _weights_digest(self.path)
+        self.id = f"{self.path.resolve().name}@{self.digest[:12]}"
+        # The first prediction sets up the encoders' runtime (seconds): do it before the port opens, so no
+        # client waits for it and a broken folder fails at start.
         self.estimator.predict_details([Image.new("RGB", (64, 64), "gray")], ["a photo"])
+        engine = self.estimator.predictor().engine
+        self.engine = engine.name
+        self.preprocessing = engine.data_config   # photos are decoded for this, no larger
         self.fusion = _fusion(self.estimator)
         self.load_seconds = time.perf_counter() - t0
+        log.info("model %s loaded in %.1f s: %s", self.id, self.load_seconds, self.engine)
 
     @property
     def labels(self) -> list[dict]:
@@ -113,10 +142,56 @@ class Model:
 
     def explain(self, label_index: int, image, caption):
         def both():
+            from .explain import explain
+
             return self.estimator.predict_details([image], [caption]), explain(
-                self.estimator.bundle_, label_index, image, caption)
+                self._torch_bundle(), label_index, image, caption)
 
         return self.worker.submit(both).result()
+
+    def _torch_bundle(self):
+        """The PyTorch model, loaded on first use (on the model thread, so once) from the folder's weights,
+        which must still be those the service started with: a folder replaced since would explain labels
+        of another model than the one predicting them."""
+        if self._bundle is None:
+            from .bundle import load_bundle
+
+            log.info("loading the PyTorch model of %s for explanations", self.id)
+            bundle = load_bundle(self.path)
+            # Hashed after the load: a folder replaced before or during it holds other weights by now.
+            if _weights_digest(self.path) != self.digest:
+                raise ModelChanged(f"the model folder's weights changed after the service started (it serves "
+                                   f"{self.id}); restart the service to explain with them")
+            self._bundle = bundle
+        return self._bundle
+
+
+def _on_cpu() -> bool:
+    """Whether PyTorch would run on the CPU here, told without importing it (as ``fuselabel predict`` does)."""
+    return not os.path.exists("/proc/driver/nvidia/version")
+
+
+def _exported_copy(path: Path, cache_dir: str | None) -> Path | None:
+    """The model folder's exported ONNX copy in the cache, exported first when missing (None: a folder without
+    file hashes, which has no such copy)."""
+    from .cache import file_lock
+    from .predict import exported_folder
+
+    folder = exported_folder(path, cache_dir)
+    if folder is None or (folder / "manifest.json").is_file():
+        return folder
+    # Processes of one service (--workers) start together: one exports, the others wait for its copy.
+    with file_lock(folder.parent / f".{folder.name}.lock"):
+        if not (folder / "manifest.json").is_file():
+            from .export import export_cached   # imports torch: only while the copy is missing
+
+            export_cached(path, cache_dir)
+    return folder
+
+
+def _weights_digest(path: Path) -> str:
+    with (path / "model.safetensors").open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fusion(estimator: FuseLabel) -> dict:
@@ -378,6 +453,8 @@ def _rows(model: Model, pred) -> list[dict]:
 
 
 def _explanation(model: Model, label_index: int, pred, expl) -> dict:
+    from .explain import heatmap_png
+
     row = _rows(model, pred)[0]
     heat = words = None
     if expl.heatmap is not None:
@@ -393,7 +470,7 @@ def _explanation(model: Model, label_index: int, pred, expl) -> dict:
 
 def _settings(model: Model) -> dict:
     """The model's settings as its folder stores them (model and run groups), naming no path on the server."""
-    settings = model.estimator.config_.saved()
+    settings = model.config.saved()
     for key in ("image_weights", "text_model"):   # local files by path: their names are enough
         value = settings["model"].get(key)
         if isinstance(value, str) and Path(value).is_absolute():
@@ -698,14 +775,16 @@ def create_app(model_dir: str | Path, *, max_upload_mb: float = DEFAULTS["max_up
                max_batch: int = DEFAULTS["max_batch"], max_megapixels: float = DEFAULTS["max_megapixels"],
                decode_workers: int = DEFAULTS["decode_workers"], max_concurrency: int = DEFAULTS["max_concurrency"],
                max_queue: int = DEFAULTS["max_queue"], queue_timeout: float = DEFAULTS["queue_timeout"],
-               body_timeout: float = DEFAULTS["body_timeout"]) -> FastAPIOffline:
-    """The service for one model folder (loaded now, once). The limits are ``fuselabel serve``'s options."""
+               body_timeout: float = DEFAULTS["body_timeout"], cache_dir: str | None = None,
+               feature_engine: str = "auto", num_workers: int | None = None) -> FastAPIOffline:
+    """The service for one model folder (loaded now, once). The limits are ``fuselabel serve``'s options;
+    ``cache_dir``, ``feature_engine`` and ``num_workers`` are where the model runs (``Model``)."""
     limits = dict(max_upload_mb=max_upload_mb, max_batch=max_batch, max_megapixels=max_megapixels,
                   decode_workers=decode_workers, max_concurrency=max_concurrency, max_queue=max_queue,
                   queue_timeout=queue_timeout, body_timeout=body_timeout)
     _check_limits(limits)
     metrics = Metrics()
-    model = Model(model_dir)
+    model = Model(model_dir, cache_dir=cache_dir, feature_engine=feature_engine, num_workers=num_workers)
     metrics.model_load.set(model.load_seconds)
     decoder = Decoder(int(decode_workers), model.preprocessing, int(max_megapixels * 1e6), metrics)
     label_ids = [str(lab) for lab in model.estimator.labels_]
@@ -718,6 +797,7 @@ def create_app(model_dir: str | Path, *, max_upload_mb: float = DEFAULTS["max_up
     app.add_middleware(Admission, max_concurrency=int(max_concurrency), max_queue=int(max_queue),
                        queue_timeout=queue_timeout, metrics=metrics)
     app.add_middleware(Observe, metrics=metrics)   # added last: the outermost, so it sees every answer
+    app.state.model = model
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError):
@@ -802,7 +882,10 @@ def create_app(model_dir: str | Path, *, max_upload_mb: float = DEFAULTS["max_up
         text = _caption(caption)
         photo = decoder.one(image.file.read()) if image is not None else None
         _require_input(model.kind, photo, text)
-        pred, expl = model.explain(label_ids.index(label), photo, text)
+        try:
+            pred, expl = model.explain(label_ids.index(label), photo, text)
+        except ModelChanged as err:
+            raise HTTPException(503, str(err)) from None
         metrics.count_rows(pred)
         return _explanation(model, label_ids.index(label), pred, expl)
 
@@ -854,10 +937,13 @@ def _raise_open_file_limit(wanted: int) -> None:
 
 
 def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1,
-        max_connections: int = 2048, header_timeout: float = 10.0, json_logs: bool = False, **limits) -> None:
+        max_connections: int = 2048, header_timeout: float = 10.0, json_logs: bool = False,
+        cache_dir: str | None = None, feature_engine: str = "auto", num_workers: int | None = None,
+        **limits) -> None:
     """Serve until SIGINT or SIGTERM; requests in flight finish first, then this returns.
 
-    ``limits`` are create_app's; ``max_connections`` open connections at most (uvicorn answers 503 beyond).
+    ``limits`` are create_app's; ``max_connections`` open connections at most (uvicorn answers 503 beyond);
+    ``cache_dir``, ``feature_engine`` and ``num_workers`` are where the model runs (``Model``).
     """
     import tempfile
 
@@ -867,6 +953,7 @@ def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, wor
         raise ValueError(f"--workers and --max-connections must be at least 1 and --header-timeout above 0 "
                          f"(got {workers}, {max_connections} and {header_timeout:g})")
     _check_limits({**DEFAULTS, **limits})
+    runtime = dict(cache_dir=cache_dir, feature_engine=feature_engine, num_workers=num_workers)
     _limit_malloc_arenas()
     setup_logging(json_logs)
     _raise_open_file_limit(max_connections + 64)
@@ -876,10 +963,11 @@ def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, wor
         # Each process loads the model and serves the one socket; their metrics meet in one folder.
         metrics_dir = tempfile.TemporaryDirectory(prefix="fuselabel-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
-        os.environ["FUSELABEL_SERVE"] = json.dumps({"model_dir": str(model_dir), "json_logs": json_logs, **limits})
+        os.environ["FUSELABEL_SERVE"] = json.dumps({"model_dir": str(model_dir), "json_logs": json_logs, **limits,
+                                                    **runtime})
         config = uvicorn.Config("fuselabel.serve:app_from_environment", factory=True, workers=workers, **common)
     else:
-        config = uvicorn.Config(create_app(model_dir, **limits), **common)
+        config = uvicorn.Config(create_app(model_dir, **limits, **runtime), **common)
     config.header_timeout = header_timeout   # read by TimedH11Protocol, in every process
     server = uvicorn.Server(config)
     # uvicorn drains in-flight requests on SIGTERM, then raises the signal again once its own handler

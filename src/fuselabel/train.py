@@ -57,6 +57,8 @@ class TrainResult:
 def resolve_regime(config: Config) -> str:
     if config.regime != "auto":
         return config.regime
+    if "int8" in (config.image_quant, config.text_quant):   # a quantised encoder is a frozen one
+        return "frozen"
     return "finetune" if torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda") else "frozen"
 
 
