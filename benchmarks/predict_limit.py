@@ -13,7 +13,8 @@ photos. Prints the limits, the achieved rows/s with and without start-up and the
 A model folder runs from its exported copy in the cache, as `fuselabel predict` does (exported once,
 before anything is timed). ``--baseline-src`` also runs the command from another source tree (an
 older fuselabel) on the same rows in the same run, and says whether its files are byte-identical.
-Ends with lines ``LIMIT ...``, ``PREDICT ...``, ``ONE_ROW ...``, ``FEATURES ...``.
+``evaluate``, ``inspect`` and the service's start are timed on one row too. Ends with lines ``LIMIT ...``,
+``PREDICT ...``, ``ONE_ROW ...``, ``START ...``, ``FEATURES ...``.
 """
 
 from __future__ import annotations
@@ -98,6 +99,23 @@ def command(src: str | None, model, data, csv, out: Path) -> tuple[float, float,
     return wall, float(re.search(r"rows in ([0-9.]+)s", line).group(1)), line, used
 
 
+def start_times(model, data, one_csv: Path) -> dict:
+    """Wall seconds of the other commands that start on one row, each a fresh process: ``evaluate`` (from the
+    exported copy, as on any CPU), ``inspect``, and the service's model loading (``serve.Model``, everything
+    before the port opens)."""
+    runs = {"evaluate": ["-m", "fuselabel.cli", "evaluate", str(model), "--data", str(data), "--csv", str(one_csv)],
+            "inspect": ["-m", "fuselabel.cli", "inspect", "--data", str(data), "--csv", str(one_csv)],
+            "serve": ["-c", f"from fuselabel.serve import Model; Model({str(model)!r})"]}
+    out = {}
+    for name, args in runs.items():
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+        out[name] = time.perf_counter() - t0
+        if done.returncode:
+            raise SystemExit(done.stderr)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="model folder or exported ONNX folder")
@@ -154,6 +172,9 @@ def main(argv=None) -> int:
               f"of the limit), {len(rows) / alone:.1f} rows/s without ({100 * len(rows) / alone / limit:.0f} %); "
               f"start-up {wall - alone:.1f} s  [{line}]")
         print(f"ONE_ROW {name}: {one_wall:.2f} s")
+    if not is_onnx_folder(args.model):   # evaluate and the service take a model folder
+        for name, s in start_times(args.model, args.data, one_csv).items():
+            print(f"START {name}: {s:.2f} s")
     if "baseline" in results:
         for suffix in (".csv", ".proba.csv"):
             same = (work / f"new{suffix}").read_bytes() == (work / f"baseline{suffix}").read_bytes()

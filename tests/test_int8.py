@@ -5,6 +5,7 @@ folder, its converted copy and its export."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,3 +122,33 @@ def test_text_features_are_the_prediction_features_one_caption_a_run(int8_model,
                                text_max_length=bundle.config.text_max_length, cache_dir=session_cache)
     assert float_engine.text_batch is None
     assert not np.array_equal(float_engine.text_features(captions), predicted)
+
+
+def test_calibration_is_kept_for_the_same_photos(int8_model, session_cache, monkeypatch):
+    from fuselabel import onnxrt
+    from fuselabel.bundle import load_bundle
+    from fuselabel.engines import calibrate_image_int8
+    from fuselabel.records import read_records
+
+    root, image_dir, csv = int8_model
+    bundle = load_bundle(root / "model")
+    data_config = {k: v for k, v in bundle.preprocessing.items() if k != "int8_calibration"}
+    ids = [r.image_id for r in read_records(csv).records]
+    first = calibrate_image_int8(bundle.net.image_encoder, data_config, ids, image_dir, session_cache)
+    # What training saved is what the same photos give again ...
+    assert first == bundle.preprocessing["int8_calibration"]
+    measured = []
+    real = onnxrt._calibrate
+    monkeypatch.setattr(onnxrt, "_calibrate", lambda *a: measured.append(1) or real(*a))
+    # ... taken from the kept ranges, without measuring them again ...
+    assert calibrate_image_int8(bundle.net.image_encoder, data_config, ids, image_dir, session_cache) == first
+    assert not measured
+    # ... unless the kept file is damaged; other photos are other ranges.
+    kept = list((Path(session_cache) / "onnx").glob("*-ranges-*.json"))
+    assert kept
+    for path in kept:
+        path.write_text('{"cut sh')
+    assert calibrate_image_int8(bundle.net.image_encoder, data_config, ids, image_dir, session_cache) == first
+    assert measured == [1]
+    other = calibrate_image_int8(bundle.net.image_encoder, data_config, ids[::-1][:3], image_dir, session_cache)
+    assert other["ranges"] != first["ranges"] and measured == [1, 1]

@@ -65,7 +65,7 @@ def image_session(encoder: torch.nn.Module, input_shape, cache_dir=None, threads
 
 
 def calibrate_image_int8(encoder: torch.nn.Module, data_config: dict, images, image_dir=None, cache_dir=None,
-                         photos: int = 64, batch_size: int = 16) -> dict:
+                         photos: int = 64, batch_size: int = 4) -> dict:
     """Activation ranges for the static int8 image encoder, measured on up to ``photos`` of ``images`` spread
     evenly over them (unusable ones skipped). Deterministic: the same photos give the same ranges."""
     from .images import normalise, pixel_table
