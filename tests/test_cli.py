@@ -303,3 +303,27 @@ def test_image_size_defaults_and_backbone_own():
     assert image_data_config(backbone, own.image_size, own.image_crop_pct)["input_size"] == [3, 224, 224]
     whole = image_data_config(backbone, default.image_size, default.image_crop_pct)
     assert whole["input_size"] == [3, 320, 320] and whole["crop_pct"] == 1.0
+
+
+def test_train_leaves_the_exported_copy_and_a_failed_export_falls_back(trained, tmp_path, capsys, caplog,
+                                                                      monkeypatch, session_cache):
+    import fuselabel.export
+    from fuselabel.predict import exported_folder
+
+    image_dir, csv, model = trained
+    # Training on a CPU made the copy `predict` runs from, so its first run starts without PyTorch too.
+    assert (exported_folder(model, session_cache) / "manifest.json").is_file()
+    code, out, _ = _run(capsys, "predict", model, "--data", image_dir, "--csv", csv, "--out", tmp_path / "a.csv",
+                        "--cache-dir", session_cache, *INFER)
+    assert code == 0 and "onnxruntime (exported folder)" in out
+    # A network ONNX cannot express: the PyTorch model predicts instead, with the same labels, and says why.
+    def unexportable(*args, **kwargs):
+        raise RuntimeError("an operator ONNX has no counterpart for")
+
+    monkeypatch.setattr(fuselabel.export, "export_onnx", unexportable)
+    with caplog.at_level("WARNING"):
+        code, out, _ = _run(capsys, "predict", model, "--data", image_dir, "--csv", csv, "--out", tmp_path / "b.csv",
+                            "--cache-dir", tmp_path / "empty-cache", *INFER)
+    assert code == 0 and "torch heads" in out, out
+    assert "no ONNX copy could be exported" in caplog.text and "operator ONNX has no" in caplog.text
+    assert (tmp_path / "b.csv").read_text() == (tmp_path / "a.csv").read_text()

@@ -289,7 +289,7 @@ def _load_model(args, exported: bool = False, evaluates: bool = False):
         if folder is not None and not (folder / "manifest.json").is_file():   # the first run exports it
             from .export import export_cached
 
-            export_cached(args.model_dir, settings.get("cache_dir"))
+            exported = export_cached(args.model_dir, settings.get("cache_dir")) is not None
     model = load_model(args.model_dir, exported=exported, evaluates=evaluates, **settings)
     if getattr(args, "devices", 1) <= 1 and getattr(args, "num_nodes", 1) <= 1:
         model.predictor(device=args.device)  # built here, once; several ranks build it on their own devices
@@ -322,6 +322,14 @@ def cmd_train(args) -> None:
         result = fit(config, _image_dir(args, images, records), records, args.out, label_names=args.label_names,
                      work_dir=args.work_dir, resume=args.resume, progress=_progress(args), columns=_columns(args),
                      val=args.val_csv)
+    from .runtime import gpu_driver_present
+
+    if result is not None and not gpu_driver_present():
+        # `predict`, `evaluate` and `serve` on a CPU run from the exported copy: made now (seconds), the first
+        # of them starts at once too.
+        from .export import export_cached
+
+        export_cached(args.out, config.cache_dir)
     if result is not None:   # per-label figures, then the one line (--quiet keeps only that)
         if not args.quiet:
             from .metrics import format_report
@@ -356,8 +364,9 @@ def cmd_predict(args) -> None:
 
 def _one_cpu(args) -> bool:
     """One process on the CPU: a model folder can then run from its exported ONNX copy (no torch to load)."""
-    gpu = os.path.exists("/proc/driver/nvidia/version")   # where a GPU is, the default device is cuda
-    device = args.device or ("cuda" if gpu else "cpu")
+    from .runtime import gpu_driver_present
+
+    device = args.device or ("cuda" if gpu_driver_present() else "cpu")
     return (device == "cpu" and getattr(args, "devices", 1) <= 1 and getattr(args, "num_nodes", 1) <= 1
             and getattr(args, "accelerator", "cpu") == "cpu")
 

@@ -225,15 +225,27 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
 
 
 def export_cached(model_dir, cache_dir=None) -> Path | None:
-    """A model folder's exported ONNX copy in the cache folder, exported on first use (None: a model folder
-    without file hashes, which cannot be recognised later). `fuselabel predict` on a CPU runs from it."""
-    from .cache import default_cache_dir
+    """A model folder's exported ONNX copy in the cache folder, exported on first use; `predict`, `evaluate`
+    and `serve` on a CPU run from it. None: no copy, and the PyTorch model runs instead (a folder without
+    file hashes, which cannot be recognised later, or one whose network ONNX cannot express; said once)."""
+    from .cache import default_cache_dir, file_lock
     from .runtime import exported_location, is_onnx_folder
 
     folder = exported_location(model_dir, default_cache_dir(cache_dir))
-    if folder is not None and not is_onnx_folder(folder):
-        log.info("exporting %s to %s once, so that later runs start without PyTorch", model_dir, folder)
-        export_onnx(model_dir, folder)
+    if folder is None or is_onnx_folder(folder):
+        return folder
+    # Processes starting together (a service's workers, parallel jobs): one exports, the others wait for it.
+    with file_lock(folder.parent / f".{folder.name}.lock"):
+        if not is_onnx_folder(folder):
+            log.info("exporting %s to %s once, so that later runs start without PyTorch", model_dir, folder)
+            try:
+                export_onnx(model_dir, folder)
+            except BundleError:
+                raise   # the folder itself is unusable: loading it says so
+            except Exception as err:
+                log.warning("%s: no ONNX copy could be exported (%s: %s); the PyTorch model predicts instead",
+                            model_dir, type(err).__name__, err)
+                return None
     return folder
 
 

@@ -63,6 +63,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .bundle import folder_size, read_config
 from .estimator import FuseLabel
 from .images import ImageError, load_rgb
+from .runtime import gpu_driver_present
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("fuselabel.access")
@@ -104,7 +105,7 @@ class Model:
         runtime = {k: v for k, v in dict(cache_dir=cache_dir, feature_engine=feature_engine,
                                          num_workers=num_workers).items() if v is not None}
         exported = None
-        if feature_engine != "torch" and _on_cpu():
+        if feature_engine != "torch" and not gpu_driver_present():
             exported = _exported_copy(self.path, cache_dir)
         self._bundle = None   # the PyTorch model (network, tokenizer) that explanations run on
         if exported is not None:
@@ -166,27 +167,17 @@ class Model:
         return self._bundle
 
 
-def _on_cpu() -> bool:
-    """Whether PyTorch would run on the CPU here, told without importing it (as ``fuselabel predict`` does)."""
-    return not os.path.exists("/proc/driver/nvidia/version")
-
-
 def _exported_copy(path: Path, cache_dir: str | None) -> Path | None:
-    """The model folder's exported ONNX copy in the cache, exported first when missing (None: a folder without
-    file hashes, which has no such copy)."""
-    from .cache import file_lock
+    """The model folder's exported ONNX copy in the cache, exported first when missing (None: there is none, and
+    the PyTorch model serves)."""
     from .predict import exported_folder
 
     folder = exported_folder(path, cache_dir)
     if folder is None or (folder / "manifest.json").is_file():
         return folder
-    # Processes of one service (--workers) start together: one exports, the others wait for its copy.
-    with file_lock(folder.parent / f".{folder.name}.lock"):
-        if not (folder / "manifest.json").is_file():
-            from .export import export_cached   # imports torch: only while the copy is missing
+    from .export import export_cached   # imports torch: only while the copy is missing
 
-            export_cached(path, cache_dir)
-    return folder
+    return export_cached(path, cache_dir)
 
 
 def _weights_digest(path: Path) -> str:
