@@ -234,6 +234,22 @@ def test_request_ids(client):
     assert "x-request-id" in _post(client, caption="").headers   # client errors carry one too
 
 
+def test_an_unexpected_error_is_a_500_with_the_request_id(trained, monkeypatch, caplog):
+    app = create_app(trained[1])
+    model = app.state.model
+
+    def broken(images, captions):
+        raise RuntimeError("a fault no request should reach")
+
+    monkeypatch.setattr(model, "predict", broken)
+    with TestClient(app, raise_server_exceptions=False) as c, caplog.at_level("ERROR"):
+        answer = c.post("/predict", data={"caption": "a dog"}, headers={"X-Request-ID": "fault-1"})
+        assert c.get("/health").status_code == 200   # the service goes on
+    assert answer.status_code == 500 and answer.headers["x-request-id"] == "fault-1"
+    assert "fault-1" in answer.json()["detail"] and "a fault no request" not in answer.text
+    assert "a fault no request should reach" in caplog.text
+
+
 def test_json_log_lines_carry_the_request_id():
     import logging
 

@@ -545,8 +545,18 @@ class Observe:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
-            status = 500
-            raise
+            if status:   # the answer is under way: only the server can end it
+                status = 500
+                raise
+            # Answered here rather than by the framework's last-resort handler, so the 500 carries the request
+            # id that the logged traceback carries too.
+            log.exception("unexpected error answering %s %s", scope["method"], scope["path"])
+            body = json.dumps({"detail": f"internal error (request id {request_id}); the server's log has "
+                                         "the details"}).encode()
+            await send_with_id({"type": "http.response.start", "status": 500,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(body)).encode())]})
+            await send_with_id({"type": "http.response.body", "body": body})
         finally:
             seconds = time.perf_counter() - t0
             route, method = _route(scope["path"]), scope["method"]
