@@ -203,11 +203,16 @@ def new_folder_beside(out: Path) -> Path:
     ``.OUT.tmp.*`` folder there was left by one that died, and is removed.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
-    for left in out.parent.glob(f".{out.name}.tmp.*"):
+    for left in _temporaries(out):
         shutil.rmtree(left, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp.{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     return tmp
+
+
+def _temporaries(out: Path):
+    """The folders replacements of ``out`` are built in (a name like ``m[1]`` matched as written)."""
+    return out.parent.glob(f".{glob.escape(out.name)}.tmp.*")
 
 
 def _set_aside(out: Path) -> Path:
@@ -398,22 +403,30 @@ _BY_FD = os.open in os.supports_dir_fd and os.listdir in os.supports_fd and hasa
 
 def _being_replaced(path: Path) -> bool:
     """Whether a save of ``path`` is under way: its replacement being built beside it, or the old one set aside."""
-    return _set_aside(path).exists() or any(path.parent.glob(f".{glob.escape(path.name)}.tmp.*"))
+    return _set_aside(path).exists() or any(_temporaries(path))
 
 
-def snapshot(path: str | Path, attempts: int = 5) -> tuple[Path, dict[str, bytes]]:
-    """(folder, {name: bytes}) of the files a load reads, all from one version of the folder."""
+def snapshot(path: str | Path, attempts: int = 5, patience_s: float = 10.0) -> tuple[Path, dict[str, bytes]]:
+    """(folder, {name: bytes}) of the files a load reads, all from one version of the folder.
+
+    A read that a replacement interrupts is read again: ``attempts`` times at least, and for up to
+    ``patience_s`` seconds while replacements keep coming (a folder re-saved in a loop, say), since any
+    version read whole will do.
+    """
     last: Exception | None = None
     previous = files = None
-    for attempt in range(attempts):
+    deadline = time.monotonic() + patience_s
+    attempt = 0
+    while attempt < attempts or (isinstance(last, (_Moved, FileNotFoundError)) and time.monotonic() < deadline):
+        attempt += 1
         folder = readable_folder(path)
         if not folder.is_dir():
             # Between the two renames of a replacement where folders cannot be swapped: the new folder is
             # being built beside it, or the old one set aside. Anything else is a folder that is not there.
             if last is None and not _being_replaced(Path(path)):
                 raise BundleError(f"{folder}: model folder not found")
-            last = last or FileNotFoundError(f"{folder} missing while it was replaced")
-            time.sleep(0.01 * (attempt + 1))
+            last = last or NotADirectoryError(f"{folder} missing while it was replaced")
+            time.sleep(0.01 * attempt)
             continue
         try:
             files = _snapshot_at(folder) if _BY_FD else _snapshot_by_path(folder)
@@ -424,7 +437,7 @@ def snapshot(path: str | Path, attempts: int = 5) -> tuple[Path, dict[str, bytes
                 log.warning("%s: %s (edited since it was saved?); loading it as it is", folder, err)
                 return folder, files
             last, previous, files = err, (files if isinstance(err, _Moved) and err.args else None), None
-    raise BundleError(f"{path}: the folder changed on every one of {attempts} reads ({last or 'replaced'}); "
+    raise BundleError(f"{path}: the folder changed on every one of {attempt} reads ({last or 'replaced'}); "
                       "if nothing is writing it, it is damaged: save or train the model again")
 
 
