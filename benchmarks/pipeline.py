@@ -56,7 +56,7 @@ from fuselabel.experiment import run_experiment  # noqa: E402
 from fuselabel.metrics import mean_f1  # noqa: E402
 from fuselabel.labels import label_vocabulary, labels_to_matrix  # noqa: E402
 from fuselabel.records import read_records  # noqa: E402
-from fuselabel.train import find_label_names  # noqa: E402
+from fuselabel.labels import find_label_names  # noqa: E402
 
 IMPORT_S = time.time() - _T_IMPORT
 
@@ -105,7 +105,7 @@ def baseline(csv: Path, seed: int, val_fraction: float) -> dict:
     top = int(labels[train_idx].sum(0).argmax())
     pred = np.zeros_like(labels[val_idx])
     pred[:, top] = 1
-    names = find_label_names(csv, None)
+    names, _ = find_label_names(None, [Path(csv).parent])
     return {"label": vocab[top], "name": names.get(vocab[top], vocab[top]), "seed": seed,
             "mean_f1": mean_f1(labels[val_idx], pred), "val_labels": labels[val_idx], "val_rows": int(len(val_idx)),
             "train_rows": int(len(train_idx)), "rows": len(records)}

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .writers import atomic_path as _atomic_path, fsync_dir
+from .writers import atomic_path, file_lock, fsync_dir
 
 try:
     import fcntl
@@ -89,13 +89,6 @@ def temporary_name(prefix: str = TMP_PREFIX) -> str:
     return f"{prefix}{uuid.uuid4().hex[:16]}"
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, stage: str | None = None):
-    """:func:`fuselabel.writers.atomic_path`, with the test hook ``pause_for_test(stage)`` before the rename."""
-    with _atomic_path(path, (lambda: pause_for_test(stage)) if stage else None) as tmp:
-        yield tmp
-
-
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -144,20 +137,6 @@ def remove_abandoned(folder: Path, prefix: str = TMP_PREFIX) -> None:
                 p.unlink()   # while locked: its writer, if it just created it, sees it gone and starts again
         except (BlockingIOError, FileNotFoundError, IsADirectoryError):
             pass
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, shared: bool = False):
-    """``flock`` on ``path`` (created if absent): exclusive for writers, shared for readers."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 # ---- row keys ----
@@ -254,7 +233,10 @@ class FeatureCache:
         mine = shares[rank::world]
         waited = None
         while True:
+            index = self._index(store)   # listed once; again only before computing, to see others' chunks
             for share in mine:
+                if not any(row_keys[i] not in index for i in share):
+                    continue
                 index = self._index(store)
                 todo = [i for i in share if row_keys[i] not in index]
                 if todo:

@@ -57,19 +57,19 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def _converter(key: str, annotation):
+def _converter(annotation):
     """(argparse type, choices, is a switch) for a setting's declared type; the settings check the range."""
     import typing
 
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
-        return _converter(key, typing.get_args(annotation)[0])
+        return _converter(typing.get_args(annotation)[0])
     if origin is typing.Literal:
         return str, list(typing.get_args(annotation)), False
     if origin is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:   # Optional[X]: "none" (or 0 for sizes) means "not set"
-            inner, choices, switch = _converter(key, args[0])
+            inner, choices, switch = _converter(args[0])
 
             def optional(text: str, inner=inner):
                 return None if text.strip().lower() in ("none", "null", "") else inner(text)
@@ -119,7 +119,7 @@ def add_settings(p: argparse.ArgumentParser, keys=None) -> None:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_ = f"{HELP[f.name]} (default: {_default_text(default)})"
             flags = (_flag(f.name), *ALIASES.get(f.name, ()))
-            typ, choices, switch = _converter(f.name, hints[f.name])
+            typ, choices, switch = _converter(hints[f.name])
             if switch:
                 g.add_argument(*flags, dest=f"setting_{f.name}", action=argparse.BooleanOptionalAction,
                                default=None, help=help_)
@@ -232,16 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=10, help="largest request body")
-    p.add_argument("--max-batch", type=int, default=32, help="most items in one /predict/batch request")
-    p.add_argument("--max-megapixels", type=float, default=25,
-                   help="photos with more pixels are refused (415) before they are decoded")
-    p.add_argument("--decode-workers", type=int, default=2, help="threads decoding photos (each holds one at full size)")
-    p.add_argument("--max-concurrency", type=int, default=4, help="prediction requests at work at once")
-    p.add_argument("--max-queue", type=int, default=32,
-                   help="prediction requests waiting for a turn; beyond it, 503 with Retry-After")
-    p.add_argument("--queue-timeout", type=float, default=30, help="seconds a request may wait before its 503")
-    p.add_argument("--body-timeout", type=float, default=60, help="seconds for a request body to arrive (else 408)")
+    from .config import SERVE_LIMITS
+
+    for key, (default, meaning) in SERVE_LIMITS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=type(default), default=default, help=meaning)
     p.add_argument("--header-timeout", type=float, default=10,
                    help="seconds for a request head to arrive (else the connection is closed)")
     p.add_argument("--max-connections", type=int, default=2048, help="open connections (beyond them, 503)")
@@ -487,11 +481,11 @@ def cmd_export(args) -> None:
 def cmd_serve(args) -> None:
     from .serve import run
 
+    from .config import SERVE_LIMITS
+
     run(args.model_dir, args.host, args.port, workers=args.workers, max_connections=args.max_connections,
-        header_timeout=args.header_timeout, json_logs=args.json_logs, max_upload_mb=args.max_upload_mb,
-        max_batch=args.max_batch, max_megapixels=args.max_megapixels, decode_workers=args.decode_workers,
-        max_concurrency=args.max_concurrency, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
-        body_timeout=args.body_timeout, **given_settings(args))
+        header_timeout=args.header_timeout, json_logs=args.json_logs,
+        **{key: getattr(args, key) for key in SERVE_LIMITS}, **given_settings(args))
 
 
 def cmd_report(args) -> None:

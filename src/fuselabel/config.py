@@ -347,3 +347,19 @@ HELP: dict[str, str] = {
     "image_cache": "finetune: none | memory (decode each photo once, augment on the device)",
     "gpu_decode": "on a GPU, decode JPEGs with nvJPEG for the image cache",
 }
+
+
+# The service's limits (``fuselabel serve`` flags, ``serve.create_app`` keywords): default and meaning. A decoding
+# photo costs 4 bytes a pixel (Pillow's RGB) before it is reduced, so the service's pixel limit (lower than the
+# library's 64 megapixels) times the decoding threads bounds that memory: 2 x 25 MP x 4 B = 200 MB. A
+# 24-megapixel camera photo still opens.
+SERVE_LIMITS: dict[str, tuple[float | int, str]] = {
+    "max_upload_mb": (10.0, "largest request body"),
+    "max_batch": (32, "most items in one /predict/batch request"),
+    "max_megapixels": (25.0, "photos with more pixels are refused (415) before they are decoded"),
+    "decode_workers": (2, "threads decoding photos (each holds one at full size)"),
+    "max_concurrency": (4, "prediction requests at work at once"),
+    "max_queue": (32, "prediction requests waiting for a turn; beyond it, 503 with Retry-After"),
+    "queue_timeout": (30.0, "seconds a request may wait before its 503"),
+    "body_timeout": (60.0, "seconds for a request body to arrive (else 408)"),
+}

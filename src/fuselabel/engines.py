@@ -19,7 +19,7 @@ import torch
 
 from . import onnxrt
 from .cache import default_cache_dir
-from .encoders import text_length_limit
+from .encoders import text_length_limit, token_counts
 from .losses import probabilities
 from .runtime import encode_by_length, session
 
@@ -207,8 +207,7 @@ def count_cut(encoded, tokenizer, texts: list[str], max_length: int) -> int:
     encodings = getattr(encoded, "encodings", None)
     if encodings is not None:   # a fast tokenizer keeps what it cut off in each encoding
         return sum(bool(e.overflowing) for e in encodings)
-    lengths = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
-    return sum(len(ids) > max_length for ids in lengths)
+    return int((token_counts(tokenizer, texts) > max_length).sum())
 
 
 def engine_for_bundle(bundle, *, engine: str = "auto", device=None, cache_dir=None) -> TorchEngine:

@@ -148,14 +148,6 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
             files["image_encoder"] = {"path": "image_encoder.onnx", "inputs": {"pixels": ["batch", *size]},
                                       "outputs": {"features": ["batch", net.image_encoder.num_features]},
                                       "quantized": None}
-            calibration = bundle.preprocessing.get(INT8_CALIBRATION)
-            if calibration:   # the int8 encoder the heads were trained on, rebuilt from its saved ranges
-                fp32 = tmp / "image_encoder.fp32.onnx"
-                os.replace(tmp / "image_encoder.onnx", fp32)
-                quantize_int8_static(fp32, tmp / "image_encoder.onnx", calibration["ranges"])
-                fp32_bytes = fp32.stat().st_size
-                fp32.unlink()
-                files["image_encoder"]["quantized"] = calibration["method"]
         if net.text_encoder is not None:
             export_text_encoder(net.text_encoder, bundle.tokenizer, tmp / "text_encoder.onnx",
                                 text_length, opset)
@@ -170,20 +162,24 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
                                                          for n in names},
                          "outputs": {o: ["batch", len(bundle.labels)] for o in outputs}, "quantized": None}
         float_bytes = {k: (tmp / v["path"]).stat().st_size for k, v in files.items()}
-        if files.get("image_encoder", {}).get("quantized"):
-            float_bytes["image_encoder"] = fp32_bytes
-        # A text_quant model's text encoder is always its int8 one (the one its heads learnt on); --int8
+        # An int8 model's encoders are always the int8 ones its heads learnt on: the static image encoder
+        # rebuilt from its saved ranges, the dynamic text encoder quantised as training quantised it; --int8
         # quantises the same way what is still float.
-        parts = [p for p in ("text_encoder", "head")
-                 if p in files and (int8 or (p == "text_encoder" and cfg.text_quant == "int8"))]
-        for part in parts:
+        quantize = {}
+        calibration = bundle.preprocessing.get(INT8_CALIBRATION) if "image_encoder" in files else None
+        if calibration:
+            quantize["image_encoder"] = (lambda src, dst: quantize_int8_static(src, dst, calibration["ranges"]),
+                                         calibration["method"])
+        for part, ops in (("text_encoder", INT8_TEXT_OPS), ("head", INT8_OPS)):
+            if part in files and (int8 or (part == "text_encoder" and cfg.text_quant == "int8")):
+                quantize[part] = (lambda src, dst, ops=ops: quantize_int8_dynamic(src, dst, ops), dynamic_label(ops))
+        for part, (run, label) in quantize.items():
             src = tmp / files[part]["path"]
             fp32 = src.with_name(src.stem + ".fp32.onnx")
             os.replace(src, fp32)
-            ops = INT8_TEXT_OPS if part == "text_encoder" else INT8_OPS
-            quantize_int8_dynamic(fp32, src, ops)
+            run(fp32, src)
             fp32.unlink()
-            files[part]["quantized"] = dynamic_label(ops)
+            files[part]["quantized"] = label
         for part, info in files.items():
             info["bytes"] = (tmp / info["path"]).stat().st_size
             info["float_bytes"] = float_bytes[part]

@@ -186,8 +186,7 @@ def label_frequency(summary: dict) -> Figure:
     for yi, c in zip(y, counts[order]):
         ax.text(c + top * 0.01, yi, str(int(c)), va="center", fontsize=SMALL)
     ax.set_yticks(y, [names[j] for j in order], fontsize=SMALL)
-    ax.invert_yaxis()
-    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_ylim(len(names) - 0.5, -0.5)   # top to bottom
     ax.set_xlim(0, top * 1.12)
     ax.tick_params(axis="x", labelsize=SMALL)
     ax.set_xlabel("rows holding the label", fontsize=TEXT)

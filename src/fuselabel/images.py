@@ -150,9 +150,7 @@ def decode_box(target: DecodeTarget) -> tuple[int, int] | None:
     if target is None:
         return None
     if isinstance(target, dict):
-        side = int(target["input_size"][-1])
-        crop_pct = target.get("crop_pct", 0.875)
-        side = side if crop_pct >= 1.0 else int(round(side / crop_pct))
+        side = resize_side(target)
         return side, side
     if isinstance(target, (tuple, list)):
         return max(1, int(target[0])), max(1, int(target[1]))
@@ -332,16 +330,23 @@ def eval_pixels(img: Image.Image, data_config: dict) -> np.ndarray:
     return normalise(eval_uint8(img, data_config), pixel_table(data_config))
 
 
+def resize_side(data_config: dict) -> int:
+    """The side the evaluation resize makes: the input size for a squashed whole photo (``crop_pct >= 1``),
+    else the short side before the centre crop (size / crop_pct). Decoding never goes below it."""
+    size = int(data_config["input_size"][-1])
+    crop_pct = data_config.get("crop_pct", 0.875)
+    return size if crop_pct >= 1.0 else int(round(size / crop_pct))
+
+
 def eval_uint8(img: Image.Image, data_config: dict) -> np.ndarray:
     """The resized, cropped photo of :func:`eval_pixels` before normalisation: (3, H, W) uint8."""
     size = data_config["input_size"][-1]
     resample = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(
         data_config.get("interpolation", "bicubic"), Image.BICUBIC)
-    crop_pct = data_config.get("crop_pct", 0.875)
-    if crop_pct >= 1.0:
+    short = resize_side(data_config)
+    if data_config.get("crop_pct", 0.875) >= 1.0:
         img = img.resize((size, size), resample)
     else:
-        short = int(round(size / crop_pct))
         w, h = img.size
         if w <= h:
             new_w, new_h = short, int(short * h / w)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from .config import Config
-from .network import FuseLabelNet, combine_probabilities
-from .losses import build_loss, probabilities
+from .network import FuseLabelNet
+from .losses import build_loss
 from .metrics import row_f1
 from .thresholds import apply_argmax, tune_global
 
@@ -129,8 +129,7 @@ class FuseLabelModule(L.LightningModule):
         logits = self.net(batch)
         loss = self._loss(logits, batch)
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=len(batch["labels"]), sync_dist=True)
-        parts = {k: probabilities(v, self.config.task) for k, v in logits.items()}
-        fused = combine_probabilities(parts, self.config.late_combine, self.net.late_weight, batch.get("image_present"))
+        fused = self.net.probabilities(logits, batch.get("image_present"))
         self._val_probs.append(fused.detach().float().cpu())
         self._val_labels.append(batch["labels"].detach().cpu())
 

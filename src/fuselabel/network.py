@@ -14,6 +14,7 @@ from torch import nn
 from .config import Config
 from .encoders import PooledImageEncoder, create_image_encoder, create_text_encoder
 from .heads import build_head
+from .losses import probabilities
 from .runtime import fuse
 
 
@@ -66,7 +67,7 @@ class FuseLabelNet(nn.Module):
         return self.head(self.encode(batch))
 
     def probabilities(self, logits: dict, image_present: torch.Tensor | None = None) -> torch.Tensor:
-        parts = {k: torch.sigmoid(v.float()) for k, v in logits.items()}
+        parts = {k: probabilities(v, self.config.task) for k, v in logits.items()}
         return combine_probabilities(parts, self.config.late_combine, self.late_weight, image_present)
 
 

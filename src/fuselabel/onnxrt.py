@@ -25,12 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .writers import atomic_path
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: two processes may export the same graph at once, each renaming a whole one
-    fcntl = None
+from .writers import atomic_path, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +72,10 @@ def _record(path: Path) -> str:
 
 def _intact(path: Path, record: Path) -> bool:
     try:
-        size, _ = record.read_text().split()
-        return path.stat().st_size == int(size) and _record(path) == record.read_text()
+        expected = record.read_text()
+        return path.stat().st_size == int(expected.split()[0]) and _record(path) == expected
     except (OSError, ValueError):
         return False
-
-
-@contextlib.contextmanager
-def _exclusive(lock: Path):
-    with open(lock, "a+b") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        yield
 
 
 def cached_graph(path: str | os.PathLike, export) -> Path:
@@ -99,7 +86,7 @@ def cached_graph(path: str | os.PathLike, export) -> Path:
     if _intact(path, record):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(path.with_name(f".{path.name}.lock")):
+    with file_lock(path.with_name(f".{path.name}.lock")):
         if _intact(path, record):  # exported by another process while this one waited
             return path
         if path.exists():

@@ -59,17 +59,21 @@ def kind_of(path: str | os.PathLike) -> str | None:
         return MODEL
     if (path / ONNX_MARKER).is_file():
         return ONNX
-    if (path / "index.html").is_file():
-        with open(path / "index.html", "rb") as f:
-            head = f.read(4096).decode("utf-8", "replace")
-        if any(marker in head for marker in REPORT_MARKERS):
-            return REPORT
+    if (path / "index.html").is_file() and is_report_page(path / "index.html"):
+        return REPORT
     if (path / WORK_MARKER).is_file():  # a model folder has one too, but is recognised above
         return WORK
     try:
         return "folder" if any(path.iterdir()) else None
     except OSError:
         return "folder"
+
+
+def is_report_page(path: Path) -> bool:
+    """Whether the HTML file at ``path`` is a page ``fuselabel report`` wrote (its head carries the marker)."""
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8", "replace")
+    return any(marker in head for marker in REPORT_MARKERS)
 
 
 def _same(a: Path, b: Path) -> bool:

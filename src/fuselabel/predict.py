@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import atomic_path, fsync_dir, pause_for_test, write_atomic
+from .cache import fsync_dir, pause_for_test, write_atomic
 from .images import ImageError
 from .runtime import STATUSES, WINDOW, Prediction
 from .tables import Columns, read_table
-from .writers import (atomic_write_text, output_format, probability_lines, submission_lines, table_prediction_lines,
-                      table_probability_lines, write_table_lines)
+from .writers import (atomic_path, atomic_write_text, output_format, probability_lines, submission_lines,
+                      table_prediction_lines, table_probability_lines, write_table_lines)
 
 log = logging.getLogger(__name__)
 
@@ -271,27 +271,24 @@ def _merge(parts: Path, n_chunks: int, records, tokens, trained: dict, out: Path
 
     course = records.table.get("format") == "course" and trained.get("format") in (None, "course")
     staged = []   # (temporary, final): both outputs are written whole first, then renamed together
-    try:
-        tmp = _stage(parts, out)
-        if course and output_format(out) == "csv":  # Kaggle's ImageID,Labels, exactly as the course expects
-            atomic_write_text(tmp, submission_lines(ids, label_rows()))
+
+    def write(final, course_lines, table_lines):
+        tmp, fmt = _stage(parts, final), output_format(final)
+        if course and fmt == "csv":   # the course's own layout (Kaggle's ImageID,Labels for the submission)
+            atomic_write_text(tmp, course_lines())
         else:
-            fmt = output_format(out)
-            write_table_lines(tmp, fmt, table_prediction_lines(
-                "jsonl" if fmt == "parquet" else fmt, ids, label_rows(),
-                id_col=records.table.get("id_col") or "ImageID", label_col=trained.get("label_col") or "Labels",
-                label_sep=trained.get("label_sep") or " "))
-        staged.append((tmp, Path(out)))
+            write_table_lines(tmp, fmt, table_lines(fmt))
+        staged.append((tmp, Path(final)))
+
+    id_col = records.table.get("id_col") or "ImageID"
+    try:
+        write(out, lambda: submission_lines(ids, label_rows()),
+              lambda fmt: table_prediction_lines(fmt, ids, label_rows(), id_col=id_col,
+                                                 label_col=trained.get("label_col") or "Labels",
+                                                 label_sep=trained.get("label_sep") or " "))
         if proba_out:
-            tmp = _stage(parts, proba_out)
-            if course and output_format(proba_out) == "csv":
-                atomic_write_text(tmp, probability_lines(ids, tokens, proba_rows()))
-            else:
-                fmt = output_format(proba_out)
-                write_table_lines(tmp, fmt, table_probability_lines(
-                    "jsonl" if fmt == "parquet" else fmt, ids, tokens, proba_rows(),
-                    id_col=records.table.get("id_col") or "ImageID"))
-            staged.append((tmp, Path(proba_out)))
+            write(proba_out, lambda: probability_lines(ids, tokens, proba_rows()),
+                  lambda fmt: table_probability_lines(fmt, ids, tokens, proba_rows(), id_col=id_col))
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)

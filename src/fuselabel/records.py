@@ -388,8 +388,11 @@ class _Parser:
         self.records.append(Record(image_id, caption, labels, line_no))
 
 
-def _bad_rows_message(path: Path, bad_rows: Sequence[BadRow]) -> str:
-    shown = "\n".join(f"  {b}" for b in bad_rows[:MAX_LISTED_BAD_ROWS])
+def bad_rows_message(path, bad_rows: Sequence[BadRow], unit: str = "line") -> str:
+    """The error for a table's bad rows, the first few listed; ``unit``: what the table counts (CSV lines, or
+    rows of a DataFrame or Parquet file)."""
+    shown = "\n".join(f"  {b}" if unit == "line" else f"  {Path(b.path).name} row {b.line}: {b.reason}: {b.text[:80]!r}"
+                      for b in bad_rows[:MAX_LISTED_BAD_ROWS])
     more = len(bad_rows) - MAX_LISTED_BAD_ROWS
     tail = f"\n  ... and {more} more" if more > 0 else ""
     return (f"{path}: {len(bad_rows)} bad row(s):\n{shown}{tail}\n"
@@ -441,7 +444,7 @@ def parse_records(text: str, path: str | os.PathLike[str] = "<text>", *, strict:
     parser = _Parser(path, lines, labelled)
     parser.run()
     if strict and parser.bad_rows:
-        raise RecordsError(_bad_rows_message(path, parser.bad_rows))
+        raise RecordsError(bad_rows_message(path, parser.bad_rows))
     return RecordSet(path=path, records=parser.records, bad_rows=parser.bad_rows, labelled=labelled)
 
 

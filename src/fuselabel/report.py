@@ -247,7 +247,8 @@ def compare(models: list[dict], truth_rows: list[list[str]]) -> dict:
         pred = np.asarray(m["pred"]).astype(np.uint8)
         if pred.shape != (n, len(m["labels"])):
             raise ValueError(f"{m['name']}: predictions {pred.shape} for {n} rows and {len(m['labels'])} labels")
-        truth = labels_to_matrix([[t for t in row if t in set(m["labels"])] for row in truth_rows], m["labels"])
+        known = set(m["labels"])
+        truth = labels_to_matrix([[t for t in row if t in known] for row in truth_rows], m["labels"])
         report = evaluate(truth, pred, m["labels"], dict(zip(m["labels"], m["names"])))
         scored.append({"name": m["name"], "mean_f1": report["mean_f1"], "averages": _averages(truth, pred),
                        "labels": len(m["labels"])})
@@ -674,16 +675,10 @@ def report_target(out, inputs=()) -> Path:
     if out.is_dir():
         raise outputs.OutputError(f"{out}: is a folder; --out names the HTML file to write, e.g. {out / 'report.html'}")
     outputs.check_output(out, outputs.FILE, inputs)
-    if kind == outputs.FILE and not _is_report_file(out):
+    if kind == outputs.FILE and not outputs.is_report_page(out):
         raise outputs.OutputError(f"{out}: already exists and is not a fuselabel report, which a report may not "
                                   "replace: choose a new path, or move the file away first")
     return out
-
-
-def _is_report_file(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4096).decode("utf-8", "replace")
-    return any(marker in head for marker in outputs.REPORT_MARKERS)
 
 
 def _write_page(page: str, out) -> Path:
@@ -789,9 +784,9 @@ def build_comparison(model_dirs, data_dir, table, out, *, split: str = "all", co
         if unseen:
             log.warning(f"{records.path}: label(s) {model_dir} never saw are left out of its scores: "
                         f"{', '.join(unseen[:10])}")
-        ids = [r.id for r in rows]
-        chosen = ids if chosen is None else [i for i in chosen if i in set(ids)]
-        models.append((model, {r.id: r for r in rows}))
+        by_id = {r.id: r for r in rows}
+        chosen = [r.id for r in rows] if chosen is None else [i for i in chosen if i in by_id]
+        models.append((model, by_id))
     if not chosen:
         raise ValueError(f"the models' {split} sides share no row of the table: compare them with --split all")
     entries, page_rows = [], None
@@ -799,8 +794,7 @@ def build_comparison(model_dirs, data_dir, table, out, *, split: str = "all", co
         rows = [by_id[i] for i in chosen]
         images = [str(Path(data_dir) / r.image_id) if r.image_id else None for r in rows]
         details = model.predict_details(images=images, captions=[r.caption for r in rows])
-        pred = decide(details.probs, model.thresholds_, model.bundle_.thresholds.get("ensure_nonempty", True),
-                      model.bundle_.config.task)
+        pred = details.predicted   # the model's own decision rule, as it predicts
         entries.append({"name": name, "labels": list(model.bundle_.labels), "names": list(model.label_names_),
                         "pred": pred})
         if page_rows is None:

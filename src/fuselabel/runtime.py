@@ -13,6 +13,7 @@ probabilities (NaN) and no labels. ``strict=True`` makes any missing input an er
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -229,14 +230,13 @@ def _image_window(engine: Engine, images: Sequence[ImageInput], image_dir, batch
 
 
 def encode_images(engine: Engine, images: Sequence[ImageInput], image_dir=None, *, batch_size: int = 16,
-                  workers: int | None = None, progress: bool = False, read_ahead: int | None = None
+                  workers: int | None = None, progress: bool = False
                   ) -> tuple[np.ndarray | None, np.ndarray, list[str | None]]:
     """The one image feature loop: (features (n, d), zeros where unusable; present (n,) bool; errors).
 
     The rows are cut into windows of ``WINDOW``; ``workers`` threads (default: the usable cores) each
     decode and encode whole windows with single-thread sessions, so decoding overlaps encoding and a
     window's numbers never depend on the number of workers. Memory holds a few windows of photos.
-    ``read_ahead`` is accepted for older callers and unused.
     """
     from tqdm.auto import tqdm
 
@@ -265,25 +265,9 @@ def encode_texts(engine: Engine, captions: Sequence[str], workers: int | None = 
     """Text features of many captions (training's frozen features): batches of similar length, as
     ``encode_by_length`` makes them, spread over ``workers`` threads (default: the usable cores)."""
     captions = list(captions)
-    order = np.argsort([len(c) for c in captions], kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    workers = min(_workers(workers), max(1, len(batches)))
-    run = lambda idx: engine.text_features([captions[j] for j in idx])   # noqa: E731
-    if workers == 1:
-        done = map(run, batches)
-    else:
-        pool = ThreadPoolExecutor(workers)
-        done = pool.map(run, batches)
-    out: np.ndarray | None = None
-    try:
-        for idx, feats in zip(batches, done):
-            if out is None:
-                out = np.zeros((len(captions), feats.shape[1]), dtype=np.float32)
-            out[idx] = feats
-    finally:
-        if workers > 1:
-            pool.shutdown()
-    return out if out is not None else np.zeros((0, engine.feature_dims.get("text", 0)), dtype=np.float32)
+    if not captions:
+        return np.zeros((0, engine.feature_dims.get("text", 0)), dtype=np.float32)
+    return encode_by_length(engine.text_features, captions, batch_size, workers=_workers(workers))
 
 
 def _over_windows(work, n: int, workers: int | None) -> Iterator[tuple[int, object]]:
@@ -524,16 +508,19 @@ class OnnxFolderEngine:
         return self.manifest["labels"]
 
 
-def encode_by_length(encode, captions: list[str], batch_size: int = 64) -> np.ndarray:
-    """``encode(list of captions) -> (b, d)`` in batches of similar length (little padding), in input order."""
+def encode_by_length(encode, captions: list[str], batch_size: int = 64, workers: int = 1) -> np.ndarray:
+    """``encode(list of captions) -> (b, d)`` in batches of similar length (little padding), in input order;
+    the batches spread over ``workers`` threads (the same batches whatever their number)."""
     order = np.argsort([len(c) for c in captions], kind="stable")
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    run = lambda idx: encode([captions[j] for j in idx])   # noqa: E731
+    workers = min(workers, max(1, len(batches)))
     out: np.ndarray | None = None
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        feats = encode([captions[j] for j in idx])
-        if out is None:
-            out = np.zeros((len(captions), feats.shape[1]), dtype=np.float32)
-        out[idx] = feats
+    with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for idx, feats in zip(batches, pool.map(run, batches) if pool else map(run, batches)):
+            if out is None:
+                out = np.zeros((len(captions), feats.shape[1]), dtype=np.float32)
+            out[idx] = feats
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 

@@ -61,6 +61,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 # Nothing that imports torch at module level (explain, export, engines): on a CPU the service starts and
 # predicts without it.
 from .bundle import folder_size, read_config
+from .config import SERVE_LIMITS
 from .estimator import FuseLabel
 from .images import ImageError, load_rgb
 from .runtime import gpu_driver_present
@@ -73,11 +74,7 @@ MAX_CAPTION_CHARS = 10_000   # far beyond any token limit; keeps tokenising on t
 WORK_PATHS = ("/predict", "/predict/batch", "/explain")   # the requests that admission control counts
 ROUTES = {"/", "/health", "/labels", "/info", "/metrics", "/docs", "/redoc", "/openapi.json", *WORK_PATHS}
 
-# The defaults of ``fuselabel serve``. A decoding photo costs 4 bytes a pixel (Pillow's RGB) before it is
-# reduced, so the service's pixel limit (lower than the library's 64 megapixels) times the decoding threads
-# bounds that memory: 2 x 25 MP x 4 B = 200 MB. A 24-megapixel camera photo still opens.
-DEFAULTS = dict(max_upload_mb=10.0, max_batch=32, max_megapixels=25.0, decode_workers=2, max_concurrency=4,
-                max_queue=32, queue_timeout=30.0, body_timeout=60.0)
+DEFAULTS = {key: default for key, (default, _) in SERVE_LIMITS.items()}   # the limits of ``fuselabel serve``
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")

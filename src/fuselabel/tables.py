@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .records import (MAX_LISTED_BAD_ROWS, BadRow, Record, RecordSet, RecordsError, decode_text, no_labels_error,
+from .records import (BadRow, Record, RecordSet, RecordsError, bad_rows_message, decode_text, no_labels_error,
                       parse_records)
 
 __all__ = ["FORMATS", "SPLITS", "Columns", "find_label_sep", "image_root", "read_table", "require_labels", "table_format", "table_spelling"]
@@ -302,6 +302,12 @@ def _cell_str(value) -> str:
     return value.strip() if isinstance(value, str) else str(value)
 
 
+def _snippet(row: dict) -> str:
+    """A bad row as its error shows it (built only for bad rows: most rows are good)."""
+    return json.dumps({k: _text(v)[:40] if not _is_list(v) else list(map(str, v))[:5] for k, v in row.items()},
+                      ensure_ascii=False)[:200]
+
+
 def _is_list(value) -> bool:
     return isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray"
 
@@ -389,7 +395,7 @@ def read_table(source, columns: Columns | None = None, *, trained: Mapping | Non
         return _course_table(course, columns, need_labels, strict)
     assert raw is not None
     if not raw.rows and raw.bad_rows and strict:
-        raise RecordsError(_bad_message(path, raw.bad_rows))
+        raise RecordsError(bad_rows_message(path, raw.bad_rows))
     image_col = _pick("photo", columns.image, raw.columns, [trained.get("image_col")], _IMAGE_NAMES, path,
                       "--image-col", required=True)
     if columns.text:
@@ -416,29 +422,27 @@ def read_table(source, columns: Columns | None = None, *, trained: Mapping | Non
         row_id = _cell_str(row.get(id_col))
         texts = [_text(row.get(c)) for c in text_cols]
         caption = "\n".join(t for t in texts if t.strip()) if len(texts) > 1 else texts[0]
-        snippet = json.dumps({k: _text(v)[:40] if not _is_list(v) else list(map(str, v))[:5]
-                              for k, v in row.items()}, ensure_ascii=False)[:200]
         if not row_id:
             what = "photo" if id_col == image_col else f"id ({id_col})"
             bad.append(BadRow(str(path), n, f"empty {what}: every row needs an id; name a column of unique ids "
-                                            "with --id-col", snippet))
+                                            "with --id-col", _snippet(row)))
             continue
         if row_id in first:
             bad.append(BadRow(str(path), n, f"duplicate {id_col} {row_id}, first at {raw.unit} {first[row_id]} "
                                             "(keep one of the two rows, or name a column of unique ids with --id-col)",
-                              snippet))
+                              _snippet(row)))
             continue
         try:
             labels = _split_labels(row.get(label_col), sep) if label_col else None
             split = _split_value(row.get(split_col), path, where) if split_col else None
         except RecordsError as err:
-            bad.append(BadRow(str(path), n, str(err).split(": ", 1)[-1], snippet))
+            bad.append(BadRow(str(path), n, str(err).split(": ", 1)[-1], _snippet(row)))
             continue
         first[row_id] = n
         records.append(Record(image, caption, labels, n, row_id=row_id if id_col != image_col else None,
                               split=split))
     if strict and bad:
-        raise RecordsError(_bad_message(path, bad, raw.unit))
+        raise RecordsError(bad_rows_message(path, bad, raw.unit))
     table = {"format": raw.format, "columns": raw.columns, "image_col": image_col, "text_cols": list(text_cols),
              "label_col": label_col, "id_col": id_col, "split_col": split_col, "label_sep": sep,
              "labels_as": ("list" if label_col and any(_is_list(r.get(label_col)) for r in raw.rows[:1000])
@@ -470,22 +474,13 @@ def _course_table(course: RecordSet, columns: Columns, need_labels: bool, strict
     if need_labels:
         require_labels(course)
     if strict and course.bad_rows:
-        raise RecordsError(_bad_message(course.path, course.bad_rows))
+        raise RecordsError(bad_rows_message(course.path, course.bad_rows))
     course.table = {"format": "course", "columns": ["ImageID", "Labels", "Caption"] if course.labelled
                     else ["ImageID", "Caption"], "image_col": "ImageID", "text_cols": ["Caption"],
                     "label_col": "Labels" if course.labelled else None, "id_col": "ImageID", "split_col": None,
                     "label_sep": " " if course.labelled else None, "labels_as": "field" if course.labelled else None,
                     "unit": "line"}
     return course
-
-
-def _bad_message(path: Path, bad_rows: Sequence[BadRow], unit: str = "line") -> str:
-    shown = "\n".join(f"  {b}" if unit == "line" else f"  {Path(b.path).name} row {b.line}: {b.reason}: {b.text[:80]!r}"
-                      for b in bad_rows[:MAX_LISTED_BAD_ROWS])
-    more = len(bad_rows) - MAX_LISTED_BAD_ROWS
-    tail = f"\n  ... and {more} more" if more > 0 else ""
-    return (f"{path}: {len(bad_rows)} bad row(s):\n{shown}{tail}\n"
-            "fix or remove these rows (`fuselabel inspect` lists every one)")
 
 
 def table_spelling(table: Mapping, vocab: Sequence[str]) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from .bundle import Bundle, save_bundle
-from .cache import atomic_path, pause_for_test, write_atomic
+from .cache import pause_for_test, write_atomic
+from .writers import atomic_path
 from .config import Config
 from .data import (FeatureDataset, LengthGroupedBatchSampler, PairDataset, TextCollate, build_transform,
                    default_workers, make_sampler, oversampling_weights, single_process, stratified_split)
@@ -341,8 +343,7 @@ def _work_folder(work_dir, out, resume: bool, fingerprint: dict):
     once the model is saved (one the caller named is kept)."""
     work = Path(work_dir) if work_dir else default_work_dir(out)
     record, last = work / "run.json", work / "checkpoints" / "last.ckpt"
-    if resume and record.exists():
-        check_resumable(work_dir, out, resume, fingerprint)
+    if resume and record.exists():   # already checked against this run's fingerprint (check_resumable)
         log.info(f"resuming from {work}" + (" (training had finished)" if (work / TRAINED).exists() else
                                             f", {'last checkpoint' if last.exists() else 'no checkpoint yet'}"))
     else:
@@ -454,9 +455,9 @@ def fit(config: Config, data_dir: str | Path, csv, out: str | Path, *,
     records = csv if isinstance(csv, RecordSet) else read_table(csv, columns, need_labels=True)
     require_labels(records, "training")
     if val is not None and not isinstance(val, RecordSet):
-        val_columns = Columns.of(label_sep=records.table.get("label_sep") or "none") if columns is None else \
-            Columns(columns.image, columns.text, columns.label, columns.id, None,
-                    columns.label_sep or records.table.get("label_sep") or "none")
+        given = columns or Columns()   # the validation table: the same columns, no split column of its own
+        val_columns = dataclasses.replace(given, split=None,
+                                          label_sep=given.label_sep or records.table.get("label_sep") or "none")
         val = read_table(val, val_columns, trained=records.table, need_labels=True)
     if len(records) + (len(val) if val is not None else 0) < 2:
         raise ValueError(f"{records.path}: {len(records)} row(s) after the header; training needs at least two "
@@ -482,7 +483,8 @@ def fit(config: Config, data_dir: str | Path, csv, out: str | Path, *,
     device = torch.device("cuda" if torch.cuda.is_available() and config.accelerator != "cpu" else "cpu")
     timings["setup_s"] = time.time() - t0
 
-    check_resumable(work_dir, out, resume, _run_fingerprint(config, records))
+    fingerprint = _run_fingerprint(config, records)
+    check_resumable(work_dir, out, resume, fingerprint)
     if regime in ("frozen", "hybrid"):
         # Frozen encoders are stored rounded to save_dtype: the heads learn on, and are tuned with, the features
         # of the encoders that predictions will run.
@@ -499,7 +501,7 @@ def fit(config: Config, data_dir: str | Path, csv, out: str | Path, *,
     module = FuseLabelModule(net, config, pos_weight)
     module.image_source = getattr(train_loader.dataset, "image_source", None)  # image cache, if any
     module.set_trainable(image=regime == "finetune", text=regime in ("finetune", "hybrid"))
-    with _work_folder(work_dir, out, resume, _run_fingerprint(config, records)) as (work, last):
+    with _work_folder(work_dir, out, resume, fingerprint) as (work, last):
         checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=work / "checkpoints", monitor="val_f1", mode="max",
                                                          save_top_k=1, filename="best", save_last=True,
                                                          enable_version_counter=False)
@@ -551,7 +553,7 @@ def fit(config: Config, data_dir: str | Path, csv, out: str | Path, *,
         report = evaluate(val_labels, pred, vocab, names)
         report["threshold_method"] = thresholds["method"]
         if config.task == "multiclass":
-            report["accuracy"] = float((pred == val_labels.astype(bool)).all(axis=1).mean())
+            report["accuracy"] = report["exact_match"]   # one label a row: every label right
         timings["tune_s"] = time.time() - t3
         timings["total_s"] = time.time() - t0
 

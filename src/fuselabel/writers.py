@@ -7,6 +7,7 @@ leaves an existing file as it was: nothing already written is lost.
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import csv
 import io
 import itertools
@@ -14,7 +15,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,15 @@ import numpy as np
 from .labels import vocab_index
 from .records import LABEL_TOKEN_RE, Record, RecordSet, parse_records
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks; writes stay atomic, two writers may only do the same work twice
+    fcntl = None
+
 __all__ = [
     "atomic_path",
     "fsync_dir",
+    "file_lock",
     "atomic_write_text",
     "ordinary_permissions",
     "output_format",
@@ -44,7 +51,7 @@ def _check_id(image_id: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], before_rename: Callable[[], None] | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """The one way anything is written in place of something: a temporary path beside ``path`` (nothing there
     yet); whatever the block writes there, a file or a folder, is synced and renamed onto ``path`` when the
     block succeeds, and removed when it fails.
@@ -52,7 +59,6 @@ def atomic_path(path: str | os.PathLike[str], before_rename: Callable[[], None] 
     Beside the target, so the rename stays on one file system: readers see either the old thing or the
     complete new one, and an error at any point leaves the old one untouched. A file gets the permissions of
     the file it replaces, or ordinary ones (:func:`ordinary_permissions`), never a temporary's 0600.
-    ``before_rename`` runs just before the rename (a test hook).
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
@@ -67,8 +73,6 @@ def atomic_path(path: str | os.PathLike[str], before_rename: Callable[[], None] 
                 os.chmod(tmp, path.stat().st_mode & 0o7777)
             except FileNotFoundError:
                 ordinary_permissions(tmp)
-        if before_rename is not None:
-            before_rename()
         os.replace(tmp, path)
         fsync_dir(directory)
     finally:
@@ -76,6 +80,20 @@ def atomic_path(path: str | os.PathLike[str], before_rename: Callable[[], None] 
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists() or tmp.is_symlink():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, shared: bool = False):
+    """``flock`` on ``path`` (created if absent): exclusive for writers, shared for readers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -288,7 +306,7 @@ def table_prediction_lines(fmt: str, ids: Sequence[str], label_sets: Iterable[Se
                            label_col: str, label_sep: str) -> Iterator[str]:
     """Lines of a predictions table in the user's spelling: the id column and the label column, labels joined
     by the training separator (CSV, TSV) or as a list (JSON Lines)."""
-    if fmt == "jsonl":
+    if fmt in ("jsonl", "parquet"):   # a Parquet file is written from the JSON lines
         for row_id, labels in zip(ids, label_sets):
             yield json.dumps({id_col: row_id, label_col: list(labels)}, ensure_ascii=False) + "\n"
         return
@@ -307,7 +325,7 @@ def table_probability_lines(fmt: str, ids: Sequence[str], vocab: Sequence[str], 
     def cells(row):
         return [None if p != p else round(p, 6) for p in np.asarray(row, dtype=np.float64).tolist()]
 
-    if fmt == "jsonl":
+    if fmt in ("jsonl", "parquet"):   # a Parquet file is written from the JSON lines
         for row_id, (row, status) in zip(ids, rows):
             yield json.dumps({id_col: row_id, **dict(zip(vocab, cells(row))), "input": status},
                              ensure_ascii=False) + "\n"
