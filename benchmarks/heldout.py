@@ -27,18 +27,17 @@ from pathlib import Path
 import numpy as np
 
 from fuselabel.cli import _kv
-from fuselabel.records import resolve_data
 from fuselabel.config import build_config
 from fuselabel.data import stratified_split
-from fuselabel.metrics import mean_f1
 from fuselabel.estimator import FuseLabel
+from fuselabel.labels import label_vocabulary, labels_to_matrix
 from fuselabel.metrics import evaluate as evaluate_sets
+from fuselabel.metrics import mean_f1
+from fuselabel.records import read_records, resolve_data
 from fuselabel.runtime import Prediction
 from fuselabel.thresholds import apply_thresholds
-from fuselabel.labels import label_vocabulary, labels_to_matrix
-from fuselabel.records import read_records
-from fuselabel.writers import write_rows
 from fuselabel.train import fit
+from fuselabel.writers import write_rows
 
 
 def main(argv=None) -> int:
@@ -68,8 +67,10 @@ def main(argv=None) -> int:
     baseline_pred = np.zeros_like(y[test_idx])
     baseline_pred[:, top] = 1
     baseline = mean_f1(y[test_idx], baseline_pred)
-    print(f"{len(dev_idx)} development rows, {len(test_idx)} held-out rows; baseline (always label "
-          f"{vocab[top]}) held-out mean F1 = {baseline:.4f}")
+    print(
+        f"{len(dev_idx)} development rows, {len(test_idx)} held-out rows; baseline (always label "
+        f"{vocab[top]}) held-out mean F1 = {baseline:.4f}"
+    )
 
     results = []
     runtime = {"cache_dir": args.cache_dir} if args.cache_dir else {}
@@ -92,23 +93,36 @@ def main(argv=None) -> int:
         truth = labels_to_matrix(held.label_sets, bundle.labels)
         report = evaluate_sets(truth, pred.predicted, bundle.labels)
         # Every rule tuned on validation, scored on the untouched rows: which tuning holds up.
-        by_method = {m: mean_f1(truth, apply_thresholds(probs, np.asarray(alt["thresholds"])))
-                     for m, alt in bundle.thresholds["alternatives"].items()}
-        row = {"preset": preset, "settings": overrides, "heldout_mean_f1": report["mean_f1"],
-               "heldout_micro_f1": report["micro_f1"], "heldout_macro_f1": report["macro_f1"],
-               "heldout_by_threshold_method": by_method, "val_mean_f1": result.report["mean_f1"],
-               "val_alternatives": {k: v["val_mean_f1"] for k, v in result.thresholds["alternatives"].items()},
-               "train_s": train_s, "timings": result.timings, "predict_heldout_s": eval_s,
-               "model_mb": result.size_bytes / 1e6, "baseline_mean_f1": baseline}
+        by_method = {
+            m: mean_f1(truth, apply_thresholds(probs, np.asarray(alt["thresholds"])))
+            for m, alt in bundle.thresholds["alternatives"].items()
+        }
+        row = {
+            "preset": preset,
+            "settings": overrides,
+            "heldout_mean_f1": report["mean_f1"],
+            "heldout_micro_f1": report["micro_f1"],
+            "heldout_macro_f1": report["macro_f1"],
+            "heldout_by_threshold_method": by_method,
+            "val_mean_f1": result.report["mean_f1"],
+            "val_alternatives": {k: v["val_mean_f1"] for k, v in result.thresholds["alternatives"].items()},
+            "train_s": train_s,
+            "timings": result.timings,
+            "predict_heldout_s": eval_s,
+            "model_mb": result.size_bytes / 1e6,
+            "baseline_mean_f1": baseline,
+        }
         results.append(row)
         print(json.dumps(row, indent=2))
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     print()
     for r in results:
-        print(f"HELDOUT {r['preset']} mean F1 = {r['heldout_mean_f1']:.4f} (validation {r['val_mean_f1']:.4f}, "
-              f"train {r['train_s']:.0f} s, {r['model_mb']:.1f} MB); baseline = {r['baseline_mean_f1']:.4f} "
-              f"(+{r['heldout_mean_f1'] - r['baseline_mean_f1']:.4f})")
+        print(
+            f"HELDOUT {r['preset']} mean F1 = {r['heldout_mean_f1']:.4f} (validation {r['val_mean_f1']:.4f}, "
+            f"train {r['train_s']:.0f} s, {r['model_mb']:.1f} MB); baseline = {r['baseline_mean_f1']:.4f} "
+            f"(+{r['heldout_mean_f1'] - r['baseline_mean_f1']:.4f})"
+        )
     return 0
 
 

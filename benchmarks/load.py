@@ -37,10 +37,39 @@ import httpx
 import numpy as np
 from PIL import Image
 
-MIX = {"photo+caption": 30, "caption only": 12, "photo only": 12, "batch of 8": 4, "explain": 2,
-       "oversized upload": 10, "not an image": 10, "empty form": 10, "very long caption": 10}
-WORDS = ["a", "man", "woman", "dog", "cat", "riding", "skateboard", "street", "kite", "beach", "red", "car", "bus",
-         "train", "table", "pizza", "sitting", "on", "next", "to"]
+MIX = {
+    "photo+caption": 30,
+    "caption only": 12,
+    "photo only": 12,
+    "batch of 8": 4,
+    "explain": 2,
+    "oversized upload": 10,
+    "not an image": 10,
+    "empty form": 10,
+    "very long caption": 10,
+}
+WORDS = [
+    "a",
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "riding",
+    "skateboard",
+    "street",
+    "kite",
+    "beach",
+    "red",
+    "car",
+    "bus",
+    "train",
+    "table",
+    "pizza",
+    "sitting",
+    "on",
+    "next",
+    "to",
+]
 
 
 def free_port() -> int:
@@ -77,7 +106,7 @@ def rss_bytes(pid: int) -> int | None:
     if psutil is not None:
         try:
             return psutil.Process(pid).memory_info().rss
-        except psutil.Error:   # the process is gone
+        except psutil.Error:  # the process is gone
             return None
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -125,11 +154,15 @@ class Requests:
         if kind == "batch of 8":
             import base64
 
-            items = [{"caption": self.caption(rng), "image_base64": base64.b64encode(rng.choice(self.photos)).decode()}
-                     for _ in range(8)]
+            items = [
+                {"caption": self.caption(rng), "image_base64": base64.b64encode(rng.choice(self.photos)).decode()}
+                for _ in range(8)
+            ]
             return http.post("/predict/batch", json=items)
         if kind == "explain":
-            return http.post("/explain", files=self.files(rng), data={"caption": self.caption(rng), "label": self.label})
+            return http.post(
+                "/explain", files=self.files(rng), data={"caption": self.caption(rng), "label": self.label}
+            )
         if kind == "oversized upload":
             return http.post("/predict", files=self.files(rng, os.urandom(1024) * (self.max_upload_bytes // 1024 + 64)))
         if kind == "not an image":
@@ -169,8 +202,9 @@ def percentile(values: list[float], q: float) -> float:
 def drive(args, base: str, photos: list[bytes], pid: int) -> tuple[list, float, list]:
     """Send the requests; returns ([(kind, status, seconds)], elapsed seconds, [(t, rss bytes)])."""
     info = httpx.get(f"{base}/info").json()
-    requests = Requests(photos, str(info["labels"][0]["id"]), int(args.max_upload_mb * 1e6),
-                        info["limits"]["max_caption_chars"])
+    requests = Requests(
+        photos, str(info["labels"][0]["id"]), int(args.max_upload_mb * 1e6), info["limits"]["max_caption_chars"]
+    )
     kinds = random.Random(args.seed).choices(list(MIX), weights=list(MIX.values()), k=args.requests)
     local = threading.local()
     results: list[tuple[str, int | str, float]] = []
@@ -181,10 +215,12 @@ def drive(args, base: str, photos: list[bytes], pid: int) -> tuple[list, float, 
             local.http = httpx.Client(base_url=base, timeout=300)
         t0 = time.perf_counter()
         try:
-            status: int | str = requests.send(local.http, kinds[i], random.Random(args.seed * 1_000_003 + i)).status_code
+            status: int | str = requests.send(
+                local.http, kinds[i], random.Random(args.seed * 1_000_003 + i)
+            ).status_code
         except httpx.HTTPError as err:
             status = f"failed ({type(err).__name__})"
-            local.http = httpx.Client(base_url=base, timeout=300)   # the connection may be gone
+            local.http = httpx.Client(base_url=base, timeout=300)  # the connection may be gone
         with lock:
             results.append((kinds[i], status, time.perf_counter() - t0))
 
@@ -211,9 +247,13 @@ def stop(proc: subprocess.Popen) -> int | str:
 
 def report(model_id: str, clients: int, results: list, elapsed: float, samples: list, code) -> int:
     latencies = [r[2] for r in results]
-    print(f"model {model_id}: {len(results)} requests from {clients} clients in {elapsed:.1f} s "
-          f"= {len(results) / elapsed:.1f} requests/s")
-    print(f"latency (all): p50 {1000 * percentile(latencies, 50):.0f} ms, p99 {1000 * percentile(latencies, 99):.0f} ms")
+    print(
+        f"model {model_id}: {len(results)} requests from {clients} clients in {elapsed:.1f} s "
+        f"= {len(results) / elapsed:.1f} requests/s"
+    )
+    print(
+        f"latency (all): p50 {1000 * percentile(latencies, 50):.0f} ms, p99 {1000 * percentile(latencies, 99):.0f} ms"
+    )
     by_kind: dict[str, list] = defaultdict(list)
     for kind, status, seconds in results:
         by_kind[kind].append((status, seconds))
@@ -224,16 +264,20 @@ def report(model_id: str, clients: int, results: list, elapsed: float, samples: 
             continue
         times = [s for _, s in rows]
         counts = Counter(str(st) for st, _ in rows)
-        print(f"{kind:20s} {len(rows):5d} {1000 * percentile(times, 50):8.0f} {1000 * percentile(times, 99):8.0f}  "
-              + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+        print(
+            f"{kind:20s} {len(rows):5d} {1000 * percentile(times, 50):8.0f} {1000 * percentile(times, 99):8.0f}  "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        )
     totals = Counter(str(st) for _, st, _ in results)
     print("statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(totals.items())))
     if samples:
         mib = [rss / 2**20 for _, rss in samples]
         step = max(1, len(mib) // 10)
         trace = ", ".join(f"{t:.0f}s {rss / 2**20:.0f}" for t, rss in samples[::step])
-        print(f"server resident memory (MiB): start {mib[0]:.0f}, peak {max(mib):.0f}, end {mib[-1]:.0f}; "
-              f"over time: {trace}")
+        print(
+            f"server resident memory (MiB): start {mib[0]:.0f}, peak {max(mib):.0f}, end {mib[-1]:.0f}; "
+            f"over time: {trace}"
+        )
     print(f"server exit status after SIGTERM: {code}")
     bad = sum(v for k, v in totals.items() if not k.isdigit() or int(k) >= 500)
     if bad or code != 0:

@@ -26,12 +26,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
-from fuselabel import FuseLabel, runtime  # noqa: E402
-from fuselabel.images import eval_pixels, load_rgb, open_image  # noqa: E402
-from fuselabel.records import read_records, resolve_data  # noqa: E402
+from fuselabel import FuseLabel, runtime
+from fuselabel.images import eval_pixels, load_rgb, open_image
+from fuselabel.records import read_records, resolve_data
 
 PHONE = (4032, 3024)
 
@@ -77,27 +77,35 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     image_dir, csv = resolve_data(args.data, args.csv)
-    records = read_records(csv).records[args.skip:args.skip + args.rows]
+    records = read_records(csv).records[args.skip : args.skip + args.rows]
     course = [image_dir / r.image_id for r in records]
     captions = [r.caption for r in records]
     model = FuseLabel.from_pretrained(args.model)
     data_config = model.bundle_.preprocessing
     side = data_config["input_size"][-1]
-    print(f"{len(records)} rows; model {Path(args.model).name}: {model.config.image_model} at {side} px "
-          f"(crop_pct {data_config.get('crop_pct')}); {os.cpu_count()} cores", flush=True)
+    print(
+        f"{len(records)} rows; model {Path(args.model).name}: {model.config.image_model} at {side} px "
+        f"(crop_pct {data_config.get('crop_pct')}); {os.cpu_count()} cores",
+        flush=True,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         phone = phone_copies(course, Path(tmp))
         mb = sum(p.stat().st_size for p in phone) / len(phone) / 1e6
-        print(f"made {len(phone)} copies of {PHONE[0]} x {PHONE[1]} ({mb:.1f} MB each) in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        print(
+            f"made {len(phone)} copies of {PHONE[0]} x {PHONE[1]} ({mb:.1f} MB each) in "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
 
-        decode = {"course, every pixel": decode_rate(course, data_config, None),
-                  "12 MP, every pixel": decode_rate(phone, data_config, None),
-                  "12 MP, for the model's size": decode_rate(phone, data_config, data_config)}
+        decode = {
+            "course, every pixel": decode_rate(course, data_config, None),
+            "12 MP, every pixel": decode_rate(phone, data_config, None),
+            "12 MP, for the model's size": decode_rate(phone, data_config, data_config),
+        }
 
-        model.predict_details(images=[str(p) for p in phone[:16]], captions=captions[:16])   # warm-up
+        model.predict_details(images=[str(p) for p in phone[:16]], captions=captions[:16])  # warm-up
         course_rate, course_sets = predict_rate(model, course, captions)
         phone_rate, phone_sets = predict_rate(model, phone, captions)
         original = runtime.open_image
@@ -117,9 +125,11 @@ def main(argv=None) -> int:
     print("\n(b) predict_details, rows/s (loading excluded); label sets as on the course photos")
     print(f"| {'photos':<40} | {'rows/s':>6} | {'vs course':>9} | {'same labels':>11} |")
     print(f"|{'-' * 42}|{'-' * 7}:|{'-' * 10}:|{'-' * 12}:|")
-    for name, rate, sets in (("course photos", course_rate, course_sets),
-                             ("12 MP copies, every pixel (baseline)", full_rate, full_sets),
-                             ("12 MP copies, decoded for the model", phone_rate, phone_sets)):
+    for name, rate, sets in (
+        ("course photos", course_rate, course_sets),
+        ("12 MP copies, every pixel (baseline)", full_rate, full_sets),
+        ("12 MP copies, decoded for the model", phone_rate, phone_sets),
+    ):
         print(f"| {name:<40} | {rate:6.1f} | {course_rate / rate:8.2f}x | {agree(sets):>11} |")
     return 0
 

@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from fuselabel.export import export_cached
+from fuselabel.images import normalise, pixel_table
 from fuselabel.predict import OnnxModel
 from fuselabel.records import read_records, resolve_data
 from fuselabel.runtime import WINDOW, encode_images, is_onnx_folder, read_photos_uint8, usable_cores
-from fuselabel.images import normalise, pixel_table
 from fuselabel.writers import write_rows
 
 
@@ -49,14 +49,15 @@ def cpu(fn):
 def stages(engine, predictor, records, image_dir, batch: int = 16) -> dict:
     """CPU seconds a row of each stage, each alone on one thread."""
     n = len(records)
-    (pixels, _), decode = cpu(lambda: read_photos_uint8([r.image_id for r in records], image_dir,
-                                                        engine.data_config, workers=1))
+    (pixels, _), decode = cpu(
+        lambda: read_photos_uint8([r.image_id for r in records], image_dir, engine.data_config, workers=1)
+    )
     table = pixel_table(engine.data_config)
     ok = [p for p in pixels if p is not None]
     lookup = image_s = 0.0
     image_feat = []
-    for i in range(0, len(ok), batch):   # one batch of floats at a time, as prediction holds them
-        x, s = cpu(lambda: normalise(np.stack(ok[i:i + batch]), table))
+    for i in range(0, len(ok), batch):  # one batch of floats at a time, as prediction holds them
+        x, s = cpu(lambda: normalise(np.stack(ok[i : i + batch]), table))
         lookup += s
 
         def encode():
@@ -70,13 +71,20 @@ def stages(engine, predictor, records, image_dir, batch: int = 16) -> dict:
         image_feat.append(f)
     image_feat = np.concatenate(image_feat)
     captions = [r.caption for r in records]
-    text_feat, text_s = cpu(lambda: np.concatenate([engine.text_features(captions[lo:lo + WINDOW])
-                                                   for lo in range(0, n, WINDOW)]))
+    text_feat, text_s = cpu(
+        lambda: np.concatenate([engine.text_features(captions[lo : lo + WINDOW]) for lo in range(0, n, WINDOW)])
+    )
     present = np.ones(n, bool)
-    _, heads_s = cpu(lambda: predictor.predict_features({"image_feat": image_feat, "text_feat": text_feat},
-                                                        present, present))
-    return {"decode and resize": decode / n, "uint8 -> float": lookup / n, "image encoder": image_s / n,
-            "text encoder": text_s / n, "heads and fusion": heads_s / n}
+    _, heads_s = cpu(
+        lambda: predictor.predict_features({"image_feat": image_feat, "text_feat": text_feat}, present, present)
+    )
+    return {
+        "decode and resize": decode / n,
+        "uint8 -> float": lookup / n,
+        "image encoder": image_s / n,
+        "text encoder": text_s / n,
+        "heads and fusion": heads_s / n,
+    }
 
 
 def command(src: str | None, model, data, csv, out: Path) -> tuple[float, float, str, float]:
@@ -87,9 +95,26 @@ def command(src: str | None, model, data, csv, out: Path) -> tuple[float, float,
         env["PYTHONPATH"] = src
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "fuselabel.cli", "predict", str(model), "--data", str(data),
-                           "--csv", str(csv), "--out", str(out), "--proba", str(out.with_suffix(".proba.csv"))],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fuselabel.cli",
+            "predict",
+            str(model),
+            "--data",
+            str(data),
+            "--csv",
+            str(csv),
+            "--out",
+            str(out),
+            "--proba",
+            str(out.with_suffix(".proba.csv")),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
@@ -103,9 +128,11 @@ def start_times(model, data, one_csv: Path) -> dict:
     """Wall seconds of the other commands that start on one row, each a fresh process: ``evaluate`` (from the
     exported copy, as on any CPU), ``inspect``, and the service's model loading (``serve.Model``, everything
     before the port opens)."""
-    runs = {"evaluate": ["-m", "fuselabel.cli", "evaluate", str(model), "--data", str(data), "--csv", str(one_csv)],
-            "inspect": ["-m", "fuselabel.cli", "inspect", "--data", str(data), "--csv", str(one_csv)],
-            "serve": ["-c", f"from fuselabel.serve import Model; Model({str(model)!r})"]}
+    runs = {
+        "evaluate": ["-m", "fuselabel.cli", "evaluate", str(model), "--data", str(data), "--csv", str(one_csv)],
+        "inspect": ["-m", "fuselabel.cli", "inspect", "--data", str(data), "--csv", str(one_csv)],
+        "serve": ["-c", f"from fuselabel.serve import Model; Model({str(model)!r})"],
+    }
     out = {}
     for name, args in runs.items():
         t0 = time.perf_counter()
@@ -123,8 +150,11 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", help="table (default DATA/train.csv); its first --rows rows are used")
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--baseline-src", help="another fuselabel's src folder, run on the same rows for comparison")
-    ap.add_argument("--other-model", help="a second model (say, --preset cpu-int8) timed the same way in the same "
-                                          "run, with the ratio of its rows/s to the first's")
+    ap.add_argument(
+        "--other-model",
+        help="a second model (say, --preset cpu-int8) timed the same way in the same "
+        "run, with the ratio of its rows/s to the first's",
+    )
     ap.add_argument("--skip-features", action="store_true", help="leave out the training feature loop")
     args = ap.parse_args(argv)
 
@@ -142,7 +172,7 @@ def main(argv=None) -> int:
 
     limits = {}
     for label, path in [("model", args.model)] + ([("other", args.other_model)] if args.other_model else []):
-        folder = path if is_onnx_folder(path) else export_cached(path)   # exported before anything is timed
+        folder = path if is_onnx_folder(path) else export_cached(path)  # exported before anything is timed
         model = OnnxModel(folder, workers=1)
         engine, predictor = model.engine, model.predictor()
         per_row = stages(engine, predictor, rows, image_dir)
@@ -158,21 +188,28 @@ def main(argv=None) -> int:
     limit = limits["model"]
 
     results = {}
-    runs = [("new", None, args.model)] + ([("baseline", args.baseline_src, args.model)] if args.baseline_src else []) \
+    runs = (
+        [("new", None, args.model)]
+        + ([("baseline", args.baseline_src, args.model)] if args.baseline_src else [])
         + ([("other", None, args.other_model)] if args.other_model else [])
+    )
     for name, src, path in runs:
         wall, alone, line, used = command(src, path, args.data, rows_csv, work / f"{name}.csv")
         one_wall, _, _, _ = command(src, path, args.data, one_csv, work / f"{name}-one.csv")
         results[name] = (wall, alone, one_wall)
         limit = limits["other" if name == "other" else "model"]
         # Outside load shows as fewer cores used; the pipeline's own overhead as CPU beyond the stages' sum.
-        print(f"CPU {name}: {used:.1f} s for {len(rows)} rows ({used / wall:.2f} cores busy on average; "
-              f"{len(rows) * cores / limit / used * 100:.0f} % of it the stages' own CPU)")
-        print(f"PREDICT {name}: {len(rows) / wall:.1f} rows/s with start-up ({100 * len(rows) / wall / limit:.0f} % "
-              f"of the limit), {len(rows) / alone:.1f} rows/s without ({100 * len(rows) / alone / limit:.0f} %); "
-              f"start-up {wall - alone:.1f} s  [{line}]")
+        print(
+            f"CPU {name}: {used:.1f} s for {len(rows)} rows ({used / wall:.2f} cores busy on average; "
+            f"{len(rows) * cores / limit / used * 100:.0f} % of it the stages' own CPU)"
+        )
+        print(
+            f"PREDICT {name}: {len(rows) / wall:.1f} rows/s with start-up ({100 * len(rows) / wall / limit:.0f} % "
+            f"of the limit), {len(rows) / alone:.1f} rows/s without ({100 * len(rows) / alone / limit:.0f} %); "
+            f"start-up {wall - alone:.1f} s  [{line}]"
+        )
         print(f"ONE_ROW {name}: {one_wall:.2f} s")
-    if not is_onnx_folder(args.model):   # evaluate and the service take a model folder
+    if not is_onnx_folder(args.model):  # evaluate and the service take a model folder
         for name, s in start_times(args.model, args.data, one_csv).items():
             print(f"START {name}: {s:.2f} s")
     if "baseline" in results:
@@ -183,20 +220,26 @@ def main(argv=None) -> int:
             a = np.genfromtxt(work / "new.proba.csv", delimiter=",", skip_header=1)[:, 1:-1]
             b = np.genfromtxt(work / "baseline.proba.csv", delimiter=",", skip_header=1)[:, 1:-1]
             print(f"  largest probability difference {np.nanmax(np.abs(a - b)):.2e}")
-        print(f"SPEED-UP new/baseline: {results['baseline'][0] / results['new'][0]:.2f}x with start-up, "
-              f"{results['baseline'][1] / results['new'][1]:.2f}x without")
+        print(
+            f"SPEED-UP new/baseline: {results['baseline'][0] / results['new'][0]:.2f}x with start-up, "
+            f"{results['baseline'][1] / results['new'][1]:.2f}x without"
+        )
 
     if "other" in results:
-        print(f"RATIO other/model rows/s: {results['new'][0] / results['other'][0]:.2f}x with start-up, "
-              f"{results['new'][1] / results['other'][1]:.2f}x without; limits {limits['other'] / limits['model']:.2f}x")
+        print(
+            f"RATIO other/model rows/s: {results['new'][0] / results['other'][0]:.2f}x with start-up, "
+            f"{results['new'][1] / results['other'][1]:.2f}x without; limits {limits['other'] / limits['model']:.2f}x"
+        )
     limit = limits["model"]
     if not args.skip_features:
         image_limit = cores / (per_row["decode and resize"] + per_row["uint8 -> float"] + per_row["image encoder"])
         t0 = time.perf_counter()
         encode_images(engine, [r.image_id for r in rows], image_dir)
         rate = len(rows) / (time.perf_counter() - t0)
-        print(f"FEATURES {rate:.1f} photos/s on {cores} workers, limit {image_limit:.1f} "
-              f"({100 * rate / image_limit:.0f} %)")
+        print(
+            f"FEATURES {rate:.1f} photos/s on {cores} workers, limit {image_limit:.1f} "
+            f"({100 * rate / image_limit:.0f} %)"
+        )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average {load:.2f} at the end")
     return 0

@@ -27,8 +27,24 @@ def predict(model, data, table, out, proba, chunk_size, pause=None) -> float:
     env = {k: v for k, v in os.environ.items() if k != "FUSELABEL_TEST_PAUSE_AT"}
     if pause:
         env["FUSELABEL_TEST_PAUSE_AT"] = pause
-    cmd = [sys.executable, "-m", "fuselabel.cli", "predict", str(model), "--data", str(data), "--csv", str(table),
-           "--out", str(out), "--proba", str(proba), "--chunk-size", str(chunk_size), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fuselabel.cli",
+        "predict",
+        str(model),
+        "--data",
+        str(data),
+        "--csv",
+        str(table),
+        "--out",
+        str(out),
+        "--proba",
+        str(proba),
+        "--chunk-size",
+        str(chunk_size),
+        "--quiet",
+    ]
     t0 = time.time()
     if not pause:
         subprocess.run(cmd, env=env, check=True, capture_output=True)
@@ -58,11 +74,19 @@ def main() -> None:
         chunks = -(-min(args.rows, len(records)) // args.chunk_size)
         kill_after = max(1, int(chunks * args.kill_at))
         whole = predict(args.model, data, tmp / "rows.csv", tmp / "whole.csv", tmp / "whole-p.csv", args.chunk_size)
-        killed = predict(args.model, data, tmp / "rows.csv", tmp / "sub.csv", tmp / "sub-p.csv", args.chunk_size,
-                         pause=f"predict-chunk:{kill_after}")
+        killed = predict(
+            args.model,
+            data,
+            tmp / "rows.csv",
+            tmp / "sub.csv",
+            tmp / "sub-p.csv",
+            args.chunk_size,
+            pause=f"predict-chunk:{kill_after}",
+        )
         rerun = predict(args.model, data, tmp / "rows.csv", tmp / "sub.csv", tmp / "sub-p.csv", args.chunk_size)
-        same = ((tmp / "sub.csv").read_bytes() == (tmp / "whole.csv").read_bytes()
-                and (tmp / "sub-p.csv").read_bytes() == (tmp / "whole-p.csv").read_bytes())
+        same = (tmp / "sub.csv").read_bytes() == (tmp / "whole.csv").read_bytes() and (
+            tmp / "sub-p.csv"
+        ).read_bytes() == (tmp / "whole-p.csv").read_bytes()
         left = sorted(p.name for p in tmp.iterdir() if p.name.startswith("."))
     print(f"{'run':<34} {'seconds':>8}")
     print(f"{'whole (baseline)':<34} {whole:>8.1f}")

@@ -48,8 +48,23 @@ def head(csv: Path, rows: int, out: Path) -> Path:
 
 def run(model: str, images: Path, csv: Path, out: Path, *extra: str) -> dict:
     """One ``fuselabel predict`` in its own process: wall seconds and peak RSS (the kernel's ru_maxrss)."""
-    cmd = [sys.executable, "-m", "fuselabel.cli", "predict", model, "--data", str(images), "--csv", str(csv),
-           "--out", str(out), "--proba", str(out.with_suffix(".proba.csv")), "--quiet", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fuselabel.cli",
+        "predict",
+        model,
+        "--data",
+        str(images),
+        "--csv",
+        str(csv),
+        "--out",
+        str(out),
+        "--proba",
+        str(out.with_suffix(".proba.csv")),
+        "--quiet",
+        *extra,
+    ]
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -80,17 +95,21 @@ def main() -> None:
         big = run(args.model, tmp / "set" / "data", big_csv, tmp / "big.out.csv")
         # Rows are computed in windows of 64; the small CSV's last window may be partial, the big one's is not.
         full = args.small // 64 * 64 + 1
-        same_prefix = (tmp / "big.out.proba.csv").read_text().splitlines()[:full] == \
-            (tmp / "small.out.proba.csv").read_text().splitlines()[:full]
-        same_whole = (tmp / "small.out.csv").read_bytes() == (tmp / "whole.out.csv").read_bytes() and \
-            (tmp / "small.out.proba.csv").read_bytes() == (tmp / "whole.out.proba.csv").read_bytes()
+        same_prefix = (tmp / "big.out.proba.csv").read_text().splitlines()[:full] == (
+            tmp / "small.out.proba.csv"
+        ).read_text().splitlines()[:full]
+        same_whole = (tmp / "small.out.csv").read_bytes() == (tmp / "whole.out.csv").read_bytes() and (
+            tmp / "small.out.proba.csv"
+        ).read_bytes() == (tmp / "whole.out.proba.csv").read_bytes()
     print(f"model {args.model}")
     print(f"{'rows':>8} {'seconds':>9} {'rows/s':>8} {'peak RSS MB':>12}")
     for n, r in ((args.small, small), (args.small, whole), (args.rows, big)):
         print(f"{n:>8} {r['seconds']:>9.1f} {n / r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f}")
     print(f"peak memory ratio {args.rows} / {args.small} rows: {big['peak_rss_mb'] / small['peak_rss_mb']:.2f}")
-    print(f"small run equals the big run's first {full - 1} rows: {same_prefix}; "
-          f"equals a single-chunk run byte for byte: {same_whole}")
+    print(
+        f"small run equals the big run's first {full - 1} rows: {same_prefix}; "
+        f"equals a single-chunk run byte for byte: {same_whole}"
+    )
     print(big["stdout"])
 
 

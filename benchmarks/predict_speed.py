@@ -27,25 +27,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from fuselabel.bundle import load_bundle  # noqa: E402
-from fuselabel.engines import engine_for_bundle  # noqa: E402
-from fuselabel.labels import matrix_to_labels  # noqa: E402
-from fuselabel.records import read_records, resolve_data  # noqa: E402
-from fuselabel.runtime import Prediction, Predictor  # noqa: E402
-from fuselabel.writers import write_submission  # noqa: E402
+from fuselabel.bundle import load_bundle
+from fuselabel.engines import engine_for_bundle
+from fuselabel.labels import matrix_to_labels
+from fuselabel.records import read_records, resolve_data
+from fuselabel.runtime import Prediction, Predictor
+from fuselabel.writers import write_submission
 
 
-def timed_predict(model_dir, engine: str, records, image_dir, *, cache_dir=None, batch_size: int = 16,
-                  workers: int | None = None) -> tuple[Prediction, float, str]:
+def timed_predict(
+    model_dir, engine: str, records, image_dir, *, cache_dir=None, batch_size: int = 16, workers: int | None = None
+) -> tuple[Prediction, float, str]:
     """Load the folder, build the engine and predict ``records`` chunk by chunk: (prediction, seconds, engine name)."""
     t0 = time.time()
     bundle = load_bundle(model_dir)
-    predictor = Predictor(engine_for_bundle(bundle, engine=engine, device="cpu", cache_dir=cache_dir), bundle.labels,
-                          bundle.threshold_vector, bundle.thresholds.get("ensure_nonempty", True),
-                          batch_size=batch_size, workers=workers)
+    predictor = Predictor(
+        engine_for_bundle(bundle, engine=engine, device="cpu", cache_dir=cache_dir),
+        bundle.labels,
+        bundle.threshold_vector,
+        bundle.thresholds.get("ensure_nonempty", True),
+        batch_size=batch_size,
+        workers=workers,
+    )
     chunks = list(predictor.iter_predict(((r.image_id, r.caption) for r in records), image_dir=image_dir))
     return Prediction.concat(chunks), time.time() - t0, predictor.engine.name
 
@@ -63,10 +69,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     images, csv_path = resolve_data(args.data, args.csv)
-    records = read_records(csv_path).records[:args.rows]
+    records = read_records(csv_path).records[: args.rows]
     n = len(records)
-    print(f"model {args.model}; {n} rows of {csv_path}; torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPU cores")
+    print(
+        f"model {args.model}; {n} rows of {csv_path}; torch threads {torch.get_num_threads()}, "
+        f"{os.cpu_count()} CPU cores"
+    )
     common = dict(cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.num_workers)
 
     t = time.time()

@@ -36,13 +36,12 @@ import torch
 
 from fuselabel.config import build_config
 from fuselabel.data import stratified_split
-from fuselabel.records import resolve_data
 from fuselabel.encoders import create_tokenizer, image_data_config, packaged_weights_path
 from fuselabel.features import frozen_features
 from fuselabel.heads import mlp
 from fuselabel.labels import label_vocabulary, labels_to_matrix
 from fuselabel.network import FuseLabelNet
-from fuselabel.records import read_records
+from fuselabel.records import read_records, resolve_data
 from fuselabel.thresholds import tune_global
 
 PROBES = ("curve", "lite1", "knn", "csra", "imagenet")
@@ -87,7 +86,7 @@ class Study:
             net.train()
             order = rng.permutation(train_idx)
             for i in range(steps):
-                rows = order[i * batch:(i + 1) * batch]
+                rows = order[i * batch : (i + 1) * batch]
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(net(inputs(rows)), y[rows])
                 opt.zero_grad()
                 loss.backward()
@@ -95,8 +94,9 @@ class Study:
                 sched.step()
             net.eval()
             with torch.no_grad():
-                probs = torch.cat([torch.sigmoid(net(inputs(self.val[i:i + 512])))
-                                   for i in range(0, len(self.val), 512)]).numpy()
+                probs = torch.cat(
+                    [torch.sigmoid(net(inputs(self.val[i : i + 512]))) for i in range(0, len(self.val), 512)]
+                ).numpy()
             score = self.f1(probs)
             if score > best:
                 best, best_probs = score, probs
@@ -112,8 +112,11 @@ def features(records, images, cache_dir, num_labels, **settings) -> tuple[dict, 
     config = build_config("cpu", cache_dir=cache_dir, **settings)
     tokenizer = create_tokenizer(config.text_model) if config.uses_text else None
     net = FuseLabelNet(config, num_labels, vocab_size=len(tokenizer) if tokenizer is not None else None)
-    data_config = image_data_config(net.image_encoder.backbone, config.image_size, config.image_crop_pct) \
-        if net.image_encoder is not None else None
+    data_config = (
+        image_data_config(net.image_encoder.backbone, config.image_size, config.image_crop_pct)
+        if net.image_encoder is not None
+        else None
+    )
     feats, _ = frozen_features(net, tokenizer, data_config, records, images, config, progress=False)
     return feats, net
 
@@ -125,10 +128,11 @@ class CSRA(torch.nn.Module):
         super().__init__()
         self.lam = lam
         self.pooled = mlp(channels, 512, labels, 0.3)
-        self.cells = torch.nn.Sequential(torch.nn.Conv1d(channels, 256, 1), torch.nn.GELU(), torch.nn.Dropout(0.3),
-                                         torch.nn.Conv1d(256, labels, 1))
+        self.cells = torch.nn.Sequential(
+            torch.nn.Conv1d(channels, 256, 1), torch.nn.GELU(), torch.nn.Dropout(0.3), torch.nn.Conv1d(256, labels, 1)
+        )
 
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:   # maps (B, C, cells)
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:  # maps (B, C, cells)
         scores = self.cells(maps)
         return self.pooled(maps.mean(2)) + self.lam * (torch.softmax(scores, 2) * scores).sum(2)
 
@@ -157,19 +161,24 @@ def main(argv=None) -> int:
     if "curve" in args.probe:
         order = np.random.default_rng(0).permutation(study.train)
         for share in (0.25, 0.5, 0.75):
-            rows = np.sort(order[:int(share * len(order))])
-            study.report(f"curve {share:.0%} of training rows ({len(rows)})", study.fit_mlp(image, train_idx=rows),
-                         study.fit_mlp(text, train_idx=rows))
+            rows = np.sort(order[: int(share * len(order))])
+            study.report(
+                f"curve {share:.0%} of training rows ({len(rows)})",
+                study.fit_mlp(image, train_idx=rows),
+                study.fit_mlp(text, train_idx=rows),
+            )
 
     if "lite1" in args.probe:
-        lite1, _ = features(records.records, images, args.cache_dir, labels.shape[1],
-                            image_model="tf_efficientnet_lite1", kind="image")
+        lite1, _ = features(
+            records.records, images, args.cache_dir, labels.shape[1], image_model="tf_efficientnet_lite1", kind="image"
+        )
         p_lite1 = study.fit_mlp(lite1["image"])
         study.report("lite1 alone", p_lite1, p_text)
         study.report("lite1 + lite2, probabilities averaged", (p_lite1 + p_image) / 2, p_text)
         study.report("lite1 + lite2, features joined", study.fit_mlp(np.hstack([lite1["image"], image])), p_text)
 
     if "knn" in args.probe:
+
         def unit(x):
             x = x - x[study.train].mean(0)
             return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -189,28 +198,43 @@ def main(argv=None) -> int:
     if {"csra", "imagenet"} & set(args.probe):
         grid, net = features(records.records, images, args.cache_dir, labels.shape[1], image_tokens=True, kind="image")
         encoder = net.image_encoder
-        _, tokens = encoder.split(torch.as_tensor(grid["image"]))           # (N, cells, C) before conv_head
+        _, tokens = encoder.split(torch.as_tensor(grid["image"]))  # (N, cells, C) before conv_head
         c, h, w = encoder.token_shape
         backbone = encoder.backbone.eval()
-        with torch.no_grad():   # the frozen last 1x1 convolution, as the encoder applies it before pooling
-            maps = torch.cat([backbone.bn2(backbone.conv_head(tokens[i:i + 500].transpose(1, 2).reshape(-1, c, h, w)))
-                              .flatten(2).half() for i in range(0, len(tokens), 500)])
+        with torch.no_grad():  # the frozen last 1x1 convolution, as the encoder applies it before pooling
+            maps = torch.cat(
+                [
+                    backbone.bn2(backbone.conv_head(tokens[i : i + 500].transpose(1, 2).reshape(-1, c, h, w)))
+                    .flatten(2)
+                    .half()
+                    for i in range(0, len(tokens), 500)
+                ]
+            )
         del grid, tokens
 
     if "csra" in args.probe:
-        p_csra = study.fit(lambda: CSRA(maps.shape[1], study.y.shape[1]), lambda rows: maps[rows].float(), epochs=15,
-                           batch=128)
+        p_csra = study.fit(
+            lambda: CSRA(maps.shape[1], study.y.shape[1]), lambda rows: maps[rows].float(), epochs=15, batch=128
+        )
         study.report("csra over the 10 x 10 map (15 epochs)", p_csra, p_text)
 
     if "imagenet" in args.probe:
-        state = torch.load(packaged_weights_path(build_config("cpu").image_model), map_location="cpu",
-                           weights_only=True)
+        state = torch.load(
+            packaged_weights_path(build_config("cpu").image_model), map_location="cpu", weights_only=True
+        )
         weight, bias = state["_fc.weight"].float(), state["_fc.bias"].float()
         with torch.no_grad():
-            anywhere = torch.cat([(torch.einsum("kc,bcl->bkl", weight, maps[i:i + 500].float()) + bias[:, None])
-                                  .amax(2) for i in range(0, len(maps), 500)]).numpy()
-        study.report("imagenet classes max-pooled over cells, joined to pooled features",
-                     study.fit_mlp(np.hstack([image, anywhere])), p_text)
+            anywhere = torch.cat(
+                [
+                    (torch.einsum("kc,bcl->bkl", weight, maps[i : i + 500].float()) + bias[:, None]).amax(2)
+                    for i in range(0, len(maps), 500)
+                ]
+            ).numpy()
+        study.report(
+            "imagenet classes max-pooled over cells, joined to pooled features",
+            study.fit_mlp(np.hstack([image, anywhere])),
+            p_text,
+        )
 
     print(f"\nprobes took {time.time() - t0:.0f} s")
     for line in study.lines:

@@ -38,7 +38,7 @@ import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from load import MemorySampler, free_port, rss_bytes, start_server, stop  # noqa: E402
+from load import MemorySampler, free_port, rss_bytes, start_server, stop
 
 MB = 2**20
 
@@ -65,8 +65,9 @@ def measured(pid: int, idle: int, work):
 
 
 def statuses(responses) -> Counter:
-    return Counter(str(r.status_code) if isinstance(r, httpx.Response) else f"failed ({type(r).__name__})"
-                   for r in responses)
+    return Counter(
+        str(r.status_code) if isinstance(r, httpx.Response) else f"failed ({type(r).__name__})" for r in responses
+    )
 
 
 def stalled_sockets(port: int, n: int) -> list[socket.socket]:
@@ -74,7 +75,7 @@ def stalled_sockets(port: int, n: int) -> list[socket.socket]:
     for i in range(n):
         s = socket.create_connection(("127.0.0.1", port))
         if i % 2:
-            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")   # and then nothing
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # and then nothing
         socks.append(s)
     return socks
 
@@ -104,8 +105,10 @@ def main(argv=None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, args.sockets + 512)), hard))
     bomb = base64.b64encode(bomb_png()).decode()
     batch = [{"caption": "a red square", "image_base64": bomb} for _ in range(32)]
-    print(f"bomb: 8000 x 8000 PNG of {len(bomb) * 3 // 4 / 1e3:.0f} kB; batch of 32: "
-          f"{len(str(batch)) / 1e6:.1f} MB of JSON")
+    print(
+        f"bomb: 8000 x 8000 PNG of {len(bomb) * 3 // 4 / 1e3:.0f} kB; batch of 32: "
+        f"{len(str(batch)) / 1e6:.1f} MB of JSON"
+    )
     port, ok = free_port(), True
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
@@ -130,13 +133,15 @@ def main(argv=None) -> int:
                         return httpx.post(f"{url}/predict/batch", json=batch, timeout=600)
                     except httpx.HTTPError as err:
                         return err
+
                 with ThreadPoolExecutor(40) as pool:
                     return list(pool.map(send, range(40)))
 
             many, secs, rise = measured(proc.pid, idle, forty)
             counts = statuses(many)
-            print(f"40 batches of 32 bombs at once: {dict(sorted(counts.items()))} in {secs:.1f} s; "
-                  f"peak +{rise:.0f} MiB")
+            print(
+                f"40 batches of 32 bombs at once: {dict(sorted(counts.items()))} in {secs:.1f} s; peak +{rise:.0f} MiB"
+            )
             ok &= all(k.isdigit() and (int(k) < 500 or k == "503") for k in counts) and rise <= 500
 
             socks = stalled_sockets(port, args.sockets)
@@ -146,8 +151,7 @@ def main(argv=None) -> int:
                 status = httpx.get(f"{url}/health", timeout=10).status_code
                 times.append(time.perf_counter() - t0)
                 ok &= status == 200
-            print(f"{args.sockets} stalled sockets open: /health 200 in at most {1000 * max(times):.0f} ms "
-                  f"(5 tries)")
+            print(f"{args.sockets} stalled sockets open: /health 200 in at most {1000 * max(times):.0f} ms (5 tries)")
             ok &= max(times) <= 1
             time.sleep(args.header_wait)
             closed = closed_by_server(socks)
@@ -156,8 +160,13 @@ def main(argv=None) -> int:
                 s.close()
 
             scrape = http.get("/metrics")
-            lines = [x for x in scrape.text.splitlines() if x.startswith(("fuselabel_requests_total{",
-                     "fuselabel_photos_decoded_total", "fuselabel_requests_refused_total"))]
+            lines = [
+                x
+                for x in scrape.text.splitlines()
+                if x.startswith(
+                    ("fuselabel_requests_total{", "fuselabel_photos_decoded_total", "fuselabel_requests_refused_total")
+                )
+            ]
             print(f"/metrics: {scrape.status_code}, {len(scrape.text.splitlines())} lines; " + "; ".join(lines))
             ok &= scrape.status_code == 200
             threading.Event().wait(0.5)

@@ -21,11 +21,10 @@ import time
 from pathlib import Path
 
 from fuselabel.cli import _kv
-from fuselabel.records import resolve_data
 from fuselabel.config import build_config
-from fuselabel.records import read_records
-from fuselabel.writers import write_rows
+from fuselabel.records import read_records, resolve_data
 from fuselabel.train import fit
+from fuselabel.writers import write_rows
 
 
 def time_to(history: list[dict], target: float) -> float | None:
@@ -51,16 +50,19 @@ def main(argv=None) -> int:
         csv = sub
     results = {}
     for engine in ("onnx", "torch"):
-        config = build_config(args.preset, **dict(args.set), feature_engine=engine,
-                              cache_dir=str(work / f"cache-{engine}"))  # empty cache: extraction is timed
+        config = build_config(
+            args.preset, **dict(args.set), feature_engine=engine, cache_dir=str(work / f"cache-{engine}")
+        )  # empty cache: extraction is timed
         t0 = time.time()
         result = fit(config, images, csv, work / f"model-{engine}", progress=False)
         total = time.time() - t0
         reached = time_to(result.history, args.target)
         results[engine] = (reached, result, total)
         best = max(h["val_f1"] for h in result.history)
-        print(f"{engine:5s}: features {result.timings['features_s']:.1f}s, to F1 {args.target}: "
-              f"{'never' if reached is None else f'{reached:.1f}s'}, whole run {total:.1f}s, best val F1 {best:.4f}")
+        print(
+            f"{engine:5s}: features {result.timings['features_s']:.1f}s, to F1 {args.target}: "
+            f"{'never' if reached is None else f'{reached:.1f}s'}, whole run {total:.1f}s, best val F1 {best:.4f}"
+        )
     fast, slow = results["onnx"][0], results["torch"][0]
     if fast and slow:
         print(f"RATIO time to F1 {args.target}: eager/onnx = {slow / fast:.2f}x ({slow:.1f}s vs {fast:.1f}s)")

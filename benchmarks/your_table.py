@@ -52,24 +52,59 @@ def main() -> None:
         n = min(args.rows, len(course))
         write_rows(course, range(n), tmp / "course.csv")
         rows = course.records[:n]
-        frame = pd.DataFrame({"description": [r.caption for r in rows],
-                              "objects": ["|".join(names[t] for t in r.labels) for r in rows],
-                              "photo": [r.image_id for r in rows]})
+        frame = pd.DataFrame(
+            {
+                "description": [r.caption for r in rows],
+                "objects": ["|".join(names[t] for t in r.labels) for r in rows],
+                "photo": [r.image_id for r in rows],
+            }
+        )
         frame.to_csv(tmp / "user.csv", index=False)
         figures = {}
         named = ["--image-col", "photo", "--text-col", "description", "--label-col", "objects"]
-        for name, table, extra in (("course CSV", tmp / "course.csv", []),
-                                   ("user CSV, named labels", tmp / "user.csv", named)):
+        for name, table, extra in (
+            ("course CSV", tmp / "course.csv", []),
+            ("user CSV, named labels", tmp / "user.csv", named),
+        ):
             out = tmp / name.split()[0]
             t0 = time.time()
-            run(["train", "--data", str(data), "--csv", str(table), "--out", str(out), "--preset", args.preset,
-                 "--quiet", *cache, *extra])
+            run(
+                [
+                    "train",
+                    "--data",
+                    str(data),
+                    "--csv",
+                    str(table),
+                    "--out",
+                    str(out),
+                    "--preset",
+                    args.preset,
+                    "--quiet",
+                    *cache,
+                    *extra,
+                ]
+            )
             seconds = time.time() - t0
             metrics = json.loads((out / "metrics.json").read_text())["validation"]
             labels = json.loads((out / "labels.json").read_text())["labels"]
             # What the folder records against what its predictions give on the same validation rows.
-            run(["evaluate", str(out), "--data", str(data), "--csv", str(table), "--split", "val", "--quiet",
-                 "--json", str(tmp / f"{out.name}-val.json"), *cache, *extra])
+            run(
+                [
+                    "evaluate",
+                    str(out),
+                    "--data",
+                    str(data),
+                    "--csv",
+                    str(table),
+                    "--split",
+                    "val",
+                    "--quiet",
+                    "--json",
+                    str(tmp / f"{out.name}-val.json"),
+                    *cache,
+                    *extra,
+                ]
+            )
             evaluated = json.loads((tmp / f"{out.name}-val.json").read_text())["mean_f1"]
             figures[name] = (metrics["mean_f1"], evaluated, seconds, labels)
         print(f"\n{'training table':<26} {'recorded val F1':>15} {'evaluate --split val':>20} {'seconds':>8}  labels")
@@ -77,7 +112,7 @@ def main() -> None:
             print(f"{name:<26} {f1:>15.4f} {evaluated:>20.4f} {seconds:>8.0f}  {', '.join(labels[:4])} ...")
 
         # Prediction: the last rows of the file, which no training above saw.
-        held = course.records[-args.predict:]
+        held = course.records[-args.predict :]
         write_rows(course, range(len(course) - len(held), len(course)), tmp / "test.csv")
         test = pd.DataFrame({"text": [r.caption for r in held], "photo": [r.image_id for r in held]})
         test.to_csv(tmp / "test-user.csv", index=False)
@@ -87,8 +122,20 @@ def main() -> None:
         outputs = {}
         for name in ("test.csv", "test-user.csv", "test.jsonl", "test.parquet"):
             out = tmp / f"pred-{name}.csv"
-            run(["predict", str(model), "--data", str(data), "--csv", str(tmp / name), "--out", str(out), "--quiet",
-                 *cache])
+            run(
+                [
+                    "predict",
+                    str(model),
+                    "--data",
+                    str(data),
+                    "--csv",
+                    str(tmp / name),
+                    "--out",
+                    str(out),
+                    "--quiet",
+                    *cache,
+                ]
+            )
             outputs[name] = out.read_text().split("\n", 1)
         print(f"\n{'prediction input':<16} {'header':<16} same rows as the course file")
         for name, (header, body) in outputs.items():

@@ -18,18 +18,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # machine (on a busy 2-core box the fine-tuning tests took 5-8x the CPU time); read when torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+from PIL import Image
 
 # The real data, beside the repository; FUSELABEL_TEST_DATA points the tests elsewhere (or at nothing).
-SHARED_DATA = Path(os.environ.get("FUSELABEL_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared/data/comp5329")
+SHARED_DATA = Path(
+    os.environ.get("FUSELABEL_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared/data/comp5329"
+)
 
 # Synthetic labels, in the course's style (integer tokens), each with a colour and a caption word.
-TINY_LABELS = {"1": ((230, 40, 40), "person"), "2": ((40, 200, 40), "dog"), "3": ((40, 60, 230), "car"),
-               "4": ((230, 210, 40), "kite")}
+TINY_LABELS = {
+    "1": ((230, 40, 40), "person"),
+    "2": ((40, 200, 40), "dog"),
+    "3": ((40, 60, 230), "car"),
+    "4": ((230, 210, 40), "kite"),
+}
 TINY_ROWS = 48
 FILLER = ["a photo of", "there is", "picture showing", "we can see", "an image with"]
 
@@ -136,8 +142,17 @@ class RepeatBatch:
 
 
 # A tiny FuseLabel: frozen packaged Lite0 at 64 px, a one-layer MiniLM, two epochs (seconds on a CPU).
-TINY_SETTINGS = dict(preset="cpu-fast", image_size=64, epochs=2, batch_size=16, val_fraction=0.25, num_workers=0,
-                     accelerator="cpu", hidden_dim=32, text_config_overrides={"num_hidden_layers": 1})
+TINY_SETTINGS = dict(
+    preset="cpu-fast",
+    image_size=64,
+    epochs=2,
+    batch_size=16,
+    val_fraction=0.25,
+    num_workers=0,
+    accelerator="cpu",
+    hidden_dim=32,
+    text_config_overrides={"num_hidden_layers": 1},
+)
 
 
 @pytest.fixture(scope="session")
@@ -149,4 +164,3 @@ def tiny_model(tmp_path_factory, session_cache):
     image_dir, csv = make_tiny_dataset(root)
     FuseLabel(**TINY_SETTINGS, cache_dir=session_cache).fit(csv, images=image_dir, out=root / "model", progress=False)
     return root, image_dir, csv
-

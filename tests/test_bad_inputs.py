@@ -30,9 +30,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import TINY_LABELS, make_tiny_dataset
 from PIL import Image
 
-from conftest import TINY_LABELS, make_tiny_dataset
 from fuselabel.cli import main
 from fuselabel.config import build_config
 from fuselabel.images import MAX_PIXELS, ImageError, check_image, load_rgb
@@ -40,9 +40,26 @@ from fuselabel.inspection import summarize
 from fuselabel.records import RecordsError, read_records
 
 # Frozen packaged Lite0 at 64 px and a one-layer MiniLM: a model in a few seconds (as in test_cli.py).
-TINY_TRAIN = ["--preset", "cpu-fast", "--image-size", "64", "--epochs", "2", "--batch-size", "16",
-              "--val-fraction", "0.25", "--num-workers", "0", "--accelerator", "cpu",
-              "--set", "hidden_dim=32", "--set", "text_config_overrides={num_hidden_layers: 1}"]
+TINY_TRAIN = [
+    "--preset",
+    "cpu-fast",
+    "--image-size",
+    "64",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "16",
+    "--val-fraction",
+    "0.25",
+    "--num-workers",
+    "0",
+    "--accelerator",
+    "cpu",
+    "--set",
+    "hidden_dim=32",
+    "--set",
+    "text_config_overrides={num_hidden_layers: 1}",
+]
 PREDICT = ["--num-workers", "1", "--quiet"]
 WORDS = {label: word for label, (_, word) in TINY_LABELS.items()}  # "1" -> "person": non-numeric labels
 
@@ -57,7 +74,7 @@ def _assert_named_error(code: int, err: str, fragments) -> None:
     """Exit status 2, one ``fuselabel: error:`` message holding every fragment, and no traceback."""
     assert code == 2, err
     assert "Traceback" not in err
-    message = err[err.index("fuselabel: error: "):]
+    message = err[err.index("fuselabel: error: ") :]
     for fragment in fragments:
         assert fragment in message, (fragment, message)
 
@@ -80,16 +97,33 @@ def corpus(tmp_path_factory, session_cache):
     lines[7] = _labelled_line(rows[7], caption="")
     lines[10:10] = ["", ""]
     messy = root / "messy.csv"
-    messy.write_bytes(("\ufeffImageID,Labels,Caption\n" + "\n".join(lines) + "\n\n").replace("\n", "\r\n")
-                      .encode("utf-8"))
+    messy.write_bytes(
+        ("\ufeffImageID,Labels,Caption\n" + "\n".join(lines) + "\n\n").replace("\n", "\r\n").encode("utf-8")
+    )
     model = root / "model"
     out = io.StringIO()
     with redirect_stdout(out):
-        code = main([str(a) for a in ["train", "--data", image_dir, "--csv", messy, "--out", model,
-                                      "--cache-dir", session_cache, *TINY_TRAIN]])
+        code = main(
+            [
+                str(a)
+                for a in [
+                    "train",
+                    "--data",
+                    image_dir,
+                    "--csv",
+                    messy,
+                    "--out",
+                    model,
+                    "--cache-dir",
+                    session_cache,
+                    *TINY_TRAIN,
+                ]
+            ]
+        )
     assert code == 0, out.getvalue()
-    return SimpleNamespace(root=root, images=image_dir, rows=rows, messy=messy, model=model,
-                           train_out=out.getvalue(), cache=session_cache)
+    return SimpleNamespace(
+        root=root, images=image_dir, rows=rows, messy=messy, model=model, train_out=out.getvalue(), cache=session_cache
+    )
 
 
 def _unlabelled(rows, captions=None) -> str:
@@ -134,8 +168,9 @@ def test_reads_fine(corpus, tmp_path, capsys, case):
     assert code == 0 and "Rows:      12 (unlabelled)" in out and "Bad rows:  0" in out, err
 
     sub = tmp_path / "submission.csv"
-    code, out, err = _run(capsys, "predict", corpus.model, "--data", corpus.images, "--csv", csv, "--out", sub,
-                          *PREDICT)
+    code, out, err = _run(
+        capsys, "predict", corpus.model, "--data", corpus.images, "--csv", csv, "--out", sub, *PREDICT
+    )
     assert code == 0, err
     assert [line.split(",")[0] for line in sub.read_text().splitlines()[1:]] == [r.image_id for r in rows]
 
@@ -146,8 +181,20 @@ def test_csv_empty_caption_predicts_from_photo(corpus, tmp_path, capsys):
     csv = tmp_path / "test.csv"
     csv.write_text(_unlabelled(rows, {rows[2].image_id: ""}))
     proba = tmp_path / "proba.csv"
-    code, out, err = _run(capsys, "predict", corpus.model, "--data", corpus.images, "--csv", csv,
-                          "--out", tmp_path / "s.csv", "--proba", proba, *PREDICT)
+    code, out, err = _run(
+        capsys,
+        "predict",
+        corpus.model,
+        "--data",
+        corpus.images,
+        "--csv",
+        csv,
+        "--out",
+        tmp_path / "s.csv",
+        "--proba",
+        proba,
+        *PREDICT,
+    )
     assert code == 0, err
     assert "1 from the photo alone (empty caption)" in out
     inputs = [line.rsplit(",", 1)[1] for line in proba.read_text().splitlines()[1:]]
@@ -182,8 +229,9 @@ def test_csv_unseen_label_at_evaluate(corpus, tmp_path, capsys):
     reports = {}
     for name, table in (("clean", clean), ("zebra", csv)):
         out = tmp_path / f"{name}.json"
-        code, stdout, err = _run(capsys, "evaluate", corpus.model, "--data", corpus.images, "--csv", table, "--json",
-                                 out, *PREDICT)
+        code, stdout, err = _run(
+            capsys, "evaluate", corpus.model, "--data", corpus.images, "--csv", table, "--json", out, *PREDICT
+        )
         assert code == 0, err
         reports[name] = json.loads(out.read_text())
     assert "never saw (zebra) on 1 row(s): counted as missed" in stdout
@@ -195,8 +243,11 @@ def test_csv_cases_any_table_reader_accepts(corpus, tmp_path, capsys):
     """csv-extra-column-header, csv-columns-reordered, csv-malformed-labels: the course reader refuses them,
     but they are ordinary tables: an unused column is listed, columns are found by name, and ``;`` is a
     label separator."""
-    for case, check in (("csv-extra-column-header", "not used: 'Source'"), ("csv-columns-reordered", "photo 'ImageID'"),
-                        ("csv-malformed-labels", "separated by ';'")):
+    for case, check in (
+        ("csv-extra-column-header", "not used: 'Source'"),
+        ("csv-columns-reordered", "photo 'ImageID'"),
+        ("csv-malformed-labels", "separated by ';'"),
+    ):
         csv = _bad_csv(tmp_path, CSV_ERRORS[case].labelled)
         with pytest.raises(RecordsError):
             read_records(csv)
@@ -216,12 +267,12 @@ def _png_bytes() -> bytes:
 
 @dataclass
 class CsvCase:
-    labelled: bytes          # for train and inspect
+    labelled: bytes  # for train and inspect
     unlabelled: bytes | None  # for predict (None: the problem needs a Labels column)
-    fragments: list[str]     # what the message must say (the file is called bad.csv)
-    row_level: bool          # inspect lists it as a bad row (exit 0) instead of refusing the file
+    fragments: list[str]  # what the message must say (the file is called bad.csv)
+    row_level: bool  # inspect lists it as a bad row (exit 0) instead of refusing the file
     course_only: list[str] | None = None  # what the course reader (read_records) says, where it differs
-    a_table: bool = False    # refused by the course reader only: an ordinary table to the commands
+    a_table: bool = False  # refused by the course reader only: an ordinary table to the commands
 
 
 H, U = "ImageID,Labels,Caption\n", "ImageID,Caption\n"
@@ -229,33 +280,61 @@ CSV_ERRORS = {
     "csv-duplicate-id": CsvCase(
         (H + '0.jpg,person,"a"\n1.jpg,dog,"b"\n0.jpg,car,"c"\n').encode(),
         (U + '0.jpg,"a"\n1.jpg,"b"\n0.jpg,"c"\n').encode(),
-        ["bad.csv:4", "duplicate ImageID 0.jpg, first at line 2", "keep one of the two rows"], True),
+        ["bad.csv:4", "duplicate ImageID 0.jpg, first at line 2", "keep one of the two rows"],
+        True,
+    ),
     "csv-missing-column-header": CsvCase(
-        b"ImageID,Labels\n0.jpg,person\n1.jpg,dog\n", b"ImageID\n0.jpg\n",
-        ["bad.csv:1", "found no text column", "'ImageID'", "--text-col"], False,
-        ["bad.csv:1", "missing column(s) Caption", "expected 'ImageID,Labels,Caption'"]),
+        b"ImageID,Labels\n0.jpg,person\n1.jpg,dog\n",
+        b"ImageID\n0.jpg\n",
+        ["bad.csv:1", "found no text column", "'ImageID'", "--text-col"],
+        False,
+        ["bad.csv:1", "missing column(s) Caption", "expected 'ImageID,Labels,Caption'"],
+    ),
     "csv-missing-column-row": CsvCase(
-        (H + '0.jpg,person,"a"\n1.jpg,"b"\n').encode(), (U + '0.jpg,"a"\n1.jpg\n').encode(),
-        ["bad.csv:3", "expected ImageID,"], True),
+        (H + '0.jpg,person,"a"\n1.jpg,"b"\n').encode(),
+        (U + '0.jpg,"a"\n1.jpg\n').encode(),
+        ["bad.csv:3", "expected ImageID,"],
+        True,
+    ),
     "csv-extra-column-header": CsvCase(
-        (H.strip() + ",Source\n" + '0.jpg,person,"a",web\n').encode(), (U.strip() + ',Source\n0.jpg,"a",web\n').encode(),
-        ["bad.csv:1", "unexpected column(s) Source", "remove them"], False, a_table=True),
+        (H.strip() + ",Source\n" + '0.jpg,person,"a",web\n').encode(),
+        (U.strip() + ',Source\n0.jpg,"a",web\n').encode(),
+        ["bad.csv:1", "unexpected column(s) Source", "remove them"],
+        False,
+        a_table=True,
+    ),
     "csv-extra-column-row": CsvCase(
-        (H + '0.jpg,person,"a",web\n1.jpg,dog,"b"\n').encode(), (U + '0.jpg,"a",web\n1.jpg,"b"\n').encode(),
-        ["bad.csv:2", "text follows its closing quote: an extra column?"], True),
+        (H + '0.jpg,person,"a",web\n1.jpg,dog,"b"\n').encode(),
+        (U + '0.jpg,"a",web\n1.jpg,"b"\n').encode(),
+        ["bad.csv:2", "text follows its closing quote: an extra column?"],
+        True,
+    ),
     "csv-columns-reordered": CsvCase(
-        b'ImageID,Caption,Labels\n0.jpg,"a",person\n', b'Caption,ImageID\n"a",0.jpg\n',
-        ["bad.csv:1", "columns in another order", "the caption must come last"], False, a_table=True),
+        b'ImageID,Caption,Labels\n0.jpg,"a",person\n',
+        b'Caption,ImageID\n"a",0.jpg\n',
+        ["bad.csv:1", "columns in another order", "the caption must come last"],
+        False,
+        a_table=True,
+    ),
     "csv-malformed-labels": CsvCase(
-        (H + '0.jpg,person,"a"\n1.jpg,person;dog,"b"\n').encode(), None,
-        ["bad.csv:3", "malformed labels 'person;dog'"], True, a_table=True),
+        (H + '0.jpg,person,"a"\n1.jpg,person;dog,"b"\n').encode(),
+        None,
+        ["bad.csv:3", "malformed labels 'person;dog'"],
+        True,
+        a_table=True,
+    ),
     "csv-non-utf8": CsvCase(
         (H + '0.jpg,person,"a"\n1.jpg,dog,"caf\xe9"\n').encode("latin-1"),
         (U + '0.jpg,"a"\n1.jpg,"caf\xe9"\n').encode("latin-1"),
-        ["bad.csv:3", "not valid UTF-8", "save the file as UTF-8"], False),
+        ["bad.csv:3", "not valid UTF-8", "save the file as UTF-8"],
+        False,
+    ),
     "csv-truncated-last-line": CsvCase(
-        (H + '0.jpg,person,"a"\n1.jpg,dog,"a dog on the gra').encode(), (U + '0.jpg,"a"\n1.jpg,"a dog on the gra').encode(),
-        ["bad.csv:3", "the file ends inside it: truncated file?"], True),
+        (H + '0.jpg,person,"a"\n1.jpg,dog,"a dog on the gra').encode(),
+        (U + '0.jpg,"a"\n1.jpg,"a dog on the gra').encode(),
+        ["bad.csv:3", "the file ends inside it: truncated file?"],
+        True,
+    ),
     "csv-empty-file": CsvCase(b"", b"", ["bad.csv:1", "empty file", "'ImageID,Labels,Caption'"], False),
     "csv-not-csv": CsvCase(_png_bytes(), _png_bytes(), ["bad.csv:1", "not a CSV text file", "a PNG image"], False),
 }
@@ -289,8 +368,7 @@ def test_csv_error_train(corpus, tmp_path, capsys, case):
 def test_csv_error_predict(corpus, tmp_path, capsys, case):
     csv = _bad_csv(tmp_path, CSV_ERRORS[case].unlabelled)
     sub = tmp_path / "submission.csv"
-    code, _, err = _run(capsys, "predict", corpus.model, "--data", corpus.images, "--csv", csv, "--out", sub,
-                        *PREDICT)
+    code, _, err = _run(capsys, "predict", corpus.model, "--data", corpus.images, "--csv", csv, "--out", sub, *PREDICT)
     _assert_named_error(code, err, CSV_ERRORS[case].fragments)
     assert not sub.exists()
 
@@ -319,8 +397,9 @@ def test_csv_header_only(corpus, tmp_path, capsys):
 
     sub = tmp_path / "submission.csv"
     csv.write_text("ImageID,Caption\n")
-    code, out, err = _run(capsys, "predict", corpus.model, "--data", corpus.images, "--csv", csv, "--out", sub,
-                          *PREDICT)
+    code, out, err = _run(
+        capsys, "predict", corpus.model, "--data", corpus.images, "--csv", csv, "--out", sub, *PREDICT
+    )
     assert code == 0 and ": 0 rows" in out, err
     assert sub.read_text() == "ImageID,Labels\n"
 
@@ -328,12 +407,18 @@ def test_csv_header_only(corpus, tmp_path, capsys):
 def test_csv_error_in_a_real_process(corpus, tmp_path):
     """The command as a user runs it: exit status 2 and a one-message stderr, no traceback."""
     csv = _bad_csv(tmp_path, CSV_ERRORS["csv-not-csv"].labelled)
-    done = subprocess.run([sys.executable, "-m", "fuselabel.cli", "inspect", "--data", str(corpus.images),
-                           "--csv", str(csv)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "fuselabel.cli", "inspect", "--data", str(corpus.images), "--csv", str(csv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
-    assert done.stderr == ("fuselabel: error: " + str(csv) + ":1: not a CSV text file (it looks like a PNG image); "
-                           "pass the table (CSV, TSV, JSON Lines or Parquet)\n")
+    assert done.stderr == (
+        "fuselabel: error: " + str(csv) + ":1: not a CSV text file (it looks like a PNG image); "
+        "pass the table (CSV, TSV, JSON Lines or Parquet)\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,11 +433,15 @@ def _encode(img: Image.Image, fmt: str, **options) -> bytes:
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A valid PNG signature and IHDR declaring ``width x height``, no pixel data: a bomb in 57 bytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _two_halves(size=(40, 20)) -> Image.Image:
@@ -376,31 +465,58 @@ def _palette_with_transparency() -> bytes:
 
 
 PHOTOS_DECODED = {  # case -> (file name, bytes, check of the RGB image load_rgb returns)
-    "photo-png-named-jpg": ("png.jpg", lambda: _encode(_two_halves(), "PNG"),
-                            lambda a: a.shape == (20, 40, 3) and (a[10, 5] == [220, 30, 30]).all()),
-    "photo-webp-named-jpg": ("webp.jpg", lambda: _encode(_two_halves(), "WEBP", lossless=True),
-                             lambda a: a.shape == (20, 40, 3) and (a[10, 35] == [30, 30, 220]).all()),
-    "photo-cmyk": ("cmyk.jpg", lambda: _encode(_two_halves().convert("CMYK"), "JPEG", quality=95),
-                   lambda a: a.shape == (20, 40, 3) and abs(a[10, 5].astype(int) - [220, 30, 30]).max() < 30),
-    "photo-grayscale": ("grey.jpg", lambda: _encode(Image.new("L", (30, 20), 90), "JPEG", quality=95),
-                        lambda a: a.shape == (20, 30, 3) and abs(a.astype(int) - 90).max() <= 2),
-    "photo-palette-transparency": ("palette.png", _palette_with_transparency,
-                                   lambda a: (a[5, 2] == 255).all() and (a[5, 15] == [30, 200, 30]).all()),
+    "photo-png-named-jpg": (
+        "png.jpg",
+        lambda: _encode(_two_halves(), "PNG"),
+        lambda a: a.shape == (20, 40, 3) and (a[10, 5] == [220, 30, 30]).all(),
+    ),
+    "photo-webp-named-jpg": (
+        "webp.jpg",
+        lambda: _encode(_two_halves(), "WEBP", lossless=True),
+        lambda a: a.shape == (20, 40, 3) and (a[10, 35] == [30, 30, 220]).all(),
+    ),
+    "photo-cmyk": (
+        "cmyk.jpg",
+        lambda: _encode(_two_halves().convert("CMYK"), "JPEG", quality=95),
+        lambda a: a.shape == (20, 40, 3) and abs(a[10, 5].astype(int) - [220, 30, 30]).max() < 30,
+    ),
+    "photo-grayscale": (
+        "grey.jpg",
+        lambda: _encode(Image.new("L", (30, 20), 90), "JPEG", quality=95),
+        lambda a: a.shape == (20, 30, 3) and abs(a.astype(int) - 90).max() <= 2,
+    ),
+    "photo-palette-transparency": (
+        "palette.png",
+        _palette_with_transparency,
+        lambda a: (a[5, 2] == 255).all() and (a[5, 15] == [30, 200, 30]).all(),
+    ),
     # 30000 of 65535: mid-grey, not clipped to white as a plain convert("RGB") would.
-    "photo-16-bit": ("grey16.png", lambda: _encode(Image.new("I;16", (30, 20), 30000), "PNG"),
-                     lambda a: abs(a.astype(int) - 117).max() <= 1),
-    "photo-exif-rotated": ("rotated.jpg", _exif_rotated,  # upright: 20 wide, 40 tall, red on top
-                           lambda a: a.shape == (40, 20, 3) and a[5, 10, 0] > 150 and a[35, 10, 2] > 150),
+    "photo-16-bit": (
+        "grey16.png",
+        lambda: _encode(Image.new("I;16", (30, 20), 30000), "PNG"),
+        lambda a: abs(a.astype(int) - 117).max() <= 1,
+    ),
+    "photo-exif-rotated": (
+        "rotated.jpg",
+        _exif_rotated,  # upright: 20 wide, 40 tall, red on top
+        lambda a: a.shape == (40, 20, 3) and a[5, 10, 0] > 150 and a[35, 10, 2] > 150,
+    ),
 }
 
 PHOTOS_UNUSABLE = {  # case -> (file name, how to make it, what the reason must say)
     "photo-missing": ("missing.jpg", None, "image missing"),
     "photo-zero-byte": ("zero.jpg", lambda p: p.write_bytes(b""), "empty file"),
-    "photo-truncated": ("truncated.jpg", lambda p: p.write_bytes(
-        _encode(_two_halves((200, 200)), "JPEG", quality=95)[:1500]), "truncated or corrupt"),
+    "photo-truncated": (
+        "truncated.jpg",
+        lambda p: p.write_bytes(_encode(_two_halves((200, 200)), "JPEG", quality=95)[:1500]),
+        "truncated or corrupt",
+    ),
     "photo-not-an-image": ("text.jpg", lambda p: p.write_text("not a photo at all\n"), "not an image format"),
-    "photo-decompression-bomb": ("bomb.png", lambda p: p.write_bytes(_png_header_only(20000, 20000)),
-                                 "too large: 400 megapixels, over the 64-megapixel limit"),
+    "photo-decompression-bomb": (
+        "bomb.png",
+        lambda p: p.write_bytes(_png_header_only(20000, 20000)),
+        "too large: 400 megapixels, over the 64-megapixel limit",
+    ),
     "photo-folder": ("folder.jpg", lambda p: p.mkdir(), "a folder, not a photo"),
 }
 
@@ -430,8 +546,11 @@ def photos(corpus, tmp_path_factory):
     caption = {r.image_id: r.caption for r in corpus.rows}
     cases = list(ids)
     csv = image_dir.parent / "test.csv"
-    csv.write_text("ImageID,Caption\n" + "".join(f'{ids[c]},"a photo of a dog"\n' for c in cases)
-                   + "".join(f'{r.image_id},"{caption[r.image_id]}"\n' for r in good))
+    csv.write_text(
+        "ImageID,Caption\n"
+        + "".join(f'{ids[c]},"a photo of a dog"\n' for c in cases)
+        + "".join(f'{r.image_id},"{caption[r.image_id]}"\n' for r in good)
+    )
     return SimpleNamespace(images=image_dir, ids=ids, cases=cases, csv=csv, good=good)
 
 
@@ -489,8 +608,11 @@ def test_photo_unreadable_file(photos, tmp_path, monkeypatch):
         load_rgb(path)
 
 
-@pytest.mark.skipif(ROOT_READS_ANYTHING, reason="running as root: chmod 000 does not stop reading (the "
-                    "refusal itself is tested by test_photo_unreadable_file)")
+@pytest.mark.skipif(
+    ROOT_READS_ANYTHING,
+    reason="running as root: chmod 000 does not stop reading (the "
+    "refusal itself is tested by test_photo_unreadable_file)",
+)
 def test_photo_unreadable_file_cli(corpus, photos, tmp_path, capsys):
     image_dir = tmp_path / "data"
     shutil.copytree(photos.images, image_dir, ignore=shutil.ignore_patterns("folder.jpg"))
@@ -498,8 +620,20 @@ def test_photo_unreadable_file_cli(corpus, photos, tmp_path, capsys):
     csv = tmp_path / "test.csv"
     csv.write_text(_unlabelled(corpus.rows[:4]))
     proba = tmp_path / "proba.csv"
-    code, out, err = _run(capsys, "predict", corpus.model, "--data", image_dir, "--csv", csv,
-                          "--out", tmp_path / "s.csv", "--proba", proba, *PREDICT)
+    code, out, err = _run(
+        capsys,
+        "predict",
+        corpus.model,
+        "--data",
+        image_dir,
+        "--csv",
+        csv,
+        "--out",
+        tmp_path / "s.csv",
+        "--proba",
+        proba,
+        *PREDICT,
+    )
     assert code == 0 and "1 rows predicted from the caption alone" in out, err
     assert proba.read_text().splitlines()[1].endswith(",caption_only")
 
@@ -508,8 +642,20 @@ def test_photos_at_predict(corpus, photos, tmp_path, capsys):
     """Every photo case in one prediction: decodable ones are used, unusable ones fall back to the caption,
     counted in the summary and flagged per row in the --proba file's input column."""
     sub, proba = tmp_path / "submission.csv", tmp_path / "proba.csv"
-    code, out, err = _run(capsys, "predict", corpus.model, "--data", photos.images, "--csv", photos.csv,
-                          "--out", sub, "--proba", proba, *PREDICT)
+    code, out, err = _run(
+        capsys,
+        "predict",
+        corpus.model,
+        "--data",
+        photos.images,
+        "--csv",
+        photos.csv,
+        "--out",
+        sub,
+        "--proba",
+        proba,
+        *PREDICT,
+    )
     assert code == 0, err
     n_unusable = len(PHOTOS_UNUSABLE)
     assert f"{n_unusable} rows predicted from the caption alone (no usable photo)" in out
@@ -547,8 +693,19 @@ def test_photos_at_predict_api(corpus, photos):
 def test_photos_at_predict_strict(corpus, photos, tmp_path, capsys):
     """--strict turns the fallback into a named error."""
     sub = tmp_path / "s.csv"
-    code, _, err = _run(capsys, "predict", corpus.model, "--data", photos.images, "--csv", photos.csv,
-                        "--out", sub, "--strict", *PREDICT)
+    code, _, err = _run(
+        capsys,
+        "predict",
+        corpus.model,
+        "--data",
+        photos.images,
+        "--csv",
+        photos.csv,
+        "--out",
+        sub,
+        "--strict",
+        *PREDICT,
+    )
     first = photos.ids[next(c for c in photos.cases if c in PHOTOS_UNUSABLE)]
     _assert_named_error(code, err, [first, "CSV line", "drop --strict"])
     assert not sub.exists()
@@ -580,10 +737,29 @@ def _training_csv(path: Path, rows, extra_ids) -> Path:
 def test_photo_unusable_at_train(corpus, photos, tmp_path, capsys, case):
     """A photo that cannot be used is an error naming the row, its CSV line and the file."""
     csv = _training_csv(tmp_path / "train.csv", corpus.rows[:12], [photos.ids[case]])
-    code, _, err = _run(capsys, "train", "--data", photos.images, "--csv", csv, "--out", tmp_path / "m",
-                        "--cache-dir", corpus.cache, *TINY_TRAIN)
-    _assert_named_error(code, err, [photos.ids[case], f"row {photos.ids[case]} (CSV line 2)",
-                                    PHOTOS_UNUSABLE[case][2], "--missing-images caption_only"])
+    code, _, err = _run(
+        capsys,
+        "train",
+        "--data",
+        photos.images,
+        "--csv",
+        csv,
+        "--out",
+        tmp_path / "m",
+        "--cache-dir",
+        corpus.cache,
+        *TINY_TRAIN,
+    )
+    _assert_named_error(
+        code,
+        err,
+        [
+            photos.ids[case],
+            f"row {photos.ids[case]} (CSV line 2)",
+            PHOTOS_UNUSABLE[case][2],
+            "--missing-images caption_only",
+        ],
+    )
     assert not (tmp_path / "m").exists()
 
 
@@ -592,18 +768,44 @@ def test_photos_at_train(corpus, photos, tmp_path, capsys, caplog):
     decoded = [photos.ids[c] for c in PHOTOS_DECODED]
     unusable = [photos.ids[c] for c in PHOTOS_UNUSABLE]
     csv = _training_csv(tmp_path / "train.csv", corpus.rows[:16], decoded)
-    code, out, err = _run(capsys, "train", "--data", photos.images, "--csv", csv, "--out", tmp_path / "m1",
-                          "--cache-dir", corpus.cache, *TINY_TRAIN)
+    code, out, err = _run(
+        capsys,
+        "train",
+        "--data",
+        photos.images,
+        "--csv",
+        csv,
+        "--out",
+        tmp_path / "m1",
+        "--cache-dir",
+        corpus.cache,
+        *TINY_TRAIN,
+    )
     assert code == 0, err
     assert f"{16 + len(decoded)} rows" in out
 
     csv = _training_csv(tmp_path / "train2.csv", corpus.rows[:16], unusable)
     with caplog.at_level("WARNING", logger="fuselabel.features"):
-        code, out, err = _run(capsys, "train", "--data", photos.images, "--csv", csv, "--out", tmp_path / "m2",
-                              "--cache-dir", tmp_path / "cache", "--missing-images", "caption_only", *TINY_TRAIN)
+        code, out, err = _run(
+            capsys,
+            "train",
+            "--data",
+            photos.images,
+            "--csv",
+            csv,
+            "--out",
+            tmp_path / "m2",
+            "--cache-dir",
+            tmp_path / "cache",
+            "--missing-images",
+            "caption_only",
+            *TINY_TRAIN,
+        )
     assert code == 0, err
-    assert f"{len(unusable)} of {16 + len(unusable)} rows have no usable photo and train on their caption alone" \
+    assert (
+        f"{len(unusable)} of {16 + len(unusable)} rows have no usable photo and train on their caption alone"
         in caplog.text
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -620,8 +822,9 @@ SETTING_ERRORS = {  # case -> (command-line options, what stderr must name)
 @pytest.mark.parametrize("case", list(SETTING_ERRORS))
 def test_setting_error_cli(corpus, tmp_path, capsys, case):
     options, fragments = SETTING_ERRORS[case]
-    code, _, err = _run(capsys, "train", "--data", corpus.images, "--csv", corpus.messy, "--out", tmp_path / "m",
-                        *options)
+    code, _, err = _run(
+        capsys, "train", "--data", corpus.images, "--csv", corpus.messy, "--out", tmp_path / "m", *options
+    )
     _assert_named_error(code, err, fragments)
     assert not (tmp_path / "m").exists()
 

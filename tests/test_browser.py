@@ -20,11 +20,18 @@ from test_serve import CAPTION, serving, train_tiny_model
 from fuselabel.serve import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="/usr/bin/chromium is absent (Debian: apt-get install chromium)")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (Debian: apt-get install chromium)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +84,8 @@ def _predict(page, photo=None, caption=None):
 
 def _slow_first(page, path: str, ms: int = 1500):
     """The page's first answer from ``path`` is held back ``ms`` after it arrives (later ones are not)."""
-    page.evaluate("""([path, ms]) => {
+    page.evaluate(
+        """([path, ms]) => {
         const real = window.fetch;
         let held = false;
         window.fetch = async (url, opts) => {
@@ -85,7 +93,9 @@ def _slow_first(page, path: str, ms: int = 1500):
             if (String(url).endsWith(path) && !held) { held = true; await new Promise(r => setTimeout(r, ms)); }
             return answer;
         };
-    }""", [path, ms])
+    }""",
+        [path, ms],
+    )
 
 
 @pytest.mark.parametrize("viewport", ["desktop", "phone"])
@@ -93,8 +103,12 @@ def _slow_first(page, path: str, ms: int = 1500):
 def test_predict_and_explain_in_the_page(service, browser, source, viewport, tmp_path):
     url, image_dir = service
     photo, caption = (image_dir / "5.jpg", CAPTION) if source == "tiny" else _real_row()
-    expected = httpx.post(f"{url}/predict", data={"caption": caption},
-                          files={"image": (photo.name, photo.read_bytes(), "image/jpeg")}, timeout=60).json()
+    expected = httpx.post(
+        f"{url}/predict",
+        data={"caption": caption},
+        files={"image": (photo.name, photo.read_bytes(), "image/jpeg")},
+        timeout=60,
+    ).json()
     by_probability = sorted(expected["labels"], key=lambda lab: -lab["probability"])
 
     page = _open(browser, url, viewport)
@@ -103,8 +117,9 @@ def test_predict_and_explain_in_the_page(service, browser, source, viewport, tmp
     assert page.locator("#bars .bar-row").count() == len(expected["labels"])
     assert page.locator("#bars .bar-name").all_inner_texts() == [lab["name"] for lab in by_probability]
     # The chips are the predicted labels in the bars' order, and every figure is rounded.
-    assert page.locator("#predicted .chip").all_inner_texts() == [lab["name"] for lab in by_probability
-                                                                  if lab["predicted"]]
+    assert page.locator("#predicted .chip").all_inner_texts() == [
+        lab["name"] for lab in by_probability if lab["predicted"]
+    ]
     assert all(ROUNDED.match(v) for v in page.locator("#bars .bar-value").all_inner_texts())
     assert page.locator("#bars .bar-row.predicted").count() == len(expected["predicted"])
     assert page.locator("#bars .bar-threshold").count() == len(expected["labels"])
@@ -112,10 +127,14 @@ def test_predict_and_explain_in_the_page(service, browser, source, viewport, tmp
     # "why" for the last row: on a phone it is far below the panel, which must scroll into view.
     target = by_probability[-1]
     page.click(f".why-button[data-label='{target['id']}']")
-    page.wait_for_function("() => { const h = document.getElementById('heatmap');"
-                           " return !h.hidden && h.complete && h.naturalWidth > 0; }")
-    page.wait_for_function("() => { const r = document.getElementById('why-panel').getBoundingClientRect();"
-                           " return r.top >= 0 && r.top < window.innerHeight / 2; }", timeout=5000)
+    page.wait_for_function(
+        "() => { const h = document.getElementById('heatmap'); return !h.hidden && h.complete && h.naturalWidth > 0; }"
+    )
+    page.wait_for_function(
+        "() => { const r = document.getElementById('why-panel').getBoundingClientRect();"
+        " return r.top >= 0 && r.top < window.innerHeight / 2; }",
+        timeout=5000,
+    )
     assert page.locator("#why-label").inner_text() == target["name"]
     # Each head's probability and the rule that combined them, as the API gives them.
     heads = page.locator("#why-heads li").all_inner_texts()
@@ -130,9 +149,11 @@ def test_predict_and_explain_in_the_page(service, browser, source, viewport, tmp
     assert len(shades) == len(caption.split())
     assert all(s not in ("", "transparent", "rgba(0, 0, 0, 0)") for s in shades), shades
     # The overlay is drawn over the photo at the photo's shown size.
-    photo_box, heat_box = page.evaluate("() => ['photo', 'heatmap'].map(id => { const r = "
-                                        "document.getElementById(id).getBoundingClientRect();"
-                                        " return [r.x, r.y, r.width, r.height]; })")
+    photo_box, heat_box = page.evaluate(
+        "() => ['photo', 'heatmap'].map(id => { const r = "
+        "document.getElementById(id).getBoundingClientRect();"
+        " return [r.x, r.y, r.width, r.height]; })"
+    )
     assert photo_box[2] > 0 and heat_box == pytest.approx(photo_box, abs=1)
     assert page.evaluate("() => document.documentElement.scrollWidth") <= WIDTHS[viewport]["width"]
     assert not page.errors, page.errors
@@ -193,13 +214,13 @@ def test_a_late_why_answer_is_not_drawn_over_a_newer_prediction(service, browser
     page = _open(browser, url)
     _predict(page, image_dir / "5.jpg", CAPTION)
     _slow_first(page, "explain")
-    page.locator(".why-button").first.click()              # its answer is held back 1.5 s
+    page.locator(".why-button").first.click()  # its answer is held back 1.5 s
     page.set_input_files("#photo-input", str(image_dir / "7.jpg"))
-    assert page.locator("#result-panel").is_hidden()        # new input: the old results go at once
+    assert page.locator("#result-panel").is_hidden()  # new input: the old results go at once
     page.fill("#caption", "a kite")
     page.click("#predict-button")
     page.wait_for_selector("#bars .bar-row")
-    page.wait_for_timeout(2500)                             # the held "why" answer has arrived by now
+    page.wait_for_timeout(2500)  # the held "why" answer has arrived by now
     assert page.locator("#why-panel").is_hidden()
     assert page.locator("#heatmap").is_hidden() and page.locator("#heatmap").get_attribute("src") is None
     assert page.locator("#message").inner_text() == ""
@@ -212,10 +233,10 @@ def test_a_late_prediction_is_not_drawn_over_a_newer_one(service, browser):
     page = _open(browser, url)
     _slow_first(page, "predict")
     page.fill("#caption", CAPTION)
-    page.click("#predict-button")                           # caption only; held back 1.5 s
+    page.click("#predict-button")  # caption only; held back 1.5 s
     page.set_input_files("#photo-input", str(image_dir / "5.jpg"))
     page.wait_for_selector("#photo-frame:not([hidden])")
-    page.click("#predict-button")                           # photo and caption; answered at once
+    page.click("#predict-button")  # photo and caption; answered at once
     page.wait_for_selector("#bars .bar-row")
     page.wait_for_timeout(2500)
     assert page.locator("#status").inner_text() == "from the photo and the caption"
@@ -226,9 +247,15 @@ def test_an_error_clears_the_old_results(service, browser):
     url, image_dir = service
     page = _open(browser, url)
     _predict(page, image_dir / "5.jpg", CAPTION)
-    page.route("**/predict", lambda route: route.fulfill(status=503, headers={"Retry-After": "3"},
-                                                         content_type="application/json",
-                                                         body='{"detail": "busy: 4 at work and 32 waiting"}'))
+    page.route(
+        "**/predict",
+        lambda route: route.fulfill(
+            status=503,
+            headers={"Retry-After": "3"},
+            content_type="application/json",
+            body='{"detail": "busy: 4 at work and 32 waiting"}',
+        ),
+    )
     page.click("#predict-button")
     page.wait_for_function("() => document.getElementById('message').className === 'error'")
     assert page.locator("#message").inner_text() == "The service is busy: try again in 3 seconds."
@@ -243,13 +270,16 @@ def test_the_browser_checks_a_file_before_sending_it(service, browser):
     page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
     page.set_input_files("#photo-input", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"notes"}])
     assert "choose a JPEG, PNG, WebP, GIF or BMP file" in page.locator("#message").inner_text()
-    page.set_input_files("#photo-input", files=[{"name": "huge.jpg", "mimeType": "image/jpeg",
-                                                 "buffer": b"\xff" * 11_000_000}])
+    page.set_input_files(
+        "#photo-input", files=[{"name": "huge.jpg", "mimeType": "image/jpeg", "buffer": b"\xff" * 11_000_000}]
+    )
     assert "over the 10 MB limit" in page.locator("#message").inner_text()
-    page.set_input_files("#photo-input", files=[{"name": "notes.jpg", "mimeType": "image/jpeg",
-                                                 "buffer": b"these are notes, not a photo"}])
+    page.set_input_files(
+        "#photo-input",
+        files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"these are notes, not a photo"}],
+    )
     page.wait_for_function("() => document.getElementById('message').textContent.includes('could not be opened')")
-    assert page.locator("#photo-frame").is_hidden()        # no broken-image icon
+    assert page.locator("#photo-frame").is_hidden()  # no broken-image icon
     assert not sent, sent
     page.close()
 
@@ -258,8 +288,12 @@ def test_a_refused_photo_gets_a_human_message(service, browser):
     """A photo the browser opens but the service refuses (415): what to do, not a status code."""
     url, image_dir = service
     page = _open(browser, url)
-    page.route("**/predict", lambda route: route.fulfill(
-        status=415, content_type="application/json", body='{"detail": "image: too large: 30 megapixels"}'))
+    page.route(
+        "**/predict",
+        lambda route: route.fulfill(
+            status=415, content_type="application/json", body='{"detail": "image: too large: 30 megapixels"}'
+        ),
+    )
     page.set_input_files("#photo-input", str(image_dir / "5.jpg"))
     page.wait_for_selector("#photo-frame:not([hidden])")
     page.click("#predict-button")

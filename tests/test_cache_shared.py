@@ -56,8 +56,20 @@ def keys_between(start: int, stop: int) -> list[str]:
 
 def start_worker(tmp_path, name, start, stop, chunk=10, env=None, rank=0, world=1):
     out = tmp_path / f"{name}.npz"
-    args = [sys.executable, "-c", WORKER, str(tmp_path / "cache"), str(tmp_path / "computed.log"), str(start),
-            str(stop), str(chunk), str(out), str(tmp_path / "go"), str(rank), str(world)]
+    args = [
+        sys.executable,
+        "-c",
+        WORKER,
+        str(tmp_path / "cache"),
+        str(tmp_path / "computed.log"),
+        str(start),
+        str(stop),
+        str(chunk),
+        str(out),
+        str(tmp_path / "go"),
+        str(rank),
+        str(world),
+    ]
     stderr = open(tmp_path / f"{name}.err", "w")
     proc = subprocess.Popen(args, stderr=stderr, env={**os.environ, **(env or {})})
     stderr.close()
@@ -96,10 +108,15 @@ def check_chunks(tmp_path) -> int:
 
 def run_together(tmp_path, specs, env=None):
     """Start one worker per (name, start, stop, rank, world), release them at once, wait; their outputs."""
-    procs = [start_worker(tmp_path, name, start, stop, env=env, rank=rank, world=world)
-             for name, start, stop, rank, world in specs]
-    wait_for(lambda: all(out.with_suffix(".npz.ready").exists() for _, out in procs), "workers to start",
-             [p for p, _ in procs])
+    procs = [
+        start_worker(tmp_path, name, start, stop, env=env, rank=rank, world=world)
+        for name, start, stop, rank, world in specs
+    ]
+    wait_for(
+        lambda: all(out.with_suffix(".npz.ready").exists() for _, out in procs),
+        "workers to start",
+        [p for p, _ in procs],
+    )
     (tmp_path / "go").touch()  # all start filling the cache together
     for (proc, _), spec in zip(procs, specs):
         assert proc.wait(timeout=120) == 0, (tmp_path / f"{spec[0]}.err").read_text()
@@ -165,8 +182,7 @@ def test_writer_killed_mid_write_leaves_nothing_accepted(tmp_path):
 
     def compute(idx):
         recomputed.extend(idx)
-        return {"features": expected([keys_between(0, 30)[i] for i in idx]),
-                "present": np.ones(len(idx), np.float32)}
+        return {"features": expected([keys_between(0, 30)[i] for i in idx]), "present": np.ones(len(idx), np.float32)}
 
     got = FeatureCache(tmp_path / "cache", chunk_rows=10).fetch("store", keys_between(0, 30), compute, "resume")
     # The first chunk was finished and is kept; the half-written one is ignored and its rows computed again,
@@ -232,14 +248,13 @@ def test_cut_short_onnx_graph_is_exported_again(tmp_path, caplog):
 
     def export(path):
         exports.append(path)
-        return export_graph(module, (torch.zeros(2, 4),), path, ["x"], ["y"],
-                            {"x": {0: "batch"}, "y": {0: "batch"}})
+        return export_graph(module, (torch.zeros(2, 4),), path, ["x"], ["y"], {"x": {0: "batch"}, "y": {0: "batch"}})
 
     path = tmp_path / "onnx" / "linear.onnx"
     assert cached_graph(path, export) == path and len(exports) == 1
     assert cached_graph(path, export) == path and len(exports) == 1  # checked, and used as it is
     whole = path.read_bytes()
-    path.write_bytes(whole[: len(whole) // 2])        # what a crash after an unsynced rename can leave
+    path.write_bytes(whole[: len(whole) // 2])  # what a crash after an unsynced rename can leave
     (path.parent / ".linear.onnx.0123abcd.tmp").write_bytes(b"half")  # and a killed export's temporary
     cached_graph(path, export)
     assert len(exports) == 2 and "exporting it again" in caplog.text

@@ -12,14 +12,31 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import make_tiny_dataset, shared_data_or_skip
+
 from fuselabel.cli import main
 from fuselabel.records import read_records
 
-TINY_TRAIN = ["--preset", "cpu-fast", "--image-size", "64", "--epochs", "2", "--batch-size", "16",
-              "--val-fraction", "0.25", "--num-workers", "0", "--accelerator", "cpu",
-              "--set", "hidden_dim=32", "--set", "text_config_overrides={num_hidden_layers: 1}"]
+TINY_TRAIN = [
+    "--preset",
+    "cpu-fast",
+    "--image-size",
+    "64",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "16",
+    "--val-fraction",
+    "0.25",
+    "--num-workers",
+    "0",
+    "--accelerator",
+    "cpu",
+    "--set",
+    "hidden_dim=32",
+    "--set",
+    "text_config_overrides={num_hidden_layers: 1}",
+]
 INFER = ["--num-workers", "0"]
 
 
@@ -39,8 +56,20 @@ def trained(tmp_path_factory, session_cache):
     root = tmp_path_factory.mktemp("cli")
     image_dir, csv = make_tiny_dataset(root)
     model = root / "model"
-    code = main(["train", "--data", str(image_dir), "--csv", str(csv), "--out", str(model),
-                 "--cache-dir", session_cache, *TINY_TRAIN])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(image_dir),
+            "--csv",
+            str(csv),
+            "--out",
+            str(model),
+            "--cache-dir",
+            session_cache,
+            *TINY_TRAIN,
+        ]
+    )
     assert code == 0
     return image_dir, csv, model
 
@@ -56,8 +85,17 @@ def _unlabelled_copy(csv, dest, order=None):
 
 def test_train_writes_model_folder(trained):
     _, _, model = trained
-    for name in ("config.json", "run.json", "labels.json", "thresholds.json", "preprocessing.json",
-                 "model.safetensors", "split.json", "metrics.json", "text"):
+    for name in (
+        "config.json",
+        "run.json",
+        "labels.json",
+        "thresholds.json",
+        "preprocessing.json",
+        "model.safetensors",
+        "split.json",
+        "metrics.json",
+        "text",
+    ):
         assert (model / name).exists(), name
     config = json.loads((model / "config.json").read_text())
     assert config["image_model"] == "tf_efficientnet_lite0" and config["image_size"] == 64
@@ -76,8 +114,20 @@ def test_predict_unlabelled_keeps_input_order(trained, tmp_path, capsys):
     order = list(np.random.default_rng(3).permutation(48))
     ids = _unlabelled_copy(csv, tmp_path / "test.csv", order)
     sub, proba = tmp_path / "submission.csv", tmp_path / "proba.csv"
-    code, out, err = _run(capsys, "predict", model, "--data", image_dir, "--csv", tmp_path / "test.csv",
-                          "--out", sub, "--proba", proba, *INFER)
+    code, out, err = _run(
+        capsys,
+        "predict",
+        model,
+        "--data",
+        image_dir,
+        "--csv",
+        tmp_path / "test.csv",
+        "--out",
+        sub,
+        "--proba",
+        proba,
+        *INFER,
+    )
     assert code == 0, err
     assert "48 rows" in out
     rows = _csv_rows(sub)
@@ -94,8 +144,22 @@ def test_predict_unlabelled_keeps_input_order(trained, tmp_path, capsys):
 
     # Same model, same rows in file order: identical probabilities (the image engine is deterministic).
     _unlabelled_copy(csv, tmp_path / "sorted.csv")
-    code, _, err = _run(capsys, "predict", model, "--data", image_dir, "--csv", tmp_path / "sorted.csv",
-                        "--out", tmp_path / "s.csv", "--proba", tmp_path / "p2.csv", "--engine", "torch", *INFER)
+    code, _, err = _run(
+        capsys,
+        "predict",
+        model,
+        "--data",
+        image_dir,
+        "--csv",
+        tmp_path / "sorted.csv",
+        "--out",
+        tmp_path / "s.csv",
+        "--proba",
+        tmp_path / "p2.csv",
+        "--engine",
+        "torch",
+        *INFER,
+    )
     assert code == 0, err
     again = np.array([[float(x) for x in r[1:-1]] for r in _csv_rows(tmp_path / "p2.csv")[1:]])
     np.testing.assert_allclose(again[order], probs, atol=2e-4)
@@ -104,8 +168,7 @@ def test_predict_unlabelled_keeps_input_order(trained, tmp_path, capsys):
 def test_evaluate_json(trained, tmp_path, capsys):
     image_dir, csv, model = trained
     report_path = tmp_path / "report.json"
-    code, out, err = _run(capsys, "evaluate", model, "--data", image_dir, "--csv", csv, "--json", report_path,
-                          *INFER)
+    code, out, err = _run(capsys, "evaluate", model, "--data", image_dir, "--csv", csv, "--json", report_path, *INFER)
     assert code == 0, err
     report = json.loads(report_path.read_text())
     for key in ("mean_f1", "micro_f1", "macro_f1", "per_label"):
@@ -121,8 +184,9 @@ def test_evaluate_split_scores_only_that_side_of_the_model_split(trained, tmp_pa
     split = json.loads((model / "split.json").read_text())
     for side in ("val", "train"):
         report_path = tmp_path / f"{side}.json"
-        code, out, err = _run(capsys, "evaluate", model, "--data", image_dir, "--csv", csv, "--split", side,
-                              "--json", report_path, *INFER)
+        code, out, err = _run(
+            capsys, "evaluate", model, "--data", image_dir, "--csv", csv, "--split", side, "--json", report_path, *INFER
+        )
         assert code == 0, err
         assert json.loads(report_path.read_text())["rows"] == len(split[f"{side}_ids"]), side
     assert 0 < len(split["val_ids"]) < len(read_records(csv).records)
@@ -142,13 +206,27 @@ def test_convert_int8_shrinks_the_folder_and_predicts_alike(trained, tmp_path, c
     code, out, err = _run(capsys, "convert", model, "--out", small, "--save-dtype", "int8")
     assert code == 0, err
     weights = [(folder / "model.safetensors").stat().st_size for folder in (model, small)]
-    assert weights[1] < 0.75 * weights[0], weights   # the embedding and linear matrices in one byte, not two
+    assert weights[1] < 0.75 * weights[0], weights  # the embedding and linear matrices in one byte, not two
     labels = json.loads((model / "labels.json").read_text())["labels"]
     probs = {}
     for name, folder in (("fp16", model), ("int8", small)):
         proba = tmp_path / f"{name}-proba.csv"
-        code, out, err = _run(capsys, "predict", folder, "--data", image_dir, "--csv", csv, "--out",
-                              tmp_path / f"{name}-sub.csv", "--proba", proba, "--engine", "torch", *INFER)
+        code, out, err = _run(
+            capsys,
+            "predict",
+            folder,
+            "--data",
+            image_dir,
+            "--csv",
+            csv,
+            "--out",
+            tmp_path / f"{name}-sub.csv",
+            "--proba",
+            proba,
+            "--engine",
+            "torch",
+            *INFER,
+        )
         assert code == 0, err
         probs[name] = _probabilities(proba, labels)
     assert probs["int8"].shape == (len(read_records(csv).records), len(labels))
@@ -160,8 +238,15 @@ def test_info_and_inspect(trained, capsys):
     image_dir, csv, model = trained
     code, out, err = _run(capsys, "info", model)
     assert code == 0, err
-    for part in ("model.safetensors", "config.json", "thresholds.json", "parameters:", "kind late",
-                 "tf_efficientnet_lite0", "labels (4): 1 2 3 4"):
+    for part in (
+        "model.safetensors",
+        "config.json",
+        "thresholds.json",
+        "parameters:",
+        "kind late",
+        "tf_efficientnet_lite0",
+        "labels (4): 1 2 3 4",
+    ):
         assert part in out, part
 
     code, out, err = _run(capsys, "inspect", "--data", image_dir, "--csv", csv)
@@ -190,8 +275,9 @@ def test_garbage_line_exits_2_naming_file_and_line(trained, tmp_path, capsys):
     assert "bad.csv" in err and "bad.csv:11" in err and "Traceback" not in err
     assert not (tmp_path / "m").exists()
 
-    code, _, err = _run(capsys, "predict", model, "--data", image_dir, "--csv", bad, "--out", tmp_path / "s.csv",
-                        *INFER)
+    code, _, err = _run(
+        capsys, "predict", model, "--data", image_dir, "--csv", bad, "--out", tmp_path / "s.csv", *INFER
+    )
     assert code == 2 and "bad.csv:11" in err
     assert not (tmp_path / "s.csv").exists()
 
@@ -208,8 +294,20 @@ def test_missing_image(trained, tmp_path, capsys):
     sub, proba = tmp_path / "submission.csv", tmp_path / "proba.csv"
 
     # By default the row is predicted from its caption, flagged in the summary and the --proba file.
-    code, out, err = _run(capsys, "predict", model, "--data", images, "--csv", tmp_path / "test.csv", "--out", sub,
-                          "--proba", proba, *INFER)
+    code, out, err = _run(
+        capsys,
+        "predict",
+        model,
+        "--data",
+        images,
+        "--csv",
+        tmp_path / "test.csv",
+        "--out",
+        sub,
+        "--proba",
+        proba,
+        *INFER,
+    )
     assert code == 0, err
     assert "1 rows predicted from the caption alone" in out
     rows = _csv_rows(sub)
@@ -219,8 +317,9 @@ def test_missing_image(trained, tmp_path, capsys):
 
     # --strict: an error naming the row, its CSV line and the file; the submission already there is kept.
     before = sub.read_text()
-    code, _, err = _run(capsys, "predict", model, "--data", images, "--csv", tmp_path / "test.csv", "--out", sub,
-                        "--strict", *INFER)
+    code, _, err = _run(
+        capsys, "predict", model, "--data", images, "--csv", tmp_path / "test.csv", "--out", sub, "--strict", *INFER
+    )
     assert code == 2
     assert "row 7.jpg" in err and "CSV line 10" in err  # row 3's caption spans two lines, so 7.jpg starts on line 10
     assert f"{images / '7.jpg'}: image missing" in err and "--strict" in err
@@ -228,8 +327,22 @@ def test_missing_image(trained, tmp_path, capsys):
 
     # Photos read by several threads: the same one-line message, no traceback, nothing written or left behind.
     fresh = tmp_path / "fresh.csv"
-    code, _, err = _run(capsys, "predict", model, "--data", images, "--csv", tmp_path / "test.csv", "--out", fresh,
-                        "--strict", "--num-workers", "2", "--engine", "torch")
+    code, _, err = _run(
+        capsys,
+        "predict",
+        model,
+        "--data",
+        images,
+        "--csv",
+        tmp_path / "test.csv",
+        "--out",
+        fresh,
+        "--strict",
+        "--num-workers",
+        "2",
+        "--engine",
+        "torch",
+    )
     assert code == 2 and not fresh.exists()
     assert "Traceback" not in err and err.startswith("fuselabel: error: ") and len(err.splitlines()) == 1
     assert f"{images / '7.jpg'}: image missing" in err
@@ -246,11 +359,13 @@ def test_usage_errors(tmp_path, capsys):
         main(["frobnicate"])
     assert err.value.code == 2
     image_dir, csv = make_tiny_dataset(tmp_path / "tiny", n=8)
-    code, _, err = _run(capsys, "train", "--data", image_dir, "--csv", csv, "--out", tmp_path / "m",
-                        "--preset", "no-such-preset")
+    code, _, err = _run(
+        capsys, "train", "--data", image_dir, "--csv", csv, "--out", tmp_path / "m", "--preset", "no-such-preset"
+    )
     assert code == 2 and "unknown preset" in err
-    code, _, err = _run(capsys, "train", "--data", image_dir, "--csv", csv, "--out", tmp_path / "m",
-                        "--set", "no_such_key=1")
+    code, _, err = _run(
+        capsys, "train", "--data", image_dir, "--csv", csv, "--out", tmp_path / "m", "--set", "no_such_key=1"
+    )
     assert code == 2 and "no_such_key" in err
 
 
@@ -265,24 +380,48 @@ def test_real_subset_round_trip(tmp_path, capsys, session_cache):
     subset = tmp_path / "train.csv"
     # Captions with line breaks span two physical lines; cut at a row boundary by re-writing parsed rows.
     records = read_records(shared_data / "train.csv").records[:REAL_ROWS]
-    subset.write_text("ImageID,Labels,Caption\n" + "".join(
-        f'{r.image_id},{" ".join(r.labels)},"{r.caption}"\n' for r in records))
+    subset.write_text(
+        "ImageID,Labels,Caption\n" + "".join(f'{r.image_id},{" ".join(r.labels)},"{r.caption}"\n' for r in records)
+    )
     model = tmp_path / "model"
-    code, out, err = _run(capsys, "train", "--data", shared_data / "data", "--csv", subset, "--out", model,
-                          "--preset", "cpu-fast", "--epochs", "10", "--batch-size", "32", "--image-size", "64",
-                          "--cache-dir", session_cache, "--num-workers", "0", "--accelerator", "cpu")
+    code, out, err = _run(
+        capsys,
+        "train",
+        "--data",
+        shared_data / "data",
+        "--csv",
+        subset,
+        "--out",
+        model,
+        "--preset",
+        "cpu-fast",
+        "--epochs",
+        "10",
+        "--batch-size",
+        "32",
+        "--image-size",
+        "64",
+        "--cache-dir",
+        session_cache,
+        "--num-workers",
+        "0",
+        "--accelerator",
+        "cpu",
+    )
     assert code == 0, err
 
     sub = tmp_path / "submission.csv"
-    code, out, err = _run(capsys, "predict", model, "--data", shared_data / "data", "--csv", subset, "--out", sub,
-                          *INFER)
+    code, out, err = _run(
+        capsys, "predict", model, "--data", shared_data / "data", "--csv", subset, "--out", sub, *INFER
+    )
     assert code == 0, err
     rows = _csv_rows(sub)
     assert rows[0] == ["ImageID", "Labels"] and [r[0] for r in rows[1:]] == [r.image_id for r in records]
 
     report_path = tmp_path / "report.json"
-    code, out, err = _run(capsys, "evaluate", model, "--data", shared_data / "data", "--csv", subset,
-                          "--json", report_path, *INFER)
+    code, out, err = _run(
+        capsys, "evaluate", model, "--data", shared_data / "data", "--csv", subset, "--json", report_path, *INFER
+    )
     assert code == 0, err
     report = json.loads(report_path.read_text())
     # Always answering "person" scores about 0.64 on these rows; a trained model must beat it on its own rows.
@@ -305,25 +444,51 @@ def test_image_size_defaults_and_backbone_own():
     assert whole["input_size"] == [3, 320, 320] and whole["crop_pct"] == 1.0
 
 
-def test_train_leaves_the_exported_copy_and_a_failed_export_falls_back(trained, tmp_path, capsys, caplog,
-                                                                      monkeypatch, session_cache):
+def test_train_leaves_the_exported_copy_and_a_failed_export_falls_back(
+    trained, tmp_path, capsys, caplog, monkeypatch, session_cache
+):
     import fuselabel.export
     from fuselabel.predict import exported_folder
 
     image_dir, csv, model = trained
     # Training on a CPU made the copy `predict` runs from, so its first run starts without PyTorch too.
     assert (exported_folder(model, session_cache) / "manifest.json").is_file()
-    code, out, _ = _run(capsys, "predict", model, "--data", image_dir, "--csv", csv, "--out", tmp_path / "a.csv",
-                        "--cache-dir", session_cache, *INFER)
+    code, out, _ = _run(
+        capsys,
+        "predict",
+        model,
+        "--data",
+        image_dir,
+        "--csv",
+        csv,
+        "--out",
+        tmp_path / "a.csv",
+        "--cache-dir",
+        session_cache,
+        *INFER,
+    )
     assert code == 0 and "onnxruntime (exported folder)" in out
+
     # A network ONNX cannot express: the PyTorch model predicts instead, with the same labels, and says why.
     def unexportable(*args, **kwargs):
         raise RuntimeError("an operator ONNX has no counterpart for")
 
     monkeypatch.setattr(fuselabel.export, "export_onnx", unexportable)
     with caplog.at_level("WARNING"):
-        code, out, _ = _run(capsys, "predict", model, "--data", image_dir, "--csv", csv, "--out", tmp_path / "b.csv",
-                            "--cache-dir", tmp_path / "empty-cache", *INFER)
+        code, out, _ = _run(
+            capsys,
+            "predict",
+            model,
+            "--data",
+            image_dir,
+            "--csv",
+            csv,
+            "--out",
+            tmp_path / "b.csv",
+            "--cache-dir",
+            tmp_path / "empty-cache",
+            *INFER,
+        )
     assert code == 0 and "torch heads" in out, out
     assert "no ONNX copy could be exported" in caplog.text and "operator ONNX has no" in caplog.text
     assert (tmp_path / "b.csv").read_text() == (tmp_path / "a.csv").read_text()

@@ -5,18 +5,32 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA, TINY_LABELS
 from PIL import Image
 from torch.utils.data import WeightedRandomSampler
 
-from conftest import SHARED_DATA, TINY_LABELS
-from fuselabel.data import (FeatureDataset, ImageError, PairDataset, TextCollate, build_transform, load_rgb,
-                            make_sampler, oversampling_weights, stratified_split)
+from fuselabel.data import (
+    FeatureDataset,
+    ImageError,
+    PairDataset,
+    TextCollate,
+    build_transform,
+    load_rgb,
+    make_sampler,
+    oversampling_weights,
+    stratified_split,
+)
 from fuselabel.encoders import create_tokenizer
 from fuselabel.labels import label_vocabulary, labels_to_matrix
 from fuselabel.records import Record, read_records
 
-DATA_CONFIG = {"input_size": [3, 64, 64], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-               "interpolation": "bicubic", "crop_pct": 0.875}
+DATA_CONFIG = {
+    "input_size": [3, 64, 64],
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.25, 0.25, 0.25],
+    "interpolation": "bicubic",
+    "crop_pct": 0.875,
+}
 
 
 def _synthetic_labels(n=3000, seed=0) -> np.ndarray:
@@ -72,9 +86,9 @@ def test_stratified_split_small_inputs():
 
 def test_oversampling_weights():
     y = np.zeros((100, 3), dtype=np.uint8)
-    y[:, 0] = 1        # everyone: common
-    y[:10, 1] = 1      # rare
-    y[:2, 2] = 1       # rarest
+    y[:, 0] = 1  # everyone: common
+    y[:10, 1] = 1  # rare
+    y[:2, 2] = 1  # rarest
     w = oversampling_weights(y, power=0.5)
     assert w.shape == (100,)
     assert w.mean() == pytest.approx(1.0)
@@ -101,8 +115,10 @@ def test_make_sampler():
     assert np.isin(drawn, rare).mean() > len(rare) / len(y)  # rare rows are over-represented
 
 
-@pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"),
-                                      ("I;16", "PNG"), ("RGB", "PNG")])
+@pytest.mark.parametrize(
+    "mode,fmt",
+    [("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("I;16", "PNG"), ("RGB", "PNG")],
+)
 def test_load_rgb_converts_any_mode(tmp_path, mode, fmt):
     rgb = Image.new("RGB", (30, 20), (200, 60, 20))
     if mode == "I;16":
@@ -172,8 +188,9 @@ def test_pair_dataset_missing_and_unreadable_images(tiny_dataset):
         strict[5]
 
     for train in (False, True):
-        lenient = PairDataset(records, image_dir, build_transform(DATA_CONFIG, train=train),
-                              missing_images="caption_only")
+        lenient = PairDataset(
+            records, image_dir, build_transform(DATA_CONFIG, train=train), missing_images="caption_only"
+        )
         for i in (4, 5):
             item = lenient[i]
             assert item["image_present"] == 0.0 and item["caption"] == records[i].caption
@@ -236,9 +253,13 @@ def _kept_words(seed: int, epochs: int = 2) -> list[list[frozenset]]:
     """Per epoch, the words each of 4 one-row batches kept, from a loader with 2 workers (batches alternate)."""
     caption = " ".join(f"w{i}" for i in range(40))
     rows = [{"caption": caption, "labels": torch.zeros(1)} for _ in range(4)]
-    loader = torch.utils.data.DataLoader(rows, batch_size=1, num_workers=2,
-                                         collate_fn=TextCollate(_WordIds(), word_dropout=0.5, seed=3),
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(
+        rows,
+        batch_size=1,
+        num_workers=2,
+        collate_fn=TextCollate(_WordIds(), word_dropout=0.5, seed=3),
+        generator=torch.Generator().manual_seed(seed),
+    )
     return [[frozenset(b["input_ids"][b["input_ids"] >= 0].tolist()) for b in loader] for _ in range(epochs)]
 
 

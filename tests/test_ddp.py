@@ -18,7 +18,7 @@ import time
 
 import torch
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
 
@@ -82,19 +82,27 @@ SCRIPT = textwrap.dedent('''
 
     if __name__ == "__main__":
         main(Path(sys.argv[1]))
-''')
+""")
 
 
 def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    env = dict(
+        os.environ,
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONWARNINGS="ignore",
+    )
     for key in ("MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
         env.pop(key, None)  # Lightning picks a free port and sets the ranks itself
     t0 = time.time()
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=170)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170
+    )
     elapsed = time.time() - t0
     assert proc.returncode == 0, f"DDP run failed ({elapsed:.0f}s):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
@@ -138,8 +146,8 @@ def test_each_rank_builds_its_engine_on_its_own_device():
 
     model = Model()
     place_on(model, "cuda:1")
-    place_on(model, "cuda:1")          # already there: not built again
+    place_on(model, "cuda:1")  # already there: not built again
     assert built == ["cuda:1"]
-    model._predictor = SimpleNamespace(engine=SimpleNamespace(device="cuda"))   # built early, before the ranks
+    model._predictor = SimpleNamespace(engine=SimpleNamespace(device="cuda"))  # built early, before the ranks
     place_on(model, "cuda:1")
     assert built == ["cuda:1", "cuda:1"]

@@ -8,13 +8,14 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import TINY_SETTINGS as TINY
 from conftest import shared_data_or_skip
+from PIL import Image
+
 from fuselabel import FuseLabel
 from fuselabel.records import read_records
 from fuselabel.writers import write_rows
+
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
@@ -22,15 +23,22 @@ def tiny(tiny_model):
     return FuseLabel.from_pretrained(root / "model"), image_dir, csv, root
 
 
-@pytest.mark.parametrize("bad, key", [(dict(epochs="ten"), "epochs"), (dict(batch_size=-3), "batch_size"),
-                                      (dict(no_such_setting=1), "no_such_setting"), (dict(kind="middle"), "kind"),
-                                      (dict(preset="nope"), "nope")])
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        (dict(epochs="ten"), "epochs"),
+        (dict(batch_size=-3), "batch_size"),
+        (dict(no_such_setting=1), "no_such_setting"),
+        (dict(kind="middle"), "kind"),
+        (dict(preset="nope"), "nope"),
+    ],
+)
 def test_bad_settings_are_refused_naming_the_key(bad, key, tmp_path):
-    model = FuseLabel(**bad)   # stored untouched, as scikit-learn's contract asks
+    model = FuseLabel(**bad)  # stored untouched, as scikit-learn's contract asks
     assert model.get_params()[next(iter(bad))] == next(iter(bad.values()))
     with pytest.raises(ValueError, match=key):
         model.get_config()
-    with pytest.raises(ValueError, match=key):   # fit checks before any work
+    with pytest.raises(ValueError, match=key):  # fit checks before any work
         model.fit(images=[None, None], captions=["a", "b"], labels=[["x"], ["y"]], out=tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
@@ -62,12 +70,18 @@ def test_predict_mixes_paths_pil_bytes_and_missing(tiny):
 def test_fit_in_memory_matches_folder_layout(tiny, tmp_path, session_cache):
     _, image_dir, csv, _ = tiny
     rows = read_records(csv).records
-    images = [Image.open(image_dir / r.image_id) if i % 3 == 0 else
-              (image_dir / r.image_id).read_bytes() if i % 3 == 1 else image_dir / r.image_id
-              for i, r in enumerate(rows)]
+    images = [
+        Image.open(image_dir / r.image_id)
+        if i % 3 == 0
+        else (image_dir / r.image_id).read_bytes()
+        if i % 3 == 1
+        else image_dir / r.image_id
+        for i, r in enumerate(rows)
+    ]
     labels = [[int(x) for x in r.labels] for r in rows]
-    model = FuseLabel(**TINY, cache_dir=session_cache).fit(images=images, captions=[r.caption for r in rows],
-                                                          labels=labels, progress=False)
+    model = FuseLabel(**TINY, cache_dir=session_cache).fit(
+        images=images, captions=[r.caption for r in rows], labels=labels, progress=False
+    )
     assert model.labels_ == [1, 2, 3, 4]
     probs = model.predict_proba(images[:5], [r.caption for r in rows[:5]])
     assert probs.shape == (5, 4) and np.isfinite(probs).all()
@@ -79,8 +93,7 @@ def test_save_and_load_round_trip(tiny, tmp_path):
     images, captions = [image_dir / r.image_id for r in rows], [r.caption for r in rows]
     model.save_pretrained(tmp_path / "copy")
     again = FuseLabel.from_pretrained(tmp_path / "copy")
-    np.testing.assert_allclose(again.predict_proba(images, captions), model.predict_proba(images, captions),
-                               atol=1e-6)
+    np.testing.assert_allclose(again.predict_proba(images, captions), model.predict_proba(images, captions), atol=1e-6)
     assert again.label_names_ == model.label_names_ and (again.thresholds_ == model.thresholds_).all()
 
 
@@ -112,8 +125,12 @@ def test_older_folder_format_loads(tiny, tmp_path):
 
     model, image_dir, csv, root = tiny
     shutil.copytree(root / "model", tmp_path / "m")
-    old = {**json.loads((tmp_path / "m" / "run.json").read_text()),
-           **json.loads((tmp_path / "m" / "config.json").read_text()), "cache_dir": "/somewhere", "devices": "auto"}
+    old = {
+        **json.loads((tmp_path / "m" / "run.json").read_text()),
+        **json.loads((tmp_path / "m" / "config.json").read_text()),
+        "cache_dir": "/somewhere",
+        "devices": "auto",
+    }
     (tmp_path / "m" / "config.json").write_text(json.dumps(old))
     (tmp_path / "m" / "run.json").unlink()
     (tmp_path / "m" / "fuselabel.json").unlink()
@@ -131,8 +148,10 @@ def test_course_snippet_on_real_rows(tmp_path, session_cache):
     model.fit(tmp_path / "train.csv", images=data / "data", progress=False)
     rows = [records.records[i] for i in chosen[:3]]
     img = Image.open(data / "data" / rows[0].image_id)
-    labels = model.predict(images=[img, data / "data" / rows[1].image_id, None],
-                           captions=[rows[0].caption, rows[1].caption, rows[2].caption])
+    labels = model.predict(
+        images=[img, data / "data" / rows[1].image_id, None],
+        captions=[rows[0].caption, rows[1].caption, rows[2].caption],
+    )
     assert len(labels) == 3 and all(labels) and all(lab in model.labels_ for row in labels for lab in row)
     probs = model.predict_proba(images=[img], captions=["a dog on a sofa"])
     assert probs.shape == (1, len(model.labels_))
@@ -215,17 +234,25 @@ def test_save_pretrained_after_fit_in_memory_keeps_the_run(tiny, tmp_path, sessi
     _, image_dir, csv, _ = tiny
     rows = read_records(csv).records
     model = FuseLabel(**TINY, cache_dir=session_cache).fit(
-        images=[image_dir / r.image_id for r in rows], captions=[r.caption for r in rows],
-        labels=[list(r.labels) for r in rows], progress=False)
-    assert model.bundle_.path is None   # the temporary folder is gone, and nothing points at it
+        images=[image_dir / r.image_id for r in rows],
+        captions=[r.caption for r in rows],
+        labels=[list(r.labels) for r in rows],
+        progress=False,
+    )
+    assert model.bundle_.path is None  # the temporary folder is gone, and nothing points at it
     model.save_pretrained(tmp_path / "saved")
     for name in ("split.json", "metrics.json", "history.csv"):
         assert (tmp_path / "saved" / name).is_file(), name
     import pandas as pd
 
-    table = pd.DataFrame({"image": [str((image_dir / r.image_id).resolve()) for r in rows],
-                          "text": [r.caption for r in rows], "labels": [list(r.labels) for r in rows]})
-    val = model.evaluate(table, images=image_dir, split="val")   # the split, from memory
+    table = pd.DataFrame(
+        {
+            "image": [str((image_dir / r.image_id).resolve()) for r in rows],
+            "text": [r.caption for r in rows],
+            "labels": [list(r.labels) for r in rows],
+        }
+    )
+    val = model.evaluate(table, images=image_dir, split="val")  # the split, from memory
     assert val["rows"] == len(json.loads((tmp_path / "saved" / "split.json").read_text())["val_ids"]) > 0
 
 
@@ -237,8 +264,9 @@ def test_an_exported_onnx_folder_loads_like_a_model_folder(tiny, tmp_path, capsy
     exported = FuseLabel.from_pretrained(tmp_path / "onnx")
     rows = read_records(csv).records[:6]
     images, captions = [image_dir / r.image_id for r in rows], [r.caption for r in rows]
-    np.testing.assert_allclose(exported.predict_proba(images, captions), model.predict_proba(images, captions),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        exported.predict_proba(images, captions), model.predict_proba(images, captions), atol=1e-4
+    )
     assert exported.labels_ == model.labels_
     assert 0 <= exported.evaluate(csv, images=image_dir)["mean_f1"] <= 1
     with pytest.raises(ValueError, match="exported ONNX folder"):

@@ -19,10 +19,17 @@ WORDS = {1: "person", 2: "bicycle", 3: "car", 4: "dog"}
 COLOURS = {1: (220, 40, 40), 2: (40, 200, 40), 3: (40, 40, 220), 4: (200, 200, 40)}
 
 # Small and quick: packaged Lite0 at 64 px, a one-layer random text encoder, one epoch, no loader workers.
-TINY = dict(image_model="tf_efficientnet_lite0", image_size=64, epochs=1, regime="frozen", batch_size=16,
-            num_workers=0, val_fraction=0.25, text_pretrained=False,
-            text_config_overrides=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=64))
+TINY = dict(
+    image_model="tf_efficientnet_lite0",
+    image_size=64,
+    epochs=1,
+    regime="frozen",
+    batch_size=16,
+    num_workers=0,
+    val_fraction=0.25,
+    text_pretrained=False,
+    text_config_overrides=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +64,12 @@ def _read_csv(path):
 def study(dataset, cache_dir, tmp_path_factory):
     """2 settings x 2 seeds, models kept."""
     out = tmp_path_factory.mktemp("study")
-    grid = {"name": "tiny", "base": {**TINY, "cache_dir": cache_dir}, "grid": {"kind": ["image", "late"]},
-            "seeds": [0, 1]}
+    grid = {
+        "name": "tiny",
+        "base": {**TINY, "cache_dir": cache_dir},
+        "grid": {"kind": ["image", "late"]},
+        "seeds": [0, 1],
+    }
     rows = run_experiment(grid, out, data=dataset, csv=dataset / "train.csv")
     return out, rows
 
@@ -80,15 +91,17 @@ def test_study_writes_results(study):
         assert float(r["macro_f1"]) == pytest.approx(saved["macro_f1"], abs=1e-6)
         for method in ("global", "per_class", "balanced"):
             assert float(r[f"val_f1_{method}"]) == pytest.approx(
-                thresholds["alternatives"][method]["val_mean_f1"], abs=1e-6)
+                thresholds["alternatives"][method]["val_mean_f1"], abs=1e-6
+            )
         # the chosen method is the default (global), so the headline is the global alternative
         assert r["threshold_method"] == "global"
         assert float(r["val_mean_f1"]) == pytest.approx(float(r["val_f1_global"]))
         assert float(r["train_s"]) > 0 and float(r["total_s"]) >= float(r["train_s"])
         split = json.loads((model / "split.json").read_text())
         assert int(r["val_rows"]) == len(split["val_ids"]) > 0
-        assert float(r["size_mb"]) * 1e6 == pytest.approx(sum(f.stat().st_size for f in model.rglob("*")
-                                                              if f.is_file()), rel=0.05)
+        assert float(r["size_mb"]) * 1e6 == pytest.approx(
+            sum(f.stat().st_size for f in model.rglob("*") if f.is_file()), rel=0.05
+        )
         # late fusion's tuned image weight is reported (and is the folder's); other kinds have none
         if r["kind"] == "late":
             assert float(r["late_weight"]) == pytest.approx(thresholds["late_weight"], abs=1e-6)
@@ -109,8 +122,7 @@ def test_study_writes_results(study):
     assert json.loads((out / "results.json").read_text())["rows"][0]["run_id"] == rows[0]["run_id"]
 
 
-def test_failures_are_recorded_and_threshold_methods_share_training(dataset, cache_dir, tmp_path, monkeypatch,
-                                                                    capsys):
+def test_failures_are_recorded_and_threshold_methods_share_training(dataset, cache_dir, tmp_path, monkeypatch, capsys):
     calls = []
     real_fit = fuselabel.train.fit
 
@@ -129,18 +141,22 @@ def test_failures_are_recorded_and_threshold_methods_share_training(dataset, cac
         for method, alt in result.thresholds["alternatives"].items():
             scores = experiment._method_metrics(result, config, method)
             assert scores["mean_f1"] == pytest.approx(alt["val_mean_f1"], abs=1e-9)
-        assert experiment._method_metrics(result, config, config.threshold_method)["micro_f1"] == \
-            pytest.approx(result.report["micro_f1"])
+        assert experiment._method_metrics(result, config, config.threshold_method)["micro_f1"] == pytest.approx(
+            result.report["micro_f1"]
+        )
         checked.append(run_id)
 
-    grid = {"name": "broken", "base": {**TINY, "cache_dir": cache_dir, "kind": "image"},
-            "grid": {"threshold_method": ["per_class", "global", "balanced"]},
-            "runs": [{}, {"kind": "nonsense"}, {"image_model": "no_such_model"}], "seeds": [0],
-            "keep_models": False}
+    grid = {
+        "name": "broken",
+        "base": {**TINY, "cache_dir": cache_dir, "kind": "image"},
+        "grid": {"threshold_method": ["per_class", "global", "balanced"]},
+        "runs": [{}, {"kind": "nonsense"}, {"image_model": "no_such_model"}],
+        "seeds": [0],
+        "keep_models": False,
+    }
     path = tmp_path / "broken.yaml"
     path.write_text(yaml.safe_dump(grid))
-    rows = run_experiment(path, tmp_path / "out", data=dataset, csv=dataset / "train.csv",
-                          on_result=check_alternatives)
+    rows = run_experiment(path, tmp_path / "out", data=dataset, csv=dataset / "train.csv", on_result=check_alternatives)
 
     # 3 settings x 3 methods of result rows, but only two trainings: one good, one failing inside fit;
     # the invalid kind never reaches fit, and threshold methods never retrain.
@@ -172,12 +188,17 @@ def test_failures_are_recorded_and_threshold_methods_share_training(dataset, cac
 
 
 def test_main_runs_a_study_and_reports_failure_in_exit_code(dataset, cache_dir, tmp_path):
-    grid = {"name": "cli", "base": {**TINY, "cache_dir": cache_dir, "kind": "image"},
-            "runs": [{}, {"loss": "nope"}], "keep_models": False}
+    grid = {
+        "name": "cli",
+        "base": {**TINY, "cache_dir": cache_dir, "kind": "image"},
+        "runs": [{}, {"loss": "nope"}],
+        "keep_models": False,
+    }
     path = tmp_path / "cli.yaml"
     path.write_text(yaml.safe_dump(grid))
-    code = cli_main(["experiment", "--config", str(path), "--data", str(dataset), "--out", str(tmp_path / "o"),
-                     "--set", "epochs=1"])
+    code = cli_main(
+        ["experiment", "--config", str(path), "--data", str(dataset), "--out", str(tmp_path / "o"), "--set", "epochs=1"]
+    )
     assert code == 1  # one run failed (recorded), the other finished
     table = _read_csv(tmp_path / "o" / "results.csv")
     assert [r["status"] for r in table] == ["ok", "failed"]
@@ -197,8 +218,13 @@ def test_plan_of_shipped_configs():
     seed = plan_runs(CONFIGS / "seed-table1.yaml")
     assert seed.n_trainings == 12 and seed.n_rows == 36
     cfg = seed.units[0].config
-    assert (cfg.image_model, cfg.text_model, cfg.regime, cfg.epochs, cfg.batch_size) == \
-        ("efficientnet_b3", "albert-base-v2", "finetune", 10, 32)
+    assert (cfg.image_model, cfg.text_model, cfg.regime, cfg.epochs, cfg.batch_size) == (
+        "efficientnet_b3",
+        "albert-base-v2",
+        "finetune",
+        10,
+        32,
+    )
     assert {u.config.lr_text for u in seed.units} == {2e-5, 1e-4}
     assert {u.config.late_combine for u in seed.units} == {"union", "weighted"}
 

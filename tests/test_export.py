@@ -15,29 +15,50 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from PIL import Image
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from conftest import shared_data_or_skip  # noqa: E402
-from fuselabel.bundle import Bundle, load_bundle, save_bundle  # noqa: E402
-from fuselabel.config import Config  # noqa: E402
-from fuselabel.encoders import create_tokenizer, image_data_config  # noqa: E402
-from fuselabel.engines import TorchEngine, engine_for_bundle  # noqa: E402
-from fuselabel.export import HeadGraph, export_head, export_image_encoder, export_onnx  # noqa: E402
-from fuselabel.network import FuseLabelNet  # noqa: E402
-from fuselabel.records import Record, read_records  # noqa: E402
-from fuselabel.runtime import Prediction, Predictor, load_onnx_predictor, session  # noqa: E402
+from conftest import shared_data_or_skip
 
-FP32_TOL = 1e-4          # max |onnx - torch| of fp32 probabilities
-INT8_AGREEMENT = 0.95    # share of label decisions (row x label cells) int8 must keep
+from fuselabel.bundle import Bundle, load_bundle, save_bundle
+from fuselabel.config import Config
+from fuselabel.encoders import create_tokenizer, image_data_config
+from fuselabel.engines import TorchEngine, engine_for_bundle
+from fuselabel.export import HeadGraph, export_head, export_image_encoder, export_onnx
+from fuselabel.network import FuseLabelNet
+from fuselabel.records import Record, read_records
+from fuselabel.runtime import Prediction, Predictor, load_onnx_predictor, session
+
+FP32_TOL = 1e-4  # max |onnx - torch| of fp32 probabilities
+INT8_AGREEMENT = 0.95  # share of label decisions (row x label cells) int8 must keep
 NUM_LABELS = 6
 LATE_WEIGHT = 0.3
-WORDS = "man woman dog cat bus train kite pizza street table red blue small large near on with the a".split()
+WORDS = [
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "bus",
+    "train",
+    "kite",
+    "pizza",
+    "street",
+    "table",
+    "red",
+    "blue",
+    "small",
+    "large",
+    "near",
+    "on",
+    "with",
+    "the",
+    "a",
+]
 
 
 def _data_config(net, size):
@@ -46,25 +67,42 @@ def _data_config(net, size):
 
 
 def build_model(out: Path, pretrained: bool = True, logit_scale: float = 8.0, **overrides) -> Path:
-    settings = dict(kind="late", late_weight=LATE_WEIGHT, image_model="tf_efficientnet_lite0", image_size=64,
-                    text_config_overrides=dict(num_hidden_layers=1), save_dtype="fp32")
+    settings = dict(
+        kind="late",
+        late_weight=LATE_WEIGHT,
+        image_model="tf_efficientnet_lite0",
+        image_size=64,
+        text_config_overrides=dict(num_hidden_layers=1),
+        save_dtype="fp32",
+    )
     settings.update(overrides)
     cfg = Config(**settings)
     torch.manual_seed(0)
     tokenizer = create_tokenizer(cfg.text_model) if cfg.uses_text else None
-    net = FuseLabelNet(cfg, NUM_LABELS, pretrained=pretrained,
-                       vocab_size=len(tokenizer) if tokenizer is not None else None)
+    net = FuseLabelNet(
+        cfg, NUM_LABELS, pretrained=pretrained, vocab_size=len(tokenizer) if tokenizer is not None else None
+    )
     with torch.no_grad():  # spread the probabilities so that thresholds split the rows
         for m in net.head.modules():
             if isinstance(m, torch.nn.Linear) and m.out_features == NUM_LABELS:
                 m.weight.mul_(logit_scale)
     data_config = _data_config(net, cfg.image_size) if net.image_encoder is not None else None
     thresholds = [0.35, 0.4, 0.45, 0.5, 0.55, 0.6][:NUM_LABELS]
-    bundle = Bundle(net=net, config=cfg, labels=[str(i + 1) for i in range(NUM_LABELS)], label_names={},
-                    thresholds={"method": "per_class", "thresholds": thresholds, "val_mean_f1": 0.0,
-                                "ensure_nonempty": True, "late_weight": LATE_WEIGHT},
-                    preprocessing=data_config,
-                    tokenizer=tokenizer)
+    bundle = Bundle(
+        net=net,
+        config=cfg,
+        labels=[str(i + 1) for i in range(NUM_LABELS)],
+        label_names={},
+        thresholds={
+            "method": "per_class",
+            "thresholds": thresholds,
+            "val_mean_f1": 0.0,
+            "ensure_nonempty": True,
+            "late_weight": LATE_WEIGHT,
+        },
+        preprocessing=data_config,
+        tokenizer=tokenizer,
+    )
     save_bundle(out, bundle)
     return out
 
@@ -91,8 +129,13 @@ def synthetic_rows(image_dir: Path, n: int = 12, seed: int = 0, missing: int = 1
 
 def torch_predict(bundle, rows, image_dir, engine: str = "torch", cache_dir=None) -> Prediction:
     """The model folder's own prediction (PyTorch heads; encoders eager, or in onnxruntime with ``engine="onnx"``)."""
-    predictor = Predictor(engine_for_bundle(bundle, engine=engine, device="cpu", cache_dir=cache_dir),
-                          bundle.labels, bundle.threshold_vector, bundle.thresholds["ensure_nonempty"], workers=1)
+    predictor = Predictor(
+        engine_for_bundle(bundle, engine=engine, device="cpu", cache_dir=cache_dir),
+        bundle.labels,
+        bundle.threshold_vector,
+        bundle.thresholds["ensure_nonempty"],
+        workers=1,
+    )
     return predictor.predict([r.image_id for r in rows], [r.caption for r in rows], image_dir=image_dir)
 
 
@@ -111,15 +154,26 @@ def late_model(tmp_path_factory):
     manifest = export_onnx(model)
     manifest_int8 = export_onnx(model, root / "onnx-int8", int8=True)
     print(f"exports took {time.time() - t0:.1f}s")
-    return {"model": model, "images": root / "images", "rows": rows, "manifest": manifest,
-            "manifest_int8": manifest_int8, "int8_dir": root / "onnx-int8"}
+    return {
+        "model": model,
+        "images": root / "images",
+        "rows": rows,
+        "manifest": manifest,
+        "manifest_int8": manifest_int8,
+        "int8_dir": root / "onnx-int8",
+    }
 
 
 def test_export_writes_graphs_and_manifest(late_model):
     onnx_dir = late_model["model"] / "onnx"
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
-    assert {p.name for p in onnx_dir.iterdir()} == {"image_encoder.onnx", "text_encoder.onnx", "head.onnx",
-                                                    "tokenizer", "manifest.json"}
+    assert {p.name for p in onnx_dir.iterdir()} == {
+        "image_encoder.onnx",
+        "text_encoder.onnx",
+        "head.onnx",
+        "tokenizer",
+        "manifest.json",
+    }
     assert (onnx_dir / manifest["tokenizer"]).is_file()
     assert manifest["version"] == 2 and manifest["late_weight"] == pytest.approx(LATE_WEIGHT)
     # Late fusion's head graph gives each head's probabilities; fusing them is the runtime's job.
@@ -176,7 +230,7 @@ def test_graphs_take_any_batch_and_length(late_model):
     for batch, length in ((1, 2), (3, 64), (5, 17)):
         ids = torch.randint(1000, 2000, (batch, length))
         mask = torch.ones(batch, length, dtype=torch.long)
-        mask[0, length // 2 + 1:] = 0
+        mask[0, length // 2 + 1 :] = 0
         with torch.no_grad():
             ref = net.text_encoder(ids, mask).numpy()
         got = text.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
@@ -208,23 +262,40 @@ def test_int8_export_is_smaller_and_agrees(late_model):
 def test_cli_export(late_model, tmp_path, capsys):
     from fuselabel.cli import main
 
-    assert main(["export", str(late_model["model"]), "--format", "onnx", "--out", str(tmp_path / "o"),
-                 "--check-rows", "4"]) == 0
+    assert (
+        main(
+            ["export", str(late_model["model"]), "--format", "onnx", "--out", str(tmp_path / "o"), "--check-rows", "4"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "text_encoder.onnx" in out and "MB" in out and "max |onnx - torch|" in out
     assert (tmp_path / "o" / "head.onnx").exists()
     assert main(["export", str(tmp_path / "nowhere"), "--format", "onnx"]) == 2
 
 
-HEAD_VARIANTS = [dict(kind="late", late_combine="union"), dict(kind="early"), dict(kind="image"), dict(kind="text"),
-                 dict(kind="early", decoder="query"), dict(kind="early", decoder="lstm")]
+HEAD_VARIANTS = [
+    dict(kind="late", late_combine="union"),
+    dict(kind="early"),
+    dict(kind="image"),
+    dict(kind="text"),
+    dict(kind="early", decoder="query"),
+    dict(kind="early", decoder="lstm"),
+]
 
 
 @pytest.mark.parametrize("variant", HEAD_VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
 def test_head_graph_matches_pytorch(variant, tmp_path):
     tiny_text = dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64)
-    cfg = Config(image_model="tf_efficientnet_lite0", image_pretrained=False, text_pretrained=False,
-                 text_config_overrides=tiny_text, hidden_dim=32, late_weight=0.7, **variant)
+    cfg = Config(
+        image_model="tf_efficientnet_lite0",
+        image_pretrained=False,
+        text_pretrained=False,
+        text_config_overrides=tiny_text,
+        hidden_dim=32,
+        late_weight=0.7,
+        **variant,
+    )
     torch.manual_seed(0)
     net = FuseLabelNet(cfg, NUM_LABELS, pretrained=False).eval()
     path = export_head(net, tmp_path / "head.onnx")
@@ -284,7 +355,7 @@ def test_real_rows_same_label_sets(late_model):
     agreement = (got8.predicted == ref.predicted).mean()
     print(f"real rows: fp32 max diff {np.abs(got.probs - ref.probs).max():.2e}; int8 label agreement {agreement:.3f}")
     assert agreement >= INT8_AGREEMENT
-    assert ref.predicted.any(1).all()   # ensure_nonempty: every row gets at least its most likely label
+    assert ref.predicted.any(1).all()  # ensure_nonempty: every row gets at least its most likely label
 
 
 @pytest.mark.parametrize("name", ["minilm-l6", "albert-base-v2", "bert-base-uncased"])

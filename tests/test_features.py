@@ -65,8 +65,12 @@ def test_image_rows_keyed_by_content_survive_copy_and_touch(images, tmp_path_fac
 def test_onnx_graph_cache_tells_poolings_apart(images, tmp_path):
     """The same weights pooled two ways are two graphs: a cached avg graph must not serve avgmax."""
     image_dir, records = images
-    nets = {pool: FuseLabelNet(Config(kind="image", image_model="tf_efficientnet_lite0", image_pool=pool), 3,
-                               pretrained=False) for pool in ("avg", "avgmax")}
+    nets = {
+        pool: FuseLabelNet(
+            Config(kind="image", image_model="tf_efficientnet_lite0", image_pool=pool), 3, pretrained=False
+        )
+        for pool in ("avg", "avgmax")
+    }
     backbone = nets["avg"].image_encoder.backbone
     nets["avgmax"].image_encoder.backbone.load_state_dict(backbone.state_dict())
     data_config = image_data_config(backbone, 64)

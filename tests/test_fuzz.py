@@ -26,13 +26,37 @@ from fuselabel.records import RecordsError, RecordSet, read_records
 from fuselabel.writers import write_labelled_csv
 
 # Moderate example counts keep each test to a few seconds; no example database is written.
-FUZZ = settings(max_examples=150, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 ROUND_TRIP = settings(FUZZ, max_examples=80)  # each example writes and reads a file
 
 # Characters that stress the format, mixed with any Unicode (no surrogates: not encodable in UTF-8).
-TRICKY = st.sampled_from(['"', '"', ",", "\n", "\r\n", "\r", "\t", " ", "a", "1", ".jpg", "\ufeff", "\x00",
-                          "\u2028", "\x1c", "é", "漢", "🙂"])
+TRICKY = st.sampled_from(
+    [
+        '"',
+        '"',
+        ",",
+        "\n",
+        "\r\n",
+        "\r",
+        "\t",
+        " ",
+        "a",
+        "1",
+        ".jpg",
+        "\ufeff",
+        "\x00",
+        "\u2028",
+        "\x1c",
+        "é",
+        "漢",
+        "🙂",
+    ]
+)
 CAPTION = st.lists(TRICKY | st.characters(codec="utf-8"), max_size=25).map("".join)
 LABELS = st.lists(st.from_regex(r"[A-Za-z0-9_.\-]{1,6}", fullmatch=True), max_size=4, unique=True)
 
@@ -53,16 +77,17 @@ def _rows(captions_and_labels):
 @ROUND_TRIP
 @given(st.lists(st.tuples(LABELS, CAPTION.filter(representable)), min_size=1, max_size=6))
 @example([([], 'A cow with a sign that reads "oh no, not beef on the menu again!"')])
-@example([(["4"], "Red motor\nscooter on the sand"), (["1"], "two\r\nlines"), (["2"], "tab\there, \"quoted\"")])
-@example([([], ""), (["1"], '"'), (["1"], '""'), (["1"], "ends with a quote\""), (["1"], "cr at end\r")])
+@example([(["4"], "Red motor\nscooter on the sand"), (["1"], "two\r\nlines"), (["2"], 'tab\there, "quoted"')])
+@example([([], ""), (["1"], '"'), (["1"], '""'), (["1"], 'ends with a quote"'), (["1"], "cr at end\r")])
 def test_captions_round_trip(rows):
     rows = _rows(rows)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "labelled.csv"
         assert write_labelled_csv(path, rows) == len(rows)
         back = read_records(path)
-    assert [(r.image_id, r.labels, r.caption) for r in back.records] == \
-        [(i, tuple(labels), caption) for i, labels, caption in rows]
+    assert [(r.image_id, r.labels, r.caption) for r in back.records] == [
+        (i, tuple(labels), caption) for i, labels, caption in rows
+    ]
 
 
 @ROUND_TRIP
@@ -82,8 +107,9 @@ def test_writer_writes_only_what_reads_back(rows):
             assert path.read_text() == "old content\n" and len(list(Path(tmp).iterdir())) == 1
             return
         back = read_records(path)
-    assert [(r.image_id, r.labels, r.caption) for r in back.records] == \
-        [(i, tuple(labels), caption) for i, labels, caption in rows]
+    assert [(r.image_id, r.labels, r.caption) for r in back.records] == [
+        (i, tuple(labels), caption) for i, labels, caption in rows
+    ]
 
 
 def _check_reader(path: Path) -> None:
@@ -108,10 +134,21 @@ def _check_reader(path: Path) -> None:
         assert read_records(path).records == loose.records
 
 
-HEADERS = st.sampled_from(["ImageID,Labels,Caption", "ImageID,Caption", "\ufeffImageID,Labels,Caption",
-                           "imageid , labels , caption", "ImageID,Labels", ""])
-CSV_LINE = st.lists(st.sampled_from(['1.jpg', '22.jpg', 'x', ',', '"', ' ', '1', '2 3', '\r', '\t', 'é', ';'])
-                    | st.characters(codec="utf-8"), max_size=12).map("".join)
+HEADERS = st.sampled_from(
+    [
+        "ImageID,Labels,Caption",
+        "ImageID,Caption",
+        "\ufeffImageID,Labels,Caption",
+        "imageid , labels , caption",
+        "ImageID,Labels",
+        "",
+    ]
+)
+CSV_LINE = st.lists(
+    st.sampled_from(["1.jpg", "22.jpg", "x", ",", '"', " ", "1", "2 3", "\r", "\t", "é", ";"])
+    | st.characters(codec="utf-8"),
+    max_size=12,
+).map("".join)
 
 
 @FUZZ
@@ -125,7 +162,7 @@ def test_reader_on_csv_like_text(tmp_path, header, lines, newline, encoding):
 @FUZZ
 @given(st.binary(max_size=400))
 @example(b"\x89PNG\r\n\x1a\n")
-@example(b"ImageID,Labels,Caption\n1.jpg,1,\"\xff\"\n")
+@example(b'ImageID,Labels,Caption\n1.jpg,1,"\xff"\n')
 @example(b"ImageID,Caption\n\x00")
 def test_reader_on_arbitrary_bytes(tmp_path, data):
     path = tmp_path / "fuzz.csv"
@@ -147,13 +184,13 @@ IMAGES = _image_bytes()
 
 @FUZZ
 @given(st.sampled_from(range(len(IMAGES))), st.integers(0, 2000), st.binary(max_size=40))
-@example(3, 20, b"\x01")   # a GIF whose overwritten byte is its frame's width: a whole photo of another size
+@example(3, 20, b"\x01")  # a GIF whose overwritten byte is its frame's width: a whole photo of another size
 def test_load_rgb_on_damaged_photos(which, cut, noise):
     """A photo cut short, or with bytes overwritten: an RGB image or ImageError, nothing else. (An overwritten
     size field can make another valid photo, so only a sane size is asked of one that decodes.)"""
     data = IMAGES[which]
     cut = min(cut, len(data))
-    damaged = data[:cut] + noise + data[cut + len(noise):] if noise else data[:cut]
+    damaged = data[:cut] + noise + data[cut + len(noise) :] if noise else data[:cut]
     try:
         img = load_rgb(damaged)
     except ImageError as err:

@@ -15,8 +15,12 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements-lock.txt"
 # The Python the lock is made for; markers on python_version are judged for it.
-PYTHON = {"python_version": "3.11", "python_full_version": "3.11.7", "implementation_name": "cpython",
-          "platform_python_implementation": "CPython"}
+PYTHON = {
+    "python_version": "3.11",
+    "python_full_version": "3.11.7",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+}
 PLATFORMS = {
     "linux": {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix"},
     "darwin": {"sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "arm64", "os_name": "posix"},

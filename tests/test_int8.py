@@ -16,12 +16,14 @@ from fuselabel.config import PRESETS, build_config
 @pytest.fixture(scope="module")
 def int8_model(tmp_path_factory, session_cache):
     from conftest import TINY_SETTINGS, make_tiny_dataset
+
     from fuselabel import FuseLabel
 
     root = tmp_path_factory.mktemp("int8-model")
     image_dir, csv = make_tiny_dataset(root)
     FuseLabel(**TINY_SETTINGS, image_quant="int8", text_quant="int8", cache_dir=session_cache).fit(
-        csv, images=image_dir, out=root / "model", progress=False)
+        csv, images=image_dir, out=root / "model", progress=False
+    )
     return root, image_dir, csv
 
 
@@ -49,8 +51,17 @@ def test_training_features_are_the_prediction_features(int8_model, session_cache
     records = read_records(csv).records
     # What training stored (the feature cache) is what prediction computes, to the byte.
     config = bundle.config.replace(cache_dir=session_cache)
-    trained, _ = frozen_features(bundle.net, bundle.tokenizer, dict(bundle.preprocessing), records, image_dir, config,
-                                 device="cpu", progress=False, text=False)
+    trained, _ = frozen_features(
+        bundle.net,
+        bundle.tokenizer,
+        dict(bundle.preprocessing),
+        records,
+        image_dir,
+        config,
+        device="cpu",
+        progress=False,
+        text=False,
+    )
     engine = engine_for_bundle(bundle, device="cpu", cache_dir=session_cache)
     predicted, _, _ = encode_images(engine, [r.image_id for r in records], image_dir, workers=2)
     assert trained["image"].tobytes() == predicted.tobytes()
@@ -70,8 +81,9 @@ def test_converted_and_exported_folders_keep_it(int8_model, tmp_path, session_ca
     root, image_dir, csv = int8_model
     convert_bundle(root / "model", tmp_path / "small", "int8")
     kept = json.loads((tmp_path / "small" / "preprocessing.json").read_text())
-    assert kept["int8_calibration"] == json.loads((root / "model" / "preprocessing.json").read_text())[
-        "int8_calibration"]
+    assert (
+        kept["int8_calibration"] == json.loads((root / "model" / "preprocessing.json").read_text())["int8_calibration"]
+    )
     manifest = export_onnx(root / "model", tmp_path / "onnx")
     assert manifest["files"]["image_encoder"]["quantized"].startswith("static QDQ")
     assert manifest["files"]["image_encoder"]["bytes"] < manifest["files"]["image_encoder"]["float_bytes"]
@@ -97,8 +109,17 @@ def test_text_features_are_the_prediction_features_one_caption_a_run(int8_model,
     records = read_records(csv).records
     captions = [r.caption for r in records]
     config = bundle.config.replace(cache_dir=session_cache)
-    trained, _ = frozen_features(bundle.net, bundle.tokenizer, dict(bundle.preprocessing), records, image_dir, config,
-                                 device="cpu", progress=False, image=False)
+    trained, _ = frozen_features(
+        bundle.net,
+        bundle.tokenizer,
+        dict(bundle.preprocessing),
+        records,
+        image_dir,
+        config,
+        device="cpu",
+        progress=False,
+        image=False,
+    )
     engine = engine_for_bundle(bundle, device="cpu", cache_dir=session_cache)
     assert engine.text_batch == 1
     # The prediction path's batches (windows of rows) are not training's (all captions sorted by length) ...
@@ -106,7 +127,7 @@ def test_text_features_are_the_prediction_features_one_caption_a_run(int8_model,
     assert trained["text"].tobytes() == predicted.tobytes()
     # ... and no caption's numbers depend on the captions run beside it: alone, it gets the same bytes.
     for i in (0, 3, len(captions) - 1):
-        assert engine.text_features([captions[i]]).tobytes() == predicted[i:i + 1].tobytes()
+        assert engine.text_features([captions[i]]).tobytes() == predicted[i : i + 1].tobytes()
     assert encode_texts(engine, captions[::-1], workers=2).tobytes() == predicted[::-1].tobytes()
     # The exported folder runs the same int8 graph the same way.
     manifest = export_onnx(root / "model", tmp_path / "onnx", check_rows=0)
@@ -118,8 +139,14 @@ def test_text_features_are_the_prediction_features_one_caption_a_run(int8_model,
     # ... and it is not the float32 encoder's.
     float_net = bundle.net
     float_net.config = bundle.config.replace(text_quant="none")
-    float_engine = TorchEngine(float_net, bundle.tokenizer, dict(bundle.preprocessing), device="cpu",
-                               text_max_length=bundle.config.text_max_length, cache_dir=session_cache)
+    float_engine = TorchEngine(
+        float_net,
+        bundle.tokenizer,
+        dict(bundle.preprocessing),
+        device="cpu",
+        text_max_length=bundle.config.text_max_length,
+        cache_dir=session_cache,
+    )
     assert float_engine.text_batch is None
     assert not np.array_equal(float_engine.text_features(captions), predicted)
 

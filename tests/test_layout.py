@@ -7,10 +7,44 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fuselabel"
-ORDER = ["config", "records", "images", "labels", "tables", "writers", "outputs", "inspection", "metrics", "thresholds",
-         "losses", "runtime", "data", "geometry", "gpu_decode", "image_cache", "encoders", "heads", "network", "onnxrt",
-         "cache", "engines", "features", "module", "bundle", "train", "estimator", "predict", "export", "figures",
-         "report", "explain", "experiment_results", "experiment", "serve", "cli"]
+ORDER = [
+    "config",
+    "records",
+    "images",
+    "labels",
+    "tables",
+    "writers",
+    "outputs",
+    "inspection",
+    "metrics",
+    "thresholds",
+    "losses",
+    "runtime",
+    "data",
+    "geometry",
+    "gpu_decode",
+    "image_cache",
+    "encoders",
+    "heads",
+    "network",
+    "onnxrt",
+    "cache",
+    "engines",
+    "features",
+    "module",
+    "bundle",
+    "train",
+    "estimator",
+    "predict",
+    "export",
+    "figures",
+    "report",
+    "explain",
+    "experiment_results",
+    "experiment",
+    "serve",
+    "cli",
+]
 
 
 def _imports(path: Path) -> set[str]:
@@ -31,6 +65,6 @@ def test_imports_point_up_the_layout_only():
 
 def test_readme_lists_the_same_order():
     readme = (PACKAGE.parents[1] / "README.md").read_text()
-    table = readme[readme.index("## Layout"):]
+    table = readme[readme.index("## Layout") :]
     named = [m for m in re.findall(r"`(\w+)`", table) if m in ORDER]
-    assert named[:len(ORDER)] == ORDER
+    assert named[: len(ORDER)] == ORDER

@@ -85,9 +85,7 @@ def test_asl_easy_negatives_are_ignored():
     ids=["bce", "focal", "focal_frac", "asl", "asl_frac"],
 )
 def test_gradients_finite_including_saturated_logits(loss):
-    logits = torch.tensor(
-        [[-100.0, -30.0, -5.0, 0.0, 5.0, 30.0, 100.0]] * 2, dtype=torch.float32, requires_grad=True
-    )
+    logits = torch.tensor([[-100.0, -30.0, -5.0, 0.0, 5.0, 30.0, 100.0]] * 2, dtype=torch.float32, requires_grad=True)
     targets = torch.tensor([[0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]], dtype=torch.float32)
     out = loss(logits, targets)
     out.backward()

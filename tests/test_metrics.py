@@ -2,12 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.metrics import (
-    accuracy_score,
-    f1_score,
-    multilabel_confusion_matrix,
-    precision_recall_fscore_support,
-)
+from sklearn.metrics import accuracy_score, f1_score, multilabel_confusion_matrix, precision_recall_fscore_support
 
 from fuselabel.metrics import evaluate, format_report, mean_f1, row_f1
 

@@ -10,9 +10,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import RepeatBatch
 from torch.utils.data import DataLoader
 
-from conftest import RepeatBatch
 from fuselabel import Config
 from fuselabel.module import FuseLabelModule
 from fuselabel.network import FuseLabelNet
@@ -22,19 +22,33 @@ TINY_TEXT = dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, int
 
 
 def _module(kind: str, share: float, seed: int = 7) -> FuseLabelModule:
-    config = Config(kind=kind, image_model="tf_efficientnet_lite0", image_size=64, image_pretrained=False,
-                    text_pretrained=False, text_config_overrides=TINY_TEXT, hidden_dim=16, dropout=0.0,
-                    modality_dropout=share, seed=seed, accelerator="cpu", num_workers=0, batch_size=ROWS)
+    config = Config(
+        kind=kind,
+        image_model="tf_efficientnet_lite0",
+        image_size=64,
+        image_pretrained=False,
+        text_pretrained=False,
+        text_config_overrides=TINY_TEXT,
+        hidden_dim=16,
+        dropout=0.0,
+        modality_dropout=share,
+        seed=seed,
+        accelerator="cpu",
+        num_workers=0,
+        batch_size=ROWS,
+    )
     return FuseLabelModule(FuseLabelNet(config, num_labels=LABELS), config)
 
 
 def _batch(module: FuseLabelModule) -> dict:
     g = torch.Generator().manual_seed(0)
     net = module.net
-    return {"image_feat": torch.randn(ROWS, net.image_encoder.num_features, generator=g) + 3.0,
-            "text_feat": torch.randn(ROWS, net.text_encoder.num_features, generator=g) + 3.0,
-            "image_present": torch.ones(ROWS),
-            "labels": (torch.rand(ROWS, LABELS, generator=g) < 0.5).float()}
+    return {
+        "image_feat": torch.randn(ROWS, net.image_encoder.num_features, generator=g) + 3.0,
+        "text_feat": torch.randn(ROWS, net.text_encoder.num_features, generator=g) + 3.0,
+        "image_present": torch.ones(ROWS),
+        "labels": (torch.rand(ROWS, LABELS, generator=g) < 0.5).float(),
+    }
 
 
 def _hidden(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,9 +87,16 @@ def test_same_seed_hides_same_rows_and_rows_without_photo_keep_caption():
 
 @pytest.mark.parametrize("kind", ["image", "text"])
 def test_single_modality_models_are_left_alone(kind):
-    config = Config(kind=kind, modality_dropout=0.5, image_pretrained=False, text_pretrained=False,
-                    image_model="tf_efficientnet_lite0", image_size=64, text_config_overrides=TINY_TEXT,
-                    hidden_dim=16)
+    config = Config(
+        kind=kind,
+        modality_dropout=0.5,
+        image_pretrained=False,
+        text_pretrained=False,
+        image_model="tf_efficientnet_lite0",
+        image_size=64,
+        text_config_overrides=TINY_TEXT,
+        hidden_dim=16,
+    )
     module = FuseLabelModule(FuseLabelNet(config, num_labels=LABELS), config)
     batch = {"labels": torch.zeros(4, LABELS), "image_present": torch.ones(4)}
     assert module.hide_modalities(batch) is batch
@@ -126,7 +147,6 @@ def test_early_fusion_ignores_hidden_inputs():
         assert not torch.allclose(module.net(shifted)["early"][~caption], module.net(raw)["early"][~caption])
 
 
-
 def _fit_losses(kind: str, share: float) -> list[float]:
     L.seed_everything(0, verbose=False)
     module = _module(kind, share)
@@ -137,9 +157,17 @@ def _fit_losses(kind: str, share: float) -> list[float]:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[Log()])
+    trainer = L.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[Log()],
+    )
     trainer.fit(module, DataLoader(RepeatBatch(_batch(module), 6), batch_size=None))
     return seen
 

@@ -14,14 +14,21 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import RepeatBatch
 from torch.utils.data import DataLoader
 
-from conftest import RepeatBatch
 from fuselabel import Config
 from fuselabel.bundle import Bundle, BundleError, describe, load_bundle, save_bundle
 from fuselabel.data import FeatureDataset, PairDataset, TextCollate, build_transform
-from fuselabel.encoders import (EncoderError, _remap_by_order, create_image_encoder, create_text_encoder,
-                                create_tokenizer, image_data_config, packaged_weights_path)
+from fuselabel.encoders import (
+    EncoderError,
+    _remap_by_order,
+    create_image_encoder,
+    create_text_encoder,
+    create_tokenizer,
+    image_data_config,
+    packaged_weights_path,
+)
 from fuselabel.engines import engine_for_bundle
 from fuselabel.features import frozen_features
 from fuselabel.labels import label_vocabulary, labels_to_matrix
@@ -39,9 +46,19 @@ BATCH_ROWS = 8
 
 def tiny_config(cache_dir, **changes) -> Config:
     """The smallest real configuration: packaged Lite0 at 64 px, one MiniLM layer, a 32-unit head."""
-    values = dict(image_model="tf_efficientnet_lite0", image_size=64, text_config_overrides=dict(num_hidden_layers=1),
-                  hidden_dim=32, dropout=0.0, lr=3e-3, batch_size=BATCH_ROWS, num_workers=0, accelerator="cpu",
-                  cache_dir=str(cache_dir), text_max_length=32)
+    values = dict(
+        image_model="tf_efficientnet_lite0",
+        image_size=64,
+        text_config_overrides=dict(num_hidden_layers=1),
+        hidden_dim=32,
+        dropout=0.0,
+        lr=3e-3,
+        batch_size=BATCH_ROWS,
+        num_workers=0,
+        accelerator="cpu",
+        cache_dir=str(cache_dir),
+        text_max_length=32,
+    )
     values.update(changes)
     return Config(**values)
 
@@ -60,7 +77,6 @@ def tiny(tiny_dataset_session):
     return image_dir, records.records, vocab, labels_to_matrix(records.label_sets, vocab).astype(np.float32)
 
 
-
 class _LossLog(L.Callback):
     def __init__(self):
         self.losses: list[float] = []
@@ -75,8 +91,9 @@ def _fixed_batch(net, config, regime, tokenizer, tiny) -> dict:
     data_config = image_data_config(net.image_encoder, config.image_size) if net.image_encoder is not None else None
     if regime == "frozen":
         # Features from the frozen encoders through the on-disk cache, as training uses them.
-        feats, present = frozen_features(net, tokenizer, data_config, rows, image_dir, config, device="cpu",
-                                         progress=False)
+        feats, present = frozen_features(
+            net, tokenizer, data_config, rows, image_dir, config, device="cpu", progress=False
+        )
         ds = FeatureDataset(feats, labels[:BATCH_ROWS], present)
         return next(iter(DataLoader(ds, batch_size=BATCH_ROWS)))
     transform = build_transform(data_config, train=False) if data_config else None
@@ -85,12 +102,20 @@ def _fixed_batch(net, config, regime, tokenizer, tiny) -> dict:
     return collate([ds[i] for i in range(len(ds))])
 
 
-@pytest.mark.parametrize("regime,kind,combine", [
-    ("frozen", "image", "weighted"), ("frozen", "text", "weighted"), ("frozen", "early", "weighted"),
-    ("frozen", "late", "weighted"), ("frozen", "late", "union"),
-    ("finetune", "image", "weighted"), ("finetune", "text", "weighted"), ("finetune", "early", "weighted"),
-    ("finetune", "late", "union"),
-])
+@pytest.mark.parametrize(
+    "regime,kind,combine",
+    [
+        ("frozen", "image", "weighted"),
+        ("frozen", "text", "weighted"),
+        ("frozen", "early", "weighted"),
+        ("frozen", "late", "weighted"),
+        ("frozen", "late", "union"),
+        ("finetune", "image", "weighted"),
+        ("finetune", "text", "weighted"),
+        ("finetune", "early", "weighted"),
+        ("finetune", "late", "union"),
+    ],
+)
 def test_training_steps_reduce_loss(regime, kind, combine, tokenizer, tiny, session_cache):
     L.seed_everything(0, verbose=False)
     config = tiny_config(session_cache, kind=kind, late_combine=combine, regime=regime)
@@ -108,9 +133,17 @@ def test_training_steps_reduce_loss(regime, kind, combine, tokenizer, tiny, sess
 
     steps = TRAIN_STEPS[regime]
     log = _LossLog()
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, callbacks=[log])
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[log],
+    )
     trainer.fit(module, DataLoader(RepeatBatch(batch, steps), batch_size=None))
 
     assert len(log.losses) == steps
@@ -129,13 +162,26 @@ def test_seed_pairing_trains_and_predicts_offline(tiny_dataset, tmp_path):
     from fuselabel.train import fit
 
     image_dir, csv = tiny_dataset
-    config = Config(image_model="efficientnet_b3", text_model="albert-base-v2", image_pretrained=False,
-                    text_pretrained=False, text_config_overrides=dict(num_hidden_layers=1, hidden_size=64,
-                                                                      num_attention_heads=2, intermediate_size=128,
-                                                                      embedding_size=32),
-                    image_size=64, regime="finetune", kind="late", late_combine="union", epochs=1, max_steps=2,
-                    batch_size=16, num_workers=0, accelerator="cpu", cache_dir=str(tmp_path / "cache"),
-                    text_max_length=32)
+    config = Config(
+        image_model="efficientnet_b3",
+        text_model="albert-base-v2",
+        image_pretrained=False,
+        text_pretrained=False,
+        text_config_overrides=dict(
+            num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128, embedding_size=32
+        ),
+        image_size=64,
+        regime="finetune",
+        kind="late",
+        late_combine="union",
+        epochs=1,
+        max_steps=2,
+        batch_size=16,
+        num_workers=0,
+        accelerator="cpu",
+        cache_dir=str(tmp_path / "cache"),
+        text_max_length=32,
+    )
     out = tmp_path / "seed-model"
     result = fit(config, image_dir, csv, out, work_dir=tmp_path / "work", progress=False)
     assert result is not None and (out / "model.safetensors").exists()
@@ -164,9 +210,13 @@ def test_seed_pairing_trains_and_predicts_offline(tiny_dataset, tmp_path):
 @pytest.fixture(scope="module")
 def late_net(session_cache):
     """A late-fusion network with random-init encoders (only its probability rules are under test)."""
-    config = tiny_config(session_cache, kind="late", image_pretrained=False, text_pretrained=False,
-                         text_config_overrides=dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
-                                                    intermediate_size=64))
+    config = tiny_config(
+        session_cache,
+        kind="late",
+        image_pretrained=False,
+        text_pretrained=False,
+        text_config_overrides=dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64),
+    )
     return FuseLabelNet(config, num_labels=5).eval()
 
 
@@ -210,9 +260,13 @@ def test_single_head_probabilities_are_its_sigmoid():
 
 
 def test_early_fusion_ignores_pixels_of_caption_only_rows(session_cache):
-    config = tiny_config(session_cache, kind="early", image_pretrained=False, text_pretrained=False,
-                         text_config_overrides=dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
-                                                    intermediate_size=64))
+    config = tiny_config(
+        session_cache,
+        kind="early",
+        image_pretrained=False,
+        text_pretrained=False,
+        text_config_overrides=dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64),
+    )
     net = FuseLabelNet(config, num_labels=3).eval()
     dim_i, dim_t = net.image_encoder.num_features, net.text_encoder.num_features
     text = torch.randn(2, dim_t)
@@ -241,21 +295,36 @@ def trained_late(tiny, tokenizer, session_cache):
 
 def _bundle(net, data_config, tokenizer, vocab, config=None) -> Bundle:
     thresholds = {"method": "global", "thresholds": [0.4] * len(vocab), "val_mean_f1": 0.5, "ensure_nonempty": True}
-    return Bundle(net=net, config=config or net.config, labels=list(vocab), label_names={v: f"name{v}" for v in vocab},
-                  thresholds=thresholds, preprocessing=data_config, tokenizer=tokenizer,
-                  extra={"metrics.json": {"validation": {"mean_f1": 0.5, "micro_f1": 0.5, "macro_f1": 0.4, "rows": 5}}})
+    return Bundle(
+        net=net,
+        config=config or net.config,
+        labels=list(vocab),
+        label_names={v: f"name{v}" for v in vocab},
+        thresholds=thresholds,
+        preprocessing=data_config,
+        tokenizer=tokenizer,
+        extra={"metrics.json": {"validation": {"mean_f1": 0.5, "micro_f1": 0.5, "macro_f1": 0.4, "rows": 5}}},
+    )
 
 
 def _predict(bundle, rows, image_dir) -> Prediction:
     """Eager PyTorch prediction by a model folder's contents (loaded or still in memory)."""
-    predictor = Predictor(engine_for_bundle(bundle, engine="torch", device="cpu"), bundle.labels,
-                          bundle.threshold_vector, bundle.thresholds["ensure_nonempty"], workers=1)
+    predictor = Predictor(
+        engine_for_bundle(bundle, engine="torch", device="cpu"),
+        bundle.labels,
+        bundle.threshold_vector,
+        bundle.thresholds["ensure_nonempty"],
+        workers=1,
+    )
     return predictor.predict([r.image_id for r in rows], [r.caption for r in rows], image_dir=image_dir)
 
 
 def _tree_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("dtype,atol", [("fp32", 1e-5), ("fp16", 1e-2)])
@@ -266,8 +335,15 @@ def test_bundle_round_trip(dtype, atol, trained_late, tiny, tokenizer, tmp_path)
     bundle = _bundle(net, data_config, tokenizer, vocab, config)
     out = tmp_path / f"model-{dtype}"
     size = save_bundle(out, bundle)
-    for name in ("config.json", "labels.json", "thresholds.json", "preprocessing.json", "model.safetensors",
-                 "metrics.json", "text/config.json"):
+    for name in (
+        "config.json",
+        "labels.json",
+        "thresholds.json",
+        "preprocessing.json",
+        "model.safetensors",
+        "metrics.json",
+        "text/config.json",
+    ):
         assert (out / name).exists(), name
     assert size == sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
 
@@ -302,11 +378,18 @@ def test_bundle_caption_only_prediction_uses_text_head(trained_late, tiny, token
     assert p.status == ["ok", "caption_only", "ok", "ok"]
     probs = p.probs
     # The caption-only row must equal the text head alone on that caption.
-    feats = tokenizer([rows[1].caption], padding=True, truncation=True, max_length=net.config.text_max_length,
-                      return_tensors="pt")
+    feats = tokenizer(
+        [rows[1].caption], padding=True, truncation=True, max_length=net.config.text_max_length, return_tensors="pt"
+    )
     with torch.no_grad():
-        p_txt = torch.sigmoid(net.head({"image": torch.zeros(1, net.image_encoder.num_features),
-                                        "text": net.text_encoder(feats["input_ids"], feats["attention_mask"])})["text"])
+        p_txt = torch.sigmoid(
+            net.head(
+                {
+                    "image": torch.zeros(1, net.image_encoder.num_features),
+                    "text": net.text_encoder(feats["input_ids"], feats["attention_mask"]),
+                }
+            )["text"]
+        )
     np.testing.assert_allclose(probs[1], p_txt[0].numpy(), atol=1e-5)
     assert not np.allclose(probs[0], probs[1])
 
@@ -335,9 +418,20 @@ def test_describe_lists_parts(trained_late, tiny, tokenizer, tmp_path):
     out = tmp_path / "model"
     save_bundle(out, _bundle(net, data_config, tokenizer, tiny[2]))
     text = describe(out)
-    for part in ("model.safetensors", "config.json", "labels.json", "thresholds.json", "text/", "parameters:",
-                 "image_encoder", "text_encoder", "head", "kind late (weighted)", "tf_efficientnet_lite0",
-                 "validation mean F1 0.5000"):
+    for part in (
+        "model.safetensors",
+        "config.json",
+        "labels.json",
+        "thresholds.json",
+        "text/",
+        "parameters:",
+        "image_encoder",
+        "text_encoder",
+        "head",
+        "kind late (weighted)",
+        "tf_efficientnet_lite0",
+        "validation mean F1 0.5000",
+    ):
         assert part in text, f"{part!r} missing from:\n{text}"
     with pytest.raises(BundleError, match="not a fuselabel model folder"):
         describe(tmp_path)
@@ -353,7 +447,7 @@ def test_weights_of_the_wrong_shape_name_the_tensor(trained_late, tiny, tokenize
     save_bundle(out, _bundle(net, data_config, tokenizer, tiny[2]))
     state = load_file(str(out / "model.safetensors"))
     name = next(k for k, t in state.items() if k.startswith("head.") and t.ndim == 2)
-    state[name] = state[name][:, :-1].contiguous()   # one input column short
+    state[name] = state[name][:, :-1].contiguous()  # one input column short
     save_file(state, str(out / "model.safetensors"))
     with pytest.raises(BundleError) as err:
         load_bundle(out)
@@ -365,17 +459,22 @@ def test_hybrid_regime_trains_the_text_encoder_only(tiny_dataset, tmp_path):
     from fuselabel.train import fit
 
     image_dir, csv = tiny_dataset
-    config = tiny_config(tmp_path / "cache", kind="late", regime="hybrid", epochs=2, batch_size=16,
-                         save_dtype="fp32", word_dropout=0.1)
+    config = tiny_config(
+        tmp_path / "cache", kind="late", regime="hybrid", epochs=2, batch_size=16, save_dtype="fp32", word_dropout=0.1
+    )
     result = fit(config, image_dir, csv, tmp_path / "model", progress=False)
     assert json.loads((tmp_path / "model" / "metrics.json").read_text())["regime"] == "hybrid"
     assert result.report["rows"] == len(result.val_labels) > 0
     trained = load_bundle(tmp_path / "model").net
     start = FuseLabelNet(config, num_labels=len(result.thresholds["thresholds"]))
-    text_moved = max((a - b).abs().max().item() for a, b in zip(trained.text_encoder.state_dict().values(),
-                                                                start.text_encoder.state_dict().values()))
-    image_moved = max((a - b).abs().max().item() for a, b in zip(trained.image_encoder.state_dict().values(),
-                                                                 start.image_encoder.state_dict().values()))
+    text_moved = max(
+        (a - b).abs().max().item()
+        for a, b in zip(trained.text_encoder.state_dict().values(), start.text_encoder.state_dict().values())
+    )
+    image_moved = max(
+        (a - b).abs().max().item()
+        for a, b in zip(trained.image_encoder.state_dict().values(), start.image_encoder.state_dict().values())
+    )
     assert text_moved > 1e-4, "the text encoder fine-tunes in the hybrid regime"
     assert image_moved == 0.0, "the image encoder stays as packaged (its features are cached)"
 
@@ -467,16 +566,22 @@ def test_text_encoders_offline():
         create_text_encoder("albert-base-v2", pretrained=True)
     with pytest.raises(EncoderError):
         create_text_encoder("no-such-org/no-such-model", pretrained=False)
-    tiny_albert = create_text_encoder("albert-base-v2", pretrained=False, overrides=dict(
-        num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128, embedding_size=32),
-        vocab_size=30522)
+    tiny_albert = create_text_encoder(
+        "albert-base-v2",
+        pretrained=False,
+        overrides=dict(
+            num_hidden_layers=1, hidden_size=64, num_attention_heads=2, intermediate_size=128, embedding_size=32
+        ),
+        vocab_size=30522,
+    )
     assert tiny_albert.num_features == 64 and tiny_albert.backbone.config.vocab_size == 30522
 
     # Mean pooling respects the attention mask: padding does not change a sentence's vector.
     tok = create_tokenizer("minilm-l6")
     short = tok(["a red car"], return_tensors="pt")
-    padded = tok(["a red car", "a much longer caption about a red car parked near a tree"], padding=True,
-                 return_tensors="pt")
+    padded = tok(
+        ["a red car", "a much longer caption about a red car parked near a tree"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         a = packaged(short["input_ids"], short["attention_mask"])[0]
         b = packaged(padded["input_ids"], padded["attention_mask"])[0]

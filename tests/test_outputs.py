@@ -65,16 +65,16 @@ def test_outputs_that_would_destroy_something_are_refused(tmp_path):
     (tmp_path / "link.csv").symlink_to(csv)
     refusals = [
         (lambda: check_output(csv, "file", [model, csv]), "is an input"),
-        (lambda: check_output(tmp_path / "link.csv", "file", [model, csv]), "is an input"),   # the same file
-        (lambda: check_output(model, "onnx", [model]), "is an input"),                        # export M --out M
+        (lambda: check_output(tmp_path / "link.csv", "file", [model, csv]), "is an input"),  # the same file
+        (lambda: check_output(model, "onnx", [model]), "is an input"),  # export M --out M
         (lambda: check_output(tmp_path, "report", [model, csv]), "holds the input model folder"),
         (lambda: check_output(model / "sub.csv", "file", [model, csv]), "inside the input model folder"),
         (lambda: check_output(tmp_path / "a.csv", "file", [model, csv], [tmp_path / "a.csv"]), "two outputs"),
         (lambda: check_output(data, "model", [csv]), "is a folder that is none of fuselabel's"),
         (lambda: check_output(data / "data", "onnx", [model]), "is a folder that is none of fuselabel's"),
-        (lambda: check_output(csv, "model", []), "is a file"),                       # train --out E/train.csv
+        (lambda: check_output(csv, "model", []), "is a file"),  # train --out E/train.csv
         (lambda: check_output(tmp_path / "other", "model", [tmp_path / "other"]), "is an input"),
-        (lambda: check_output(data / "data", "file", []), "folder"),                 # predict --out DIR
+        (lambda: check_output(data / "data", "file", []), "folder"),  # predict --out DIR
         (lambda: check_output(csv / "sub.csv", "file", []), "is a file, not a folder"),
     ]
     other = _model_folder(tmp_path / "other-model")
@@ -146,17 +146,15 @@ def test_a_second_writer_is_refused_at_once_naming_the_first(tmp_path):
     proc = _hold(tmp_path, out)
     try:
         start = time.monotonic()
-        with pytest.raises(OutputError, match=rf"pid {proc.pid} on .* is writing it now"):
-            with output_lock(out):
-                pass
+        with pytest.raises(OutputError, match=rf"pid {proc.pid} on .* is writing it now"), output_lock(out):
+            pass
         assert time.monotonic() - start < 5
     finally:
         proc.kill()
         proc.wait()
     # The holder died (killed, no clean-up): its flock went with it, and the next writer goes ahead.
-    with output_lock(out):
-        with output_lock(out):  # the same process again (the command, then save_bundle inside it)
-            pass
+    with output_lock(out), output_lock(out):  # the same process again (the command, then save_bundle inside it)
+        pass
     assert not list(tmp_path.glob(".sub.csv.lock"))  # no lock file is left beside the output
 
 
@@ -188,8 +186,21 @@ def test_commands_refuse_destructive_outputs_before_work(tmp_path, capsys, tiny_
         (["train", "--data", image_dir, "--csv", csv, "--out", data / "notes.csv"], "is a file"),
         (["train", "--data", image_dir, "--csv", csv, "--out", image_dir], "is an input"),
         (["predict", model, "--data", image_dir, "--csv", csv, "--out", csv], "is an input"),
-        (["predict", model, "--data", image_dir, "--csv", csv, "--out", tmp_path / "s.csv", "--proba",
-          tmp_path / "s.csv"], "two outputs"),
+        (
+            [
+                "predict",
+                model,
+                "--data",
+                image_dir,
+                "--csv",
+                csv,
+                "--out",
+                tmp_path / "s.csv",
+                "--proba",
+                tmp_path / "s.csv",
+            ],
+            "two outputs",
+        ),
         (["predict", model, "--data", image_dir, "--csv", csv, "--out", image_dir], "none of fuselabel's"),
         (["evaluate", model, "--data", image_dir, "--csv", csv, "--json", csv], "is an input"),
         (["report", model, "--data", image_dir, "--csv", csv, "--out", data], "is a folder"),
@@ -202,9 +213,16 @@ def test_commands_refuse_destructive_outputs_before_work(tmp_path, capsys, tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "tiny"]
 
 
-@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "disk is full"), (errno.EROFS, "read-only"),
-                                         (errno.EACCES, "permission denied"), (errno.EISDIR, "is a folder"),
-                                         (errno.ENOTDIR, "a part of the path is a file")])
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        (errno.ENOSPC, "disk is full"),
+        (errno.EROFS, "read-only"),
+        (errno.EACCES, "permission denied"),
+        (errno.EISDIR, "is a folder"),
+        (errno.ENOTDIR, "a part of the path is a file"),
+    ],
+)
 def test_machine_limits_are_named(code, words):
     err = OSError(code, os.strerror(code), "/data/out/model.safetensors")
     text = explain_error(err)
@@ -218,16 +236,17 @@ def test_machine_limits_are_named(code, words):
 def test_full_disk_while_saving_weights(tmp_path, monkeypatch):
     """safetensors reports a full disk as its own error, without the path: the save names the path."""
     import safetensors.torch
+    from test_snapshot import _model
 
     from fuselabel.bundle import save_bundle
-    from test_snapshot import _model
 
     class SafetensorError(Exception):
         pass
 
     def full(*args, **kwargs):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
-                              '"No space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     with pytest.raises(OSError) as caught:
@@ -259,7 +278,7 @@ def test_every_case_in_the_robustness_doc_names_a_test_that_exists():
 
     root = Path(__file__).resolve().parents[1]
     doc = (root / "docs" / "robustness.md").read_text()
-    table = doc[doc.index("## The cases and their tests"):]
+    table = doc[doc.index("## The cases and their tests") :]
     named = re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", table)
     assert len(named) >= 15
     for path, name in named:

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from fuselabel import runtime
-from fuselabel.images import eval_pixels, eval_uint8, normalise, pixel_table
 from fuselabel.export import export_cached
+from fuselabel.images import eval_pixels, eval_uint8, normalise, pixel_table
 from fuselabel.predict import OnnxModel, predict_csv
 
 
@@ -34,15 +34,24 @@ def _float_pixels(img: Image.Image, cfg: dict) -> np.ndarray:
     return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(input_size=(3, 48, 48), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, interpolation="bicubic"),
-    dict(input_size=(3, 40, 40), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875,
-         interpolation="bilinear"),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(input_size=(3, 48, 48), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=1.0, interpolation="bicubic"),
+        dict(
+            input_size=(3, 40, 40),
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            crop_pct=0.875,
+            interpolation="bilinear",
+        ),
+    ],
+)
 def test_uint8_pixels_give_exactly_the_float_preprocessing(cfg):
     rng = np.random.default_rng(0)
-    photos = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(61, 99), (100, 60),
-                                                                                           (48, 48)]]
+    photos = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(61, 99), (100, 60), (48, 48)]
+    ]
     table = pixel_table(cfg)
     batch = np.stack([eval_uint8(p, cfg) for p in photos])
     assert batch.dtype == np.uint8 and batch.shape == (3, 3, *cfg["input_size"][1:])
@@ -50,14 +59,18 @@ def test_uint8_pixels_give_exactly_the_float_preprocessing(cfg):
     assert normalise(batch, table).tobytes() == want.tobytes()
     assert np.stack([eval_pixels(p, cfg) for p in photos]).tobytes() == want.tobytes()
     # Flipping before or after the normalisation is the same, so the flip can stay in uint8.
-    assert normalise(np.ascontiguousarray(batch[..., ::-1]), table).tobytes() == \
-        np.ascontiguousarray(want[..., ::-1]).tobytes()
+    assert (
+        normalise(np.ascontiguousarray(batch[..., ::-1]), table).tobytes()
+        == np.ascontiguousarray(want[..., ::-1]).tobytes()
+    )
     # Every level of every channel, not only those the photos happen to hold.
     levels = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256))
     mean, std = np.asarray(cfg["mean"], np.float32), np.asarray(cfg["std"], np.float32)
     float_levels = (np.arange(256, dtype=np.float32)[:, None] / 255.0 - mean) / std
-    assert normalise(np.ascontiguousarray(levels), table)[:, 0, :].tobytes() == \
-        np.ascontiguousarray(float_levels.T).tobytes()
+    assert (
+        normalise(np.ascontiguousarray(levels), table)[:, 0, :].tobytes()
+        == np.ascontiguousarray(float_levels.T).tobytes()
+    )
 
 
 def test_usable_cores_follow_affinity_and_quota(monkeypatch):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_data_or_skip
 from PIL import Image, ImageDraw, ImageOps
 
-from conftest import shared_data_or_skip
 from fuselabel.images import decode_box, eval_pixels, load_rgb, open_image, resolve_image
 from fuselabel.inspection import find_missing_images, find_unreadable_images
 from fuselabel.runtime import read_photos
@@ -31,7 +31,9 @@ def _scene(width: int, height: int, seed: int = 0) -> Image.Image:
     """A photo-like picture: smooth shading, shapes with edges, some grain."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([120 + 80 * np.sin(x / width * 6), 100 + 90 * (y / height), 140 + 60 * np.cos((x + y) / width * 4)], -1)
+    base = np.stack(
+        [120 + 80 * np.sin(x / width * 6), 100 + 90 * (y / height), 140 + 60 * np.cos((x + y) / width * 4)], -1
+    )
     img = Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     for _ in range(12):
@@ -72,7 +74,7 @@ def test_large_jpeg_decodes_at_draft_size_with_nearly_the_same_pixels(phone_phot
     # The smallest DCT scale that keeps twice the needed side (384 px at crop 0.875: the short side is
     # resized to 439, so 1/4 would be too small): 1/16 or 1/4 of the pixels.
     assert small.size == (4032 // scale, 3024 // scale) and min(small.size) >= 2 * decode_box(cfg)[0]
-    assert min(small.size) // 2 < 2 * decode_box(cfg)[0]   # and the next scale would not
+    assert min(small.size) // 2 < 2 * decode_box(cfg)[0]  # and the next scale would not
     a, b = eval_pixels(small, cfg), eval_pixels(full, cfg)
     assert a.shape == b.shape == (3, size, size)
     # In 0-255 units: the two differ by well under one grey level on average.
@@ -100,7 +102,7 @@ def test_rotated_large_jpeg_comes_out_upright(tmp_path):
     exif[0x0112] = 6
     data = _jpeg(Image.fromarray(stored), exif=exif.tobytes())
     img = load_rgb(data, size=320)
-    assert img.size == (756, 1008)                  # 1/4 of each side, turned
+    assert img.size == (756, 1008)  # 1/4 of each side, turned
     top, bottom = np.asarray(img)[100, 378], np.asarray(img)[900, 378]
     assert top[0] > 180 and top[2] < 80 and bottom[2] > 180 and bottom[0] < 80
     assert _as_before(data).size == (3024, 4032)
@@ -111,8 +113,9 @@ def test_rotated_large_jpeg_comes_out_upright(tmp_path):
     assert wide.size == (3024, 4032)
 
 
-@pytest.mark.parametrize("width, height, orientation", [(320, 240, 1), (640, 480, 1), (213, 320, 1), (640, 480, 6),
-                                                        (1200, 900, 8)])
+@pytest.mark.parametrize(
+    "width, height, orientation", [(320, 240, 1), (640, 480, 1), (213, 320, 1), (640, 480, 6), (1200, 900, 8)]
+)
 def test_course_sized_photos_are_byte_identical(tmp_path, width, height, orientation):
     exif = Image.Exif()
     if orientation != 1:
@@ -144,7 +147,7 @@ def test_large_png_and_webp_are_reduced_before_conversion():
         buf = io.BytesIO()
         rgba.save(buf, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
         small, full = load_rgb(buf.getvalue(), size=224), load_rgb(buf.getvalue())
-        assert small.size == (600, 450) and full.size == (2400, 1800)   # reduced by 4: still >= 2 x 224
+        assert small.size == (600, 450) and full.size == (2400, 1800)  # reduced by 4: still >= 2 x 224
         cfg = _config(224)
         diff = np.abs(eval_pixels(small, cfg) - eval_pixels(full, cfg)) * 0.5 * 255
         assert diff.mean() < 1.0, (fmt, diff.mean())
@@ -153,8 +156,14 @@ def test_large_png_and_webp_are_reduced_before_conversion():
 def test_image_paths_as_people_keep_them(tmp_path):
     root = tmp_path / "photos"
     scene = _scene(64, 48)
-    files = {"shoes/red/1.webp": "WEBP", "shoes/blue/2.png": "PNG", "bags/3.jpeg": "JPEG", "4.JPG": "JPEG",
-             "odd/5.jpg": "PNG", "tiffs/6.tif": "TIFF"}   # the format is read from the contents
+    files = {
+        "shoes/red/1.webp": "WEBP",
+        "shoes/blue/2.png": "PNG",
+        "bags/3.jpeg": "JPEG",
+        "4.JPG": "JPEG",
+        "odd/5.jpg": "PNG",
+        "tiffs/6.tif": "TIFF",
+    }  # the format is read from the contents
     for rel, fmt in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         scene.save(root / rel, fmt)
@@ -228,9 +237,9 @@ def test_reduction_in_bands_equals_reducing_the_whole_photo(mode):
     img = src.convert(mode)
     if mode == "P":
         img.info["transparency"] = 3
-    got = load_rgb(img, size=(166, 128))                  # a factor of 6, over several bands of rows
+    got = load_rgb(img, size=(166, 128))  # a factor of 6, over several bands of rows
 
-    def on_white(im):                                      # as load_rgb shows transparency
+    def on_white(im):  # as load_rgb shows transparency
         return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
 
     # Image.reduce takes no palette: such a photo is laid on white first, RGBA after reducing.

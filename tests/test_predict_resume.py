@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -21,8 +20,25 @@ def _predict(model, images, csv, out, proba, pause=None, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != PAUSE}
     if pause:
         env[PAUSE] = pause
-    cmd = [sys.executable, "-m", "fuselabel.cli", "predict", str(model), "--data", str(images), "--csv", str(csv),
-           "--out", str(out), "--proba", str(proba), "--chunk-size", "64", "--num-workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fuselabel.cli",
+        "predict",
+        str(model),
+        "--data",
+        str(images),
+        "--csv",
+        str(csv),
+        "--out",
+        str(out),
+        "--proba",
+        str(proba),
+        "--chunk-size",
+        "64",
+        "--num-workers",
+        "1",
+    ]
     if not pause:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         assert done.returncode == 0, done.stderr
@@ -93,4 +109,4 @@ def test_other_rows_or_chunk_size_do_not_reuse_parts(many_rows, tmp_path):
     other.write_text(table.read_text().replace("(1)", "(one)"))
     log = _predict(model, images, other, out, proba)
     assert "resuming" not in log
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["proba.csv", "sub.csv"]   # the old parts are gone too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proba.csv", "sub.csv"]  # the old parts are gone too

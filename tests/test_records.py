@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import shared_data_or_skip
+
 from fuselabel import writers
 from fuselabel.inspection import find_missing_images, format_summary, summarize
 from fuselabel.labels import label_vocabulary, labels_to_matrix, matrix_to_labels, read_label_names
 from fuselabel.records import BadRow, Record, RecordsError, parse_records, read_records
 from fuselabel.writers import write_labelled_csv, write_probabilities, write_rows, write_submission
-
 
 HEADER = "ImageID,Labels,Caption\n"
 
@@ -78,7 +77,8 @@ def test_write_rows_copies_chosen_rows_byte_for_byte(tmp_path):
     src = read_records(write(tmp_path, "", raw=raw))
     assert write_rows(src, [2, 0], tmp_path / "sub.csv") == 2
     assert (tmp_path / "sub.csv").read_bytes() == b"\xef\xbb\xbf" + (
-        HEADER.replace("\n", "\r\n") + rows[0] + rows[2]).encode("utf-8")
+        HEADER.replace("\n", "\r\n") + rows[0] + rows[2]
+    ).encode("utf-8")
     copied = read_records(tmp_path / "sub.csv")
     assert copied.image_ids == ["1.jpg", "3.jpg"] and copied.captions == [src.captions[0], src.captions[2]]
     write_rows(src, [1], tmp_path / "one.csv")
@@ -117,7 +117,9 @@ def test_write_labelled_csv_round_trip_and_refusal(tmp_path):
     assert write_labelled_csv(path, rows) == 2
     rs = read_records(path)
     assert [(r.image_id, r.labels, r.caption) for r in rs.records] == [
-        ("1.jpg", ("2", "1"), 'A "quoted", comma\nsecond line\ttab'), ("2.jpg", (), "")]
+        ("1.jpg", ("2", "1"), 'A "quoted", comma\nsecond line\ttab'),
+        ("2.jpg", (), ""),
+    ]
     assert write_labelled_csv(tmp_path / "copy.csv", rs.records) == 2
     assert (tmp_path / "copy.csv").read_bytes() == path.read_bytes()
     # A caption line ending in a quote before a line break cannot be told from the caption's end.
@@ -131,7 +133,7 @@ def test_write_labelled_csv_round_trip_and_refusal(tmp_path):
 
 
 def test_header_is_case_and_whitespace_tolerant(tmp_path):
-    rs = read_records(write(tmp_path, " imageid , LABELS,caption \n1.jpg,1,\"a\"\n"))
+    rs = read_records(write(tmp_path, ' imageid , LABELS,caption \n1.jpg,1,"a"\n'))
     assert rs.labelled and rs.captions == ["a"]
 
 
@@ -154,7 +156,7 @@ def test_empty_labels_multiple_spaces_duplicates_and_unquoted_caption(tmp_path):
         HEADER
         + '1.jpg,,"no labels"\n'
         + '2.jpg,3  1   3,"spaced"\n'
-        + "3.jpg,2,plain caption, with \"quotes\" and commas \n",
+        + '3.jpg,2,plain caption, with "quotes" and commas \n',
     )
     rs = read_records(path)
     d = by_id(rs)
@@ -182,16 +184,11 @@ def test_duplicate_image_id(tmp_path):
     rs = read_records(path, strict=False)
     assert rs.captions == ["a", "b"]
     assert [(b.line, b.reason) for b in rs.bad_rows] == [
-        (4, "duplicate ImageID 12.jpg, first at line 2 (keep one of the two rows)")]
+        (4, "duplicate ImageID 12.jpg, first at line 2 (keep one of the two rows)")
+    ]
 
 
-GARBAGE = (
-    HEADER
-    + '1.jpg,1,"one"\n'
-    + '2.jpg,2,"two\nstill two"\n'
-    + "this line is garbage\n"
-    + '3.jpg,3,"three"\n'
-)
+GARBAGE = HEADER + '1.jpg,1,"one"\n' + '2.jpg,2,"two\nstill two"\n' + "this line is garbage\n" + '3.jpg,3,"three"\n'
 
 
 def test_garbage_line_strict_names_file_and_line(tmp_path):
@@ -232,10 +229,7 @@ def test_bad_row_reasons(tmp_path, row, reason):
 
 
 def test_unterminated_quote_followed_by_new_row(tmp_path):
-    path = write(
-        tmp_path,
-        HEADER + '1.jpg,1,"ok"\n2.jpg,1,"never closed\n3.jpg,2,"next row"\n4.jpg,1,"last"\n',
-    )
+    path = write(tmp_path, HEADER + '1.jpg,1,"ok"\n2.jpg,1,"never closed\n3.jpg,2,"next row"\n4.jpg,1,"last"\n')
     with pytest.raises(RecordsError, match=r"train\.csv:3: unterminated quoted caption"):
         read_records(path)
     rs = read_records(path, strict=False)

@@ -17,28 +17,44 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_LABELS, make_tiny_dataset
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.text import Text
 from PIL import Image
 from sklearn.metrics import f1_score, precision_recall_fscore_support
+from test_cli import TINY_TRAIN
 
-from conftest import TINY_LABELS, make_tiny_dataset
 from fuselabel import __version__, figures
 from fuselabel.cli import main
 from fuselabel.outputs import OutputError
 from fuselabel.records import read_records
 from fuselabel.report import compare, draw, read_history, summarize, write_report
 from fuselabel.runtime import decide
-from test_cli import TINY_TRAIN
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 # Names that appear nowhere else on the page (captions use the plain words).
 NAMES = {label: f"{word}-label" for label, (_, word) in TINY_LABELS.items()}
 FLIPPED = ["5.jpg", "17.jpg", "30.jpg"]
-SECTIONS = ["summary", "run", "per-label", "thresholds", "calibration", "training", "labels", "inputs",
-            "worst-rows", "label-errors"]
+SECTIONS = [
+    "summary",
+    "run",
+    "per-label",
+    "thresholds",
+    "calibration",
+    "training",
+    "labels",
+    "inputs",
+    "worst-rows",
+    "label-errors",
+]
 
 
 def _write_csv(records, path: Path, labels_for=lambda r: r.labels) -> None:
@@ -57,19 +73,48 @@ def reported(tmp_path_factory, session_cache):
     (root / "label_names.csv").write_text("Label,Name\n" + "".join(f"{k},{v}\n" for k, v in NAMES.items()))
     model, weak = root / "model", root / "weak"
     for folder, epochs in ((model, "12"), (weak, "1")):
-        assert main(["train", "--data", str(image_dir), "--csv", str(csv), "--out", str(folder),
-                     "--cache-dir", session_cache, *TINY_TRAIN, "--epochs", epochs]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    str(image_dir),
+                    "--csv",
+                    str(csv),
+                    "--out",
+                    str(folder),
+                    "--cache-dir",
+                    session_cache,
+                    *TINY_TRAIN,
+                    "--epochs",
+                    epochs,
+                ]
+            )
+            == 0
+        )
     # Each flipped row gets exactly the labels it does not have.
     flipped = root / "flipped.csv"
-    _write_csv(read_records(csv).records, flipped,
-               lambda r: sorted(set(NAMES) - set(r.labels), key=int) if r.image_id in FLIPPED else r.labels)
+    _write_csv(
+        read_records(csv).records,
+        flipped,
+        lambda r: sorted(set(NAMES) - set(r.labels), key=int) if r.image_id in FLIPPED else r.labels,
+    )
     out = root / "out" / "report.html"
     code = main(["report", str(model), "--data", str(image_dir), "--csv", str(flipped), "--out", str(out)])
     compared = root / "out" / "compare.html"
-    compare_code = main(["report", str(weak), str(model), "--data", str(image_dir), "--csv", str(flipped),
-                         "--out", str(compared)])
-    return {"model": model, "weak": weak, "images": image_dir, "csv": flipped, "out": out, "code": code,
-            "compared": compared, "compare_code": compare_code}
+    compare_code = main(
+        ["report", str(weak), str(model), "--data", str(image_dir), "--csv", str(flipped), "--out", str(compared)]
+    )
+    return {
+        "model": model,
+        "weak": weak,
+        "images": image_dir,
+        "csv": flipped,
+        "out": out,
+        "code": code,
+        "compared": compared,
+        "compare_code": compare_code,
+    }
 
 
 class _Page(html.parser.HTMLParser):
@@ -207,18 +252,29 @@ def test_run_section_names_the_model_its_training_and_the_data(reported):
 def test_report_ranks_wrong_labels_as_likely_errors(reported):
     ranked = _page(reported["out"]).row_ids["label-issues"]
     assert ranked, "no likely label errors listed"
-    top = ranked[:len(FLIPPED) + 2]
+    top = ranked[: len(FLIPPED) + 2]
     assert set(FLIPPED) <= set(top), f"flipped rows {FLIPPED}, top of the ranking {top}"
 
 
 def test_report_on_an_unlabelled_table_fails_cleanly_and_keeps_the_old_report(reported, tmp_path, capsys):
     before = reported["out"].read_bytes()
     unlabelled = tmp_path / "test.csv"
-    unlabelled.write_text("ImageID,Caption\n" + "".join(f'{r.image_id},"{r.caption}"\n'
-                                                         for r in read_records(reported["csv"]).records))
+    unlabelled.write_text(
+        "ImageID,Caption\n" + "".join(f'{r.image_id},"{r.caption}"\n' for r in read_records(reported["csv"]).records)
+    )
     capsys.readouterr()
-    code = main(["report", str(reported["model"]), "--data", str(reported["images"]), "--csv", str(unlabelled),
-                 "--out", str(reported["out"])])
+    code = main(
+        [
+            "report",
+            str(reported["model"]),
+            "--data",
+            str(reported["images"]),
+            "--csv",
+            str(unlabelled),
+            "--out",
+            str(reported["out"]),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "Labels column" in err and str(unlabelled) in err and "Traceback" not in err
     assert reported["out"].read_bytes() == before
@@ -243,8 +299,9 @@ def test_two_models_compare_on_the_same_rows(reported):
     assert summary["mean F1"][1] == single_mean
     averages = {row[0]: row[1:] for row in single.tables["averages"][1:]}
     assert summary["macro avg F1"][1] == averages["macro avg"][2]
-    assert float(summary["mean F1"][2]) == pytest.approx(float(summary["mean F1"][1]) - float(summary["mean F1"][0]),
-                                                         abs=1.5e-4)
+    assert float(summary["mean F1"][2]) == pytest.approx(
+        float(summary["mean F1"][1]) - float(summary["mean F1"][0]), abs=1.5e-4
+    )
     # The disagreements: real rows of the table, each shown with both models' label sets.
     text = " ".join(page.text)
     count, rows = map(int, re.search(r"(\d+) of (\d+) rows get different label sets", text).groups())
@@ -264,11 +321,17 @@ def test_compare_from_arrays_matches_sklearn_and_finds_every_disagreement():
     second = np.where(rng.random(truth.shape) < 0.9, truth, 1 - truth)
     truth_rows = [[t for t, v in zip(tokens, row) if v] for row in truth]
     # The second model knows one more label, which no row holds: it is listed, with no delta.
-    result = compare([{"name": "A", "labels": tokens, "names": tokens, "pred": first},
-                      {"name": "B", "labels": tokens + ["e"], "names": tokens + ["e"],
-                       "pred": np.c_[second, np.zeros(60, int)]}], truth_rows)
-    f1_a, f1_b = f1_score(truth, first, average=None, zero_division=0), f1_score(truth, second, average=None,
-                                                                                  zero_division=0)
+    result = compare(
+        [
+            {"name": "A", "labels": tokens, "names": tokens, "pred": first},
+            {"name": "B", "labels": tokens + ["e"], "names": tokens + ["e"], "pred": np.c_[second, np.zeros(60, int)]},
+        ],
+        truth_rows,
+    )
+    f1_a, f1_b = (
+        f1_score(truth, first, average=None, zero_division=0),
+        f1_score(truth, second, average=None, zero_division=0),
+    )
     for j, row in enumerate(result["per_label"][:4]):
         assert row["f1"] == pytest.approx([f1_a[j], f1_b[j]])
         assert row["delta"] == [pytest.approx(f1_b[j] - f1_a[j])]
@@ -324,8 +387,7 @@ def test_summary_marks_the_model_threshold_and_leaves_out_rows_without_input():
     truth[:, 0] = 1
     probs = np.clip(truth * 0.7 + rng.random((50, 3)) * 0.3, 0, 1)
     probs[[4, 9]] = np.nan
-    s = summarize(truth, probs, np.full(3, 0.5), ["a", "b", "c"],
-                  degraded={"photo removed": np.full((50, 3), np.nan)})
+    s = summarize(truth, probs, np.full(3, 0.5), ["a", "b", "c"], degraded={"photo removed": np.full((50, 3), np.nan)})
     assert s["rows"] == 48 and s["rows_without_input"] == 2
     curve = s["threshold_curve"]
     assert curve["chosen"] == 0.5
@@ -343,8 +405,13 @@ def test_summary_marks_the_model_threshold_and_leaves_out_rows_without_input():
 def test_figures_have_readable_text_and_little_blank(labels, name):
     """No text under 8 points (11 CSS px as shown); the frequency and co-occurrence plots fill their figures."""
     truth, probs = _arrays(rows=200, labels=labels)
-    summary = summarize(truth, probs, np.full(labels, 0.45), [f"{name} {j}" for j in range(labels)],
-                        history=[{"epoch": 0, "train_loss": 1.0, "val_loss": 0.9, "val_f1": 0.5}])
+    summary = summarize(
+        truth,
+        probs,
+        np.full(labels, 0.45),
+        [f"{name} {j}" for j in range(labels)],
+        history=[{"epoch": 0, "train_loss": 1.0, "val_loss": 0.9, "val_f1": 0.5}],
+    )
     for key, (fig, _) in draw(summary).items():
         FigureCanvasAgg(fig).draw()
         small = {t.get_text() for t in fig.findobj(Text) if t.get_text() and t.get_visible() and t.get_fontsize() < 8}
@@ -412,10 +479,14 @@ def test_what_an_existing_output_may_be(tmp_path):
 
 def test_read_history_from_a_lightning_metrics_file(tmp_path):
     path = tmp_path / "history.csv"
-    path.write_text("epoch,step,train_loss_epoch,train_loss_step,val_f1,val_loss\n"
-                    "0,1,,0.9,,\n0,2,,,0.5,0.8\n0,2,0.85,,,\n1,5,,,0.6,0.7\n1,5,0.6,,,\n")
-    assert read_history(path) == [{"epoch": 0, "train_loss": 0.85, "val_loss": 0.8, "val_f1": 0.5},
-                                  {"epoch": 1, "train_loss": 0.6, "val_loss": 0.7, "val_f1": 0.6}]
+    path.write_text(
+        "epoch,step,train_loss_epoch,train_loss_step,val_f1,val_loss\n"
+        "0,1,,0.9,,\n0,2,,,0.5,0.8\n0,2,0.85,,,\n1,5,,,0.6,0.7\n1,5,0.6,,,\n"
+    )
+    assert read_history(path) == [
+        {"epoch": 0, "train_loss": 0.85, "val_loss": 0.8, "val_f1": 0.5},
+        {"epoch": 1, "train_loss": 0.6, "val_loss": 0.7, "val_f1": 0.6},
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------

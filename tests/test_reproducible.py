@@ -9,11 +9,31 @@ from __future__ import annotations
 import json
 
 from conftest import make_tiny_dataset
+
 from fuselabel.cli import main
 
-TINY_TRAIN = ["--preset", "cpu-fast", "--image-size", "64", "--epochs", "3", "--batch-size", "16",
-              "--val-fraction", "0.25", "--num-workers", "0", "--accelerator", "cpu", "--seed", "7",
-              "--set", "hidden_dim=32", "--set", "text_config_overrides={num_hidden_layers: 1}"]
+TINY_TRAIN = [
+    "--preset",
+    "cpu-fast",
+    "--image-size",
+    "64",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "16",
+    "--val-fraction",
+    "0.25",
+    "--num-workers",
+    "0",
+    "--accelerator",
+    "cpu",
+    "--seed",
+    "7",
+    "--set",
+    "hidden_dim=32",
+    "--set",
+    "text_config_overrides={num_hidden_layers: 1}",
+]
 
 
 def _read(folder, name):
@@ -25,17 +45,50 @@ def test_same_seed_same_split_thresholds_and_metrics(tmp_path):
     outs = []
     for run in ("first", "second"):
         out = tmp_path / run
-        assert main(["train", "--data", str(image_dir), "--csv", str(csv), "--out", str(out),
-                     "--cache-dir", str(tmp_path / f"cache-{run}"), *TINY_TRAIN]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    str(image_dir),
+                    "--csv",
+                    str(csv),
+                    "--out",
+                    str(out),
+                    "--cache-dir",
+                    str(tmp_path / f"cache-{run}"),
+                    *TINY_TRAIN,
+                ]
+            )
+            == 0
+        )
         outs.append(out)
     first, second = outs
     assert _read(first, "split.json") == _read(second, "split.json")
     assert _read(first, "thresholds.json") == _read(second, "thresholds.json")
     assert _read(first, "metrics.json")["validation"] == _read(second, "metrics.json")["validation"]
-    assert [r["val_f1"] for r in _read(first, "metrics.json")["val_f1_by_time"]] == \
-        [r["val_f1"] for r in _read(second, "metrics.json")["val_f1_by_time"]]
+    assert [r["val_f1"] for r in _read(first, "metrics.json")["val_f1_by_time"]] == [
+        r["val_f1"] for r in _read(second, "metrics.json")["val_f1_by_time"]
+    ]
     # The seed does matter: another seed draws another validation split.
     other = tmp_path / "other-seed"
-    assert main(["train", "--data", str(image_dir), "--csv", str(csv), "--out", str(other),
-                 "--cache-dir", str(tmp_path / "cache-first"), *TINY_TRAIN, "--seed", "8"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(image_dir),
+                "--csv",
+                str(csv),
+                "--out",
+                str(other),
+                "--cache-dir",
+                str(tmp_path / "cache-first"),
+                *TINY_TRAIN,
+                "--seed",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert _read(other, "split.json")["val_ids"] != _read(first, "split.json")["val_ids"]

@@ -21,14 +21,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import make_tiny_dataset
+
 from fuselabel.bundle import load_bundle, readable_folder, replace_folder
 
 # The tiny model of tests/test_cli.py, for four epochs: two batches an epoch on the 36 training rows.
-TRAIN = ["--preset", "cpu-fast", "--image-size", "64", "--epochs", "4", "--batch-size", "16", "--val-fraction",
-         "0.25", "--num-workers", "0", "--accelerator", "cpu", "--set", "hidden_dim=32",
-         "--set", "text_config_overrides={num_hidden_layers: 1}"]
+TRAIN = [
+    "--preset",
+    "cpu-fast",
+    "--image-size",
+    "64",
+    "--epochs",
+    "4",
+    "--batch-size",
+    "16",
+    "--val-fraction",
+    "0.25",
+    "--num-workers",
+    "0",
+    "--accelerator",
+    "cpu",
+    "--set",
+    "hidden_dim=32",
+    "--set",
+    "text_config_overrides={num_hidden_layers: 1}",
+]
 CHUNK_ROWS = "16"  # three chunks of image features for the 48 rows, so a kill can fall between two
 
 
@@ -38,8 +55,22 @@ def train(root: Path, out: Path, cache: Path, *extra, pause: str | None = None) 
     if pause:
         env["FUSELABEL_TEST_PAUSE_AT"] = pause
     log = open(root / f"{out.name}.log", "a")
-    cmd = [sys.executable, "-m", "fuselabel.cli", "train", "--data", str(root / "data"), "--csv",
-           str(root / "train.csv"), "--out", str(out), "--cache-dir", str(cache), *TRAIN, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fuselabel.cli",
+        "train",
+        "--data",
+        str(root / "data"),
+        "--csv",
+        str(root / "train.csv"),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        *TRAIN,
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     log.close()
     return proc
@@ -65,8 +96,11 @@ def kill_at(root: Path, out: Path, cache: Path, stage: str, *extra) -> None:
 
 
 def digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def image_chunks(cache: Path) -> set[str]:
@@ -136,8 +170,9 @@ def test_killed_at_every_stage_then_resumed_matches_an_uninterrupted_run(root, r
     assert np.allclose(got_thresholds["thresholds"], want_thresholds["thresholds"], atol=0.01)
     # Every epoch is reported, the ones before the kill from the checkpoint, with the same figures.
     assert [r["epoch"] for r in got["val_f1_by_time"]] == [r["epoch"] for r in want["val_f1_by_time"]] == [0, 1, 2, 3]
-    assert np.allclose([r["val_f1"] for r in got["val_f1_by_time"]],
-                       [r["val_f1"] for r in want["val_f1_by_time"]], atol=0.002)
+    assert np.allclose(
+        [r["val_f1"] for r in got["val_f1_by_time"]], [r["val_f1"] for r in want["val_f1_by_time"]], atol=0.002
+    )
     assert got["epochs_run"] == want["epochs_run"]
 
 
@@ -145,8 +180,20 @@ def test_resume_refuses_a_run_with_other_settings(root, reference, capsys):
     from fuselabel.cli import main
 
     work, out = root / "kept-work", root / "other"
-    args = ["train", "--data", str(root / "data"), "--csv", str(root / "train.csv"), "--out", str(out),
-            "--cache-dir", str(root / "cache-reference"), *TRAIN, "--work-dir", str(work)]
+    args = [
+        "train",
+        "--data",
+        str(root / "data"),
+        "--csv",
+        str(root / "train.csv"),
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(root / "cache-reference"),
+        *TRAIN,
+        "--work-dir",
+        str(work),
+    ]
     assert main(args) == 0
     assert (work / "trained.json").exists()  # a work folder the user named is kept
     import fuselabel.train as train_module
@@ -160,7 +207,7 @@ def test_resume_refuses_a_run_with_other_settings(root, reference, capsys):
         train_module._loaders = real_loaders
     err = capsys.readouterr().err
     assert code == 2 and "cannot resume" in err and "lr" in err and "Traceback" not in err
-    assert not computed   # refused before any feature was computed
+    assert not computed  # refused before any feature was computed
     # The same settings resume: training had finished, so only tuning and the save run again.
     assert main([*args, "--resume"]) == 0
     assert "training had finished" in capsys.readouterr().out
@@ -183,8 +230,9 @@ def test_folder_swap_killed_between_renames_keeps_the_previous_folder(tmp_path):
         folder.mkdir()
         (folder / "weights").write_text(text)
     env = dict(os.environ, FUSELABEL_TEST_PAUSE_AT="bundle-swap")
-    proc = subprocess.Popen([sys.executable, "-c", SWAP, str(new), str(out)], stderr=subprocess.PIPE, env=env,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SWAP, str(new), str(out)], stderr=subprocess.PIPE, env=env, text=True
+    )
     assert "paused at bundle-swap" in proc.stderr.readline()
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)

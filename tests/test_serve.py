@@ -36,7 +36,7 @@ from fuselabel.bundle import folder_size
 from fuselabel.cli import main
 from fuselabel.estimator import FuseLabel
 from fuselabel.explain import _to_photo_frame, explain
-from fuselabel.serve import REQUEST_ID, MAX_CAPTION_CHARS, JsonFormatter, _require_input, create_app
+from fuselabel.serve import MAX_CAPTION_CHARS, REQUEST_ID, JsonFormatter, _require_input, create_app
 
 CAPTION = "a photo of a dog and a car next to a kite"
 
@@ -45,8 +45,20 @@ def train_tiny_model(root: Path, cache_dir: str) -> tuple[Path, Path]:
     """(image folder, model folder) of a tiny late-fusion model trained in seconds."""
     image_dir, csv = make_tiny_dataset(root)
     model = root / "model"
-    code = main(["train", "--data", str(image_dir), "--csv", str(csv), "--out", str(model), "--cache-dir", cache_dir,
-                 *TINY_TRAIN])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(image_dir),
+            "--csv",
+            str(csv),
+            "--out",
+            str(model),
+            "--cache-dir",
+            cache_dir,
+            *TINY_TRAIN,
+        ]
+    )
     assert code == 0
     return image_dir, model
 
@@ -63,8 +75,11 @@ def served_process(model, tmp_path, *args, tries: int = 600):
     goes to ``tmp_path/serve.log``; a process still running at the end is killed."""
     port = free_port()
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "fuselabel.cli", "serve", str(model), "--port", str(port), *args],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fuselabel.cli", "serve", str(model), "--port", str(port), *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(tries):
@@ -88,8 +103,9 @@ def serving(app, header_timeout: float = 10, **config):
     connection limits ``fuselabel serve`` uses (``config``: more uvicorn settings); yields its base URL."""
     import uvicorn
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning",
-                            http="fuselabel.serve:TimedH11Protocol", **config)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=free_port(), log_level="warning", http="fuselabel.serve:TimedH11Protocol", **config
+    )
     config.header_timeout = header_timeout
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -148,6 +164,7 @@ def _logit(p: float) -> float:
 
 # ---------------------------------------------------------------- reading endpoints
 
+
 def test_health_labels_info(client, trained):
     _, model = trained
     health = client.get("/health").json()
@@ -157,7 +174,7 @@ def test_health_labels_info(client, trained):
 
     labels = client.get("/labels").json()["labels"]
     stored = json.loads((model / "thresholds.json").read_text())["thresholds"]
-    assert [lab["id"] for lab in labels] == [1, 2, 3, 4]   # integer-literal tokens come back as ints
+    assert [lab["id"] for lab in labels] == [1, 2, 3, 4]  # integer-literal tokens come back as ints
     np.testing.assert_allclose([lab["threshold"] for lab in labels], stored, rtol=1e-6)
 
     response = client.get("/info")
@@ -166,9 +183,17 @@ def test_health_labels_info(client, trained):
     validation = json.loads((model / "metrics.json").read_text())["validation"]
     assert info["validation"]["mean_f1"] == pytest.approx(validation["mean_f1"])
     assert info["settings"]["model"]["kind"] == "late" and info["settings"]["model"]["image_size"] == 64
-    assert info["limits"] == {"max_upload_mb": 10, "max_batch": 32, "max_caption_chars": MAX_CAPTION_CHARS,
-                              "max_megapixels": 25, "decode_workers": 2, "max_concurrency": 4, "max_queue": 32,
-                              "queue_timeout_s": 30, "body_timeout_s": 60}
+    assert info["limits"] == {
+        "max_upload_mb": 10,
+        "max_batch": 32,
+        "max_caption_chars": MAX_CAPTION_CHARS,
+        "max_megapixels": 25,
+        "decode_workers": 2,
+        "max_concurrency": 4,
+        "max_queue": 32,
+        "queue_timeout_s": 30,
+        "body_timeout_s": 60,
+    }
     assert info["fusion"]["kind"] == "late" and "photo head" in info["fusion"]["rule"]
     # Nothing about the server's file system leaks: not the model's path, nor any other.
     assert str(model.parent) not in response.text
@@ -208,8 +233,11 @@ def test_metrics_scrape(client, trained):
     assert _post(client, caption="").status_code == 422
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(response.text) for s in family.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
 
     def value(name, **labels):
         return samples.get((name, tuple(sorted(labels.items()))), 0)
@@ -231,7 +259,7 @@ def test_request_ids(client):
     assert made[0] != made[1] and all(re.fullmatch(r"[0-9a-f]{32}", m) for m in made)
     # A header that could forge log lines is replaced, not echoed.
     assert client.get("/health", headers={"X-Request-ID": "a b\tc"}).headers["x-request-id"] != "a b\tc"
-    assert "x-request-id" in _post(client, caption="").headers   # client errors carry one too
+    assert "x-request-id" in _post(client, caption="").headers  # client errors carry one too
 
 
 def test_an_unexpected_error_is_a_500_with_the_request_id(trained, monkeypatch, caplog):
@@ -244,7 +272,7 @@ def test_an_unexpected_error_is_a_500_with_the_request_id(trained, monkeypatch, 
     monkeypatch.setattr(model, "predict", broken)
     with TestClient(app, raise_server_exceptions=False) as c, caplog.at_level("ERROR"):
         answer = c.post("/predict", data={"caption": "a dog"}, headers={"X-Request-ID": "fault-1"})
-        assert c.get("/health").status_code == 200   # the service goes on
+        assert c.get("/health").status_code == 200  # the service goes on
     assert answer.status_code == 500 and answer.headers["x-request-id"] == "fault-1"
     assert "fault-1" in answer.json()["detail"] and "a fault no request" not in answer.text
     assert "a fault no request should reach" in caplog.text
@@ -269,7 +297,7 @@ def test_json_log_lines_carry_the_request_id():
 
 def test_pixel_limit(strict_client, client):
     """Photos over the service's pixel limit are refused from their header, before decoding."""
-    big = _png((1200, 1000))   # 1.2 megapixels: over strict_client's 1, under the default 25
+    big = _png((1200, 1000))  # 1.2 megapixels: over strict_client's 1, under the default 25
     refused = _post(strict_client, photo=big)
     assert refused.status_code == 415 and "megapixel" in refused.json()["detail"]
     assert strict_client.get("/info").json()["limits"]["max_megapixels"] == 1
@@ -277,6 +305,7 @@ def test_pixel_limit(strict_client, client):
 
 
 # ---------------------------------------------------------------- predictions
+
 
 def test_predict_photo_and_caption_matches_the_model(client, trained, estimator):
     photo = _photo(trained)
@@ -315,25 +344,34 @@ def test_empty_file_field_means_no_photo(client):
 
 def test_batch_matches_single_requests(client, trained):
     photo = _photo(trained, 7)
-    items = [{"caption": CAPTION, "image_base64": base64.b64encode(photo).decode()},
-             {"caption": "a red kite"},
-             {"image_base64": "data:image/png;base64," + base64.b64encode(_png()).decode()}]
+    items = [
+        {"caption": CAPTION, "image_base64": base64.b64encode(photo).decode()},
+        {"caption": "a red kite"},
+        {"image_base64": "data:image/png;base64," + base64.b64encode(_png()).decode()},
+    ]
     response = client.post("/predict/batch", json=items)
     assert response.status_code == 200
     results = response.json()["results"]
     assert [r["status"] for r in results] == ["ok", "caption_only", "image_only"]
-    singles = [_post(client, photo=photo, caption=CAPTION), _post(client, caption="a red kite"),
-               _post(client, photo=_png())]
+    singles = [
+        _post(client, photo=photo, caption=CAPTION),
+        _post(client, caption="a red kite"),
+        _post(client, photo=_png()),
+    ]
     for got, single in zip(results, singles):
-        np.testing.assert_allclose([lab["probability"] for lab in got["labels"]],
-                                   [lab["probability"] for lab in single.json()["labels"]], atol=1e-5)
+        np.testing.assert_allclose(
+            [lab["probability"] for lab in got["labels"]],
+            [lab["probability"] for lab in single.json()["labels"]],
+            atol=1e-5,
+        )
         assert got["predicted"] == single.json()["predicted"]
 
 
 # ---------------------------------------------------------------- explanations
 
+
 def test_explain_photo_and_caption(client, trained):
-    photo = Image.open(io.BytesIO(_photo(trained))).resize((60, 36))   # not square: the heatmap keeps its shape
+    photo = Image.open(io.BytesIO(_photo(trained))).resize((60, 36))  # not square: the heatmap keeps its shape
     buf = io.BytesIO()
     photo.save(buf, "JPEG")
     body = _post(client, "/explain", buf.getvalue(), caption=CAPTION, label="2").json()
@@ -351,7 +389,7 @@ def test_explain_photo_and_caption(client, trained):
 
     words = body["words"]["items"]
     assert [w["text"] for w in words] == CAPTION.split()
-    assert all(CAPTION[w["start"]:w["end"]] == w["text"] for w in words)
+    assert all(CAPTION[w["start"] : w["end"]] == w["text"] for w in words)
     assert all(isinstance(w["score"], float) for w in words)
     assert len({round(w["score"], 6) for w in words}) > 1
 
@@ -367,7 +405,7 @@ def test_explain_one_input_only(client, trained):
 def test_word_scores_add_up_to_the_logit_above_an_empty_caption(estimator):
     """Integrated gradients' completeness: the words' scores sum to logit(caption) - logit([PAD] caption)."""
     bundle = estimator.bundle_
-    caption = "a skateboarding dog, unbelievably, beside a car"   # words of several tokens, and commas
+    caption = "a skateboarding dog, unbelievably, beside a car"  # words of several tokens, and commas
     result = explain(bundle, 1, None, caption)
     net, tokenizer = bundle.net, bundle.tokenizer
     ids = tokenizer(caption, return_tensors="pt")["input_ids"]
@@ -376,9 +414,12 @@ def test_word_scores_add_up_to_the_logit_above_an_empty_caption(estimator):
 
     def text_logit(input_ids):
         with torch.no_grad():
-            feats = {"text_feat": net.text_encoder(input_ids, torch.ones_like(input_ids)),
-                     "caption_present": torch.ones(1), "image_present": torch.zeros(1),
-                     "image_feat": torch.zeros(1, net.image_encoder.num_features)}
+            feats = {
+                "text_feat": net.text_encoder(input_ids, torch.ones_like(input_ids)),
+                "caption_present": torch.ones(1),
+                "image_present": torch.zeros(1),
+                "image_feat": torch.zeros(1, net.image_encoder.num_features),
+            }
             return float(net.head(net.encode(feats))["text"][0, 1])
 
     full, base = text_logit(ids), text_logit(empty)
@@ -389,8 +430,9 @@ def test_word_scores_add_up_to_the_logit_above_an_empty_caption(estimator):
     assert total == pytest.approx(full - base, abs=0.1 * abs(full - base) + 0.01)
 
 
-@pytest.mark.parametrize("kind, settings", [("early", {}), ("image", {}), ("text", {}),
-                                             ("late", {"decoder": "query", "image_tokens": True})])
+@pytest.mark.parametrize(
+    "kind, settings", [("early", {}), ("image", {}), ("text", {}), ("late", {"decoder": "query", "image_tokens": True})]
+)
 def test_explanations_follow_the_logit_each_kind_computes(kind, settings):
     """Heatmap and words explain the very logit the network computes from the photo and caption."""
     from fuselabel.bundle import Bundle
@@ -400,13 +442,26 @@ def test_explanations_follow_the_logit_each_kind_computes(kind, settings):
     from fuselabel.network import FuseLabelNet
 
     torch.manual_seed(0)
-    config = Config(kind=kind, image_model="tf_efficientnet_lite0", image_size=64, hidden_dim=16,
-                    text_config_overrides={"num_hidden_layers": 1}, **settings)
+    config = Config(
+        kind=kind,
+        image_model="tf_efficientnet_lite0",
+        image_size=64,
+        hidden_dim=16,
+        text_config_overrides={"num_hidden_layers": 1},
+        **settings,
+    )
     net = FuseLabelNet(config, 3, pretrained=False).eval()
     tokenizer = create_tokenizer("minilm-l6")
     preprocessing = image_data_config(net.image_encoder.backbone, 64, 1.0) if net.image_encoder else None
-    bundle = Bundle(net=net, config=config, labels=["a", "b", "c"], label_names={}, thresholds={},
-                    preprocessing=preprocessing, tokenizer=tokenizer)
+    bundle = Bundle(
+        net=net,
+        config=config,
+        labels=["a", "b", "c"],
+        label_names={},
+        thresholds={},
+        preprocessing=preprocessing,
+        tokenizer=tokenizer,
+    )
     photo = Image.new("RGB", (48, 30), (200, 40, 40))
     result = explain(bundle, 2, photo, CAPTION)
 
@@ -433,7 +488,7 @@ def test_words_past_the_token_limit_have_no_score(estimator):
     assert len(words) == 200
     scored = [w["score"] is not None for w in words]
     assert scored[0] and not scored[-1]
-    assert sum(scored) == estimator.bundle_.config.text_max_length - 2   # [CLS] and [SEP] take two
+    assert sum(scored) == estimator.bundle_.config.text_max_length - 2  # [CLS] and [SEP] take two
 
 
 def test_heatmap_of_a_centre_crop_covers_only_the_crop():
@@ -450,20 +505,29 @@ def test_heatmap_of_a_centre_crop_covers_only_the_crop():
 
 # ---------------------------------------------------------------- client errors: 4xx with a message, never 500
 
+
 def _bomb_png(width=50_000, height=50_000) -> bytes:
     """A tiny PNG whose header claims a huge image: decoding it naively would take gigabytes."""
     data = bytearray(_png((8, 8)))
-    ihdr = 8 + 8                                 # signature, then the IHDR chunk's length and type
-    data[ihdr:ihdr + 8] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
-    crc = zlib.crc32(bytes(data[ihdr - 4:ihdr + 13]))
-    data[ihdr + 13:ihdr + 17] = crc.to_bytes(4, "big")
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr : ihdr + 8] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    crc = zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13]))
+    data[ihdr + 13 : ihdr + 17] = crc.to_bytes(4, "big")
     return bytes(data)
 
 
-@pytest.mark.parametrize("case, status", [
-    ("no input", 422), ("blank caption only", 422), ("caption too long", 422), ("not an image", 415),
-    ("truncated jpeg", 415), ("decompression bomb", 415), ("photo as a text field", 422),
-])
+@pytest.mark.parametrize(
+    "case, status",
+    [
+        ("no input", 422),
+        ("blank caption only", 422),
+        ("caption too long", 422),
+        ("not an image", 415),
+        ("truncated jpeg", 415),
+        ("decompression bomb", 415),
+        ("photo as a text field", 422),
+    ],
+)
 def test_predict_client_errors(client, trained, case, status):
     photo = _photo(trained)
     response = {
@@ -471,7 +535,7 @@ def test_predict_client_errors(client, trained, case, status):
         "blank caption only": lambda: _post(client, caption="   \n "),
         "caption too long": lambda: _post(client, caption="dog " * (MAX_CAPTION_CHARS // 4 + 1)),
         "not an image": lambda: _post(client, photo=b"%PDF-1.4 certainly not a photo", caption=CAPTION),
-        "truncated jpeg": lambda: _post(client, photo=photo[:len(photo) // 3]),
+        "truncated jpeg": lambda: _post(client, photo=photo[: len(photo) // 3]),
         "decompression bomb": lambda: _post(client, photo=_bomb_png()),
         # A request can name no file on the server: a string where the photo goes is refused.
         "photo as a text field": lambda: client.post("/predict", data={"image": str(trained[0] / "5.jpg")}),
@@ -485,22 +549,30 @@ def test_upload_limit_counts_the_body_not_its_header(strict_client, trained):
     response = _post(strict_client, photo=too_big)
     assert response.status_code == 413 and "0.05 MB" in response.json()["detail"]
 
-    def chunks():   # no Content-Length: the body arrives chunked and is counted as it comes
+    def chunks():  # no Content-Length: the body arrives chunked and is counted as it comes
         for _ in range(10):
             yield b"x" * 10_000
 
-    response = strict_client.post("/predict", content=chunks(),
-                                  headers={"content-type": "multipart/form-data; boundary=b"})
+    response = strict_client.post(
+        "/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )
     assert response.status_code == 413
-    assert _post(strict_client, photo=_photo(trained)).status_code == 200   # within the limit: served
+    assert _post(strict_client, photo=_photo(trained)).status_code == 200  # within the limit: served
 
 
-@pytest.mark.parametrize("payload, status", [
-    ([], 422), ({"caption": "a dog"}, 422), ([{"caption": "a dog", "image": "/etc/passwd"}], 422),
-    ([{"caption": ""}], 422), ([{"image_base64": "not base64!"}], 422), ([{"caption": 5}], 422),
-    ([{"image_base64": base64.b64encode(b"GIF89a nonsense").decode()}], 415),
-    ([{"caption": "a dog"}] * 3, 413),
-])
+@pytest.mark.parametrize(
+    "payload, status",
+    [
+        ([], 422),
+        ({"caption": "a dog"}, 422),
+        ([{"caption": "a dog", "image": "/etc/passwd"}], 422),
+        ([{"caption": ""}], 422),
+        ([{"image_base64": "not base64!"}], 422),
+        ([{"caption": 5}], 422),
+        ([{"image_base64": base64.b64encode(b"GIF89a nonsense").decode()}], 415),
+        ([{"caption": "a dog"}] * 3, 413),
+    ],
+)
 def test_batch_client_errors(strict_client, payload, status):
     response = strict_client.post("/predict/batch", json=payload)
     assert response.status_code == status, response.text
@@ -512,8 +584,9 @@ def test_batch_error_names_the_item(client):
     assert response.status_code == 422 and response.json()["detail"].startswith("item 1")
 
 
-@pytest.mark.parametrize("fields, status", [({"label": "99", "caption": CAPTION}, 422), ({"caption": CAPTION}, 422),
-                                            ({"label": "1"}, 422)])
+@pytest.mark.parametrize(
+    "fields, status", [({"label": "99", "caption": CAPTION}, 422), ({"caption": CAPTION}, 422), ({"label": "1"}, 422)]
+)
 def test_explain_client_errors(client, fields, status):
     response = client.post("/explain", data=fields)
     assert response.status_code == status, response.text
@@ -524,10 +597,19 @@ def test_explain_rejects_a_non_image(client):
     assert _post(client, "/explain", b"<html>", label="1").status_code == 415
 
 
-@pytest.mark.parametrize("kind, photo, caption, ok", [
-    ("late", True, False, True), ("late", False, True, True), ("late", False, False, False),
-    ("image", False, True, False), ("image", True, True, True), ("text", True, False, False),
-    ("text", False, True, True), ("early", True, False, True)])
+@pytest.mark.parametrize(
+    "kind, photo, caption, ok",
+    [
+        ("late", True, False, True),
+        ("late", False, True, True),
+        ("late", False, False, False),
+        ("image", False, True, False),
+        ("image", True, True, True),
+        ("text", True, False, False),
+        ("text", False, True, True),
+        ("early", True, False, True),
+    ],
+)
 def test_a_request_needs_an_input_the_model_reads(kind, photo, caption, ok):
     args = (kind, object() if photo else None, "a dog" if caption else None)
     if ok:
@@ -552,9 +634,11 @@ def test_serve_command_refuses_a_folder_that_is_no_model(tmp_path, capsys):
 
 # ---------------------------------------------------------------- concurrency and a graceful stop
 
+
 def test_concurrent_requests_agree_with_sequential_ones(trained):
     photos = [_photo(trained, i) for i in range(4, 10)]
     with serving(create_app(trained[1])) as url, httpx.Client(base_url=url, timeout=120) as http:
+
         def ask(i):
             files = {"image": ("p.jpg", photos[i % len(photos)], "image/jpeg")}
             path = "/explain" if i % 3 == 0 else "/predict"
@@ -573,19 +657,25 @@ def test_concurrent_requests_agree_with_sequential_ones(trained):
         assert first.status_code == second.status_code == 200, (i, second.text)
         a, b = first.json(), second.json()
         if path == "/predict":
-            np.testing.assert_allclose([x["probability"] for x in a["labels"]],
-                                       [x["probability"] for x in b["labels"]], atol=1e-6)
+            np.testing.assert_allclose(
+                [x["probability"] for x in a["labels"]], [x["probability"] for x in b["labels"]], atol=1e-6
+            )
         else:
             assert a["heatmap"]["png_base64"] == b["heatmap"]["png_base64"]
             assert [w["score"] for w in a["words"]["items"]] == pytest.approx(
-                [w["score"] for w in b["words"]["items"]], abs=1e-6)
+                [w["score"] for w in b["words"]["items"]], abs=1e-6
+            )
 
 
 def test_sigterm_lets_the_request_in_flight_finish(trained, tmp_path):
     """SIGTERM while a request's body is still arriving: it is answered 200, then the process exits 0."""
     with served_process(trained[1], tmp_path) as (proc, url):
-        request = httpx.Client().build_request("POST", f"{url}/predict", data={"caption": CAPTION},
-                                               files={"image": ("p.jpg", _photo(trained), "image/jpeg")})
+        request = httpx.Client().build_request(
+            "POST",
+            f"{url}/predict",
+            data={"caption": CAPTION},
+            files={"image": ("p.jpg", _photo(trained), "image/jpeg")},
+        )
         body, content_type = request.read(), request.headers["content-type"]
         half_sent, resume = threading.Event(), threading.Event()
 
@@ -598,15 +688,16 @@ def test_sigterm_lets_the_request_in_flight_finish(trained, tmp_path):
         answer = {}
 
         def send():
-            answer["response"] = httpx.post(f"{url}/predict", content=slow_body(),
-                                            headers={"content-type": content_type}, timeout=60)
+            answer["response"] = httpx.post(
+                f"{url}/predict", content=slow_body(), headers={"content-type": content_type}, timeout=60
+            )
 
         sender = threading.Thread(target=send)
         sender.start()
         assert half_sent.wait(30)
-        time.sleep(0.5)          # the server has the request's head and is waiting for the rest
+        time.sleep(0.5)  # the server has the request's head and is waiting for the rest
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)          # ... and is now shutting down, with this request in flight
+        time.sleep(0.5)  # ... and is now shutting down, with this request in flight
         assert proc.poll() is None, "the server quit with a request in flight"
         resume.set()
         sender.join(60)
@@ -618,6 +709,7 @@ def test_sigterm_lets_the_request_in_flight_finish(trained, tmp_path):
 
 # ---------------------------------------------------------------- admission control, timeouts, processes
 
+
 def _slow_request(url: str, body: bytes, content_type: str, path: str = "/predict"):
     """A POST whose body stops after 100 bytes until the returned event is set; (thread, event, answer)."""
     resume, answer = threading.Event(), {}
@@ -628,8 +720,9 @@ def _slow_request(url: str, body: bytes, content_type: str, path: str = "/predic
         yield body[100:]
 
     def send():
-        answer["response"] = httpx.post(f"{url}{path}", content=slow_body(),
-                                        headers={"content-type": content_type}, timeout=60)
+        answer["response"] = httpx.post(
+            f"{url}{path}", content=slow_body(), headers={"content-type": content_type}, timeout=60
+        )
 
     thread = threading.Thread(target=send)
     thread.start()
@@ -637,8 +730,9 @@ def _slow_request(url: str, body: bytes, content_type: str, path: str = "/predic
 
 
 def _form(trained) -> tuple[bytes, str]:
-    request = httpx.Client().build_request("POST", "http://x/predict", data={"caption": CAPTION},
-                                           files={"image": ("p.jpg", _photo(trained), "image/jpeg")})
+    request = httpx.Client().build_request(
+        "POST", "http://x/predict", data={"caption": CAPTION}, files={"image": ("p.jpg", _photo(trained), "image/jpeg")}
+    )
     return request.read(), request.headers["content-type"]
 
 
@@ -649,10 +743,13 @@ def test_busy_service_answers_503_with_retry_after(trained):
     body, content_type = _form(trained)
     with serving(app) as url:
         first, resume, answer = _slow_request(url, body, content_type)
-        time.sleep(0.5)   # the first holds the one slot, its body half sent
+        time.sleep(0.5)  # the first holds the one slot, its body half sent
         waiting = {}
-        second = threading.Thread(target=lambda: waiting.__setitem__(
-            "response", httpx.post(f"{url}/predict", data={"caption": CAPTION}, timeout=30)))
+        second = threading.Thread(
+            target=lambda: waiting.__setitem__(
+                "response", httpx.post(f"{url}/predict", data={"caption": CAPTION}, timeout=30)
+            )
+        )
         second.start()
         time.sleep(0.3)
         third = httpx.post(f"{url}/predict", data={"caption": CAPTION}, timeout=30)
@@ -661,7 +758,7 @@ def test_busy_service_answers_503_with_retry_after(trained):
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
         assert "fuselabel_requests_waiting 1.0" in httpx.get(f"{url}/metrics", timeout=5).text
         second.join(30)
-        assert waiting["response"].status_code == 503   # waited its 1.5 s, then refused
+        assert waiting["response"].status_code == 503  # waited its 1.5 s, then refused
         resume.set()
         first.join(60)
         assert answer["response"].status_code == 200
@@ -677,7 +774,7 @@ def test_stalled_connections_are_closed_and_do_not_block_health(trained):
         for i in range(40):
             s = socket.create_connection(("127.0.0.1", port))
             if i % 2:
-                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")   # a head without its end
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # a head without its end
             stalled.append(s)
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
         for s in stalled:
@@ -686,11 +783,13 @@ def test_stalled_connections_are_closed_and_do_not_block_health(trained):
             s.close()
 
         with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                      b"Content-Length: 1000\r\n\r\n--b\r\n")
+            s.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 1000\r\n\r\n--b\r\n"
+            )
             s.settimeout(10)
             answer = b""
-            while chunk := s.recv(4096):   # until the server closes the connection
+            while chunk := s.recv(4096):  # until the server closes the connection
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b"body-timeout" in answer
@@ -699,12 +798,15 @@ def test_stalled_connections_are_closed_and_do_not_block_health(trained):
 def test_workers_share_the_port_and_metrics(trained, tmp_path):
     """``--workers 2``: two processes serve one port, /metrics adds up both, and SIGTERM stops both cleanly."""
     with served_process(trained[1], tmp_path, "--workers", "2", "--json-logs", tries=900) as (proc, url):
-        time.sleep(3)   # the second process may still be loading its model
+        time.sleep(3)  # the second process may still be loading its model
         for _ in range(6):
             assert httpx.post(f"{url}/predict", data={"caption": CAPTION}, timeout=60).status_code == 200
         text = httpx.get(f"{url}/metrics", timeout=10).text
-        line = next(x for x in text.splitlines() if x.startswith("fuselabel_requests_total{")
-                    and 'route="/predict"' in x and 'status="200"' in x)
+        line = next(
+            x
+            for x in text.splitlines()
+            if x.startswith("fuselabel_requests_total{") and 'route="/predict"' in x and 'status="200"' in x
+        )
         assert float(line.split()[-1]) == 6
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
@@ -751,8 +853,23 @@ def test_container_serves_a_mounted_model(docker, trained):
     subprocess.run(["docker", "build", "-t", tag, str(ROOT)], check=True, timeout=3600)
     port = free_port()
     name = f"fuselabel-test-{port}"
-    subprocess.run(["docker", "run", "-d", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:8000",
-                    "-v", f"{trained[1]}:/model:ro", tag], check=True, timeout=120)
+    subprocess.run(
+        [
+            "docker",
+            "run",
+            "-d",
+            "--rm",
+            "--name",
+            name,
+            "-p",
+            f"127.0.0.1:{port}:8000",
+            "-v",
+            f"{trained[1]}:/model:ro",
+            tag,
+        ],
+        check=True,
+        timeout=120,
+    )
     try:
         for _ in range(300):
             try:
@@ -760,8 +877,7 @@ def test_container_serves_a_mounted_model(docker, trained):
                     break
             except httpx.TransportError:
                 time.sleep(1)
-        assert httpx.post(f"http://127.0.0.1:{port}/predict", data={"caption": CAPTION},
-                          timeout=60).status_code == 200
+        assert httpx.post(f"http://127.0.0.1:{port}/predict", data={"caption": CAPTION}, timeout=60).status_code == 200
         user = subprocess.run(["docker", "exec", name, "id", "-u"], capture_output=True, text=True, check=True)
         assert user.stdout.strip() != "0"
     finally:

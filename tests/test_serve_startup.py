@@ -24,32 +24,35 @@ CAPTION = "a photo of a dog and a car next to a kite"
 
 # A service started in a fresh process: every reading and predicting route, then an explanation, each followed
 # by the heavy modules loaded so far.
-SERVE = ("import base64, json, sys\n"
-         "from fastapi.testclient import TestClient\n"
-         "from fuselabel.serve import create_app\n"
-         "model, cache, photo = sys.argv[1:4]\n"
-         f"heavy = lambda: sorted(m for m in {HEAVY!r} if m in sys.modules)\n"
-         "app = create_app(model, cache_dir=cache)\n"
-         "client = TestClient(app)\n"
-         "image = open(photo, 'rb').read()\n"
-         "form = dict(files={'image': ('p.jpg', image, 'image/jpeg')}, data={'caption': %r})\n"
-         "statuses = [client.get(p).status_code for p in ('/health', '/labels', '/info', '/metrics', '/docs',\n"
-         "                                                '/openapi.json')]\n"
-         "statuses.append(client.post('/predict', **form).status_code)\n"
-         "statuses.append(client.post('/predict/batch', json=[{'caption': 'a red kite',\n"
-         "    'image_base64': base64.b64encode(image).decode()}]).status_code)\n"
-         "out = {'engine': app.state.model.engine, 'statuses': statuses, 'heavy_serving': heavy()}\n"
-         "answer = client.post('/explain', files=form['files'], data={**form['data'], 'label': '2'})\n"
-         "out.update(explain_status=answer.status_code, explanation=answer.json(), heavy_explained=heavy())\n"
-         "print('RESULT', json.dumps(out))\n") % CAPTION
+SERVE = (
+    "import base64, json, sys\n"
+    "from fastapi.testclient import TestClient\n"
+    "from fuselabel.serve import create_app\n"
+    "model, cache, photo = sys.argv[1:4]\n"
+    f"heavy = lambda: sorted(m for m in {HEAVY!r} if m in sys.modules)\n"
+    "app = create_app(model, cache_dir=cache)\n"
+    "client = TestClient(app)\n"
+    "image = open(photo, 'rb').read()\n"
+    "form = dict(files={'image': ('p.jpg', image, 'image/jpeg')}, data={'caption': %r})\n"
+    "statuses = [client.get(p).status_code for p in ('/health', '/labels', '/info', '/metrics', '/docs',\n"
+    "                                                '/openapi.json')]\n"
+    "statuses.append(client.post('/predict', **form).status_code)\n"
+    "statuses.append(client.post('/predict/batch', json=[{'caption': 'a red kite',\n"
+    "    'image_base64': base64.b64encode(image).decode()}]).status_code)\n"
+    "out = {'engine': app.state.model.engine, 'statuses': statuses, 'heavy_serving': heavy()}\n"
+    "answer = client.post('/explain', files=form['files'], data={**form['data'], 'label': '2'})\n"
+    "out.update(explain_status=answer.status_code, explanation=answer.json(), heavy_explained=heavy())\n"
+    "print('RESULT', json.dumps(out))\n"
+) % CAPTION
 
 
 def _serve_fresh(model, cache, photo) -> dict:
-    done = subprocess.run([sys.executable, "-c", SERVE, str(model), str(cache), str(photo)], capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", SERVE, str(model), str(cache), str(photo)], capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def started(tiny_model, tmp_path_factory):
     root, _, _ = tiny_model
     model, cache = root / "model", tmp_path_factory.mktemp("serve-cache")
     assert not (exported_folder(model, cache) / "manifest.json").exists()
-    exported = create_app(model, cache_dir=str(cache))   # the first start exports the copy
+    exported = create_app(model, cache_dir=str(cache))  # the first start exports the copy
     assert (exported_folder(model, cache) / "manifest.json").is_file()
     eager = create_app(model, cache_dir=str(cache), feature_engine="torch")
     return model, cache, exported, eager
@@ -100,8 +103,9 @@ def test_the_exported_copy_serves_what_the_pytorch_model_serves(started, tiny_mo
         assert x["label"]["predicted"] == y["label"]["predicted"]
 
     x, y = (c.post("/predict", files=files, data={"caption": CAPTION}).json() for c in (a, b))
-    assert [lab["probability"] for lab in x["labels"]] == pytest.approx([lab["probability"] for lab in y["labels"]],
-                                                                         abs=1e-5)
+    assert [lab["probability"] for lab in x["labels"]] == pytest.approx(
+        [lab["probability"] for lab in y["labels"]], abs=1e-5
+    )
     assert x["predicted"] == y["predicted"]
 
 
@@ -109,14 +113,36 @@ def test_service_predicts_what_fuselabel_predict_writes(started, tiny_model, tmp
     model, cache, exported, _ = started
     _, image_dir, csv = tiny_model
     out, proba = tmp_path / "out.csv", tmp_path / "proba.csv"
-    assert main(["predict", str(model), "--data", str(image_dir), "--csv", str(csv), "--out", str(out), "--proba",
-                 str(proba), "--cache-dir", str(cache), "--device", "cpu", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(model),
+                "--data",
+                str(image_dir),
+                "--csv",
+                str(csv),
+                "--out",
+                str(out),
+                "--proba",
+                str(proba),
+                "--cache-dir",
+                str(cache),
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     records = read_table(csv).records
     client = TestClient(exported)
     results = []
     for lo in range(0, len(records), 32):
-        items = [{"caption": r.caption, "image_base64": base64.b64encode((image_dir / r.image_id).read_bytes())
-                  .decode()} for r in records[lo:lo + 32]]
+        items = [
+            {"caption": r.caption, "image_base64": base64.b64encode((image_dir / r.image_id).read_bytes()).decode()}
+            for r in records[lo : lo + 32]
+        ]
         response = client.post("/predict/batch", json=items)
         assert response.status_code == 200, response.text
         results += response.json()["results"]
@@ -125,8 +151,9 @@ def test_service_predicts_what_fuselabel_predict_writes(started, tiny_model, tmp
     sets = [line.split(",", 1)[1] for line in out.read_text().splitlines()[1:]]
     assert len(results) == len(written) == len(sets) == len(records)
     for row, cells, labels in zip(results, written, sets):
-        np.testing.assert_allclose([lab["probability"] for lab in row["labels"]], [float(c) for c in cells[1:-1]],
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            [lab["probability"] for lab in row["labels"]], [float(c) for c in cells[1:-1]], atol=1e-6
+        )
         assert row["status"] == cells[-1]
         assert " ".join(str(lab["id"]) for lab in row["predicted"]) == labels
 

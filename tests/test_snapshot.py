@@ -41,18 +41,34 @@ print(n)
 
 
 def _model(root, name: str, value: float):
-    config = build_config("cpu-fast", kind="image", image_size=64, hidden_dim=32, image_pretrained=False,
-                          text_pretrained=False)
+    config = build_config(
+        "cpu-fast", kind="image", image_size=64, hidden_dim=32, image_pretrained=False, text_pretrained=False
+    )
     net = FuseLabelNet(config, 4, pretrained=False)
     with torch.no_grad():
         first = next(p for n, p in net.named_parameters() if n.startswith("head.") and p.ndim == 2)
         first.fill_(value)
     labels = [f"{name}{i}" for i in range(1, 5)]
     thresholds = {"method": "global", "thresholds": [value] * 4, "val_mean_f1": value}
-    preprocessing = {"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
-                     "interpolation": "bilinear"}
-    save_bundle(root / name, Bundle(net=net, config=config, labels=labels, label_names={}, thresholds=thresholds,
-                                    preprocessing=preprocessing, tokenizer=None))
+    preprocessing = {
+        "input_size": [3, 64, 64],
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+    }
+    save_bundle(
+        root / name,
+        Bundle(
+            net=net,
+            config=config,
+            labels=labels,
+            label_names={},
+            thresholds=thresholds,
+            preprocessing=preprocessing,
+            tokenizer=None,
+        ),
+    )
     return root / name
 
 
@@ -60,8 +76,11 @@ def _identity(bundle) -> tuple:
     """(labels' model, thresholds' model, weights' model): all three the same in a consistent load."""
     first = next(p for n, p in bundle.net.named_parameters() if n.startswith("head.") and p.ndim == 2)
     weight = float(first.detach().flatten()[0])
-    return (bundle.labels[0][0], {0.25: "a", 0.75: "b"}[bundle.thresholds["thresholds"][0]],
-            {0.25: "a", 0.75: "b"}[weight])
+    return (
+        bundle.labels[0][0],
+        {0.25: "a", 0.75: "b"}[bundle.thresholds["thresholds"][0]],
+        {0.25: "a", 0.75: "b"}[weight],
+    )
 
 
 @pytest.mark.parametrize("swap", ["exchange", "renames"])
@@ -73,8 +92,12 @@ def test_loads_racing_a_replacement_are_one_model(tmp_path, monkeypatch, swap, b
     a, b = _model(tmp_path, "a", 0.25), _model(tmp_path, "b", 0.75)
     out, stop = tmp_path / "model", tmp_path / "stop"
     bundle_module.replace_folder(_copy(a, tmp_path / ".model.tmp.first"), out)
-    replacer = subprocess.Popen([sys.executable, "-c", REPLACER, str(a), str(b), str(out), str(stop), swap],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    replacer = subprocess.Popen(
+        [sys.executable, "-c", REPLACER, str(a), str(b), str(out), str(stop), swap],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen, ready = [], tmp_path / "stop.ready"
     try:
         deadline = time.monotonic() + 120

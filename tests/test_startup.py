@@ -10,11 +10,13 @@ import subprocess
 import sys
 
 HEAVY = ("torch", "torchvision", "timm", "transformers", "sklearn", "lightning", "torch._dynamo")
-RUN = ("import sys\n"
-       "from fuselabel.cli import main\n"
-       "code = main(sys.argv[1:])\n"
-       f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
-       "sys.exit(code)\n")
+RUN = (
+    "import sys\n"
+    "from fuselabel.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    "sys.exit(code)\n"
+)
 
 
 def _run(*args) -> str:
@@ -24,8 +26,21 @@ def _run(*args) -> str:
 
 
 def _predict(model, image_dir, csv, out, cache, *extra):
-    return _run("predict", model, "--data", image_dir, "--csv", csv, "--out", out, "--cache-dir", cache,
-                "--device", "cpu", *extra)
+    return _run(
+        "predict",
+        model,
+        "--data",
+        image_dir,
+        "--csv",
+        csv,
+        "--out",
+        out,
+        "--cache-dir",
+        cache,
+        "--device",
+        "cpu",
+        *extra,
+    )
 
 
 def test_predict_imports_nothing_heavy(tiny_model, tmp_path):
@@ -54,11 +69,26 @@ def test_exported_folder_imports_nothing_heavy(tiny_model, tmp_path):
 def test_evaluate_runs_from_the_exported_copy(tiny_model, tmp_path):
     root, image_dir, csv = tiny_model
     cache = tmp_path / "cache"
-    _predict(root / "model", image_dir, csv, tmp_path / "p.csv", cache)   # exports the copy
+    _predict(root / "model", image_dir, csv, tmp_path / "p.csv", cache)  # exports the copy
 
     def evaluate(name, *extra):
-        out = _run("evaluate", root / "model", "--data", image_dir, "--csv", csv, "--split", "val", "--json",
-                   tmp_path / name, "--cache-dir", cache, "--device", "cpu", *extra)
+        out = _run(
+            "evaluate",
+            root / "model",
+            "--data",
+            image_dir,
+            "--csv",
+            csv,
+            "--split",
+            "val",
+            "--json",
+            tmp_path / name,
+            "--cache-dir",
+            cache,
+            "--device",
+            "cpu",
+            *extra,
+        )
         return out, json.loads((tmp_path / name).read_text())
 
     out, report = evaluate("onnx.json")

@@ -14,9 +14,9 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import TINY_SETTINGS, make_tiny_dataset, shared_data_or_skip
 from PIL import Image
 
-from conftest import TINY_SETTINGS, make_tiny_dataset, shared_data_or_skip
 from fuselabel import FuseLabel
 from fuselabel.cli import main
 from fuselabel.labels import read_label_names
@@ -44,8 +44,15 @@ def _user_rows(tmp_path, n: int = 48):
             title = f'{title}, says "hello, world"'
         if i % 7 == 0:
             title = f"{title}\nsecond line"
-        rows.append({"sku": f"SKU-{i:03d}", "name": title, "details": ("long text " * (40 if i % 4 == 0 else 1)).strip(),
-                     "picture": str(root / rel) if i == 5 else rel, "tags": [NAMES[t] for t in r.labels]})
+        rows.append(
+            {
+                "sku": f"SKU-{i:03d}",
+                "name": title,
+                "details": ("long text " * (40 if i % 4 == 0 else 1)).strip(),
+                "picture": str(root / rel) if i == 5 else rel,
+                "tags": [NAMES[t] for t in r.labels],
+            }
+        )
     return root, pd.DataFrame(rows)
 
 
@@ -99,7 +106,11 @@ def test_standard_csv_with_course_header_is_not_read_as_the_course_dialect(tmp_p
 def test_columns_are_found_or_named(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"image": "x.jpg", "text": "a dog", "labels": ["dog"]}\n')
     table = read_table(tmp_path / "a.jsonl")
-    assert (table.table["image_col"], table.table["text_cols"], table.table["label_col"]) == ("image", ["text"], "labels")
+    assert (table.table["image_col"], table.table["text_cols"], table.table["label_col"]) == (
+        "image",
+        ["text"],
+        "labels",
+    )
     with pytest.raises(RecordsError, match=r"no column 'photo'.*--image-col"):
         read_table(tmp_path / "a.jsonl", Columns.of(image_col="photo"))
     (tmp_path / "b.csv").write_text("pic,words\nx.jpg,a dog\n")
@@ -124,22 +135,32 @@ def test_bad_rows_are_named_by_file_and_line(tmp_path):
         read_table(tmp_path / "split.csv", Columns.of(split_col="part"))
 
 
-@pytest.mark.parametrize("fields, sep", [
-    (["1 3", "2", "19"], " "),                       # the course's ids
-    (["traffic light", "fire hydrant"], None),       # one name with a space per row
-    (["dog cat", "dog", "cat"], " "),                # words that are each a label alone
-    (["traffic light|dog", "dog"], "|"),
-    (["a;b", "c"], ";"),
-    (["a,b", "c"], ","),
-    (["dog", "cat"], None),
-])
+@pytest.mark.parametrize(
+    "fields, sep",
+    [
+        (["1 3", "2", "19"], " "),  # the course's ids
+        (["traffic light", "fire hydrant"], None),  # one name with a space per row
+        (["dog cat", "dog", "cat"], " "),  # words that are each a label alone
+        (["traffic light|dog", "dog"], "|"),
+        (["a;b", "c"], ";"),
+        (["a,b", "c"], ","),
+        (["dog", "cat"], None),
+    ],
+)
 def test_label_separator_is_found_from_the_data(fields, sep):
     assert find_label_sep(fields) == sep
 
 
-@pytest.mark.parametrize("text", ["Label,Name\n1,person\n2,traffic light\n", "id,name\n1,person\n2,traffic light\n",
-                                  "class_id\tclass_name\n1\tperson\n2\ttraffic light\n",
-                                  "1,person\n2,traffic light\n", '{"1": "person", "2": "traffic light"}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Label,Name\n1,person\n2,traffic light\n",
+        "id,name\n1,person\n2,traffic light\n",
+        "class_id\tclass_name\n1\tperson\n2\ttraffic light\n",
+        "1,person\n2,traffic light\n",
+        '{"1": "person", "2": "traffic light"}',
+    ],
+)
 def test_label_names_files_with_any_sensible_header(tmp_path, text):
     path = tmp_path / ("names.json" if text.startswith("{") else "names.csv")
     path.write_text(text)
@@ -156,8 +177,13 @@ def test_course_model_predicts_every_rewriting_of_the_course_rows_identically(ti
     root, image_dir, course_csv = tiny_model
     model = root / "model"
     rows = read_records(course_csv).records
-    frame = pd.DataFrame({"text": [r.caption for r in rows], "labels": [" ".join(r.labels) for r in rows],
-                          "photo": [r.image_id for r in rows]})
+    frame = pd.DataFrame(
+        {
+            "text": [r.caption for r in rows],
+            "labels": [" ".join(r.labels) for r in rows],
+            "photo": [r.image_id for r in rows],
+        }
+    )
     frame.to_csv(tmp_path / "std.csv", index=False, quoting=csv.QUOTE_ALL)
     frame.to_json(tmp_path / "rows.jsonl", orient="records", lines=True)
     frame.to_parquet(tmp_path / "rows.parquet")
@@ -167,8 +193,24 @@ def test_course_model_predicts_every_rewriting_of_the_course_rows_identically(ti
         table = course_csv if name == "course" else tmp_path / name
         out = tmp_path / f"pred-{name}.csv"
         proba = tmp_path / f"proba-{name}.csv"
-        assert main(["predict", str(model), "--data", str(image_dir), "--csv", str(table), "--out", str(out),
-                     "--proba", str(proba), "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    str(model),
+                    "--data",
+                    str(image_dir),
+                    "--csv",
+                    str(table),
+                    "--out",
+                    str(out),
+                    "--proba",
+                    str(proba),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         outputs[name] = (out, proba)
     course_out, course_proba = outputs.pop("course")
     assert course_out.read_text().startswith("ImageID,Labels\n")
@@ -186,11 +228,33 @@ def named_model(user_table, tmp_path_factory, session_cache):
     table = _write(df, work / "train.jsonl", "jsonl")
     out = work / "model"
     settings = {k: v for k, v in TINY_SETTINGS.items() if k not in ("preset",)}
-    code = main(["train", "--data", str(root), "--csv", str(table), "--out", str(out), "--preset", "cpu-fast",
-                 "--image-col", "picture", "--text-col", "name", "--text-col", "details", "--id-col", "sku",
-                 "--cache-dir", session_cache, "--quiet",
-                 *[a for k, v in settings.items() if k != "text_config_overrides" for a in ("--set", f"{k}={v}")],
-                 "--set", "text_config_overrides={num_hidden_layers: 1}"])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(root),
+            "--csv",
+            str(table),
+            "--out",
+            str(out),
+            "--preset",
+            "cpu-fast",
+            "--image-col",
+            "picture",
+            "--text-col",
+            "name",
+            "--text-col",
+            "details",
+            "--id-col",
+            "sku",
+            "--cache-dir",
+            session_cache,
+            "--quiet",
+            *[a for k, v in settings.items() if k != "text_config_overrides" for a in ("--set", f"{k}={v}")],
+            "--set",
+            "text_config_overrides={num_hidden_layers: 1}",
+        ]
+    )
     assert code == 0
     return root, df, work, out
 
@@ -205,8 +269,24 @@ def test_training_on_names_speaks_names_everywhere(named_model, tmp_path):
         table = _write(df, tmp_path / f"in.{fmt}", fmt)
         out = tmp_path / f"out-{fmt}.csv"
         # the model's own columns are the defaults: no column flags needed
-        assert main(["predict", str(model_dir), "--data", str(root), "--csv", str(table), "--out", str(out),
-                     "--id-col", "sku", "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    str(model_dir),
+                    "--data",
+                    str(root),
+                    "--csv",
+                    str(table),
+                    "--out",
+                    str(out),
+                    "--id-col",
+                    "sku",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         outs[fmt] = out.read_text()
     assert outs["csv"] == outs["parquet"]
     assert outs["csv"].startswith("sku,tags\n")
@@ -214,8 +294,24 @@ def test_training_on_names_speaks_names_everywhere(named_model, tmp_path):
     predicted = {label for _, labels in written for label in labels.split("|") if label}
     assert predicted <= set(NAMES.values()) and "traffic light" in predicted
     out = tmp_path / "out.jsonl"
-    assert main(["predict", str(model_dir), "--data", str(root), "--csv", str(tmp_path / "in.csv"), "--out", str(out),
-                 "--id-col", "sku", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(model_dir),
+                "--data",
+                str(root),
+                "--csv",
+                str(tmp_path / "in.csv"),
+                "--out",
+                str(out),
+                "--id-col",
+                "sku",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     first = json.loads(out.read_text().splitlines()[0])
     assert set(first) == {"sku", "tags"} and isinstance(first["tags"], list)
 
@@ -284,9 +380,13 @@ def test_the_course_rows_rewritten_read_back_exactly():
     course = read_table(data / "train.csv")
     assert course.table["format"] == "course"
     names = read_label_names(data / "label_names.csv")
-    frame = pd.DataFrame({"caption": [r.caption for r in course.records],
-                          "objects": [[names[t] for t in r.labels] for r in course.records],
-                          "image": [r.image_id for r in course.records]})
+    frame = pd.DataFrame(
+        {
+            "caption": [r.caption for r in course.records],
+            "objects": [[names[t] for t in r.labels] for r in course.records],
+            "image": [r.image_id for r in course.records],
+        }
+    )
     want = [(r.image_id, r.caption, tuple(names[t] for t in r.labels)) for r in course.records]
     import tempfile
     from pathlib import Path
@@ -296,4 +396,4 @@ def test_the_course_rows_rewritten_read_back_exactly():
             path = _write(frame.rename(columns={"objects": "tags"}), Path(tmp) / f"rows.{fmt}", fmt)
             table = read_table(path)
             assert [(r.image_id, r.caption, r.labels) for r in table.records] == want, fmt
-    assert np.mean(["\"" in c for c in frame["caption"]]) > 0  # quotes inside captions were in play
+    assert np.mean(['"' in c for c in frame["caption"]]) > 0  # quotes inside captions were in play

@@ -10,16 +10,26 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from conftest import TINY_LABELS
+
 from fuselabel import FuseLabel
 from fuselabel.bundle import describe, load_bundle
 from fuselabel.encoders import choose_text_length, create_tokenizer, text_length_limit, token_counts
 from fuselabel.engines import engine_for_bundle
 
-TEXT_MODEL = dict(kind="text", regime="frozen", epochs=1, max_steps=2, batch_size=16, val_fraction=0.25,
-                  num_workers=0, accelerator="cpu", hidden_dim=16, text_config_overrides={"num_hidden_layers": 1},
-                  feature_engine="torch")
+TEXT_MODEL = dict(
+    kind="text",
+    regime="frozen",
+    epochs=1,
+    max_steps=2,
+    batch_size=16,
+    val_fraction=0.25,
+    num_workers=0,
+    accelerator="cpu",
+    hidden_dim=16,
+    text_config_overrides={"num_hidden_layers": 1},
+    feature_engine="torch",
+)
 WORDS = ["red", "green", "blue", "small", "large", "street", "field", "window", "table", "river", "cloud", "stone"]
 
 
@@ -37,24 +47,26 @@ def _fit(tmp_path, name, captions, cache, **settings):
     keys = list(TINY_LABELS)
     labels = [[keys[i % len(keys)]] for i in range(len(captions))]
     out = tmp_path / name
-    FuseLabel(**{**TEXT_MODEL, **settings}, cache_dir=cache).fit(images=[None] * len(captions), captions=captions,
-                                                               labels=labels, out=out, progress=False)
+    FuseLabel(**{**TEXT_MODEL, **settings}, cache_dir=cache).fit(
+        images=[None] * len(captions), captions=captions, labels=labels, out=out, progress=False
+    )
     return out
 
 
 # ---------------------------------------------------------------------------------------------------- the choice
 
+
 def test_longer_texts_get_a_longer_length(tokenizer):
     short = token_counts(tokenizer, _captions(200, 5))
     long = token_counts(tokenizer, _captions(200, 90))
-    assert short.max() <= 7 and long.min() >= 92          # a word a token, plus [CLS] and [SEP]
+    assert short.max() <= 7 and long.min() >= 92  # a word a token, plus [CLS] and [SEP]
     a, b = choose_text_length(short, 512), choose_text_length(long, 512)
-    assert a == 16                                          # the floor
-    assert b == 96 and b > a                                # 92 tokens rounded up to a multiple of 16
+    assert a == 16  # the floor
+    assert b == 96 and b > a  # 92 tokens rounded up to a multiple of 16
 
 
 def test_percentile_ignores_a_few_outliers_and_the_cap_holds():
-    counts = np.r_[np.full(995, 30), np.full(5, 400)]       # 0.5 % of the texts are far longer
+    counts = np.r_[np.full(995, 30), np.full(5, 400)]  # 0.5 % of the texts are far longer
     assert choose_text_length(counts, 512) == 32
     assert choose_text_length(np.full(50, 3000), 512) == 512
     assert choose_text_length(np.full(50, 100), 64) == 64
@@ -65,11 +77,12 @@ def test_encoder_limit_guards_sentinels(tokenizer):
     assert text_length_limit(tokenizer) == 512
     huge = SimpleNamespace(model_max_length=int(1e30))
     assert text_length_limit(huge, SimpleNamespace(max_position_embeddings=128)) == 128
-    assert text_length_limit(huge, SimpleNamespace(max_position_embeddings=None)) == 512   # nothing known: BERT's
+    assert text_length_limit(huge, SimpleNamespace(max_position_embeddings=None)) == 512  # nothing known: BERT's
     assert text_length_limit(SimpleNamespace(model_max_length=256), SimpleNamespace(max_position_embeddings=512)) == 256
 
 
 # ----------------------------------------------------------------------------------------- training and prediction
+
 
 def test_fit_chooses_from_data_saves_it_and_counts_cut_texts(tmp_path, session_cache, tokenizer, caplog):
     short = _fit(tmp_path, "short", _captions(24, 5), session_cache)
@@ -103,7 +116,7 @@ def test_fit_chooses_from_data_saves_it_and_counts_cut_texts(tmp_path, session_c
     assert p.texts_cut == 3
     assert model.predictor().texts_cut == 3
     model.predict_details(captions=test[-2:])
-    assert model.predictor().texts_cut == 5                   # the predictor's count runs on over calls
+    assert model.predictor().texts_cut == 5  # the predictor's count runs on over calls
 
 
 def test_explicit_length_wins_and_too_long_is_refused(tmp_path, session_cache):
@@ -119,7 +132,7 @@ def test_folder_with_saved_64_predicts_as_before(tmp_path, session_cache):
     config = json.loads((out / "config.json").read_text())
     config["text_max_length"] = 64
     (out / "config.json").write_text(json.dumps(config))
-    (out / "sha256.json").unlink(missing_ok=True)   # such folders were written before checksums, too
+    (out / "sha256.json").unlink(missing_ok=True)  # such folders were written before checksums, too
     bundle = load_bundle(out)
     assert bundle.config.text_max_length == 64
     engine = engine_for_bundle(bundle, engine="torch", device="cpu")

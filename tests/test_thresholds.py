@@ -2,14 +2,7 @@ import numpy as np
 import pytest
 
 from fuselabel.metrics import mean_f1, row_f1
-from fuselabel.thresholds import (
-    DEFAULT_GRID,
-    apply_thresholds,
-    tune,
-    tune_balanced,
-    tune_global,
-    tune_per_class,
-)
+from fuselabel.thresholds import DEFAULT_GRID, apply_thresholds, tune, tune_balanced, tune_global, tune_per_class
 
 TOL = 1e-9
 
@@ -87,7 +80,7 @@ def test_tune_global_matches_bruteforce(seed, ensure_nonempty):
     brute = np.array([mean_f1(y, apply_thresholds(probs, g, ensure_nonempty)) for g in DEFAULT_GRID])
     assert s == pytest.approx(brute.max(), abs=TOL)
     assert t in DEFAULT_GRID
-    assert brute[np.flatnonzero(DEFAULT_GRID == t)[0]] == pytest.approx(brute.max(), abs=TOL)
+    assert brute[np.flatnonzero(t == DEFAULT_GRID)[0]] == pytest.approx(brute.max(), abs=TOL)
 
 
 def test_tune_global_custom_grid():

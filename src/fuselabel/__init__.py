@@ -1,8 +1,8 @@
 """fuselabel: multi-label classification of image + caption pairs.
 
-    from fuselabel import FuseLabel
-    model = FuseLabel(preset="cpu").fit("train.csv", images="data/")
-    model.predict(images=["photo.jpg"], captions=["a dog on a sofa"])
+from fuselabel import FuseLabel
+model = FuseLabel(preset="cpu").fit("train.csv", images="data/")
+model.predict(images=["photo.jpg"], captions=["a dog on a sofa"])
 """
 
 from .config import PRESETS, Config, build_config

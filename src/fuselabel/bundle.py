@@ -44,8 +44,8 @@ from .config import Config, group_of
 from .outputs import OutputError, kind_of, output_lock
 from .writers import ordinary_permissions
 
-if TYPE_CHECKING:   # torch, the network and the tokenizer load with the weights: reading a folder's records
-    import torch     # (settings, size, files) and replacing folders need none of them
+if TYPE_CHECKING:  # torch, the network and the tokenizer load with the weights: reading a folder's records
+    import torch  # (settings, size, files) and replacing folders need none of them
 
     from .network import FuseLabelNet
 
@@ -56,8 +56,18 @@ FORMAT_FILE = "fuselabel.json"
 CHECKSUMS = "sha256.json"
 TEXT_DIR = "text"
 # What a load reads: one snapshot of these (and of text/), never the rest of the folder (e.g. an onnx/ export)
-LOADED_FILES = (FORMAT_FILE, "config.json", "run.json", "labels.json", "thresholds.json", "preprocessing.json",
-                "split.json", "metrics.json", WEIGHTS, CHECKSUMS)
+LOADED_FILES = (
+    FORMAT_FILE,
+    "config.json",
+    "run.json",
+    "labels.json",
+    "thresholds.json",
+    "preprocessing.json",
+    "split.json",
+    "metrics.json",
+    WEIGHTS,
+    CHECKSUMS,
+)
 # 2: config.json holds the model settings only, run.json the run's; 1 (no fuselabel.json): every setting in config.json
 FORMAT_VERSION = 2
 
@@ -77,7 +87,7 @@ class Bundle:
     tokenizer: object | None
     path: Path | None = None
     extra: dict = field(default_factory=dict)
-    table: dict = field(default_factory=dict)   # the training table's columns and label separator (tables.py)
+    table: dict = field(default_factory=dict)  # the training table's columns and label separator (tables.py)
 
     @property
     def threshold_vector(self):
@@ -153,8 +163,7 @@ def _save_bundle(out: Path, bundle: Bundle, extra_files) -> int:
         _write_json(tmp / FORMAT_FILE, {"format_version": FORMAT_VERSION, "fuselabel": __version__})
         _write_json(tmp / "config.json", saved["model"])
         _write_json(tmp / "run.json", saved["run"])
-        _write_json(tmp / "labels.json", {"labels": bundle.labels, "names": bundle.label_names,
-                                          "table": bundle.table})
+        _write_json(tmp / "labels.json", {"labels": bundle.labels, "names": bundle.label_names, "table": bundle.table})
         _write_json(tmp / "thresholds.json", bundle.thresholds)
         if bundle.preprocessing is not None:
             _write_json(tmp / "preprocessing.json", bundle.preprocessing)
@@ -167,8 +176,11 @@ def _save_bundle(out: Path, bundle: Bundle, extra_files) -> int:
             if src and Path(src).exists():
                 shutil.copyfile(src, tmp / name)
         try:
-            save_file(_state_for_saving(bundle.net, cfg.save_dtype), str(tmp / WEIGHTS),
-                      metadata={"format": "pt", "dtype": cfg.save_dtype})
+            save_file(
+                _state_for_saving(bundle.net, cfg.save_dtype),
+                str(tmp / WEIGHTS),
+                metadata={"format": "pt", "dtype": cfg.save_dtype},
+            )
         except Exception as err:  # safetensors reports a full disk as its own error, without the path
             if type(err).__name__ != "SafetensorError":
                 raise
@@ -178,7 +190,8 @@ def _save_bundle(out: Path, bundle: Bundle, extra_files) -> int:
         if size > cfg.max_size_mb * 1e6:
             raise BundleError(
                 f"model folder would be {size / 1e6:.1f} MB, over the budget of {cfg.max_size_mb:g} MB "
-                f"(--max-size-mb); try save_dtype=fp16 or a smaller encoder. Nothing was written to {out}.")
+                f"(--max-size-mb); try save_dtype=fp16 or a smaller encoder. Nothing was written to {out}."
+            )
         ordinary_permissions(tmp)
         pause_for_test("bundle-write")
         replace_folder(tmp, out)
@@ -250,8 +263,10 @@ def replace_folder(tmp: Path, out: Path) -> None:
         os.replace(old, out)
     found, new = kind_of(out), kind_of(tmp)
     if found is not None and found != new:
-        raise OutputError(f"{out}: already exists and is not a folder of the kind being written ({found}, not "
-                          f"{new}); it was left as it is: choose a new path, or move it away first")
+        raise OutputError(
+            f"{out}: already exists and is not a folder of the kind being written ({found}, not "
+            f"{new}); it was left as it is: choose a new path, or move it away first"
+        )
     if out.exists() and _exchange(tmp, out):
         shutil.rmtree(tmp, ignore_errors=True)  # now the previous folder
         return
@@ -299,9 +314,11 @@ def _config_of(files: dict[str, bytes], path: Path) -> Config:
         info = _json_of(files, path, FORMAT_FILE)
         version = info.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise BundleError(f"{path}: model folder format {version!r} was written by fuselabel "
-                              f"{info.get('fuselabel', '?')}; this fuselabel reads formats 1 to {FORMAT_VERSION}: "
-                              "upgrade fuselabel to load it")
+            raise BundleError(
+                f"{path}: model folder format {version!r} was written by fuselabel "
+                f"{info.get('fuselabel', '?')}; this fuselabel reads formats 1 to {FORMAT_VERSION}: "
+                "upgrade fuselabel to load it"
+            )
     values = _json_of(files, path, "config.json")
     if version >= 2 and "run.json" in files:
         values = {**_json_of(files, path, "run.json"), **values}
@@ -312,8 +329,10 @@ def _config_of(files: dict[str, bytes], path: Path) -> Config:
             if group_of(key) != "runtime":
                 kept[key] = value
         except KeyError:
-            raise BundleError(f"{path / 'config.json'}: unknown setting {key!r}; the folder was written by a "
-                              "different fuselabel version") from None
+            raise BundleError(
+                f"{path / 'config.json'}: unknown setting {key!r}; the folder was written by a "
+                "different fuselabel version"
+            ) from None
     try:
         return Config.from_dict(kept, source=str(path / "config.json"))
     except ValueError as err:
@@ -386,8 +405,9 @@ def _checked(files: dict[str, bytes], path: Path) -> dict[str, bytes]:
             raise _Moved(f"{', '.join(absent)} missing")
         return files
     hashes = _json_of(files, path, CHECKSUMS)
-    wrong = [name for name, data in files.items()
-             if name in hashes and hashlib.sha256(data).hexdigest() != hashes[name]]
+    wrong = [
+        name for name, data in files.items() if name in hashes and hashlib.sha256(data).hexdigest() != hashes[name]
+    ]
     missing = [name for name in hashes if name not in files and (name in LOADED_FILES or name.startswith(TEXT_DIR))]
     if wrong or missing:
         raise _Moved(f"{', '.join(wrong + missing)} do not match {CHECKSUMS}")
@@ -437,8 +457,10 @@ def snapshot(path: str | Path, attempts: int = 5, patience_s: float = 10.0) -> t
                 log.warning("%s: %s (edited since it was saved?); loading it as it is", folder, err)
                 return folder, files
             last, previous, files = err, (files if isinstance(err, _Moved) and err.args else None), None
-    raise BundleError(f"{path}: the folder changed on every one of {attempt} reads ({last or 'replaced'}); "
-                      "if nothing is writing it, it is damaged: save or train the model again")
+    raise BundleError(
+        f"{path}: the folder changed on every one of {attempt} reads ({last or 'replaced'}); "
+        "if nothing is writing it, it is damaged: save or train the model again"
+    )
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
@@ -459,8 +481,9 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     except Exception as err:
         if type(err).__name__ != "SafetensorError":
             raise
-        raise BundleError(f"{path / WEIGHTS}: not a readable weights file ({err}); save or train the model "
-                          "again") from None
+        raise BundleError(
+            f"{path / WEIGHTS}: not a readable weights file ({err}); save or train the model again"
+        ) from None
     # The tokenizer and text-encoder structure load from a folder: the snapshot's copy, not the live one.
     with tempfile.TemporaryDirectory(prefix="fuselabel-text-") as text_dir:
         for name, data in files.items():
@@ -470,21 +493,36 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         # Architectures only: the weights come from model.safetensors, so nothing is downloaded.
         net = FuseLabelNet(config, len(labels["labels"]), pretrained=False, text_source=text_dir)
     expected = net.state_dict()
-    wrong = [f"{name} has shape {tuple(t.shape)} where the model expects {tuple(expected[name].shape)}"
-             for name, t in state.items() if name in expected and t.shape != expected[name].shape]
+    wrong = [
+        f"{name} has shape {tuple(t.shape)} where the model expects {tuple(expected[name].shape)}"
+        for name, t in state.items()
+        if name in expected and t.shape != expected[name].shape
+    ]
     if wrong:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        raise BundleError(f"{path / WEIGHTS}: weights do not fit the model of config.json: tensor {wrong[0]}{more}; "
-                          "the folder's files do not belong together: save or train the model again")
+        raise BundleError(
+            f"{path / WEIGHTS}: weights do not fit the model of config.json: tensor {wrong[0]}{more}; "
+            "the folder's files do not belong together: save or train the model again"
+        )
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise BundleError(f"{path / WEIGHTS}: weights do not fit the model (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]})")
+        raise BundleError(
+            f"{path / WEIGHTS}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     net = net.float().eval().to(device)
     extra = {n: _json_of(files, path, n) for n in ("split.json", "metrics.json") if n in files}
-    return Bundle(net=net, config=config, labels=labels["labels"], label_names=labels.get("names", {}),
-                  thresholds=thresholds, preprocessing=preprocessing, tokenizer=tokenizer, path=path, extra=extra,
-                  table=labels.get("table") or {})
+    return Bundle(
+        net=net,
+        config=config,
+        labels=labels["labels"],
+        label_names=labels.get("names", {}),
+        thresholds=thresholds,
+        preprocessing=preprocessing,
+        tokenizer=tokenizer,
+        path=path,
+        extra=extra,
+        table=labels.get("table") or {},
+    )
 
 
 def describe(path: str | Path) -> str:
@@ -505,7 +543,7 @@ def describe(path: str | Path) -> str:
         counts: dict[str, int] = {}
         dtypes: set[str] = set()
         with safe_open(str(path / WEIGHTS), "pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 if key.endswith(SCALE_SUFFIX):
                     continue
                 sl = f.get_slice(key)
@@ -515,23 +553,35 @@ def describe(path: str | Path) -> str:
                     n *= d
                 counts[part] = counts.get(part, 0) + n
                 dtypes.add(str(sl.get_dtype()))
-        lines.append("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
-                     + f" (stored as {', '.join(sorted(dtypes))})")
-    lines.append(f"kind {config['kind']}" + (f" ({config['late_combine']})" if config["kind"] == "late" else "")
-                 + f"; image {config['image_model'] if config['kind'] != 'text' else '-'}"
-                 + f"; text {config['text_model'] if config['kind'] != 'image' else '-'}; regime {config['regime']}")
-    lines.append(f"task {config['task']}" + ("; one label a row, the most probable" if config["task"] == "multiclass"
-                                             else "") + (f"; text length {config['text_max_length']} tokens"
-                                                         if config["kind"] != "image" else ""))
+        lines.append(
+            "parameters: "
+            + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
+            + f" (stored as {', '.join(sorted(dtypes))})"
+        )
+    lines.append(
+        f"kind {config['kind']}"
+        + (f" ({config['late_combine']})" if config["kind"] == "late" else "")
+        + f"; image {config['image_model'] if config['kind'] != 'text' else '-'}"
+        + f"; text {config['text_model'] if config['kind'] != 'image' else '-'}; regime {config['regime']}"
+    )
+    lines.append(
+        f"task {config['task']}"
+        + ("; one label a row, the most probable" if config["task"] == "multiclass" else "")
+        + (f"; text length {config['text_max_length']} tokens" if config["kind"] != "image" else "")
+    )
     lines.append(f"labels ({len(labels['labels'])}): {' '.join(labels['labels'])}")
-    lines.append(f"thresholds: {thresholds['method']}, validation mean F1 {thresholds['val_mean_f1']:.4f}"
-                 + (f", late weight {thresholds['late_weight']}" if "late_weight" in thresholds else ""))
+    lines.append(
+        f"thresholds: {thresholds['method']}, validation mean F1 {thresholds['val_mean_f1']:.4f}"
+        + (f", late weight {thresholds['late_weight']}" if "late_weight" in thresholds else "")
+    )
     if (path / "metrics.json").exists():
         m = _read_json(path / "metrics.json")
         v = m.get("validation", {})
-        lines.append(f"validation: mean F1 {v.get('mean_f1', float('nan')):.4f}, micro F1 "
-                     f"{v.get('micro_f1', float('nan')):.4f}, macro F1 {v.get('macro_f1', float('nan')):.4f} "
-                     f"on {v.get('rows', '?')} rows; trained in {m.get('timings', {}).get('total_s', 0):.0f}s")
+        lines.append(
+            f"validation: mean F1 {v.get('mean_f1', float('nan')):.4f}, micro F1 "
+            f"{v.get('micro_f1', float('nan')):.4f}, macro F1 {v.get('macro_f1', float('nan')):.4f} "
+            f"on {v.get('rows', '?')} rows; trained in {m.get('timings', {}).get('total_s', 0):.0f}s"
+        )
     return "\n".join(lines)
 
 
@@ -541,5 +591,5 @@ def convert_bundle(src: str | Path, out: str | Path, save_dtype: str, max_size_m
     changes = {"save_dtype": save_dtype}
     if max_size_mb is not None:
         changes["max_size_mb"] = max_size_mb
-    bundle.config = bundle.config.replace(**changes)   # split.json and metrics.json came with the load
+    bundle.config = bundle.config.replace(**changes)  # split.json and metrics.json came with the load
     return save_bundle(out, bundle, {"history.csv": bundle.path / "history.csv"})

@@ -43,15 +43,18 @@ except ImportError:  # not POSIX: no lock between processes (one process per cac
 
 log = logging.getLogger(__name__)
 
-CHUNK_ROWS = 2000          # rows computed and saved at a time: a killed extraction keeps every finished chunk
-COMPACT_CHUNKS = 16        # more small chunks than this in a store are merged into one
+CHUNK_ROWS = 2000  # rows computed and saved at a time: a killed extraction keeps every finished chunk
+COMPACT_CHUNKS = 16  # more small chunks than this in a store are merged into one
 TMP_PREFIX = ".tmp."
-WAIT_LOG_S = 60.0          # how often a rank waiting for the other ranks' shares says so
+WAIT_LOG_S = 60.0  # how often a rank waiting for the other ranks' shares says so
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    base = cache_dir or os.environ.get("FUSELABEL_CACHE") or \
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fuselabel"
+    base = (
+        cache_dir
+        or os.environ.get("FUSELABEL_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fuselabel"
+    )
     return Path(base)
 
 
@@ -84,6 +87,7 @@ def pause_for_test(stage: str) -> None:
 
 
 # ---- atomic files ----
+
 
 def temporary_name(prefix: str = TMP_PREFIX) -> str:
     return f"{prefix}{uuid.uuid4().hex[:16]}"
@@ -134,12 +138,13 @@ def remove_abandoned(folder: Path, prefix: str = TMP_PREFIX) -> None:
         try:
             with open(p, "rb") as f:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                p.unlink()   # while locked: its writer, if it just created it, sees it gone and starts again
+                p.unlink()  # while locked: its writer, if it just created it, sees it gone and starts again
         except (BlockingIOError, FileNotFoundError, IsADirectoryError):
             pass
 
 
 # ---- row keys ----
+
 
 def image_row_keys(records, image_dir) -> list[str]:
     """Each image row keyed by its file's bytes, not its path or time.
@@ -165,11 +170,12 @@ def text_row_keys(captions) -> list[str]:
 
 # ---- the feature cache ----
 
+
 class _BadChunk(Exception):
     pass
 
 
-_HASHED = re.compile(r"chunk-([0-9a-f]{64})\.npz")   # chunk-<uuid>.npz: earlier versions, zip CRCs only
+_HASHED = re.compile(r"chunk-([0-9a-f]{64})\.npz")  # chunk-<uuid>.npz: earlier versions, zip CRCs only
 
 
 def _npy_shapes(z: zipfile.ZipFile) -> dict[str, tuple]:
@@ -207,14 +213,15 @@ class FeatureCache:
         self.root = default_cache_dir(cache_dir) / "features"
         self.chunk_rows = int(chunk_rows or os.environ.get("FUSELABEL_CACHE_CHUNK_ROWS") or CHUNK_ROWS)
         self.poll_s = poll_s
-        self._keys: dict[Path, np.ndarray] = {}   # chunk -> its row keys (chunks never change once written)
+        self._keys: dict[Path, np.ndarray] = {}  # chunk -> its row keys (chunks never change once written)
 
     @staticmethod
     def key(**parts) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
-    def fetch(self, key: str, row_keys: list[str], compute, label: str, *, rank: int = 0,
-              world: int = 1) -> dict[str, np.ndarray]:
+    def fetch(
+        self, key: str, row_keys: list[str], compute, label: str, *, rank: int = 0, world: int = 1
+    ) -> dict[str, np.ndarray]:
         """Arrays for ``row_keys`` in order; ``compute(indices)`` supplies the rows the store lacks.
 
         ``compute`` is called once per chunk of missing rows (indices into ``row_keys``) and returns a
@@ -229,11 +236,11 @@ class FeatureCache:
             if k not in seen:
                 seen.add(k)
                 first.append(i)
-        shares = [first[lo:lo + self.chunk_rows] for lo in range(0, len(first), self.chunk_rows)]
+        shares = [first[lo : lo + self.chunk_rows] for lo in range(0, len(first), self.chunk_rows)]
         mine = shares[rank::world]
         waited = None
         while True:
-            index = self._index(store)   # listed once; again only before computing, to see others' chunks
+            index = self._index(store)  # listed once; again only before computing, to see others' chunks
             for share in mine:
                 if not any(row_keys[i] not in index for i in share):
                     continue
@@ -249,7 +256,7 @@ class FeatureCache:
                 if waited is None or time.time() - waited > WAIT_LOG_S:
                     log.info("%s: waiting for the rows the other %d processes of this run compute", label, world - 1)
                     waited = time.time()
-                time.sleep(self.poll_s)   # another rank's share, or one of ours found damaged and removed
+                time.sleep(self.poll_s)  # another rank's share, or one of ours found damaged and removed
                 continue
             try:
                 with file_lock(store / ".lock", shared=True):
@@ -259,10 +266,16 @@ class FeatureCache:
                 if str(err):
                     self._discard(store, Path(str(err)))
                 if world > 1:
-                    mine = shares   # whose share it was is unknown: whoever gets there first computes it
+                    mine = shares  # whose share it was is unknown: whoever gets there first computes it
         if computed:
-            log.info("%s: %d rows computed in %.1fs%s (%s)", label, computed, time.time() - start,
-                     f", {len(row_keys) - computed} cached" if computed < len(row_keys) else "", store)
+            log.info(
+                "%s: %d rows computed in %.1fs%s (%s)",
+                label,
+                computed,
+                time.time() - start,
+                f", {len(row_keys) - computed} cached" if computed < len(row_keys) else "",
+                store,
+            )
         else:
             log.info("%s: %d rows cached (%s)", label, len(row_keys), store)
         self._compact(store)

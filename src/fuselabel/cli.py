@@ -12,18 +12,25 @@ from pathlib import Path
 from . import outputs
 from .outputs import check_output
 
+
 def resolve_data(data: str | None, csv: str | None, default_csv: str = "train.csv") -> tuple[Path, Path]:
     from .records import resolve_data as find_data
 
-    return find_data(data, csv, default_csv)   # a ValueError names what is missing; main exits with status 2
+    return find_data(data, csv, default_csv)  # a ValueError names what is missing; main exits with status 2
 
 
 def _columns(args, split: bool = False):
     """Which column is which, as the table flags say (None: found from the table)."""
     from .tables import Columns
 
-    return Columns.of(args.image_col, args.text_col, args.label_col, args.id_col,
-                      getattr(args, "split_col", None) if split else None, args.label_sep)
+    return Columns.of(
+        args.image_col,
+        args.text_col,
+        args.label_col,
+        args.id_col,
+        getattr(args, "split_col", None) if split else None,
+        args.label_sep,
+    )
 
 
 def _image_dir(args, images: Path, records) -> Path:
@@ -48,9 +55,11 @@ def _kv(text: str):
 ALIASES = {"late_combine": ("--fusion",), "feature_engine": ("--engine",)}
 # The where-it-runs settings every command that loads a model takes.
 RUNNING = ("feature_engine", "num_workers", "cache_dir")
-_GROUP_TITLES = {"model": "what the model is (saved in the model folder's config.json)",
-                 "run": "how it trains (saved in run.json)",
-                 "runtime": "where it runs (never saved)"}
+_GROUP_TITLES = {
+    "model": "what the model is (saved in the model folder's config.json)",
+    "run": "how it trains (saved in run.json)",
+    "runtime": "where it runs (never saved)",
+}
 
 
 def _flag(key: str) -> str:
@@ -68,14 +77,15 @@ def _converter(annotation):
         return str, list(typing.get_args(annotation)), False
     if origin is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:   # Optional[X]: "none" (or 0 for sizes) means "not set"
+        if len(args) == 1:  # Optional[X]: "none" (or 0 for sizes) means "not set"
             inner, choices, switch = _converter(args[0])
 
             def optional(text: str, inner=inner):
                 return None if text.strip().lower() in ("none", "null", "") else inner(text)
+
             optional.__name__ = getattr(inner, "__name__", "value")
             return optional, choices, switch
-        return _devices, None, False   # devices: a number, a list or a word
+        return _devices, None, False  # devices: a number, a list or a word
     if annotation is bool:
         return None, None, True
     if annotation is dict:
@@ -121,41 +131,65 @@ def add_settings(p: argparse.ArgumentParser, keys=None) -> None:
             flags = (_flag(f.name), *ALIASES.get(f.name, ()))
             typ, choices, switch = _converter(hints[f.name])
             if switch:
-                g.add_argument(*flags, dest=f"setting_{f.name}", action=argparse.BooleanOptionalAction,
-                               default=None, help=help_)
+                g.add_argument(
+                    *flags, dest=f"setting_{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_
+                )
             else:
-                g.add_argument(*flags, dest=f"setting_{f.name}", type=typ, choices=choices, default=None,
-                               metavar=f.name.upper() if choices is None else None, help=help_)
+                g.add_argument(
+                    *flags,
+                    dest=f"setting_{f.name}",
+                    type=typ,
+                    choices=choices,
+                    default=None,
+                    metavar=f.name.upper() if choices is None else None,
+                    help=help_,
+                )
 
 
 def given_settings(args) -> dict:
     """The settings given as flags (those left out stay with the preset, the YAML file or the default)."""
-    return {name[len("setting_"):]: value for name, value in vars(args).items()
-            if name.startswith("setting_") and value is not None}
+    return {
+        name[len("setting_") :]: value
+        for name, value in vars(args).items()
+        if name.startswith("setting_") and value is not None
+    }
 
 
 def _add_data_args(p: argparse.ArgumentParser, default_csv: str = "train.csv") -> None:
     p.add_argument("--data", required=True, help="image folder, or a folder with data/ and the table")
-    p.add_argument("--csv", "--table", dest="csv", metavar="TABLE",
-                   help=f"the table: CSV, TSV, JSON Lines, Parquet or the course CSV (default DATA/{default_csv})")
-    p.add_argument("--images", metavar="DIR",
-                   help="folder the table's photo paths are relative to (default: DATA/data if it holds them, "
-                        "else DATA)")
+    p.add_argument(
+        "--csv",
+        "--table",
+        dest="csv",
+        metavar="TABLE",
+        help=f"the table: CSV, TSV, JSON Lines, Parquet or the course CSV (default DATA/{default_csv})",
+    )
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        help="folder the table's photo paths are relative to (default: DATA/data if it holds them, else DATA)",
+    )
     g = p.add_argument_group("table columns (default: found from the table; the course's ImageID, Caption, Labels)")
-    g.add_argument("--image-col", metavar="COL", help="column of photo paths (relative to the image folder, or "
-                                                       "absolute)")
-    g.add_argument("--text-col", metavar="COL", action="append",
-                   help="text column; repeat for several (joined with a line break)")
+    g.add_argument(
+        "--image-col", metavar="COL", help="column of photo paths (relative to the image folder, or absolute)"
+    )
+    g.add_argument(
+        "--text-col", metavar="COL", action="append", help="text column; repeat for several (joined with a line break)"
+    )
     g.add_argument("--label-col", metavar="COL", help="column of labels: a list, or labels joined by --label-sep")
     g.add_argument("--id-col", metavar="COL", help="column naming each row in outputs (default: the photo column)")
-    g.add_argument("--label-sep", metavar="SEP",
-                   help="separator inside the label column: '|', ';', ',', 'space', or 'none' for one label "
-                        "(default: found from the data)")
+    g.add_argument(
+        "--label-sep",
+        metavar="SEP",
+        help="separator inside the label column: '|', ';', ',', 'space', or 'none' for one label "
+        "(default: found from the data)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fuselabel", description="Multi-label classification of image + caption "
-                                     "pairs: train, evaluate, predict.")
+    parser = argparse.ArgumentParser(
+        prog="fuselabel", description="Multi-label classification of image + caption pairs: train, evaluate, predict."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model and write its folder")
@@ -163,21 +197,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--config", help="YAML file of settings (keys as in config.json)")
     p.add_argument("--preset", help="named settings: cpu-fast, cpu, cpu-best, gpu-best, seed")
-    p.add_argument("--label-names", help="names of label ids: two columns (id, name) of a CSV/TSV, or a JSON "
-                                         "object (default: label_names.csv beside the table or in DATA)")
-    p.add_argument("--val-csv", "--val-table", dest="val_csv", metavar="TABLE",
-                   help="validation rows, in the training table's format (default: a stratified --val-fraction)")
-    p.add_argument("--split-col", metavar="COL",
-                   help="column saying train, val or test for each row (test rows are left out of training)")
+    p.add_argument(
+        "--label-names",
+        help="names of label ids: two columns (id, name) of a CSV/TSV, or a JSON "
+        "object (default: label_names.csv beside the table or in DATA)",
+    )
+    p.add_argument(
+        "--val-csv",
+        "--val-table",
+        dest="val_csv",
+        metavar="TABLE",
+        help="validation rows, in the training table's format (default: a stratified --val-fraction)",
+    )
+    p.add_argument(
+        "--split-col",
+        metavar="COL",
+        help="column saying train, val or test for each row (test rows are left out of training)",
+    )
     p.add_argument("--work-dir", help="checkpoints and logs (default: OUT.work, removed once the model is saved)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run interrupted in the work folder (same settings and data)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or notices; only the final summary, "
-                                                         "warnings and errors")
-    p.add_argument("--no-pretrained", action="store_true",
-                   help="random initialisation for both encoders (--no-image-pretrained --no-text-pretrained)")
-    p.add_argument("--set", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                   help="any setting by its key, e.g. --set hidden_dim=1024 (the same as its flag)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run interrupted in the work folder (same settings and data)"
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bars or notices; only the final summary, warnings and errors"
+    )
+    p.add_argument(
+        "--no-pretrained",
+        action="store_true",
+        help="random initialisation for both encoders (--no-image-pretrained --no-text-pretrained)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        type=_kv,
+        default=[],
+        metavar="KEY=VALUE",
+        help="any setting by its key, e.g. --set hidden_dim=1024 (the same as its flag)",
+    )
     add_settings(p)
 
     p = sub.add_parser("predict", help="write each row's labels (Kaggle ImageID,Labels for course files)")
@@ -191,8 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     _add_data_args(p)
     p.add_argument("--json", help="also write the report as JSON here")
-    p.add_argument("--split", default="all", choices=("all", "val", "train"),
-                   help="only the rows on this side of the model's own split (split.json)")
+    p.add_argument(
+        "--split",
+        default="all",
+        choices=("all", "val", "train"),
+        help="only the rows on this side of the model's own split (split.json)",
+    )
     _add_inference_args(p)
 
     p = sub.add_parser("inspect", help="what the reader makes of a table and image folder")
@@ -203,15 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="size, parts and settings of a model folder")
     p.add_argument("model_dir")
 
-    p = sub.add_parser("experiment", help="train a grid of settings over seeds; tabulate mean ± std",
-                       description="Train a grid of settings over seeds; tabulate mean ± std "
-                                   "(the grid file is described in fuselabel.experiment).")
+    p = sub.add_parser(
+        "experiment",
+        help="train a grid of settings over seeds; tabulate mean ± std",
+        description="Train a grid of settings over seeds; tabulate mean ± std "
+        "(the grid file is described in fuselabel.experiment).",
+    )
     p.add_argument("--config", required=True, help="grid YAML (name, base, grid, runs, seeds, keep_models)")
     p.add_argument("--out", help="results folder (default runs/<grid name>)")
     p.add_argument("--data", help="image folder, or a folder with data/ and the CSV (default: the grid's)")
     p.add_argument("--csv", help="CSV file (default: the grid's, then DATA/train.csv)")
-    p.add_argument("--set", action="append", type=_kv, default=[], metavar="KEY=VALUE",
-                   help="a setting for every run, after the grid's (e.g. --set epochs=1)")
+    p.add_argument(
+        "--set",
+        action="append",
+        type=_kv,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for every run, after the grid's (e.g. --set epochs=1)",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and exit")
     p.add_argument("--verbose", action="store_true", help="show fit's output instead of writing it to OUT/logs/")
 
@@ -236,8 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for key, (default, meaning) in SERVE_LIMITS.items():
         p.add_argument("--" + key.replace("_", "-"), type=type(default), default=default, help=meaning)
-    p.add_argument("--header-timeout", type=float, default=10,
-                   help="seconds for a request head to arrive (else the connection is closed)")
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10,
+        help="seconds for a request head to arrive (else the connection is closed)",
+    )
     p.add_argument("--max-connections", type=int, default=2048, help="open connections (beyond them, 503)")
     p.add_argument("--workers", type=int, default=1, help="processes, each with the model loaded (more cores)")
     p.add_argument("--json-logs", action="store_true", help="one JSON object a log line")
@@ -246,29 +319,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="one HTML file about a model on labelled rows, or comparing several models")
     p.add_argument("model_dir", nargs="+", help="a model folder; two or more: a side-by-side comparison")
     _add_data_args(p)
-    p.add_argument("--out", required=True,
-                   help="the HTML file to write (a folder an earlier report wrote gets its index.html)")
-    p.add_argument("--split", default="all", choices=("all", "val", "train"),
-                   help="only the rows on this side of the model's own split (split.json)")
+    p.add_argument(
+        "--out", required=True, help="the HTML file to write (a folder an earlier report wrote gets its index.html)"
+    )
+    p.add_argument(
+        "--split",
+        default="all",
+        choices=("all", "val", "train"),
+        help="only the rows on this side of the model's own split (split.json)",
+    )
     p.add_argument("--quiet", action="store_true", help="only warnings and errors")
     return parser
 
 
 def _add_inference_args(p: argparse.ArgumentParser, distributed: bool = False) -> None:
     p.add_argument("--device", help="where the model runs: cpu, cuda, cuda:1 ... (default: cuda when present)")
-    p.add_argument("--strict", action="store_true",
-                   help="a row without a usable photo or caption is an error (default: predicted from the other)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="a row without a usable photo or caption is an error (default: predicted from the other)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars; only the summary, warnings and errors")
     if distributed:
         from .config import HELP
 
-        p.add_argument("--chunk-size", type=int, default=512,
-                       help="rows per chunk, a multiple of 64 (bounds memory; finished chunks survive a kill) "
-                            "(default: 512)")
+        p.add_argument(
+            "--chunk-size",
+            type=int,
+            default=512,
+            help="rows per chunk, a multiple of 64 (bounds memory; finished chunks survive a kill) (default: 512)",
+        )
         p.add_argument("--devices", type=int, default=1, help=f"{HELP['devices']} (default: 1)")
         p.add_argument("--num-nodes", type=int, default=1, help=f"{HELP['num_nodes']} (default: 1)")
-        p.add_argument("--strategy", default="auto", help=f"{HELP['strategy']} (default: auto, ddp when "
-                                                          "--devices > 1)")
+        p.add_argument("--strategy", default="auto", help=f"{HELP['strategy']} (default: auto, ddp when --devices > 1)")
         p.add_argument("--accelerator", default="cpu", help="cpu | gpu for the ranks (default: cpu)")
     add_settings(p, RUNNING)
 
@@ -280,7 +363,7 @@ def _load_model(args, exported: bool = False, evaluates: bool = False):
     exported = exported and _one_cpu(args) and settings.get("feature_engine", "auto") != "torch"
     if exported:
         folder = exported_folder(args.model_dir, settings.get("cache_dir"))
-        if folder is not None and not (folder / "manifest.json").is_file():   # the first run exports it
+        if folder is not None and not (folder / "manifest.json").is_file():  # the first run exports it
             from .export import export_cached
 
             exported = export_cached(args.model_dir, settings.get("cache_dir")) is not None
@@ -305,17 +388,26 @@ def cmd_train(args) -> None:
     if args.val_csv and args.split_col:
         raise ValueError("give either --val-csv or --split-col, not both")
     records = read_table(csv, _columns(args, split=True), need_labels=True)
-    inputs = [csv, images, args.label_names, args.val_csv]   # refused as outputs before any work starts
+    inputs = [csv, images, args.label_names, args.val_csv]  # refused as outputs before any work starts
     check_output(args.out, outputs.MODEL, inputs)
     if args.work_dir:
         check_output(args.work_dir, outputs.WORK, inputs, other_outputs=[args.out])
     from .train import fit
 
-    _show_log(quiet=args.quiet)   # again: importing Lightning set its own loggers up
-    with outputs.output_locks(args.out, args.work_dir):   # one training per model (and work) folder at a time
-        result = fit(config, _image_dir(args, images, records), records, args.out, label_names=args.label_names,
-                     work_dir=args.work_dir, resume=args.resume, progress=_progress(args), columns=_columns(args),
-                     val=args.val_csv)
+    _show_log(quiet=args.quiet)  # again: importing Lightning set its own loggers up
+    with outputs.output_locks(args.out, args.work_dir):  # one training per model (and work) folder at a time
+        result = fit(
+            config,
+            _image_dir(args, images, records),
+            records,
+            args.out,
+            label_names=args.label_names,
+            work_dir=args.work_dir,
+            resume=args.resume,
+            progress=_progress(args),
+            columns=_columns(args),
+            val=args.val_csv,
+        )
     from .runtime import gpu_driver_present
 
     if result is not None and not gpu_driver_present():
@@ -324,7 +416,7 @@ def cmd_train(args) -> None:
         from .export import export_cached
 
         export_cached(args.out, config.cache_dir)
-    if result is not None:   # per-label figures, then the one line (--quiet keeps only that)
+    if result is not None:  # per-label figures, then the one line (--quiet keeps only that)
         if not args.quiet:
             from .metrics import format_report
 
@@ -335,7 +427,6 @@ def cmd_train(args) -> None:
 def _progress(args) -> bool:
     """Progress bars only for a person watching a terminal."""
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
-
 
 
 def _devices(text: str):
@@ -361,8 +452,12 @@ def _one_cpu(args) -> bool:
     from .runtime import gpu_driver_present
 
     device = args.device or ("cuda" if gpu_driver_present() else "cpu")
-    return (device == "cpu" and getattr(args, "devices", 1) <= 1 and getattr(args, "num_nodes", 1) <= 1
-            and getattr(args, "accelerator", "cpu") == "cpu")
+    return (
+        device == "cpu"
+        and getattr(args, "devices", 1) <= 1
+        and getattr(args, "num_nodes", 1) <= 1
+        and getattr(args, "accelerator", "cpu") == "cpu"
+    )
 
 
 def _predict(args, images, csv) -> None:
@@ -374,23 +469,39 @@ def _predict(args, images, csv) -> None:
     from .tables import read_table
 
     records = read_table(csv, _columns(args), trained=trained_table(model))
-    result = predict_csv(model, _image_dir(args, images, records), records, args.out, proba_out=args.proba,
-                         strict=args.strict, chunk_size=args.chunk_size, devices=args.devices,
-                         num_nodes=args.num_nodes, strategy=args.strategy, accelerator=args.accelerator,
-                         progress=progress)
+    result = predict_csv(
+        model,
+        _image_dir(args, images, records),
+        records,
+        args.out,
+        proba_out=args.proba,
+        strict=args.strict,
+        chunk_size=args.chunk_size,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
+        accelerator=args.accelerator,
+        progress=progress,
+    )
     if not result:  # a rank other than the one that writes the outputs
         return
     counts = result["status_counts"]
-    print(f"wrote {result['out']}: {result['rows']} rows in {result['seconds']:.1f}s "
-          f"({result['rows_per_s']:.0f} rows/s) with {result['engine']}")
+    print(
+        f"wrote {result['out']}: {result['rows']} rows in {result['seconds']:.1f}s "
+        f"({result['rows_per_s']:.0f} rows/s) with {result['engine']}"
+    )
     if result.get("texts_cut"):
-        print(f"  {result['texts_cut']} of {result['rows']} texts were longer than the model's text length and "
-              "were cut to it")
+        print(
+            f"  {result['texts_cut']} of {result['rows']} texts were longer than the model's text length and "
+            "were cut to it"
+        )
     degraded = counts["caption_only"] + counts["image_only"] + counts["no_input"]
     if degraded:
-        print(f"  {counts['caption_only']} rows predicted from the caption alone (no usable photo), "
-              f"{counts['image_only']} from the photo alone (empty caption), "
-              f"{counts['no_input']} with neither (no labels written)")
+        print(
+            f"  {counts['caption_only']} rows predicted from the caption alone (no usable photo), "
+            f"{counts['image_only']} from the photo alone (empty caption), "
+            f"{counts['no_input']} with neither (no labels written)"
+        )
         names = result["no_input_rows"]
         if names:
             more = f" and {len(names) - 10} more" if len(names) > 10 else ""
@@ -399,15 +510,13 @@ def _predict(args, images, csv) -> None:
 
 def cmd_evaluate(args) -> None:
     from .metrics import format_report
-    from .predict import evaluate_csv
-
-    from .predict import trained_table
+    from .predict import evaluate_csv, trained_table
     from .tables import read_table
 
     images, csv = resolve_data(args.data, args.csv)
     if args.json:
         check_output(args.json, outputs.FILE, [args.model_dir, csv])
-    model = _load_model(args, exported=True, evaluates=True)   # on a CPU, from the exported copy: no torch
+    model = _load_model(args, exported=True, evaluates=True)  # on a CPU, from the exported copy: no torch
     records = read_table(csv, _columns(args), trained=trained_table(model), need_labels=True)
     report = evaluate_csv(model, _image_dir(args, images, records), records, split=args.split, strict=args.strict)
     print(format_report(report))
@@ -434,7 +543,6 @@ def cmd_inspect(args) -> None:
 
 def cmd_experiment(args) -> int:
     """0: every run succeeded; 1: some runs failed (recorded in the results); 2 (a ValueError): unusable grid."""
-    import logging
 
     from .experiment import default_out, format_plan, plan_runs, run_experiment
 
@@ -450,7 +558,7 @@ def cmd_experiment(args) -> int:
 def cmd_convert(args) -> None:
     from .bundle import convert_bundle
 
-    in_place = Path(args.out).resolve() == Path(args.model_dir).resolve()   # re-saving a folder in place is fine
+    in_place = Path(args.out).resolve() == Path(args.model_dir).resolve()  # re-saving a folder in place is fine
     check_output(args.out, outputs.MODEL, [] if in_place else [args.model_dir])
     size = convert_bundle(args.model_dir, args.out, args.save_dtype, args.max_size_mb)
     print(f"wrote {args.out}: {size / 1e6:.1f} MB ({args.save_dtype})")
@@ -479,33 +587,54 @@ def cmd_export(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from .config import SERVE_LIMITS
     from .serve import run
 
-    from .config import SERVE_LIMITS
-
-    run(args.model_dir, args.host, args.port, workers=args.workers, max_connections=args.max_connections,
-        header_timeout=args.header_timeout, json_logs=args.json_logs,
-        **{key: getattr(args, key) for key in SERVE_LIMITS}, **given_settings(args))
+    run(
+        args.model_dir,
+        args.host,
+        args.port,
+        workers=args.workers,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        json_logs=args.json_logs,
+        **{key: getattr(args, key) for key in SERVE_LIMITS},
+        **given_settings(args),
+    )
 
 
 def cmd_report(args) -> None:
     from .report import build_comparison, build_report, report_target
-
     from .tables import read_table
 
     images, csv = resolve_data(args.data, args.csv)
     records = read_table(csv, _columns(args), strict=True)
-    report_target(args.out, [*args.model_dir, csv, images])   # refuses an output that is not a report's
+    report_target(args.out, [*args.model_dir, csv, images])  # refuses an output that is not a report's
     build = build_report if len(args.model_dir) == 1 else build_comparison
     with outputs.output_lock(args.out):
-        page = build(args.model_dir[0] if len(args.model_dir) == 1 else args.model_dir,
-                     _image_dir(args, images, records), records, args.out, split=args.split, columns=_columns(args))
+        page = build(
+            args.model_dir[0] if len(args.model_dir) == 1 else args.model_dir,
+            _image_dir(args, images, records),
+            records,
+            args.out,
+            split=args.split,
+            columns=_columns(args),
+        )
     print(f"wrote {page}")
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
-            "info": cmd_info, "convert": cmd_convert, "export": cmd_export, "experiment": cmd_experiment,
-            "serve": cmd_serve, "report": cmd_report}
+COMMANDS = {
+    "train": cmd_train,
+    "predict": cmd_predict,
+    "evaluate": cmd_evaluate,
+    "inspect": cmd_inspect,
+    "info": cmd_info,
+    "convert": cmd_convert,
+    "export": cmd_export,
+    "experiment": cmd_experiment,
+    "serve": cmd_serve,
+    "report": cmd_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = COMMANDS[args.command](args)
     except Exception as err:
-        limit = outputs.explain_error(err)   # a full disk, a read-only folder ...: the path and what to do
+        limit = outputs.explain_error(err)  # a full disk, a read-only folder ...: the path and what to do
         if limit is None and not isinstance(err, _user_errors()):
             raise
         if limit and args.command == "train":
@@ -576,7 +705,7 @@ def _reason(err: BaseException) -> str:
         return text
     last = text.rstrip().splitlines()[-1]
     name = f"{type(err).__module__}.{type(err).__qualname__}: "
-    return last[len(name):] if last.startswith(name) else last
+    return last[len(name) :] if last.startswith(name) else last
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ from .images import ImageError, eval_pixels, load_rgb, resolve_image
 
 def single_process(config) -> bool:
     """Whether Lightning runs one process, so custom batch samplers and device caches are safe."""
-    return config.num_nodes == 1 and str(config.devices) in ("1", "auto") and not torch.cuda.device_count() > 1 \
+    return (
+        config.num_nodes == 1
+        and str(config.devices) in ("1", "auto")
+        and not torch.cuda.device_count() > 1
         and config.strategy in ("auto", "single_device")
+    )
 
 
 def stratified_split(label_matrix: np.ndarray, val_fraction: float = 0.1, seed: int = 42):
@@ -49,7 +53,8 @@ def build_transform(data_config: dict, train: bool, augment: str = "seed"):
 
     size = data_config["input_size"][-1]
     interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}.get(
-        data_config.get("interpolation", "bicubic"), T.InterpolationMode.BICUBIC)
+        data_config.get("interpolation", "bicubic"), T.InterpolationMode.BICUBIC
+    )
     normalize = [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
     ops = [T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interp), T.RandomHorizontalFlip()]
     if augment == "trivial":
@@ -68,8 +73,15 @@ class PairDataset(Dataset):
     ``missing_images="caption_only"``, in which case the pixels are zeros and ``image_present`` is 0.
     """
 
-    def __init__(self, records, image_dir, transform=None, labels: np.ndarray | None = None,
-                 missing_images: str = "error", load_images: bool = True):
+    def __init__(
+        self,
+        records,
+        image_dir,
+        transform=None,
+        labels: np.ndarray | None = None,
+        missing_images: str = "error",
+        load_images: bool = True,
+    ):
         self.records = list(records)
         self.image_dir = Path(image_dir) if image_dir is not None else None
         self.transform = transform
@@ -99,9 +111,12 @@ class PairDataset(Dataset):
             if self.missing_images == "caption_only":
                 size = self._zero_shape()
                 return torch.zeros(size), 0.0
-            raise ImageError(f"{path}: image {err.reason} for row {rec.image_id} (CSV line {rec.line}); "
-                             f"{err.advice}, or pass --missing-images caption_only to use the caption alone",
-                             err.reason, err.advice) from None
+            raise ImageError(
+                f"{path}: image {err.reason} for row {rec.image_id} (CSV line {rec.line}); "
+                f"{err.advice}, or pass --missing-images caption_only to use the caption alone",
+                err.reason,
+                err.advice,
+            ) from None
 
     def _zero_shape(self):
         if isinstance(self.transform, EvalTransform):
@@ -131,8 +146,13 @@ class FeatureDataset(Dataset):
     image side is cached and the text encoder trains.
     """
 
-    def __init__(self, features: dict[str, np.ndarray], labels: np.ndarray | None = None,
-                 image_present: np.ndarray | None = None, captions: list[str] | None = None):
+    def __init__(
+        self,
+        features: dict[str, np.ndarray],
+        labels: np.ndarray | None = None,
+        image_present: np.ndarray | None = None,
+        captions: list[str] | None = None,
+    ):
         self.features = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in features.items()}
         n = len(next(iter(self.features.values()))) if self.features else len(captions)
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.float32)
@@ -190,14 +210,18 @@ class TextCollate:
         for key, value in items[0].items():
             if key == "caption":
                 continue
-            batch[key] = torch.stack([it[key] for it in items]) if torch.is_tensor(value) else torch.tensor(
-                [it[key] for it in items], dtype=torch.float32 if isinstance(value, float) else None)
+            batch[key] = (
+                torch.stack([it[key] for it in items])
+                if torch.is_tensor(value)
+                else torch.tensor([it[key] for it in items], dtype=torch.float32 if isinstance(value, float) else None)
+            )
         if self.tokenizer is not None:
             captions = [it["caption"] for it in items]
             if self.word_dropout > 0:
                 captions = [self._drop_words(c) for c in captions]
-            tok = self.tokenizer(captions, padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+            tok = self.tokenizer(
+                captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
             batch["input_ids"], batch["attention_mask"] = tok["input_ids"], tok["attention_mask"]
         return batch
 
@@ -211,7 +235,7 @@ def oversampling_weights(label_matrix: np.ndarray, power: float = 0.5) -> np.nda
     freq = label_matrix.sum(0).clip(min=1) / len(label_matrix)
     inv = np.where(label_matrix > 0, 1.0 / freq, 0.0).max(1)
     inv[inv == 0] = 1.0 / freq.max()
-    weights = inv ** power
+    weights = inv**power
     return weights / weights.mean()
 
 
@@ -220,8 +244,9 @@ def make_sampler(label_matrix: np.ndarray, kind: str, power: float, seed: int):
         return None
     weights = oversampling_weights(label_matrix, power)
     gen = torch.Generator().manual_seed(seed)
-    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(weights), replacement=True,
-                                 generator=gen)
+    return WeightedRandomSampler(
+        torch.as_tensor(weights, dtype=torch.double), len(weights), replacement=True, generator=gen
+    )
 
 
 def default_workers(requested: int | None) -> int:
@@ -237,8 +262,15 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     length inside each pool, and the batches are shuffled again.
     """
 
-    def __init__(self, lengths, batch_size: int, seed: int = 0, weights: np.ndarray | None = None,
-                 drop_last: bool = True, pool: int = 50):
+    def __init__(
+        self,
+        lengths,
+        batch_size: int,
+        seed: int = 0,
+        weights: np.ndarray | None = None,
+        drop_last: bool = True,
+        pool: int = 50,
+    ):
         self.lengths = np.asarray(lengths)
         self.batch_size, self.seed, self.weights, self.drop_last, self.pool = batch_size, seed, weights, drop_last, pool
         self.epoch = 0
@@ -254,9 +286,9 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         batches = []
         step = self.batch_size * self.pool
         for start in range(0, n, step):
-            chunk = order[start:start + step]
+            chunk = order[start : start + step]
             chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
         for i in rng.permutation(len(batches)):

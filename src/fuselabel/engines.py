@@ -44,28 +44,37 @@ def graph_digest(module: torch.nn.Module) -> str:
 
 def _cached_graph(encoder: torch.nn.Module, cache_dir, name: str, export) -> Path:
     path = default_cache_dir(cache_dir) / "onnx" / f"{name}-{graph_digest(encoder)}.onnx"
-    return onnxrt.cached_graph(path, export)   # checked on every use; exported again when cut short or damaged
+    return onnxrt.cached_graph(path, export)  # checked on every use; exported again when cut short or damaged
 
 
 def image_graph(encoder: torch.nn.Module, input_shape, cache_dir=None, int8: dict | None = None) -> Path:
     """An image encoder's ONNX graph in the cache, exported once per weights, structure and input size; with
     ``int8`` calibration ranges, its static int8 form (built once per graph and ranges)."""
     size = "x".join(map(str, input_shape))
-    path = _cached_graph(encoder, cache_dir, f"image-{size}",
-                         lambda p: onnxrt.export_image_encoder(encoder, p, input_shape))
+    path = _cached_graph(
+        encoder, cache_dir, f"image-{size}", lambda p: onnxrt.export_image_encoder(encoder, p, input_shape)
+    )
     if int8 is None:
         return path
     quantized = path.with_name(f"{path.stem}-int8-{onnxrt.ranges_digest(int8)}.onnx")
     return onnxrt.cached_graph(quantized, lambda p: onnxrt.quantize_int8_static(path, p, int8))
 
 
-def image_session(encoder: torch.nn.Module, input_shape, cache_dir=None, threads: int | None = None,
-                  int8: dict | None = None):
+def image_session(
+    encoder: torch.nn.Module, input_shape, cache_dir=None, threads: int | None = None, int8: dict | None = None
+):
     return session(image_graph(encoder, input_shape, cache_dir, int8), threads)
 
 
-def calibrate_image_int8(encoder: torch.nn.Module, data_config: dict, images, image_dir=None, cache_dir=None,
-                         photos: int = 64, batch_size: int = 4) -> dict:
+def calibrate_image_int8(
+    encoder: torch.nn.Module,
+    data_config: dict,
+    images,
+    image_dir=None,
+    cache_dir=None,
+    photos: int = 64,
+    batch_size: int = 4,
+) -> dict:
     """Activation ranges for the static int8 image encoder, measured on up to ``photos`` of ``images`` spread
     evenly over them (unusable ones skipped). Deterministic: the same photos give the same ranges."""
     from .images import normalise, pixel_table
@@ -77,27 +86,36 @@ def calibrate_image_int8(encoder: torch.nn.Module, data_config: dict, images, im
     if not pixels:
         raise ValueError("image_quant='int8' needs usable training photos to calibrate on; none could be read")
     table = pixel_table(data_config)
-    batches = [normalise(np.stack(pixels[i:i + batch_size]), table) for i in range(0, len(pixels), batch_size)]
+    batches = [normalise(np.stack(pixels[i : i + batch_size]), table) for i in range(0, len(pixels), batch_size)]
     ranges = onnxrt.calibrate_int8(image_graph(encoder, tuple(data_config["input_size"]), cache_dir), batches)
-    return {"method": f"static QDQ, per-channel int8 weights, uint8 activations, {onnxrt.PERCENTILE}th-percentile "
-                      "ranges",
-            "photos": len(pixels), "ranges": ranges}
+    return {
+        "method": f"static QDQ, per-channel int8 weights, uint8 activations, {onnxrt.PERCENTILE}th-percentile ranges",
+        "photos": len(pixels),
+        "ranges": ranges,
+    }
 
 
-def text_graph(encoder: torch.nn.Module, tokenizer, cache_dir=None, max_length: int = 64, int8: bool = False
-               ) -> Path:
+def text_graph(encoder: torch.nn.Module, tokenizer, cache_dir=None, max_length: int = 64, int8: bool = False) -> Path:
     """A text encoder's ONNX graph in the cache, exported once per weights and structure; with ``int8``, its
     dynamic int8 form (the one ``fuselabel export`` writes for such a model)."""
-    path = _cached_graph(encoder, cache_dir, "text",
-                         lambda p: onnxrt.export_text_encoder(encoder, tokenizer, p, max_length))
+    path = _cached_graph(
+        encoder, cache_dir, "text", lambda p: onnxrt.export_text_encoder(encoder, tokenizer, p, max_length)
+    )
     if not int8:
         return path
-    return onnxrt.cached_graph(path.with_name(f"{path.stem}-int8.onnx"),
-                               lambda p: onnxrt.quantize_int8_dynamic(path, p, onnxrt.INT8_TEXT_OPS))
+    return onnxrt.cached_graph(
+        path.with_name(f"{path.stem}-int8.onnx"), lambda p: onnxrt.quantize_int8_dynamic(path, p, onnxrt.INT8_TEXT_OPS)
+    )
 
 
-def text_session(encoder: torch.nn.Module, tokenizer, cache_dir=None, max_length: int = 64,
-                 threads: int | None = None, int8: bool = False):
+def text_session(
+    encoder: torch.nn.Module,
+    tokenizer,
+    cache_dir=None,
+    max_length: int = 64,
+    threads: int | None = None,
+    int8: bool = False,
+):
     return session(text_graph(encoder, tokenizer, cache_dir, max_length, int8), threads)
 
 
@@ -118,8 +136,18 @@ class TorchEngine:
     ``"torch"`` always eagerly; ``"onnx"`` always in onnxruntime (CPU).
     """
 
-    def __init__(self, net, tokenizer, data_config: dict | None, *, tta_flip: bool = False,
-                 text_max_length: int | None = 64, device=None, encoders: str = "auto", cache_dir=None):
+    def __init__(
+        self,
+        net,
+        tokenizer,
+        data_config: dict | None,
+        *,
+        tta_flip: bool = False,
+        text_max_length: int | None = 64,
+        device=None,
+        encoders: str = "auto",
+        cache_dir=None,
+    ):
         self.device = resolve_device(device)
         self.net = net.eval().to(self.device)
         cfg = net.config
@@ -130,7 +158,7 @@ class TorchEngine:
         if text_max_length is None and net.text_encoder is not None:  # not chosen yet: all the encoder takes
             text_max_length = text_length_limit(tokenizer, net.text_encoder.backbone.config)
         self.tokenizer, self.max_length = tokenizer, text_max_length
-        self.texts_cut = 0   # captions longer than max_length, over every call so far
+        self.texts_cut = 0  # captions longer than max_length, over every call so far
         self._lock = threading.Lock()
         self.onnx = use_onnx(encoders, self.device)
         self.feature_dims = {}
@@ -141,8 +169,12 @@ class TorchEngine:
             # An int8 model's heads were trained on its int8 features: its image encoder runs in onnxruntime
             # whatever the engine asked for.
             if self.onnx or int8 is not None:
-                image_sess = image_session(net.image_encoder, tuple(data_config["input_size"]), cache_dir,
-                                           int8=int8["ranges"] if int8 else None)
+                image_sess = image_session(
+                    net.image_encoder,
+                    tuple(data_config["input_size"]),
+                    cache_dir,
+                    int8=int8["ranges"] if int8 else None,
+                )
                 self._image_run = lambda x: image_sess.run(None, {"pixels": x})[0]
         # Dynamic int8 quantises each run's activations with one scale, so such a text encoder runs one caption
         # a run: a caption's features never depend on the captions beside it.
@@ -151,8 +183,9 @@ class TorchEngine:
             self.feature_dims["text"] = net.text_encoder.num_features
             # Like the image encoder: an int8 text encoder runs in onnxruntime whatever the engine asked for.
             if self.onnx or cfg.text_quant == "int8":
-                text_sess = text_session(net.text_encoder, tokenizer, cache_dir, text_max_length,
-                                         int8=cfg.text_quant == "int8")
+                text_sess = text_session(
+                    net.text_encoder, tokenizer, cache_dir, text_max_length, int8=cfg.text_quant == "int8"
+                )
                 self._text_run = lambda ids, mask: text_sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
         self.name = ("onnxruntime encoders, " if self.onnx else "torch encoders, ") + f"torch heads ({self.device})"
 
@@ -166,15 +199,20 @@ class TorchEngine:
     @torch.inference_mode()
     def text_features(self, captions: list[str]) -> np.ndarray:
         def encode(batch: list[str]) -> np.ndarray:
-            with self._lock:   # a fast tokenizer set up per call is not safe from several threads at once
-                tok = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
-                                     return_tensors="np")
+            with self._lock:  # a fast tokenizer set up per call is not safe from several threads at once
+                tok = self.tokenizer(
+                    batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
+                )
                 self.texts_cut += count_cut(tok, self.tokenizer, batch, self.max_length)
             ids, mask = tok["input_ids"].astype(np.int64), tok["attention_mask"].astype(np.int64)
             if self._text_run is not None:
                 return self._text_run(ids, mask)
-            return self.net.text_encoder(torch.from_numpy(ids).to(self.device),
-                                         torch.from_numpy(mask).to(self.device)).float().cpu().numpy()
+            return (
+                self.net.text_encoder(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device))
+                .float()
+                .cpu()
+                .numpy()
+            )
 
         # A GPU wants large batches; on a CPU moderate ones keep padding and memory small.
         batch = self.text_batch or (256 if self.device.type == "cuda" else 64)
@@ -205,13 +243,20 @@ class TorchEngine:
 def count_cut(encoded, tokenizer, texts: list[str], max_length: int) -> int:
     """How many of ``texts`` truncation cut, from a tokenizer call's output (no second pass where it can be told)."""
     encodings = getattr(encoded, "encodings", None)
-    if encodings is not None:   # a fast tokenizer keeps what it cut off in each encoding
+    if encodings is not None:  # a fast tokenizer keeps what it cut off in each encoding
         return sum(bool(e.overflowing) for e in encodings)
     return int((token_counts(tokenizer, texts) > max_length).sum())
 
 
 def engine_for_bundle(bundle, *, engine: str = "auto", device=None, cache_dir=None) -> TorchEngine:
     cfg = bundle.config
-    return TorchEngine(bundle.net, bundle.tokenizer, bundle.preprocessing, tta_flip=cfg.tta_flip,
-                       text_max_length=cfg.text_max_length, device=device, encoders=engine,
-                       cache_dir=cache_dir or cfg.cache_dir)
+    return TorchEngine(
+        bundle.net,
+        bundle.tokenizer,
+        bundle.preprocessing,
+        tta_flip=cfg.tta_flip,
+        text_max_length=cfg.text_max_length,
+        device=device,
+        encoders=engine,
+        cache_dir=cache_dir or cfg.cache_dir,
+    )

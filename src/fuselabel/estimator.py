@@ -16,8 +16,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -42,7 +42,7 @@ class FuseLabel:
     work. ``get_config()`` checks and returns the settings without fitting.
     """
 
-    _estimator_type = "classifier"   # scikit-learn < 1.6 reads this; newer ones ask __sklearn_tags__
+    _estimator_type = "classifier"  # scikit-learn < 1.6 reads this; newer ones ask __sklearn_tags__
 
     def __init__(self, preset: str | None = None, config: str | Path | None = None, **settings):
         self.preset = preset
@@ -55,7 +55,7 @@ class FuseLabel:
         """The constructor's arguments, as given: ``preset``, ``config`` and every setting keyword."""
         return {"preset": self.preset, "config": self.config, **self.settings}
 
-    def set_params(self, **params) -> "FuseLabel":
+    def set_params(self, **params) -> FuseLabel:
         """Change constructor arguments (checked, like the constructor's, at ``fit``); an unknown key is refused."""
         check_keys([k for k in params if k not in ("preset", "config")], "FuseLabel.set_params")
         for key, value in params.items():
@@ -75,8 +75,12 @@ class FuseLabel:
     def __sklearn_tags__(self):
         from sklearn.utils import ClassifierTags, Tags, TargetTags
 
-        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True, multi_output=True),
-                    classifier_tags=ClassifierTags(multi_class=True, multi_label=True), non_deterministic=True)
+        return Tags(
+            estimator_type="classifier",
+            target_tags=TargetTags(required=True, multi_output=True),
+            classifier_tags=ClassifierTags(multi_class=True, multi_label=True),
+            non_deterministic=True,
+        )
 
     def __repr__(self) -> str:
         shown = {k: v for k, v in self.get_params().items() if v is not None}
@@ -124,12 +128,24 @@ class FuseLabel:
             raise NotFittedError("this FuseLabel is not fitted yet: call fit(...) or FuseLabel.from_pretrained(path)")
 
     # ------------------------------------------------------------------ training
-    def fit(self, data=None, images=None, *, captions: Sequence[str] | None = None,
-            labels: Sequence[Sequence] | None = None, label_names: str | Path | dict | None = None,
-            image_col: str | None = None, text_col: str | Sequence[str] | None = None,
-            label_col: str | None = None, id_col: str | None = None, label_sep: str | None = None,
-            split_col: str | None = None, val=None, out: str | Path | None = None,
-            progress: bool = True) -> "FuseLabel":
+    def fit(
+        self,
+        data=None,
+        images=None,
+        *,
+        captions: Sequence[str] | None = None,
+        labels: Sequence[Sequence] | None = None,
+        label_names: str | Path | dict | None = None,
+        image_col: str | None = None,
+        text_col: str | Sequence[str] | None = None,
+        label_col: str | None = None,
+        id_col: str | None = None,
+        label_sep: str | None = None,
+        split_col: str | None = None,
+        val=None,
+        out: str | Path | None = None,
+        progress: bool = True,
+    ) -> FuseLabel:
         """Train on a table, or on lists in memory.
 
         ``data`` is a table's path (CSV, TSV, JSON Lines, Parquet, or the course CSV) or a pandas DataFrame,
@@ -143,7 +159,7 @@ class FuseLabel:
         from .tables import Columns
         from .train import fit as train_fit
 
-        config = self.get_config()   # checked before any work, naming a bad key
+        config = self.get_config()  # checked before any work, naming a bad key
         columns = Columns.of(image_col, text_col, label_col, id_col, split_col, label_sep)
         work = Path(tempfile.mkdtemp(prefix="fuselabel-fit-"))
         try:
@@ -151,15 +167,18 @@ class FuseLabel:
                 if captions is not None or labels is not None:
                     raise ValueError("give either a table (data=) or captions= and labels= lists, not both")
                 if not _is_table(data):
-                    raise ValueError(f"fit(data=...): expected a table's path (.csv, .tsv, .jsonl, .parquet) or a "
-                                     f"pandas DataFrame, got {type(data).__name__}")
+                    raise ValueError(
+                        f"fit(data=...): expected a table's path (.csv, .tsv, .jsonl, .parquet) or a "
+                        f"pandas DataFrame, got {type(data).__name__}"
+                    )
                 # photo paths are relative to ``images``; without it, absolute or relative to where this runs
                 rows, image_dir = data, Path(images) if images is not None else Path(".")
             else:
                 rows, image_dir = _records_in_memory(images, captions, labels, work / "photos")
             target = Path(out) if out is not None else work / "model"
-            self.result_ = train_fit(config, image_dir, rows, target, label_names=label_names, progress=progress,
-                                     columns=columns, val=val)
+            self.result_ = train_fit(
+                config, image_dir, rows, target, label_names=label_names, progress=progress, columns=columns, val=val
+            )
             self._load(target, config.to_dict("runtime"), keep_path=out is not None)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -167,21 +186,24 @@ class FuseLabel:
 
     # ------------------------------------------------------------------ saving and loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, **runtime) -> "FuseLabel":
+    def from_pretrained(cls, path: str | Path, **runtime) -> FuseLabel:
         """A model folder written by ``fit``/``save_pretrained``/``fuselabel train``.
 
         ``runtime`` takes where-it-runs settings only (``feature_engine``, ``cache_dir``, ``num_workers``,
         ...); a setting of what the model is or how it was trained is refused, naming it, since the folder
         fixes those.
         """
-        check_keys(runtime, f"from_pretrained({path}): the folder fixes what the model is and how it was "
-                            "trained, so", groups=("runtime",))
+        check_keys(
+            runtime,
+            f"from_pretrained({path}): the folder fixes what the model is and how it was trained, so",
+            groups=("runtime",),
+        )
         model = cls(**runtime)
         model._load(Path(path), Config.from_dict(runtime, source="from_pretrained").to_dict("runtime"))
         return model
 
     @classmethod
-    def from_exported(cls, folder: str | Path, model_dir: str | Path, **runtime) -> "FuseLabel":
+    def from_exported(cls, folder: str | Path, model_dir: str | Path, **runtime) -> FuseLabel:
         """A model folder run from its exported ONNX copy ``folder`` (``export.export_cached`` makes it): it
         predicts and evaluates, its own split included, through onnxruntime, without loading torch."""
         import json
@@ -199,8 +221,10 @@ class FuseLabel:
 
         self._check_fitted()
         if isinstance(self.bundle_, Exported):
-            raise ValueError(f"{self.bundle_.path} is an exported ONNX folder: it predicts, but holds no PyTorch "
-                             "weights to save; copy the folder instead, or export the model folder again")
+            raise ValueError(
+                f"{self.bundle_.path} is an exported ONNX folder: it predicts, but holds no PyTorch "
+                "weights to save; copy the folder instead, or export the model folder again"
+            )
         with tempfile.TemporaryDirectory(prefix="fuselabel-save-") as tmp:
             files = {}
             if self._history is not None:
@@ -220,13 +244,14 @@ class FuseLabel:
         if is_onnx_folder(path):
             self.bundle_, self._history, self._predictor = Exported.load(path, runtime), None, None
             return
-        from .bundle import load_bundle   # torch: only for a model folder's own weights
+        from .bundle import load_bundle  # torch: only for a model folder's own weights
 
         bundle = load_bundle(path)
         # The folder holds what the model is; where it runs comes from this object's settings.
         bundle.config = bundle.config.replace(**runtime)
-        bundle.extra = {n: json.loads((path / n).read_text()) for n in ("split.json", "metrics.json")
-                        if (path / n).is_file()}
+        bundle.extra = {
+            n: json.loads((path / n).read_text()) for n in ("split.json", "metrics.json") if (path / n).is_file()
+        }
         self._history = (path / "history.csv").read_bytes() if (path / "history.csv").is_file() else None
         bundle.path = Path(path) if keep_path else None
         self.bundle_ = bundle
@@ -242,14 +267,17 @@ class FuseLabel:
 
             self._predictor, _ = load_onnx_predictor(self.bundle_.path, workers=self.bundle_.config.num_workers)
         if self._predictor is None:
-            from .engines import engine_for_bundle   # torch: only for a model folder's own weights
+            from .engines import engine_for_bundle  # torch: only for a model folder's own weights
 
             cfg = self.bundle_.config
-            engine = engine_for_bundle(self.bundle_, engine=cfg.feature_engine, device=device,
-                                       cache_dir=cfg.cache_dir)
-            self._predictor = Predictor(engine, self.bundle_.labels, self.bundle_.threshold_vector,
-                                        self.bundle_.thresholds.get("ensure_nonempty", True),
-                                        workers=cfg.num_workers)
+            engine = engine_for_bundle(self.bundle_, engine=cfg.feature_engine, device=device, cache_dir=cfg.cache_dir)
+            self._predictor = Predictor(
+                engine,
+                self.bundle_.labels,
+                self.bundle_.threshold_vector,
+                self.bundle_.thresholds.get("ensure_nonempty", True),
+                workers=cfg.num_workers,
+            )
         self._predictor.strict = strict
         return self._predictor
 
@@ -263,11 +291,17 @@ class FuseLabel:
             if images is not None and not isinstance(images, (str, os.PathLike)):
                 raise ValueError("with a table, images= is the folder its photo paths are relative to")
             records = read_table(data, Columns.of(**columns), trained=self.bundle_.table)
-            return ([r.image_id or None for r in records.records], [r.caption for r in records.records],
-                    images, [records.row_name(r) for r in records.records])
+            return (
+                [r.image_id or None for r in records.records],
+                [r.caption for r in records.records],
+                images,
+                [records.row_name(r) for r in records.records],
+            )
         if any(v is not None for v in columns.values()):
-            raise ValueError(f"{', '.join(k for k, v in columns.items() if v is not None)}: only for a table given "
-                             "as data= (a path or a DataFrame)")
+            raise ValueError(
+                f"{', '.join(k for k, v in columns.items() if v is not None)}: only for a table given "
+                "as data= (a path or a DataFrame)"
+            )
         if data is not None:  # the photos, given first as in predict(photos, captions)
             if images is not None and captions is None:
                 captions = images
@@ -276,12 +310,22 @@ class FuseLabel:
             images = data
         images, captions = _one_row_or_many(images, "images"), _one_row_or_many(captions, "captions")
         n = _length(images, captions)
-        return (list(images) if images is not None else [None] * n,
-                list(captions) if captions is not None else [None] * n, None, None)
+        return (
+            list(images) if images is not None else [None] * n,
+            list(captions) if captions is not None else [None] * n,
+            None,
+            None,
+        )
 
-    def predict_details(self, data=None, captions: Sequence[str | None] | None = None, *,
-                        images: Sequence[ImageInput] | str | Path | None = None, strict: bool = False,
-                        **columns) -> Prediction:
+    def predict_details(
+        self,
+        data=None,
+        captions: Sequence[str | None] | None = None,
+        *,
+        images: Sequence[ImageInput] | str | Path | None = None,
+        strict: bool = False,
+        **columns,
+    ) -> Prediction:
         """Probabilities per head and fused, label sets, and which rows lacked a photo or a caption.
 
         ``data`` is a table (a path or a DataFrame; ``images`` is then its photo folder, and ``image_col``,
@@ -296,56 +340,78 @@ class FuseLabel:
         _warn_missing_inputs(result, photos)
         return result
 
-    def predict_proba(self, data=None, captions: Sequence[str | None] | None = None, *,
-                      images: Sequence[ImageInput] | str | Path | None = None, **columns) -> np.ndarray:
+    def predict_proba(
+        self,
+        data=None,
+        captions: Sequence[str | None] | None = None,
+        *,
+        images: Sequence[ImageInput] | str | Path | None = None,
+        **columns,
+    ) -> np.ndarray:
         """(rows, labels) fused probabilities; columns are ``labels_``. NaN on rows with neither input."""
         return self.predict_details(data, captions, images=images, **columns).probs
 
-    def predict(self, data=None, captions: Sequence[str | None] | None = None, *,
-                images: Sequence[ImageInput] | str | Path | None = None, **columns) -> list[list]:
+    def predict(
+        self,
+        data=None,
+        captions: Sequence[str | None] | None = None,
+        *,
+        images: Sequence[ImageInput] | str | Path | None = None,
+        **columns,
+    ) -> list[list]:
         """One list of labels per row (empty for a row with neither photo nor caption)."""
         labels = self.labels_
         details = self.predict_details(data, captions, images=images, **columns)
         return [[labels[j] for j in np.flatnonzero(row)] for row in details.predicted]
 
-    def evaluate(self, data, images: str | Path, *, split: str = "all", strict: bool = False,
-                 **columns) -> dict:
+    def evaluate(self, data, images: str | Path, *, split: str = "all", strict: bool = False, **columns) -> dict:
         """The metrics report on a labelled table (``split``: only one side of the model's split).
 
         A label the model never saw counts as missed on every row that holds it (and is named once in a
         warning), so the figure is what the model would score on these rows.
         """
-        from .labels import labels_to_matrix, label_vocabulary, sort_labels
+        from .labels import label_vocabulary, labels_to_matrix, sort_labels
         from .metrics import evaluate as evaluate_sets
         from .runtime import STATUSES
         from .tables import Columns, read_table
 
         self._check_fitted()
-        records = read_table(data, Columns.of(**_column_keywords(columns)), trained=self.bundle_.table,
-                             need_labels=True)
+        records = read_table(
+            data, Columns.of(**_column_keywords(columns)), trained=self.bundle_.table, need_labels=True
+        )
         rows = split_rows(self.bundle_, records.records, split)
         names = (records.row_name(r) for r in rows)
-        chunks = list(self.predictor(strict=strict).iter_predict(((r.image_id or None, r.caption) for r in rows),
-                                                                 image_dir=images, names=names))
+        chunks = list(
+            self.predictor(strict=strict).iter_predict(
+                ((r.image_id or None, r.caption) for r in rows), image_dir=images, names=names
+            )
+        )
         p = Prediction.concat(chunks)
         tokens = list(self.bundle_.labels)
         unseen = sort_labels(set(label_vocabulary(r.labels for r in rows)) - set(tokens))
         predicted = p.predicted
         if unseen:
             held = sum(any(label in unseen for label in r.labels) for r in rows)
-            log.warning(f"{records.path}: {len(unseen)} label(s) the model never saw ({', '.join(unseen[:10])}"
-                        f"{' ...' if len(unseen) > 10 else ''}) on {held} row(s): counted as missed on every row "
-                        "that holds them")
+            log.warning(
+                f"{records.path}: {len(unseen)} label(s) the model never saw ({', '.join(unseen[:10])}"
+                f"{' ...' if len(unseen) > 10 else ''}) on {held} row(s): counted as missed on every row "
+                "that holds them"
+            )
             predicted = np.concatenate([predicted, np.zeros((len(rows), len(unseen)), bool)], axis=1)
         vocab = tokens + unseen
         truth = labels_to_matrix([r.labels for r in rows], vocab)
         report = evaluate_sets(truth, predicted, vocab, self.bundle_.label_names)
         if self.bundle_.config.task == "multiclass":
-            report["accuracy"] = report["exact_match"]   # one label a row: every label right
-        folder = getattr(self.bundle_, "source", None) or self.bundle_.path   # an exported copy names its model's
-        report.update(model_dir=str(folder), csv=str(records.path), split=split,
-                      status_counts={s: p.status.count(s) for s in STATUSES}, unseen_labels=unseen,
-                      texts_cut=p.texts_cut)
+            report["accuracy"] = report["exact_match"]  # one label a row: every label right
+        folder = getattr(self.bundle_, "source", None) or self.bundle_.path  # an exported copy names its model's
+        report.update(
+            model_dir=str(folder),
+            csv=str(records.path),
+            split=split,
+            status_counts={s: p.status.count(s) for s in STATUSES},
+            unseen_labels=unseen,
+            texts_cut=p.texts_cut,
+        )
         return report
 
 
@@ -361,24 +427,28 @@ class Exported:
     config: Config
     path: Path
     extra: dict = dataclasses.field(default_factory=dict)
-    source: Path | None = None   # the model folder this copy was exported from, where known
+    source: Path | None = None  # the model folder this copy was exported from, where known
 
     @property
     def threshold_vector(self) -> np.ndarray:
         return np.asarray(self.thresholds["thresholds"], dtype=np.float32)
 
     @classmethod
-    def load(cls, path: Path, runtime: dict) -> "Exported":
+    def load(cls, path: Path, runtime: dict) -> Exported:
         import json
 
         from .runtime import MANIFEST
 
         m = json.loads((Path(path) / MANIFEST).read_text())
         model = {k: m[k] for k in ("kind", "late_combine", "task", "text_max_length") if m.get(k) is not None}
-        return cls(labels=list(m["labels"]), label_names=m.get("label_names") or {},
-                   thresholds={"thresholds": m["thresholds"], "ensure_nonempty": m["ensure_nonempty"]},
-                   table=m.get("table") or {}, config=Config.from_dict({**model, **runtime}, source=str(path)),
-                   path=Path(path))
+        return cls(
+            labels=list(m["labels"]),
+            label_names=m.get("label_names") or {},
+            thresholds={"thresholds": m["thresholds"], "ensure_nonempty": m["ensure_nonempty"]},
+            table=m.get("table") or {},
+            config=Config.from_dict({**model, **runtime}, source=str(path)),
+            path=Path(path),
+        )
 
 
 def split_rows(model, records: list, split: str) -> list:
@@ -417,8 +487,10 @@ def _is_table(data) -> bool:
 def _column_keywords(given: dict) -> dict:
     unknown = sorted(set(given) - set(_COLUMN_KEYWORDS))
     if unknown:
-        raise TypeError(f"unexpected keyword(s) {', '.join(unknown)}; a table's columns are named with "
-                        f"{', '.join(_COLUMN_KEYWORDS)}")
+        raise TypeError(
+            f"unexpected keyword(s) {', '.join(unknown)}; a table's columns are named with "
+            f"{', '.join(_COLUMN_KEYWORDS)}"
+        )
     given = {k: given.get(k) for k in _COLUMN_KEYWORDS}
     given.pop("split_col")  # prediction and evaluation read every row; the split is the model's own
     return given
@@ -440,8 +512,10 @@ def _one_row_or_many(values, what: str):
             return list(values)
         if what == "captions" and values.ndim == 1:
             return values.tolist()
-        raise ValueError(f"{what}: an array of shape {values.shape} and type {values.dtype}; give photos as HxWx3 "
-                         "uint8 arrays (one, or a list), and captions as a list of strings")
+        raise ValueError(
+            f"{what}: an array of shape {values.shape} and type {values.dtype}; give photos as HxWx3 "
+            "uint8 arrays (one, or a list), and captions as a list of strings"
+        )
     if isinstance(values, dict) or not hasattr(values, "__len__"):
         raise ValueError(f"{what}: expected a list with one entry per row, got {type(values).__name__}")
     return list(values)
@@ -450,12 +524,18 @@ def _one_row_or_many(values, what: str):
 def _warn_missing_inputs(p: Prediction, photos) -> None:
     """One warning with the count of rows predicted without their photo (or with nothing): in Python as on the
     command line, a wrong image folder must not pass for caption-only predictions unnoticed."""
-    missing = [i for i, (s, photo) in enumerate(zip(p.status, photos)) if s in ("caption_only", "no_input")
-               and photo is not None]
+    missing = [
+        i
+        for i, (s, photo) in enumerate(zip(p.status, photos))
+        if s in ("caption_only", "no_input") and photo is not None
+    ]
     if missing:
         first = p.image_errors[missing[0]] if p.image_errors else None
-        log.warning(f"{len(missing)} of {len(p)} rows were predicted without their photo"
-                    + (f" (first: {first})" if first else "") + "; strict=True makes this an error")
+        log.warning(
+            f"{len(missing)} of {len(p)} rows were predicted without their photo"
+            + (f" (first: {first})" if first else "")
+            + "; strict=True makes this an error"
+        )
 
 
 def _length(images, captions) -> int:

@@ -58,9 +58,10 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -96,15 +97,15 @@ def load_grid(grid: str | Path | dict) -> dict:
         raise ValueError(f"{source}: grid: must map each setting to a list of values")
     for key, values in product.items():
         if not isinstance(values, list) or not values:
-            raise ValueError(f"{source}: grid.{key} must be a non-empty list of values "
-                             f"(put a fixed setting under base:)")
+            raise ValueError(
+                f"{source}: grid.{key} must be a non-empty list of values (put a fixed setting under base:)"
+            )
     runs = spec.get("runs") or []
     if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
         raise ValueError(f"{source}: runs: must be a list of setting mappings")
     seeds = spec.get("seeds")
-    if seeds is not None:
-        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-            raise ValueError(f"{source}: seeds: must be a non-empty list of integers")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds)):
+        raise ValueError(f"{source}: seeds: must be a non-empty list of integers")
     known = {f.name for f in dataclasses.fields(Config)} | {"preset"}
     for where, keys in [("base", base), ("grid", product)] + [(f"runs[{i}]", r) for i, r in enumerate(runs)]:
         bad = sorted(set(keys) - known)
@@ -176,7 +177,7 @@ def _slug(text: str, limit: int = 96) -> str:
     if len(slug) > limit:
         import hashlib
 
-        slug = slug[:limit - 9] + "-" + hashlib.sha1(slug.encode()).hexdigest()[:8]
+        slug = slug[: limit - 9] + "-" + hashlib.sha1(slug.encode()).hexdigest()[:8]
     return slug
 
 
@@ -184,7 +185,7 @@ def _slug(text: str, limit: int = 96) -> str:
 class Row:
     """One line of the results: a threshold method reported for one trained (or failed) run."""
 
-    settings: dict          # varied key -> display value
+    settings: dict  # varied key -> display value
     seed: int
     threshold_method: str
     error: str | None = None
@@ -199,7 +200,7 @@ class Unit:
     settings: dict
     seed: int
     rows: list[Row] = field(default_factory=list)
-    error: str | None = None   # the config itself is invalid: nothing to train
+    error: str | None = None  # the config itself is invalid: nothing to train
 
     @property
     def trains(self) -> bool:
@@ -240,8 +241,7 @@ def plan_runs(grid: str | Path | dict, overrides: dict | None = None) -> Plan:
     # and applies to the explicit runs too unless a run names its own method.
     methods_axis = product.get("threshold_method") or [None]
     keys = [k for k in product if k != "threshold_method"]
-    settings_list = [dict(zip(keys, combo)) for combo in itertools.product(*(product[k] for k in keys))] \
-        if keys else []
+    settings_list = [dict(zip(keys, combo)) for combo in itertools.product(*(product[k] for k in keys))] if keys else []
     settings_list += [dict(r) for r in explicit]
     if not settings_list:
         settings_list = [{}]
@@ -261,8 +261,7 @@ def plan_runs(grid: str | Path | dict, overrides: dict | None = None) -> Plan:
         methods = [settings["threshold_method"]] if "threshold_method" in settings else methods_axis
         for seed in seeds:
             for method in methods:
-                expanded.append(({**settings, "threshold_method": method} if method is not None else settings,
-                                 seed))
+                expanded.append(({**settings, "threshold_method": method} if method is not None else settings, seed))
     for settings, seed in expanded:
         try:
             values = _merge(base, settings, overrides, seed)
@@ -271,8 +270,7 @@ def plan_runs(grid: str | Path | dict, overrides: dict | None = None) -> Plan:
         else:
             merge_error = None
         skip = _irrelevant(values)
-        shown = {k: NA if k in skip else _display(values.get(k, defaults.get(k))) for k in varied
-                 if k != "preset"}
+        shown = {k: NA if k in skip else _display(values.get(k, defaults.get(k))) for k in varied if k != "preset"}
         if "preset" in varied:
             shown = {"preset": _display(settings.get("preset", base.get("preset"))), **shown}
         method = values.get("threshold_method", Config.threshold_method)
@@ -290,8 +288,9 @@ def plan_runs(grid: str | Path | dict, overrides: dict | None = None) -> Plan:
         if config is not None and method not in THRESHOLD_METHODS:
             row.error = f"ValueError: threshold_method={method!r} is not one of {', '.join(THRESHOLD_METHODS)}"
         if config is None:  # one failed 'training' for all of its threshold methods
-            key = "invalid:" + json.dumps({k: v for k, v in values.items() if k != "threshold_method"},
-                                          sort_keys=True, default=str)
+            key = "invalid:" + json.dumps(
+                {k: v for k, v in values.items() if k != "threshold_method"}, sort_keys=True, default=str
+            )
         else:
             tkey = config.to_dict()
             tkey.pop("threshold_method")
@@ -308,8 +307,16 @@ def plan_runs(grid: str | Path | dict, overrides: dict | None = None) -> Plan:
             unit.config = config.replace(threshold_method=method)  # the model folder keeps this method
         unit.rows.append(row)
     varied = (["preset"] if "preset" in varied else []) + [k for k in varied if k != "preset"]
-    return Plan(spec["name"], varied, list(units.values()), spec.get("data"), spec.get("csv"),
-                spec.get("label_names"), bool(spec.get("keep_models", True)), spec)
+    return Plan(
+        spec["name"],
+        varied,
+        list(units.values()),
+        spec.get("data"),
+        spec.get("csv"),
+        spec.get("label_names"),
+        bool(spec.get("keep_models", True)),
+        spec,
+    )
 
 
 # ---------------------------------------------------------------- running
@@ -345,17 +352,28 @@ def _rows_for(unit: Unit, plan: Plan, result=None, error: str | None = None, mod
             if m in alternatives:
                 rec[f"val_f1_{m}"] = float(alternatives[m]["val_mean_f1"])
         if row.threshold_method == unit.config.threshold_method:
-            rec.update(val_mean_f1=float(result.report["mean_f1"]), micro_f1=float(result.report["micro_f1"]),
-                       macro_f1=float(result.report["macro_f1"]))
+            rec.update(
+                val_mean_f1=float(result.report["mean_f1"]),
+                micro_f1=float(result.report["micro_f1"]),
+                macro_f1=float(result.report["macro_f1"]),
+            )
         else:
             scores = _method_metrics(result, unit.config, row.threshold_method)
-            rec.update(val_mean_f1=float(alternatives[row.threshold_method]["val_mean_f1"]),
-                       micro_f1=scores["micro_f1"], macro_f1=scores["macro_f1"])
+            rec.update(
+                val_mean_f1=float(alternatives[row.threshold_method]["val_mean_f1"]),
+                micro_f1=scores["micro_f1"],
+                macro_f1=scores["macro_f1"],
+            )
         t = result.timings
         weighted = unit.config.kind == "late" and unit.config.late_combine == "weighted"
-        rec.update(late_weight=result.thresholds.get("late_weight") if weighted else None,
-                   val_rows=int(len(result.val_labels)), features_s=t.get("features_s"), train_s=t.get("train_s"),
-                   total_s=t.get("total_s"), size_mb=result.size_bytes / 1e6)
+        rec.update(
+            late_weight=result.thresholds.get("late_weight") if weighted else None,
+            val_rows=int(len(result.val_labels)),
+            features_s=t.get("features_s"),
+            train_s=t.get("train_s"),
+            total_s=t.get("total_s"),
+            size_mb=result.size_bytes / 1e6,
+        )
         out.append(rec)
     return out
 
@@ -367,7 +385,7 @@ def _logs_to(stream):
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     saved = package.level, package.propagate, list(package.handlers)
-    for other in saved[2]:   # alone: the command line's own handler would write every line a second time
+    for other in saved[2]:  # alone: the command line's own handler would write every line a second time
         package.removeHandler(other)
     package.addHandler(handler)
     package.setLevel(logging.INFO)
@@ -382,9 +400,16 @@ def _logs_to(stream):
         package.propagate = saved[1]
 
 
-def run_experiment(grid_path_or_dict: str | Path | dict, out_dir: str | Path, data: str | Path | None = None,
-                   csv: str | Path | None = None, *, overrides: dict | None = None, verbose: bool = False,
-                   on_result: Callable | None = None) -> list[dict]:
+def run_experiment(
+    grid_path_or_dict: str | Path | dict,
+    out_dir: str | Path,
+    data: str | Path | None = None,
+    csv: str | Path | None = None,
+    *,
+    overrides: dict | None = None,
+    verbose: bool = False,
+    on_result: Callable | None = None,
+) -> list[dict]:
     """Train every planned run, writing results after each one; returns the result rows.
 
     Args:
@@ -406,8 +431,15 @@ def run_experiment(grid_path_or_dict: str | Path | dict, out_dir: str | Path, da
     spec = {k: v for k, v in plan.spec.items() if not k.startswith("_")}
     rows: list[dict] = []
     total = plan.n_trainings
-    logger.info("experiment %s: %d training(s), %d result row(s); data %s, csv %s; results in %s", plan.name, total,
-                plan.n_rows, images, csv_path, out)
+    logger.info(
+        "experiment %s: %d training(s), %d result row(s); data %s, csv %s; results in %s",
+        plan.name,
+        total,
+        plan.n_rows,
+        images,
+        csv_path,
+        out,
+    )
     done = 0
     for unit in plan.units:
         if not unit.trains:
@@ -432,8 +464,9 @@ def run_experiment(grid_path_or_dict: str | Path | dict, out_dir: str | Path, da
                 if log is not None:
                     stack.enter_context(contextlib.redirect_stdout(log))
                     stack.enter_context(_logs_to(log))
-                result = train_module.fit(unit.config, images, csv_path, target, label_names=plan.label_names,
-                                          progress=verbose)
+                result = train_module.fit(
+                    unit.config, images, csv_path, target, label_names=plan.label_names, progress=verbose
+                )
                 if result is not None and on_result is not None:
                     on_result(unit.run_id, unit.config, result)
             except Exception as err:  # a failing run is recorded, the study goes on
@@ -450,11 +483,11 @@ def run_experiment(grid_path_or_dict: str | Path | dict, out_dir: str | Path, da
         write_results(out, plan, rows, spec)
         took = time.time() - start
         if error:
-            logger.warning("[%d/%d] %s: FAILED after %.0fs: %s", done, total, unit.run_id, took,
-                           error.splitlines()[0][:300])
+            logger.warning(
+                "[%d/%d] %s: FAILED after %.0fs: %s", done, total, unit.run_id, took, error.splitlines()[0][:300]
+            )
         else:
-            scores = ", ".join(f"{r['threshold_method']} {r['val_mean_f1']:.4f}" for r in new
-                               if r["status"] == "ok")
+            scores = ", ".join(f"{r['threshold_method']} {r['val_mean_f1']:.4f}" for r in new if r["status"] == "ok")
             logger.info("[%d/%d] %s: val mean F1 %s in %.0fs", done, total, unit.run_id, scores, took)
         del result
         gc.collect()
@@ -469,11 +502,12 @@ def default_out(plan: Plan) -> Path:
 
 
 def format_plan(plan: Plan) -> str:
-    lines = [f"experiment {plan.name}: {plan.n_trainings} training(s), {plan.n_rows} result row(s)"
-             f"{'' if plan.keep_models else ' (models not kept)'}"]
+    lines = [
+        f"experiment {plan.name}: {plan.n_trainings} training(s), {plan.n_rows} result row(s)"
+        f"{'' if plan.keep_models else ' (models not kept)'}"
+    ]
     for u in plan.units:
-        methods = ", ".join(r.threshold_method + (" (invalid)" if r.error else "") for r in u.rows
-                            if r.seed == u.seed)
+        methods = ", ".join(r.threshold_method + (" (invalid)" if r.error else "") for r in u.rows if r.seed == u.seed)
         state = f"  INVALID: {u.error}" if u.error else ""
         lines.append(f"  {u.run_id}  [{methods}]{state}")
     return "\n".join(lines)

@@ -20,8 +20,20 @@ from .writers import atomic_path, atomic_write_text
 logger = logging.getLogger(__name__)
 
 NA = "-"  # a setting that cannot matter for this run
-METRIC_COLUMNS = ("val_mean_f1", "val_f1_global", "val_f1_per_class", "val_f1_balanced", "micro_f1", "macro_f1",
-                  "late_weight", "val_rows", "features_s", "train_s", "total_s", "size_mb")
+METRIC_COLUMNS = (
+    "val_mean_f1",
+    "val_f1_global",
+    "val_f1_per_class",
+    "val_f1_balanced",
+    "micro_f1",
+    "macro_f1",
+    "late_weight",
+    "val_rows",
+    "features_s",
+    "train_s",
+    "total_s",
+    "size_mb",
+)
 
 
 def _stats(values: list[float]) -> tuple[float, float | None]:
@@ -39,8 +51,11 @@ def summarize(rows: list[dict], varied: list[str]) -> list[dict]:
     for key, members in groups.items():
         ok = [m for m in members if m["status"] == "ok"]
         g: dict[str, Any] = dict(zip(varied + ["threshold_method"], key))
-        g.update(n=len(ok), failed=len(members) - len(ok),
-                 errors=sorted({m["error"] for m in members if m["status"] != "ok"}))
+        g.update(
+            n=len(ok),
+            failed=len(members) - len(ok),
+            errors=sorted({m["error"] for m in members if m["status"] != "ok"}),
+        )
         for col in METRIC_COLUMNS:
             vals = [m[col] for m in ok if m.get(col) is not None]
             g[col] = _stats(vals) if vals else None
@@ -68,19 +83,45 @@ def format_markdown(plan_name: str, groups: list[dict], varied: list[str], rows:
     cols = varied + ["threshold_method"]
     # All three threshold rules per model, unless the rows already are one per rule.
     one_method = len({g["threshold_method"] for g in groups}) == 1
-    alternatives = [("F1 global", "val_f1_global", 4), ("F1 per_class", "val_f1_per_class", 4),
-                    ("F1 balanced", "val_f1_balanced", 4)] if one_method else []
-    metric_cols = [("mean F1", "val_mean_f1", 4)] + alternatives + [
-        ("micro F1", "micro_f1", 4), ("macro F1", "macro_f1", 4), ("features s", "features_s", -1),
-        ("train s", "train_s", -1), ("total s", "total_s", -1), ("size MB", "size_mb", -1)]
+    alternatives = (
+        [
+            ("F1 global", "val_f1_global", 4),
+            ("F1 per_class", "val_f1_per_class", 4),
+            ("F1 balanced", "val_f1_balanced", 4),
+        ]
+        if one_method
+        else []
+    )
+    metric_cols = (
+        [("mean F1", "val_mean_f1", 4)]
+        + alternatives
+        + [
+            ("micro F1", "micro_f1", 4),
+            ("macro F1", "macro_f1", 4),
+            ("features s", "features_s", -1),
+            ("train s", "train_s", -1),
+            ("total s", "total_s", -1),
+            ("size MB", "size_mb", -1),
+        ]
+    )
     header = cols + ["n", "failed"] + [c[0] for c in metric_cols]
-    lines = [f"# Experiment `{plan_name}`", "",
-             f"{len(rows)} result rows, {sum(r['status'] != 'ok' for r in rows)} failed. Values are mean ± sample "
-             "std over seeds (± – for a single seed); timings and sizes are means. *mean F1* is validation mean F1 "
-             "with the row's threshold method" + ("; *F1 global / per_class / balanced* are all three methods on "
-             "the same trained models" if one_method else "") + ". Runs that differ only in threshold method "
-             "share one training.", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(cols) + ["---:"] * (len(header) - len(cols))) + "|"]
+    lines = [
+        f"# Experiment `{plan_name}`",
+        "",
+        f"{len(rows)} result rows, {sum(r['status'] != 'ok' for r in rows)} failed. Values are mean ± sample "
+        "std over seeds (± – for a single seed); timings and sizes are means. *mean F1* is validation mean F1 "
+        "with the row's threshold method"
+        + (
+            "; *F1 global / per_class / balanced* are all three methods on the same trained models"
+            if one_method
+            else ""
+        )
+        + ". Runs that differ only in threshold method "
+        "share one training.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * len(cols) + ["---:"] * (len(header) - len(cols))) + "|",
+    ]
     for g in groups:
         cells = [_md_cell(g[c]) for c in cols] + [str(g["n"]), str(g["failed"])]
         cells += [_fmt(g[key], d) for _, key, d in metric_cols]
@@ -104,7 +145,9 @@ def plot_results(path: Path, groups: list[dict], varied: list[str], title: str) 
         stat = g["val_mean_f1"]
         means.append(stat[0] if stat else 0.0)
         errs.append(stat[1] if stat and stat[1] is not None else 0.0)
-        notes.append(("" if g["n"] else "failed, ") + f"n={g['n']}" + (f", {g['failed']} failed" if g["failed"] else ""))
+        notes.append(
+            ("" if g["n"] else "failed, ") + f"n={g['n']}" + (f", {g['failed']} failed" if g["failed"] else "")
+        )
     height = max(2.5, 0.38 * len(groups) + 1.2)
     fig = Figure(figsize=(10, height))
     FigureCanvasAgg(fig)
@@ -118,8 +161,14 @@ def plot_results(path: Path, groups: list[dict], varied: list[str], title: str) 
     ax.set_xlim(lo, 1.0)
     for yi, m, note in zip(y, means, notes):  # inside the bar's left end: never clipped at F1 = 1
         text = f"{m:.3f} ({note})" if not note.startswith("failed") else note
-        ax.text(lo + 0.003 * (1 - lo), yi, text, va="center", fontsize=7, color="white"
-                if m > lo + 0.15 * (1 - lo) else "black")
+        ax.text(
+            lo + 0.003 * (1 - lo),
+            yi,
+            text,
+            va="center",
+            fontsize=7,
+            color="white" if m > lo + 0.15 * (1 - lo) else "black",
+        )
     ax.set_xlabel("validation mean F1 (mean ± std over seeds)")
     ax.set_title(title)
     fig.tight_layout()
@@ -133,19 +182,30 @@ def write_results(out: Path, plan, rows: list[dict], spec: dict | None = None) -
     ``plan`` is the study's fuselabel.experiment.Plan (its ``name`` and ``varied`` settings are used).
     """
     out.mkdir(parents=True, exist_ok=True)
-    columns = ["run_id", "status"] + plan.varied + ["threshold_method", "seed"] + list(METRIC_COLUMNS) + \
-        ["model_dir", "error"]
+    columns = (
+        ["run_id", "status"]
+        + plan.varied
+        + ["threshold_method", "seed"]
+        + list(METRIC_COLUMNS)
+        + ["model_dir", "error"]
+    )
     buf = io.StringIO()
     writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("" if r.get(k) is None else round(r[k], 6) if isinstance(r.get(k), float) else r[k])
-                         for k in columns})
+        writer.writerow(
+            {k: ("" if r.get(k) is None else round(r[k], 6) if isinstance(r.get(k), float) else r[k]) for k in columns}
+        )
     atomic_write_text(out / "results.csv", [buf.getvalue()])
     groups = summarize(rows, plan.varied)
     atomic_write_text(out / "results.md", [format_markdown(plan.name, groups, plan.varied, rows)])
-    atomic_write_text(out / "results.json", [json.dumps({"name": plan.name, "grid": spec, "varied": plan.varied,
-                                                         "rows": rows}, indent=2, default=str) + "\n"])
+    atomic_write_text(
+        out / "results.json",
+        [
+            json.dumps({"name": plan.name, "grid": spec, "varied": plan.varied, "rows": rows}, indent=2, default=str)
+            + "\n"
+        ],
+    )
     try:
         plot_results(out / "results.png", groups, plan.varied, f"{plan.name}: validation mean F1")
     except Exception as err:  # a plotting problem must not lose a night of results

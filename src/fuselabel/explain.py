@@ -29,7 +29,7 @@ from PIL import Image
 from .bundle import Bundle
 from .data import build_transform
 
-MAX_HEATMAP_SIDE = 768   # the page shows the photo smaller than this; the overlay stretches to fit it
+MAX_HEATMAP_SIDE = 768  # the page shows the photo smaller than this; the overlay stretches to fit it
 # Integration steps for the caption's words: one batch of this many captions forward and back. Eight
 # Gauss-Legendre steps keep a 64-token caption through MiniLM-L6 to about 0.4 s of one CPU core
 # (word occlusion, one caption per word, took three times as long).
@@ -41,13 +41,13 @@ class Explanation:
     """What ``explain`` found for one label; a side is None when its input is missing or unread."""
 
     label_index: int
-    heatmap: np.ndarray | None = None      # (H, W) in [0, 1] over the photo as given (longest side capped)
-    heatmap_target: str | None = None      # which logit the heatmap explains
+    heatmap: np.ndarray | None = None  # (H, W) in [0, 1] over the photo as given (longest side capped)
+    heatmap_target: str | None = None  # which logit the heatmap explains
     heatmap_logit: float | None = None
-    words: list[dict] | None = None        # {"text", "start", "end", "score"}; score None past the token limit
-    words_target: str | None = None        # which logit the word scores explain
+    words: list[dict] | None = None  # {"text", "start", "end", "score"}; score None past the token limit
+    words_target: str | None = None  # which logit the word scores explain
     words_logit: float | None = None
-    words_baseline_logit: float | None = None   # the logit of the caption with every word replaced by [PAD]
+    words_baseline_logit: float | None = None  # the logit of the caption with every word replaced by [PAD]
 
 
 def explain(bundle: Bundle, label_index: int, image: Image.Image | None, caption: str | None) -> Explanation:
@@ -65,7 +65,8 @@ def explain(bundle: Bundle, label_index: int, image: Image.Image | None, caption
     if caption is not None and net.text_encoder is not None:
         part = "text" if kind in ("text", "late") else "early"
         out.words, out.words_logit, out.words_baseline_logit = _word_attributions(
-            bundle, part, label_index, caption, context)
+            bundle, part, label_index, caption, context
+        )
         out.words_target = f"{part} head logit"
     return out
 
@@ -82,8 +83,11 @@ def _fixed_inputs(bundle: Bundle, image, caption) -> dict:
     fixed = {}
     if net.image_encoder is not None:
         fixed["image_present"] = torch.ones(1) if image is not None else torch.zeros(1)
-        fixed["image_feat"] = net.image_encoder(_pixels(bundle, image)) if early and image is not None \
+        fixed["image_feat"] = (
+            net.image_encoder(_pixels(bundle, image))
+            if early and image is not None
             else torch.zeros(1, net.image_encoder.num_features)
+        )
     if net.text_encoder is not None:
         fixed["caption_present"] = torch.ones(1) if caption is not None else torch.zeros(1)
         if early and caption is not None:
@@ -99,8 +103,13 @@ def _pixels(bundle: Bundle, image: Image.Image) -> torch.Tensor:
 
 
 def _tokenize(bundle: Bundle, caption: str, offsets: bool = False):
-    return bundle.tokenizer(caption, truncation=True, max_length=bundle.config.text_max_length,
-                            return_tensors="pt", return_offsets_mapping=offsets)
+    return bundle.tokenizer(
+        caption,
+        truncation=True,
+        max_length=bundle.config.text_max_length,
+        return_tensors="pt",
+        return_offsets_mapping=offsets,
+    )
 
 
 def _cam_layer(backbone: torch.nn.Module) -> torch.nn.Module:
@@ -124,8 +133,7 @@ def _grad_cam(bundle: Bundle, part: str, label: int, image: Image.Image, context
 
     pixels = _pixels(bundle, image)
     with torch.enable_grad():
-        cam = LayerGradCam(logit, _cam_layer(net.image_encoder.backbone)).attribute(
-            pixels, relu_attributions=True)
+        cam = LayerGradCam(logit, _cam_layer(net.image_encoder.backbone)).attribute(pixels, relu_attributions=True)
     with torch.no_grad():
         value = float(logit(pixels)[0])
     return _to_photo_frame(cam.detach()[0, 0].float(), image.size, bundle.preprocessing), value
@@ -147,12 +155,12 @@ def _to_photo_frame(cam: torch.Tensor, photo_size: tuple[int, int], preprocessin
         # Short side resized to size / crop_pct, then a size x size centre crop: a square of side
         # short * crop_pct in the photo's own pixels.
         side = round(min(out_w, out_h) * crop_pct)
-        left, top = round((out_w - side) / 2), round((out_h - side) / 2)   # as CenterCrop rounds
+        left, top = round((out_w - side) / 2), round((out_h - side) / 2)  # as CenterCrop rounds
         box = (left, top, left + side, top + side)
     heat = np.zeros((out_h, out_w), dtype=np.float32)
     box_w, box_h = max(1, box[2] - box[0]), max(1, box[3] - box[1])
     up = F.interpolate(cam[None, None], size=(box_h, box_w), mode="bilinear", align_corners=False)[0, 0]
-    heat[box[1]:box[1] + box_h, box[0]:box[0] + box_w] = up.clamp(min=0).numpy()
+    heat[box[1] : box[1] + box_h, box[0] : box[0] + box_w] = up.clamp(min=0).numpy()
     peak = heat.max()
     return heat / peak if peak > 0 else heat
 
@@ -161,8 +169,9 @@ def _caption_words(caption: str) -> list[tuple[int, int]]:
     return [m.span() for m in re.finditer(r"\S+", caption)]
 
 
-def _word_attributions(bundle: Bundle, part: str, label: int, caption: str, context: dict
-                       ) -> tuple[list[dict], float, float]:
+def _word_attributions(
+    bundle: Bundle, part: str, label: int, caption: str, context: dict
+) -> tuple[list[dict], float, float]:
     """Integrated gradients on the token embeddings, summed over each whitespace word's tokens.
 
     The baseline keeps [CLS] and [SEP] and puts [PAD] in every other place; the scores of all words
@@ -173,8 +182,9 @@ def _word_attributions(bundle: Bundle, part: str, label: int, caption: str, cont
     net, tokenizer = bundle.net, bundle.tokenizer
     tok = _tokenize(bundle, caption, offsets=True)
     ids, mask = tok["input_ids"], tok["attention_mask"]
-    special = torch.tensor(tokenizer.get_special_tokens_mask(ids[0].tolist(), already_has_special_tokens=True),
-                           dtype=torch.bool)
+    special = torch.tensor(
+        tokenizer.get_special_tokens_mask(ids[0].tolist(), already_has_special_tokens=True), dtype=torch.bool
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     baseline = torch.where(special, ids, torch.full_like(ids, pad))
     fixed = {k: v for k, v in context.items() if k != "text_feat"}
@@ -187,17 +197,19 @@ def _word_attributions(bundle: Bundle, part: str, label: int, caption: str, cont
 
     with torch.enable_grad():
         tokens = LayerIntegratedGradients(logit, net.text_encoder.backbone.get_input_embeddings()).attribute(
-            ids, baselines=baseline, n_steps=WORD_STEPS, internal_batch_size=WORD_STEPS)
+            ids, baselines=baseline, n_steps=WORD_STEPS, internal_batch_size=WORD_STEPS
+        )
     token_scores = tokens.detach()[0].sum(-1)
     with torch.no_grad():
         value, base = float(logit(ids)[0]), float(logit(baseline)[0])
     spans = _caption_words(caption)
     starts = [s for s, _ in spans]
     by_word: dict[int, float] = {}
-    for (start, end), score, is_special in zip(tok["offset_mapping"][0].tolist(), token_scores.tolist(),
-                                               special.tolist()):
+    for (start, end), score, is_special in zip(
+        tok["offset_mapping"][0].tolist(), token_scores.tolist(), special.tolist()
+    ):
         if end > start and not is_special:
-            word = bisect_right(starts, start) - 1   # the word this token's first character falls in
+            word = bisect_right(starts, start) - 1  # the word this token's first character falls in
             by_word[word] = by_word.get(word, 0.0) + score
     words = [{"text": caption[s:e], "start": s, "end": e, "score": by_word.get(i)} for i, (s, e) in enumerate(spans)]
     return words, value, base
@@ -208,7 +220,7 @@ def heatmap_png(heat: np.ndarray, colormap: str = "jet", max_alpha: float = 0.6)
     import matplotlib
 
     rgba = matplotlib.colormaps[colormap](heat)
-    rgba[..., 3] = max_alpha * np.sqrt(heat)   # faint evidence stays visible, cold areas stay clear
+    rgba[..., 3] = max_alpha * np.sqrt(heat)  # faint evidence stays visible, cold areas stay clear
     buf = io.BytesIO()
     Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA").save(buf, "PNG", optimize=True)
     return buf.getvalue()

@@ -34,17 +34,28 @@ import torch
 from torch import nn
 
 from .bundle import BundleError, replace_folder
-from .writers import ordinary_permissions
 from .encoders import text_length_limit
 from .losses import probabilities
-from .onnxrt import (INT8_CALIBRATION, INT8_OPS, INT8_TEXT_OPS, OPSET, SYNTHETIC_CAPTIONS, dynamic_label,
-                     export_graph, export_image_encoder, export_text_encoder, quantize_int8_dynamic,
-                     quantize_int8_static)
+from .onnxrt import (
+    INT8_CALIBRATION,
+    INT8_OPS,
+    INT8_TEXT_OPS,
+    OPSET,
+    SYNTHETIC_CAPTIONS,
+    dynamic_label,
+    export_graph,
+    export_image_encoder,
+    export_text_encoder,
+    quantize_int8_dynamic,
+    quantize_int8_static,
+)
 from .runtime import MANIFEST, ONNX_FORMAT, ONNX_FORMAT_VERSION
+from .writers import ordinary_permissions
 
 log = logging.getLogger(__name__)
 
 ONNX_DIR = "onnx"
+
 
 class ExportError(BundleError):
     """A model folder that cannot be exported, or an ONNX folder that cannot be used."""
@@ -53,7 +64,8 @@ class ExportError(BundleError):
 def head_input_names(kind: str) -> list[str]:
     """Inputs of ``head.onnx`` for a model kind (early fusion blanks a missing input inside the graph)."""
     return {"image": ["image_feat"], "text": ["text_feat"], "late": ["image_feat", "text_feat"]}.get(
-        kind, ["image_feat", "text_feat", "image_present", "caption_present"])
+        kind, ["image_feat", "text_feat", "image_present", "caption_present"]
+    )
 
 
 def head_output_names(kind: str) -> list[str]:
@@ -76,14 +88,17 @@ class HeadGraph(nn.Module):
 
 def export_head(net: nn.Module, path: Path, opset: int = OPSET) -> Path:
     graph = HeadGraph(net.float().eval()).eval()
-    dims = {"image_feat": net.image_encoder.num_features if net.image_encoder is not None else 0,
-            "text_feat": net.text_encoder.num_features if net.text_encoder is not None else 0}
+    dims = {
+        "image_feat": net.image_encoder.num_features if net.image_encoder is not None else 0,
+        "text_feat": net.text_encoder.num_features if net.text_encoder is not None else 0,
+    }
     args = tuple(torch.randn(2, dims[n]) if n in dims else torch.ones(2) for n in graph.names)
     axes = {n: {0: "batch"} for n in graph.names + graph.outputs}
     return export_graph(graph, args, Path(path), graph.names, graph.outputs, axes, opset)
 
 
 # ----------------------------------------------------------------------------------------- export
+
 
 def _synthetic_rows(n: int = 8, seed: int = 0) -> tuple[list, list]:
     """Random photos of several shapes and fixed captions; one row lacks its photo, one its caption."""
@@ -103,8 +118,13 @@ def check_against_torch(bundle, onnx_dir: Path, n: int = 8, seed: int = 0, threa
     from .runtime import Predictor, load_onnx_predictor
 
     images, captions = _synthetic_rows(n, seed)
-    eager = Predictor(engine_for_bundle(bundle, engine="torch", device="cpu"), bundle.labels,
-                      bundle.threshold_vector, bundle.thresholds.get("ensure_nonempty", True), workers=1)
+    eager = Predictor(
+        engine_for_bundle(bundle, engine="torch", device="cpu"),
+        bundle.labels,
+        bundle.threshold_vector,
+        bundle.thresholds.get("ensure_nonempty", True),
+        workers=1,
+    )
     onnx, _ = load_onnx_predictor(onnx_dir, threads=threads, workers=1)
     a, b = eager.predict(images, captions), onnx.predict(images, captions)
     checks: dict = {"rows": n}
@@ -117,8 +137,9 @@ def check_against_torch(bundle, onnx_dir: Path, n: int = 8, seed: int = 0, threa
     return checks
 
 
-def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPSET, check_rows: int = 8,
-                threads: int | None = None) -> dict:
+def export_onnx(
+    model_dir, out_dir=None, int8: bool = False, *, opset: int = OPSET, check_rows: int = 8, threads: int | None = None
+) -> dict:
     """Export a model folder's graphs to ``out_dir`` (default ``MODEL_DIR/onnx``); returns the manifest.
 
     The folder is written beside its destination and renamed into place when complete. The
@@ -135,7 +156,7 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
     bundle = load_bundle(model_dir)
     net, cfg = bundle.net.float().eval(), bundle.config
     text_length = cfg.text_max_length
-    if text_length is None and net.text_encoder is not None:   # never chosen: all the encoder takes
+    if text_length is None and net.text_encoder is not None:  # never chosen: all the encoder takes
         text_length = text_length_limit(bundle.tokenizer, net.text_encoder.backbone.config)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -145,22 +166,28 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
         if net.image_encoder is not None:
             size = list(bundle.preprocessing["input_size"])
             export_image_encoder(net.image_encoder, tmp / "image_encoder.onnx", size, opset)
-            files["image_encoder"] = {"path": "image_encoder.onnx", "inputs": {"pixels": ["batch", *size]},
-                                      "outputs": {"features": ["batch", net.image_encoder.num_features]},
-                                      "quantized": None}
+            files["image_encoder"] = {
+                "path": "image_encoder.onnx",
+                "inputs": {"pixels": ["batch", *size]},
+                "outputs": {"features": ["batch", net.image_encoder.num_features]},
+                "quantized": None,
+            }
         if net.text_encoder is not None:
-            export_text_encoder(net.text_encoder, bundle.tokenizer, tmp / "text_encoder.onnx",
-                                text_length, opset)
-            files["text_encoder"] = {"path": "text_encoder.onnx",
-                                     "inputs": {"input_ids": ["batch", "length"],
-                                                "attention_mask": ["batch", "length"]},
-                                     "outputs": {"features": ["batch", net.text_encoder.num_features]},
-                                     "quantized": None}
+            export_text_encoder(net.text_encoder, bundle.tokenizer, tmp / "text_encoder.onnx", text_length, opset)
+            files["text_encoder"] = {
+                "path": "text_encoder.onnx",
+                "inputs": {"input_ids": ["batch", "length"], "attention_mask": ["batch", "length"]},
+                "outputs": {"features": ["batch", net.text_encoder.num_features]},
+                "quantized": None,
+            }
         export_head(net, tmp / "head.onnx", opset)
         names, outputs = head_input_names(cfg.kind), head_output_names(cfg.kind)
-        files["head"] = {"path": "head.onnx", "inputs": {n: ["batch"] if n.endswith("_present") else ["batch", "dim"]
-                                                         for n in names},
-                         "outputs": {o: ["batch", len(bundle.labels)] for o in outputs}, "quantized": None}
+        files["head"] = {
+            "path": "head.onnx",
+            "inputs": {n: ["batch"] if n.endswith("_present") else ["batch", "dim"] for n in names},
+            "outputs": {o: ["batch", len(bundle.labels)] for o in outputs},
+            "quantized": None,
+        }
         float_bytes = {k: (tmp / v["path"]).stat().st_size for k, v in files.items()}
         # An int8 model's encoders are always the int8 ones its heads learnt on: the static image encoder
         # rebuilt from its saved ranges, the dynamic text encoder quantised as training quantised it; --int8
@@ -168,8 +195,10 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
         quantize = {}
         calibration = bundle.preprocessing.get(INT8_CALIBRATION) if "image_encoder" in files else None
         if calibration:
-            quantize["image_encoder"] = (lambda src, dst: quantize_int8_static(src, dst, calibration["ranges"]),
-                                         calibration["method"])
+            quantize["image_encoder"] = (
+                lambda src, dst: quantize_int8_static(src, dst, calibration["ranges"]),
+                calibration["method"],
+            )
         for part, ops in (("text_encoder", INT8_TEXT_OPS), ("head", INT8_OPS)):
             if part in files and (int8 or (part == "text_encoder" and cfg.text_quant == "int8")):
                 quantize[part] = (lambda src, dst, ops=ops: quantize_int8_dynamic(src, dst, ops), dynamic_label(ops))
@@ -186,33 +215,49 @@ def export_onnx(model_dir, out_dir=None, int8: bool = False, *, opset: int = OPS
         tokenizer = {}
         if net.text_encoder is not None:
             bundle.tokenizer.save_pretrained(tmp / "tokenizer")
-            tokenizer = {"tokenizer": "tokenizer/tokenizer.json", "pad_id": int(bundle.tokenizer.pad_token_id),
-                         "pad_token": str(bundle.tokenizer.pad_token)}
+            tokenizer = {
+                "tokenizer": "tokenizer/tokenizer.json",
+                "pad_id": int(bundle.tokenizer.pad_token_id),
+                "pad_token": str(bundle.tokenizer.pad_token),
+            }
         dims = {}
         if net.image_encoder is not None:
             dims["image"] = net.image_encoder.num_features
         if net.text_encoder is not None:
             dims["text"] = net.text_encoder.num_features
         manifest = {
-            "format": ONNX_FORMAT, "version": ONNX_FORMAT_VERSION, "fuselabel": __version__,
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "opset": opset, "int8": bool(int8),
-            "kind": cfg.kind, "task": cfg.task, "late_combine": cfg.late_combine,
+            "format": ONNX_FORMAT,
+            "version": ONNX_FORMAT_VERSION,
+            "fuselabel": __version__,
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "opset": opset,
+            "int8": bool(int8),
+            "kind": cfg.kind,
+            "task": cfg.task,
+            "late_combine": cfg.late_combine,
             "late_weight": float(net.late_weight),
-            "tta_flip": bool(cfg.tta_flip), "text_max_length": text_length, **tokenizer,
-            "preprocessing": bundle.preprocessing, "feature_dims": dims,
-            "labels": bundle.labels, "label_names": bundle.label_names, "table": bundle.table,
+            "tta_flip": bool(cfg.tta_flip),
+            "text_max_length": text_length,
+            **tokenizer,
+            "preprocessing": bundle.preprocessing,
+            "feature_dims": dims,
+            "labels": bundle.labels,
+            "label_names": bundle.label_names,
+            "table": bundle.table,
             "thresholds": [float(t) for t in bundle.threshold_vector],
             "ensure_nonempty": bool(bundle.thresholds.get("ensure_nonempty", True)),
-            "files": files, "head": {"inputs": names, "outputs": outputs,
-                                     "rule": _rule(cfg.kind, cfg.late_combine, cfg.task)},
-            "export_s": None, "checks": None,
+            "files": files,
+            "head": {"inputs": names, "outputs": outputs, "rule": _rule(cfg.kind, cfg.late_combine, cfg.task)},
+            "export_s": None,
+            "checks": None,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if check_rows:
             manifest["checks"] = check_against_torch(bundle, tmp, check_rows, threads=threads)
         manifest["export_s"] = round(time.time() - t0, 2)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        ordinary_permissions(tmp)   # a folder others may read, like any the user writes
+        ordinary_permissions(tmp)  # a folder others may read, like any the user writes
         replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -237,10 +282,14 @@ def export_cached(model_dir, cache_dir=None) -> Path | None:
             try:
                 export_onnx(model_dir, folder)
             except BundleError:
-                raise   # the folder itself is unusable: loading it says so
+                raise  # the folder itself is unusable: loading it says so
             except Exception as err:
-                log.warning("%s: no ONNX copy could be exported (%s: %s); the PyTorch model predicts instead",
-                            model_dir, type(err).__name__, err)
+                log.warning(
+                    "%s: no ONNX copy could be exported (%s: %s); the PyTorch model predicts instead",
+                    model_dir,
+                    type(err).__name__,
+                    err,
+                )
                 return None
     return folder
 
@@ -251,22 +300,22 @@ def _rule(kind: str, combine: str, task: str = "multilabel") -> str:
     if kind in ("image", "text"):
         return f"{act}({kind} head){decision}"
     if kind == "early":
-        return (f"{act}(head(concat(norm(image_feat * image_present), norm(text_feat * caption_present))))"
-                + decision)
+        return f"{act}(head(concat(norm(image_feat * image_present), norm(text_feat * caption_present))))" + decision
     if combine == "union":
         return "max(p_image, p_text); one head where the other input is missing" + decision
-    return ("w * p_image + (1 - w) * p_text with w = late_weight; one head where the other input is missing"
-            + decision)
+    return "w * p_image + (1 - w) * p_text with w = late_weight; one head where the other input is missing" + decision
 
 
 def format_report(manifest: dict) -> str:
     """What ``fuselabel export`` prints."""
     out = Path(manifest["out_dir"])
     quantized = [part.replace("_", " ") for part, info in manifest["files"].items() if info["quantized"]]
-    lines = [f"wrote {out} ({'int8 ' + ', '.join(quantized) if quantized else 'float32'}, opset "
-             f"{manifest['opset']}, {manifest['export_s']:.1f}s)"]
+    lines = [
+        f"wrote {out} ({'int8 ' + ', '.join(quantized) if quantized else 'float32'}, opset "
+        f"{manifest['opset']}, {manifest['export_s']:.1f}s)"
+    ]
     total = 0
-    for part, info in manifest["files"].items():
+    for info in manifest["files"].values():
         total += info["bytes"]
         q = f"  int8, was {info['float_bytes'] / 1e6:.2f} MB" if info["quantized"] else ""
         inputs = ", ".join(f"{k}[{','.join(map(str, v))}]" for k, v in info["inputs"].items())
@@ -276,8 +325,11 @@ def format_report(manifest: dict) -> str:
     c = manifest.get("checks")
     if c:
         parts = ", ".join(f"{k} head {c[k]:.2e}" for k in ("image", "text", "early") if k in c)
-        lines.append(f"max |onnx - torch| on {c['rows']} synthetic rows: {parts}; "
-                     f"probabilities {c['probabilities']:.2e}")
-        lines.append(f"label decisions agreeing: {100 * c['label_agreement']:.1f}% of cells, "
-                     f"{100 * c['rows_identical']:.1f}% of rows identical")
+        lines.append(
+            f"max |onnx - torch| on {c['rows']} synthetic rows: {parts}; probabilities {c['probabilities']:.2e}"
+        )
+        lines.append(
+            f"label decisions agreeing: {100 * c['label_agreement']:.1f}% of cells, "
+            f"{100 * c['rows_identical']:.1f}% of rows identical"
+        )
     return "\n".join(lines)

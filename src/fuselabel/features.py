@@ -23,25 +23,42 @@ from .runtime import encode_images, encode_texts
 log = logging.getLogger(__name__)
 
 
-def extract_image_features(engine, records, image_dir, *, missing_images: str = "error", batch_size: int = 16,
-                           num_workers: int | None = None, progress: bool = False):
+def extract_image_features(
+    engine,
+    records,
+    image_dir,
+    *,
+    missing_images: str = "error",
+    batch_size: int = 16,
+    num_workers: int | None = None,
+    progress: bool = False,
+):
     """Pooled image features for training rows: (features float32 (n, d), image_present float32 (n,)).
 
     A photo that cannot be used is an error naming its row and CSV line, unless
     ``missing_images="caption_only"``: then its features are zeros and its row is caption-only.
     """
-    feats, present, errors = encode_images(engine, [r.image_id for r in records], image_dir,
-                                           batch_size=batch_size, workers=num_workers, progress=progress)
+    feats, present, errors = encode_images(
+        engine, [r.image_id for r in records], image_dir, batch_size=batch_size, workers=num_workers, progress=progress
+    )
     if not present.all():
         bad = [i for i, ok in enumerate(present) if not ok]
         first = records[bad[0]]
         if missing_images == "error":
             more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
-            raise ImageError(f"{errors[bad[0]]}: row {first.image_id} (CSV line {first.line}){more}; "
-                             "fix or remove the row, or pass --missing-images caption_only to train such rows "
-                             "on their caption alone")
-        log.warning("%d of %d rows have no usable photo and train on their caption alone (first: %s, CSV line %d: "
-                    "%s)", len(bad), len(records), first.image_id, first.line, errors[bad[0]])
+            raise ImageError(
+                f"{errors[bad[0]]}: row {first.image_id} (CSV line {first.line}){more}; "
+                "fix or remove the row, or pass --missing-images caption_only to train such rows "
+                "on their caption alone"
+            )
+        log.warning(
+            "%d of %d rows have no usable photo and train on their caption alone (first: %s, CSV line %d: %s)",
+            len(bad),
+            len(records),
+            first.image_id,
+            first.line,
+            errors[bad[0]],
+        )
     if feats is None:
         feats = np.zeros((len(records), engine.feature_dims["image"]), np.float32)
     return feats, present.astype(np.float32)
@@ -61,44 +78,74 @@ def run_shares() -> tuple[int, int]:
     return (rank, world) if 0 <= rank < world else (0, 1)
 
 
-def frozen_features(net, tokenizer, data_config, records, image_dir, config, *, device=None, progress=True,
-                    image=True, text=True):
+def frozen_features(
+    net, tokenizer, data_config, records, image_dir, config, *, device=None, progress=True, image=True, text=True
+):
     """Features for ``records`` from the network's frozen encoders, through the cache."""
     cache = FeatureCache(config.cache_dir)
     rank, world = run_shares()
     out: dict[str, np.ndarray] = {}
     present = np.ones(len(records), dtype=np.float32)
-    if image and net.image_encoder is not None and config.image_quant == "int8" \
-            and INT8_CALIBRATION not in data_config:
+    if image and net.image_encoder is not None and config.image_quant == "int8" and INT8_CALIBRATION not in data_config:
         # Calibrated here, on the training photos, and kept in the preprocessing the model folder saves, so
         # prediction rebuilds the very encoder the heads learn from (and the feature cache keys on it).
-        data_config[INT8_CALIBRATION] = calibrate_image_int8(net.image_encoder, data_config,
-                                                             [r.image_id for r in records], image_dir,
-                                                             config.cache_dir)
-    engine = TorchEngine(net, tokenizer, data_config, tta_flip=config.tta_flip, text_max_length=config.text_max_length,
-                         device=device, encoders=config.feature_engine, cache_dir=config.cache_dir)
+        data_config[INT8_CALIBRATION] = calibrate_image_int8(
+            net.image_encoder, data_config, [r.image_id for r in records], image_dir, config.cache_dir
+        )
+    engine = TorchEngine(
+        net,
+        tokenizer,
+        data_config,
+        tta_flip=config.tta_flip,
+        text_max_length=config.text_max_length,
+        device=device,
+        encoders=config.feature_engine,
+        cache_dir=config.cache_dir,
+    )
     if image and net.image_encoder is not None:
-        key = cache.key(kind="image", weights=weights_digest(net.image_encoder), model=config.image_model,
-                        data_config=data_config, flip=config.tta_flip,
-                        pool=[config.image_pool, config.image_layers, config.image_tokens],
-                        missing=config.missing_images)
+        key = cache.key(
+            kind="image",
+            weights=weights_digest(net.image_encoder),
+            model=config.image_model,
+            data_config=data_config,
+            flip=config.tta_flip,
+            pool=[config.image_pool, config.image_layers, config.image_tokens],
+            missing=config.missing_images,
+        )
 
         def compute_images(idx):
-            feats, pres = extract_image_features(engine, [records[i] for i in idx], image_dir,
-                                                 missing_images=config.missing_images,
-                                                 num_workers=config.num_workers, progress=progress)
+            feats, pres = extract_image_features(
+                engine,
+                [records[i] for i in idx],
+                image_dir,
+                missing_images=config.missing_images,
+                num_workers=config.num_workers,
+                progress=progress,
+            )
             return {"features": feats, "present": pres}
 
-        arrays = cache.fetch(key, image_row_keys(records, image_dir), compute_images, "image features",
-                             rank=rank, world=world)
+        arrays = cache.fetch(
+            key, image_row_keys(records, image_dir), compute_images, "image features", rank=rank, world=world
+        )
         out["image"], present = arrays["features"], arrays["present"]
     if text and net.text_encoder is not None:
         # Keyed on the quantisation only when there is one, so float features keep the keys they had.
         quant = {"quant": config.text_quant} if config.text_quant != "none" else {}
-        key = cache.key(kind="text", weights=weights_digest(net.text_encoder), model=config.text_model,
-                        max_length=config.text_max_length, **quant)
+        key = cache.key(
+            kind="text",
+            weights=weights_digest(net.text_encoder),
+            model=config.text_model,
+            max_length=config.text_max_length,
+            **quant,
+        )
         captions = [r.caption for r in records]
-        arrays = cache.fetch(key, text_row_keys(captions), lambda idx: {"features": encode_texts(
-            engine, [captions[i] for i in idx], config.num_workers)}, "text features", rank=rank, world=world)
+        arrays = cache.fetch(
+            key,
+            text_row_keys(captions),
+            lambda idx: {"features": encode_texts(engine, [captions[i] for i in idx], config.num_workers)},
+            "text features",
+            rank=rank,
+            world=world,
+        )
         out["text"] = arrays["features"]
     return out, present

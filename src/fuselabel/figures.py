@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 # Small multiples (one panel per label) wrap at this many columns: narrow enough for a phone held upright.
 PANEL_COLUMNS = 4
-SMALL, TEXT = 8, 9   # font sizes in points: tick labels and annotations; titles and legends
+SMALL, TEXT = 8, 9  # font sizes in points: tick labels and annotations; titles and legends
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -72,8 +72,9 @@ def confusion_matrices(summary: dict) -> Figure:
         share = m / np.maximum(m.sum(1, keepdims=True), 1)
         ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
         for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=TEXT,
-                    color="white" if share[i, j] > 0.6 else "black")
+            ax.text(
+                j, i, str(v), ha="center", va="center", fontsize=TEXT, color="white" if share[i, j] > 0.6 else "black"
+            )
         ax.set_xticks([0, 1], ["no", "yes"], fontsize=SMALL)
         ax.set_yticks([0, 1], ["no", "yes"], fontsize=SMALL)
         ax.set_title(name, fontsize=TEXT)
@@ -88,14 +89,30 @@ def threshold_curve(summary: dict) -> Figure:
     ax = fig.subplots()
     ax.plot(curve["grid"], curve["mean_f1"], color="#4c72b0", label="one global threshold")
     best = int(np.argmax(curve["mean_f1"]))
-    ax.plot(curve["grid"][best], curve["mean_f1"][best], "o", color="#4c72b0", fillstyle="none",
-            label=f"best: {curve['grid'][best]:.2f} -> {curve['mean_f1'][best]:.4f}")
+    ax.plot(
+        curve["grid"][best],
+        curve["mean_f1"][best],
+        "o",
+        color="#4c72b0",
+        fillstyle="none",
+        label=f"best: {curve['grid'][best]:.2f} -> {curve['mean_f1'][best]:.4f}",
+    )
     if curve["chosen"] is not None:
-        ax.plot(curve["chosen"], curve["model_mean_f1"], "*", color="#c44e52", markersize=14,
-                label=f"model's threshold {curve['chosen']:.2f} -> {curve['model_mean_f1']:.4f}")
+        ax.plot(
+            curve["chosen"],
+            curve["model_mean_f1"],
+            "*",
+            color="#c44e52",
+            markersize=14,
+            label=f"model's threshold {curve['chosen']:.2f} -> {curve['model_mean_f1']:.4f}",
+        )
     else:
-        ax.axhline(curve["model_mean_f1"], color="#c44e52", linestyle="--",
-                   label=f"model's per-label thresholds -> {curve['model_mean_f1']:.4f}")
+        ax.axhline(
+            curve["model_mean_f1"],
+            color="#c44e52",
+            linestyle="--",
+            label=f"model's per-label thresholds -> {curve['model_mean_f1']:.4f}",
+        )
     ax.set_xlabel("threshold")
     ax.set_ylabel("mean F1 (rows)")
     ax.set_xlim(0, 1)
@@ -186,7 +203,7 @@ def label_frequency(summary: dict) -> Figure:
     for yi, c in zip(y, counts[order]):
         ax.text(c + top * 0.01, yi, str(int(c)), va="center", fontsize=SMALL)
     ax.set_yticks(y, [names[j] for j in order], fontsize=SMALL)
-    ax.set_ylim(len(names) - 0.5, -0.5)   # top to bottom
+    ax.set_ylim(len(names) - 0.5, -0.5)  # top to bottom
     ax.set_xlim(0, top * 1.12)
     ax.tick_params(axis="x", labelsize=SMALL)
     ax.set_xlabel("rows holding the label", fontsize=TEXT)
@@ -223,7 +240,7 @@ def modality_share(summary: dict) -> Figure:
     fig = _figure(5.5, 3.2)
     ax = fig.subplots()
     colours = ["#55a868", "#4c72b0", "#dd8452"]
-    bars = ax.bar([k for k, _ in cases], [v for _, v in cases], color=colours[:len(cases)])
+    bars = ax.bar([k for k, _ in cases], [v for _, v in cases], color=colours[: len(cases)])
     for bar, (_, v) in zip(bars, cases):
         ax.text(bar.get_x() + bar.get_width() / 2, v + 0.01, f"{v:.4f}", ha="center", fontsize=TEXT)
     ax.set_ylim(0, 1.08)
@@ -245,8 +262,13 @@ def f1_deltas(comparison: dict) -> Figure:
     colours = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
     for k, model in enumerate(models):
         deltas = [np.nan if r["delta"][k] is None else r["delta"][k] for r in rows]
-        ax.barh(y + (k - (len(models) - 1) / 2) * h, deltas, height=h, color=colours[k % len(colours)],
-                label=f"{model['name']} minus {comparison['models'][0]['name']}")
+        ax.barh(
+            y + (k - (len(models) - 1) / 2) * h,
+            deltas,
+            height=h,
+            color=colours[k % len(colours)],
+            label=f"{model['name']} minus {comparison['models'][0]['name']}",
+        )
     ax.axvline(0, color="#444", linewidth=0.8)
     ax.set_yticks(y, names, fontsize=SMALL)
     ax.invert_yaxis()

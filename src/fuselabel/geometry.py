@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-RRC_SCALE = (0.5, 1.0)          # as data.build_transform's RandomResizedCrop
+RRC_SCALE = (0.5, 1.0)  # as data.build_transform's RandomResizedCrop
 RRC_RATIO = (3 / 4, 4 / 3)
 
 
@@ -31,19 +31,24 @@ class Geometry:
     resize: int
     mean: tuple
     std: tuple
-    interpolation: str = "bicubic"   # bicubic | bilinear (others are treated as bilinear)
+    interpolation: str = "bicubic"  # bicubic | bilinear (others are treated as bilinear)
     squash: bool = False
 
     @classmethod
-    def from_data_config(cls, data_config: dict) -> "Geometry":
+    def from_data_config(cls, data_config: dict) -> Geometry:
         size = int(data_config["input_size"][-1])
         crop_pct = data_config.get("crop_pct", 0.875)
         squash = crop_pct >= 1.0
         resize = size if squash else max(int(round(size / crop_pct)), size)
         interp = data_config.get("interpolation", "bicubic")
-        return cls(size, resize, tuple(float(m) for m in data_config["mean"]),
-                   tuple(float(s) for s in data_config["std"]),
-                   interp if interp in ("bicubic", "bilinear") else "bilinear", squash)
+        return cls(
+            size,
+            resize,
+            tuple(float(m) for m in data_config["mean"]),
+            tuple(float(s) for s in data_config["std"]),
+            interp if interp in ("bicubic", "bilinear") else "bilinear",
+            squash,
+        )
 
 
 def resized_hw(height: int, width: int, short: int) -> tuple[int, int]:
@@ -58,8 +63,9 @@ def center_offsets(height: int, width: int, crop: int) -> tuple[int, int]:
     return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
 
 
-def resize_center_crop(images: list[torch.Tensor], resize: int, crop: int, interpolation: str = "bicubic",
-                       squash: bool = False) -> torch.Tensor:
+def resize_center_crop(
+    images: list[torch.Tensor], resize: int, crop: int, interpolation: str = "bicubic", squash: bool = False
+) -> torch.Tensor:
     """uint8 (B, 3, crop, crop) from uint8 CHW images of any sizes: antialiased resize of the short side, centre crop.
 
     ``squash``: resize the whole image to ``crop`` x ``crop`` instead. Images of one size are resized
@@ -79,7 +85,7 @@ def resize_center_crop(images: list[torch.Tensor], resize: int, crop: int, inter
             x = F.interpolate(x, size=(nh, nw), mode=interpolation, antialias=True, align_corners=False)
             x = x.round_().clamp_(0, 255)
         top, left = center_offsets(nh, nw, crop)
-        out[idx] = x[:, :, top:top + crop, left:left + crop].to(torch.uint8)
+        out[idx] = x[:, :, top : top + crop, left : left + crop].to(torch.uint8)
     return out
 
 
@@ -96,9 +102,16 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x.float() * scale + shift).contiguous(memory_format=torch.channels_last)
 
 
-def random_resized_crop_boxes(n: int, height: int, width: int, scale=RRC_SCALE, ratio=RRC_RATIO,
-                              generator: torch.Generator | None = None, device=None,
-                              attempts: int = 10) -> torch.Tensor:
+def random_resized_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale=RRC_SCALE,
+    ratio=RRC_RATIO,
+    generator: torch.Generator | None = None,
+    device=None,
+    attempts: int = 10,
+) -> torch.Tensor:
     """Boxes (n, 4) as x1, y1, x2, y2 in pixels, drawn per sample as ``RandomResizedCrop.get_params`` does.
 
     Ten tries per sample at a random area share and log-uniform aspect ratio; the first that fits
@@ -147,8 +160,18 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor
     return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
-def augment_batch(images: torch.Tensor, size: int, mean, std, *, generator: torch.Generator | None = None,
-                  scale=RRC_SCALE, ratio=RRC_RATIO, flip_p: float = 0.5, return_params: bool = False):
+def augment_batch(
+    images: torch.Tensor,
+    size: int,
+    mean,
+    std,
+    *,
+    generator: torch.Generator | None = None,
+    scale=RRC_SCALE,
+    ratio=RRC_RATIO,
+    flip_p: float = 0.5,
+    return_params: bool = False,
+):
     """Training pixels from uint8 (B, 3, S, S): per-sample random resized crop + flip, normalised, channels-last."""
     n, _, height, width = images.shape
     boxes = random_resized_crop_boxes(n, height, width, scale, ratio, generator, images.device)
@@ -162,4 +185,4 @@ def augment_batch(images: torch.Tensor, size: int, mean, std, *, generator: torc
 def center_batch(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """Evaluation pixels from uint8 (B, 3, S, S): the centre ``size`` x ``size`` crop, normalised."""
     top, left = center_offsets(images.shape[-2], images.shape[-1], size)
-    return normalize(images[:, :, top:top + size, left:left + size], mean, std)
+    return normalize(images[:, :, top : top + size, left : left + size], mean, std)

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .images import exif_orientation
-
 from .data import ImageError, default_workers
 from .geometry import Geometry, resize_center_crop
+from .images import exif_orientation
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +34,11 @@ logger = logging.getLogger(__name__)
 def _quiet_codecs():
     """torchvision >= 0.29 marks its JPEG codecs deprecated (in favour of TorchCodec); they still work."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"The image decoding and encoding capabilities of TorchVision",
-                                category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore",
+            message=r"The image decoding and encoding capabilities of TorchVision",
+            category=DeprecationWarning,
+        )
         yield
 
 
@@ -50,13 +52,13 @@ def jpeg_frame(data: bytes) -> tuple[int, int] | None:
         if data[i] != 0xFF:
             return None
         marker = data[i + 1]
-        if marker == 0xFF:                      # fill byte
+        if marker == 0xFF:  # fill byte
             i += 1
             continue
         if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
             i += 2
             continue
-        if marker in (0xD9, 0xDA):              # end of image / start of scan before any frame header
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
             return None
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             return (marker, data[i + 9]) if i + 9 < n else None
@@ -90,8 +92,13 @@ class _ReadDataset(Dataset):
     """
 
     def __init__(self, records, image_dir, mode: str, geometry: Geometry, crop: int):
-        self.records, self.image_dir, self.mode, self.geometry, self.crop = list(records), Path(image_dir), mode, \
-            geometry, crop
+        self.records, self.image_dir, self.mode, self.geometry, self.crop = (
+            list(records),
+            Path(image_dir),
+            mode,
+            geometry,
+            crop,
+        )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -116,8 +123,11 @@ class _ReadDataset(Dataset):
             if self.mode == "pil":
                 from torchvision import transforms as T
 
-                interp = T.InterpolationMode.BICUBIC if self.geometry.interpolation == "bicubic" \
+                interp = (
+                    T.InterpolationMode.BICUBIC
+                    if self.geometry.interpolation == "bicubic"
                     else T.InterpolationMode.BILINEAR
+                )
                 if self.geometry.squash:
                     img = T.Resize((self.crop, self.crop), interpolation=interp)(img)
                 else:
@@ -168,8 +178,12 @@ def _nvjpeg_works(device: str) -> bool:
             decode_jpeg([probe], mode=ImageReadMode.RGB, device=device)
         return True
     except Exception as err:
-        logger.warning("JPEG decoding on %s is not available (%s: %s); using PIL in DataLoader workers",
-                       device, type(err).__name__, err)
+        logger.warning(
+            "JPEG decoding on %s is not available (%s: %s); using PIL in DataLoader workers",
+            device,
+            type(err).__name__,
+            err,
+        )
         return False
 
 
@@ -188,12 +202,24 @@ def gpu_decode_enabled(requested: bool | None, device) -> bool:
 
 def _policy_error(record, image_dir, reason: str) -> ImageError:
     path = Path(image_dir) / record.image_id
-    return ImageError(f"{path}: image {reason} for row {record.image_id} (CSV line {record.line}); "
-                      "pass --missing-images caption_only to train such rows on their caption alone")
+    return ImageError(
+        f"{path}: image {reason} for row {record.image_id} (CSV line {record.line}); "
+        "pass --missing-images caption_only to train such rows on their caption alone"
+    )
 
 
-def iter_uint8(records, image_dir, geometry: Geometry, crop: int, *, device, gpu_decode: bool,
-               num_workers: int | None = None, batch_size: int = 256, missing_images: str = "error"):
+def iter_uint8(
+    records,
+    image_dir,
+    geometry: Geometry,
+    crop: int,
+    *,
+    device,
+    gpu_decode: bool,
+    num_workers: int | None = None,
+    batch_size: int = 256,
+    missing_images: str = "error",
+):
     """Yield (positions (B,) int64, pixels uint8 (B, 3, crop, crop) on ``device``, present float32 (B,)) in row order.
 
     ``gpu_decode``: workers read bytes and JPEGs are decoded on ``device`` (nvJPEG on CUDA); else
@@ -205,8 +231,13 @@ def iter_uint8(records, image_dir, geometry: Geometry, crop: int, *, device, gpu
     records = list(records)
     ds = _ReadDataset(records, image_dir, "bytes" if gpu_decode else "pil", geometry, crop)
     workers = default_workers(num_workers)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate_read,
-                        prefetch_factor=4 if workers > 0 else None)
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate_read,
+        prefetch_factor=4 if workers > 0 else None,
+    )
     for batch in loader:
         items, final = batch["items"], batch["final"]
         jpegs = [it for it in items if it["data"] is not None]
@@ -225,9 +256,13 @@ def iter_uint8(records, image_dir, geometry: Geometry, crop: int, *, device, gpu
         if final:
             out[final] = batch["pixels"].to(device, non_blocking=True)
         if todo:
-            out[todo] = resize_center_crop([torch.as_tensor(items[k]["pixels"]).to(device, non_blocking=True)
-                                            for k in todo],
-                                           geometry.resize, crop, geometry.interpolation, geometry.squash)
+            out[todo] = resize_center_crop(
+                [torch.as_tensor(items[k]["pixels"]).to(device, non_blocking=True) for k in todo],
+                geometry.resize,
+                crop,
+                geometry.interpolation,
+                geometry.squash,
+            )
         for k, it in enumerate(items):
             if it["error"] is not None:
                 if missing_images != "caption_only":

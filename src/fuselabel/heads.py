@@ -14,8 +14,14 @@ from .config import Config
 
 def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
     # LayerNorm first: image and text features arrive on very different scales.
-    return nn.Sequential(nn.LayerNorm(in_dim), nn.Dropout(dropout / 2), nn.Linear(in_dim, hidden), nn.GELU(),
-                         nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+    return nn.Sequential(
+        nn.LayerNorm(in_dim),
+        nn.Dropout(dropout / 2),
+        nn.Linear(in_dim, hidden),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, out_dim),
+    )
 
 
 class SingleHead(nn.Module):
@@ -67,13 +73,22 @@ class LabelDecoderHead(nn.Module):
     probability, so each decision can depend on the ones before it.
     """
 
-    def __init__(self, kind: str, dims: dict[str, int], num_labels: int, hidden: int, dropout: float,
-                 decoder: str, token_shape: tuple[int, int, int] | None = None):
+    def __init__(
+        self,
+        kind: str,
+        dims: dict[str, int],
+        num_labels: int,
+        hidden: int,
+        dropout: float,
+        decoder: str,
+        token_shape: tuple[int, int, int] | None = None,
+    ):
         super().__init__()
         self.kind, self.decoder, self.modalities = kind, decoder, list(dims)
         d = min(hidden, 256)
-        self.proj = nn.ModuleDict({m: nn.Sequential(nn.LayerNorm(dim), nn.Dropout(dropout / 2), nn.Linear(dim, d))
-                                   for m, dim in dims.items()})
+        self.proj = nn.ModuleDict(
+            {m: nn.Sequential(nn.LayerNorm(dim), nn.Dropout(dropout / 2), nn.Linear(dim, d)) for m, dim in dims.items()}
+        )
         self.spatial = decoder == "query" and token_shape is not None and "image" in dims
         if self.spatial:
             c, h, w = token_shape
@@ -82,8 +97,9 @@ class LabelDecoderHead(nn.Module):
         if decoder == "query":
             self.modality_embed = nn.Parameter(torch.zeros(len(dims), d))
             self.queries = nn.Parameter(torch.randn(num_labels, d) * 0.02)
-            layer = nn.TransformerDecoderLayer(d, nhead=4, dim_feedforward=2 * d, dropout=dropout, batch_first=True,
-                                               norm_first=True)
+            layer = nn.TransformerDecoderLayer(
+                d, nhead=4, dim_feedforward=2 * d, dropout=dropout, batch_first=True, norm_first=True
+            )
             self.decoder_net = nn.TransformerDecoder(layer, num_layers=2)
             self.out = nn.Linear(d, 1)
         elif decoder == "lstm":
@@ -120,8 +136,9 @@ class LabelDecoderHead(nn.Module):
         return {self.kind: logits}
 
 
-def build_head(config: Config, image_dim: int, text_dim: int, num_labels: int,
-               token_shape: tuple[int, int, int] | None = None) -> nn.Module:
+def build_head(
+    config: Config, image_dim: int, text_dim: int, num_labels: int, token_shape: tuple[int, int, int] | None = None
+) -> nn.Module:
     h, p = config.hidden_dim, config.dropout
 
     def single(kind: str, dims: dict[str, int]) -> nn.Module:
@@ -129,7 +146,7 @@ def build_head(config: Config, image_dim: int, text_dim: int, num_labels: int,
             return LabelDecoderHead(kind, dims, num_labels, h, p, config.decoder, token_shape)
         if kind == "early":
             return EarlyFusionHead(image_dim, text_dim, num_labels, h, p)
-        (modality, dim), = dims.items()
+        ((modality, dim),) = dims.items()
         return SingleHead(modality, dim, num_labels, h, p)
 
     if config.kind == "late":

@@ -32,10 +32,11 @@ CACHE_AUGMENTS = ("seed", "none")  # augmentations the cache path reproduces; ot
 class ImageCache:
     """Every row's image as uint8 (n, 3, S, S), on the GPU or in (pinned) host memory, plus ``present`` (n,)."""
 
-    def __init__(self, images: torch.Tensor, present: np.ndarray, geometry: Geometry, augment: str = "seed",
-                 seed: int = 0):
+    def __init__(
+        self, images: torch.Tensor, present: np.ndarray, geometry: Geometry, augment: str = "seed", seed: int = 0
+    ):
         self.images, self.present, self.geometry, self.augment, self.seed = images, present, geometry, augment, seed
-        self.all_present = bool(np.all(present > 0))    # then batches need no masking (and no device sync)
+        self.all_present = bool(np.all(present > 0))  # then batches need no masking (and no device sync)
         self._generators: dict[str, torch.Generator] = {}
 
     @staticmethod
@@ -48,31 +49,63 @@ class ImageCache:
         return device if need + max(8 << 30, total // 4) < free else torch.device("cpu")
 
     @classmethod
-    def build(cls, records, image_dir, data_config, *, device, gpu_decode: bool = True, num_workers=None,
-              missing_images: str = "error", augment: str = "seed", seed: int = 0, batch_size: int = 256,
-              progress: bool = True, place: torch.device | None = None) -> "ImageCache":
+    def build(
+        cls,
+        records,
+        image_dir,
+        data_config,
+        *,
+        device,
+        gpu_decode: bool = True,
+        num_workers=None,
+        missing_images: str = "error",
+        augment: str = "seed",
+        seed: int = 0,
+        batch_size: int = 256,
+        progress: bool = True,
+        place: torch.device | None = None,
+    ) -> ImageCache:
         device = torch.device(device)
         geo = Geometry.from_data_config(data_config)
         n, side = len(records), geo.resize
         where = place if place is not None else cls.placement(n, side, device)
-        images = torch.empty((n, 3, side, side), dtype=torch.uint8, device=where,
-                             pin_memory=where.type == "cpu" and device.type == "cuda")
+        images = torch.empty(
+            (n, 3, side, side),
+            dtype=torch.uint8,
+            device=where,
+            pin_memory=where.type == "cpu" and device.type == "cuda",
+        )
         present = np.ones(n, dtype=np.float32)
         use_gpu = gpu_decode_enabled(gpu_decode, device)
         start = time.perf_counter()
         bar = tqdm(total=n, desc="image cache", unit="img", disable=not progress or not sys.stderr.isatty())
-        for pos, pixels, pres in iter_uint8(records, image_dir, geo, side, device=device, gpu_decode=use_gpu,
-                                            num_workers=num_workers, batch_size=batch_size,
-                                            missing_images=missing_images):
+        for pos, pixels, pres in iter_uint8(
+            records,
+            image_dir,
+            geo,
+            side,
+            device=device,
+            gpu_decode=use_gpu,
+            num_workers=num_workers,
+            batch_size=batch_size,
+            missing_images=missing_images,
+        ):
             images[pos.to(where)] = pixels.to(where)
             present[pos.numpy()] = pres.numpy()
             bar.update(len(pos))
         bar.close()
-        decoder = ("nvJPEG" if device.type == "cuda" else "torchvision.io") if use_gpu else \
-            "PIL in DataLoader workers"
-        logger.info("image cache: %d images at %dx%d uint8 (%.2f GiB) on %s%s, decoded with %s in %.1fs", n, side,
-                    side, images.numel() / 2**30, where, " (pinned)" if images.is_pinned() else "", decoder,
-                    time.perf_counter() - start)
+        decoder = ("nvJPEG" if device.type == "cuda" else "torchvision.io") if use_gpu else "PIL in DataLoader workers"
+        logger.info(
+            "image cache: %d images at %dx%d uint8 (%.2f GiB) on %s%s, decoded with %s in %.1fs",
+            n,
+            side,
+            side,
+            images.numel() / 2**30,
+            where,
+            " (pinned)" if images.is_pinned() else "",
+            decoder,
+            time.perf_counter() - start,
+        )
         return cls(images, present, geo, augment, seed)
 
     def __len__(self) -> int:
@@ -108,7 +141,7 @@ class ImageCache:
         batch["pixels"] = pixels
         return batch
 
-    def with_pixels(self, loader, device) -> "PixelBatches":
+    def with_pixels(self, loader, device) -> PixelBatches:
         """Evaluation batches of ``loader`` moved to ``device`` with pixels, for loops outside Lightning."""
         return PixelBatches(loader, self, torch.device(device))
 
@@ -140,8 +173,12 @@ class CachedRows(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        return {"cache_index": int(self.rows[i]), "caption": self.captions[i], "labels": self.labels[i],
-                "image_present": float(self.present[i])}
+        return {
+            "cache_index": int(self.rows[i]),
+            "caption": self.captions[i],
+            "labels": self.labels[i],
+            "image_present": float(self.present[i]),
+        }
 
     def __getstate__(self):  # workers never touch pixels: don't ship the cache to them
         state = dict(self.__dict__)
@@ -150,12 +187,16 @@ class CachedRows(Dataset):
 
 
 def cache_supported(config, net) -> bool:
-    return net.image_encoder is not None and getattr(config, "image_cache", "none") == "memory" \
+    return (
+        net.image_encoder is not None
+        and getattr(config, "image_cache", "none") == "memory"
         and config.augment in CACHE_AUGMENTS
+    )
 
 
-def cached_loaders(config, net, tokenizer, data_config, records, labels, train_idx, val_idx, image_dir, device,
-                   sampler=None):
+def cached_loaders(
+    config, net, tokenizer, data_config, records, labels, train_idx, val_idx, image_dir, device, sampler=None
+):
     """The fine-tuning loaders of ``train._loaders`` when ``image_cache="memory"``: index + caption batches.
 
     ``loader.dataset.image_source`` is the ImageCache that the LightningModule's
@@ -165,20 +206,40 @@ def cached_loaders(config, net, tokenizer, data_config, records, labels, train_i
     device = torch.device(device)
     # Several processes (DDP) would each hold a copy on one GPU: keep the cache in host memory then.
     place = None if single_process(config) else torch.device("cpu")
-    cache = ImageCache.build(records, image_dir, data_config, device=device,
-                             gpu_decode=getattr(config, "gpu_decode", True), num_workers=config.num_workers,
-                             missing_images=config.missing_images, augment=config.augment, seed=config.seed,
-                             place=place)
+    cache = ImageCache.build(
+        records,
+        image_dir,
+        data_config,
+        device=device,
+        gpu_decode=getattr(config, "gpu_decode", True),
+        num_workers=config.num_workers,
+        missing_images=config.missing_images,
+        augment=config.augment,
+        seed=config.seed,
+        place=place,
+    )
     if device.type == "cuda":
         net.image_encoder.to(memory_format=torch.channels_last)
     collate = TextCollate(tokenizer, config.text_max_length)
     dropout = getattr(config, "word_dropout", 0.0)
-    train_collate = TextCollate(tokenizer, config.text_max_length, word_dropout=dropout, seed=config.seed) \
-        if dropout > 0 else collate
+    train_collate = (
+        TextCollate(tokenizer, config.text_max_length, word_dropout=dropout, seed=config.seed)
+        if dropout > 0
+        else collate
+    )
     train_ds = CachedRows(train_idx, records, labels, cache)
     val_ds = CachedRows(val_idx, records, labels, cache)
-    workers = min(default_workers(config.num_workers), 4)   # only tokenising is left for them
+    workers = min(default_workers(config.num_workers), 4)  # only tokenising is left for them
     common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    return (DataLoader(train_ds, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
-                       drop_last=len(train_ds) > config.batch_size, collate_fn=train_collate, **common),
-            DataLoader(val_ds, batch_size=config.batch_size * 2, collate_fn=collate, **common))
+    return (
+        DataLoader(
+            train_ds,
+            batch_size=config.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=len(train_ds) > config.batch_size,
+            collate_fn=train_collate,
+            **common,
+        ),
+        DataLoader(val_ds, batch_size=config.batch_size * 2, collate_fn=collate, **common),
+    )

@@ -28,12 +28,18 @@ DecodeTarget = Union[int, tuple, list, dict, None]
 # the needed size -- every course photo, for any encoder input from 121 px up -- decodes exactly as it
 # did before, so its pixels and predictions do not change.
 REDUCING_GAP = 2
-_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
-              7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 # Modes Image.reduce takes; others (palette, 1-bit, 16-bit grey) are converted to RGB first.
 _REDUCIBLE = {"L", "LA", "RGB", "RGBA", "CMYK", "I", "F", "YCbCr", "La", "RGBa"}
-_BAND_ROWS = 256   # rows reduced at a time: a few MB for the widest photo under the pixel limit
+_BAND_ROWS = 256  # rows reduced at a time: a few MB for the widest photo under the pixel limit
 
 
 # Photos above this many pixels are refused before they are decoded: a 20,000 x 20,000 PNG of a few
@@ -42,8 +48,17 @@ _BAND_ROWS = 256   # rows reduced at a time: a few MB for the widest photo under
 MAX_PIXELS = 64_000_000
 
 # What PIL raises on files it cannot parse besides OSError: broken chunks, short headers, bad tables.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError,
-                  Image.DecompressionBombError, Image.DecompressionBombWarning)
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 _REPAIR = "re-save it as a JPEG or PNG, or replace it"
 
 
@@ -87,8 +102,11 @@ def _explain(err: BaseException, source, label: str, max_pixels: int | None) -> 
 
 def _too_large(label: str, size: str, max_pixels: int | None) -> ImageError:
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS * 2  # then PIL's own refusal
-    return _image_error(label, f"too large: {size}, over the {limit / 1e6:.0f}-megapixel limit",
-                        "shrink the photo, or pass a larger max_pixels to fuselabel.images.load_rgb")
+    return _image_error(
+        label,
+        f"too large: {size}, over the {limit / 1e6:.0f}-megapixel limit",
+        "shrink the photo, or pass a larger max_pixels to fuselabel.images.load_rgb",
+    )
 
 
 def _byte_size(source) -> int | None:
@@ -161,7 +179,7 @@ def _reduced(img: Image.Image, box: tuple[int, int] | None, orientation: int) ->
     """``img`` shrunk by the largest whole factor that keeps it REDUCING_GAP x ``box`` (upright) or more."""
     if box is None:
         return img
-    w, h = box if orientation < 5 else box[::-1]   # the box is upright; the pixels are as stored
+    w, h = box if orientation < 5 else box[::-1]  # the box is upright; the pixels are as stored
     factor = min(img.width // (REDUCING_GAP * w), img.height // (REDUCING_GAP * h))
     if factor < 2:
         return img
@@ -225,8 +243,9 @@ def _label(source, name: str | None) -> str:
     return "photo bytes" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
 
 
-def load_rgb(source, *, max_pixels: int | None = MAX_PIXELS, name: str | None = None,
-             size: DecodeTarget = None) -> Image.Image:
+def load_rgb(
+    source, *, max_pixels: int | None = MAX_PIXELS, name: str | None = None, size: DecodeTarget = None
+) -> Image.Image:
     """Open a photo as an upright RGB image: the one door every photo comes in by.
 
     ``source`` is a path, the file's bytes, or a PIL image. The format is read from the contents, not
@@ -274,16 +293,20 @@ def _from_array(array: np.ndarray, label: str) -> Image.Image:
     """A photo given as pixels: HxW (grey) or HxWx3 / HxWx4 (RGB, RGBA) uint8, as numpy and OpenCV users hold
     them (OpenCV's BGR order is the caller's to turn)."""
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-        raise ImageError(f"{label}: an array of shape {array.shape} and type {array.dtype} is not a photo; give "
-                         "HxW or HxWx3 (or HxWx4) uint8 pixels", "unreadable: not a photo array",
-                         "convert it with np.asarray(img, dtype=np.uint8)")
+        raise ImageError(
+            f"{label}: an array of shape {array.shape} and type {array.dtype} is not a photo; give "
+            "HxW or HxWx3 (or HxWx4) uint8 pixels",
+            "unreadable: not a photo array",
+            "convert it with np.asarray(img, dtype=np.uint8)",
+        )
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[..., 0]
     return Image.fromarray(np.ascontiguousarray(array))
 
 
-def check_image(source, *, decode: bool = False, max_pixels: int | None = MAX_PIXELS,
-                name: str | None = None) -> tuple[int, int]:
+def check_image(
+    source, *, decode: bool = False, max_pixels: int | None = MAX_PIXELS, name: str | None = None
+) -> tuple[int, int]:
     """(width, height) of a photo that :func:`load_rgb` would open, else its ImageError.
 
     Without ``decode`` only the header is read (fast: the file's format, size and the pixel limit);
@@ -304,8 +327,9 @@ def resolve_image(item: str | PathLike, image_dir: str | PathLike | None = None)
     return Path(image_dir) / path
 
 
-def open_image(item: ImageInput, image_dir: str | PathLike | None = None, *, size: DecodeTarget = None
-               ) -> tuple[Image.Image | None, str | None]:
+def open_image(
+    item: ImageInput, image_dir: str | PathLike | None = None, *, size: DecodeTarget = None
+) -> tuple[Image.Image | None, str | None]:
     """(RGB image, None), or (None, why it is unusable): a missing photo is an answer, not an exception.
 
     A path is resolved by :func:`resolve_image`; ``size`` is passed to :func:`load_rgb`.
@@ -342,7 +366,8 @@ def eval_uint8(img: Image.Image, data_config: dict) -> np.ndarray:
     """The resized, cropped photo of :func:`eval_pixels` before normalisation: (3, H, W) uint8."""
     size = data_config["input_size"][-1]
     resample = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(
-        data_config.get("interpolation", "bicubic"), Image.BICUBIC)
+        data_config.get("interpolation", "bicubic"), Image.BICUBIC
+    )
     short = resize_side(data_config)
     if data_config.get("crop_pct", 0.875) >= 1.0:
         img = img.resize((size, size), resample)
@@ -375,6 +400,6 @@ def pixel_table(data_config: dict) -> np.ndarray:
 def normalise(pixels: np.ndarray, table: np.ndarray) -> np.ndarray:
     """float32 encoder input from uint8 photos, (3, H, W) or (N, 3, H, W): one table look-up a pixel."""
     out = np.empty(pixels.shape, dtype=np.float32)
-    for c in range(3):   # indexing per channel is about 3x faster than np.take or one 3-D gather
+    for c in range(3):  # indexing per channel is about 3x faster than np.take or one 3-D gather
         out[..., c, :, :] = table[c][pixels[..., c, :, :]]
     return out

@@ -15,13 +15,18 @@ from pathlib import Path
 
 from .images import ImageError, check_image, resolve_image
 from .labels import label_vocabulary, read_label_names, sort_labels
-from .records import MAX_LISTED_BAD_ROWS, RecordSet, RecordsError
+from .records import MAX_LISTED_BAD_ROWS, RecordsError, RecordSet
 
 __all__ = ["find_missing_images", "find_unreadable_images", "format_summary", "summarize"]
 
-_FORMAT_NAMES = {"course": "course CSV (ImageID,Labels,Caption; quotes inside captions left as written)",
-                 "csv": "CSV (RFC 4180)", "tsv": "TSV", "jsonl": "JSON Lines", "parquet": "Parquet",
-                 "dataframe": "DataFrame"}
+_FORMAT_NAMES = {
+    "course": "course CSV (ImageID,Labels,Caption; quotes inside captions left as written)",
+    "csv": "CSV (RFC 4180)",
+    "tsv": "TSV",
+    "jsonl": "JSON Lines",
+    "parquet": "Parquet",
+    "dataframe": "DataFrame",
+}
 _SEP_NAMES = {" ": "whitespace", "|": "'|'", ";": "';'", ",": "','", "\t": "tabs"}
 
 # How many missing or unreadable photos a summary names.
@@ -109,8 +114,14 @@ def summarize(
     summary: dict = {
         "file": str(recordset.path),
         "format": table.get("format"),
-        "columns": {"all": table.get("columns"), "image": table.get("image_col"), "text": table.get("text_cols"),
-                    "labels": table.get("label_col"), "id": table.get("id_col"), "split": table.get("split_col")},
+        "columns": {
+            "all": table.get("columns"),
+            "image": table.get("image_col"),
+            "text": table.get("text_cols"),
+            "labels": table.get("label_col"),
+            "id": table.get("id_col"),
+            "split": table.get("split_col"),
+        },
         "label_sep": table.get("label_sep"),
         "labels_as": table.get("labels_as"),
         "rows": len(records),
@@ -118,9 +129,16 @@ def summarize(
         "labelled": recordset.labelled,
         "label_counts": None,
         "labels_per_row": None,
-        "first_rows": [{"id": r.id, "image": r.image_id, "text": r.caption[:200],
-                        "labels": list(r.labels) if r.labels is not None else None,
-                        **({"split": r.split} if r.split else {})} for r in records[:3]],
+        "first_rows": [
+            {
+                "id": r.id,
+                "image": r.image_id,
+                "text": r.caption[:200],
+                "labels": list(r.labels) if r.labels is not None else None,
+                **({"split": r.split} if r.split else {}),
+            }
+            for r in records[:3]
+        ],
     }
     if table.get("split_col"):
         summary["split_counts"] = dict(Counter(r.split for r in records))
@@ -168,22 +186,40 @@ def format_summary(summary: Mapping) -> str:
     columns = summary.get("columns") or {}
     if summary.get("format"):
         out.append(f"Format:    {_FORMAT_NAMES.get(summary['format'], summary['format'])}")
-        out.append(f"Columns:   photo {columns.get('image')!r}, text {', '.join(map(repr, columns.get('text') or []))}"
-                   + (f", labels {columns['labels']!r}" if columns.get("labels") else ", no label column")
-                   + (f", id {columns['id']!r}" if columns.get("id") not in (None, columns.get("image")) else "")
-                   + (f", split {columns['split']!r}" if columns.get("split") else ""))
-        other = [c for c in columns.get("all") or [] if c not in {columns.get("image"), columns.get("labels"),
-                                                                  columns.get("id"), columns.get("split"),
-                                                                  *(columns.get("text") or [])}]
+        out.append(
+            f"Columns:   photo {columns.get('image')!r}, text {', '.join(map(repr, columns.get('text') or []))}"
+            + (f", labels {columns['labels']!r}" if columns.get("labels") else ", no label column")
+            + (f", id {columns['id']!r}" if columns.get("id") not in (None, columns.get("image")) else "")
+            + (f", split {columns['split']!r}" if columns.get("split") else "")
+        )
+        other = [
+            c
+            for c in columns.get("all") or []
+            if c
+            not in {
+                columns.get("image"),
+                columns.get("labels"),
+                columns.get("id"),
+                columns.get("split"),
+                *(columns.get("text") or []),
+            }
+        ]
         if other:
             out.append(f"           not used: {', '.join(map(repr, other))}")
         if columns.get("labels"):
             sep = summary.get("label_sep")
-            how = ("a list per row" if summary.get("labels_as") == "list" else
-                   "one label per field" if sep is None else f"separated by {_SEP_NAMES.get(sep, repr(sep))}")
+            how = (
+                "a list per row"
+                if summary.get("labels_as") == "list"
+                else "one label per field"
+                if sep is None
+                else f"separated by {_SEP_NAMES.get(sep, repr(sep))}"
+            )
             out.append(f"Labels:    {how}")
-    out += [f"Rows:      {rows} ({'labelled' if summary['labelled'] else 'unlabelled'})",
-            f"Bad rows:  {len(summary['bad_rows'])}"]
+    out += [
+        f"Rows:      {rows} ({'labelled' if summary['labelled'] else 'unlabelled'})",
+        f"Bad rows:  {len(summary['bad_rows'])}",
+    ]
     if summary.get("split_counts"):
         out.append("Split:     " + ", ".join(f"{k} {v}" for k, v in sorted(summary["split_counts"].items())))
     for bad in summary["bad_rows"][:MAX_LISTED_BAD_ROWS]:
@@ -229,8 +265,9 @@ def format_summary(summary: Mapping) -> str:
             out.append(line + f"  {count:>7}  {share(count)}")
     if summary.get("suggest_multiclass"):
         out.append("")
-        out.append("Every row has exactly one label: consider training with --task multiclass (one softmax over "
-                   "the labels)")
+        out.append(
+            "Every row has exactly one label: consider training with --task multiclass (one softmax over the labels)"
+        )
     if summary.get("first_rows"):
         out.append("")
         out.append("First rows as read:")

@@ -34,10 +34,37 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 # Names of the two columns of a names file, as people spell them; a file without a header is (id, name).
-_ID_HEADERS = ("label", "labels", "id", "label_id", "labelid", "class", "class_id", "classid", "code", "index",
-               "key", "tag", "category_id", "imageid")
-_NAME_HEADERS = ("name", "names", "label_name", "labelname", "class_name", "classname", "category", "category_name",
-                 "title", "description", "display_name", "text", "value")
+_ID_HEADERS = (
+    "label",
+    "labels",
+    "id",
+    "label_id",
+    "labelid",
+    "class",
+    "class_id",
+    "classid",
+    "code",
+    "index",
+    "key",
+    "tag",
+    "category_id",
+    "imageid",
+)
+_NAME_HEADERS = (
+    "name",
+    "names",
+    "label_name",
+    "labelname",
+    "class_name",
+    "classname",
+    "category",
+    "category_name",
+    "title",
+    "description",
+    "display_name",
+    "text",
+    "value",
+)
 # Files looked for beside the table and in the data folder when no names file is given.
 LABEL_NAME_FILES = ("label_names.csv", "label_names.tsv", "label_names.json", "class_names.csv", "class_names.tsv")
 
@@ -66,8 +93,11 @@ def read_label_names(path: str | os.PathLike[str]) -> dict[str, str]:
         return {str(k).strip(): str(v).strip() for k, v in data.items()}
     first = text.split("\n", 1)[0]
     delimiter = max(("\t", ",", ";"), key=first.count) if any(d in first for d in "\t,;") else ","
-    rows = [(n, row) for n, row in enumerate(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), 1)
-            if row and "".join(row).strip()]
+    rows = [
+        (n, row)
+        for n, row in enumerate(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), 1)
+        if row and "".join(row).strip()
+    ]
     if not rows:
         raise RecordsError(f"{path}: no label names: expected rows of label{delimiter}name")
     header = [h.strip().lower() for h in rows[0][1]]
@@ -77,8 +107,9 @@ def read_label_names(path: str | os.PathLike[str]) -> dict[str, str]:
     numeric_ids = len(rows) > 1 and all(_INTEGER.fullmatch(row[0].strip()) for _, row in rows[1:] if row)
     if known or (numeric_ids and not _INTEGER.fullmatch(rows[0][1][0].strip())):
         id_col = next((i for i, h in enumerate(header) if h in _ID_HEADERS), 0)
-        name_col = next((i for i, h in enumerate(header) if h in _NAME_HEADERS and i != id_col),
-                        1 if id_col == 0 else 0)
+        name_col = next(
+            (i for i, h in enumerate(header) if h in _NAME_HEADERS and i != id_col), 1 if id_col == 0 else 0
+        )
         rows = rows[1:]
     names: dict[str, str] = {}
     for line, row in rows:
@@ -91,8 +122,9 @@ def read_label_names(path: str | os.PathLike[str]) -> dict[str, str]:
     return names
 
 
-def find_label_names(explicit: str | os.PathLike[str] | Mapping | None,
-                     folders: Iterable[str | os.PathLike[str] | None]) -> tuple[dict[str, str], Path | None]:
+def find_label_names(
+    explicit: str | os.PathLike[str] | Mapping | None, folders: Iterable[str | os.PathLike[str] | None]
+) -> tuple[dict[str, str], Path | None]:
     """({label: name}, the file read): ``explicit`` (a path or a mapping), else the first of
     ``LABEL_NAME_FILES`` in ``folders`` (beside the table, the data folder); ({}, None) when there is none."""
     if isinstance(explicit, Mapping):
@@ -142,8 +174,9 @@ def vocab_index(vocab: Sequence[str]) -> dict[str, int]:
     return index
 
 
-def labels_to_matrix(label_sets: Sequence[Iterable[str]], vocab: Sequence[str], *,
-                     row_names: Sequence[str] | None = None) -> np.ndarray:
+def labels_to_matrix(
+    label_sets: Sequence[Iterable[str]], vocab: Sequence[str], *, row_names: Sequence[str] | None = None
+) -> np.ndarray:
     """Multi-hot encode label sets as an ``(n, len(vocab))`` uint8 matrix.
 
     ``row_names`` (e.g. ``"test.csv:12"`` per row) name the rows in errors instead of their index.
@@ -159,13 +192,17 @@ def labels_to_matrix(label_sets: Sequence[Iterable[str]], vocab: Sequence[str], 
             j = index.get(label)
             if j is None:
                 where = row_names[i] if row_names is not None else f"row {i}"
-                raise RecordsError(f"unknown label {label!r} in {where} (vocabulary: {list(vocab)}); "
-                                   "the model was trained without it: remove it, or retrain with it")
+                raise RecordsError(
+                    f"unknown label {label!r} in {where} (vocabulary: {list(vocab)}); "
+                    "the model was trained without it: remove it, or retrain with it"
+                )
             matrix[i, j] = 1
     return matrix
 
 
-def matrix_to_labels(matrix_bool: np.ndarray | Sequence[Sequence[object]], vocab: Sequence[str]) -> list[tuple[str, ...]]:
+def matrix_to_labels(
+    matrix_bool: np.ndarray | Sequence[Sequence[object]], vocab: Sequence[str]
+) -> list[tuple[str, ...]]:
     """Inverse of :func:`labels_to_matrix`: each row's nonzero columns as labels in vocab order."""
     matrix = np.asarray(matrix_bool)
     if matrix.ndim != 2 or matrix.shape[1] != len(vocab):

@@ -28,8 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FocalLoss", "AsymmetricLoss", "SoftmaxFocalLoss", "build_loss", "pos_weight_from_labels",
-           "class_weight_from_labels", "probabilities", "LOSSES", "TASKS"]
+__all__ = [
+    "FocalLoss",
+    "AsymmetricLoss",
+    "SoftmaxFocalLoss",
+    "build_loss",
+    "pos_weight_from_labels",
+    "class_weight_from_labels",
+    "probabilities",
+    "LOSSES",
+    "TASKS",
+]
 
 LOSSES = ("bce", "focal", "asl")
 TASKS = ("multilabel", "multiclass")
@@ -112,12 +121,7 @@ class AsymmetricLoss(nn.Module):
     """
 
     def __init__(
-        self,
-        gamma_neg: float = 4.0,
-        gamma_pos: float = 0.0,
-        clip: float = 0.05,
-        eps: float = 1e-8,
-        pos_weight=None,
+        self, gamma_neg: float = 4.0, gamma_pos: float = 0.0, clip: float = 0.05, eps: float = 1e-8, pos_weight=None
     ):
         super().__init__()
         if gamma_neg < 0 or gamma_pos < 0:
@@ -184,7 +188,7 @@ class SoftmaxFocalLoss(nn.Module):
         w = None if self.weight is None else self.weight.to(logits.dtype)
         ce = F.cross_entropy(logits, target, weight=w, reduction="none")
         if self.gamma != 0.0:
-            ce = ce * (-torch.expm1(log_p)).clamp(min=_BASE_EPS).pow(self.gamma)   # 1 - p_true, accurately
+            ce = ce * (-torch.expm1(log_p)).clamp(min=_BASE_EPS).pow(self.gamma)  # 1 - p_true, accurately
         # Weighted like nn.CrossEntropyLoss: divide by the weights of the rows' classes, not the row count.
         return ce.sum() / (w[target].sum() if w is not None else ce.new_tensor(float(len(ce))))
 
@@ -243,17 +247,22 @@ def _multiclass_loss(key: str, weight, kwargs: dict) -> nn.Module:
     if key == "bce":
         unknown = sorted(set(kwargs) - {"label_smoothing"})
         if unknown:
-            raise ValueError(f"loss_kwargs {', '.join(unknown)}: not options of the cross-entropy that "
-                             "task='multiclass' trains with loss='bce' (it takes label_smoothing)")
+            raise ValueError(
+                f"loss_kwargs {', '.join(unknown)}: not options of the cross-entropy that "
+                "task='multiclass' trains with loss='bce' (it takes label_smoothing)"
+            )
         return nn.CrossEntropyLoss(weight=_as_pos_weight(weight), **kwargs)
     if key == "focal":
         if kwargs.get("alpha") is not None:
-            raise ValueError("loss_kwargs alpha: focal loss with task='multiclass' is one softmax, with no "
-                             "positive/negative balance to weight; use pos_weight=true for class weights")
+            raise ValueError(
+                "loss_kwargs alpha: focal loss with task='multiclass' is one softmax, with no "
+                "positive/negative balance to weight; use pos_weight=true for class weights"
+            )
         return SoftmaxFocalLoss(weight=weight, **{k: v for k, v in kwargs.items() if k != "alpha"})
     if key == "asl":
-        raise ValueError("loss='asl' is a multi-label loss; with task='multiclass' use 'bce' (cross-entropy) "
-                         "or 'focal'")
+        raise ValueError(
+            "loss='asl' is a multi-label loss; with task='multiclass' use 'bce' (cross-entropy) or 'focal'"
+        )
     raise ValueError(f"unknown loss {key!r}; choose one of {', '.join(LOSSES)}")
 
 

@@ -31,9 +31,7 @@ def _as_indicator_pair(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
     yt = np.asarray(y_true)
     yp = np.asarray(y_pred)
     if yt.ndim != 2 or yp.ndim != 2:
-        raise ValueError(
-            f"expected 2-D (n_rows, n_labels) arrays, got shapes {yt.shape} and {yp.shape}"
-        )
+        raise ValueError(f"expected 2-D (n_rows, n_labels) arrays, got shapes {yt.shape} and {yp.shape}")
     if yt.shape != yp.shape:
         raise ValueError(f"shape mismatch: y_true {yt.shape} vs y_pred {yp.shape}")
     for name, arr in (("y_true", yt), ("y_pred", yp)):
@@ -103,12 +101,7 @@ def _f1_from_counts(tp: np.ndarray, denom: np.ndarray) -> np.ndarray:
     return out
 
 
-def evaluate(
-    y_true,
-    y_pred,
-    labels: list[str],
-    label_names: dict[str, str] | None = None,
-) -> dict[str, Any]:
+def evaluate(y_true, y_pred, labels: list[str], label_names: dict[str, str] | None = None) -> dict[str, Any]:
     """Full evaluation report as a JSON-serialisable dict.
 
     Per-label and micro/macro figures use ``zero_division=0.0``: a label that is
@@ -141,12 +134,8 @@ def evaluate(
     if n == 0:
         raise ValueError("cannot evaluate zero rows")
 
-    prec, rec, f1, support = precision_recall_fscore_support(
-        yt, yp, average=None, zero_division=0.0
-    )
-    micro_p, micro_r, micro_f, _ = precision_recall_fscore_support(
-        yt, yp, average="micro", zero_division=0.0
-    )
+    prec, rec, f1, support = precision_recall_fscore_support(yt, yp, average=None, zero_division=0.0)
+    micro_p, micro_r, micro_f, _ = precision_recall_fscore_support(yt, yp, average="micro", zero_division=0.0)
     # multilabel_confusion_matrix returns [[tn, fp], [fn, tp]] per label.
     mcm = multilabel_confusion_matrix(yt, yp)
     predicted = yp.sum(axis=0)

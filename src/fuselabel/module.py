@@ -13,11 +13,10 @@ import numpy as np
 import torch
 
 from .config import Config
-from .network import FuseLabelNet
 from .losses import build_loss
 from .metrics import row_f1
+from .network import FuseLabelNet
 from .thresholds import apply_argmax, tune_global
-
 
 # The batch flag that says a row has the input a one-modality head reads.
 PRESENCE_KEYS = {"image": "image_present", "text": "caption_present"}
@@ -36,7 +35,9 @@ def hide_modalities(batch: dict, share: float, generator: torch.Generator) -> di
     hide = torch.rand(n, generator=generator) < share
     photo = torch.rand(n, generator=generator) < 0.5
     image_present = batch["image_present"].bool().cpu() if "image_present" in batch else torch.ones(n, dtype=torch.bool)
-    caption_present = batch["caption_present"].bool().cpu() if "caption_present" in batch else torch.ones(n, dtype=torch.bool)
+    caption_present = (
+        batch["caption_present"].bool().cpu() if "caption_present" in batch else torch.ones(n, dtype=torch.bool)
+    )
     hide_photo = hide & photo & image_present
     hide_caption = hide & ~photo & image_present
     out = dict(batch)
@@ -75,8 +76,11 @@ class FuseLabelModule(L.LightningModule):
 
     @property
     def frozen_encoders(self) -> list[str]:
-        return [f"net.{k}_encoder." for k, v in self.trainable.items()
-                if not v and getattr(self.net, f"{k}_encoder") is not None]
+        return [
+            f"net.{k}_encoder."
+            for k, v in self.trainable.items()
+            if not v and getattr(self.net, f"{k}_encoder") is not None
+        ]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -121,8 +125,15 @@ class FuseLabelModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         batch = self.hide_modalities(batch)
         loss = self._loss(self.net(batch), batch)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["labels"]),
-                 sync_dist=False)
+        self.log(
+            "train_loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=len(batch["labels"]),
+            sync_dist=False,
+        )
         return loss
 
     def validation_step(self, batch, batch_idx):

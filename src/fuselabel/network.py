@@ -21,21 +21,36 @@ from .runtime import fuse
 class FuseLabelNet(nn.Module):
     """Encoders + head. Works from raw inputs (pixels, token ids) or from cached features."""
 
-    def __init__(self, config: Config, num_labels: int, pretrained: bool = True, vocab_size: int | None = None,
-                 text_source: str | None = None):
+    def __init__(
+        self,
+        config: Config,
+        num_labels: int,
+        pretrained: bool = True,
+        vocab_size: int | None = None,
+        text_source: str | None = None,
+    ):
         super().__init__()
         self.config = config
         self.image_encoder = self.text_encoder = None
         image_dim = text_dim = 0
         if config.uses_image:
-            backbone = create_image_encoder(config.image_model, pretrained and config.image_pretrained,
-                                            config.image_weights, **config.image_model_kwargs)
-            self.image_encoder = PooledImageEncoder(backbone, config.image_layers, config.image_pool,
-                                                    config.image_tokens, config.image_size)
+            backbone = create_image_encoder(
+                config.image_model,
+                pretrained and config.image_pretrained,
+                config.image_weights,
+                **config.image_model_kwargs,
+            )
+            self.image_encoder = PooledImageEncoder(
+                backbone, config.image_layers, config.image_pool, config.image_tokens, config.image_size
+            )
             image_dim = self.image_encoder.pooled_features
         if config.uses_text:
-            self.text_encoder = create_text_encoder(text_source or config.text_model, pretrained and config.text_pretrained,
-                                                    config.text_config_overrides, vocab_size)
+            self.text_encoder = create_text_encoder(
+                text_source or config.text_model,
+                pretrained and config.text_pretrained,
+                config.text_config_overrides,
+                vocab_size,
+            )
             text_dim = self.text_encoder.num_features
         token_shape = self.image_encoder.token_shape if self.image_encoder is not None else None
         self.head = build_head(config, image_dim, text_dim, num_labels, token_shape)
@@ -50,8 +65,11 @@ class FuseLabelNet(nn.Module):
             if tokens is not None:
                 feats["image_tokens"] = tokens
         if self.text_encoder is not None:
-            feats["text"] = batch["text_feat"] if "text_feat" in batch else self.text_encoder(
-                batch["input_ids"], batch["attention_mask"])
+            feats["text"] = (
+                batch["text_feat"]
+                if "text_feat" in batch
+                else self.text_encoder(batch["input_ids"], batch["attention_mask"])
+            )
         if "image" in feats and "image_present" in batch and self.config.kind == "early":
             # A caption-only row: no image evidence at all rather than features of a black frame.
             keep = batch["image_present"].to(feats["image"].dtype)
@@ -71,8 +89,9 @@ class FuseLabelNet(nn.Module):
         return combine_probabilities(parts, self.config.late_combine, self.late_weight, image_present)
 
 
-def combine_probabilities(parts: dict, combine: str = "weighted", weight=0.5,
-                          image_present: torch.Tensor | None = None) -> torch.Tensor:
+def combine_probabilities(
+    parts: dict, combine: str = "weighted", weight=0.5, image_present: torch.Tensor | None = None
+) -> torch.Tensor:
     """``runtime.fuse`` for training's tensors, where every row has its caption and a lone head is kept as is."""
     if len(parts) == 1:
         return next(iter(parts.values()))

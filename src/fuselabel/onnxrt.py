@@ -44,8 +44,15 @@ SYNTHETIC_CAPTIONS = [
 ]
 
 
-def export_graph(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-                 dynamic_axes: dict, opset: int = OPSET) -> Path:
+def export_graph(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict,
+    opset: int = OPSET,
+) -> Path:
     """torch.onnx.export into ``path``, written beside it first so a reader never sees half a file."""
     path = Path(path)
     mha = getattr(torch.backends, "mha", None)
@@ -57,8 +64,16 @@ def export_graph(module: nn.Module, args: tuple, path: Path, input_names: list[s
             # The TorchScript tracer warns about Python-side shape checks in the HF code; the graphs are
             # checked against PyTorch on other batch sizes and lengths after export.
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, str(tmp), input_names=input_names, output_names=output_names,
-                              dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
+            torch.onnx.export(
+                module,
+                args,
+                str(tmp),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                dynamo=False,
+            )
     finally:
         if mha:
             mha.set_fastpath_enabled(fastpath)
@@ -106,22 +121,37 @@ def export_image_encoder(encoder: nn.Module, path: Path, input_size, opset: int 
     """``pixels`` (N, 3, H, W) -> ``features`` (N, D)."""
     encoder = encoder.float().eval()
     dummy = torch.zeros(2, *input_size)
-    return export_graph(encoder, (dummy,), Path(path), ["pixels"], ["features"],
-                        {"pixels": {0: "batch"}, "features": {0: "batch"}}, opset)
+    return export_graph(
+        encoder,
+        (dummy,),
+        Path(path),
+        ["pixels"],
+        ["features"],
+        {"pixels": {0: "batch"}, "features": {0: "batch"}},
+        opset,
+    )
 
 
-def export_text_encoder(encoder: nn.Module, tokenizer, path: Path, max_length: int = 64,
-                        opset: int = OPSET) -> Path:
+def export_text_encoder(encoder: nn.Module, tokenizer, path: Path, max_length: int = 64, opset: int = OPSET) -> Path:
     """``input_ids``, ``attention_mask`` (N, L) int64 -> ``features`` (N, D), attention-masked mean."""
     encoder = encoder.float().eval()
     # A padded example: an all-ones mask could let the attention code skip the masking it must keep.
-    tok = tokenizer(SYNTHETIC_CAPTIONS[:3], padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt")
+    tok = tokenizer(SYNTHETIC_CAPTIONS[:3], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     dynamic = {"batch": 0, "length": 1}
-    axes = {"input_ids": {v: k for k, v in dynamic.items()}, "attention_mask": {v: k for k, v in dynamic.items()},
-            "features": {0: "batch"}}
-    return export_graph(encoder, (tok["input_ids"], tok["attention_mask"]), Path(path),
-                        ["input_ids", "attention_mask"], ["features"], axes, opset)
+    axes = {
+        "input_ids": {v: k for k, v in dynamic.items()},
+        "attention_mask": {v: k for k, v in dynamic.items()},
+        "features": {0: "batch"},
+    }
+    return export_graph(
+        encoder,
+        (tok["input_ids"], tok["attention_mask"]),
+        Path(path),
+        ["input_ids", "attention_mask"],
+        ["features"],
+        axes,
+        opset,
+    )
 
 
 # ------------------------------------------------------------------------------ static int8 image encoder
@@ -168,7 +198,7 @@ def calibrate_int8(graph: Path, batches) -> dict:
     kept = graph.with_name(f"{graph.stem}-ranges-{key.hexdigest()[:16]}.json")
     try:
         return json.loads(kept.read_text())
-    except (OSError, ValueError):   # not there yet, or cut short: measured again
+    except (OSError, ValueError):  # not there yet, or cut short: measured again
         pass
     ranges = _calibrate(graph, batches)
     with atomic_path(kept) as tmp:
@@ -180,8 +210,13 @@ def _calibrate(graph: Path, batches: list) -> dict:
     import json
     import tempfile
 
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
-        quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -201,12 +236,20 @@ def _calibrate(graph: Path, batches: list) -> dict:
     with tempfile.TemporaryDirectory() as tmp, _quiet_quantization():
         ranges = Path(tmp) / "ranges.json"
         # The ranges are wanted, not this graph: quantize_static writes them as its calibration cache.
-        quantize_static(str(graph), str(Path(tmp) / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.Percentile, calibration_cache_path=ranges,
-                        # One batch at a time into the histograms: all of a photo's activations at 320 px take
-                        # about 200 MB, which held together for every photo would be gigabytes.
-                        extra_options={"CalibPercentile": PERCENTILE, "CalibStridedMinMax": 1})
+        quantize_static(
+            str(graph),
+            str(Path(tmp) / "q.onnx"),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.Percentile,
+            calibration_cache_path=ranges,
+            # One batch at a time into the histograms: all of a photo's activations at 320 px take
+            # about 200 MB, which held together for every photo would be gigabytes.
+            extra_options={"CalibPercentile": PERCENTILE, "CalibStridedMinMax": 1},
+        )
         return json.loads(ranges.read_text())
 
 
@@ -224,9 +267,17 @@ def quantize_int8_static(src: Path, dst: Path, ranges: dict) -> Path:
         # onnxruntime checks the ranges' method against the one it is told: the ranges say theirs (models
         # calibrated before percentile ranges hold min-max ones).
         method = str((ranges.get("calibration_method") or {}).get("value", "")).rpartition(".")[2] or "MinMax"
-        quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod[method], calibration_cache_path=cache)
+        quantize_static(
+            str(src),
+            str(out),
+            None,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod[method],
+            calibration_cache_path=cache,
+        )
         with atomic_path(dst) as tmp_dst:
             shutil.move(str(out), tmp_dst)
     return Path(dst)
@@ -238,7 +289,7 @@ def quantize_int8_static(src: Path, dst: Path, ranges: dict) -> Path:
 # per-channel 11 % (512 real captions; static activation ranges: 34 %, as transformer activations have
 # outliers that min-max ranges spread over every value).
 INT8_OPS = ["MatMul", "Gemm"]
-INT8_TEXT_OPS = INT8_OPS + ["Gather"]   # + the embedding tables, most of a small text encoder's bytes
+INT8_TEXT_OPS = INT8_OPS + ["Gather"]  # + the embedding tables, most of a small text encoder's bytes
 DYNAMIC_INT8 = "dynamic, per-channel QInt8 weights"
 
 
@@ -254,8 +305,9 @@ def quantize_int8_dynamic(src: Path, dst: Path, ops=INT8_OPS) -> Path:
 
     with tempfile.TemporaryDirectory() as tmp, _quiet_quantization():
         out = Path(tmp) / "q.onnx"
-        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=list(ops),
-                         per_channel=True)
+        quantize_dynamic(
+            str(src), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=list(ops), per_channel=True
+        )
         with atomic_path(dst) as tmp_dst:
             shutil.move(str(out), tmp_dst)
     return Path(dst)

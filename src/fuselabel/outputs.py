@@ -32,14 +32,20 @@ except ImportError:  # Windows: no advisory lock; outputs are checked but two wr
 
 # What each kind of output is recognised by, when it already exists.
 MODEL, ONNX, REPORT, FILE, WORK = "model", "onnx", "report", "file", "work"
-MODEL_MARKER = "fuselabel.json"          # format 2 model folders; format 1 had config.json + model.safetensors
-ONNX_MARKER = "manifest.json"            # runtime.MANIFEST of ``fuselabel export``
+MODEL_MARKER = "fuselabel.json"  # format 2 model folders; format 1 had config.json + model.safetensors
+ONNX_MARKER = "manifest.json"  # runtime.MANIFEST of ``fuselabel export``
 REPORT_MARKERS = ('<meta name="generator" content="fuselabel report">', "<title>fuselabel report")
-WORK_MARKER = "run.json"                 # a training run's work folder (train.default_work_dir)
-ONNX_IN_MODEL = "onnx"                   # ``fuselabel export``'s default place: MODEL/onnx
-KIND_NAMES = {MODEL: "a fuselabel model folder", ONNX: "an exported ONNX folder", REPORT: "a fuselabel report",
-              FILE: "a file", WORK: "a training work folder", "folder": "a folder that is none of fuselabel's",
-              "other": "neither a file nor a folder"}
+WORK_MARKER = "run.json"  # a training run's work folder (train.default_work_dir)
+ONNX_IN_MODEL = "onnx"  # ``fuselabel export``'s default place: MODEL/onnx
+KIND_NAMES = {
+    MODEL: "a fuselabel model folder",
+    ONNX: "an exported ONNX folder",
+    REPORT: "a fuselabel report",
+    FILE: "a file",
+    WORK: "a training work folder",
+    "folder": "a folder that is none of fuselabel's",
+    "other": "neither a file nor a folder",
+}
 
 
 class OutputError(ValueError):
@@ -95,8 +101,10 @@ def _writable_parent(path: Path) -> None:
     if not parent.is_dir():
         raise OutputError(f"{path}: {parent} is a file, not a folder; choose an output inside a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{path}: the folder {parent} cannot be written (read-only or not yours); "
-                          "choose an output in a folder you can write")
+        raise OutputError(
+            f"{path}: the folder {parent} cannot be written (read-only or not yours); "
+            "choose an output in a folder you can write"
+        )
 
 
 def check_output(path: str | os.PathLike, kind: str, inputs=(), other_outputs=()) -> Path:
@@ -110,27 +118,38 @@ def check_output(path: str | os.PathLike, kind: str, inputs=(), other_outputs=()
         if given is None:
             continue
         given = Path(given)
-        if os.path.lexists(path) and os.path.lexists(given) and _same(path, given) \
-                or path.absolute() == given.absolute():
-            raise OutputError(f"{path}: is an input of this command; writing it would replace what is being read: "
-                              "choose another output path")
+        if (
+            os.path.lexists(path)
+            and os.path.lexists(given)
+            and _same(path, given)
+            or path.absolute() == given.absolute()
+        ):
+            raise OutputError(
+                f"{path}: is an input of this command; writing it would replace what is being read: "
+                "choose another output path"
+            )
         if kind_of(given) in (MODEL, ONNX):
             if _inside(given, path):
-                raise OutputError(f"{path}: holds the input model folder {given}; writing it would delete that "
-                                  "model: choose another output path")
+                raise OutputError(
+                    f"{path}: holds the input model folder {given}; writing it would delete that "
+                    "model: choose another output path"
+                )
             # export's default, MODEL/onnx, is the one thing a command writes inside a model folder
             if _inside(path, given) and not (kind == ONNX and path.absolute() == (given / ONNX_IN_MODEL).absolute()):
                 raise OutputError(f"{path}: lies inside the input model folder {given}; choose an output outside it")
     found = kind_of(path)
     if found is not None and found != kind:
         what = KIND_NAMES.get(kind, kind)
-        raise OutputError(f"{path}: already exists and is {KIND_NAMES[found]}, which {what} may not replace "
-                          "(its contents would be deleted): choose a new path, or move it away first")
+        raise OutputError(
+            f"{path}: already exists and is {KIND_NAMES[found]}, which {what} may not replace "
+            "(its contents would be deleted): choose a new path, or move it away first"
+        )
     _writable_parent(path)
     return path
 
 
 # ---- one writer per output ----
+
 
 def _lock_path(path: Path) -> Path:
     return path.absolute().parent / f".{path.name}.lock"
@@ -144,7 +163,7 @@ def _holder(lock: Path) -> str:
     return text or "another process"
 
 
-_held: dict[Path, int] = {}    # locks this process holds -> depth: re-entering (the CLI, then save_bundle) is fine
+_held: dict[Path, int] = {}  # locks this process holds -> depth: re-entering (the CLI, then save_bundle) is fine
 
 
 def _is_rank_zero() -> bool:
@@ -180,8 +199,10 @@ def output_lock(path: str | os.PathLike):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise OutputError(f"{path}: {_holder(lock)} is writing it now; wait for it to finish, or choose "
-                              f"another output path (the lock is {lock}, held by a live process)") from None
+            raise OutputError(
+                f"{path}: {_holder(lock)} is writing it now; wait for it to finish, or choose "
+                f"another output path (the lock is {lock}, held by a live process)"
+            ) from None
         try:  # the holder before us may have removed the file it locked: lock the one at the path
             if os.fstat(fd).st_ino == os.stat(lock).st_ino:
                 break
@@ -196,7 +217,7 @@ def output_lock(path: str | os.PathLike):
     finally:
         _held.pop(lock, None)
         with contextlib.suppress(OSError):
-            os.unlink(lock)   # while still held, so nobody locks a file that is going away
+            os.unlink(lock)  # while still held, so nobody locks a file that is going away
         os.close(fd)
 
 
@@ -214,7 +235,7 @@ def output_locks(*paths):
 
 _LIMITS = {
     errno.ENOSPC: "the disk is full: free space (or point the output, --work-dir or --cache-dir elsewhere) and run "
-                  "the command again",
+    "the command again",
     errno.EDQUOT: "the disk quota is used up: free space, or write elsewhere, and run the command again",
     errno.EROFS: "the file system is read-only: write the output to another folder",
     errno.EACCES: "permission denied: write to a folder you own, or fix its permissions",
@@ -247,6 +268,8 @@ def explain_error(err: BaseException) -> str | None:
         where = found.filename or getattr(err, "filename", None)
         return f"{where or 'a file'}: {_LIMITS[found.errno]} ({found.strerror})"
     if type(err).__name__ == "SafetensorError":
-        return (f"a weights file cannot be read or written ({err}); the model folder is damaged: save or "
-                "train the model again")
+        return (
+            f"a weights file cannot be read or written ({err}); the model folder is damaged: save or "
+            "train the model again"
+        )
     return None

@@ -25,8 +25,16 @@ from .cache import fsync_dir, pause_for_test, write_atomic
 from .images import ImageError
 from .runtime import STATUSES, WINDOW, Prediction
 from .tables import Columns, read_table
-from .writers import (atomic_path, atomic_write_text, output_format, probability_lines, submission_lines,
-                      table_prediction_lines, table_probability_lines, write_table_lines)
+from .writers import (
+    atomic_path,
+    atomic_write_text,
+    output_format,
+    probability_lines,
+    submission_lines,
+    table_prediction_lines,
+    table_probability_lines,
+    write_table_lines,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +99,10 @@ def describe_exported(folder) -> str:
         path = folder / info["path"]
         size = path.stat().st_size / 1e6 if path.is_file() else 0.0
         lines.append(f"  {part:<14} {info['path']:<24} {size:8.1f} MB" + (" (int8)" if info.get("quantized") else ""))
-    lines.append(f"model: {m.get('kind')} ({m.get('late_combine')}), task {m.get('task', 'multilabel')}, "
-                 f"text length {m.get('text_max_length')}")
+    lines.append(
+        f"model: {m.get('kind')} ({m.get('late_combine')}), task {m.get('task', 'multilabel')}, "
+        f"text length {m.get('text_max_length')}"
+    )
     names = m.get("label_names") or {}
     labels = [names.get(t, t) if names.get(t, t) == t else f"{t} ({names[t]})" for t in m["labels"]]
     lines.append(f"labels ({len(labels)}): {', '.join(labels)}")
@@ -130,13 +140,30 @@ def predict_chunk(model, records, image_dir, bounds, *, strict: bool) -> Predict
     """One chunk of a RecordSet's rows; a row with an empty photo cell has no photo."""
     lo, hi = bounds
     rows = records.records[lo:hi]
-    return model.predictor(strict=strict).predict([r.image_id or None for r in rows], [r.caption for r in rows],
-                                                  image_dir=image_dir, row_names=[records.row_name(r) for r in rows])
+    return model.predictor(strict=strict).predict(
+        [r.image_id or None for r in rows],
+        [r.caption for r in rows],
+        image_dir=image_dir,
+        row_names=[records.row_name(r) for r in rows],
+    )
 
 
-def predict_csv(model, image_dir, csv, out, *, proba_out=None, strict: bool = False, chunk_size: int = 512,
-                devices: int = 1, num_nodes: int = 1, strategy: str = "auto", accelerator: str = "cpu",
-                progress: bool = True, columns: Columns | None = None) -> dict:
+def predict_csv(
+    model,
+    image_dir,
+    csv,
+    out,
+    *,
+    proba_out=None,
+    strict: bool = False,
+    chunk_size: int = 512,
+    devices: int = 1,
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    accelerator: str = "cpu",
+    progress: bool = True,
+    columns: Columns | None = None,
+) -> dict:
     """Write the predictions of a table's rows, in input order; returns counts and timings.
 
     ``csv`` is any table ``fuselabel.tables.read_table`` reads (``columns`` says which column is which;
@@ -162,25 +189,47 @@ def predict_csv(model, image_dir, csv, out, *, proba_out=None, strict: bool = Fa
     distributed = devices > 1 or num_nodes > 1
     # Every rank, and a rerun after a kill, computes the same folder from what the parts depend on.
     key = parts_key(model, records, chunk_size, strict)
-    parts = out.parent / f".{out.name}.parts-{key}" if key else \
-        Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
+    parts = (
+        out.parent / f".{out.name}.parts-{key}"
+        if key
+        else Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
+    )
     parts.mkdir(exist_ok=True)
     if not distributed or _is_rank_zero():
-        _finish_publish(parts)   # a kill between the renames of an earlier run: complete them first
+        _finish_publish(parts)  # a kill between the renames of an earlier run: complete them first
     done = {i for i, b in enumerate(bounds) if _part_ok(parts, i, b[1] - b[0])}
     if done:
-        log.info(f"resuming: {len(done)} of {len(bounds)} chunks were already predicted by an earlier run "
-                 f"({parts.name}); predicting the other {len(bounds) - len(done)}")
+        log.info(
+            f"resuming: {len(done)} of {len(bounds)} chunks were already predicted by an earlier run "
+            f"({parts.name}); predicting the other {len(bounds) - len(done)}"
+        )
     if distributed:
-        rank0 = _predict_distributed(model, records, image_dir, bounds, parts, strict=strict, devices=devices,
-                                     num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, done=done)
+        rank0 = _predict_distributed(
+            model,
+            records,
+            image_dir,
+            bounds,
+            parts,
+            strict=strict,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            accelerator=accelerator,
+            done=done,
+        )
         if not rank0:  # rank 0 writes the outputs, then removes the parts
             return {}
     else:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(bounds), initial=len(done), desc="predict", unit="chunk",
-                   disable=None if progress else True, leave=False)
+        bar = tqdm(
+            total=len(bounds),
+            initial=len(done),
+            desc="predict",
+            unit="chunk",
+            disable=None if progress else True,
+            leave=False,
+        )
         try:
             for i, b in enumerate(bounds):
                 if i in done:
@@ -197,10 +246,15 @@ def predict_csv(model, image_dir, csv, out, *, proba_out=None, strict: bool = Fa
             bar.close()
     summary = _merge(parts, len(bounds), records, _tokens(model), trained_table(model), out, proba_out)
     summary["resumed_chunks"] = len(done)
-    _remove_leftovers(out, proba_out)   # this run's parts and any earlier run's, and killed writes' temporaries
+    _remove_leftovers(out, proba_out)  # this run's parts and any earlier run's, and killed writes' temporaries
     elapsed = time.time() - t0
-    summary.update(rows=len(records), seconds=elapsed, rows_per_s=len(records) / max(elapsed, 1e-9), out=str(out),
-                   engine=model.predictor().engine.name)
+    summary.update(
+        rows=len(records),
+        seconds=elapsed,
+        rows_per_s=len(records) / max(elapsed, 1e-9),
+        out=str(out),
+        engine=model.predictor().engine.name,
+    )
     return summary
 
 
@@ -235,7 +289,7 @@ def _part_ok(parts: Path, index: int, rows: int) -> bool:
     try:
         with np.load(path) as part:
             return len(part["status"]) == rows and part["probs"].shape[0] == rows
-    except Exception:   # zipfile, numpy and OS errors alike: the part is computed again
+    except Exception:  # zipfile, numpy and OS errors alike: the part is computed again
         path.unlink(missing_ok=True)
         return False
 
@@ -270,11 +324,11 @@ def _merge(parts: Path, n_chunks: int, records, tokens, trained: dict, out: Path
             yield from zip(probs, status)
 
     course = records.table.get("format") == "course" and trained.get("format") in (None, "course")
-    staged = []   # (temporary, final): both outputs are written whole first, then renamed together
+    staged = []  # (temporary, final): both outputs are written whole first, then renamed together
 
     def write(final, course_lines, table_lines):
         tmp, fmt = _stage(parts, final), output_format(final)
-        if course and fmt == "csv":   # the course's own layout (Kaggle's ImageID,Labels for the submission)
+        if course and fmt == "csv":  # the course's own layout (Kaggle's ImageID,Labels for the submission)
             atomic_write_text(tmp, course_lines())
         else:
             write_table_lines(tmp, fmt, table_lines(fmt))
@@ -282,20 +336,30 @@ def _merge(parts: Path, n_chunks: int, records, tokens, trained: dict, out: Path
 
     id_col = records.table.get("id_col") or "ImageID"
     try:
-        write(out, lambda: submission_lines(ids, label_rows()),
-              lambda fmt: table_prediction_lines(fmt, ids, label_rows(), id_col=id_col,
-                                                 label_col=trained.get("label_col") or "Labels",
-                                                 label_sep=trained.get("label_sep") or " "))
+        write(
+            out,
+            lambda: submission_lines(ids, label_rows()),
+            lambda fmt: table_prediction_lines(
+                fmt,
+                ids,
+                label_rows(),
+                id_col=id_col,
+                label_col=trained.get("label_col") or "Labels",
+                label_sep=trained.get("label_sep") or " ",
+            ),
+        )
         if proba_out:
-            write(proba_out, lambda: probability_lines(ids, tokens, proba_rows()),
-                  lambda fmt: table_probability_lines(fmt, ids, tokens, proba_rows(), id_col=id_col))
+            write(
+                proba_out,
+                lambda: probability_lines(ids, tokens, proba_rows()),
+                lambda fmt: table_probability_lines(fmt, ids, tokens, proba_rows(), id_col=id_col),
+            )
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         raise
     _publish(parts, staged)
-    return {"status_counts": {s: counts.get(s, 0) for s in STATUSES}, "no_input_rows": no_input,
-            "texts_cut": texts_cut}
+    return {"status_counts": {s: counts.get(s, 0) for s in STATUSES}, "no_input_rows": no_input, "texts_cut": texts_cut}
 
 
 # ---- publishing the outputs together: both files change, or (after a kill, until the next run) neither ----
@@ -344,8 +408,20 @@ def _remove_leftovers(out: Path, proba_out) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _predict_distributed(model, records, image_dir, bounds, parts: Path, *, strict, devices, num_nodes, strategy,
-                         accelerator, done=frozenset()) -> bool:
+def _predict_distributed(
+    model,
+    records,
+    image_dir,
+    bounds,
+    parts: Path,
+    *,
+    strict,
+    devices,
+    num_nodes,
+    strategy,
+    accelerator,
+    done=frozenset(),
+) -> bool:
     """Chunks shared among Lightning ranks (ddp, SLURM, torchrun); True on the rank that writes the outputs."""
     import lightning as L
     import torch
@@ -360,7 +436,7 @@ def _predict_distributed(model, records, image_dir, bounds, parts: Path, *, stri
 
     class ChunkPredictor(L.LightningModule):
         def on_predict_start(self):
-            place_on(model, self.device)   # this rank's device, known only now that Lightning has assigned it
+            place_on(model, self.device)  # this rank's device, known only now that Lightning has assigned it
 
         def predict_step(self, batch, batch_idx):
             # Lightning's sampler pads the last round with repeated chunks; rewriting a part is harmless.
@@ -368,9 +444,15 @@ def _predict_distributed(model, records, image_dir, bounds, parts: Path, *, stri
                 if i not in done:
                     _save_part(parts, i, predict_chunk(model, records, image_dir, bounds[i], strict=strict))
 
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                        strategy="ddp" if strategy == "auto" else strategy, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy="ddp" if strategy == "auto" else strategy,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.predict(ChunkPredictor(), DataLoader(Chunks(), batch_size=1), return_predictions=False)
     trainer.strategy.barrier()
     return trainer.is_global_zero
@@ -388,8 +470,9 @@ def place_on(model, device) -> None:
         model.predictor(device=device)
 
 
-def evaluate_csv(model, image_dir, csv, *, split: str = "all", strict: bool = False,
-                 columns: Columns | None = None) -> dict:
+def evaluate_csv(
+    model, image_dir, csv, *, split: str = "all", strict: bool = False, columns: Columns | None = None
+) -> dict:
     """Metrics of a model (or model folder) on a labelled table, or on the rows of one side of its own split."""
     if isinstance(model, (str, Path)):
         model = load_model(model)

@@ -151,7 +151,8 @@ class RecordSet:
     def row_name(self, record: Record) -> str:
         """How messages name a row: its id and where it is in the file."""
         where = {"course": "CSV line", "csv": "CSV line", "tsv": "TSV line", "jsonl": "line"}.get(
-            self.table.get("format", "course"), "row")
+            self.table.get("format", "course"), "row"
+        )
         return f"row {record.id} ({where} {record.line} of {Path(self.path).name})"
 
     @property
@@ -173,8 +174,10 @@ class RecordSet:
 
 def no_labels_error(path, what: str = "this") -> RecordsError:
     """The one wording of "this table has no labels", for every reader and command that needs them."""
-    return RecordsError(f"{path}: {what} needs labels, and the table has no Labels column (name its label column "
-                        "with --label-col; course files have the header ImageID,Labels,Caption)")
+    return RecordsError(
+        f"{path}: {what} needs labels, and the table has no Labels column (name its label column "
+        "with --label-col; course files have the header ImageID,Labels,Caption)"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -195,9 +198,14 @@ def _id_shape(image_id: str) -> tuple[str, bool]:
 
 # File signatures of what is most often passed by mistake where a CSV belongs.
 _BINARY_SIGNATURES = {
-    b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"RIFF": "a RIFF file (WebP?)",
-    b"PK\x03\x04": "a zip archive (an .xlsx workbook?)", b"%PDF": "a PDF document",
-    b"\xd0\xcf\x11\xe0": "an old Office document (.xls?)", b"\x1f\x8b": "a gzip archive",
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"RIFF": "a RIFF file (WebP?)",
+    b"PK\x03\x04": "a zip archive (an .xlsx workbook?)",
+    b"%PDF": "a PDF document",
+    b"\xd0\xcf\x11\xe0": "an old Office document (.xls?)",
+    b"\x1f\x8b": "a gzip archive",
 }
 
 
@@ -212,11 +220,13 @@ def decode_text(raw: bytes, path: Path) -> str:
             kind = "binary data"
         if kind is None:
             line = raw[: exc.start].count(b"\n") + 1
-            raise RecordsError(f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start}); "
-                               "save the file as UTF-8") from exc
+            raise RecordsError(
+                f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start}); save the file as UTF-8"
+            ) from exc
     if kind is not None:
-        raise RecordsError(f"{path}:1: not a CSV text file (it looks like {kind}); "
-                           "pass the table (CSV, TSV, JSON Lines or Parquet)")
+        raise RecordsError(
+            f"{path}:1: not a CSV text file (it looks like {kind}); pass the table (CSV, TSV, JSON Lines or Parquet)"
+        )
     return text
 
 
@@ -372,9 +382,7 @@ class _Parser:
         if labels_field is not None:
             if not _LABELS_FIELD.fullmatch(labels_field):
                 self._bad(
-                    line_no,
-                    f"malformed labels {labels_field!r} (expected label tokens separated by spaces)",
-                    text,
+                    line_no, f"malformed labels {labels_field!r} (expected label tokens separated by spaces)", text
                 )
                 return
             # dict.fromkeys de-duplicates while keeping file order.
@@ -391,12 +399,16 @@ class _Parser:
 def bad_rows_message(path, bad_rows: Sequence[BadRow], unit: str = "line") -> str:
     """The error for a table's bad rows, the first few listed; ``unit``: what the table counts (CSV lines, or
     rows of a DataFrame or Parquet file)."""
-    shown = "\n".join(f"  {b}" if unit == "line" else f"  {Path(b.path).name} row {b.line}: {b.reason}: {b.text[:80]!r}"
-                      for b in bad_rows[:MAX_LISTED_BAD_ROWS])
+    shown = "\n".join(
+        f"  {b}" if unit == "line" else f"  {Path(b.path).name} row {b.line}: {b.reason}: {b.text[:80]!r}"
+        for b in bad_rows[:MAX_LISTED_BAD_ROWS]
+    )
     more = len(bad_rows) - MAX_LISTED_BAD_ROWS
     tail = f"\n  ... and {more} more" if more > 0 else ""
-    return (f"{path}: {len(bad_rows)} bad row(s):\n{shown}{tail}\n"
-            "fix or remove these rows (`fuselabel inspect` lists every one)")
+    return (
+        f"{path}: {len(bad_rows)} bad row(s):\n{shown}{tail}\n"
+        "fix or remove these rows (`fuselabel inspect` lists every one)"
+    )
 
 
 def read_records(path: str | os.PathLike[str], *, strict: bool = True) -> RecordSet:
@@ -439,7 +451,9 @@ def parse_records(text: str, path: str | os.PathLike[str] = "<text>", *, strict:
         text = text.replace("\r\n", "\n")
     lines = text.split("\n")
     if not lines[0].strip():
-        raise RecordsError(f"{path}:1: empty file or blank header: expected 'ImageID,Labels,Caption' or 'ImageID,Caption'")
+        raise RecordsError(
+            f"{path}:1: empty file or blank header: expected 'ImageID,Labels,Caption' or 'ImageID,Caption'"
+        )
     labelled = _check_header(lines[0], path)
     parser = _Parser(path, lines, labelled)
     parser.run()
@@ -455,8 +469,9 @@ def parse_records(text: str, path: str | os.PathLike[str] = "<text>", *, strict:
 def resolve_data(data: str | None, csv: str | None, default_csv: str = "train.csv") -> tuple[Path, Path]:
     """(image folder, CSV). ``data`` is the image folder, or a data-set folder holding ``data/`` and the CSV."""
     if not data:
-        raise ValueError("no data folder given; pass --data IMAGE_DIR (a folder of images, or one holding data/ "
-                         "and the CSV)")
+        raise ValueError(
+            "no data folder given; pass --data IMAGE_DIR (a folder of images, or one holding data/ and the CSV)"
+        )
     root = Path(data)
     if not root.is_dir():
         raise ValueError(f"data folder {root} not found; pass --data IMAGE_DIR --csv FILE")

@@ -35,13 +35,13 @@ from .writers import atomic_write_text
 log = logging.getLogger(__name__)
 
 CALIBRATION_BINS = 10
-GALLERY_ROWS = 24        # worst rows shown
-ISSUE_ROWS = 30          # likely label errors shown
-THUMBNAIL_SIZE = 160     # longest side, pixels
+GALLERY_ROWS = 24  # worst rows shown
+ISSUE_ROWS = 30  # likely label errors shown
+THUMBNAIL_SIZE = 160  # longest side, pixels
 MODALITY_CASES = ("both inputs", "photo removed", "caption removed")
-DISAGREEMENT_ROWS = 30   # rows where compared models disagree, shown
+DISAGREEMENT_ROWS = 30  # rows where compared models disagree, shown
 AVERAGES = ("micro avg", "macro avg", "weighted avg", "samples avg")
-FIGURE_DPI = 192         # figures are shown at 96 CSS px an inch: twice the density, sharp on high-density screens
+FIGURE_DPI = 192  # figures are shown at 96 CSS px an inch: twice the density, sharp on high-density screens
 
 
 def _calibration(truth: np.ndarray, probs: np.ndarray) -> dict:
@@ -51,10 +51,15 @@ def _calibration(truth: np.ndarray, probs: np.ndarray) -> dict:
     # The same binning as calibration_curve, whose output skips empty bins.
     counts = np.bincount(np.searchsorted(edges[1:-1], p), minlength=CALIBRATION_BINS)
     weights = counts[counts > 0] / len(p)
-    return {"prob_true": prob_true, "prob_pred": prob_pred, "edges": edges, "counts": counts,
-            # expected calibration error: the bins' gaps between confidence and frequency, weighted by size
-            "ece": float(np.sum(weights * np.abs(prob_true - prob_pred))),
-            "brier": float(brier_score_loss(y, p))}
+    return {
+        "prob_true": prob_true,
+        "prob_pred": prob_pred,
+        "edges": edges,
+        "counts": counts,
+        # expected calibration error: the bins' gaps between confidence and frequency, weighted by size
+        "ece": float(np.sum(weights * np.abs(prob_true - prob_pred))),
+        "brier": float(brier_score_loss(y, p)),
+    }
 
 
 def _pr_curves(truth: np.ndarray, probs: np.ndarray, per_label: list[dict]) -> list[dict]:
@@ -64,8 +69,14 @@ def _pr_curves(truth: np.ndarray, probs: np.ndarray, per_label: list[dict]) -> l
             curves.append({"ap": None})
             continue
         precision, recall, _ = precision_recall_curve(truth[:, j], probs[:, j])
-        curves.append({"precision": precision, "recall": recall, "point": (r["recall"], r["precision"]),
-                       "ap": float(average_precision_score(truth[:, j], probs[:, j]))})
+        curves.append(
+            {
+                "precision": precision,
+                "recall": recall,
+                "point": (r["recall"], r["precision"]),
+                "ap": float(average_precision_score(truth[:, j], probs[:, j])),
+            }
+        )
     return curves
 
 
@@ -79,8 +90,9 @@ def _label_issues(truth: np.ndarray, probs: np.ndarray, pred: np.ndarray) -> tup
         with warnings.catch_warnings(record=True) as caught:
             # cleanlab warns once per rare label per call; said once in the log instead of dozens of times
             warnings.simplefilter("always")
-            ranked = find_label_issues(labels=given, pred_probs=probs, return_indices_ranked_by="self_confidence",
-                                       n_jobs=1)  # a process pool per label costs more than it saves
+            ranked = find_label_issues(
+                labels=given, pred_probs=probs, return_indices_ranked_by="self_confidence", n_jobs=1
+            )  # a process pool per label costs more than it saves
             quality = get_label_quality_scores(given, probs)
     except ValueError as err:  # e.g. a label that no row holds
         return [], f"cleanlab could not rank these rows: {err}"
@@ -90,8 +102,10 @@ def _label_issues(truth: np.ndarray, probs: np.ndarray, pred: np.ndarray) -> tup
     for i in ranked[:ISSUE_ROWS]:
         # What the model disputes: labels given that it does not predict, labels it predicts that are not given;
         # the most confident first.
-        disputed = [(int(j), float(probs[i, j]), "given" if truth[i, j] else "missing")
-                    for j in np.flatnonzero(truth[i].astype(bool) != pred[i])]
+        disputed = [
+            (int(j), float(probs[i, j]), "given" if truth[i, j] else "missing")
+            for j in np.flatnonzero(truth[i].astype(bool) != pred[i])
+        ]
         disputed.sort(key=lambda d: d[1] if d[2] == "given" else 1 - d[1])
         issues.append({"row": int(i), "quality": float(quality[i]), "disputed": disputed})
     if not issues:
@@ -106,8 +120,18 @@ def _averages(truth: np.ndarray, pred: np.ndarray) -> dict:
     return {name: {k: float(v) for k, v in full[name].items()} for name in AVERAGES}
 
 
-def summarize(truth, probs, thresholds, names, *, labels=None, parts=None, degraded=None,
-              ensure_nonempty: bool = True, history: list[dict] | None = None) -> dict:
+def summarize(
+    truth,
+    probs,
+    thresholds,
+    names,
+    *,
+    labels=None,
+    parts=None,
+    degraded=None,
+    ensure_nonempty: bool = True,
+    history: list[dict] | None = None,
+) -> dict:
     """Every number the report shows, from arrays.
 
     Args:
@@ -131,8 +155,10 @@ def summarize(truth, probs, thresholds, names, *, labels=None, parts=None, degra
     names = [str(n) for n in names]
     labels = [str(x) for x in (labels if labels is not None else names)]
     if truth.shape != probs.shape or truth.shape[1] != len(names) or thresholds.shape != (len(names),):
-        raise ValueError(f"report arrays disagree: truth {truth.shape}, probabilities {probs.shape}, "
-                         f"thresholds {thresholds.shape}, {len(names)} label names")
+        raise ValueError(
+            f"report arrays disagree: truth {truth.shape}, probabilities {probs.shape}, "
+            f"thresholds {thresholds.shape}, {len(names)} label names"
+        )
     usable = np.flatnonzero(np.isfinite(probs).all(1))
     if len(usable) == 0:
         raise ValueError("no row has a usable photo or caption, so there is nothing to report")
@@ -155,28 +181,49 @@ def summarize(truth, probs, thresholds, names, *, labels=None, parts=None, degra
     modality = {MODALITY_CASES[0]: report["mean_f1"]}
     for case in MODALITY_CASES[1:]:
         other = (degraded or {}).get(case)
-        modality[case] = None if other is None else mean_f1(
-            y, decide(np.asarray(other, dtype=np.float64)[usable], thresholds, ensure_nonempty))
+        modality[case] = (
+            None
+            if other is None
+            else mean_f1(y, decide(np.asarray(other, dtype=np.float64)[usable], thresholds, ensure_nonempty))
+        )
 
     # Worst rows: lowest row F1, then the largest gap between the given labels and the probabilities.
     f1 = row_f1(y, pred)
     gap = np.abs(y - p).sum(1)
     order = np.lexsort((-gap, f1))[:GALLERY_ROWS]
-    worst = [{"row": int(usable[i]), "f1": float(f1[i]), "true": np.flatnonzero(y[i]).tolist(),
-              "pred": np.flatnonzero(pred[i]).tolist()} for i in order]
+    worst = [
+        {
+            "row": int(usable[i]),
+            "f1": float(f1[i]),
+            "true": np.flatnonzero(y[i]).tolist(),
+            "pred": np.flatnonzero(pred[i]).tolist(),
+        }
+        for i in order
+    ]
 
     issues, issue_note = _label_issues(y, p, pred)
     for issue in issues:
         local = issue["row"]
-        issue.update(row=int(usable[local]), true=np.flatnonzero(y[local]).tolist(),
-                     pred=np.flatnonzero(pred[local]).tolist())
+        issue.update(
+            row=int(usable[local]), true=np.flatnonzero(y[local]).tolist(), pred=np.flatnonzero(pred[local]).tolist()
+        )
 
     return {
-        "labels": labels, "names": names, "rows": len(usable), "rows_given": len(truth),
-        "rows_without_input": len(truth) - len(usable), "thresholds": thresholds, "ensure_nonempty": ensure_nonempty,
-        "report": report, "averages": averages,
-        "threshold_curve": {"grid": DEFAULT_GRID, "mean_f1": curve, "chosen": float(thresholds[0]) if uniform else None,
-                            "model_mean_f1": report["mean_f1"]},
+        "labels": labels,
+        "names": names,
+        "rows": len(usable),
+        "rows_given": len(truth),
+        "rows_without_input": len(truth) - len(usable),
+        "thresholds": thresholds,
+        "ensure_nonempty": ensure_nonempty,
+        "report": report,
+        "averages": averages,
+        "threshold_curve": {
+            "grid": DEFAULT_GRID,
+            "mean_f1": curve,
+            "chosen": float(thresholds[0]) if uniform else None,
+            "model_mean_f1": report["mean_f1"],
+        },
         "pr": _pr_curves(y, p, report["per_label"]),
         "calibration": calibration,
         "frequency": y.sum(0).astype(int),
@@ -184,7 +231,8 @@ def summarize(truth, probs, thresholds, names, *, labels=None, parts=None, degra
         "modality": modality,
         "history": history,
         "worst": worst,
-        "label_issues": issues, "label_issue_note": issue_note,
+        "label_issues": issues,
+        "label_issue_note": issue_note,
     }
 
 
@@ -250,8 +298,14 @@ def compare(models: list[dict], truth_rows: list[list[str]]) -> dict:
         known = set(m["labels"])
         truth = labels_to_matrix([[t for t in row if t in known] for row in truth_rows], m["labels"])
         report = evaluate(truth, pred, m["labels"], dict(zip(m["labels"], m["names"])))
-        scored.append({"name": m["name"], "mean_f1": report["mean_f1"], "averages": _averages(truth, pred),
-                       "labels": len(m["labels"])})
+        scored.append(
+            {
+                "name": m["name"],
+                "mean_f1": report["mean_f1"],
+                "averages": _averages(truth, pred),
+                "labels": len(m["labels"]),
+            }
+        )
         f1_of.append({r["label"]: r for r in report["per_label"]})
         pred_sets.append([frozenset(np.asarray(m["labels"])[np.flatnonzero(row)].tolist()) for row in pred])
         row_scores.append(row_f1(truth, pred))
@@ -268,11 +322,23 @@ def compare(models: list[dict], truth_rows: list[list[str]]) -> dict:
     differ = [i for i in range(n) if len({sets[i] for sets in pred_sets}) > 1]
     spread = {i: max(s[i] for s in row_scores) - min(s[i] for s in row_scores) for i in differ}
     ranked = sorted(differ, key=lambda i: (-spread[i], i))
-    disagree = [{"row": i, "true": sorted(truth_rows[i], key=str),
-                 "pred": [sorted(sets[i], key=str) for sets in pred_sets],
-                 "f1": [float(s[i]) for s in row_scores]} for i in ranked[:DISAGREEMENT_ROWS]]
-    return {"models": scored, "per_label": per_label, "disagree": disagree, "disagree_count": len(differ),
-            "rows": n, "names": names}
+    disagree = [
+        {
+            "row": i,
+            "true": sorted(truth_rows[i], key=str),
+            "pred": [sorted(sets[i], key=str) for sets in pred_sets],
+            "f1": [float(s[i]) for s in row_scores],
+        }
+        for i in ranked[:DISAGREEMENT_ROWS]
+    ]
+    return {
+        "models": scored,
+        "per_label": per_label,
+        "disagree": disagree,
+        "disagree_count": len(differ),
+        "rows": n,
+        "names": names,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,8 +406,10 @@ def figure_html(fig, caption: str) -> str:
     fig.savefig(buffer, format="png", dpi=FIGURE_DPI, facecolor="white")
     width, height = (round(v * FIGURE_DPI) // 2 for v in fig.get_size_inches())
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return (f'<figure><div class="scroll"><img class="figure" src="data:image/png;base64,{data}" width="{width}" '
-            f'height="{height}" alt="{_esc(caption)}"></div></figure>')
+    return (
+        f'<figure><div class="scroll"><img class="figure" src="data:image/png;base64,{data}" width="{width}" '
+        f'height="{height}" alt="{_esc(caption)}"></div></figure>'
+    )
 
 
 class _Thumbnails:
@@ -369,92 +437,138 @@ class _Thumbnails:
         buffer = io.BytesIO()
         img.save(buffer, "JPEG", quality=80)
         data = base64.b64encode(buffer.getvalue()).decode("ascii")
-        return (f'<img class="thumb" src="data:image/jpeg;base64,{data}" width="{img.width}" height="{img.height}" '
-                f'alt="photo of {_esc(info["image_id"])}">')
+        return (
+            f'<img class="thumb" src="data:image/jpeg;base64,{data}" width="{img.width}" height="{img.height}" '
+            f'alt="photo of {_esc(info["image_id"])}">'
+        )
 
 
 def _row_cells(summary: dict, row: dict, rows: list[dict], thumbs: _Thumbnails) -> str:
     info = rows[row["row"]]
     true, pred = set(row["true"]), set(row["pred"])
-    return (f"<td class=\"pic\">{thumbs(row['row'])}</td><td>{_esc(info['image_id'])}<div class=\"caption\">"
-            f"{_esc(info.get('caption') or '')}</div></td><td>{_names(summary, sorted(true))}</td>"
-            f"<td>{_names(summary, sorted(pred))}"
-            f"<div class=\"miss\">missed: {_names(summary, sorted(true - pred))}</div>"
-            f"<div class=\"extra\">extra: {_names(summary, sorted(pred - true))}</div></td>")
+    return (
+        f'<td class="pic">{thumbs(row["row"])}</td><td>{_esc(info["image_id"])}<div class="caption">'
+        f"{_esc(info.get('caption') or '')}</div></td><td>{_names(summary, sorted(true))}</td>"
+        f"<td>{_names(summary, sorted(pred))}"
+        f'<div class="miss">missed: {_names(summary, sorted(true - pred))}</div>'
+        f'<div class="extra">extra: {_names(summary, sorted(pred - true))}</div></td>'
+    )
 
 
 def _averages_table(averages: dict) -> str:
-    head = ('<tr><th></th><th class="num">precision</th><th class="num">recall</th><th class="num">F1</th>'
-            '<th class="num">support</th></tr>')
-    body = "".join(f'<tr class="avg"><th>{_esc(name)}</th><td class="num">{a["precision"]:.4f}</td>'
-                   f'<td class="num">{a["recall"]:.4f}</td><td class="num">{a["f1-score"]:.4f}</td>'
-                   f'<td class="num">{int(a["support"])}</td></tr>' for name, a in averages.items())
+    head = (
+        '<tr><th></th><th class="num">precision</th><th class="num">recall</th><th class="num">F1</th>'
+        '<th class="num">support</th></tr>'
+    )
+    body = "".join(
+        f'<tr class="avg"><th>{_esc(name)}</th><td class="num">{a["precision"]:.4f}</td>'
+        f'<td class="num">{a["recall"]:.4f}</td><td class="num">{a["f1-score"]:.4f}</td>'
+        f'<td class="num">{int(a["support"])}</td></tr>'
+        for name, a in averages.items()
+    )
     return _scroll(f'<table class="averages">{head}{body}</table>')
 
 
-_AVERAGES_NOTE = ("<p class=\"note\">As scikit-learn's <code>classification_report</code>: micro pools every "
-                  "(row, label) decision, macro averages the labels equally, weighted averages them by support, "
-                  "samples averages the rows; a label never predicted counts 0. Mean F1 is samples F1 except that "
-                  "a row with neither given nor predicted labels counts 1.</p>")
+_AVERAGES_NOTE = (
+    '<p class="note">As scikit-learn\'s <code>classification_report</code>: micro pools every '
+    "(row, label) decision, macro averages the labels equally, weighted averages them by support, "
+    "samples averages the rows; a label never predicted counts 0. Mean F1 is samples F1 except that "
+    "a row with neither given nor predicted labels counts 1.</p>"
+)
 
 
 def _headline(summary: dict) -> str:
     r = summary["report"]
-    items = [("rows", summary["rows"]), ("mean F1", f"{r['mean_f1']:.4f}"), ("micro F1", f"{r['micro_f1']:.4f}"),
-             ("macro F1", f"{r['macro_f1']:.4f}"), ("exact match", f"{r['exact_match']:.4f}")]
-    body = "".join(f"<tr><th>{_esc(k)}</th><td class=\"num\">{_esc(v)}</td></tr>" for k, v in items)
+    items = [
+        ("rows", summary["rows"]),
+        ("mean F1", f"{r['mean_f1']:.4f}"),
+        ("micro F1", f"{r['micro_f1']:.4f}"),
+        ("macro F1", f"{r['macro_f1']:.4f}"),
+        ("exact match", f"{r['exact_match']:.4f}"),
+    ]
+    body = "".join(f'<tr><th>{_esc(k)}</th><td class="num">{_esc(v)}</td></tr>' for k, v in items)
     note = ""
     if summary["rows_without_input"]:
-        note = (f'<p class="note">{summary["rows_without_input"]} of {summary["rows_given"]} rows had neither a '
-                "usable photo nor a caption and are left out of every figure.</p>")
-    return ('<div class="pair"><div><h3>Headline</h3>' + _scroll(f'<table class="headline">{body}</table>')
-            + '</div><div><h3>Averages over labels and rows</h3>' + _averages_table(summary["averages"])
-            + "</div></div>" + note + _AVERAGES_NOTE)
+        note = (
+            f'<p class="note">{summary["rows_without_input"]} of {summary["rows_given"]} rows had neither a '
+            "usable photo nor a caption and are left out of every figure.</p>"
+        )
+    return (
+        '<div class="pair"><div><h3>Headline</h3>'
+        + _scroll(f'<table class="headline">{body}</table>')
+        + "</div><div><h3>Averages over labels and rows</h3>"
+        + _averages_table(summary["averages"])
+        + "</div></div>"
+        + note
+        + _AVERAGES_NOTE
+    )
 
 
 def _label_table(summary: dict) -> str:
-    head = "<tr><th>label</th><th>name</th><th class=\"num\">threshold</th><th class=\"num\">precision</th>" \
-           "<th class=\"num\">recall</th><th class=\"num\">F1</th><th class=\"num\">support</th>" \
-           "<th class=\"num\">predicted</th></tr>"
+    head = (
+        '<tr><th>label</th><th>name</th><th class="num">threshold</th><th class="num">precision</th>'
+        '<th class="num">recall</th><th class="num">F1</th><th class="num">support</th>'
+        '<th class="num">predicted</th></tr>'
+    )
     body = "".join(
-        f"<tr><td>{_esc(r['label'])}</td><td>{_esc(r['name'])}</td><td class=\"num\">{t:.2f}</td>"
-        f"<td class=\"num\">{r['precision']:.3f}</td><td class=\"num\">{r['recall']:.3f}</td>"
-        f"<td class=\"num\">{r['f1']:.3f}</td><td class=\"num\">{r['support']}</td>"
-        f"<td class=\"num\">{r['predicted']}</td></tr>"
-        for r, t in zip(summary["report"]["per_label"], summary["thresholds"]))
-    avg = "".join(f'<tr class="avg"><th colspan="3">{_esc(name)}</th><td class="num">{a["precision"]:.3f}</td>'
-                  f'<td class="num">{a["recall"]:.3f}</td><td class="num">{a["f1-score"]:.3f}</td>'
-                  f'<td class="num">{int(a["support"])}</td><td></td></tr>' for name, a in summary["averages"].items())
+        f'<tr><td>{_esc(r["label"])}</td><td>{_esc(r["name"])}</td><td class="num">{t:.2f}</td>'
+        f'<td class="num">{r["precision"]:.3f}</td><td class="num">{r["recall"]:.3f}</td>'
+        f'<td class="num">{r["f1"]:.3f}</td><td class="num">{r["support"]}</td>'
+        f'<td class="num">{r["predicted"]}</td></tr>'
+        for r, t in zip(summary["report"]["per_label"], summary["thresholds"])
+    )
+    avg = "".join(
+        f'<tr class="avg"><th colspan="3">{_esc(name)}</th><td class="num">{a["precision"]:.3f}</td>'
+        f'<td class="num">{a["recall"]:.3f}</td><td class="num">{a["f1-score"]:.3f}</td>'
+        f'<td class="num">{int(a["support"])}</td><td></td></tr>'
+        for name, a in summary["averages"].items()
+    )
     return _scroll(f"<table>{head}{body}{avg}</table>")
 
 
 def _modality_table(summary: dict) -> str:
-    cells = "".join(f"<tr><th>{_esc(k)}</th><td class=\"num\">{'-' if v is None else f'{v:.4f}'}</td></tr>"
-                    for k, v in summary["modality"].items())
-    return (_scroll(f"<table>{cells}</table>") + "<p class=\"note\">Photo removed: every row predicted from its "
-            "caption alone; caption removed: from its photo alone ('-': the model does not read that input, so "
-            "removing the other leaves it nothing).</p>")
+    cells = "".join(
+        f'<tr><th>{_esc(k)}</th><td class="num">{"-" if v is None else f"{v:.4f}"}</td></tr>'
+        for k, v in summary["modality"].items()
+    )
+    return (
+        _scroll(f"<table>{cells}</table>") + '<p class="note">Photo removed: every row predicted from its '
+        "caption alone; caption removed: from its photo alone ('-': the model does not read that input, so "
+        "removing the other leaves it nothing).</p>"
+    )
 
 
 def _issues_table(summary: dict, rows: list[dict], thumbs: _Thumbnails) -> str:
     if not summary["label_issues"]:
         return f'<p class="note">{_esc(summary["label_issue_note"])}</p>'
-    head = "<tr><th>#</th><th>photo</th><th>row</th><th>given labels</th><th>predicted</th>" \
-           "<th>disputed (probability)</th><th>label quality</th></tr>"
+    head = (
+        "<tr><th>#</th><th>photo</th><th>row</th><th>given labels</th><th>predicted</th>"
+        "<th>disputed (probability)</th><th>label quality</th></tr>"
+    )
     body = []
     for rank, issue in enumerate(summary["label_issues"], 1):
-        disputed = "; ".join(f"{'given' if kind == 'given' else 'not given'}: {_esc(summary['names'][j])} ({p:.2f})"
-                             for j, p, kind in issue["disputed"]) or "-"
+        disputed = (
+            "; ".join(
+                f"{'given' if kind == 'given' else 'not given'}: {_esc(summary['names'][j])} ({p:.2f})"
+                for j, p, kind in issue["disputed"]
+            )
+            or "-"
+        )
         cells = _row_cells(summary, issue, rows, thumbs)
         row_id = _esc(rows[issue["row"]]["image_id"])
-        body.append(f"<tr data-image-id=\"{row_id}\"><td class=\"num\">{rank}</td>{cells}<td>{disputed}</td>"
-                    f"<td class=\"num\">{issue['quality']:.3f}</td></tr>")
-    return (f"<p>{_esc(summary['label_issue_note'])}. The model has learnt the labels of the rows it trained on, "
-            "so the ranking is sharpest on rows it did not (<code>--split val</code>).</p>"
-            + _scroll(f"<table class=\"gallery\" id=\"label-issues\">{head}{''.join(body)}</table>"))
+        body.append(
+            f'<tr data-image-id="{row_id}"><td class="num">{rank}</td>{cells}<td>{disputed}</td>'
+            f'<td class="num">{issue["quality"]:.3f}</td></tr>'
+        )
+    return (
+        f"<p>{_esc(summary['label_issue_note'])}. The model has learnt the labels of the rows it trained on, "
+        "so the ranking is sharpest on rows it did not (<code>--split val</code>).</p>"
+        + _scroll(f'<table class="gallery" id="label-issues">{head}{"".join(body)}</table>')
+    )
 
 
 # ---- the run: which model, trained how, on which data, when ----
+
 
 def _read_json(path: Path) -> dict:
     try:
@@ -489,8 +603,11 @@ def describe_run(model_dir) -> dict:
         ("model", folder.resolve().name),
         ("model id (weights sha256)", weights[:16] if weights else missing),
         ("written by", f"fuselabel {written}" if written else missing),
-        ("kind", config.get("kind", missing) + (f", {config['late_combine']} fusion"
-                                                 if config.get("kind") == "late" else "")),
+        (
+            "kind",
+            config.get("kind", missing)
+            + (f", {config['late_combine']} fusion" if config.get("kind") == "late" else ""),
+        ),
         ("image encoder", f"{config.get('image_model', missing)} at {config.get('image_size', '?')} px"),
         ("text encoder", f"{config.get('text_model', missing)}, {config.get('text_max_length', '?')} tokens"),
         ("regime", metrics.get("regime") or run.get("regime", missing)),
@@ -502,22 +619,31 @@ def describe_run(model_dir) -> dict:
         ("validation mean F1", f"{validation['mean_f1']:.4f}" if "mean_f1" in validation else missing),
         ("seed", run.get("seed", missing)),
     ]
-    return {"name": folder.resolve().name, "id": weights[:16] if weights else None, "written_by": written,
-            "settings": config, "run": run, "facts": facts}
+    return {
+        "name": folder.resolve().name,
+        "id": weights[:16] if weights else None,
+        "written_by": written,
+        "settings": config,
+        "run": run,
+        "facts": facts,
+    }
 
 
 def _settings_table(values: dict) -> str:
     body = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(json.dumps(v))}</td></tr>" for k, v in values.items())
-    return _scroll(f"<table class=\"settings\">{body}</table>") if body else '<p class="note">not recorded</p>'
+    return _scroll(f'<table class="settings">{body}</table>') if body else '<p class="note">not recorded</p>'
 
 
 def _data_facts(data: dict) -> list[tuple[str, object]]:
     from . import __version__
 
-    return [("table", data.get("table") or "a table in memory"), ("rows in the table", data.get("rows_in_table", "?")),
-            ("rows reported", f"{data.get('rows_reported', '?')} ({data.get('split', 'all')} rows)"),
-            ("report written", data.get("date") or datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")),
-            ("by", f"fuselabel {__version__}")]
+    return [
+        ("table", data.get("table") or "a table in memory"),
+        ("rows in the table", data.get("rows_in_table", "?")),
+        ("rows reported", f"{data.get('rows_reported', '?')} ({data.get('split', 'all')} rows)"),
+        ("report written", data.get("date") or datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")),
+        ("by", f"fuselabel {__version__}"),
+    ]
 
 
 def _facts_table(facts) -> str:
@@ -529,10 +655,12 @@ def _run_section(run: dict | None, data: dict | None) -> str:
     parts = []
     if run:
         parts.append(_facts_table(run["facts"]))
-        parts.append("<details><summary>Every model setting (config.json)</summary>"
-                     f"{_settings_table(run['settings'])}</details>")
-        parts.append("<details><summary>Every training setting (run.json)</summary>"
-                     f"{_settings_table(run['run'])}</details>")
+        parts.append(
+            f"<details><summary>Every model setting (config.json)</summary>{_settings_table(run['settings'])}</details>"
+        )
+        parts.append(
+            f"<details><summary>Every training setting (run.json)</summary>{_settings_table(run['run'])}</details>"
+        )
     parts.append("<h3>Data and this report</h3>" + _facts_table(_data_facts(data or {})))
     return "".join(parts)
 
@@ -542,21 +670,30 @@ def _page(title: str, sections: list[tuple[str, str, str]]) -> str:
     toc = "".join(f'<li><a href="#{a}">{_esc(h)}</a></li>' for a, h, _ in sections)
     body = "\n".join(f'<section id="{a}"><h2>{_esc(h)}</h2>\n{b}</section>' for a, h, b in sections)
     # The generator tag comes first in <head>: fuselabel.outputs recognises an earlier report by it.
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"generator\" content=\"fuselabel report\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{_esc(title)}</title><style>{_STYLE}</style></head><body>\n<header><h1>{_esc(title)}</h1>"
-            "<p class=\"subtitle\">One file: every figure and photo is inside it.</p></header>\n"
-            f"<nav class=\"toc\" id=\"contents\"><h2>Contents</h2><ol>{toc}</ol></nav>\n{body}\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="generator" content="fuselabel report">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_esc(title)}</title><style>{_STYLE}</style></head><body>\n<header><h1>{_esc(title)}</h1>"
+        '<p class="subtitle">One file: every figure and photo is inside it.</p></header>\n'
+        f'<nav class="toc" id="contents"><h2>Contents</h2><ol>{toc}</ol></nav>\n{body}\n</body></html>\n'
+    )
 
 
-def report_html(summary: dict, rows: list[dict], *, title: str = "fuselabel report", run: dict | None = None,
-                data: dict | None = None) -> str:
+def report_html(
+    summary: dict,
+    rows: list[dict],
+    *,
+    title: str = "fuselabel report",
+    run: dict | None = None,
+    data: dict | None = None,
+) -> str:
     """The page for one model; ``rows[i]`` has ``image_id``, ``caption``, ``image`` (a path or None)."""
     thumbs = _Thumbnails(rows)
     fig = {name: figure_html(f, caption) for name, (f, caption) in draw(summary).items()}
-    gallery = "".join(f"<tr><td class=\"num\">{w['f1']:.2f}</td>{_row_cells(summary, w, rows, thumbs)}</tr>"
-                      for w in summary["worst"])
+    gallery = "".join(
+        f'<tr><td class="num">{w["f1"]:.2f}</td>{_row_cells(summary, w, rows, thumbs)}</tr>' for w in summary["worst"]
+    )
     no_history = '<p class="note">The model folder has no history.csv, so there are no training curves.</p>'
     sections = [
         ("summary", "Summary", _headline(summary)),
@@ -567,16 +704,23 @@ def report_html(summary: dict, rows: list[dict], *, title: str = "fuselabel repo
         ("training", "Training", fig.get("training") or no_history),
         ("labels", "Labels", fig["frequency"] + fig["cooccurrence"]),
         ("inputs", "How much each input carries", fig["modality"] + _modality_table(summary)),
-        ("worst-rows", "Worst rows", _scroll("<table class=\"gallery\" id=\"worst-rows\"><tr><th>row F1</th>"
-                                              "<th>photo</th><th>row</th><th>given labels</th><th>predicted</th></tr>"
-                                              f"{gallery}</table>")),
+        (
+            "worst-rows",
+            "Worst rows",
+            _scroll(
+                '<table class="gallery" id="worst-rows"><tr><th>row F1</th>'
+                "<th>photo</th><th>row</th><th>given labels</th><th>predicted</th></tr>"
+                f"{gallery}</table>"
+            ),
+        ),
         ("label-errors", "Likely label errors", _issues_table(summary, rows, thumbs)),
     ]
     return _page(title, sections)
 
 
-def comparison_html(comparison: dict, rows: list[dict], *, title: str, runs: list[dict] | None = None,
-                    data: dict | None = None) -> str:
+def comparison_html(
+    comparison: dict, rows: list[dict], *, title: str, runs: list[dict] | None = None, data: dict | None = None
+) -> str:
     """The page comparing models on the same rows; ``rows[i]`` as for :func:`report_html`."""
     models = comparison["models"]
     base = models[0]["name"]
@@ -590,63 +734,102 @@ def comparison_html(comparison: dict, rows: list[dict], *, title: str, runs: lis
 
     model_names = [_esc(m["name"]) for m in models]
     plain_heads = "".join(f"<th>{n}</th>" for n in model_names)
-    heads = "".join(f"<th class=\"num\">{n}</th>" for n in model_names)
-    delta_heads = "".join(f"<th class=\"num\">{_esc(m['name'])} &minus; {_esc(base)}</th>" for m in models[1:])
+    heads = "".join(f'<th class="num">{n}</th>' for n in model_names)
+    delta_heads = "".join(f'<th class="num">{_esc(m["name"])} &minus; {_esc(base)}</th>' for m in models[1:])
     lines = [("mean F1", [m["mean_f1"] for m in models])] + [
         (f"{name} {key}", [m["averages"][name][key] for m in models])
-        for name in AVERAGES for key in ("precision", "recall", "f1-score")]
+        for name in AVERAGES
+        for key in ("precision", "recall", "f1-score")
+    ]
     summary = "".join(
         f"<tr><th>{_esc(label.replace('f1-score', 'F1'))}</th>"
         + "".join(f'<td class="num">{v:.4f}</td>' for v in values)
-        + "".join(delta_cell(v - values[0]) for v in values[1:]) + "</tr>" for label, values in lines)
-    summary_table = _scroll(f"<table id=\"compare-summary\"><tr><th></th>{heads}{delta_heads}</tr>{summary}</table>")
+        + "".join(delta_cell(v - values[0]) for v in values[1:])
+        + "</tr>"
+        for label, values in lines
+    )
+    summary_table = _scroll(f'<table id="compare-summary"><tr><th></th>{heads}{delta_heads}</tr>{summary}</table>')
     per_label = "".join(
-        f"<tr data-label=\"{_esc(r['label'])}\"><td>{_esc(r['label'])}</td><td>{_esc(r['name'])}</td>"
-        f"<td class=\"num\">{r['support']}</td>"
+        f'<tr data-label="{_esc(r["label"])}"><td>{_esc(r["label"])}</td><td>{_esc(r["name"])}</td>'
+        f'<td class="num">{r["support"]}</td>'
         + "".join('<td class="num">-</td>' if f is None else f'<td class="num">{f:.4f}</td>' for f in r["f1"])
-        + "".join(delta_cell(d) for d in r["delta"]) + "</tr>" for r in comparison["per_label"])
-    label_table = _scroll(f"<table id=\"compare-labels\"><tr><th>label</th><th>name</th><th class=\"num\">support</th>"
-                          f"{heads}{delta_heads}</tr>{per_label}</table>")
+        + "".join(delta_cell(d) for d in r["delta"])
+        + "</tr>"
+        for r in comparison["per_label"]
+    )
+    label_table = _scroll(
+        f'<table id="compare-labels"><tr><th>label</th><th>name</th><th class="num">support</th>'
+        f"{heads}{delta_heads}</tr>{per_label}</table>"
+    )
     names = comparison["names"]
 
     def label_list(tokens):
         return ", ".join(_esc(names.get(t, t)) for t in tokens) or "<i>none</i>"
 
     gallery = "".join(
-        f"<tr data-image-id=\"{_esc(rows[d['row']]['image_id'])}\"><td class=\"pic\">{thumbs(d['row'])}</td>"
-        f"<td>{_esc(rows[d['row']]['image_id'])}<div class=\"caption\">{_esc(rows[d['row']].get('caption') or '')}"
+        f'<tr data-image-id="{_esc(rows[d["row"]]["image_id"])}"><td class="pic">{thumbs(d["row"])}</td>'
+        f'<td>{_esc(rows[d["row"]]["image_id"])}<div class="caption">{_esc(rows[d["row"]].get("caption") or "")}'
         f"</div></td><td>{label_list(d['true'])}</td>"
-        + "".join(f"<td>{label_list(p)}<div class=\"note\">row F1 {f:.2f}</div></td>"
-                  for p, f in zip(d["pred"], d["f1"])) + "</tr>" for d in comparison["disagree"])
+        + "".join(f'<td>{label_list(p)}<div class="note">row F1 {f:.2f}</div></td>' for p, f in zip(d["pred"], d["f1"]))
+        + "</tr>"
+        for d in comparison["disagree"]
+    )
     shown = len(comparison["disagree"])
-    disagree = (f"<p>{comparison['disagree_count']} of {comparison['rows']} rows get different label sets"
-                + (f"; the {shown} with the largest difference in row F1 are shown" if shown else "") + ".</p>"
-                + (_scroll(f"<table class=\"gallery\" id=\"disagreements\"><tr><th>photo</th><th>row</th>"
-                           f"<th>given labels</th>{plain_heads}</tr>{gallery}</table>") if shown else ""))
+    disagree = (
+        f"<p>{comparison['disagree_count']} of {comparison['rows']} rows get different label sets"
+        + (f"; the {shown} with the largest difference in row F1 are shown" if shown else "")
+        + ".</p>"
+        + (
+            _scroll(
+                f'<table class="gallery" id="disagreements"><tr><th>photo</th><th>row</th>'
+                f"<th>given labels</th>{plain_heads}</tr>{gallery}</table>"
+            )
+            if shown
+            else ""
+        )
+    )
     runs = runs or []
     facts = [[k for k, _ in r["facts"]] for r in runs]
     run_table = ""
     if runs:
         keys = list(dict.fromkeys(k for f in facts for k in f))
         values = [dict(r["facts"]) for r in runs]
-        body = "".join(f"<tr><th>{_esc(k)}</th>" + "".join(f"<td>{_esc(v.get(k, '-'))}</td>" for v in values)
-                       + "</tr>" for k in keys)
+        body = "".join(
+            f"<tr><th>{_esc(k)}</th>" + "".join(f"<td>{_esc(v.get(k, '-'))}</td>" for v in values) + "</tr>"
+            for k in keys
+        )
         setting_keys = list(dict.fromkeys(k for r in runs for k in (*r["settings"], *r["run"])))
         differ = []
         for k in setting_keys:
             seen = [json.dumps({**r["settings"], **r["run"]}.get(k)) for r in runs]
             if len(set(seen)) > 1:
                 differ.append(f"<tr><th>{_esc(k)}</th>" + "".join(f"<td>{_esc(v)}</td>" for v in seen) + "</tr>")
-        run_table = (_scroll(f"<table><tr><th></th>{plain_heads}</tr>{body}</table>") + "<h3>Settings that differ</h3>"
-                     + (_scroll(f"<table><tr><th></th>{plain_heads}</tr>{''.join(differ)}</table>") if differ
-                        else '<p class="note">none: the models were trained with the same settings</p>'))
+        run_table = (
+            _scroll(f"<table><tr><th></th>{plain_heads}</tr>{body}</table>")
+            + "<h3>Settings that differ</h3>"
+            + (
+                _scroll(f"<table><tr><th></th>{plain_heads}</tr>{''.join(differ)}</table>")
+                if differ
+                else '<p class="note">none: the models were trained with the same settings</p>'
+            )
+        )
     sections = [
-        ("summary", "Summary", summary_table + f"<p class=\"note\">Deltas are each model minus {_esc(base)} "
-         "(the first named). Each model is scored on the labels it knows.</p>" + _AVERAGES_NOTE),
-        ("run", "Models, runs and data", run_table + "<h3>Data and this report</h3>"
-         + _facts_table(_data_facts(data or {}))),
-        ("per-label", "Per-label F1", figure_html(figures.f1_deltas(comparison), "Per-label F1 differences")
-         + label_table),
+        (
+            "summary",
+            "Summary",
+            summary_table + f'<p class="note">Deltas are each model minus {_esc(base)} '
+            "(the first named). Each model is scored on the labels it knows.</p>" + _AVERAGES_NOTE,
+        ),
+        (
+            "run",
+            "Models, runs and data",
+            run_table + "<h3>Data and this report</h3>" + _facts_table(_data_facts(data or {})),
+        ),
+        (
+            "per-label",
+            "Per-label F1",
+            figure_html(figures.f1_deltas(comparison), "Per-label F1 differences") + label_table,
+        ),
         ("disagreements", "Rows where the models disagree", disagree),
     ]
     return _page(title, sections)
@@ -655,8 +838,17 @@ def comparison_html(comparison: dict, rows: list[dict], *, title: str, runs: lis
 # ---- writing it ----
 
 # The files the earlier report (a folder with index.html) wrote beside its page: removed when it is rewritten.
-_OLD_REPORT_FILES = ("scores.png", "confusion.png", "thresholds.png", "pr_curves.png", "calibration.png",
-                     "training.png", "frequency.png", "cooccurrence.png", "modality.png")
+_OLD_REPORT_FILES = (
+    "scores.png",
+    "confusion.png",
+    "thresholds.png",
+    "pr_curves.png",
+    "calibration.png",
+    "training.png",
+    "frequency.png",
+    "cooccurrence.png",
+    "modality.png",
+)
 
 
 def report_target(out, inputs=()) -> Path:
@@ -676,8 +868,10 @@ def report_target(out, inputs=()) -> Path:
         raise outputs.OutputError(f"{out}: is a folder; --out names the HTML file to write, e.g. {out / 'report.html'}")
     outputs.check_output(out, outputs.FILE, inputs)
     if kind == outputs.FILE and not outputs.is_report_page(out):
-        raise outputs.OutputError(f"{out}: already exists and is not a fuselabel report, which a report may not "
-                                  "replace: choose a new path, or move the file away first")
+        raise outputs.OutputError(
+            f"{out}: already exists and is not a fuselabel report, which a report may not "
+            "replace: choose a new path, or move the file away first"
+        )
     return out
 
 
@@ -697,8 +891,15 @@ def _write_page(page: str, out) -> Path:
     return target
 
 
-def write_report(summary: dict, rows: list[dict], out, *, title: str = "fuselabel report",
-                 run: dict | None = None, data: dict | None = None) -> Path:
+def write_report(
+    summary: dict,
+    rows: list[dict],
+    out,
+    *,
+    title: str = "fuselabel report",
+    run: dict | None = None,
+    data: dict | None = None,
+) -> Path:
     """Write the one-file report to ``out`` (:func:`report_target` says what an existing ``out`` may be);
     returns the file written. Everything is drawn before anything is written."""
     return _write_page(report_html(summary, rows, title=title, run=run, data=data), out)
@@ -719,8 +920,12 @@ def _labelled_rows(model, model_dir, table, columns, split: str):
 
 def _data(records, table_rows: int, reported: int, split: str) -> dict:
     path = getattr(records, "path", None)
-    return {"table": Path(path).name if path else None, "rows_in_table": table_rows, "rows_reported": reported,
-            "split": split}
+    return {
+        "table": Path(path).name if path else None,
+        "rows_in_table": table_rows,
+        "rows_reported": reported,
+        "split": split,
+    }
 
 
 def build_report(model_dir, data_dir, csv_path, out, *, split: str = "all", columns=None) -> Path:
@@ -741,8 +946,10 @@ def build_report(model_dir, data_dir, csv_path, out, *, split: str = "all", colu
     full = model.predict_details(images=images, captions=captions)
     # Each head's figures cover only the rows that had its input.
     seen = {"image": full.image_present, "text": full.caption_present}
-    parts = {head: np.where(seen.get(head, full.image_present | full.caption_present)[:, None], p, np.nan)
-             for head, p in full.parts.items()}
+    parts = {
+        head: np.where(seen.get(head, full.image_present | full.caption_present)[:, None], p, np.nan)
+        for head, p in full.parts.items()
+    }
     degraded = {}
     if config.kind == "late":
         # Late fusion answers a one-input row with that input's head: the heads already hold the answers.
@@ -754,15 +961,28 @@ def build_report(model_dir, data_dir, csv_path, out, *, split: str = "all", colu
         if config.uses_image:
             degraded["caption removed"] = model.predict_details(images=images, captions=[None] * len(rows)).probs
     truth = labels_to_matrix([[label for label in r.labels if label in known] for r in rows], model.bundle_.labels)
-    summary = summarize(truth, full.probs, model.thresholds_, model.label_names_, labels=model.bundle_.labels,
-                        parts=parts, degraded=degraded,
-                        ensure_nonempty=model.bundle_.thresholds.get("ensure_nonempty", True),
-                        history=read_history(Path(model_dir) / "history.csv"))
+    summary = summarize(
+        truth,
+        full.probs,
+        model.thresholds_,
+        model.label_names_,
+        labels=model.bundle_.labels,
+        parts=parts,
+        degraded=degraded,
+        ensure_nonempty=model.bundle_.thresholds.get("ensure_nonempty", True),
+        history=read_history(Path(model_dir) / "history.csv"),
+    )
     page_rows = [{"image_id": r.id, "caption": r.caption, "image": img} for r, img in zip(rows, images)]
     name = Path(csv_path).name if csv_path else "a table"
     title = f"fuselabel report: {Path(model_dir).resolve().name} on {name} ({split} rows)"
-    return write_report(summary, page_rows, out, title=title, run=describe_run(model_dir),
-                        data=_data(records, len(records.records), summary["rows"], split))
+    return write_report(
+        summary,
+        page_rows,
+        out,
+        title=title,
+        run=describe_run(model_dir),
+        data=_data(records, len(records.records), summary["rows"], split),
+    )
 
 
 def build_comparison(model_dirs, data_dir, table, out, *, split: str = "all", columns=None) -> Path:
@@ -782,8 +1002,9 @@ def build_comparison(model_dirs, data_dir, table, out, *, split: str = "all", co
         records, rows = _labelled_rows(model, model_dir, table, columns, split)
         unseen = sorted({label for r in rows for label in r.labels} - set(model.bundle_.labels))
         if unseen:
-            log.warning(f"{records.path}: label(s) {model_dir} never saw are left out of its scores: "
-                        f"{', '.join(unseen[:10])}")
+            log.warning(
+                f"{records.path}: label(s) {model_dir} never saw are left out of its scores: {', '.join(unseen[:10])}"
+            )
         by_id = {r.id: r for r in rows}
         chosen = [r.id for r in rows] if chosen is None else [i for i in chosen if i in by_id]
         models.append((model, by_id))
@@ -794,15 +1015,21 @@ def build_comparison(model_dirs, data_dir, table, out, *, split: str = "all", co
         rows = [by_id[i] for i in chosen]
         images = [str(Path(data_dir) / r.image_id) if r.image_id else None for r in rows]
         details = model.predict_details(images=images, captions=[r.caption for r in rows])
-        pred = details.predicted   # the model's own decision rule, as it predicts
-        entries.append({"name": name, "labels": list(model.bundle_.labels), "names": list(model.label_names_),
-                        "pred": pred})
+        pred = details.predicted  # the model's own decision rule, as it predicts
+        entries.append(
+            {"name": name, "labels": list(model.bundle_.labels), "names": list(model.label_names_), "pred": pred}
+        )
         if page_rows is None:
             page_rows = [{"image_id": r.id, "caption": r.caption, "image": img} for r, img in zip(rows, images)]
             truth_rows = [list(r.labels) for r in rows]
     comparison = compare(entries, truth_rows)
     table_name = Path(records.path).name if getattr(records, "path", None) else "a table"
     title = f"fuselabel report: {' vs '.join(names)} on {table_name} ({split} rows)"
-    page = comparison_html(comparison, page_rows, title=title, runs=[describe_run(m) for m in model_dirs],
-                           data=_data(records, len(records.records), len(chosen), split))
+    page = comparison_html(
+        comparison,
+        page_rows,
+        title=title,
+        runs=[describe_run(m) for m in model_dirs],
+        data=_data(records, len(records.records), len(chosen), split),
+    )
     return _write_page(page, out)

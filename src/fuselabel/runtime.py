@@ -19,10 +19,11 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -45,33 +46,36 @@ WINDOW = 64
 class Prediction:
     """What the model says about a batch of rows; every array has one row per input row."""
 
-    probs: np.ndarray                   # (n, L) fused probabilities; NaN where a row had no usable input
-    parts: dict[str, np.ndarray]        # per-head probabilities: image / text (late), early, or one head
-    predicted: np.ndarray               # (n, L) bool: the label sets
-    image_present: np.ndarray           # (n,) bool
-    caption_present: np.ndarray         # (n,) bool
-    status: list[str]                   # ok | caption_only | image_only | no_input
-    image_errors: list[str | None] = field(default_factory=list)   # why a photo was unusable
-    texts_cut: int = 0                  # captions longer than the model's text length, cut to it
+    probs: np.ndarray  # (n, L) fused probabilities; NaN where a row had no usable input
+    parts: dict[str, np.ndarray]  # per-head probabilities: image / text (late), early, or one head
+    predicted: np.ndarray  # (n, L) bool: the label sets
+    image_present: np.ndarray  # (n,) bool
+    caption_present: np.ndarray  # (n,) bool
+    status: list[str]  # ok | caption_only | image_only | no_input
+    image_errors: list[str | None] = field(default_factory=list)  # why a photo was unusable
+    texts_cut: int = 0  # captions longer than the model's text length, cut to it
 
     def __len__(self) -> int:
         return len(self.status)
 
     @classmethod
-    def concat(cls, chunks: Sequence["Prediction"]) -> "Prediction":
+    def concat(cls, chunks: Sequence[Prediction]) -> Prediction:
         first = chunks[0]
-        return cls(probs=np.concatenate([c.probs for c in chunks]),
-                   parts={k: np.concatenate([c.parts[k] for c in chunks]) for k in first.parts},
-                   predicted=np.concatenate([c.predicted for c in chunks]),
-                   image_present=np.concatenate([c.image_present for c in chunks]),
-                   caption_present=np.concatenate([c.caption_present for c in chunks]),
-                   status=[s for c in chunks for s in c.status],
-                   image_errors=[e for c in chunks for e in c.image_errors],
-                   texts_cut=sum(c.texts_cut for c in chunks))
+        return cls(
+            probs=np.concatenate([c.probs for c in chunks]),
+            parts={k: np.concatenate([c.parts[k] for c in chunks]) for k in first.parts},
+            predicted=np.concatenate([c.predicted for c in chunks]),
+            image_present=np.concatenate([c.image_present for c in chunks]),
+            caption_present=np.concatenate([c.caption_present for c in chunks]),
+            status=[s for c in chunks for s in c.status],
+            image_errors=[e for c in chunks for e in c.image_errors],
+            texts_cut=sum(c.texts_cut for c in chunks),
+        )
 
 
-def fuse(parts: dict[str, np.ndarray], combine: str, weight: float, image_present: np.ndarray,
-         caption_present: np.ndarray) -> np.ndarray:
+def fuse(
+    parts: dict[str, np.ndarray], combine: str, weight: float, image_present: np.ndarray, caption_present: np.ndarray
+) -> np.ndarray:
     """One probability per label from per-head probabilities: late fusion's two rules and missing inputs.
 
     Rows missing an input are judged by the head that saw the other one; a head that saw nothing
@@ -80,20 +84,20 @@ def fuse(parts: dict[str, np.ndarray], combine: str, weight: float, image_presen
     image_present = np.asarray(image_present, bool)[:, None]
     caption_present = np.asarray(caption_present, bool)[:, None]
     if len(parts) == 1:
-        (name, p), = parts.items()
+        ((name, p),) = parts.items()
         seen = {"image": image_present, "text": caption_present}.get(name, image_present | caption_present)
         return np.where(seen, p, np.nan).astype(np.float32)
     p_img, p_txt = parts["image"], parts["text"]
     # The union of two thresholded sets under one threshold t is exactly {max(p_img, p_txt) >= t},
     # so the max lets thresholds be tuned and stored like any other model's.
     both = np.maximum(p_img, p_txt) if combine == "union" else weight * p_img + (1 - weight) * p_txt
-    fused = np.where(image_present & caption_present, both,
-                     np.where(image_present, p_img, np.where(caption_present, p_txt, np.nan)))
+    fused = np.where(
+        image_present & caption_present, both, np.where(image_present, p_img, np.where(caption_present, p_txt, np.nan))
+    )
     return fused.astype(np.float32)
 
 
-def decide(probs: np.ndarray, thresholds: np.ndarray, ensure_nonempty: bool, task: str = "multilabel"
-           ) -> np.ndarray:
+def decide(probs: np.ndarray, thresholds: np.ndarray, ensure_nonempty: bool, task: str = "multilabel") -> np.ndarray:
     """Label sets from probabilities; rows without probabilities get no labels.
 
     ``task="multiclass"``: the most probable label alone, whatever the thresholds (the max of two
@@ -102,8 +106,11 @@ def decide(probs: np.ndarray, thresholds: np.ndarray, ensure_nonempty: bool, tas
     known = ~np.isnan(probs).any(axis=1)
     out = np.zeros(probs.shape, dtype=bool)
     if known.any():
-        out[known] = apply_argmax(probs[known]) if task == "multiclass" else \
-            apply_thresholds(probs[known], thresholds, ensure_nonempty)
+        out[known] = (
+            apply_argmax(probs[known])
+            if task == "multiclass"
+            else apply_thresholds(probs[known], thresholds, ensure_nonempty)
+        )
     return out
 
 
@@ -114,15 +121,15 @@ def caption_given(caption) -> bool:
 class Engine(Protocol):
     """Runs a model's encoders and heads on numbers; a Predictor does everything around them."""
 
-    kind: str                  # image | text | early | late
-    task: str                  # multilabel | multiclass (softmax heads, one label a row)
+    kind: str  # image | text | early | late
+    task: str  # multilabel | multiclass (softmax heads, one label a row)
     late_combine: str
     late_weight: float
-    data_config: dict | None   # image preprocessing (timm data config); None for text-only models
+    data_config: dict | None  # image preprocessing (timm data config); None for text-only models
     tta_flip: bool
-    feature_dims: dict         # {"image": d, "text": d} for the modalities the model uses
-    name: str                  # which runtime, for the user: "onnxruntime", "torch (cpu)", ...
-    texts_cut: int             # captions so far longer than the text length (cut to it)
+    feature_dims: dict  # {"image": d, "text": d} for the modalities the model uses
+    name: str  # which runtime, for the user: "onnxruntime", "torch (cpu)", ...
+    texts_cut: int  # captions so far longer than the text length (cut to it)
 
     def image_features(self, pixels: np.ndarray) -> np.ndarray: ...
 
@@ -149,7 +156,7 @@ def usable_cores() -> int:
     """How many cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
     try:
         cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):   # not Linux
+    except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
     quota = _cgroup_quota()
     if quota is not None:
@@ -159,8 +166,10 @@ def usable_cores() -> int:
 
 def _cgroup_quota() -> float | None:
     """The CPU quota of this process's cgroup in cores (v2 ``cpu.max``, v1 ``cfs_quota_us``); None: no limit."""
-    candidates = [("/sys/fs/cgroup/cpu.max", None),
-                  ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")]
+    candidates = [
+        ("/sys/fs/cgroup/cpu.max", None),
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    ]
     for quota_file, period_file in candidates:
         try:
             fields = Path(quota_file).read_text().split()
@@ -182,19 +191,22 @@ def _workers(workers: int | None) -> int:
     return usable_cores() if workers is None else max(1, workers)
 
 
-def read_photos(images: Sequence[ImageInput], image_dir, data_config: dict, workers: int | None = None
-                ) -> tuple[list, list[str | None]]:
+def read_photos(
+    images: Sequence[ImageInput], image_dir, data_config: dict, workers: int | None = None
+) -> tuple[list, list[str | None]]:
     """Decoded, preprocessed photos (None where unusable) and why each unusable one is."""
     pixels, errors = read_photos_uint8(images, image_dir, data_config, workers)
     table = pixel_table(data_config)
     return [normalise(p, table) if p is not None else None for p in pixels], errors
 
 
-def read_photos_uint8(images: Sequence[ImageInput], image_dir, data_config: dict, workers: int | None = 1
-                      ) -> tuple[list, list[str | None]]:
+def read_photos_uint8(
+    images: Sequence[ImageInput], image_dir, data_config: dict, workers: int | None = 1
+) -> tuple[list, list[str | None]]:
     """Decoded photos as the encoder's (3, H, W) uint8 pixels (None where unusable), and why each unusable one is."""
+
     def one(item):
-        img, err = open_image(item, image_dir, size=data_config)   # no more pixels than the encoder uses
+        img, err = open_image(item, image_dir, size=data_config)  # no more pixels than the encoder uses
         return (eval_uint8(img, data_config), None) if img is not None else (None, err)
 
     workers = _workers(workers)
@@ -207,8 +219,9 @@ def read_photos_uint8(images: Sequence[ImageInput], image_dir, data_config: dict
     return [d[0] for d in done], [d[1] for d in done]
 
 
-def _image_window(engine: Engine, images: Sequence[ImageInput], image_dir, batch_size: int, table
-                  ) -> tuple[np.ndarray | None, np.ndarray, list[str | None]]:
+def _image_window(
+    engine: Engine, images: Sequence[ImageInput], image_dir, batch_size: int, table
+) -> tuple[np.ndarray | None, np.ndarray, list[str | None]]:
     """One window of rows: decode, then encode in batches at fixed positions (missing photos left out)."""
     pixels, errors = read_photos_uint8(images, image_dir, engine.data_config, workers=1)
     n = len(images)
@@ -229,9 +242,15 @@ def _image_window(engine: Engine, images: Sequence[ImageInput], image_dir, batch
     return out, present, errors
 
 
-def encode_images(engine: Engine, images: Sequence[ImageInput], image_dir=None, *, batch_size: int = 16,
-                  workers: int | None = None, progress: bool = False
-                  ) -> tuple[np.ndarray | None, np.ndarray, list[str | None]]:
+def encode_images(
+    engine: Engine,
+    images: Sequence[ImageInput],
+    image_dir=None,
+    *,
+    batch_size: int = 16,
+    workers: int | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray | None, np.ndarray, list[str | None]]:
     """The one image feature loop: (features (n, d), zeros where unusable; present (n,) bool; errors).
 
     The rows are cut into windows of ``WINDOW``; ``workers`` threads (default: the usable cores) each
@@ -247,21 +266,23 @@ def encode_images(engine: Engine, images: Sequence[ImageInput], image_dir=None, 
     table = pixel_table(engine.data_config)
     # disable=None: tqdm stays quiet when output is not a terminal (a log file, a pipe).
     bar = tqdm(total=n, desc="image features", unit="photo", disable=None if progress else True, leave=False)
-    for lo, (f, p, e) in _over_windows(lambda a, b: _image_window(engine, images[a:b], image_dir, batch_size,
-                                                                     table), n, workers):
-        errors[lo:lo + len(e)] = e
-        present[lo:lo + len(p)] = p
+    for lo, (f, p, e) in _over_windows(
+        lambda a, b: _image_window(engine, images[a:b], image_dir, batch_size, table), n, workers
+    ):
+        errors[lo : lo + len(e)] = e
+        present[lo : lo + len(p)] = p
         if f is not None:
             if out is None:
                 out = np.zeros((n, f.shape[1]), dtype=np.float32)
-            out[lo:lo + len(f)] = f
+            out[lo : lo + len(f)] = f
         bar.update(len(p))
     bar.close()
     return out, present, errors
 
 
-def encode_texts(engine: Engine, captions: Sequence[str], workers: int | None = None, batch_size: int = 64
-                 ) -> np.ndarray:
+def encode_texts(
+    engine: Engine, captions: Sequence[str], workers: int | None = None, batch_size: int = 64
+) -> np.ndarray:
     """Text features of many captions (training's frozen features): batches of similar length, as
     ``encode_by_length`` makes them, spread over ``workers`` threads (default: the usable cores)."""
     captions = list(captions)
@@ -299,27 +320,45 @@ def _over_windows(work, n: int, workers: int | None) -> Iterator[tuple[int, obje
 class Predictor:
     """Chunked prediction over any engine: the only place rows become probabilities and label sets."""
 
-    def __init__(self, engine: Engine, labels: Sequence[str], thresholds, ensure_nonempty: bool = True, *,
-                 batch_size: int = 16, workers: int | None = None, strict: bool = False,
-                 chunk_size: int = 8 * WINDOW, task: str | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        labels: Sequence[str],
+        thresholds,
+        ensure_nonempty: bool = True,
+        *,
+        batch_size: int = 16,
+        workers: int | None = None,
+        strict: bool = False,
+        chunk_size: int = 8 * WINDOW,
+        task: str | None = None,
+    ):
         self.engine = engine
         self.labels = list(labels)
         self.thresholds = np.asarray(thresholds, dtype=np.float32)
         self.ensure_nonempty = ensure_nonempty
         # The decision rule follows the model (its engine) unless a caller says otherwise.
         self.task = task or getattr(engine, "task", "multilabel")
-        self.texts_cut = 0   # captions cut to the model's text length, over every call so far
+        self.texts_cut = 0  # captions cut to the model's text length, over every call so far
         # Small batches suit onnxruntime on a few CPU cores (measured: 16 beats 64 by ~10 %).
         self.batch_size = batch_size
         self.workers = workers
         self.strict = strict
         if WINDOW % batch_size or chunk_size % WINDOW:
-            raise ValueError(f"batch_size must divide {WINDOW} and chunk_size be a multiple of it "
-                             f"(got {batch_size} and {chunk_size})")
+            raise ValueError(
+                f"batch_size must divide {WINDOW} and chunk_size be a multiple of it "
+                f"(got {batch_size} and {chunk_size})"
+            )
         self.chunk_size = chunk_size
 
-    def predict(self, images: Sequence[ImageInput] | None, captions: Sequence[str | None] | None, *,
-                image_dir=None, row_names: Sequence[str] | None = None) -> Prediction:
+    def predict(
+        self,
+        images: Sequence[ImageInput] | None,
+        captions: Sequence[str | None] | None,
+        *,
+        image_dir=None,
+        row_names: Sequence[str] | None = None,
+    ) -> Prediction:
         """One chunk of rows (callers keep chunks bounded; ``iter_predict`` does it for them)."""
         kind = self.engine.kind
         n = len(images) if images is not None else len(captions)
@@ -338,8 +377,11 @@ class Predictor:
 
         def window(lo: int, hi: int):
             # Photos, then captions, of one window on one worker: the other workers' windows run meanwhile.
-            image = _image_window(self.engine, images[lo:hi], image_dir, self.batch_size, table) \
-                if uses_image(kind) else None
+            image = (
+                _image_window(self.engine, images[lo:hi], image_dir, self.batch_size, table)
+                if uses_image(kind)
+                else None
+            )
             idx = np.flatnonzero(caption_present[lo:hi])
             text = self.engine.text_features([captions[lo + i] for i in idx]) if len(idx) else None
             return image, (idx, text)
@@ -347,20 +389,26 @@ class Predictor:
         for lo, (image, (idx, text)) in _over_windows(window, n, self.workers):
             if image is not None:
                 f, p, e = image
-                image_present[lo:lo + len(p)], errors[lo:lo + len(e)] = p, e
+                image_present[lo : lo + len(p)], errors[lo : lo + len(e)] = p, e
                 if f is not None:
-                    feats.setdefault("image_feat", np.zeros((n, f.shape[1]), np.float32))[lo:lo + len(f)] = f
+                    feats.setdefault("image_feat", np.zeros((n, f.shape[1]), np.float32))[lo : lo + len(f)] = f
             if text is not None:
                 feats.setdefault("text_feat", np.zeros((n, text.shape[1]), np.float32))[lo + idx] = text
         texts_cut = getattr(self.engine, "texts_cut", 0) - cut_before
         if self.strict:
             self._check_strict(image_present, caption_present, errors, row_names, kind)
         self.texts_cut += texts_cut
-        return self.predict_features(feats, image_present, caption_present, image_errors=errors,
-                                     texts_cut=texts_cut)
+        return self.predict_features(feats, image_present, caption_present, image_errors=errors, texts_cut=texts_cut)
 
-    def predict_features(self, feats: dict[str, np.ndarray], image_present, caption_present, *,
-                         image_errors: list | None = None, texts_cut: int = 0) -> Prediction:
+    def predict_features(
+        self,
+        feats: dict[str, np.ndarray],
+        image_present,
+        caption_present,
+        *,
+        image_errors: list | None = None,
+        texts_cut: int = 0,
+    ) -> Prediction:
         """The rest of the path from encoder features on (``image_feat``, ``text_feat``: rows already encoded,
         such as the frozen features training cached): heads in fixed windows, fusion, the decision rule."""
         kind = self.engine.kind
@@ -368,16 +416,24 @@ class Predictor:
         caption_present = np.asarray(caption_present, bool)
         n = len(image_present)
         inputs = self._complete(feats, n, image_present, caption_present)
-        windows = [self.engine.heads({k: v[lo:lo + WINDOW] for k, v in inputs.items()}) for lo in range(0, n, WINDOW)]
+        windows = [self.engine.heads({k: v[lo : lo + WINDOW] for k, v in inputs.items()}) for lo in range(0, n, WINDOW)]
         parts = {k: np.concatenate([w[k] for w in windows]) for k in windows[0]} if n else {}
-        probs = fuse(parts, self.engine.late_combine, self.engine.late_weight, image_present, caption_present) \
-            if n else np.zeros((0, len(self.labels)), np.float32)
+        probs = (
+            fuse(parts, self.engine.late_combine, self.engine.late_weight, image_present, caption_present)
+            if n
+            else np.zeros((0, len(self.labels)), np.float32)
+        )
         status = [_status(i, c, kind) for i, c in zip(image_present, caption_present)]
-        return Prediction(probs=probs, parts=parts,
-                          predicted=decide(probs, self.thresholds, self.ensure_nonempty, self.task),
-                          image_present=image_present, caption_present=caption_present, status=status,
-                          image_errors=image_errors if image_errors is not None else [None] * n,
-                          texts_cut=texts_cut)
+        return Prediction(
+            probs=probs,
+            parts=parts,
+            predicted=decide(probs, self.thresholds, self.ensure_nonempty, self.task),
+            image_present=image_present,
+            caption_present=caption_present,
+            status=status,
+            image_errors=image_errors if image_errors is not None else [None] * n,
+            texts_cut=texts_cut,
+        )
 
     def _complete(self, feats: dict, n: int, image_present: np.ndarray, caption_present: np.ndarray) -> dict:
         """Every input the heads take, with zeros for what a row lacks (its head's answer is then unused)."""
@@ -395,14 +451,24 @@ class Predictor:
         for i in range(len(image_present)):
             name = row_names[i] if row_names is not None else f"row {i}"
             if uses_image(kind) and not image_present[i]:
-                raise ImageError(f"{name}: {errors[i]} (strict mode: every row needs its photo; drop --strict to "
-                                 "predict such rows from their caption)")
+                raise ImageError(
+                    f"{name}: {errors[i]} (strict mode: every row needs its photo; drop --strict to "
+                    "predict such rows from their caption)"
+                )
             if uses_text(kind) and not caption_present[i]:
-                raise ValueError(f"{name}: empty caption (strict mode: every row needs its caption; drop --strict "
-                                 "to predict such rows from their photo)")
+                raise ValueError(
+                    f"{name}: empty caption (strict mode: every row needs its caption; drop --strict "
+                    "to predict such rows from their photo)"
+                )
 
-    def iter_predict(self, rows: Iterable[tuple[ImageInput, str | None]], *, image_dir=None,
-                     names: Iterable[str] | None = None, chunk_size: int | None = None) -> Iterator[Prediction]:
+    def iter_predict(
+        self,
+        rows: Iterable[tuple[ImageInput, str | None]],
+        *,
+        image_dir=None,
+        names: Iterable[str] | None = None,
+        chunk_size: int | None = None,
+    ) -> Iterator[Prediction]:
         """Predictions for a stream of (photo, caption) rows, one bounded chunk at a time, in order."""
         size = chunk_size or self.chunk_size
         names_iter = iter(names) if names is not None else None
@@ -432,6 +498,7 @@ def _status(image: bool, caption: bool, kind: str) -> str:
 
 # --------------------------------------------------------------------------- exported ONNX folders
 
+
 def session(path, threads: int | None = None):
     """An onnxruntime CPU session, single-threaded by default: the cores are kept busy by workers over
     different windows of rows (two 1-thread streams scale better than one 2-thread one, and a window's
@@ -458,12 +525,14 @@ class OnnxFolderEngine:
             raise FileNotFoundError(f"{self.folder}: no {MANIFEST}; not an exported fuselabel ONNX folder")
         m = json.loads(path.read_text())
         if m.get("format") != ONNX_FORMAT or m.get("version") != ONNX_FORMAT_VERSION:
-            raise ValueError(f"{path}: ONNX folder format {m.get('format')} version {m.get('version')}; this "
-                             f"fuselabel reads {ONNX_FORMAT} version {ONNX_FORMAT_VERSION}: export the model again "
-                             f"with `fuselabel export MODEL_DIR`")
+            raise ValueError(
+                f"{path}: ONNX folder format {m.get('format')} version {m.get('version')}; this "
+                f"fuselabel reads {ONNX_FORMAT} version {ONNX_FORMAT_VERSION}: export the model again "
+                f"with `fuselabel export MODEL_DIR`"
+            )
         self.manifest = m
         self.kind, self.late_combine, self.late_weight = m["kind"], m["late_combine"], float(m["late_weight"])
-        self.task = m.get("task", "multilabel")   # folders exported before multiclass models are multilabel
+        self.task = m.get("task", "multilabel")  # folders exported before multiclass models are multilabel
         self.texts_cut = 0
         self._lock = threading.Lock()
         self.data_config = m["preprocessing"]
@@ -490,8 +559,8 @@ class OnnxFolderEngine:
 
     def _encode_text(self, captions: list[str]) -> np.ndarray:
         enc = self.tokenizer.encode_batch(captions)
-        with self._lock:   # workers count from several threads
-            self.texts_cut += sum(bool(e.overflowing) for e in enc)   # truncation keeps what it cut there
+        with self._lock:  # workers count from several threads
+            self.texts_cut += sum(bool(e.overflowing) for e in enc)  # truncation keeps what it cut there
         ids = np.asarray([e.ids for e in enc], dtype=np.int64)
         mask = np.asarray([e.attention_mask for e in enc], dtype=np.int64)
         return self.sessions["text_encoder"].run(None, {"input_ids": ids, "attention_mask": mask})[0]
@@ -512,8 +581,8 @@ def encode_by_length(encode, captions: list[str], batch_size: int = 64, workers:
     """``encode(list of captions) -> (b, d)`` in batches of similar length (little padding), in input order;
     the batches spread over ``workers`` threads (the same batches whatever their number)."""
     order = np.argsort([len(c) for c in captions], kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    run = lambda idx: encode([captions[j] for j in idx])   # noqa: E731
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    run = lambda idx: encode([captions[j] for j in idx])  # noqa: E731
     workers = min(workers, max(1, len(batches)))
     out: np.ndarray | None = None
     with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:

@@ -70,17 +70,18 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("fuselabel.access")
 
 WEB = Path(__file__).with_name("web")
-MAX_CAPTION_CHARS = 10_000   # far beyond any token limit; keeps tokenising on the model thread cheap
-WORK_PATHS = ("/predict", "/predict/batch", "/explain")   # the requests that admission control counts
+MAX_CAPTION_CHARS = 10_000  # far beyond any token limit; keeps tokenising on the model thread cheap
+WORK_PATHS = ("/predict", "/predict/batch", "/explain")  # the requests that admission control counts
 ROUTES = {"/", "/health", "/labels", "/info", "/metrics", "/docs", "/redoc", "/openapi.json", *WORK_PATHS}
 
-DEFAULTS = {key: default for key, (default, _) in SERVE_LIMITS.items()}   # the limits of ``fuselabel serve``
+DEFAULTS = {key: default for key, (default, _) in SERVE_LIMITS.items()}  # the limits of ``fuselabel serve``
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 
 
 # ---------------------------------------------------------------- the model, on one thread
+
 
 class ModelChanged(RuntimeError):
     """The model folder's weights are no longer those the service started with."""
@@ -95,16 +96,25 @@ class Model:
     ``num_workers`` are the runtime settings of ``fuselabel predict``.
     """
 
-    def __init__(self, path: str | Path, *, cache_dir: str | None = None, feature_engine: str = "auto",
-                 num_workers: int | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        cache_dir: str | None = None,
+        feature_engine: str = "auto",
+        num_workers: int | None = None,
+    ):
         t0 = time.perf_counter()
         self.path = Path(path)
-        runtime = {k: v for k, v in dict(cache_dir=cache_dir, feature_engine=feature_engine,
-                                         num_workers=num_workers).items() if v is not None}
+        runtime = {
+            k: v
+            for k, v in dict(cache_dir=cache_dir, feature_engine=feature_engine, num_workers=num_workers).items()
+            if v is not None
+        }
         exported = None
         if feature_engine != "torch" and not gpu_driver_present():
             exported = _exported_copy(self.path, cache_dir)
-        self._bundle = None   # the PyTorch model (network, tokenizer) that explanations run on
+        self._bundle = None  # the PyTorch model (network, tokenizer) that explanations run on
         if exported is not None:
             self.estimator = FuseLabel.from_pretrained(exported, **runtime)
             # The exported copy keeps only what prediction needs; /info shows the folder's own settings.
@@ -124,7 +134,7 @@ class Model:
         self.estimator.predict_details([Image.new("RGB", (64, 64), "gray")], ["a photo"])
         engine = self.estimator.predictor().engine
         self.engine = engine.name
-        self.preprocessing = engine.data_config   # photos are decoded for this, no larger
+        self.preprocessing = engine.data_config  # photos are decoded for this, no larger
         self.fusion = _fusion(self.estimator)
         self.load_seconds = time.perf_counter() - t0
         log.info("model %s loaded in %.1f s: %s", self.id, self.load_seconds, self.engine)
@@ -132,8 +142,10 @@ class Model:
     @property
     def labels(self) -> list[dict]:
         est = self.estimator
-        return [{"id": lab, "name": name, "threshold": float(t)}
-                for lab, name, t in zip(est.labels_, est.label_names_, est.thresholds_)]
+        return [
+            {"id": lab, "name": name, "threshold": float(t)}
+            for lab, name, t in zip(est.labels_, est.label_names_, est.thresholds_)
+        ]
 
     def predict(self, images: list, captions: list):
         return self.worker.submit(self.estimator.predict_details, images, captions).result()
@@ -143,7 +155,8 @@ class Model:
             from .explain import explain
 
             return self.estimator.predict_details([image], [caption]), explain(
-                self._torch_bundle(), label_index, image, caption)
+                self._torch_bundle(), label_index, image, caption
+            )
 
         return self.worker.submit(both).result()
 
@@ -158,8 +171,10 @@ class Model:
             bundle = load_bundle(self.path)
             # Hashed after the load: a folder replaced before or during it holds other weights by now.
             if _weights_digest(self.path) != self.digest:
-                raise ModelChanged(f"the model folder's weights changed after the service started (it serves "
-                                   f"{self.id}); restart the service to explain with them")
+                raise ModelChanged(
+                    f"the model folder's weights changed after the service started (it serves "
+                    f"{self.id}); restart the service to explain with them"
+                )
             self._bundle = bundle
         return self._bundle
 
@@ -172,7 +187,7 @@ def _exported_copy(path: Path, cache_dir: str | None) -> Path | None:
     folder = exported_folder(path, cache_dir)
     if folder is None or (folder / "manifest.json").is_file():
         return folder
-    from .export import export_cached   # imports torch: only while the copy is missing
+    from .export import export_cached  # imports torch: only while the copy is missing
 
     return export_cached(path, cache_dir)
 
@@ -191,15 +206,19 @@ def _fusion(estimator: FuseLabel) -> dict:
         weight = None
     elif kind == "late":
         weight = round(float(engine.late_weight), 4)
-        rule = (f"{weight:g} x the photo head's probability + {1 - weight:g} x the caption head's")
+        rule = f"{weight:g} x the photo head's probability + {1 - weight:g} x the caption head's"
     elif kind == "early":
         rule, weight = "one head over the photo's and the caption's features together", None
     else:
         rule, weight = f"the {'photo' if kind == 'image' else 'caption'} head alone", None
     if kind == "late":
         rule += "; with only one input given, that input's head alone"
-    return {"kind": kind, "combine": engine.late_combine if kind == "late" else None, "image_weight": weight,
-            "rule": rule}
+    return {
+        "kind": kind,
+        "combine": engine.late_combine if kind == "late" else None,
+        "image_weight": weight,
+        "rule": rule,
+    }
 
 
 # ---------------------------------------------------------------- the API's shapes (for OpenAPI and checks)
@@ -225,8 +244,10 @@ class LabelRef(BaseModel):
 class LabelScore(Label):
     probability: float
     predicted: bool
-    parts: dict[str, float] = Field(description="each head's probability: image and text (late fusion), "
-                                                "early, or the one head; fused by /info's fusion rule")
+    parts: dict[str, float] = Field(
+        description="each head's probability: image and text (late fusion), "
+        "early, or the one head; fused by /info's fusion rule"
+    )
 
 
 class Row(BaseModel):
@@ -258,8 +279,9 @@ class WordScore(BaseModel):
     text: str
     start: int
     end: int
-    score: float | None = Field(description="share of the logit above an empty caption; null: past the "
-                                            "model's token limit, not read")
+    score: float | None = Field(
+        description="share of the logit above an empty caption; null: past the model's token limit, not read"
+    )
 
 
 class Words(BaseModel):
@@ -320,26 +342,48 @@ class Info(BaseModel):
 
 
 class BatchItem(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"caption": "a man riding a bike down a street", "image_base64": "/9j/4AAQSkZJRgABAQ..."}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"caption": "a man riding a bike down a street", "image_base64": "/9j/4AAQSkZJRgABAQ..."}]
+        },
+    )
     caption: str | None = None
     image_base64: str | None = Field(None, description="the photo's bytes in base64 (a data: URL also works)")
 
 
 ERRORS = {
-    413: {"model": Error, "description": "the body is over the upload limit, or a batch has too many items",
-          "content": {"application/json": {"example": {
-              "detail": "request body over the upload limit of 10 MB (fuselabel serve --max-upload-mb)"}}}},
-    415: {"model": Error, "description": "a photo that cannot be decoded, or has too many pixels",
-          "content": {"application/json": {"example": {
-              "detail": "image: not an image file (send a JPEG, PNG, WebP, GIF or BMP file)"}}}},
-    422: {"model": Error, "description": "no input the model reads, or a malformed field",
-          "content": {"application/json": {"example": {"detail": "request: send a photo or caption, or both"}}}},
-    503: {"model": Error, "description": "busy: too many requests at work and waiting; retry after the "
-                                         "`Retry-After` header's seconds",
-          "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait"}},
-          "content": {"application/json": {"example": {
-              "detail": "busy: 4 requests at work and 32 waiting; retry after 2 s"}}}},
+    413: {
+        "model": Error,
+        "description": "the body is over the upload limit, or a batch has too many items",
+        "content": {
+            "application/json": {
+                "example": {"detail": "request body over the upload limit of 10 MB (fuselabel serve --max-upload-mb)"}
+            }
+        },
+    },
+    415: {
+        "model": Error,
+        "description": "a photo that cannot be decoded, or has too many pixels",
+        "content": {
+            "application/json": {
+                "example": {"detail": "image: not an image file (send a JPEG, PNG, WebP, GIF or BMP file)"}
+            }
+        },
+    },
+    422: {
+        "model": Error,
+        "description": "no input the model reads, or a malformed field",
+        "content": {"application/json": {"example": {"detail": "request: send a photo or caption, or both"}}},
+    },
+    503: {
+        "model": Error,
+        "description": "busy: too many requests at work and waiting; retry after the `Retry-After` header's seconds",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait"}},
+        "content": {
+            "application/json": {"example": {"detail": "busy: 4 requests at work and 32 waiting; retry after 2 s"}}
+        },
+    },
 }
 
 
@@ -357,7 +401,7 @@ def _photo(data: bytes, where: str = "image", size=None, max_pixels: int | None 
     if not data:
         return None
     try:
-        return load_rgb(data, name=where, size=size, max_pixels=max_pixels)   # refuses bombs by pixel count
+        return load_rgb(data, name=where, size=size, max_pixels=max_pixels)  # refuses bombs by pixel count
     except (ImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise HTTPException(415, f"{err} (send a JPEG, PNG, WebP, GIF or BMP file)") from None
 
@@ -376,14 +420,17 @@ def _require_input(kind: str, image, caption, where: str = "request") -> None:
     given = [name for name, value in (("photo", image), ("caption", caption)) if value is not None]
     if not set(given) & set(reads):
         what = " or ".join(reads)
-        raise HTTPException(422, f"{where}: send a {what}" + (" (this model reads only its "
-                                 f"{reads[0]}s)" if len(reads) == 1 else ", or both"))
+        raise HTTPException(
+            422,
+            f"{where}: send a {what}"
+            + (f" (this model reads only its {reads[0]}s)" if len(reads) == 1 else ", or both"),
+        )
 
 
 def _decode_base64(text: str | None, where: str) -> bytes:
     if not text:
         return b""
-    if text.startswith("data:") and "," in text:   # a data: URL, as browsers write them
+    if text.startswith("data:") and "," in text:  # a data: URL, as browsers write them
         text = text.split(",", 1)[1]
     try:
         return base64.b64decode(text, validate=True)
@@ -400,7 +447,7 @@ class Decoder:
         self.size, self.max_pixels, self.metrics = size, max_pixels, metrics
 
     def _one(self, data: bytes | str | None, where: str):
-        if isinstance(data, str) or data is None:   # base64 is decoded here too: one item's bytes at a time
+        if isinstance(data, str) or data is None:  # base64 is decoded here too: one item's bytes at a time
             data = _decode_base64(data, where.split(":")[0])
         photo = _photo(data, where, self.size, self.max_pixels)
         if photo is not None:
@@ -415,11 +462,12 @@ class Decoder:
         try:
             return [f.result() for f in futures]
         finally:
-            for f in futures:   # after an error, the rest are not decoded
+            for f in futures:  # after an error, the rest are not decoded
                 f.cancel()
 
 
 # ---------------------------------------------------------------- response building
+
 
 def _rows(model: Model, pred) -> list[dict]:
     est = model.estimator
@@ -427,16 +475,28 @@ def _rows(model: Model, pred) -> list[dict]:
     for i, status in enumerate(pred.status):
         labels = []
         for j, (lab, name) in enumerate(zip(est.labels_, est.label_names_)):
-            labels.append({"id": lab, "name": name, "probability": float(pred.probs[i, j]),
-                           "threshold": float(est.thresholds_[j]), "predicted": bool(pred.predicted[i, j]),
-                           "parts": {part: float(p[i, j]) for part, p in pred.parts.items()}})
-        out.append({
-            "labels": labels,
-            "predicted": [{"id": lab["id"], "name": lab["name"]} for lab in labels if lab["predicted"]],
-            "inputs": [name for name, used in (("image", pred.image_present[i]), ("caption", pred.caption_present[i]))
-                       if used],
-            "status": status,
-        })
+            labels.append(
+                {
+                    "id": lab,
+                    "name": name,
+                    "probability": float(pred.probs[i, j]),
+                    "threshold": float(est.thresholds_[j]),
+                    "predicted": bool(pred.predicted[i, j]),
+                    "parts": {part: float(p[i, j]) for part, p in pred.parts.items()},
+                }
+            )
+        out.append(
+            {
+                "labels": labels,
+                "predicted": [{"id": lab["id"], "name": lab["name"]} for lab in labels if lab["predicted"]],
+                "inputs": [
+                    name
+                    for name, used in (("image", pred.image_present[i]), ("caption", pred.caption_present[i]))
+                    if used
+                ],
+                "status": status,
+            }
+        )
     return out
 
 
@@ -446,20 +506,35 @@ def _explanation(model: Model, label_index: int, pred, expl) -> dict:
     row = _rows(model, pred)[0]
     heat = words = None
     if expl.heatmap is not None:
-        heat = {"png_base64": base64.b64encode(heatmap_png(expl.heatmap)).decode(),
-                "width": int(expl.heatmap.shape[1]), "height": int(expl.heatmap.shape[0]),
-                "target": expl.heatmap_target, "logit": expl.heatmap_logit}
+        heat = {
+            "png_base64": base64.b64encode(heatmap_png(expl.heatmap)).decode(),
+            "width": int(expl.heatmap.shape[1]),
+            "height": int(expl.heatmap.shape[0]),
+            "target": expl.heatmap_target,
+            "logit": expl.heatmap_logit,
+        }
     if expl.words is not None:
-        words = {"items": expl.words, "target": expl.words_target, "logit": expl.words_logit,
-                 "baseline_logit": expl.words_baseline_logit}
-    return {"model": model.id, "label": row["labels"][label_index], "status": row["status"],
-            "inputs": row["inputs"], "fusion": model.fusion, "heatmap": heat, "words": words}
+        words = {
+            "items": expl.words,
+            "target": expl.words_target,
+            "logit": expl.words_logit,
+            "baseline_logit": expl.words_baseline_logit,
+        }
+    return {
+        "model": model.id,
+        "label": row["labels"][label_index],
+        "status": row["status"],
+        "inputs": row["inputs"],
+        "fusion": model.fusion,
+        "heatmap": heat,
+        "words": words,
+    }
 
 
 def _settings(model: Model) -> dict:
     """The model's settings as its folder stores them (model and run groups), naming no path on the server."""
     settings = model.config.saved()
-    for key in ("image_weights", "text_model"):   # local files by path: their names are enough
+    for key in ("image_weights", "text_model"):  # local files by path: their names are enough
         value = settings["model"].get(key)
         if isinstance(value, str) and Path(value).is_absolute():
             settings["model"][key] = Path(value).name
@@ -467,6 +542,7 @@ def _settings(model: Model) -> dict:
 
 
 # ---------------------------------------------------------------- metrics and logs
+
 
 class Metrics:
     """The service's Prometheus metrics, in a registry of its own (one per app).
@@ -479,22 +555,42 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("fuselabel_requests", "HTTP requests answered, by route, method and status",
-                                ["route", "method", "status"], registry=r)
-        self.latency = Histogram("fuselabel_request_duration_seconds", "time from a request's head to its "
-                                 "answer, by route", ["route"], registry=r,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-        self.in_progress = Gauge("fuselabel_requests_in_progress", "prediction requests at work",
-                                 registry=r, multiprocess_mode="livesum")
-        self.waiting = Gauge("fuselabel_requests_waiting", "prediction requests waiting for a turn (the queue)",
-                             registry=r, multiprocess_mode="livesum")
-        self.refused = Counter("fuselabel_requests_refused", "prediction requests answered 503 (busy)",
-                               registry=r)
-        self.model_load = Gauge("fuselabel_model_load_seconds", "time to load the model and make its first "
-                                "prediction", registry=r, multiprocess_mode="max")
+        self.requests = Counter(
+            "fuselabel_requests",
+            "HTTP requests answered, by route, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "fuselabel_request_duration_seconds",
+            "time from a request's head to its answer, by route",
+            ["route"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.in_progress = Gauge(
+            "fuselabel_requests_in_progress", "prediction requests at work", registry=r, multiprocess_mode="livesum"
+        )
+        self.waiting = Gauge(
+            "fuselabel_requests_waiting",
+            "prediction requests waiting for a turn (the queue)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.refused = Counter("fuselabel_requests_refused", "prediction requests answered 503 (busy)", registry=r)
+        self.model_load = Gauge(
+            "fuselabel_model_load_seconds",
+            "time to load the model and make its first prediction",
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.photos = Counter("fuselabel_photos_decoded", "photos decoded", registry=r)
-        self.rows = Counter("fuselabel_rows_predicted", "rows predicted or explained, by the inputs they had "
-                            "(photo+caption, photo, caption)", ["inputs"], registry=r)
+        self.rows = Counter(
+            "fuselabel_rows_predicted",
+            "rows predicted or explained, by the inputs they had (photo+caption, photo, caption)",
+            ["inputs"],
+            registry=r,
+        )
 
     def scrape(self) -> bytes:
         from prometheus_client import CollectorRegistry, generate_latest, multiprocess
@@ -528,31 +624,35 @@ class Observe:
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _SANE_ID.fullmatch(given) else uuid.uuid4().hex
-        REQUEST_ID.set(request_id)   # each request runs in a task (and threads) of its own: no reset needed
+        REQUEST_ID.set(request_id)  # each request runs in a task (and threads) of its own: no reset needed
         status, t0 = 0, time.perf_counter()
 
         async def send_with_id(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (b"x-request-id", request_id.encode())]}
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
-            if status:   # the answer is under way: only the server can end it
+            if status:  # the answer is under way: only the server can end it
                 status = 500
                 raise
             # Answered here rather than by the framework's last-resort handler, so the 500 carries the request
             # id that the logged traceback carries too.
             log.exception("unexpected error answering %s %s", scope["method"], scope["path"])
-            body = json.dumps({"detail": f"internal error (request id {request_id}); the server's log has "
-                                         "the details"}).encode()
-            await send_with_id({"type": "http.response.start", "status": 500,
-                                "headers": [(b"content-type", b"application/json"),
-                                            (b"content-length", str(len(body)).encode())]})
+            body = json.dumps(
+                {"detail": f"internal error (request id {request_id}); the server's log has the details"}
+            ).encode()
+            await send_with_id(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
             await send_with_id({"type": "http.response.body", "body": body})
         finally:
             seconds = time.perf_counter() - t0
@@ -561,9 +661,20 @@ class Observe:
             self.metrics.requests.labels(route, method, shown).inc()
             self.metrics.latency.labels(route).observe(seconds)
             client = scope.get("client")
-            access_log.info("%s %s %s %.1f ms", method, scope["path"], shown, 1000 * seconds,
-                            extra={"method": method, "path": scope["path"], "status": status or None,
-                                   "ms": round(1000 * seconds, 1), "client": client[0] if client else None})
+            access_log.info(
+                "%s %s %s %.1f ms",
+                method,
+                scope["path"],
+                shown,
+                1000 * seconds,
+                extra={
+                    "method": method,
+                    "path": scope["path"],
+                    "status": status or None,
+                    "ms": round(1000 * seconds, 1),
+                    "client": client[0] if client else None,
+                },
+            )
 
 
 class RequestIdFilter(logging.Filter):
@@ -580,9 +691,13 @@ class JsonFormatter(logging.Formatter):
     FIELDS = ("method", "path", "status", "ms", "client")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
-                "logger": record.name, "request_id": getattr(record, "request_id", "-"),
-                "message": record.getMessage()}
+        line = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
         line.update({k: getattr(record, k) for k in self.FIELDS if hasattr(record, k)})
         if record.exc_info:
             line["error"] = self.formatException(record.exc_info)
@@ -593,8 +708,11 @@ def setup_logging(json_logs: bool = False, level: int = logging.INFO) -> None:
     """The service's log lines (its own and uvicorn's) on stderr, each with its request id."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if json_logs else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    handler.setFormatter(
+        JsonFormatter()
+        if json_logs
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -604,6 +722,7 @@ def setup_logging(json_logs: bool = False, level: int = logging.INFO) -> None:
 
 
 # ---------------------------------------------------------------- admission, body and connection limits
+
 
 class Admission:
     """ASGI middleware: at most ``max_concurrency`` prediction requests at work and ``max_queue`` waiting.
@@ -617,7 +736,7 @@ class Admission:
         self.max_concurrency, self.max_queue, self.queue_timeout = max_concurrency, max_queue, queue_timeout
         self.slots = asyncio.Semaphore(max_concurrency)
         self.at_work = self.waiting = 0
-        self.typical_seconds = 1.0   # a moving average of admitted requests' durations
+        self.typical_seconds = 1.0  # a moving average of admitted requests' durations
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in WORK_PATHS:
@@ -635,7 +754,7 @@ class Admission:
                 self.waiting -= 1
                 self.metrics.waiting.dec()
         else:
-            await self.slots.acquire()   # a free slot: taken at once
+            await self.slots.acquire()  # a free slot: taken at once
         self.at_work += 1
         self.metrics.in_progress.inc()
         t0 = time.perf_counter()
@@ -650,9 +769,11 @@ class Admission:
     async def _busy(self, scope, receive, send):
         self.metrics.refused.inc()
         retry = max(1, math.ceil(self.typical_seconds * (self.waiting + 1) / self.max_concurrency))
-        response = JSONResponse({"detail": f"busy: {self.at_work} requests at work and {self.waiting} waiting; "
-                                           f"retry after {retry} s"},
-                                status_code=503, headers={"Retry-After": str(retry)})
+        response = JSONResponse(
+            {"detail": f"busy: {self.at_work} requests at work and {self.waiting} waiting; retry after {retry} s"},
+            status_code=503,
+            headers={"Retry-After": str(retry)},
+        )
         await response(scope, receive, send)
 
 
@@ -703,8 +824,9 @@ class BodyLimit:
 
     async def _refuse(self, scope, receive, send, status: int):
         if status == 413:
-            detail = (f"request body over the upload limit of {self.max_bytes / 1e6:g} MB "
-                      f"(fuselabel serve --max-upload-mb)")
+            detail = (
+                f"request body over the upload limit of {self.max_bytes / 1e6:g} MB (fuselabel serve --max-upload-mb)"
+            )
         else:
             detail = f"request body not received within {self.timeout:g} s (fuselabel serve --body-timeout)"
         # The rest of the body is never read: the connection closes after this answer.
@@ -733,9 +855,9 @@ class TimedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
-            self._arm()        # part of a head has arrived: it has until the deadline for the rest
+            self._arm()  # part of a head has arrived: it has until the deadline for the rest
         else:
-            self._disarm()     # a whole head (the body has its own deadline), or nothing new
+            self._disarm()  # a whole head (the body has its own deadline), or nothing new
 
     def connection_lost(self, exc) -> None:
         self._disarm()
@@ -758,28 +880,51 @@ class TimedH11Protocol(H11Protocol):
 
 # ---------------------------------------------------------------- the app
 
+
 def _check_limits(limits: dict) -> None:
     """ValueError naming each of ``fuselabel serve``'s limits that cannot work."""
     whole = ("max_batch", "decode_workers", "max_concurrency", "max_queue")
-    bad = [f"--{k.replace('_', '-')} must be {'at least 0' if k == 'max_queue' else 'above 0'} (got {v:g})"
-           for k, v in limits.items() if (v < 0 if k == "max_queue" else not v > 0)]
-    bad += [f"--{k.replace('_', '-')} must be a whole number (got {limits[k]:g})" for k in whole
-            if not float(limits[k]).is_integer()]
+    bad = [
+        f"--{k.replace('_', '-')} must be {'at least 0' if k == 'max_queue' else 'above 0'} (got {v:g})"
+        for k, v in limits.items()
+        if (v < 0 if k == "max_queue" else not v > 0)
+    ]
+    bad += [
+        f"--{k.replace('_', '-')} must be a whole number (got {limits[k]:g})"
+        for k in whole
+        if not float(limits[k]).is_integer()
+    ]
     if bad:
         raise ValueError("; ".join(bad))
 
 
-def create_app(model_dir: str | Path, *, max_upload_mb: float = DEFAULTS["max_upload_mb"],
-               max_batch: int = DEFAULTS["max_batch"], max_megapixels: float = DEFAULTS["max_megapixels"],
-               decode_workers: int = DEFAULTS["decode_workers"], max_concurrency: int = DEFAULTS["max_concurrency"],
-               max_queue: int = DEFAULTS["max_queue"], queue_timeout: float = DEFAULTS["queue_timeout"],
-               body_timeout: float = DEFAULTS["body_timeout"], cache_dir: str | None = None,
-               feature_engine: str = "auto", num_workers: int | None = None) -> FastAPIOffline:
+def create_app(
+    model_dir: str | Path,
+    *,
+    max_upload_mb: float = DEFAULTS["max_upload_mb"],
+    max_batch: int = DEFAULTS["max_batch"],
+    max_megapixels: float = DEFAULTS["max_megapixels"],
+    decode_workers: int = DEFAULTS["decode_workers"],
+    max_concurrency: int = DEFAULTS["max_concurrency"],
+    max_queue: int = DEFAULTS["max_queue"],
+    queue_timeout: float = DEFAULTS["queue_timeout"],
+    body_timeout: float = DEFAULTS["body_timeout"],
+    cache_dir: str | None = None,
+    feature_engine: str = "auto",
+    num_workers: int | None = None,
+) -> FastAPIOffline:
     """The service for one model folder (loaded now, once). The limits are ``fuselabel serve``'s options;
     ``cache_dir``, ``feature_engine`` and ``num_workers`` are where the model runs (``Model``)."""
-    limits = dict(max_upload_mb=max_upload_mb, max_batch=max_batch, max_megapixels=max_megapixels,
-                  decode_workers=decode_workers, max_concurrency=max_concurrency, max_queue=max_queue,
-                  queue_timeout=queue_timeout, body_timeout=body_timeout)
+    limits = dict(
+        max_upload_mb=max_upload_mb,
+        max_batch=max_batch,
+        max_megapixels=max_megapixels,
+        decode_workers=decode_workers,
+        max_concurrency=max_concurrency,
+        max_queue=max_queue,
+        queue_timeout=queue_timeout,
+        body_timeout=body_timeout,
+    )
     _check_limits(limits)
     metrics = Metrics()
     model = Model(model_dir, cache_dir=cache_dir, feature_engine=feature_engine, num_workers=num_workers)
@@ -788,13 +933,22 @@ def create_app(model_dir: str | Path, *, max_upload_mb: float = DEFAULTS["max_up
     label_ids = [str(lab) for lab in model.estimator.labels_]
 
     # The docs pages (/docs, /redoc) load their scripts from this package, not from a CDN: they work offline.
-    app = FastAPIOffline(title="fuselabel", summary="Labels for image + caption pairs", version=model.id,
-                         description=f"Labels of this model: {', '.join(label_ids)}. Every error is JSON "
-                                     "`{detail}`; see each route's answers.")
+    app = FastAPIOffline(
+        title="fuselabel",
+        summary="Labels for image + caption pairs",
+        version=model.id,
+        description=f"Labels of this model: {', '.join(label_ids)}. Every error is JSON "
+        "`{detail}`; see each route's answers.",
+    )
     app.add_middleware(BodyLimit, max_bytes=int(max_upload_mb * 1e6), timeout=body_timeout)
-    app.add_middleware(Admission, max_concurrency=int(max_concurrency), max_queue=int(max_queue),
-                       queue_timeout=queue_timeout, metrics=metrics)
-    app.add_middleware(Observe, metrics=metrics)   # added last: the outermost, so it sees every answer
+    app.add_middleware(
+        Admission,
+        max_concurrency=int(max_concurrency),
+        max_queue=int(max_queue),
+        queue_timeout=queue_timeout,
+        metrics=metrics,
+    )
+    app.add_middleware(Observe, metrics=metrics)  # added last: the outermost, so it sees every answer
     app.state.model = model
 
     @app.exception_handler(RequestValidationError)
@@ -811,11 +965,15 @@ def create_app(model_dir: str | Path, *, max_upload_mb: float = DEFAULTS["max_up
     app.mount("/static", StaticFiles(directory=WEB), name="static")
 
     @app.get("/health", response_model=Health, summary="liveness: answers while the process serves")
-    async def health():   # async: answered on the event loop, never behind busy worker threads
+    async def health():  # async: answered on the event loop, never behind busy worker threads
         return {"status": "ok", "model": model.id}
 
-    @app.get("/metrics", summary="Prometheus metrics (text format)",
-             response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics (text format)",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
     async def metrics_page():
         from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -832,19 +990,35 @@ def create_app(model_dir: str | Path, *, max_upload_mb: float = DEFAULTS["max_up
         if metrics_path.is_file():
             figures = json.loads(metrics_path.read_text()).get("validation", {})
         validation = {k: v for k, v in figures.items() if k != "per_label"}
-        return {"model": model.id, "folder": model.path.resolve().name, "size_bytes": folder_size(model.path),
-                "labels": model.labels, "fusion": model.fusion, "settings": _settings(model),
-                "validation": validation,
-                "limits": {"max_upload_mb": max_upload_mb, "max_batch": max_batch,
-                           "max_caption_chars": MAX_CAPTION_CHARS, "max_megapixels": max_megapixels,
-                           "decode_workers": decode_workers, "max_concurrency": max_concurrency,
-                           "max_queue": max_queue, "queue_timeout_s": queue_timeout,
-                           "body_timeout_s": body_timeout}}
+        return {
+            "model": model.id,
+            "folder": model.path.resolve().name,
+            "size_bytes": folder_size(model.path),
+            "labels": model.labels,
+            "fusion": model.fusion,
+            "settings": _settings(model),
+            "validation": validation,
+            "limits": {
+                "max_upload_mb": max_upload_mb,
+                "max_batch": max_batch,
+                "max_caption_chars": MAX_CAPTION_CHARS,
+                "max_megapixels": max_megapixels,
+                "decode_workers": decode_workers,
+                "max_concurrency": max_concurrency,
+                "max_queue": max_queue,
+                "queue_timeout_s": queue_timeout,
+                "body_timeout_s": body_timeout,
+            },
+        }
 
     # The POST handlers are plain functions: FastAPI runs them in worker threads, so decoding photos and
     # waiting for the model thread never hold up the event loop (nor its shutdown).
-    @app.post("/predict", response_model=Prediction, responses=ERRORS,
-              summary="every label's probability for one photo and/or caption")
+    @app.post(
+        "/predict",
+        response_model=Prediction,
+        responses=ERRORS,
+        summary="every label's probability for one photo and/or caption",
+    )
     def predict(image: Photo = None, caption: Caption = None):
         text = _caption(caption)
         photo = decoder.one(image.file.read()) if image is not None else None
@@ -853,28 +1027,40 @@ def create_app(model_dir: str | Path, *, max_upload_mb: float = DEFAULTS["max_up
         metrics.count_rows(pred)
         return {"model": model.id, **_rows(model, pred)[0]}
 
-    @app.post("/predict/batch", response_model=BatchPrediction, responses=ERRORS,
-              summary=f"up to {max_batch} rows in one request")
+    @app.post(
+        "/predict/batch",
+        response_model=BatchPrediction,
+        responses=ERRORS,
+        summary=f"up to {max_batch} rows in one request",
+    )
     def predict_batch(items: list[BatchItem]):
         if not items:
             raise HTTPException(422, "send a non-empty JSON list of {caption, image_base64} items")
         if len(items) > max_batch:
-            raise HTTPException(413, f"{len(items)} items, over the limit of {max_batch} a request "
-                                     f"(fuselabel serve --max-batch)")
+            raise HTTPException(
+                413, f"{len(items)} items, over the limit of {max_batch} a request (fuselabel serve --max-batch)"
+            )
         texts = [_caption(item.caption, f"item {i}: caption") for i, item in enumerate(items)]
-        photos = decoder.many([(item.image_base64 or b"", f"item {i}: image_base64")
-                               for i, item in enumerate(items)])
+        photos = decoder.many([(item.image_base64 or b"", f"item {i}: image_base64") for i, item in enumerate(items)])
         for i, (photo, text) in enumerate(zip(photos, texts)):
             _require_input(model.kind, photo, text, f"item {i}")
         pred = model.predict(photos, texts)
         metrics.count_rows(pred)
         return {"model": model.id, "results": _rows(model, pred)}
 
-    @app.post("/explain", response_model=Explanation, responses=ERRORS,
-              summary="why one label got its probability: a heatmap over the photo, a score for each word")
-    def explain_label(label: Annotated[str, Form(description="a label id, as /labels lists them",
-                                                 json_schema_extra={"enum": label_ids})],
-                      image: Photo = None, caption: Caption = None):
+    @app.post(
+        "/explain",
+        response_model=Explanation,
+        responses=ERRORS,
+        summary="why one label got its probability: a heatmap over the photo, a score for each word",
+    )
+    def explain_label(
+        label: Annotated[
+            str, Form(description="a label id, as /labels lists them", json_schema_extra={"enum": label_ids})
+        ],
+        image: Photo = None,
+        caption: Caption = None,
+    ):
         if label not in label_ids:
             raise HTTPException(422, f"label: {label!r} is not one of this model's labels ({', '.join(label_ids)})")
         text = _caption(caption)
@@ -914,8 +1100,8 @@ def _limit_malloc_arenas(arenas: int = 2, mmap_threshold: int = 8 * 2**20) -> No
     try:
         libc = ctypes.CDLL(name) if name else None
         if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(-8, arenas)           # M_ARENA_MAX
-            libc.mallopt(-3, mmap_threshold)   # M_MMAP_THRESHOLD (fixed: no longer raised by frees)
+            libc.mallopt(-8, arenas)  # M_ARENA_MAX
+            libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD (fixed: no longer raised by frees)
     except OSError:  # not glibc: nothing to cap
         pass
 
@@ -924,7 +1110,7 @@ def _raise_open_file_limit(wanted: int) -> None:
     """Let the process hold ``wanted`` open files (sockets) if the hard limit allows; say so if it does not."""
     try:
         import resource
-    except ImportError:   # Windows: no such limit
+    except ImportError:  # Windows: no such limit
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < wanted:
@@ -934,10 +1120,20 @@ def _raise_open_file_limit(wanted: int) -> None:
             log.warning("open-file limit %d is under --max-connections + 64 (%d): raise it (ulimit -n)", new, wanted)
 
 
-def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, workers: int = 1,
-        max_connections: int = 2048, header_timeout: float = 10.0, json_logs: bool = False,
-        cache_dir: str | None = None, feature_engine: str = "auto", num_workers: int | None = None,
-        **limits) -> None:
+def run(
+    model_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    workers: int = 1,
+    max_connections: int = 2048,
+    header_timeout: float = 10.0,
+    json_logs: bool = False,
+    cache_dir: str | None = None,
+    feature_engine: str = "auto",
+    num_workers: int | None = None,
+    **limits,
+) -> None:
     """Serve until SIGINT or SIGTERM; requests in flight finish first, then this returns.
 
     ``limits`` are create_app's; ``max_connections`` open connections at most (uvicorn answers 503 beyond);
@@ -948,25 +1144,36 @@ def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, wor
     import uvicorn
 
     if workers < 1 or max_connections < 1 or not header_timeout > 0:
-        raise ValueError(f"--workers and --max-connections must be at least 1 and --header-timeout above 0 "
-                         f"(got {workers}, {max_connections} and {header_timeout:g})")
+        raise ValueError(
+            f"--workers and --max-connections must be at least 1 and --header-timeout above 0 "
+            f"(got {workers}, {max_connections} and {header_timeout:g})"
+        )
     _check_limits({**DEFAULTS, **limits})
     runtime = dict(cache_dir=cache_dir, feature_engine=feature_engine, num_workers=num_workers)
     _limit_malloc_arenas()
     setup_logging(json_logs)
     _raise_open_file_limit(max_connections + 64)
-    common = dict(host=host, port=port, http="fuselabel.serve:TimedH11Protocol", limit_concurrency=max_connections,
-                  timeout_keep_alive=5, access_log=False, log_config=None, log_level="info")
+    common = dict(
+        host=host,
+        port=port,
+        http="fuselabel.serve:TimedH11Protocol",
+        limit_concurrency=max_connections,
+        timeout_keep_alive=5,
+        access_log=False,
+        log_config=None,
+        log_level="info",
+    )
     if workers > 1:
         # Each process loads the model and serves the one socket; their metrics meet in one folder.
         metrics_dir = tempfile.TemporaryDirectory(prefix="fuselabel-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
-        os.environ["FUSELABEL_SERVE"] = json.dumps({"model_dir": str(model_dir), "json_logs": json_logs, **limits,
-                                                    **runtime})
+        os.environ["FUSELABEL_SERVE"] = json.dumps(
+            {"model_dir": str(model_dir), "json_logs": json_logs, **limits, **runtime}
+        )
         config = uvicorn.Config("fuselabel.serve:app_from_environment", factory=True, workers=workers, **common)
     else:
         config = uvicorn.Config(create_app(model_dir, **limits, **runtime), **common)
-    config.header_timeout = header_timeout   # read by TimedH11Protocol, in every process
+    config.header_timeout = header_timeout  # read by TimedH11Protocol, in every process
     server = uvicorn.Server(config)
     # uvicorn drains in-flight requests on SIGTERM, then raises the signal again once its own handler
     # is gone; under the default disposition that would end a clean stop with status 143.

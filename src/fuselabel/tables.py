@@ -32,28 +32,90 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .records import (BadRow, Record, RecordSet, RecordsError, bad_rows_message, decode_text, no_labels_error,
-                      parse_records)
+from .records import (
+    BadRow,
+    Record,
+    RecordsError,
+    RecordSet,
+    bad_rows_message,
+    decode_text,
+    no_labels_error,
+    parse_records,
+)
 
-__all__ = ["FORMATS", "SPLITS", "Columns", "find_label_sep", "image_root", "read_table", "require_labels", "table_format", "table_spelling"]
+__all__ = [
+    "FORMATS",
+    "SPLITS",
+    "Columns",
+    "find_label_sep",
+    "image_root",
+    "read_table",
+    "require_labels",
+    "table_format",
+    "table_spelling",
+]
 
 FORMATS = ("course", "csv", "tsv", "jsonl", "parquet", "dataframe")
 SPLITS = ("train", "val", "test")
-_SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                "dev": "val", "test": "test", "testing": "test", "holdout": "test"}
+_SPLIT_WORDS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+    "holdout": "test",
+}
 
 # Column names tried when the caller names none: the course's first, then common spellings.
-_IMAGE_NAMES = ("ImageID", "image", "image_path", "image_file", "imagepath", "photo", "img", "picture",
-                "filename", "file", "path")
-_TEXT_NAMES = ("Caption", "caption", "text", "title", "description", "body", "report", "sentence", "content",
-               "name", "post", "message", "summary")
-_LABEL_NAMES = ("Labels", "labels", "label", "tags", "tag", "categories", "category", "classes", "class",
-                "hashtags", "target", "targets")
+_IMAGE_NAMES = (
+    "ImageID",
+    "image",
+    "image_path",
+    "image_file",
+    "imagepath",
+    "photo",
+    "img",
+    "picture",
+    "filename",
+    "file",
+    "path",
+)
+_TEXT_NAMES = (
+    "Caption",
+    "caption",
+    "text",
+    "title",
+    "description",
+    "body",
+    "report",
+    "sentence",
+    "content",
+    "name",
+    "post",
+    "message",
+    "summary",
+)
+_LABEL_NAMES = (
+    "Labels",
+    "labels",
+    "label",
+    "tags",
+    "tag",
+    "categories",
+    "category",
+    "classes",
+    "class",
+    "hashtags",
+    "target",
+    "targets",
+)
 _COURSE_LABELLED = ("imageid", "labels", "caption")
 _COURSE_UNLABELLED = ("imageid", "caption")
 _LABEL_SEPS = ("|", ";", ",")
-_SEP_WORDS = {"none": None, "space": " ", "whitespace": " ", "tab": "\t", "pipe": "|", "comma": ",",
-              "semicolon": ";"}
+_SEP_WORDS = {"none": None, "space": " ", "whitespace": " ", "tab": "\t", "pipe": "|", "comma": ",", "semicolon": ";"}
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _PARQUET_MAGIC = b"PAR1"
 
@@ -67,20 +129,23 @@ class Columns:
     label: str | None = None
     id: str | None = None
     split: str | None = None
-    label_sep: str | None = None      # None: found from the data; "none": one label per field
+    label_sep: str | None = None  # None: found from the data; "none": one label per field
 
     @classmethod
-    def of(cls, image_col=None, text_col=None, label_col=None, id_col=None, split_col=None,
-           label_sep=None) -> "Columns":
+    def of(cls, image_col=None, text_col=None, label_col=None, id_col=None, split_col=None, label_sep=None) -> Columns:
         if isinstance(text_col, str):
             text_col = (text_col,)
         return cls(image_col, tuple(text_col) if text_col else None, label_col, id_col, split_col, label_sep)
 
-
     def keywords(self) -> dict:
         """The same, as the Python API's keywords (image_col=, text_col=, ...)."""
-        return {"image_col": self.image, "text_col": self.text, "label_col": self.label, "id_col": self.id,
-                "label_sep": self.label_sep}
+        return {
+            "image_col": self.image,
+            "text_col": self.text,
+            "label_col": self.label,
+            "id_col": self.id,
+            "label_sep": self.label_sep,
+        }
 
 
 @dataclass
@@ -90,8 +155,8 @@ class _Raw:
     format: str
     columns: list[str]
     rows: list[Mapping[str, Any]]
-    where: list[int]                   # line (text formats) or row number (Parquet, DataFrame), 1-based
-    unit: str                          # "line" or "row"
+    where: list[int]  # line (text formats) or row number (Parquet, DataFrame), 1-based
+    unit: str  # "line" or "row"
     bad_rows: list[BadRow] = field(default_factory=list)
 
 
@@ -115,6 +180,7 @@ def table_format(path: str | os.PathLike[str]) -> str:
 
 # --------------------------------------------------------------------------- reading each format
 
+
 def _read_delimited(text: str, path: Path, delimiter: str, fmt: str) -> _Raw:
     """RFC 4180: quoted fields, ``""`` for a quote inside one, line breaks inside quotes. Strict: a malformed
     field is an error naming its line, never a silently different value."""
@@ -124,8 +190,10 @@ def _read_delimited(text: str, path: Path, delimiter: str, fmt: str) -> _Raw:
     except csv.Error as err:
         raise RecordsError(f"{path}:1: {err}") from None
     if not header or not any(h.strip() for h in header):
-        raise RecordsError(f"{path}:1: empty file or blank header: expected a header naming the columns, such as "
-                           "'ImageID,Labels,Caption'")
+        raise RecordsError(
+            f"{path}:1: empty file or blank header: expected a header naming the columns, such as "
+            "'ImageID,Labels,Caption'"
+        )
     columns = [h.strip() for h in header]
     _check_column_names(columns, path)
     rows, where, bad = [], [], []
@@ -136,14 +204,22 @@ def _read_delimited(text: str, path: Path, delimiter: str, fmt: str) -> _Raw:
         except StopIteration:
             break
         except csv.Error as err:
-            raise RecordsError(f"{path}:{start}: not valid {fmt.upper()} ({err}); quote fields that hold the "
-                               f"delimiter, a quote or a line break, and write a quote inside one as \"\"") from None
+            raise RecordsError(
+                f"{path}:{start}: not valid {fmt.upper()} ({err}); quote fields that hold the "
+                f'delimiter, a quote or a line break, and write a quote inside one as ""'
+            ) from None
         line, start = start, reader.line_num + 1
         if not cells or (len(cells) == 1 and not cells[0].strip()):
             continue
         if len(cells) != len(columns):
-            bad.append(BadRow(str(path), line, f"{len(cells)} fields where the header has {len(columns)}",
-                              delimiter.join(cells)[:200]))
+            bad.append(
+                BadRow(
+                    str(path),
+                    line,
+                    f"{len(cells)} fields where the header has {len(columns)}",
+                    delimiter.join(cells)[:200],
+                )
+            )
             continue
         rows.append(dict(zip(columns, cells)))
         where.append(line)
@@ -162,8 +238,7 @@ def _read_jsonl(text: str, path: Path) -> _Raw:
             bad.append(BadRow(str(path), i, f"not valid JSON ({err.msg} at column {err.colno})", line[:200]))
             continue
         if not isinstance(row, dict):
-            bad.append(BadRow(str(path), i, f"expected a JSON object per line, got {type(row).__name__}",
-                              line[:200]))
+            bad.append(BadRow(str(path), i, f"expected a JSON object per line, got {type(row).__name__}", line[:200]))
             continue
         columns.update(dict.fromkeys(row))
         rows.append(row)
@@ -176,8 +251,10 @@ def _read_jsonl(text: str, path: Path) -> _Raw:
 def _read_dataframe(df, name: str, fmt: str) -> _Raw:
     columns = list(df.columns)
     if not all(isinstance(c, str) for c in columns):
-        raise ValueError(f"{name}: the DataFrame's columns have no names ({columns[:5]}); give them names "
-                         "(df.columns = [...]) and say which is which with image_col=, text_col=, label_col=")
+        raise ValueError(
+            f"{name}: the DataFrame's columns have no names ({columns[:5]}); give them names "
+            "(df.columns = [...]) and say which is which with image_col=, text_col=, label_col="
+        )
     _check_column_names(columns, Path(name))
     rows = df.to_dict(orient="records")
     return _Raw(fmt, columns, rows, list(range(1, len(rows) + 1)), "row")
@@ -199,8 +276,10 @@ def _check_column_names(columns: Sequence[str], path: Path) -> None:
         seen[c] = seen.get(c, 0) + 1
     dupes = sorted(c for c, n in seen.items() if n > 1)
     if dupes:
-        raise RecordsError(f"{path}:1: column name(s) {', '.join(map(repr, dupes))} appear more than once; "
-                           "rename them so each column has its own name")
+        raise RecordsError(
+            f"{path}:1: column name(s) {', '.join(map(repr, dupes))} appear more than once; "
+            "rename them so each column has its own name"
+        )
 
 
 def _is_course(text: str) -> bool:
@@ -256,12 +335,22 @@ def _load(source, name: str | None) -> tuple[_Raw | None, RecordSet | None, Path
 
 # --------------------------------------------------------------------------- choosing the columns
 
-def _pick(role: str, given, columns: Sequence[str], preferred: Sequence[str], names: Sequence[str],
-          path: Path, flag: str, required: bool) -> str | None:
+
+def _pick(
+    role: str,
+    given,
+    columns: Sequence[str],
+    preferred: Sequence[str],
+    names: Sequence[str],
+    path: Path,
+    flag: str,
+    required: bool,
+) -> str | None:
     if given is not None:
         if given not in columns:
-            raise RecordsError(f"{path}:1: no column {given!r} for the {role} ({flag}); the table has "
-                               f"{', '.join(map(repr, columns))}")
+            raise RecordsError(
+                f"{path}:1: no column {given!r} for the {role} ({flag}); the table has {', '.join(map(repr, columns))}"
+            )
         return given
     for candidate in list(preferred) + list(names):
         if candidate and candidate in columns:
@@ -271,8 +360,10 @@ def _pick(role: str, given, columns: Sequence[str], preferred: Sequence[str], na
         if candidate.lower() in lower:
             return lower[candidate.lower()]
     if required:
-        raise RecordsError(f"{path}:1: found no column for the {role}: the table has {', '.join(map(repr, columns))}; "
-                           f"name it with {flag} COLUMN")
+        raise RecordsError(
+            f"{path}:1: found no column for the {role}: the table has {', '.join(map(repr, columns))}; "
+            f"name it with {flag} COLUMN"
+        )
     return None
 
 
@@ -304,8 +395,9 @@ def _cell_str(value) -> str:
 
 def _snippet(row: dict) -> str:
     """A bad row as its error shows it (built only for bad rows: most rows are good)."""
-    return json.dumps({k: _text(v)[:40] if not _is_list(v) else list(map(str, v))[:5] for k, v in row.items()},
-                      ensure_ascii=False)[:200]
+    return json.dumps(
+        {k: _text(v)[:40] if not _is_list(v) else list(map(str, v))[:5] for k, v in row.items()}, ensure_ascii=False
+    )[:200]
 
 
 def _is_list(value) -> bool:
@@ -370,8 +462,16 @@ def _split_value(value, path: Path, where: str) -> str:
 
 # --------------------------------------------------------------------------- the door
 
-def read_table(source, columns: Columns | None = None, *, trained: Mapping | None = None,
-               need_labels: bool = False, strict: bool = True, name: str | None = None) -> RecordSet:
+
+def read_table(
+    source,
+    columns: Columns | None = None,
+    *,
+    trained: Mapping | None = None,
+    need_labels: bool = False,
+    strict: bool = True,
+    name: str | None = None,
+) -> RecordSet:
     """Read a table of photos, texts and (optionally) labels into a :class:`RecordSet`.
 
     Args:
@@ -396,8 +496,16 @@ def read_table(source, columns: Columns | None = None, *, trained: Mapping | Non
     assert raw is not None
     if not raw.rows and raw.bad_rows and strict:
         raise RecordsError(bad_rows_message(path, raw.bad_rows))
-    image_col = _pick("photo", columns.image, raw.columns, [trained.get("image_col")], _IMAGE_NAMES, path,
-                      "--image-col", required=True)
+    image_col = _pick(
+        "photo",
+        columns.image,
+        raw.columns,
+        [trained.get("image_col")],
+        _IMAGE_NAMES,
+        path,
+        "--image-col",
+        required=True,
+    )
     if columns.text:
         text_cols = tuple(_pick("text", c, raw.columns, [], (), path, "--text-col", True) for c in columns.text)
     else:
@@ -405,13 +513,22 @@ def read_table(source, columns: Columns | None = None, *, trained: Mapping | Non
         found = _pick("text", None, raw.columns, [], _TEXT_NAMES, path, "--text-col", required=False)
         text_cols = tuple(trained_text) or ((found,) if found else ())
         if not text_cols:
-            raise RecordsError(f"{path}:1: found no text column: the table has {', '.join(map(repr, raw.columns))}; "
-                               "name it with --text-col COLUMN (repeat it for several)")
-    label_col = _pick("labels", columns.label, raw.columns, [trained.get("label_col")], _LABEL_NAMES, path,
-                      "--label-col", required=need_labels)
+            raise RecordsError(
+                f"{path}:1: found no text column: the table has {', '.join(map(repr, raw.columns))}; "
+                "name it with --text-col COLUMN (repeat it for several)"
+            )
+    label_col = _pick(
+        "labels",
+        columns.label,
+        raw.columns,
+        [trained.get("label_col")],
+        _LABEL_NAMES,
+        path,
+        "--label-col",
+        required=need_labels,
+    )
     id_col = _pick("row id", columns.id, raw.columns, [], (), path, "--id-col", False) if columns.id else image_col
-    split_col = _pick("split", columns.split, raw.columns, [], (), path, "--split-col", True) \
-        if columns.split else None
+    split_col = _pick("split", columns.split, raw.columns, [], (), path, "--split-col", True) if columns.split else None
     sep = _label_sep(raw, label_col, columns.label_sep, trained.get("label_sep")) if label_col else None
 
     records, bad = [], list(raw.bad_rows)
@@ -424,13 +541,25 @@ def read_table(source, columns: Columns | None = None, *, trained: Mapping | Non
         caption = "\n".join(t for t in texts if t.strip()) if len(texts) > 1 else texts[0]
         if not row_id:
             what = "photo" if id_col == image_col else f"id ({id_col})"
-            bad.append(BadRow(str(path), n, f"empty {what}: every row needs an id; name a column of unique ids "
-                                            "with --id-col", _snippet(row)))
+            bad.append(
+                BadRow(
+                    str(path),
+                    n,
+                    f"empty {what}: every row needs an id; name a column of unique ids with --id-col",
+                    _snippet(row),
+                )
+            )
             continue
         if row_id in first:
-            bad.append(BadRow(str(path), n, f"duplicate {id_col} {row_id}, first at {raw.unit} {first[row_id]} "
-                                            "(keep one of the two rows, or name a column of unique ids with --id-col)",
-                              _snippet(row)))
+            bad.append(
+                BadRow(
+                    str(path),
+                    n,
+                    f"duplicate {id_col} {row_id}, first at {raw.unit} {first[row_id]} "
+                    "(keep one of the two rows, or name a column of unique ids with --id-col)",
+                    _snippet(row),
+                )
+            )
             continue
         try:
             labels = _split_labels(row.get(label_col), sep) if label_col else None
@@ -439,15 +568,27 @@ def read_table(source, columns: Columns | None = None, *, trained: Mapping | Non
             bad.append(BadRow(str(path), n, str(err).split(": ", 1)[-1], _snippet(row)))
             continue
         first[row_id] = n
-        records.append(Record(image, caption, labels, n, row_id=row_id if id_col != image_col else None,
-                              split=split))
+        records.append(Record(image, caption, labels, n, row_id=row_id if id_col != image_col else None, split=split))
     if strict and bad:
         raise RecordsError(bad_rows_message(path, bad, raw.unit))
-    table = {"format": raw.format, "columns": raw.columns, "image_col": image_col, "text_cols": list(text_cols),
-             "label_col": label_col, "id_col": id_col, "split_col": split_col, "label_sep": sep,
-             "labels_as": ("list" if label_col and any(_is_list(r.get(label_col)) for r in raw.rows[:1000])
-                           else "field" if label_col else None),
-             "unit": raw.unit}
+    table = {
+        "format": raw.format,
+        "columns": raw.columns,
+        "image_col": image_col,
+        "text_cols": list(text_cols),
+        "label_col": label_col,
+        "id_col": id_col,
+        "split_col": split_col,
+        "label_sep": sep,
+        "labels_as": (
+            "list"
+            if label_col and any(_is_list(r.get(label_col)) for r in raw.rows[:1000])
+            else "field"
+            if label_col
+            else None
+        ),
+        "unit": raw.unit,
+    }
     return RecordSet(path=path, records=records, bad_rows=bad, labelled=label_col is not None, table=table)
 
 
@@ -460,26 +601,41 @@ def require_labels(records: RecordSet, what: str = "this") -> RecordSet:
 
 def _course_table(course: RecordSet, columns: Columns, need_labels: bool, strict: bool) -> RecordSet:
     """The course file as read by records, with the same ``table`` description as any other."""
-    for given, course_name, flag in ((columns.image, "ImageID", "--image-col"), (columns.label, "Labels", "--label-col"),
-                                     (columns.id, "ImageID", "--id-col")):
+    for given, course_name, flag in (
+        (columns.image, "ImageID", "--image-col"),
+        (columns.label, "Labels", "--label-col"),
+        (columns.id, "ImageID", "--id-col"),
+    ):
         if given is not None and given != course_name:
-            raise RecordsError(f"{course.path}: {flag} {given!r}: this course-format file's columns are "
-                               f"{'ImageID,Labels,Caption' if course.labelled else 'ImageID,Caption'}")
+            raise RecordsError(
+                f"{course.path}: {flag} {given!r}: this course-format file's columns are "
+                f"{'ImageID,Labels,Caption' if course.labelled else 'ImageID,Caption'}"
+            )
     if columns.text and tuple(columns.text) != ("Caption",):
-        raise RecordsError(f"{course.path}: --text-col {','.join(columns.text)!r}: this course-format file's text "
-                           "column is Caption")
+        raise RecordsError(
+            f"{course.path}: --text-col {','.join(columns.text)!r}: this course-format file's text column is Caption"
+        )
     if columns.split:
-        raise RecordsError(f"{course.path}: --split-col {columns.split!r}: the course format has no split column; "
-                           "give the validation rows as their own file with --val-csv")
+        raise RecordsError(
+            f"{course.path}: --split-col {columns.split!r}: the course format has no split column; "
+            "give the validation rows as their own file with --val-csv"
+        )
     if need_labels:
         require_labels(course)
     if strict and course.bad_rows:
         raise RecordsError(bad_rows_message(course.path, course.bad_rows))
-    course.table = {"format": "course", "columns": ["ImageID", "Labels", "Caption"] if course.labelled
-                    else ["ImageID", "Caption"], "image_col": "ImageID", "text_cols": ["Caption"],
-                    "label_col": "Labels" if course.labelled else None, "id_col": "ImageID", "split_col": None,
-                    "label_sep": " " if course.labelled else None, "labels_as": "field" if course.labelled else None,
-                    "unit": "line"}
+    course.table = {
+        "format": "course",
+        "columns": ["ImageID", "Labels", "Caption"] if course.labelled else ["ImageID", "Caption"],
+        "image_col": "ImageID",
+        "text_cols": ["Caption"],
+        "label_col": "Labels" if course.labelled else None,
+        "id_col": "ImageID",
+        "split_col": None,
+        "label_sep": " " if course.labelled else None,
+        "labels_as": "field" if course.labelled else None,
+        "unit": "line",
+    }
     return course
 
 
@@ -489,9 +645,14 @@ def table_spelling(table: Mapping, vocab: Sequence[str]) -> dict:
     sep = table.get("label_sep")
     if sep is None:  # labels came as lists, or one per field: pick a separator no label contains
         sep = next((s for s in (*_LABEL_SEPS, " ") if not any(s in label for label in vocab)), "|")
-    return {"format": table.get("format"), "image_col": table.get("image_col"),
-            "text_cols": list(table.get("text_cols") or []), "label_col": table.get("label_col"),
-            "id_col": table.get("id_col"), "label_sep": sep}
+    return {
+        "format": table.get("format"),
+        "image_col": table.get("image_col"),
+        "text_cols": list(table.get("text_cols") or []),
+        "label_col": table.get("label_col"),
+        "id_col": table.get("id_col"),
+        "label_sep": sep,
+    }
 
 
 def image_root(data: Path, images: Path, records: RecordSet, sample: int = 50) -> Path:

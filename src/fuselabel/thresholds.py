@@ -241,13 +241,7 @@ def _class_scores(
     return _f1_from_counts(tp_all, denom).mean(axis=0)
 
 
-def tune_per_class(
-    y_true,
-    probs,
-    ensure_nonempty: bool = True,
-    grid=None,
-    passes: int = 3,
-) -> tuple[np.ndarray, float]:
+def tune_per_class(y_true, probs, ensure_nonempty: bool = True, grid=None, passes: int = 3) -> tuple[np.ndarray, float]:
     """Per-class thresholds by coordinate ascent on mean F1.
 
     Starts from the tuned global threshold. Each pass visits the classes in
@@ -374,8 +368,4 @@ def tune(method: str, y_true, probs, ensure_nonempty: bool = True) -> dict[str, 
     else:
         raise ValueError(f"unknown threshold method {method!r}; choose one of {', '.join(METHODS)}")
     score = float(row_f1(y, apply_thresholds(probs, thr, ensure_nonempty)).mean())
-    return {
-        "method": method,
-        "thresholds": [float(t) for t in thr],
-        "val_mean_f1": score,
-    }
+    return {"method": method, "thresholds": [float(t) for t in thr], "val_mean_f1": score}

@@ -7,7 +7,6 @@ leaves an existing file as it was: nothing already written is lost.
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import csv
 import io
 import itertools
@@ -47,7 +46,7 @@ __all__ = [
 
 def _check_id(image_id: str) -> None:
     if not isinstance(image_id, str) or not image_id or any(c in image_id for c in ',"\r\n'):
-        raise ValueError(f"cannot write ImageID {image_id!r}: must be a non-empty string without , \" or line breaks")
+        raise ValueError(f'cannot write ImageID {image_id!r}: must be a non-empty string without , " or line breaks')
 
 
 @contextlib.contextmanager
@@ -123,10 +122,9 @@ def ordinary_permissions(path: str | os.PathLike[str]) -> None:
 
 def atomic_write_text(path: str | os.PathLike[str], lines: Iterable[str]) -> None:
     """Write ``lines`` to ``path`` atomically (:func:`atomic_path`), as UTF-8 with the line ends given."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            for line in lines:
-                fh.write(line)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        for line in lines:
+            fh.write(line)
 
 
 def write_rows(records: RecordSet, indices: Iterable[int], out: str | os.PathLike[str]) -> int:
@@ -145,7 +143,7 @@ def write_rows(records: RecordSet, indices: Iterable[int], out: str | os.PathLik
     def rows() -> Iterator[str]:
         yield lines[0]
         for i in chosen:
-            yield from lines[starts[i] - 1:starts[i + 1] - 1]
+            yield from lines[starts[i] - 1 : starts[i + 1] - 1]
 
     atomic_write_text(out, rows())
     return len(chosen)
@@ -180,9 +178,11 @@ def write_labelled_csv(path: str | os.PathLike[str], rows: Iterable) -> int:
     for k, want in enumerate(wanted):
         if k >= len(got) or got[k] != (want.image_id, want.caption, want.labels):
             why = f" ({back.bad_rows[0].reason})" if back.bad_rows else ""
-            raise ValueError(f"cannot write row {k + 1} (ImageID {want.image_id}) so that it reads back as given{why}: "
-                             f"caption {want.caption[:80]!r}; the course format cannot hold a caption line that "
-                             "ends in a double quote or reads like the start of a row")
+            raise ValueError(
+                f"cannot write row {k + 1} (ImageID {want.image_id}) so that it reads back as given{why}: "
+                f"caption {want.caption[:80]!r}; the course format cannot hold a caption line that "
+                "ends in a double quote or reads like the start of a row"
+            )
     atomic_write_text(path, iter(lines))
     return len(wanted)
 
@@ -204,9 +204,7 @@ def submission_lines(image_ids: Sequence[str], label_sets: Iterable[Iterable[str
 
 
 def write_submission(
-    path: str | os.PathLike[str],
-    image_ids: Sequence[str],
-    label_sets: Sequence[Iterable[str]],
+    path: str | os.PathLike[str], image_ids: Sequence[str], label_sets: Sequence[Iterable[str]]
 ) -> None:
     """Write a Kaggle-style ``ImageID,Labels`` file, labels space-separated.
 
@@ -274,8 +272,15 @@ def write_probabilities(
 
 # --------------------------------------------------------------------------- users' own tables
 
-OUTPUT_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
-                  ".parquet": "parquet", ".pq": "parquet"}
+OUTPUT_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 
 
 def output_format(path: str | os.PathLike[str]) -> str:
@@ -297,16 +302,19 @@ def _delimited(rows: Iterable[Sequence[str]], delimiter: str) -> Iterator[str]:
 def _join_labels(labels: Sequence[str], sep: str, row_id: str) -> str:
     clash = [label for label in labels if sep in label or (sep == " " and any(c.isspace() for c in label))]
     if clash:
-        raise ValueError(f"cannot write label {clash[0]!r} for {row_id}: it holds the separator {sep!r}; "
-                         "write the predictions as JSON Lines or Parquet (--out FILE.jsonl), which keep lists")
+        raise ValueError(
+            f"cannot write label {clash[0]!r} for {row_id}: it holds the separator {sep!r}; "
+            "write the predictions as JSON Lines or Parquet (--out FILE.jsonl), which keep lists"
+        )
     return sep.join(labels)
 
 
-def table_prediction_lines(fmt: str, ids: Sequence[str], label_sets: Iterable[Sequence[str]], *, id_col: str,
-                           label_col: str, label_sep: str) -> Iterator[str]:
+def table_prediction_lines(
+    fmt: str, ids: Sequence[str], label_sets: Iterable[Sequence[str]], *, id_col: str, label_col: str, label_sep: str
+) -> Iterator[str]:
     """Lines of a predictions table in the user's spelling: the id column and the label column, labels joined
     by the training separator (CSV, TSV) or as a list (JSON Lines)."""
-    if fmt in ("jsonl", "parquet"):   # a Parquet file is written from the JSON lines
+    if fmt in ("jsonl", "parquet"):  # a Parquet file is written from the JSON lines
         for row_id, labels in zip(ids, label_sets):
             yield json.dumps({id_col: row_id, label_col: list(labels)}, ensure_ascii=False) + "\n"
         return
@@ -314,24 +322,30 @@ def table_prediction_lines(fmt: str, ids: Sequence[str], label_sets: Iterable[Se
     yield from _delimited(itertools.chain([(id_col, label_col)], rows), "\t" if fmt == "tsv" else ",")
 
 
-def table_probability_lines(fmt: str, ids: Sequence[str], vocab: Sequence[str], rows: Iterable, *,
-                            id_col: str) -> Iterator[str]:
+def table_probability_lines(
+    fmt: str, ids: Sequence[str], vocab: Sequence[str], rows: Iterable, *, id_col: str
+) -> Iterator[str]:
     """Per-label probabilities (6 decimals; empty for a row predicted from nothing) and each row's inputs."""
     vocab_index(vocab)
     if id_col in vocab or "input" in vocab:
-        raise ValueError(f"a label is called {id_col!r} or 'input', like another column of the probabilities "
-                         "file; name the id column otherwise with --id-col")
+        raise ValueError(
+            f"a label is called {id_col!r} or 'input', like another column of the probabilities "
+            "file; name the id column otherwise with --id-col"
+        )
 
     def cells(row):
         return [None if p != p else round(p, 6) for p in np.asarray(row, dtype=np.float64).tolist()]
 
-    if fmt in ("jsonl", "parquet"):   # a Parquet file is written from the JSON lines
+    if fmt in ("jsonl", "parquet"):  # a Parquet file is written from the JSON lines
         for row_id, (row, status) in zip(ids, rows):
-            yield json.dumps({id_col: row_id, **dict(zip(vocab, cells(row))), "input": status},
-                             ensure_ascii=False) + "\n"
+            yield (
+                json.dumps({id_col: row_id, **dict(zip(vocab, cells(row))), "input": status}, ensure_ascii=False) + "\n"
+            )
         return
-    body = ((row_id, *("" if p is None else f"{p:.6f}" for p in cells(row)), status)
-            for row_id, (row, status) in zip(ids, rows))
+    body = (
+        (row_id, *("" if p is None else f"{p:.6f}" for p in cells(row)), status)
+        for row_id, (row, status) in zip(ids, rows)
+    )
     yield from _delimited(itertools.chain([(id_col, *vocab, "input")], body), "\t" if fmt == "tsv" else ",")
 
 
