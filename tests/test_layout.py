@@ -8,6 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fuselabel"
 ORDER = [
+    "presets",
     "config",
     "records",
     "images",

@@ -1,4 +1,4 @@
-"""Every setting of a run, typed, in one flat namespace, plus the named presets.
+"""Every setting of a run, typed, in one flat namespace.
 
 One flat namespace keeps the command line, the YAML files and the keyword arguments of
 ``FuseLabel`` in one-to-one correspondence: a key means the same thing everywhere it appears.
@@ -9,132 +9,190 @@ Each key belongs to one of three groups, and the groups are stored apart:
 - ``runtime``: where it runs (devices, workers, cache folder): never saved, so a model folder
   carries no path or device of the machine that trained it.
 
-Values are converted to their declared type or refused with the key named (pydantic), before
-any work starts: ``lr="1e-4"`` becomes 1e-4; ``epochs="ten"`` and ``batch_size=-3`` are refused.
+Each setting is one field: its type (the ``Literal`` lists its choices), default, description (the command line's
+help) and group, in that one place; ``fuselabel.flags`` turns the fields into flags. Values are converted to their
+declared type or refused with the key named (pydantic), before any work starts: ``lr="1e-4"`` becomes 1e-4;
+``epochs="ten"`` and ``batch_size=-3`` are refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import fields
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
-MODEL_KINDS = ("image", "text", "early", "late")
-LATE_COMBINES = ("weighted", "union")
-DECODERS = ("mlp", "query", "lstm")
-REGIMES = ("auto", "frozen", "hybrid", "finetune")
-THRESHOLD_METHODS = ("global", "per_class", "balanced")
-AUGMENTS = ("seed", "none", "trivial", "randaugment", "colorjitter")
-LOSSES = ("bce", "focal", "asl")
-SAMPLERS = ("none", "oversample")
-MISSING_IMAGE_POLICIES = ("error", "caption_only")
+from .presets import PRESETS
 
 Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Share = Annotated[float, Field(ge=0, le=1)]
+ThresholdMethod = Literal["global", "per_class", "balanced"]
+THRESHOLD_METHODS: tuple[str, ...] = typing.get_args(ThresholdMethod)
 
 
-def _group(name: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
-    """A field tagged with its group (model | run | runtime)."""
-    if factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=factory, metadata={"group": name})
-    return dataclasses.field(default=default, metadata={"group": name})
+def setting(group: str, default: Any, description: str, **extra: Any):
+    """One setting's field: default (a ``dict`` default means a fresh empty mapping each time), the description
+    the command line shows, and its group (model | run | runtime); ``extra`` carries what ``fuselabel.flags``
+    reads (``aliases``: earlier spellings of the flag)."""
+    meta = {"group": group, **extra}
+    if default is dict:
+        return Field(default_factory=dict, description=description, json_schema_extra=meta)
+    return Field(default, description=description, json_schema_extra=meta)
 
 
-def model(default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
-    return _group("model", default, factory)
+def model(default: Any, description: str, **extra: Any):
+    return setting("model", default, description, **extra)
 
 
-def run(default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
-    return _group("run", default, factory)
+def run(default: Any, description: str, **extra: Any):
+    return setting("run", default, description, **extra)
 
 
-def runtime(default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
-    return _group("runtime", default, factory)
+def runtime(default: Any, description: str, **extra: Any):
+    return setting("runtime", default, description, **extra)
 
 
 @dataclass(config=ConfigDict(extra="forbid", arbitrary_types_allowed=False))
 class Config:
+    """Every setting of one model, its training run and where it runs, each checked against its declared type.
+
+    Built by ``build_config`` (defaults, a preset, a YAML file, then overrides) or ``Config.from_dict``; stored
+    apart by group (``to_dict(group)``, ``saved()``). Cross-setting rules are checked at construction.
+    """
+
     # ---- what the model is (saved with it) ----
-    kind: Literal["image", "text", "early", "late"] = model("late")
-    # multiclass: exactly one label a row; softmax heads, cross-entropy, the arg-max label (no thresholds)
-    task: Literal["multilabel", "multiclass"] = model("multilabel")
-    late_combine: Literal["weighted", "union"] = model("weighted")
-    late_weight: Optional[Share] = model(None)  # image weight in the weighted average; None = tuned on validation
-    image_model: str = model("tf_efficientnet_lite2")
+    kind: Literal["image", "text", "early", "late"] = model(
+        "late", "image | text | early (features joined, one head) | late (one head per modality, combined)"
+    )
+    # multiclass: softmax heads, cross-entropy, the arg-max label (no thresholds)
+    task: Literal["multilabel", "multiclass"] = model(
+        "multilabel",
+        "multilabel (any number of labels a row) | multiclass (exactly one: softmax, the most probable label)",
+    )
+    late_combine: Literal["weighted", "union"] = model(
+        "weighted",
+        "late fusion rule: weighted (average of the heads) | union (either head's label set)",
+        aliases=("--fusion",),
+    )
+    late_weight: Optional[Share] = model(
+        None, "image weight in the weighted late fusion (none: tuned on the validation rows)"
+    )
+    image_model: str = model(
+        "tf_efficientnet_lite2", "timm model name of the image encoder (packaged weights: tf_efficientnet_lite0/1/2)"
+    )
     # The whole photo at 320 px, the course photos' own longest side: a frozen network sees objects larger
     # than at its 260 px training size (the FixRes effect): +0.0036 ± 0.0017 mean F1 over 7 seeds against
     # the backbone's own 260 px centre crop (configs/resolution.yaml, docs/results.md).
-    image_size: Optional[NonNegative] = model(320)  # None (or 0) = the backbone's own input size
-    image_crop_pct: Optional[Share] = model(1.0)  # None (or 0) = the backbone's own crop; 1.0 = whole photo
-    image_model_kwargs: dict = model(factory=dict)  # passed to timm.create_model
-    image_pool: Literal["avg", "avgmax"] = model("avg")  # max pooling keeps small objects
-    image_layers: Positive = model(1)  # >1 adds pooled outputs of earlier stages
-    image_tokens: bool = model(False)  # keep the last feature map for decoder="query"
-    # int8: the frozen image encoder quantised statically (QDQ), calibrated on training photos, for training
-    # features and prediction alike; its ranges are saved with the preprocessing (onnxruntime, CPU)
-    image_quant: Literal["none", "int8"] = model("none")
-    text_model: str = model("minilm-l6")  # alias, Hugging Face name or local folder
-    # int8: the frozen text encoder's matrices in int8 with activations quantised per caption at run time
-    # (dynamic; onnxruntime, CPU), for training features and prediction alike; no calibration needed
-    text_quant: Literal["none", "int8"] = model("none")
-    # Caption tokens kept (special tokens included); None = chosen at fit from the training captions
-    # (their 99th percentile, rounded up to a multiple of 16, within the encoder's limit) and saved as a number.
-    text_max_length: Optional[Positive] = model(None)
-    text_config_overrides: dict = model(factory=dict)  # e.g. tiny configs for tests
-    decoder: Literal["mlp", "query", "lstm"] = model("mlp")  # label relations (for late: the image head)
-    hidden_dim: Positive = model(512)
-    dropout: Share = model(0.3)
-    tta_flip: bool = model(False)
-    threshold_method: Literal["global", "per_class", "balanced"] = model("global")
-    ensure_nonempty: bool = model(True)
-    save_dtype: Literal["fp32", "fp16", "int8"] = model("fp16")  # int8: weight-only int8 matrices, the rest fp16
+    image_size: Optional[NonNegative] = model(320, "input side in pixels (0 or none: the backbone's own)")
+    image_crop_pct: Optional[Share] = model(
+        1.0, "centre-crop share (1.0: the whole photo, squashed; 0 or none: the backbone's own)"
+    )
+    image_model_kwargs: dict = model(dict, "extra keywords for timm.create_model, as YAML ({drop_rate: 0.2})")
+    # max pooling keeps small objects
+    image_pool: Literal["avg", "avgmax"] = model("avg", "pooling of the image feature map: avg | avgmax")
+    image_layers: Positive = model(1, "pool this many feature stages (more than 1 adds earlier stages)")
+    image_tokens: bool = model(False, "keep the last feature map as tokens for --decoder query")
+    # the ranges calibrated on training photos are saved with the preprocessing, so prediction sees the same int8
+    image_quant: Literal["none", "int8"] = model(
+        "none", "none | int8 (frozen image encoder in static int8, calibrated on training photos; CPU)"
+    )
+    text_model: str = model("minilm-l6", "text encoder: minilm-l6 (packaged), a Hugging Face name or a local folder")
+    # dynamic: activations are quantised per caption at run time, so no calibration is needed
+    text_quant: Literal["none", "int8"] = model(
+        "none", "none | int8 (frozen text encoder's matrices in int8, activations quantised per caption; CPU)"
+    )
+    # chosen at fit as the training captions' 99th percentile, rounded up to a multiple of 16, and saved as a number
+    text_max_length: Optional[Positive] = model(
+        None, "tokens of text kept (none: the 99th percentile of the training texts, up to the encoder's limit)"
+    )
+    text_config_overrides: dict = model(
+        dict, "changes to the text encoder's config, as YAML (e.g. {num_hidden_layers: 2})"
+    )
+    decoder: Literal["mlp", "query", "lstm"] = model(
+        "mlp", "head for the image, text and early kinds (for late: the image head): mlp | query | lstm"
+    )
+    hidden_dim: Positive = model(512, "width of the heads' hidden layer")
+    dropout: Share = model(0.3, "dropout in the heads")
+    tta_flip: bool = model(False, "average the features of each photo and its mirror image")
+    threshold_method: ThresholdMethod = model(
+        "global", "decision rule tuned for F1: global | per_class | balanced (false positives ≈ false negatives)"
+    )
+    ensure_nonempty: bool = model(True, "give every row at least its most probable label")
+    save_dtype: Literal["fp32", "fp16", "int8"] = model(
+        "fp16", "weight storage in the model folder: fp16 | int8 (weight-only int8 matrices, the rest fp16) | fp32"
+    )
 
     # ---- how one run trains (saved as the run's record) ----
-    image_pretrained: bool = run(True)
-    image_weights: Optional[str] = run(None)  # local checkpoint for backbones no package ships
-    text_pretrained: bool = run(True)
-    # auto = frozen on CPU, finetune on GPU; hybrid = cached image features + a fine-tuned text encoder
-    regime: Literal["auto", "frozen", "hybrid", "finetune"] = run("auto")
-    epochs: Positive = run(40)
-    batch_size: Positive = run(256)
-    lr: PositiveFloat = run(1e-3)  # heads
-    lr_image: PositiveFloat = run(1e-4)  # backbones, finetune only
-    lr_text: PositiveFloat = run(5e-5)
-    weight_decay: NonNegativeFloat = run(1e-4)
-    loss: Literal["bce", "focal", "asl"] = run("bce")
-    loss_kwargs: dict = run(factory=dict)
-    pos_weight: bool = run(False)
-    sampler: Literal["none", "oversample"] = run("none")
-    oversample_power: NonNegativeFloat = run(0.5)
-    augment: Literal["seed", "none", "trivial", "randaugment", "colorjitter"] = run("seed")
-    word_dropout: Share = run(0.0)  # caption augmentation when the text encoder trains
-    # Share of training rows whose photo or caption is hidden, so fusion learns to cope with a missing input.
-    modality_dropout: Share = run(0.0)
-    patience: Positive = run(8)
-    seed: NonNegative = run(42)
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = run(0.1)
-    missing_images: Literal["error", "caption_only"] = run("error")
-    max_steps: int = run(-1)  # for smoke tests
-    max_size_mb: PositiveFloat = run(100.0)
+    image_pretrained: bool = run(True, "start the image encoder from pretrained weights")
+    image_weights: Optional[str] = run(
+        None, "local checkpoint (.pth or .safetensors) for an image backbone no package ships"
+    )
+    text_pretrained: bool = run(True, "start the text encoder from pretrained weights")
+    regime: Literal["auto", "frozen", "hybrid", "finetune"] = run(
+        "auto",
+        "auto (frozen on a CPU, finetune on a GPU) | frozen | hybrid (image features cached, text encoder trains) "
+        "| finetune",
+    )
+    epochs: Positive = run(40, "most training epochs (early stopping may end sooner)")
+    batch_size: Positive = run(256, "rows per training batch")
+    lr: PositiveFloat = run(1e-3, "learning rate of the heads")
+    lr_image: PositiveFloat = run(1e-4, "learning rate of the image encoder (finetune)")
+    lr_text: PositiveFloat = run(5e-5, "learning rate of the text encoder (hybrid, finetune)")
+    weight_decay: NonNegativeFloat = run(1e-4, "AdamW weight decay")
+    loss: Literal["bce", "focal", "asl"] = run(
+        "bce", "bce | focal | asl (multiclass: bce is cross-entropy, focal its focal form)"
+    )
+    loss_kwargs: dict = run(dict, "keywords of the loss, as YAML (e.g. {gamma: 2})")
+    pos_weight: bool = run(False, "weigh rare labels up in the loss (multiclass: class weights)")
+    sampler: Literal["none", "oversample"] = run("none", "none | oversample (rows with rare labels drawn more often)")
+    oversample_power: NonNegativeFloat = run(0.5, "strength of oversampling (0: none, 1: inverse frequency)")
+    augment: Literal["seed", "none", "trivial", "randaugment", "colorjitter"] = run(
+        "seed", "photo augmentation when the image encoder trains: seed | none | trivial | randaugment | colorjitter"
+    )
+    word_dropout: Share = run(0.0, "share of words dropped from texts when the text encoder trains")
+    modality_dropout: Share = run(
+        0.0, "share of training rows whose photo or text is hidden, so fusion copes with one input"
+    )
+    patience: Positive = run(8, "epochs without a better validation mean F1 before stopping")
+    seed: NonNegative = run(42, "random seed (split, initial weights, batches)")
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = run(
+        0.1, "share of rows held out for validation when no --val-csv or --split-col is given"
+    )
+    missing_images: Literal["error", "caption_only"] = run(
+        "error", "a training row whose photo is unusable: error | caption_only (trained from its text)"
+    )
+    max_steps: int = run(-1, "stop after this many optimiser steps (-1: no limit)")
+    max_size_mb: PositiveFloat = run(100.0, "largest model folder allowed, in MB")
 
     # ---- where it runs (never saved) ----
-    accelerator: str = runtime("auto")
-    devices: Union[int, list[int], str] = runtime("auto")
-    num_nodes: Positive = runtime(1)
-    strategy: str = runtime("auto")
-    precision: Optional[str] = runtime(None)  # None = bf16-mixed on GPU, 32 on CPU
-    num_workers: Optional[NonNegative] = runtime(None)  # None = number of CPU cores
-    feature_engine: Literal["auto", "onnx", "torch"] = runtime("auto")  # frozen-feature runtime on CPU
-    cache_dir: Optional[str] = runtime(None)  # frozen-feature cache; None = ~/.cache/fuselabel
-    image_cache: Literal["none", "memory"] = runtime("none")  # finetune: decode each photo once, augment on device
-    gpu_decode: bool = runtime(True)  # on a GPU, decode JPEGs with nvJPEG; False = PIL workers
+    accelerator: str = runtime("auto", "cpu | gpu | auto (Lightning's accelerator)")
+    devices: Union[int, list[int], str] = runtime(
+        "auto", "processes or devices (Lightning's devices: a number, a list such as 0,1, or auto)"
+    )
+    num_nodes: Positive = runtime(1, "machines taking part (under SLURM or torchrun)")
+    strategy: str = runtime("auto", "Lightning strategy when several devices take part (auto, ddp, ...)")
+    precision: Optional[str] = runtime(None, "training precision (none: bf16-mixed on a GPU, 32 on a CPU)")
+    num_workers: Optional[NonNegative] = runtime(
+        None, "worker processes or threads reading photos (none: the cores this process may use)"
+    )
+    feature_engine: Literal["auto", "onnx", "torch"] = runtime(
+        "auto", "what runs frozen encoders on a CPU: auto | onnx (onnxruntime) | torch", aliases=("--engine",)
+    )
+    cache_dir: Optional[str] = runtime(
+        None,
+        "fuselabel's cache of frozen features and encoder graphs (none: $FUSELABEL_CACHE, else "
+        "$XDG_CACHE_HOME/fuselabel, else ~/.cache/fuselabel)",
+    )
+    image_cache: Literal["none", "memory"] = runtime(
+        "none", "finetune: none | memory (decode each photo once, augment on the device)"
+    )
+    gpu_decode: bool = runtime(True, "on a GPU, decode JPEGs with nvJPEG for the image cache (no: PIL workers)")
 
     @field_validator("image_size", "image_crop_pct", mode="before")
     @classmethod
@@ -163,10 +221,6 @@ class Config:
                 "with task='multiclass' use loss='bce' (trained as cross-entropy) or 'focal'"
             )
 
-    def validate(self) -> None:
-        """Re-check every value (after attributes were set by hand)."""
-        Config.from_dict(self.to_dict())
-
     @property
     def uses_image(self) -> bool:
         return self.kind in ("image", "early", "late")
@@ -183,7 +237,7 @@ class Config:
         values = dataclasses.asdict(self)
         if group is None:
             return values
-        return {f.name: values[f.name] for f in fields(self) if f.metadata["group"] == group}
+        return {key: values[key] for key, g in setting_groups().items() if g == group}
 
     def saved(self) -> dict:
         """The model and run groups as written into a model folder: no machine's absolute paths."""
@@ -201,7 +255,7 @@ class Config:
 def check_keys(keys, source: str = "settings", groups: tuple[str, ...] | None = None) -> None:
     """The one check of setting names: an unknown key, or (with ``groups``) a key of another group, is refused
     with its name and the keys that would do."""
-    known = {f.name: f.metadata["group"] for f in fields(Config)}
+    known = setting_groups()
     unknown = sorted(k for k in keys if k not in known)
     if unknown:
         raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -215,11 +269,13 @@ def check_keys(keys, source: str = "settings", groups: tuple[str, ...] | None = 
             )
 
 
+def setting_groups() -> dict[str, str]:
+    """Each setting's group (model | run | runtime), in declaration order."""
+    return {name: info.json_schema_extra["group"] for name, info in Config.__pydantic_fields__.items()}
+
+
 def group_of(key: str) -> str:
-    for f in fields(Config):
-        if f.name == key:
-            return f.metadata["group"]
-    raise KeyError(key)
+    return setting_groups()[key]
 
 
 def _portable(value):
@@ -236,53 +292,6 @@ def _explain(err: ValidationError, source: str) -> str:
         got = e.get("input")
         lines.append(f"{key}={got!r}: {e['msg']}")
     return f"{source}: invalid setting " + "; ".join(lines)
-
-
-# Presets are partial dicts over Config's defaults so a user can read exactly what each changes.
-PRESETS: dict[str, dict] = {
-    # frozen Lite0 features, whole photo at Lite0's own 224 px: the quickest sensible model on a laptop
-    "cpu-fast": dict(image_model="tf_efficientnet_lite0", image_size=None, regime="frozen", epochs=30),
-    # the default, spelled out
-    "cpu": dict(regime="frozen"),
-    # the whole photo upsampled to 384 px: 1.4x the extraction time of "cpu", the best frozen figure measured
-    "cpu-best": dict(regime="frozen", kind="late", image_size=384, image_crop_pct=1.0, threshold_method="global"),
-    # the default with both encoders in int8: the image encoder static (calibrated on the training photos),
-    # the text encoder dynamic; the heads train on the int8 features they will see. On an AVX2 CPU: 2.0x the
-    # default's prediction speed, held-out mean F1 within 0.001 of it over three seeds (docs/results.md)
-    "cpu-int8": dict(regime="frozen", image_quant="int8", text_quant="int8"),
-    # fine-tuning at the backbone's own 260 px with random resized crops (augmentation does the zooming)
-    "gpu-best": dict(
-        regime="finetune",
-        kind="late",
-        image_size=260,
-        image_crop_pct=None,
-        epochs=12,
-        batch_size=128,
-        lr=1e-3,
-        lr_image=3e-4,
-        lr_text=5e-5,
-        augment="seed",
-        precision="bf16-mixed",
-        image_cache="memory",
-    ),
-    # the course seed: EfficientNet-B3 + ALBERT-base, Table 1 settings. Needs their weights (hub or local).
-    "seed": dict(
-        image_model="efficientnet_b3",
-        image_size=None,
-        image_crop_pct=None,
-        text_model="albert-base-v2",
-        regime="finetune",
-        kind="late",
-        late_combine="union",
-        epochs=10,
-        batch_size=32,
-        lr=1e-4,
-        lr_image=1e-4,
-        lr_text=2e-5,
-        threshold_method="balanced",
-        augment="seed",
-    ),
-}
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -311,71 +320,6 @@ def build_config(preset: str | None = None, yaml_path: str | Path | None = None,
         values.update(load_yaml(yaml_path))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Config.from_dict(values, source=str(yaml_path or "settings"))
-
-
-# What each setting does, for the command line's help (every setting is a flag: --image-size for image_size).
-HELP: dict[str, str] = {
-    "kind": "image | text | early (features joined, one head) | late (one head per modality, combined)",
-    "task": "multilabel (any number of labels a row) | multiclass (exactly one: softmax, the most probable label)",
-    "late_combine": "late fusion rule: weighted (average of the heads) | union (either head's label set)",
-    "late_weight": "image weight in the weighted late fusion (none: tuned on the validation rows)",
-    "image_model": "timm model name of the image encoder (packaged weights: tf_efficientnet_lite0/1/2)",
-    "image_size": "input side in pixels (0 or none: the backbone's own)",
-    "image_crop_pct": "centre-crop share (1.0: the whole photo, squashed; 0 or none: the backbone's own)",
-    "image_model_kwargs": "extra keywords for timm.create_model, as YAML ({drop_rate: 0.2})",
-    "image_pool": "pooling of the image feature map: avg | avgmax (max keeps small objects)",
-    "image_layers": "pool this many feature stages (more than 1 adds earlier stages)",
-    "image_tokens": "keep the last feature map as tokens for --decoder query",
-    "image_quant": "none | int8 (frozen image encoder in static int8, calibrated on training photos; CPU)",
-    "text_model": "text encoder: minilm-l6 (packaged), a Hugging Face name or a local folder",
-    "text_quant": "none | int8 (frozen text encoder's matrices in int8, activations quantised per caption; CPU)",
-    "text_max_length": "tokens of text kept (none: the 99th percentile of the training texts, up to the "
-    "encoder's limit)",
-    "text_config_overrides": "changes to the text encoder's config, as YAML (e.g. {num_hidden_layers: 2})",
-    "decoder": "head for the image, text and early kinds (for late: the image head): mlp | query | lstm",
-    "hidden_dim": "width of the heads' hidden layer",
-    "dropout": "dropout in the heads",
-    "tta_flip": "average the features of each photo and its mirror image",
-    "threshold_method": "decision rule tuned for F1: global | per_class | balanced (false positives ≈ false negatives)",
-    "ensure_nonempty": "give every row at least its most probable label",
-    "save_dtype": "weight storage in the model folder: fp16 | int8 | fp32",
-    "image_pretrained": "start the image encoder from pretrained weights",
-    "image_weights": "local checkpoint (.pth or .safetensors) for an image backbone no package ships",
-    "text_pretrained": "start the text encoder from pretrained weights",
-    "regime": "auto (frozen on a CPU, finetune on a GPU) | frozen | hybrid (image features cached, text "
-    "encoder trains) | finetune",
-    "epochs": "most training epochs (early stopping may end sooner)",
-    "batch_size": "rows per training batch",
-    "lr": "learning rate of the heads",
-    "lr_image": "learning rate of the image encoder (finetune)",
-    "lr_text": "learning rate of the text encoder (hybrid, finetune)",
-    "weight_decay": "AdamW weight decay",
-    "loss": "bce | focal | asl (multiclass: bce is cross-entropy, focal its focal form)",
-    "loss_kwargs": "keywords of the loss, as YAML (e.g. {gamma: 2})",
-    "pos_weight": "weigh rare labels up in the loss (multiclass: class weights)",
-    "sampler": "none | oversample (rows with rare labels drawn more often)",
-    "oversample_power": "strength of oversampling (0: none, 1: inverse frequency)",
-    "augment": "photo augmentation when the image encoder trains: seed | none | trivial | randaugment | colorjitter",
-    "word_dropout": "share of words dropped from texts when the text encoder trains",
-    "modality_dropout": "share of training rows whose photo or text is hidden, so fusion copes with one input",
-    "patience": "epochs without a better validation mean F1 before stopping",
-    "seed": "random seed (split, initial weights, batches)",
-    "val_fraction": "share of rows held out for validation when no --val-csv or --split-col is given",
-    "missing_images": "a training row whose photo is unusable: error | caption_only (trained from its text)",
-    "max_steps": "stop after this many optimiser steps (-1: no limit)",
-    "max_size_mb": "largest model folder allowed, in MB",
-    "accelerator": "cpu | gpu | auto (Lightning's accelerator)",
-    "devices": "devices or processes (Lightning's devices: a number, a list such as 0,1, or auto)",
-    "num_nodes": "machines taking part (under SLURM or torchrun)",
-    "strategy": "Lightning strategy when several devices take part (auto, ddp, ...)",
-    "precision": "training precision (none: bf16-mixed on a GPU, 32 on a CPU)",
-    "num_workers": "worker processes or threads reading photos (none: the cores this process may use)",
-    "feature_engine": "what runs frozen encoders on a CPU: auto | onnx (onnxruntime) | torch",
-    "cache_dir": "fuselabel's cache of frozen features and encoder graphs (none: $FUSELABEL_CACHE, else "
-    "$XDG_CACHE_HOME/fuselabel, else ~/.cache/fuselabel)",
-    "image_cache": "finetune: none | memory (decode each photo once, augment on the device)",
-    "gpu_decode": "on a GPU, decode JPEGs with nvJPEG for the image cache",
-}
 
 
 # The service's limits (``fuselabel serve`` flags, ``serve.create_app`` keywords): default and meaning. A decoding

@@ -1,0 +1,76 @@
+"""The named presets: partial settings over ``Config``'s defaults, each with the line ``--help`` shows for it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Preset(dict):
+    """A named partial set of settings over ``Config``'s defaults (a plain mapping of key to value, so a user reads
+    exactly what it changes), with the one line ``--help`` shows for it in ``description``."""
+
+    def __init__(self, description: str, **settings: Any) -> None:
+        super().__init__(settings)
+        self.description = description
+
+
+PRESETS: dict[str, Preset] = {
+    "cpu-fast": Preset(
+        "frozen Lite0 features, the whole photo at Lite0's own 224 px: the quickest sensible model on a laptop",
+        image_model="tf_efficientnet_lite0",
+        image_size=None,
+        regime="frozen",
+        epochs=30,
+    ),
+    "cpu": Preset("the default, spelled out: frozen encoders", regime="frozen"),
+    # 1.4x the extraction time of "cpu"
+    "cpu-best": Preset(
+        "the whole photo upsampled to 384 px: the best frozen figure measured",
+        regime="frozen",
+        kind="late",
+        image_size=384,
+        image_crop_pct=1.0,
+        threshold_method="global",
+    ),
+    # The heads train on the int8 features they will see. On an AVX2 CPU: 2.0x the default's prediction speed,
+    # held-out mean F1 within 0.001 of it over three seeds (docs/results.md).
+    "cpu-int8": Preset(
+        "the default with both encoders in int8 (image static, calibrated on training photos; text dynamic)",
+        regime="frozen",
+        image_quant="int8",
+        text_quant="int8",
+    ),
+    # augmentation does the zooming
+    "gpu-best": Preset(
+        "fine-tuning at the backbone's own 260 px with random resized crops (a GPU)",
+        regime="finetune",
+        kind="late",
+        image_size=260,
+        image_crop_pct=None,
+        epochs=12,
+        batch_size=128,
+        lr=1e-3,
+        lr_image=3e-4,
+        lr_text=5e-5,
+        augment="seed",
+        precision="bf16-mixed",
+        image_cache="memory",
+    ),
+    "seed": Preset(
+        "the course seed: EfficientNet-B3 + ALBERT-base, Table 1 settings (needs their weights, hub or local)",
+        image_model="efficientnet_b3",
+        image_size=None,
+        image_crop_pct=None,
+        text_model="albert-base-v2",
+        regime="finetune",
+        kind="late",
+        late_combine="union",
+        epochs=10,
+        batch_size=32,
+        lr=1e-4,
+        lr_image=1e-4,
+        lr_text=2e-5,
+        threshold_method="balanced",
+        augment="seed",
+    ),
+}
