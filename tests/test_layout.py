@@ -44,6 +44,9 @@ ORDER = [
     "experiment_results",
     "experiment",
     "serve",
+    "flags",
+    "options",
+    "console",
     "cli",
 ]
 
