@@ -11,8 +11,9 @@ import sys
 import pytest
 from conftest import make_tiny_dataset
 
-from fuselabel.cli import RUNNING, build_parser
-from fuselabel.config import HELP, Config
+from fuselabel.cli import given_settings, main
+from fuselabel.config import PRESETS, Config
+from fuselabel.options import COMMAND_OPTIONS, RUNNING, build_parser
 
 
 def _actions(command: str) -> dict:
@@ -27,8 +28,59 @@ def test_every_setting_has_a_flag_with_help_and_default():
         flag = "--" + f.name.replace("_", "-")
         assert flag in flags, flag
         assert flags[flag].dest == f"setting_{f.name}"
-        assert HELP[f.name] in flags[flag].help and "(default: " in flags[flag].help, flag
-    assert set(HELP) == {f.name for f in dataclasses.fields(Config)}
+        description = Config.__pydantic_fields__[f.name].description
+        assert description and flags[flag].help.startswith(description) and "(default: " in flags[flag].help, flag
+
+
+def _help(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--help"])
+    assert done.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare word runs
+
+
+def test_a_description_appears_in_help_exactly_as_declared(capsys):
+    from fuselabel.config import ServeSettings
+    from fuselabel.options import TableOptions
+
+    for command, group, key in [
+        ("train", Config, "image_quant"),
+        ("train", Config, "threshold_method"),
+        ("predict", Config, "devices"),
+        ("predict", TableOptions, "label_sep"),
+        ("serve", ServeSettings, "max_megapixels"),
+    ]:
+        description = group.__pydantic_fields__[key].description
+        assert " ".join(description.split()) in _help(capsys, command), (command, key)
+
+
+def test_help_lists_each_preset_with_its_line(capsys):
+    with_presets = [c for c in COMMAND_OPTIONS if "--preset" in _actions(c)]
+    assert "train" in with_presets
+    for command in with_presets:
+        text = _help(capsys, command)
+        for name, preset in PRESETS.items():
+            assert f"{name} {preset.description}" in text, (command, name)
+
+
+def test_devices_takes_the_same_values_in_train_and_predict():
+    parser = build_parser()
+    for value, parsed in [("0,1", [0, 1]), ("2", 2), ("auto", "auto")]:
+        train = parser.parse_args(["train", "--data", "d", "--out", "o", "--devices", value])
+        predict = parser.parse_args(["predict", "m", "--data", "d", "--out", "p.csv", "--devices", value])
+        assert given_settings(train)["devices"] == given_settings(predict)["devices"] == parsed
+        assert (
+            _actions("train")["--devices"].help.split(" (default")[0]
+            == _actions("predict")["--devices"].help.split(" (default")[0]
+        )
+
+
+def test_predict_spreads_a_list_of_devices_over_that_many_processes():
+    from fuselabel.cli import _processes
+
+    assert _processes([0, 1], "gpu") == 2 and _processes(3, "cpu") == 3 and _processes("auto", "cpu") == 1
+    with pytest.raises(ValueError, match="devices"):
+        _processes([2, 3], "gpu")
 
 
 def test_a_flag_means_the_same_in_every_command():
@@ -40,11 +92,11 @@ def test_a_flag_means_the_same_in_every_command():
             assert flags[flag].help == _actions("train")[flag].help
     assert _actions("predict")["--engine"].dest == "setting_feature_engine"  # the earlier spelling still works
     assert _actions("train")["--fusion"].dest == "setting_late_combine"
+    for command in ("evaluate", "inspect"):  # --json [FILE]: the report as JSON, the same in both
+        assert _actions(command)["--json"].dest == "json_report" and _actions(command)["--json"].const == "-"
 
 
 def test_flags_and_set_give_the_same_settings():
-    from fuselabel.cli import given_settings
-
     parser = build_parser()
     a = parser.parse_args(
         [
@@ -93,6 +145,36 @@ def test_bad_arguments_are_refused_before_any_heavy_import(tmp_path, argv, words
     assert done.stdout.strip() == "2 []", done.stdout + done.stderr
     for word in words:
         assert word in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["train", "--data", "d", "--out", "o", "--epochs", "0"], ["epochs=0"]),
+        (["train", "--data", "d", "--out", "o", "--batch-size", "many"], ["--batch-size", "many"]),
+        (["predict", "m", "--data", "d", "--out", "p.csv", "--chunk-size", "0"], ["--chunk-size", "chunk_size=0"]),
+        (["predict", "m", "--data", "d", "--out", "p.csv", "--devices", "one"], ["--devices", "one"]),
+        (["evaluate", "m", "--data", "d", "--num-workers", "-1"], ["num_workers=-1"]),
+        (["report", "m", "--data", "d", "--out", "r.html", "--split", "test"], ["--split", "test"]),
+        (["inspect", "--data", "d", "--delimiter", "x"], ["--delimiter", "'x'"]),
+        (["info", "no/such/model"], ["no/such/model"]),
+        (["experiment", "--config", "g.yaml", "--set", "epochs"], ["--set", "epochs"]),
+        (["convert", "m", "--out", "s", "--save-dtype", "int4"], ["--save-dtype", "int4"]),
+        (["export", "m", "--check-rows", "-1"], ["--check-rows", "check_rows=-1"]),
+        (["serve", "m", "--max-batch", "0"], ["--max-batch", "max_batch=0"]),
+        (["serve", "m", "--port", "70000"], ["--port", "port=70000"]),
+    ],
+)
+def test_a_bad_value_is_refused_naming_its_key_in_every_command(capsys, argv, words):
+    try:
+        code = main(argv)
+    except SystemExit as done:  # argparse refuses a value its type or choices rule out
+        code = done.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, (word, err)
 
 
 def test_the_cache_follows_xdg_cache_home(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import outputs
 from .console import reason, show_log, user_errors
-from .options import ONE_PROCESS, build_parser, columns, image_dir, read_rows, resolve_data
+from .options import ONE_PROCESS, build_parser, check, columns, image_dir, read_rows, resolve_data
 from .outputs import check_output
 
 
@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     show_log(quiet=getattr(args, "quiet", False))
     try:
+        check(args)
         code = COMMANDS[args.command](args)
     except Exception as err:
         limit = outputs.explain_error(err)  # a full disk, a read-only folder ...: the path and what to do

@@ -11,10 +11,9 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import Config, NonNegative, Positive, ServeSettings, setting_groups
-from .flags import add_group
+from .flags import add_group, group_values
 from .presets import PRESETS
 
-PresetName = Literal[tuple(PRESETS)]
 Split = Literal["all", "val", "train"]
 
 
@@ -101,10 +100,12 @@ class TrainOptions(Options):
 
     out: str = option(..., "model folder to write", metavar="MODEL")
     config: Optional[str] = option(None, "YAML file of settings (keys as in config.json)", metavar="YAML")
-    preset: Optional[PresetName] = option(
+    # refused by build_config, which names the presets, rather than by the parser's usage message
+    preset: Optional[str] = option(
         None,
-        "named settings over the defaults (a YAML file, flags and --set go over them)",
+        "named settings over the defaults, listed above (a YAML file, flags and --set go over them)",
         choices={name: p.description for name, p in PRESETS.items()},
+        metavar="NAME",
     )
     set: Optional[list[str]] = option(
         None,
@@ -325,3 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
         if settings is not None:
             add_settings(p, **settings)
     return parser
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every option the command took against its declared type and range, before any work starts: a ``ValueError``
+    names the flag and key of a value out of range."""
+    _, groups, settings = COMMAND_OPTIONS[args.command]
+    for group in groups:
+        group_values(args, group[0] if isinstance(group, tuple) else group)
+    if settings is not None:
+        group_values(args, Config)
