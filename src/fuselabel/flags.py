@@ -64,33 +64,36 @@ def _choice_lines(key: str, info) -> str:
 
 
 def _default(info) -> Any:
-    return info.get_default(call_default_factory=True)
+    return None if info.is_required() else info.get_default(call_default_factory=True)
 
 
 def _add(options, group, key: str, info, required: bool, shown: Any) -> None:
     extra = info.json_schema_extra or {}
     parse, choices, kind = converter(info.annotation)
-    help_ = info.description or ""
-    if not required and kind != "secret" and "default" not in help_:  # a description may say its own default
-        help_ += f" (default: {_default_text(shown)})"
-    names: tuple = (flag(key), *extra.get("aliases", ()))
-    settings = {"dest": _dest(group, key), "help": help_}
-    default = None if group is Config else _default(info)
     if extra.get("positional"):
-        names, settings = (key,), {"help": info.description, "nargs": "+" if kind == "list" else None}
-    elif kind == "switch":
-        settings.update(action=argparse.BooleanOptionalAction, default=default)
-    else:
-        settings.update(default=default, required=required, metavar=extra.get("metavar", key.upper()))
-        if kind == "list":
-            settings.update(action="append", default=None)
-        if "const" in extra:
-            settings.update(nargs="?", const=extra["const"])
-    if kind not in ("switch",):
-        settings.update(type=parse, choices=choices)
-        if choices:
-            settings.pop("metavar", None)
-    options.add_argument(*names, **{k: v for k, v in settings.items() if v is not None or k == "default"})
+        options.add_argument(key, type=parse, nargs="+" if kind == "list" else None, help=info.description)
+        return
+    help_ = info.description or ""
+    if not required and kind != "secret" and "(default" not in help_:  # a description may say its own default
+        help_ += f" (default: {_default_text(shown)})"
+    names = (flag(key), *extra.get("aliases", ()))
+    # Config's flags default to "not given", so that a preset or a YAML file below them shows through
+    default = None if group is Config or kind == "list" else _default(info)
+    common = {"dest": _dest(group, key), "help": help_, "default": default}
+    if kind == "switch":
+        options.add_argument(*names, action=argparse.BooleanOptionalAction, **common)
+        return
+    if "const" in extra:  # given without a value: the const
+        common.update(nargs="?", const=extra["const"])
+    options.add_argument(
+        *names,
+        type=parse,
+        choices=choices,
+        required=required,
+        action="append" if kind == "list" else "store",  # a list: the flag repeated
+        metavar=None if choices else extra.get("metavar", key.upper()),
+        **common,
+    )
 
 
 def converter(annotation) -> tuple[Any, list | None, str]:

@@ -23,6 +23,11 @@ def option(default, description: str, **extra):
     return Field(default, description=description, json_schema_extra=extra or None)
 
 
+def unset(metavar: str, description: str, **extra):
+    """An option left out unless given (None), whose value reads as ``metavar`` in ``--help``."""
+    return option(None, description, metavar=metavar, **extra)
+
+
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -45,50 +50,40 @@ class TableOptions(Options):
     """the rows: data folder, table and columns (columns default to those found in the table; the course's
     ImageID, Caption, Labels)"""
 
-    data: Optional[str] = option(None, "image folder, or a folder with data/ and the table", metavar="DIR")
-    csv: Optional[str] = option(
-        None,
+    data: Optional[str] = unset("DIR", "image folder, or a folder with data/ and the table")
+    csv: Optional[str] = unset(
+        "TABLE",
         "the table: CSV, TSV, JSON Lines, Parquet or the course CSV (default: DATA/train.csv; predict: DATA/test.csv)",
         aliases=("--table",),
-        metavar="TABLE",
     )
-    images: Optional[str] = option(
-        None,
-        "folder the table's photo paths are relative to (default: DATA/data if it holds them, else DATA)",
-        metavar="DIR",
+    images: Optional[str] = unset(
+        "DIR", "folder the table's photo paths are relative to (default: DATA/data if it holds them, else DATA)"
     )
     delimiter: Optional[Literal[",", ";", "tab", "|"]] = option(
         None, "field delimiter of a CSV or text table: , ; tab | (default: found by sniffing the file)"
     )
     sheet: Optional[str] = option(None, "an .xlsx table's sheet: its name or index (default: the first)")
-    image_col: Optional[str] = option(
-        None, "column of photo paths (relative to the image folder, or absolute)", metavar="COL"
-    )
-    text_col: Optional[list[str]] = option(
-        None, "text column; repeat for several (joined with a line break)", metavar="COL"
-    )
-    label_col: Optional[str] = option(None, "column of labels: a list, or labels joined by --label-sep", metavar="COL")
-    label_sep: Optional[str] = option(
-        None,
+    image_col: Optional[str] = unset("COL", "column of photo paths (relative to the image folder, or absolute)")
+    text_col: Optional[list[str]] = unset("COL", "text column; repeat for several (joined with a line break)")
+    label_col: Optional[str] = unset("COL", "column of labels: a list, or labels joined by --label-sep")
+    label_sep: Optional[str] = unset(
+        "SEP",
         "separator inside the label column: '|', ';', ',', 'space', or 'none' for one label (default: found from "
         "the data)",
-        metavar="SEP",
     )
-    id_col: Optional[str] = option(None, "column naming each row in outputs (default: the photo column)", metavar="COL")
-    label_names: Optional[str] = option(
-        None,
+    id_col: Optional[str] = unset("COL", "column naming each row in outputs (default: the photo column)")
+    label_names: Optional[str] = unset(
+        "FILE",
         "names of label ids: two columns (id, name) of a CSV/TSV, or a JSON object (default: label_names.csv "
         "beside the table or in DATA)",
-        metavar="FILE",
     )
-    val_csv: Optional[str] = option(
-        None,
+    val_csv: Optional[str] = unset(
+        "TABLE",
         "validation rows, in the training table's format (default: a stratified --val-fraction)",
         aliases=("--val-table",),
-        metavar="TABLE",
     )
-    split_col: Optional[str] = option(
-        None, "column saying train, val or test for each row (test rows are left out of training)", metavar="COL"
+    split_col: Optional[str] = unset(
+        "COL", "column saying train, val or test for each row (test rows are left out of training)"
     )
 
 
@@ -99,7 +94,7 @@ class TrainOptions(Options):
     """training"""
 
     out: str = option(..., "model folder to write", metavar="MODEL")
-    config: Optional[str] = option(None, "YAML file of settings (keys as in config.json)", metavar="YAML")
+    config: Optional[str] = unset("YAML", "YAML file of settings (keys as in config.json)")
     # refused by build_config, which names the presets, rather than by the parser's usage message
     preset: Optional[str] = option(
         None,
@@ -107,17 +102,13 @@ class TrainOptions(Options):
         choices={name: p.description for name, p in PRESETS.items()},
         metavar="NAME",
     )
-    set: Optional[list[str]] = option(
-        None,
-        "any setting by its key, e.g. --set hidden_dim=1024 (the same as its flag; repeat it)",
-        metavar="KEY=VALUE",
+    set: Optional[list[str]] = unset(
+        "KEY=VALUE", "any setting by its key, e.g. --set hidden_dim=1024 (the same as its flag; repeat it)"
     )
     pretrained: bool = option(
         True, "start both encoders from pretrained weights (no: --no-image-pretrained --no-text-pretrained)"
     )
-    work_dir: Optional[str] = option(
-        None, "checkpoints and logs (default: OUT.work, removed once the model is saved)", metavar="DIR"
-    )
+    work_dir: Optional[str] = unset("DIR", "checkpoints and logs (default: OUT.work, removed once the model is saved)")
     resume: bool = option(False, "continue the run interrupted in the work folder (same settings and data)")
 
 
@@ -142,9 +133,7 @@ class PredictOutputs(Options):
     """prediction outputs"""
 
     out: str = option(..., "predictions to write: .csv, .tsv, .jsonl or .parquet", metavar="FILE")
-    proba: Optional[str] = option(
-        None, "also write per-label probabilities (and each row's inputs) to this CSV", metavar="FILE"
-    )
+    proba: Optional[str] = unset("FILE", "also write per-label probabilities (and each row's inputs) to this CSV")
     chunk_size: Positive = option(
         512, "rows per chunk, a multiple of 64 (bounds memory; finished chunks survive a kill)"
     )
@@ -175,9 +164,9 @@ class ExperimentOptions(Options):
     """the grid"""
 
     config: str = option(..., "grid YAML (name, base, grid, runs, seeds, keep_models)", metavar="YAML")
-    out: Optional[str] = option(None, "results folder (default: runs/<grid name>)", metavar="DIR")
-    set: Optional[list[str]] = option(
-        None, "a setting for every run, after the grid's (e.g. --set epochs=1; repeat it)", metavar="KEY=VALUE"
+    out: Optional[str] = unset("DIR", "results folder (default: runs/<grid name>)")
+    set: Optional[list[str]] = unset(
+        "KEY=VALUE", "a setting for every run, after the grid's (e.g. --set epochs=1; repeat it)"
     )
     dry_run: bool = option(False, "list the planned runs and exit")
     verbose: bool = option(False, "show fit's output instead of writing it to OUT/logs/")
@@ -192,7 +181,7 @@ class ConvertOptions(Options):
 class ExportOptions(Options):
     """the ONNX folder"""
 
-    out: Optional[str] = option(None, "folder to write (default: MODEL_DIR/onnx)", metavar="DIR")
+    out: Optional[str] = unset("DIR", "folder to write (default: MODEL_DIR/onnx)")
     format: Literal["onnx"] = option("onnx", "graph format (only onnx so far)")
     int8: bool = option(False, "int8 weights for the text encoder and head (dynamic)")
     check_rows: NonNegative = option(8, "synthetic rows compared with PyTorch (0: none)")
