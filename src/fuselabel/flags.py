@@ -108,6 +108,8 @@ def converter(annotation) -> tuple[Any, list | None, str]:
     if origin is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) > 1:
+            if list[int] not in args:
+                raise TypeError(f"no flag parser for {annotation}: give the field one type, or Optional of one")
             return devices, None, "value"  # a number, a list or a word
         inner, choices, kind = converter(args[0])
         if kind != "value":
