@@ -6,7 +6,7 @@ means the same in every command that takes it. ``Config``'s settings are layered
 their flags default to "not given" (``setting_<key>`` in the parsed arguments) and ``group_values`` returns only
 those given. Every other group's flags carry the field's default. Extra keys a field may carry
 (``json_schema_extra``): ``aliases`` (earlier spellings), ``positional``, ``metavar``, ``const`` (the value of a
-flag given without one), ``choices`` (a mapping of each choice to its one-line description, listed in ``--help``).
+flag given without one), ``found`` (what ``--help`` names as the default when the command finds it), ``choices`` (a mapping of each choice to its one-line description, listed in ``--help``).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def add_group(
     title = title or " ".join((group.__doc__ or "").split()) or None
     options = parser.add_argument_group(title, "\n".join(listed) or None)
     for key, info in fields.items():
-        shown = (shown_defaults or {}).get(key, _default(info))
+        shown = (shown_defaults or {}).get(key, (info.json_schema_extra or {}).get("found", _default(info)))
         _add(options, group, key, info, key in required or info.is_required(), shown)
 
 
@@ -74,7 +74,7 @@ def _add(options, group, key: str, info, required: bool, shown: Any) -> None:
         options.add_argument(key, type=parse, nargs="+" if kind == "list" else None, help=info.description)
         return
     help_ = info.description or ""
-    if not required and kind != "secret" and "(default" not in help_:  # a description may say its own default
+    if not required and kind != "secret":
         help_ += f" (default: {_default_text(shown)})"
     names = (flag(key), *extra.get("aliases", ()))
     # Config's flags default to "not given", so that a preset or a YAML file below them shows through

@@ -19,7 +19,7 @@ Split = Literal["all", "val", "train"]
 
 def option(default, description: str, **extra):
     """A command option's field: default, ``--help`` line, and what ``fuselabel.flags`` reads (``aliases``,
-    ``positional``, ``metavar``, ``const``)."""
+    ``positional``, ``metavar``, ``const``, ``found``: what is used when it is not given, for ``--help``)."""
     return Field(default, description=description, json_schema_extra=extra or None)
 
 
@@ -53,33 +53,35 @@ class TableOptions(Options):
     data: Optional[str] = unset("DIR", "image folder, or a folder with data/ and the table")
     csv: Optional[str] = unset(
         "TABLE",
-        "the table: CSV, TSV, JSON Lines, Parquet or the course CSV (default: DATA/train.csv; predict: DATA/test.csv)",
+        "the table: CSV, TSV, JSON Lines, Parquet or the course CSV",
+        found="DATA/train.csv; predict: DATA/test.csv",
         aliases=("--table",),
     )
     images: Optional[str] = unset(
-        "DIR", "folder the table's photo paths are relative to (default: DATA/data if it holds them, else DATA)"
+        "DIR", "folder the table's photo paths are relative to", found="DATA/data if it holds them, else DATA"
     )
     delimiter: Optional[Literal[",", ";", "tab", "|"]] = option(
-        None, "field delimiter of a CSV or text table: , ; tab | (default: found by sniffing the file)"
+        None, "field delimiter of a CSV or text table: , ; tab |", found="found by sniffing the file"
     )
-    sheet: Optional[str] = option(None, "an .xlsx table's sheet: its name or index (default: the first)")
+    sheet: Optional[str] = option(None, "an .xlsx table's sheet: its name or index", found="the first")
     image_col: Optional[str] = unset("COL", "column of photo paths (relative to the image folder, or absolute)")
     text_col: Optional[list[str]] = unset("COL", "text column; repeat for several (joined with a line break)")
     label_col: Optional[str] = unset("COL", "column of labels: a list, or labels joined by --label-sep")
     label_sep: Optional[str] = unset(
         "SEP",
-        "separator inside the label column: '|', ';', ',', 'space', or 'none' for one label (default: found from "
-        "the data)",
+        "separator inside the label column: '|', ';', ',', 'space', or 'none' for one label",
+        found="found from the data",
     )
-    id_col: Optional[str] = unset("COL", "column naming each row in outputs (default: the photo column)")
+    id_col: Optional[str] = unset("COL", "column naming each row in outputs", found="the photo column")
     label_names: Optional[str] = unset(
         "FILE",
-        "names of label ids: two columns (id, name) of a CSV/TSV, or a JSON object (default: label_names.csv "
-        "beside the table or in DATA)",
+        "names of label ids: two columns (id, name) of a CSV/TSV, or a JSON object",
+        found="label_names.csv beside the table or in DATA",
     )
     val_csv: Optional[str] = unset(
         "TABLE",
-        "validation rows, in the training table's format (default: a stratified --val-fraction)",
+        "validation rows, in the training table's format",
+        found="a stratified --val-fraction",
         aliases=("--val-table",),
     )
     split_col: Optional[str] = unset(
@@ -108,7 +110,7 @@ class TrainOptions(Options):
     pretrained: bool = option(
         True, "start both encoders from pretrained weights (no: --no-image-pretrained --no-text-pretrained)"
     )
-    work_dir: Optional[str] = unset("DIR", "checkpoints and logs (default: OUT.work, removed once the model is saved)")
+    work_dir: Optional[str] = unset("DIR", "checkpoints and logs, removed once the model is saved", found="OUT.work")
     resume: bool = option(False, "continue the run interrupted in the work folder (same settings and data)")
 
 
@@ -123,8 +125,9 @@ class InferenceOptions(Options):
 
     device: Optional[str] = option(
         None,
-        "where one process runs the model: cpu, cuda, cuda:1 ... (default: cuda when present); --devices spreads "
-        "the rows over several processes instead",
+        "where one process runs the model: cpu, cuda, cuda:1 ...; --devices spreads the rows over several processes "
+        "instead",
+        found="cuda when present",
     )
     strict: bool = option(False, "a row without a usable photo or caption is an error (no: predicted from the other)")
 
@@ -164,7 +167,7 @@ class ExperimentOptions(Options):
     """the grid"""
 
     config: str = option(..., "grid YAML (name, base, grid, runs, seeds, keep_models)", metavar="YAML")
-    out: Optional[str] = unset("DIR", "results folder (default: runs/<grid name>)")
+    out: Optional[str] = unset("DIR", "results folder", found="runs/<grid name>")
     set: Optional[list[str]] = unset(
         "KEY=VALUE", "a setting for every run, after the grid's (e.g. --set epochs=1; repeat it)"
     )
@@ -181,7 +184,7 @@ class ConvertOptions(Options):
 class ExportOptions(Options):
     """the ONNX folder"""
 
-    out: Optional[str] = unset("DIR", "folder to write (default: MODEL_DIR/onnx)")
+    out: Optional[str] = unset("DIR", "folder to write", found="MODEL_DIR/onnx")
     format: Literal["onnx"] = option("onnx", "graph format (only onnx so far)")
     int8: bool = option(False, "int8 weights for the text encoder and head (dynamic)")
     check_rows: NonNegative = option(8, "synthetic rows compared with PyTorch (0: none)")
