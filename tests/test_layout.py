@@ -41,6 +41,7 @@ ORDER = [
     "report",
     "explain",
     "experiment_results",
+    "experiment_plan",
     "experiment",
     "serve",
     "cli",
