@@ -43,6 +43,7 @@ ORDER = [
     "experiment_results",
     "experiment_plan",
     "experiment",
+    "tune",
     "serve",
     "cli",
 ]

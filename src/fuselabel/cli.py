@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and exit")
     p.add_argument("--verbose", action="store_true", help="show fit's output instead of writing it to OUT/logs/")
 
+    _add_tune_parser(sub)
+
     p = sub.add_parser("convert", help="re-save a model folder with other weight storage (fp32, fp16, int8)")
     p.add_argument("model_dir")
     p.add_argument("--out", required=True, help="new model folder (may equal MODEL_DIR)")
@@ -555,6 +557,67 @@ def cmd_experiment(args) -> int:
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 
+# ---- fuselabel tune: a hyper-parameter search over cached features (fuselabel.tune) ----
+
+
+def _add_tune_parser(sub) -> None:
+    """``tune``: the data flags, the settings it starts from (--preset, --config, --set) and a flag for every
+    field of ``TuneSettings``."""
+    from .config import TuneSettings
+
+    p = sub.add_parser(
+        "tune",
+        help="search the heads' settings over cached features (Optuna); write the best model",
+        description="Search the heads' settings (decoder, width, dropout, loss, optimiser, fusion, decision "
+        "rule) over cached features with Optuna, then train the best into a model folder.",
+    )
+    _add_data_args(p)
+    p.add_argument("--out", required=True, help="model folder to write (the study is kept in it as tune.db)")
+    p.add_argument("--config", help="YAML file of the settings to start from")
+    p.add_argument("--preset", help="named settings to start from: cpu-fast, cpu, cpu-best, ...")
+    p.add_argument("--set", action="append", type=_kv, default=[], metavar="KEY=VALUE", help="a starting setting")
+    p.add_argument("--label-names", help="names of label ids (default: label_names.csv beside the table or in DATA)")
+    p.add_argument("--quiet", action="store_true", help="only the final summary, warnings and errors")
+    g = p.add_argument_group("the search")
+    for name, info in TuneSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = info.get_default(call_default_factory=True)
+        text = f"{info.description} (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+        if info.annotation is bool or info.annotation == "bool":
+            g.add_argument(flag, dest=f"tune_{name}", action=argparse.BooleanOptionalAction, help=text)
+        elif isinstance(default, list):
+            g.add_argument(flag, dest=f"tune_{name}", nargs="+", metavar="NAME", help=text)
+        else:
+            g.add_argument(flag, dest=f"tune_{name}", metavar="VALUE", help=text)
+
+
+def cmd_tune(args) -> None:
+    from pydantic import ValidationError
+
+    from .config import TuneSettings, build_config
+
+    images, csv = resolve_data(args.data, args.csv)
+    config = build_config(args.preset, args.config, **dict(args.set))
+    given = {k[len("tune_") :]: v for k, v in vars(args).items() if k.startswith("tune_") and v is not None}
+    try:
+        settings = TuneSettings(**given)
+    except ValidationError as err:
+        problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"tune: {problems}") from None
+    from .tables import read_table
+
+    records = read_table(csv, _columns(args), need_labels=True)
+    inputs = [csv, images, args.label_names]
+    check_output(args.out, outputs.MODEL, inputs)  # before the heavy imports: a refused folder costs nothing
+    from .tune import search
+
+    _show_log(quiet=args.quiet)  # again: importing Lightning set its own loggers up
+    result = search(
+        config, _image_dir(args, images, records), records, args.out, settings, label_names=args.label_names
+    )
+    print(result.summary)
+
+
 def cmd_convert(args) -> None:
     from .bundle import convert_bundle
 
@@ -632,6 +695,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "export": cmd_export,
     "experiment": cmd_experiment,
+    "tune": cmd_tune,
     "serve": cmd_serve,
     "report": cmd_report,
 }

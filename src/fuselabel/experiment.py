@@ -103,9 +103,11 @@ def _rows_for(unit: Unit, plan: Plan, result=None, error: str | None = None, mod
 
 
 @contextlib.contextmanager
-def _logs_to(stream):
-    """The library's log records (INFO and up) go to ``stream`` alone while a run trains, then as before."""
+def logged_to(path: Path):
+    """What a run prints, and the library's log records (INFO and up), go to the file ``path`` alone while it
+    trains, then as before."""
     package = logging.getLogger("fuselabel")
+    stream = open(path, "w")  # closed last: the handler writes to it until it is removed
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     saved = package.level, package.propagate, list(package.handlers)
@@ -115,13 +117,15 @@ def _logs_to(stream):
     package.setLevel(logging.INFO)
     package.propagate = False
     try:
-        yield
+        with contextlib.redirect_stdout(stream):
+            yield
     finally:
         package.removeHandler(handler)
         for other in saved[2]:
             package.addHandler(other)
         package.setLevel(saved[0])
         package.propagate = saved[1]
+        stream.close()
 
 
 def _model_target(stack: contextlib.ExitStack, out: Path, unit: Unit, keep: bool) -> tuple[Path, str]:
@@ -143,9 +147,7 @@ def _train_unit(unit: Unit, plan: Plan, out: Path, images, csv_path, verbose: bo
         target, model_dir = _model_target(stack, out, unit, plan.keep_models)
         try:
             if not verbose:
-                log = stack.enter_context(open(out / "logs" / f"{unit.run_id}.log", "w"))
-                stack.enter_context(contextlib.redirect_stdout(log))
-                stack.enter_context(_logs_to(log))
+                stack.enter_context(logged_to(out / "logs" / f"{unit.run_id}.log"))
             result = train_module.fit(
                 unit.config, images, csv_path, target, label_names=plan.label_names, progress=verbose
             )
