@@ -97,7 +97,7 @@ def test_the_time_budget_stops_new_trials(data, base, tmp_path):
     image_dir, csv = data
     result = tune.search(base, image_dir, csv, tmp_path / "m", TuneSettings(trials=50, timeout=0.5, params=PARAMS))
     assert result.trials["complete"] + result.trials["pruned"] == 1  # the one under way when time ran out
-    assert result.best_settings == {}  # only the default ran
+    assert set(result.best_settings) <= {"threshold_method"}  # only the default ran (with its best rule)
 
 
 def test_pruned_trials_stop_at_the_epoch_reported(data, base, tmp_path, monkeypatch):

@@ -63,7 +63,7 @@ class TuneResult:
     model_dir: Path
     best_settings: dict  # the settings the best trial changed from the starting ones ({}: the default won)
     best_value: float  # its validation mean F1 (with its decision rule)
-    default_value: float | None  # the starting settings' validation mean F1, on the same rows
+    default_value: float | None  # the starting settings' validation mean F1 (their own decision rule), same rows
     model_value: float  # the written model's validation mean F1 (the best settings, trained again)
     trials: dict  # trial counts by state: complete, pruned, failed
     summary: str = ""
@@ -190,6 +190,8 @@ class _Objective:
         value, method = _score(result, config, self.settings.threshold_methods)
         trial.set_user_attr("settings", {**changes, "threshold_method": method})
         trial.set_user_attr("epochs_run", len(result.history))
+        # what ``fuselabel train`` with these settings gives: their own decision rule, not the best of them
+        trial.set_user_attr("as_configured", float(result.report["mean_f1"]))
         what = "the default" if default else ", ".join(f"{k}={v}" for k, v in changes.items())
         log.info(f"trial {trial.number}: val mean F1 {value:.4f} ({method}) in {time.time() - start:.0f}s: {what}")
         return value
@@ -269,7 +271,7 @@ def _counts(study, optuna) -> dict:
 
 def _default_value(study, optuna) -> float | None:
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return next((t.value for t in done if t.user_attrs.get("default")), None)
+    return next((t.user_attrs["as_configured"] for t in done if t.user_attrs.get("default")), None)
 
 
 def _finish(study, optuna, objective: _Objective, out: Path) -> TuneResult:
