@@ -583,7 +583,7 @@ def _add_tune_parser(sub) -> None:
         flag = "--" + name.replace("_", "-")
         default = info.get_default(call_default_factory=True)
         text = f"{info.description} (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
-        if info.annotation is bool or info.annotation == "bool":
+        if info.annotation is bool:
             g.add_argument(flag, dest=f"tune_{name}", action=argparse.BooleanOptionalAction, help=text)
         elif isinstance(default, list):
             g.add_argument(flag, dest=f"tune_{name}", nargs="+", metavar="NAME", help=text)

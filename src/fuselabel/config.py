@@ -441,35 +441,20 @@ TUNE_PARAMS = ("decoder", "hidden_dim", "dropout", "loss", "pos_weight", "lr", "
 class TuneSettings(BaseModel):
     """Every setting of ``fuselabel tune`` and ``tune.search``: how many trials, for how long, what they vary.
 
-    The model and run settings the search starts from (its default) are ``Config``'s, and so is the seed that
-    draws the validation split every trial shares; ``sampler_seed`` only seeds the choice of trials.
+    The settings the search starts from (its default) are a ``Config``, and so is the seed that draws the
+    validation split all trials share; ``sampler_seed`` only seeds the choice of trials.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    trials: Positive = Field(
-        30,
-        description="trials the study should hold (finished or pruned), the default's included; a resumed "
-        "study runs only those it lacks",
-    )
-    timeout: Optional[PositiveFloat] = Field(
-        None, description="seconds this call may search (none: no limit); the trial under way when it runs out finishes"
-    )
-    prune: bool = Field(True, description="stop a trial whose per-epoch validation F1 falls below the median")
+    trials: Positive = Field(30, description="trials the study should hold, the default's first (resumed: the rest)")
+    timeout: Optional[PositiveFloat] = Field(None, description="seconds to search (none: no limit); a trial finishes")
+    prune: bool = Field(True, description="stop a trial whose per-epoch validation F1 is below the median")
     sampler_seed: NonNegative = Field(0, description="seed of the search's sampler (TPE)")
     resume: bool = Field(False, description="continue the study kept in the output folder (or its work folder)")
-    params: list[Literal[TUNE_PARAMS]] = Field(
+    params: Annotated[list[Literal[TUNE_PARAMS]], Field(min_length=1)] = Field(
         default_factory=lambda: list(TUNE_PARAMS), description="settings the search varies (the others stay fixed)"
     )
-    threshold_methods: list[Literal["global", "per_class", "balanced"]] = Field(
-        default_factory=lambda: list(THRESHOLD_METHODS),
-        description="decision rules a trial may choose from: each is tuned on the validation rows of the same "
-        "training, so choosing costs no trial",
+    threshold_methods: Annotated[list[Literal["global", "per_class", "balanced"]], Field(min_length=1)] = Field(
+        default_factory=lambda: list(THRESHOLD_METHODS), description="decision rules a trial may choose from (free)"
     )
-
-    @field_validator("params", "threshold_methods")
-    @classmethod
-    def _not_empty(cls, value):
-        if not value:
-            raise ValueError("name at least one")
-        return list(dict.fromkeys(value))
