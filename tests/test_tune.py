@@ -133,3 +133,18 @@ def test_the_command_line(data, base, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if the extra were not installed
     assert cli_main(args + ["--out", str(tmp_path / "m2")] + flags) == 2
     assert "fuselabel[tune]" in capsys.readouterr().err
+
+
+def test_search_settings_are_checked_before_any_work(data, tmp_path, capsys):
+    image_dir, _ = data
+    out = tmp_path / "m"
+    for flags, named in (
+        (["--trials", "0"], "--trials"),
+        (["--params", "width"], "--params"),
+        (["--timeout", "soon"], "--timeout"),
+    ):
+        assert cli_main(["tune", "--data", str(image_dir.parent), "--out", str(out), *flags]) == 2
+        assert named in capsys.readouterr().err
+    assert not out.exists() and not tune.work_dir(out).exists()
+    with pytest.raises(ValueError, match="regime='finetune'"):
+        tune.search(Config(regime="finetune"), image_dir, image_dir.parent / "train.csv", out)
