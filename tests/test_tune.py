@@ -148,3 +148,20 @@ def test_search_settings_are_checked_before_any_work(data, tmp_path, capsys):
     assert not out.exists() and not tune.work_dir(out).exists()
     with pytest.raises(ValueError, match="regime='finetune'"):
         tune.search(Config(regime="finetune"), image_dir, image_dir.parent / "train.csv", out)
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(data, base, tmp_path, monkeypatch):
+    image_dir, csv = data
+    monkeypatch.setattr(
+        tune, "suggest_settings", lambda trial, base, params: {"loss": "focal", "loss_kwargs": {"gamma": -1}}
+    )
+    result = tune.search(base, image_dir, csv, tmp_path / "m", TuneSettings(trials=2, params=PARAMS, prune=False))
+    assert result.trials == {"complete": 1, "pruned": 0, "failed": 1} and result.best_settings.keys() <= {
+        "threshold_method"
+    }
+    assert FuseLabel.from_pretrained(tmp_path / "m").predict(images=[image_dir / "4.jpg"], captions=["a dog"])
+    # the starting settings themselves failing stop the search with their error, the study kept for a fix
+    broken = base.replace(loss="focal", loss_kwargs={"gamma": -1})
+    with pytest.raises(ValueError, match="gamma"):
+        tune.search(broken, image_dir, csv, tmp_path / "n", TuneSettings(trials=2, params=PARAMS))
+    assert not (tmp_path / "n").exists() and (tune.work_dir(tmp_path / "n") / tune.WORK_STUDY).is_file()

@@ -18,7 +18,9 @@ A trial's score is its validation mean F1. The first trial of a study is the sta
 themselves (the default), so the search reports the best settings beside the default's on the same
 rows. With pruning, each epoch's validation F1 (which training computes anyway, to keep its best
 checkpoint) goes to Optuna's median pruner, which stops a trial that falls below the median of earlier
-trials at the same epoch (after 5 unpruned trials and 3 epochs).
+trials at the same epoch (after 5 unpruned trials and 3 epochs). A trial whose settings fail to train is
+recorded as failed (its traceback beside its log) and the search goes on; the starting settings failing
+stop it with their error.
 
 The study lives in SQLite: in ``OUT.tune/study.db`` while it runs (with each trial's log), and in the
 model folder as ``OUT/tune.db`` once the best settings are trained again into ``OUT``, a normal model
@@ -34,6 +36,7 @@ import logging
 import shutil
 import sqlite3
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +149,10 @@ class _ReportEpochs(L.Callback):
             raise self.optuna.TrialPruned(f"validation F1 {float(f1):.4f} at epoch {trainer.current_epoch}")
 
 
+class _TrialFailed(RuntimeError):
+    """A trial's settings failed to train (already logged); the study records it and goes on."""
+
+
 @dataclass
 class _Objective:
     """One trial: the settings drawn, one training on the shared rows and split, its best decision rule."""
@@ -174,16 +181,22 @@ class _Objective:
     def __call__(self, trial) -> float:
         default = bool(trial.user_attrs.get("default"))
         changes = {} if default else suggest_settings(trial, self.base, self.settings.params)
-        config = self.base.replace(**changes)
         folder = self.work / f"trial-{trial.number:04d}"
         callbacks = [_ReportEpochs(trial, self.optuna)] if self.settings.prune else []
         start = time.time()
         try:
-            with logged_to(self.work / "logs" / f"trial-{trial.number:04d}.log"):
+            config = self.base.replace(**changes)
+            with logged_to(self.work / "logs" / f"{folder.name}.log"):
                 result = self.train(config, folder, callbacks)
         except self.optuna.TrialPruned as pruned:
             log.info(f"trial {trial.number}: pruned ({pruned}) after {time.time() - start:.0f}s")
             raise
+        except Exception as err:
+            if default:  # the starting settings themselves fail: the data or the settings need fixing
+                raise
+            (self.work / "logs" / f"{folder.name}.error.txt").write_text(traceback.format_exc())
+            log.warning(f"trial {trial.number}: failed ({type(err).__name__}: {err}); settings {changes}")
+            raise _TrialFailed(str(err)) from err  # recorded as failed; the search goes on
         finally:  # the study keeps settings and figures; the model comes from the best settings at the end
             shutil.rmtree(folder, ignore_errors=True)
             shutil.rmtree(folder.with_name(folder.name + ".work"), ignore_errors=True)
@@ -345,7 +358,9 @@ def search(
         if missing > 0:
             limit = "" if settings.timeout is None else f" within {settings.timeout:g}s"
             log.info(f"tune: {missing} trial(s) to run{limit}; trial logs in {work / 'logs'}")
-            study.optimize(objective, n_trials=missing, timeout=settings.timeout)
+            study.optimize(
+                objective, n_trials=missing, timeout=settings.timeout, catch=(_TrialFailed,), gc_after_trial=True
+            )
         result = _finish(study, optuna, objective, out)
         shutil.rmtree(work, ignore_errors=True)
     log.info(result.summary)
