@@ -251,6 +251,22 @@ def cmd_experiment(args) -> int:
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 
+def cmd_tune(args) -> None:
+    from .config import TuneSettings, build_config
+    from .flags import group_values
+
+    images, csv = resolve_data(args.data, args.csv)
+    config = build_config(args.preset, args.config, **_set(args))
+    settings = TuneSettings(**group_values(args, TuneSettings))
+    records = read_rows(args, csv, columns(args), need_labels=True)
+    check_output(args.out, outputs.MODEL, [csv, images, args.label_names])  # before the heavy imports
+    from .tune import search
+
+    show_log(quiet=args.quiet)  # again: importing Lightning set its own loggers up
+    result = search(config, image_dir(args, images, records), records, args.out, settings, label_names=args.label_names)
+    print(result.summary)
+
+
 def cmd_convert(args) -> None:
     from .bundle import convert_bundle
 
@@ -328,6 +344,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "export": cmd_export,
     "experiment": cmd_experiment,
+    "tune": cmd_tune,
     "serve": cmd_serve,
     "report": cmd_report,
 }

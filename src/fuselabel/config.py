@@ -269,6 +269,11 @@ def check_keys(keys, source: str = "settings", groups: tuple[str, ...] | None = 
             )
 
 
+def choices(key: str) -> tuple:
+    """The values a setting may take: the arguments of its ``Literal`` (one source for every list of choices)."""
+    return typing.get_args(typing.get_type_hints(Config)[key])
+
+
 def setting_groups() -> dict[str, str]:
     """Each setting's group (model | run | runtime), in declaration order."""
     return {name: info.json_schema_extra["group"] for name, info in Config.__pydantic_fields__.items()}
@@ -375,4 +380,30 @@ class ServeSettings(BaseModel):
     api_key_file: Optional[str] = Field(None, description="a file whose first line is the key (instead of --api-key)")
     cors_origin: list[str] = Field(
         default_factory=list, description="an origin whose pages may call the service from a browser (repeat it)"
+    )
+
+
+# What ``fuselabel tune`` may vary: settings that change the heads, never the cached encoder features.
+TUNE_PARAMS = ("decoder", "hidden_dim", "dropout", "loss", "pos_weight", "lr", "weight_decay", "epochs", "late_combine")
+
+
+class TuneSettings(BaseModel):
+    """Every setting of ``fuselabel tune`` and ``tune.search``: how many trials, for how long, what they vary.
+
+    The settings the search starts from (its default) are a ``Config``, and so is the seed that draws the
+    validation split all trials share; ``sampler_seed`` only seeds the choice of trials.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    trials: Positive = Field(30, description="trials the study should hold, the default's first (resumed: the rest)")
+    timeout: Optional[PositiveFloat] = Field(None, description="seconds to search (none: no limit); a trial finishes")
+    prune: bool = Field(True, description="stop a trial whose per-epoch validation F1 is below the median")
+    sampler_seed: NonNegative = Field(0, description="seed of the search's sampler (TPE)")
+    resume: bool = Field(False, description="continue the study kept in the output folder (or its work folder)")
+    params: Annotated[list[Literal[TUNE_PARAMS]], Field(min_length=1)] = Field(
+        default_factory=lambda: list(TUNE_PARAMS), description="settings the search varies (the others stay fixed)"
+    )
+    threshold_methods: Annotated[list[Literal["global", "per_class", "balanced"]], Field(min_length=1)] = Field(
+        default_factory=lambda: list(THRESHOLD_METHODS), description="decision rules a trial may choose from (free)"
     )

@@ -50,7 +50,8 @@ def add_group(
     shows for a field whose default this command sets itself."""
     fields = {k: v for k, v in _fields(group).items() if keys is None or k in keys}
     listed = [_choice_lines(k, info) for k, info in fields.items() if (info.json_schema_extra or {}).get("choices")]
-    title = title or " ".join((group.__doc__ or "").split()) or None
+    # a group's title is the first line of its docstring (an option group of the command's --help)
+    title = title or (group.__doc__ or "").strip().split("\n")[0].strip().rstrip(":") or None
     options = parser.add_argument_group(title, "\n".join(listed) or None)
     for key, info in fields.items():
         shown = (shown_defaults or {}).get(key, (info.json_schema_extra or {}).get("found", _default(info)))

@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import Config, NonNegative, Positive, ServeSettings, setting_groups
+from .config import Config, NonNegative, Positive, ServeSettings, TuneSettings, setting_groups
 from .flags import add_group, group_values
 from .presets import PRESETS
 
@@ -92,8 +92,8 @@ class TableOptions(Options):
 ROWS = ("data", "csv", "images", "delimiter", "sheet", "image_col", "text_col", "label_col", "label_sep", "id_col")
 
 
-class TrainOptions(Options):
-    """training"""
+class StartOptions(Options):
+    """the settings a run starts from"""
 
     out: str = option(..., "model folder to write", metavar="MODEL")
     config: Optional[str] = unset("YAML", "YAML file of settings (keys as in config.json)")
@@ -107,6 +107,11 @@ class TrainOptions(Options):
     set: Optional[list[str]] = unset(
         "KEY=VALUE", "any setting by its key, e.g. --set hidden_dim=1024 (the same as its flag; repeat it)"
     )
+
+
+class TrainOptions(StartOptions):
+    """training"""
+
     pretrained: bool = option(
         True, "start both encoders from pretrained weights (no: --no-image-pretrained --no-text-pretrained)"
     )
@@ -292,9 +297,14 @@ COMMAND_OPTIONS: dict[str, tuple[str, tuple, dict | None]] = {
         (ModelFolder, ExportOptions),
         None,
     ),
+    "tune": (
+        "search the heads' settings over cached features (Optuna); write the best model (the study is kept in it)",
+        ((TableOptions, {"required": ("data",)}), StartOptions, (TuneSettings, {"title": "the search"}), Quiet),
+        None,
+    ),
     "serve": (
         "a prediction service and web page for a model folder (FastAPI, uvicorn)",
-        (ModelFolder, ServeSettings),
+        (ModelFolder, (ServeSettings, {"title": "the service"})),
         {"keys": RUNNING},
     ),
     "report": (

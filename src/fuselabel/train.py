@@ -543,6 +543,7 @@ def fit(
     resume: bool = False,
     columns: Columns | None = None,
     val=None,
+    extra_callbacks: list | None = None,
 ) -> TrainResult | None:
     """Train a model on a labelled table and write its folder to ``out``.
 
@@ -552,6 +553,8 @@ def fit(
     Checkpoints and logs go to ``work_dir`` (default ``OUT.work``, removed once the model is saved);
     ``resume=True`` continues the run a kill interrupted there: extracted features come from the
     cache, training from its last checkpoint (optimiser, schedule and random streams included).
+    ``extra_callbacks`` are Lightning callbacks added to the run's own (``fuselabel tune`` reports each
+    epoch's validation F1 to its pruner through one).
     Returns None on non-zero ranks of a multi-process run (only rank 0 tunes and saves).
     """
     t0 = time.time()
@@ -632,6 +635,7 @@ def fit(
             _RandomState(train_loader),
             _PausePoints(),
             L.pytorch.callbacks.EarlyStopping(monitor="val_f1", mode="max", patience=config.patience),
+            *(extra_callbacks or []),
         ]
         logger = L.pytorch.loggers.CSVLogger(work, name="logs", version=0)  # a resumed run appends
         precision = config.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
