@@ -9,9 +9,12 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fuselabel"
 ORDER = [
     "config",
+    "textfile",
     "records",
     "images",
     "labels",
+    "table_formats",
+    "table_columns",
     "tables",
     "writers",
     "outputs",

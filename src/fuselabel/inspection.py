@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .images import ImageError, check_image, resolve_image
 from .labels import label_vocabulary, read_label_names, sort_labels
-from .records import MAX_LISTED_BAD_ROWS, RecordsError, RecordSet
+from .records import RecordSet
+from .textfile import MAX_LISTED_BAD_ROWS, RecordsError
 
 __all__ = ["find_missing_images", "find_unreadable_images", "format_summary", "summarize"]
 
