@@ -337,7 +337,9 @@ def _format_labels(summary: Mapping) -> list[str]:
         name_width = max([4, *(len(names.get(label, "")) for label in counts)]) if names else 0
         named = (lambda label: f"  {names.get(label, ''):<{name_width}}") if names else (lambda label: "")
         out += ["", f"Label counts ({len(counts)} labels):"]
-        out.append(f"  {'label':<{width}}" + (f"  {'name':<{name_width}}" if names else "") + f"  {'rows':>7}  {'share':>6}")
+        out.append(
+            f"  {'label':<{width}}" + (f"  {'name':<{name_width}}" if names else "") + f"  {'rows':>7}  {'share':>6}"
+        )
         out += [f"  {label:<{width}}{named(label)}  {n:>7}  {share(n)}" for label, n in counts.items()]
     if summary.get("suggest_multiclass"):
         out.append("")

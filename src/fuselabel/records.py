@@ -196,7 +196,7 @@ def _check_header(line: str, path: Path) -> bool:
 class _Parser:
     """Line-oriented parser for one file; see the module docstring for the rules."""
 
-    def __init__(self, path: Path, lines: list[str], labelled: bool, first_line: int, ends_file: bool) -> None:
+    def __init__(self, path: Path, lines: list[str], labelled: bool, first_line: int, ends_file: bool, seen) -> None:
         self.path = path
         self.lines = lines
         self.labelled = labelled
@@ -207,7 +207,8 @@ class _Parser:
         self.expected = "expected ImageID,Labels,Caption" if labelled else "expected ImageID,Caption"
         self.records: list[Record] = []
         self.bad_rows: list[BadRow] = []
-        self.first_line: dict[str, int] = {}
+        # {hash of an id: its line}, shared by the blocks of one file; a hash, not the id, keeps it small
+        self.first_line: dict[int, int] = {} if seen is None else seen
         self.shapes: set[tuple[str, bool]] = set()
         self._fallback_shapes: set[tuple[str, bool]] | None = None
 
@@ -331,11 +332,11 @@ class _Parser:
                 return
             # dict.fromkeys de-duplicates while keeping file order.
             labels = tuple(dict.fromkeys(LABEL_TOKEN_RE.findall(labels_field)))
-        first = self.first_line.get(image_id)
+        first = self.first_line.get(hash(image_id))
         if first is not None:
             self._bad(line_no, f"duplicate ImageID {image_id}, first at line {first} (keep one of the two rows)", text)
             return
-        self.first_line[image_id] = line_no
+        self.first_line[hash(image_id)] = line_no
         self.shapes.add(_id_shape(image_id))
         self.records.append(Record(image_id, caption, labels, line_no))
 
@@ -344,7 +345,7 @@ def course_row_starts(header: str, sample: Sequence[str]) -> Callable[[str], boo
     """Whether a line (without its line end) starts a row, by the rule the parser follows inside an open caption,
     with the id shapes of ``sample``: where a course file read a block at a time may be cut."""
     labelled = _check_header(header, Path("<header>"))
-    return _Parser(Path("<sample>"), [header, *sample], labelled, 2, False)._starts_new_row
+    return _Parser(Path("<sample>"), [header, *sample], labelled, 2, False, None)._starts_new_row
 
 
 def read_records(path: str | os.PathLike[str], *, strict: bool = True) -> RecordSet:
@@ -382,12 +383,14 @@ def parse_records(
     *,
     strict: bool = True,
     first_line: int = 2,
+    seen: dict[int, int] | None = None,
     ends_file: bool = True,
 ) -> RecordSet:
     """:func:`read_records` on text already in memory (``path`` only names it in messages).
 
     ``text`` may be the header and one block of a file's rows: ``first_line`` is the line its first row is on, and
-    ``ends_file`` False says the file goes on (a caption left open is then not blamed on a truncated file)."""
+    ``ends_file`` False says the file goes on (a caption left open is then not blamed on a truncated file);
+    ``seen`` carries the ids of earlier blocks, to name a duplicate of one."""
     path = Path(path)
     # The header's line end decides: in a CRLF file every CRLF is a line break
     # (one inside a caption is read as "\n"); in an LF file a "\r" is text.
@@ -401,7 +404,7 @@ def parse_records(
             f"{path}:1: empty file or blank header: expected 'ImageID,Labels,Caption' or 'ImageID,Caption'"
         )
     labelled = _check_header(lines[0], path)
-    parser = _Parser(path, lines, labelled, first_line, ends_file)
+    parser = _Parser(path, lines, labelled, first_line, ends_file, seen)
     parser.run()
     if strict and parser.bad_rows:
         raise RecordsError(bad_rows_message(path, parser.bad_rows))

@@ -308,15 +308,15 @@ def _xlsx_batches(path: Path, sheet: str | int | None, size: int) -> Iterator[Ra
                     "(name one, or give its index from 0)"
                 )
             chosen = index
-        df = book.parse(chosen, dtype=object)
+        df = pd.read_excel(book, sheet_name=chosen, dtype=object)
     # A spreadsheet numbers its rows from the header's 1: the first row of data is row 2.
     yield from _frame_batches(df, str(path), "xlsx", size, first_row=2)
 
 
 def course_batches(path: Path, size: int) -> Iterator[RecordSet]:
     """A course-dialect file as record sets of about ``size`` rows, cut only where a row starts (by the
-    parser's own rule), each parsed by :func:`fuselabel.records.parse_records` with its true line numbers.
-    Duplicates across batches are left to the caller."""
+    parser's own rule), each parsed by :func:`fuselabel.records.parse_records` with its true line numbers, a
+    duplicate of a row in an earlier batch named as one within a batch."""
     lines = iter_lines(path)
     header = next(lines, "")
     crlf = header.endswith("\r\n")
@@ -325,7 +325,7 @@ def course_batches(path: Path, size: int) -> Iterator[RecordSet]:
         return line[:-2] if crlf and line.endswith("\r\n") else line.rstrip("\n")
 
     block: list[str] = []
-    first_line, starts = 2, None
+    first_line, starts, seen = 2, None, {}
     for line in itertools.chain(lines, [None]):
         if line is not None and len(block) < size:
             block.append(line)
@@ -335,7 +335,11 @@ def course_batches(path: Path, size: int) -> Iterator[RecordSet]:
             if not starts(bare(line)):
                 block.append(line)
                 continue
-        yield parse_records(header + "".join(block), path, strict=False, first_line=first_line, ends_file=line is None)
+        body = "".join(block)
+        if line is not None:  # the block's last line end is not the file's: nothing follows it in this block
+            body = body.removesuffix("\n")
+            body = body.removesuffix("\r") if crlf else body
+        yield parse_records(header + body, path, strict=False, first_line=first_line, ends_file=line is None, seen=seen)
         first_line += len(block)
         block = [] if line is None else [line]
         if line is None:

@@ -186,21 +186,12 @@ class _RowReader:
 
 
 def _course_sets(batches: Iterator[RecordSet], columns: Columns, need_labels: bool) -> Iterator[RecordSet]:
-    """The course parser's batches with one description, and duplicates across batches named as within one."""
-    first: dict[int, int] = {}
+    """The course parser's batches, with one description."""
     table = None
     for batch in batches:
         table = table or describe_course(batch, columns, need_labels)
-        kept = []
-        for record in batch.records:
-            line = first.setdefault(hash(record.image_id), record.line)
-            if line == record.line:
-                kept.append(record)
-                continue
-            reason = f"duplicate ImageID {record.image_id}, first at line {line} (keep one of the two rows)"
-            batch.bad_rows.append(BadRow(str(batch.path), record.line, reason, f"{record.image_id},..."))
-        batch.bad_rows.sort(key=lambda b: b.line)
-        yield RecordSet(batch.path, kept, batch.bad_rows, batch.labelled, table)
+        batch.table = table
+        yield batch
 
 
 def _record_sets(source, columns, trained, need_labels, name, delimiter, sheet, size) -> Iterator[RecordSet]:
