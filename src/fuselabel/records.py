@@ -44,6 +44,7 @@ __all__ = [
     "Record",
     "RecordSet",
     "RecordsError",
+    "course_row_starts",
     "parse_records",
     "read_records",
 ]

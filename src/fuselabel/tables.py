@@ -194,8 +194,11 @@ def _course_sets(batches: Iterator[RecordSet], columns: Columns, need_labels: bo
         yield batch
 
 
-def _record_sets(source, columns, trained, need_labels, name, delimiter, sheet, size) -> Iterator[RecordSet]:
+def _record_sets(
+    source, columns: Columns, size: int, *, trained=None, need_labels=False, name=None, delimiter=None, sheet=None
+) -> Iterator[RecordSet]:
     fmt, path, batches = raw_batches(source, name, delimiter=delimiter, sheet=sheet, size=size)
+    trained = trained or {}
     if fmt == "course":
         yield from _course_sets(batches, columns, need_labels)  # type: ignore[arg-type]
         return
@@ -230,29 +233,20 @@ def _warn_minority(path: Path, table: Mapping) -> None:
 
 
 def iter_table(
-    source,
-    columns: Columns | None = None,
-    *,
-    trained: Mapping | None = None,
-    need_labels: bool = False,
-    strict: bool = True,
-    name: str | None = None,
-    delimiter: str | None = None,
-    sheet: str | int | None = None,
-    batch_rows: int = BATCH_ROWS,
+    source, columns: Columns | None = None, *, strict: bool = True, batch_rows: int = BATCH_ROWS, **reader
 ) -> Iterator[RecordSet]:
     """A table a batch of about ``batch_rows`` rows at a time, as :class:`RecordSet`\\ s that share one ``table``
     description: memory does not grow with the table's rows for CSV, TSV, JSON Lines, Parquet and the course
     CSV (a JSON array and a workbook are read whole, then handed out in batches). The columns and the label
-    separator are chosen from the first batch. Arguments as :func:`read_table`; with ``strict`` the first batch
-    holding a bad row raises :class:`RecordsError` naming its bad rows (by file and line, or row)."""
+    separator are chosen from the first batch. Arguments as :func:`read_table` (``reader``: ``trained``,
+    ``need_labels``, ``name``, ``delimiter``, ``sheet``); with ``strict`` the first batch holding a bad row raises
+    :class:`RecordsError` naming its bad rows (by file and line, or row)."""
     if batch_rows <= 0:
         raise ValueError(f"batch_rows must be positive, got {batch_rows}")
     if isinstance(source, RecordSet):  # already read
         yield source
         return
-    sets = _record_sets(source, columns or Columns(), trained or {}, need_labels, name, delimiter, sheet, batch_rows)
-    for batch in sets:
+    for batch in _record_sets(source, columns or Columns(), batch_rows, **reader):
         if strict and batch.bad_rows:
             raise RecordsError(bad_rows_message(batch.path, batch.bad_rows, batch.table.get("unit", "line")))
         yield batch
