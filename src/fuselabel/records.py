@@ -49,8 +49,8 @@ __all__ = [
     "read_records",
 ]
 
-LABELLED_HEADER = ("imageid", "labels", "caption")
-UNLABELLED_HEADER = ("imageid", "caption")
+# The course file's two headers, compared in lower case; the column names as the course spells them.
+LABELLED_HEADER, UNLABELLED_HEADER = ("imageid", "labels", "caption"), ("imageid", "caption")
 _COLUMN_NAMES = {"imageid": "ImageID", "labels": "Labels", "caption": "Caption"}
 
 # Ids and label fields may not contain a comma or a quote, otherwise the first
