@@ -115,8 +115,13 @@ def iter_lines(path: Path) -> Iterator[str]:
             raise _not_text(kind, path)
         f.seek(0)
         decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        offset = 0
         for number, raw in enumerate(f, start=1):
             try:
                 yield decoder.decode(raw)
             except UnicodeDecodeError as exc:
-                raise RecordsError(f"{path}:{number}: not valid UTF-8 ({exc.reason}); save the file as UTF-8") from None
+                raise RecordsError(
+                    f"{path}:{number}: not valid UTF-8 ({exc.reason} at byte {offset + exc.start}); save the file as "
+                    "UTF-8"
+                ) from None
+            offset += len(raw)
