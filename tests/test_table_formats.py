@@ -24,6 +24,7 @@ from fuselabel.inspection import format_summary, inspect_table
 from fuselabel.labels import label_vocabulary, labels_to_matrix
 from fuselabel.records import RecordsError
 from fuselabel.tables import Columns, iter_table, read_table
+from fuselabel.textfile import SeenIds
 
 ROWS = [
     {"image": "a/1.jpg", "text": 'a sign that reads "stop; now", twice', "tags": "traffic light|dog"},
@@ -217,6 +218,17 @@ def test_a_large_table_streams_in_bounded_memory(tmp_path):
     streamed, whole = _peak(path, "stream"), _peak(path, "whole")
     assert streamed["rows"] == whole["rows"] == n
     assert streamed["digest"] == whole["digest"]
-    # The whole read holds every record; the stream one batch and an 8-byte digest of each id seen.
+    # The whole read holds every record; the stream one batch and a 12-byte slot for each id seen.
     assert whole["mb"] > 100, whole
-    assert streamed["mb"] < 30, streamed
+    assert streamed["mb"] < 20, streamed
+
+
+def test_seen_ids_name_the_first_line_of_every_duplicate():
+    seen = SeenIds(slots=4)
+    ids = [f"{i}.jpg" for i in range(5000)]
+    for line, row_id in enumerate(ids, start=2):
+        assert seen.line_of(row_id) is None
+        seen.add(row_id, line)
+    assert [seen.line_of(i) for i in ("0.jpg", "2500.jpg", "4999.jpg")] == [2, 2502, 5001]
+    seen.add("0.jpg", 9999)  # a duplicate keeps its first line
+    assert seen.line_of("0.jpg") == 2 and seen.line_of("5000.jpg") is None

@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .textfile import BadRow, RecordsError, bad_rows_message, decode_text
+from .textfile import BadRow, RecordsError, SeenIds, bad_rows_message, decode_text
 
 __all__ = [
     "BadRow",
@@ -208,8 +208,7 @@ class _Parser:
         self.expected = "expected ImageID,Labels,Caption" if labelled else "expected ImageID,Caption"
         self.records: list[Record] = []
         self.bad_rows: list[BadRow] = []
-        # {hash of an id: its line}, shared by the blocks of one file; a hash, not the id, keeps it small
-        self.first_line: dict[int, int] = {} if seen is None else seen
+        self.seen = SeenIds() if seen is None else seen  # shared by the blocks of one file
         self.shapes: set[tuple[str, bool]] = set()
         self._fallback_shapes: set[tuple[str, bool]] | None = None
 
@@ -333,11 +332,11 @@ class _Parser:
                 return
             # dict.fromkeys de-duplicates while keeping file order.
             labels = tuple(dict.fromkeys(LABEL_TOKEN_RE.findall(labels_field)))
-        first = self.first_line.get(hash(image_id))
+        first = self.seen.line_of(image_id)
         if first is not None:
             self._bad(line_no, f"duplicate ImageID {image_id}, first at line {first} (keep one of the two rows)", text)
             return
-        self.first_line[hash(image_id)] = line_no
+        self.seen.add(image_id, line_no)
         self.shapes.add(_id_shape(image_id))
         self.records.append(Record(image_id, caption, labels, line_no))
 
@@ -384,7 +383,7 @@ def parse_records(
     *,
     strict: bool = True,
     first_line: int = 2,
-    seen: dict[int, int] | None = None,
+    seen: SeenIds | None = None,
     ends_file: bool = True,
 ) -> RecordSet:
     """:func:`read_records` on text already in memory (``path`` only names it in messages).

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .records import BadRow, RecordSet, course_row_starts, parse_records
-from .textfile import RecordsError, iter_lines
+from .textfile import RecordsError, SeenIds, iter_lines
 
 __all__ = [
     "DELIMITERS",
@@ -325,7 +325,7 @@ def course_batches(path: Path, size: int) -> Iterator[RecordSet]:
         return line[:-2] if crlf and line.endswith("\r\n") else line.rstrip("\n")
 
     block: list[str] = []
-    first_line, starts, seen = 2, None, {}
+    first_line, starts, seen = 2, None, SeenIds()
     for line in itertools.chain(lines, [None]):
         if line is not None and len(block) < size:
             block.append(line)

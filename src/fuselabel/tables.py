@@ -32,7 +32,7 @@ from .labels import LABEL_SEPS, find_label_sep, label_sep_minority
 from .records import BadRow, Record, RecordSet, bad_rows_message, no_labels_error
 from .table_columns import Columns, describe_course, describe_table
 from .table_formats import FORMATS, RawBatch, is_list, raw_batches, table_format
-from .textfile import RecordsError
+from .textfile import RecordsError, SeenIds
 
 __all__ = [
     "BATCH_ROWS",
@@ -134,8 +134,7 @@ class _RowReader:
 
     def __init__(self, table: dict, path: Path) -> None:
         self.table, self.path = table, path
-        # Hashes rather than the ids themselves keep a streamed read's memory small (8 bytes an id, not the id).
-        self.first: dict[int, int] = {}
+        self.seen = SeenIds()
 
     def _bad(self, raw: RawBatch, n: int, reason: str, row) -> None:
         raw.bad_rows.append(BadRow(str(self.path), n, reason, _snippet(row)))
@@ -163,7 +162,7 @@ class _RowReader:
                     raw, n, f"empty {what}: every row needs an id; name a column of unique ids with --id-col", row
                 )
                 continue
-            first = self.first.get(hash(row_id))
+            first = self.seen.line_of(row_id)
             if first is not None:
                 reason = (
                     f"duplicate {id_col} {row_id}, first at {raw.unit} {first} "
@@ -177,7 +176,7 @@ class _RowReader:
             except RecordsError as err:
                 self._bad(raw, n, str(err).split(": ", 1)[-1], row)
                 continue
-            self.first[hash(row_id)] = n
+            self.seen.add(row_id, n)
             texts = [_text(row.get(c)) for c in text_cols]
             caption = "\n".join(x for x in texts if x.strip()) if len(texts) > 1 else texts[0]
             row_id_kept = row_id if id_col != image_col else None
