@@ -132,9 +132,11 @@ def _label_sep(raw: RawBatch, label_col: str, given: str | None, preferred: str 
     if any(is_list(v) for v in values):
         return None
     strings = [v for v in values if isinstance(v, str)]
-    if preferred is not None and preferred != "none" and find_label_sep(strings) in (preferred, None):
-        return preferred if any(preferred in v for v in strings) else find_label_sep(strings)
-    return find_label_sep(strings)
+    found = find_label_sep(strings)
+    # The training table's separator, when this table's majority finds none but it occurs (a "/" given at training)
+    if found is None and preferred not in (None, "none") and any(preferred in v for v in strings):
+        return preferred
+    return found
 
 
 def _text_cols(columns: Columns, raw: RawBatch, trained: Mapping, path: Path) -> tuple[str, ...]:

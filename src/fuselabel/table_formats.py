@@ -282,6 +282,8 @@ def _parquet_batches(path: Path, size: int) -> Iterator[RawBatch]:
             rows = part.to_pylist()
             yield RawBatch("parquet", columns, rows, list(range(row, row + len(rows))), "row")
             row += len(rows)
+        if row == 1:  # no rows: still one (empty) batch, as every format gives
+            yield RawBatch("parquet", columns, [], [], "row")
     except (RecordsError, GeneratorExit):
         raise
     except Exception as err:
