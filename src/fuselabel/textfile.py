@@ -64,7 +64,7 @@ class SeenIds:
 
     A slot holds a 64-bit digest of an id and its line in 12 bytes (open addressing, at most two thirds full),
     not the id in a dict (about 100 bytes), so a table read a batch at a time hardly grows with its rows. Two
-    different ids of one digest would be taken for a duplicate: about one chance in 10^7 for a million rows.
+    different ids of one digest would be taken for a duplicate: about one chance in 40 million for a million rows.
     """
 
     def __init__(self, slots: int = 1024) -> None:
