@@ -1,7 +1,9 @@
 """The course rows as a user keeps them: same model quality, same predictions, labels by name.
 
 Rewrites the first ROWS labelled course rows as a standard CSV (pandas, ``""`` escapes) with renamed and
-reordered columns and labels spelled as names ("traffic light"), as JSON Lines and as Parquet; then
+reordered columns and labels spelled as names ("traffic light"), as JSON Lines and as Parquet, and the
+prediction rows also as a spreadsheet keeps them (a ``;`` CSV with a byte-order mark and CRLF line ends, as
+Excel and LibreOffice write it in much of Europe, a JSON array and an ``.xlsx`` workbook); then
 
 1. trains the default model on the course file and on the rewritten CSV (same settings and seed) and prints
    both validation mean F1 figures as recorded in the model folders and as ``evaluate --split val`` gives them,
@@ -118,9 +120,21 @@ def main() -> None:
         test.to_csv(tmp / "test-user.csv", index=False)
         test.to_json(tmp / "test.jsonl", orient="records", lines=True)
         test.to_parquet(tmp / "test.parquet")
+        europe = test.to_csv(index=False, sep=";", lineterminator="\r\n").encode("utf-8")
+        (tmp / "test-europe.csv").write_bytes(b"\xef\xbb\xbf" + europe)
+        test.to_json(tmp / "test.json", orient="records", force_ascii=False)
+        test.to_excel(tmp / "test.xlsx", index=False)
         model = tmp / "course"
         outputs = {}
-        for name in ("test.csv", "test-user.csv", "test.jsonl", "test.parquet"):
+        for name in (
+            "test.csv",
+            "test-user.csv",
+            "test.jsonl",
+            "test.parquet",
+            "test-europe.csv",
+            "test.json",
+            "test.xlsx",
+        ):
             out = tmp / f"pred-{name}.csv"
             run(
                 [

@@ -417,7 +417,7 @@ def test_csv_error_in_a_real_process(corpus, tmp_path):
     assert "Traceback" not in done.stderr and done.stdout == ""
     assert done.stderr == (
         "fuselabel: error: " + str(csv) + ":1: not a CSV text file (it looks like a PNG image); "
-        "pass the table (CSV, TSV, JSON Lines or Parquet)\n"
+        "pass the table (CSV, TSV, JSON, JSON Lines, Parquet or .xlsx)\n"
     )
 
 

@@ -10,9 +10,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fuselabel"
 ORDER = [
     "presets",
     "config",
+    "textfile",
     "records",
     "images",
     "labels",
+    "table_formats",
+    "table_columns",
     "tables",
     "writers",
     "outputs",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from . import outputs
 from .console import reason, show_log, user_errors
-from .options import ONE_PROCESS, build_parser, check, columns, image_dir, read_rows, resolve_data
+from .options import ONE_PROCESS, build_parser, check, columns, image_dir, read_rows, reader_options, resolve_data
 from .outputs import check_output
 
 
@@ -210,13 +211,16 @@ def cmd_evaluate(args) -> None:
 def cmd_inspect(args) -> None:
     from .inspection import format_summary, summarize
     from .labels import find_label_names
+    from .tables import iter_table
 
     images, csv = resolve_data(args.data, args.csv)
     if args.json_report not in (None, "-"):
         check_output(args.json_report, outputs.FILE, [csv, images])
-    records = read_rows(args, csv, columns(args), strict=False)
+    # a batch of rows at a time, so memory does not grow with the table; the first batch places the photos
+    batches = iter_table(csv, columns(args), strict=False, **reader_options(args))
+    first = next(batches)
     names, _ = find_label_names(args.label_names, [csv.parent, Path(args.data), Path(args.data).parent])
-    summary = summarize(records, image_dir(args, images, records), names or None)
+    summary = summarize(itertools.chain([first], batches), image_dir(args, images, first), names or None)
     if not _write_json(args, summary):
         print(format_summary(summary))
 

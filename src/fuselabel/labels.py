@@ -1,4 +1,5 @@
-"""Label vocabulary: reading label names and turning label sets into matrices and back.
+"""Label vocabulary: reading label names, finding how a table's label field separates its labels, and turning
+label sets into matrices and back.
 
 A vocabulary is the sorted list of distinct label tokens (numerically when all
 are integers), and a label matrix is its multi-hot ``(rows, labels)`` encoding.
@@ -20,9 +21,12 @@ import numpy as np
 from .records import RecordsError
 
 __all__ = [
+    "LABEL_SEPS",
     "LABEL_NAME_FILES",
     "find_label_names",
+    "find_label_sep",
     "label_vocabulary",
+    "label_sep_minority",
     "labels_to_matrix",
     "matrix_to_labels",
     "read_label_names",
@@ -141,6 +145,46 @@ def find_label_names(
             if candidate.is_file():
                 return read_label_names(candidate), candidate
     return {}, None
+
+
+# The characters that may separate labels in one field, in order of preference.
+LABEL_SEPS = ("|", ";", ",")
+
+
+def find_label_sep(fields: Iterable[str]) -> str | None:
+    """The separator of label fields: of ``|``, ``;``, ``,``, the first (in that order) found in at least half as
+    many fields as the most frequent one, so that a stray character in a few rows does not decide; else
+    whitespace when the whitespace-separated words are ids or each a label seen alone elsewhere, else None (one
+    label per field)."""
+    fields = [f.strip() for f in fields if isinstance(f, str) and f.strip()]
+    support = {sep: sum(sep in f for f in fields) for sep in LABEL_SEPS}
+    most = max(support.values())
+    if most:
+        return next(sep for sep in LABEL_SEPS if 2 * support[sep] >= most)
+    spaced = [f for f in fields if len(f.split()) > 1]
+    if not spaced:
+        return None
+    words = [w for f in spaced for w in f.split()]
+    if all(_INTEGER.fullmatch(w) for w in words):
+        return " "
+    alone = {f for f in fields if len(f.split()) == 1}
+    if all(w in alone for w in words):
+        return " "
+    return None
+
+
+def label_sep_minority(fields: Sequence[str | None], sep: str | None) -> list[int]:
+    """Indexes of the fields that look written with another separator than ``sep``: they hold none of it but
+    another of ``|``, ``;``, ``,``, and are not one label that other rows hold (``"café, au lait"``)."""
+    if sep not in LABEL_SEPS:
+        return []
+    others = [s for s in LABEL_SEPS if s != sep]
+    known = {part.strip() for f in fields if isinstance(f, str) and sep in f for part in f.split(sep)}
+    return [
+        i
+        for i, f in enumerate(fields)
+        if isinstance(f, str) and sep not in f and any(s in f for s in others) and f.strip() not in known
+    ]
 
 
 def sort_labels(tokens: Iterable[str]) -> list[str]:

@@ -224,14 +224,16 @@ def image_dir(args, images: Path, records) -> Path:
     return image_root(Path(args.data), images, records)
 
 
+def reader_options(args) -> dict:
+    """The reader options given (--delimiter, --sheet), as the table readers take them."""
+    return {k: v for k in ("delimiter", "sheet") if (v := getattr(args, k, None)) is not None}
+
+
 def read_rows(args, csv, columns, **keywords):
-    """The table, read with the reader options given (--delimiter, --sheet)."""
+    """The whole table, read with the reader options given."""
     from .tables import read_table
 
-    given = {k: getattr(args, k, None) for k in ("delimiter", "sheet")}
-    if given["delimiter"] == "tab":
-        given["delimiter"] = "\t"
-    return read_table(csv, columns, **keywords, **{k: v for k, v in given.items() if v is not None})
+    return read_table(csv, columns, **keywords, **reader_options(args))
 
 
 # The where-it-runs settings every command that loads a model takes; predict adds those that spread it over processes.

@@ -23,7 +23,7 @@ so :func:`read_records` uses a small line-oriented parser instead:
 
 Label vocabularies live in :mod:`fuselabel.labels`, the writers in
 :mod:`fuselabel.writers` and the CSV overview in :mod:`fuselabel.inspection`.
-This module depends only on the standard library.
+It depends only on the standard library and :mod:`fuselabel.textfile`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .textfile import BadRow, RecordsError, SeenIds, bad_rows_message, decode_text
 
 __all__ = [
     "BadRow",
@@ -42,12 +44,13 @@ __all__ = [
     "Record",
     "RecordSet",
     "RecordsError",
+    "course_row_starts",
     "parse_records",
     "read_records",
 ]
 
-LABELLED_HEADER = ("imageid", "labels", "caption")
-UNLABELLED_HEADER = ("imageid", "caption")
+# The course file's two headers, compared in lower case; the column names as the course spells them.
+LABELLED_HEADER, UNLABELLED_HEADER = ("imageid", "labels", "caption"), ("imageid", "caption")
 _COLUMN_NAMES = {"imageid": "ImageID", "labels": "Labels", "caption": "Caption"}
 
 # Ids and label fields may not contain a comma or a quote, otherwise the first
@@ -62,13 +65,6 @@ LABEL_TOKEN_RE = re.compile(LABEL_TOKEN)
 _WHITESPACE = re.compile(r"\s")
 # A caption line like '"a dog",web': a quoted field and then more, comma-separated.
 _TEXT_AFTER_QUOTE = re.compile(r'".*",[^"]*')
-
-# How many bad rows an error message or a summary spells out.
-MAX_LISTED_BAD_ROWS = 10
-
-
-class RecordsError(ValueError):
-    """Raised for unreadable input; message names file, line and reason."""
 
 
 @dataclass(frozen=True)
@@ -100,26 +96,6 @@ class Record:
     def id(self) -> str:
         """The id that names the row in outputs: its own id, else its photo's path."""
         return self.row_id if self.row_id is not None else self.image_id
-
-
-@dataclass(frozen=True)
-class BadRow:
-    """A logical row that could not be read.
-
-    Attributes:
-        path: file the row comes from.
-        line: 1-based physical line where the row starts.
-        reason: why it was rejected, e.g. ``"unterminated quoted caption"``.
-        text: the raw text of the row (all its physical lines, joined by ``"\\n"``).
-    """
-
-    path: str
-    line: int
-    reason: str
-    text: str
-
-    def __str__(self) -> str:
-        return f"{Path(self.path).name}:{self.line}: {self.reason}: {self.text[:80]!r}"
 
 
 @dataclass
@@ -196,40 +172,6 @@ def _id_shape(image_id: str) -> tuple[str, bool]:
     return ext.lower(), stem.isdigit()
 
 
-# File signatures of what is most often passed by mistake where a CSV belongs.
-_BINARY_SIGNATURES = {
-    b"\x89PNG": "a PNG image",
-    b"\xff\xd8\xff": "a JPEG image",
-    b"GIF8": "a GIF image",
-    b"RIFF": "a RIFF file (WebP?)",
-    b"PK\x03\x04": "a zip archive (an .xlsx workbook?)",
-    b"%PDF": "a PDF document",
-    b"\xd0\xcf\x11\xe0": "an old Office document (.xls?)",
-    b"\x1f\x8b": "a gzip archive",
-}
-
-
-def decode_text(raw: bytes, path: Path) -> str:
-    """A table file's text: UTF-8 with or without BOM; a binary file passed by mistake is named."""
-    kind = next((what for magic, what in _BINARY_SIGNATURES.items() if raw.startswith(magic)), None)
-    try:
-        # utf-8-sig strips a leading BOM and is identical to utf-8 otherwise.
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        if kind is None and b"\x00" in raw[:4096]:
-            kind = "binary data"
-        if kind is None:
-            line = raw[: exc.start].count(b"\n") + 1
-            raise RecordsError(
-                f"{path}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start}); save the file as UTF-8"
-            ) from exc
-    if kind is not None:
-        raise RecordsError(
-            f"{path}:1: not a CSV text file (it looks like {kind}); pass the table (CSV, TSV, JSON Lines or Parquet)"
-        )
-    return text
-
-
 def _check_header(line: str, path: Path) -> bool:
     """Return True for the labelled layout, False for the unlabelled one."""
     fields = tuple(f.strip().strip('"').strip().lower() for f in line.replace("\ufeff", "").strip().split(","))
@@ -255,15 +197,18 @@ def _check_header(line: str, path: Path) -> bool:
 class _Parser:
     """Line-oriented parser for one file; see the module docstring for the rules."""
 
-    def __init__(self, path: Path, lines: list[str], labelled: bool) -> None:
+    def __init__(self, path: Path, lines: list[str], labelled: bool, first_line: int, ends_file: bool, seen) -> None:
         self.path = path
         self.lines = lines
         self.labelled = labelled
+        # lines[1] is physical line first_line; the text may be one block of a file read a block at a time
+        self.offset = first_line - 2
+        self.ends_file = ends_file
         self.row_re = _LABELLED_ROW if labelled else _UNLABELLED_ROW
         self.expected = "expected ImageID,Labels,Caption" if labelled else "expected ImageID,Caption"
         self.records: list[Record] = []
         self.bad_rows: list[BadRow] = []
-        self.first_line: dict[str, int] = {}
+        self.seen = SeenIds() if seen is None else seen  # shared by the blocks of one file
         self.shapes: set[tuple[str, bool]] = set()
         self._fallback_shapes: set[tuple[str, bool]] | None = None
 
@@ -314,7 +259,7 @@ class _Parser:
         i = 1  # index 0 is the header
         while i < n:
             line = lines[i]
-            line_no = i + 1
+            line_no = i + 1 + self.offset
             i += 1
             if not line.strip():
                 continue
@@ -334,7 +279,7 @@ class _Parser:
                     closed = self._closes(lines[i - 1], first=False, next_index=i)
                 text = "\n".join([line, *chunk[1:]])
                 if not closed:
-                    self._bad(line_no, self._unterminated(chunk[0], at_end=i >= n), text)
+                    self._bad(line_no, self._unterminated(chunk[0], at_end=i >= n and self.ends_file), text)
                     continue
                 logical = "\n".join(chunk)
                 caption = logical[1 : logical.rstrip(" \t\r").rindex('"')]
@@ -387,28 +332,20 @@ class _Parser:
                 return
             # dict.fromkeys de-duplicates while keeping file order.
             labels = tuple(dict.fromkeys(LABEL_TOKEN_RE.findall(labels_field)))
-        first = self.first_line.get(image_id)
+        first = self.seen.line_of(image_id)
         if first is not None:
             self._bad(line_no, f"duplicate ImageID {image_id}, first at line {first} (keep one of the two rows)", text)
             return
-        self.first_line[image_id] = line_no
+        self.seen.add(image_id, line_no)
         self.shapes.add(_id_shape(image_id))
         self.records.append(Record(image_id, caption, labels, line_no))
 
 
-def bad_rows_message(path, bad_rows: Sequence[BadRow], unit: str = "line") -> str:
-    """The error for a table's bad rows, the first few listed; ``unit``: what the table counts (CSV lines, or
-    rows of a DataFrame or Parquet file)."""
-    shown = "\n".join(
-        f"  {b}" if unit == "line" else f"  {Path(b.path).name} row {b.line}: {b.reason}: {b.text[:80]!r}"
-        for b in bad_rows[:MAX_LISTED_BAD_ROWS]
-    )
-    more = len(bad_rows) - MAX_LISTED_BAD_ROWS
-    tail = f"\n  ... and {more} more" if more > 0 else ""
-    return (
-        f"{path}: {len(bad_rows)} bad row(s):\n{shown}{tail}\n"
-        "fix or remove these rows (`fuselabel inspect` lists every one)"
-    )
+def course_row_starts(header: str, sample: Sequence[str]) -> Callable[[str], bool]:
+    """Whether a line (without its line end) starts a row, by the rule the parser follows inside an open caption,
+    with the id shapes of ``sample``: where a course file read a block at a time may be cut."""
+    labelled = _check_header(header, Path("<header>"))
+    return _Parser(Path("<sample>"), [header, *sample], labelled, 2, False, None)._starts_new_row
 
 
 def read_records(path: str | os.PathLike[str], *, strict: bool = True) -> RecordSet:
@@ -440,8 +377,20 @@ def read_records(path: str | os.PathLike[str], *, strict: bool = True) -> Record
     return parse_records(decode_text(raw, path), path, strict=strict)
 
 
-def parse_records(text: str, path: str | os.PathLike[str] = "<text>", *, strict: bool = True) -> RecordSet:
-    """:func:`read_records` on text already in memory (``path`` only names it in messages)."""
+def parse_records(
+    text: str,
+    path: str | os.PathLike[str] = "<text>",
+    *,
+    strict: bool = True,
+    first_line: int = 2,
+    seen: SeenIds | None = None,
+    ends_file: bool = True,
+) -> RecordSet:
+    """:func:`read_records` on text already in memory (``path`` only names it in messages).
+
+    ``text`` may be the header and one block of a file's rows: ``first_line`` is the line its first row is on, and
+    ``ends_file`` False says the file goes on (a caption left open is then not blamed on a truncated file);
+    ``seen`` carries the ids of earlier blocks, to name a duplicate of one."""
     path = Path(path)
     # The header's line end decides: in a CRLF file every CRLF is a line break
     # (one inside a caption is read as "\n"); in an LF file a "\r" is text.
@@ -455,7 +404,7 @@ def parse_records(text: str, path: str | os.PathLike[str] = "<text>", *, strict:
             f"{path}:1: empty file or blank header: expected 'ImageID,Labels,Caption' or 'ImageID,Caption'"
         )
     labelled = _check_header(lines[0], path)
-    parser = _Parser(path, lines, labelled)
+    parser = _Parser(path, lines, labelled, first_line, ends_file, seen)
     parser.run()
     if strict and parser.bad_rows:
         raise RecordsError(bad_rows_message(path, parser.bad_rows))
