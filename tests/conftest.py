@@ -152,6 +152,10 @@ TINY_SETTINGS = dict(
     accelerator="cpu",
     hidden_dim=32,
     text_config_overrides={"num_hidden_layers": 1},
+    # the fp32 encoders these tests were written for; the int8 default on a CPU has its own tests (test_int8.py)
+    image_quant="none",
+    text_quant="none",
+    save_dtype="fp16",
 )
 
 

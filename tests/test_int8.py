@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fuselabel.config import PRESETS, build_config
+from fuselabel.config import PRESETS, build_config, resolve_auto
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,31 @@ def int8_model(tmp_path_factory, session_cache):
 
     root = tmp_path_factory.mktemp("int8-model")
     image_dir, csv = make_tiny_dataset(root)
-    FuseLabel(**TINY_SETTINGS, image_quant="int8", text_quant="int8", cache_dir=session_cache).fit(
-        csv, images=image_dir, out=root / "model", progress=False
-    )
+    # The CPU default: the quantisation and weight storage left to ``auto``
+    settings = {k: v for k, v in TINY_SETTINGS.items() if k not in ("image_quant", "text_quant", "save_dtype")}
+    FuseLabel(**settings, cache_dir=session_cache).fit(csv, images=image_dir, out=root / "model", progress=False)
     return root, image_dir, csv
+
+
+def test_auto_is_int8_on_a_cpu_and_floating_point_on_a_gpu():
+    cpu = resolve_auto(build_config(), gpu=False)
+    assert (cpu.regime, cpu.image_quant, cpu.text_quant, cpu.save_dtype) == ("frozen", "int8", "int8", "int8")
+    gpu = resolve_auto(build_config(), gpu=True)
+    assert (gpu.regime, gpu.image_quant, gpu.text_quant, gpu.save_dtype) == ("finetune", "none", "none", "fp16")
+    frozen_gpu = resolve_auto(build_config(regime="frozen"), gpu=True)
+    assert (frozen_gpu.image_quant, frozen_gpu.text_quant) == ("none", "none")
+    hybrid = resolve_auto(build_config(regime="hybrid"), gpu=False)  # the text encoder trains: not quantised
+    assert (hybrid.image_quant, hybrid.text_quant, hybrid.save_dtype) == ("int8", "none", "fp16")
+    fp32 = resolve_auto(build_config("cpu"), gpu=False)  # fp32 one flag away
+    assert (fp32.image_quant, fp32.text_quant, fp32.save_dtype) == ("none", "none", "fp16")
+    assert resolve_auto(build_config("cpu-int8"), gpu=True).text_quant == "int8"
+
+
+def test_the_cpu_default_trains_and_stores_int8(int8_model):
+    root, _, _ = int8_model
+    saved = json.loads((root / "model" / "config.json").read_text())
+    saved = saved.get("model", saved)
+    assert (saved["image_quant"], saved["text_quant"], saved["save_dtype"]) == ("int8", "int8", "int8")
 
 
 def test_preset_and_refusals():

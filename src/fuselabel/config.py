@@ -99,13 +99,17 @@ class Config:
     image_layers: Positive = model(1, "pool this many feature stages (more than 1 adds earlier stages)")
     image_tokens: bool = model(False, "keep the last feature map as tokens for --decoder query")
     # the ranges calibrated on training photos are saved with the preprocessing, so prediction sees the same int8
-    image_quant: Literal["none", "int8"] = model(
-        "none", "none | int8 (frozen image encoder in static int8, calibrated on training photos; CPU)"
+    image_quant: Literal["auto", "none", "int8"] = model(
+        "auto",
+        "auto (int8 when frozen on a CPU) | none | int8 (frozen image encoder in static int8, calibrated on "
+        "training photos; CPU)",
     )
     text_model: str = model("minilm-l6", "text encoder: minilm-l6 (packaged), a Hugging Face name or a local folder")
     # dynamic: activations are quantised per caption at run time, so no calibration is needed
-    text_quant: Literal["none", "int8"] = model(
-        "none", "none | int8 (frozen text encoder's matrices in int8, activations quantised per caption; CPU)"
+    text_quant: Literal["auto", "none", "int8"] = model(
+        "auto",
+        "auto (int8 when frozen on a CPU) | none | int8 (frozen text encoder's matrices in int8, activations "
+        "quantised per caption; CPU)",
     )
     # chosen at fit as the training captions' 99th percentile, rounded up to a multiple of 16, and saved as a number
     text_max_length: Optional[Positive] = model(
@@ -124,8 +128,10 @@ class Config:
         "global", "decision rule tuned for F1: global | per_class | balanced (false positives ≈ false negatives)"
     )
     ensure_nonempty: bool = model(True, "give every row at least its most probable label")
-    save_dtype: Literal["fp32", "fp16", "int8"] = model(
-        "fp16", "weight storage in the model folder: fp16 | int8 (weight-only int8 matrices, the rest fp16) | fp32"
+    save_dtype: Literal["auto", "fp32", "fp16", "int8"] = model(
+        "auto",
+        "weight storage in the model folder: auto (int8 when the text encoder runs in int8, else fp16) | fp16 | "
+        "int8 (weight-only int8 matrices, the rest fp16) | fp32",
     )
 
     # ---- how one run trains (saved as the run's record) ----
@@ -267,6 +273,30 @@ def check_keys(keys, source: str = "settings", groups: tuple[str, ...] | None = 
                 f"{source}: {', '.join(other)} cannot be set here ({' or '.join(groups)} settings "
                 f"only: {', '.join(allowed)})"
             )
+
+
+def resolve_auto(config: Config, gpu: bool) -> Config:
+    """The settings ``auto`` leaves to the machine, decided for a run on a GPU or not (saved so, never ``auto``).
+
+    On a CPU the frozen encoders run in int8 for the training features and for prediction alike, and the weights
+    are stored as the text encoder runs (int8 matrices): twice the default fp32's prediction speed at the same
+    held-out mean F1 (docs/results.md). On a GPU the encoders fine-tune (``regime``) and stay in floating point.
+    """
+    regime = config.regime
+    if regime == "auto":
+        quantised = "int8" in (config.image_quant, config.text_quant)  # a quantised encoder is a frozen one
+        regime = "frozen" if quantised or not gpu else "finetune"
+    on_cpu = not gpu
+    image_quant = config.image_quant
+    if image_quant == "auto":
+        image_quant = "int8" if on_cpu and regime in ("frozen", "hybrid") else "none"
+    text_quant = config.text_quant
+    if text_quant == "auto":
+        text_quant = "int8" if on_cpu and regime == "frozen" else "none"
+    save_dtype = config.save_dtype
+    if save_dtype == "auto":
+        save_dtype = "int8" if text_quant == "int8" else "fp16"
+    return config.replace(regime=regime, image_quant=image_quant, text_quant=text_quant, save_dtype=save_dtype)
 
 
 def choices(key: str) -> tuple:

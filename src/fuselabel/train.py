@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from .bundle import Bundle, save_bundle
 from .cache import pause_for_test, write_atomic
-from .config import Config
+from .config import Config, resolve_auto
 from .data import (
     FeatureDataset,
     LengthGroupedBatchSampler,
@@ -63,14 +63,6 @@ class TrainResult:
     history: list = field(default_factory=list)  # [{epoch, seconds since start, val_f1}]
     summary: str = ""  # the run in one line: validation figure, folder size, time
     val_probs: np.ndarray | None = None  # fused validation probabilities, as the stored model predicts them
-
-
-def resolve_regime(config: Config) -> str:
-    if config.regime != "auto":
-        return config.regime
-    if "int8" in (config.image_quant, config.text_quant):  # a quantised encoder is a frozen one
-        return "frozen"
-    return "finetune" if torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda") else "frozen"
 
 
 def label_names_for(records: RecordSet, data_dir, explicit) -> dict[str, str]:
@@ -578,7 +570,9 @@ def fit(
     vocab = label_vocabulary(records.label_sets)
     labels = labels_to_matrix(records.label_sets, vocab).astype(np.float32)
     names = label_names_for(records, data_dir, label_names)
-    regime = resolve_regime(config)
+    gpu = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
+    config = resolve_auto(config, gpu)
+    regime = config.regime
     log.info(
         f"{len(records)} rows, {len(vocab)} labels; train {len(train_idx)}, val {len(val_idx)}; "
         f"model {config.kind}, regime {regime}"
