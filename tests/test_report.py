@@ -525,7 +525,9 @@ def test_headline_figures_name_their_rows_and_the_errors_note_fits_the_table(rep
     # Every reported row is one the model trained or tuned on: the note says so and points to --split val.
     assert "--split val" in _section(reported["out"], "label-errors")
     # Rows the model never saw (here: no split to compare with) get no such advice.
-    s = _synthetic()
+    truth, probs = _arrays()
+    truth[:6] = 1 - truth[:6]  # wrong labels, for the model to dispute
+    s = summarize(truth, probs, np.full(5, 0.45), [f"name{j}" for j in range(5)])
     page = write_report(s, _rows(120), tmp_path / "r.html", data={"table_name": "other.csv", "split": "all"})
     assert "<caption>120 rows (all rows of other.csv)</caption>" in _section(page, "summary")
     assert s["label_issues"] and "--split val" not in page.read_text()
@@ -535,7 +537,7 @@ def test_a_multiclass_summary_decides_by_argmax_as_evaluate_does():
     rng = np.random.default_rng(5)
     truth = np.eye(4, dtype=int)[rng.integers(0, 4, 80)]
     # The max of two softmaxes (union fusion): two labels of a row over 0.5, which thresholds would both keep.
-    probs = np.clip(truth * 0.55 + rng.random(truth.shape) * 0.45, 0, 1)
+    probs = rng.random(truth.shape) * 0.7 + truth * 0.3
     assert ((probs >= 0.5).sum(1) > 1).any()
     s = summarize(truth, probs, np.full(4, 0.5), list("abcd"), task="multiclass")
     expected = evaluate(truth, apply_argmax(probs), list("abcd"))

@@ -34,7 +34,7 @@ def _image_size(config: dict, preprocessing: dict) -> str:
 
 def _kind(config: dict) -> str:
     kind = config.get("kind", MISSING)
-    return kind + (f", {config['late_combine']} fusion" if kind == "late" else "")
+    return kind + (f", {config.get('late_combine', MISSING)} fusion" if kind == "late" else "")
 
 
 def describe_run(model_dir, name: str | None = None) -> dict:
