@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import jinja2
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from .. import figures
 from ..images import ImageError, load_rgb
@@ -31,6 +31,14 @@ _TEMPLATES = jinja2.Environment(
     lstrip_blocks=True,
     keep_trailing_newline=True,
 )
+
+
+def _breakable(value) -> Markup:
+    """A value whose paths may wrap after each "/" on a narrow screen, so that no folder name is split."""
+    return Markup("/<wbr>").join(escape(str(value)).split("/"))
+
+
+_TEMPLATES.filters["breakable"] = _breakable
 
 
 def draw(summary: dict) -> dict[str, tuple[object, str]]:
