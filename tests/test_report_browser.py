@@ -89,7 +89,9 @@ def test_the_pages_read_on_a_desktop_and_a_phone(reported, browser, which, width
         found = page.evaluate(MEASURE)
         if width == 1280 and which == "out" and os.environ.get("FUSELABEL_SCREENSHOT"):
             page.screenshot(
-                path=os.environ["FUSELABEL_SCREENSHOT"], clip={"x": 0, "y": 0, "width": 1280, "height": 1400}
+                path=os.environ["FUSELABEL_SCREENSHOT"],
+                full_page=True,
+                clip={"x": 0, "y": 0, "width": 1280, "height": 1500},
             )
         errors = page.errors
         requests = [u for u in page.requests if not u.startswith(("file:", "data:"))]

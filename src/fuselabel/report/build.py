@@ -86,13 +86,28 @@ def write_report(
     return _write_page(report_html(summary, rows, title=title, run=run, data=data), out)
 
 
-def _labelled_rows(model, model_dir, table, columns, split: str):
-    from ..estimator import split_rows
+def _labelled_rows(model_dir, table, columns, split: str):
+    """The model, the table and its labelled rows on the ``split`` side of the model's split; labels the model
+    never saw are named in a warning (they are left out of its figures)."""
+    from ..estimator import FuseLabel, split_rows
     from ..tables import read_table, require_labels
 
+    model = FuseLabel.from_pretrained(model_dir)
     records = read_table(table, columns, trained=model.bundle_.table, need_labels=True)
     require_labels(records, "the report")
-    return records, split_rows(model_dir, records.records, split)
+    rows = split_rows(model_dir, records.records, split)
+    unseen = sorted({label for r in rows for label in r.labels} - set(model.bundle_.labels))
+    if unseen:
+        log.warning(
+            f"{records.path}: label(s) {model_dir} never saw are left out of its figures: {', '.join(unseen[:10])}"
+        )
+    return model, records, rows
+
+
+def _photos(rows, data_dir) -> tuple[list, list[dict]]:
+    """Each row's photo path (None without one), and the rows as the page shows them."""
+    images = [str(Path(data_dir) / r.image_id) if r.image_id else None for r in rows]
+    return images, [{"image_id": r.id, "caption": r.caption, "image": img} for r, img in zip(rows, images)]
 
 
 def _data(records, data_dir, ids: list[str], split: str, runs: list[dict]) -> dict:
@@ -161,18 +176,9 @@ def _summary_of(model, model_dir, rows, images) -> dict:
 def build_report(model_dir, data_dir, csv_path, out, *, split: str = "all", columns=None) -> Path:
     """Run the model over the labelled rows of a table (path, DataFrame or RecordSet) and write the report to
     ``out``. Labels the model never saw are left out of its figures, with a warning naming them."""
-    from ..estimator import FuseLabel
-
-    model = FuseLabel.from_pretrained(model_dir)
-    records, rows = _labelled_rows(model, model_dir, csv_path, columns, split)
-    unseen = sorted({label for r in rows for label in r.labels} - set(model.bundle_.labels))
-    if unseen:
-        log.warning(
-            f"{records.path}: label(s) the model never saw are left out of the report: {', '.join(unseen[:10])}"
-        )
-    images = [str(Path(data_dir) / r.image_id) if r.image_id else None for r in rows]
+    model, records, rows = _labelled_rows(model_dir, csv_path, columns, split)
+    images, page_rows = _photos(rows, data_dir)
     summary = _summary_of(model, model_dir, rows, images)
-    page_rows = [{"image_id": r.id, "caption": r.caption, "image": img} for r, img in zip(rows, images)]
     name = Path(records.path).name if getattr(records, "path", None) else "a table"
     run = describe_run(model_dir)
     title = f"fuselabel report: {run['name']} on {name} ({split} rows)"
@@ -191,18 +197,15 @@ def short_names(model_dirs) -> list[str]:
 
 
 def _predictions(models, names, chosen, data_dir) -> tuple[list[dict], list[dict], list]:
-    entries, page_rows, truth_rows = [], None, None
-    for name, (model, by_id) in zip(names, models):
-        rows = [by_id[i] for i in chosen]
-        images = [str(Path(data_dir) / r.image_id) if r.image_id else None for r in rows]
+    rows = [models[0][1][i] for i in chosen]  # each model's copy of a row holds the same photo, caption, labels
+    images, page_rows = _photos(rows, data_dir)
+    entries = []
+    for name, (model, _) in zip(names, models):
         pred = model.predict_details(images=images, captions=[r.caption for r in rows]).predicted  # its own rule
         entries.append(
             {"name": name, "labels": list(model.bundle_.labels), "names": list(model.label_names_), "pred": pred}
         )
-        if page_rows is None:
-            page_rows = [{"image_id": r.id, "caption": r.caption, "image": img} for r, img in zip(rows, images)]
-            truth_rows = [list(r.labels) for r in rows]
-    return entries, page_rows, truth_rows
+    return entries, page_rows, [list(r.labels) for r in rows]
 
 
 def build_comparison(model_dirs, data_dir, table, out, *, split: str = "all", columns=None) -> Path:
@@ -210,19 +213,11 @@ def build_comparison(model_dirs, data_dir, table, out, *, split: str = "all", co
 
     With ``split`` other than ``all``, the rows are those on that side of every model's own split.
     """
-    from ..estimator import FuseLabel
-
     model_dirs = [Path(m) for m in model_dirs]
     names = short_names(model_dirs)
     models, chosen, records = [], None, None
     for model_dir in model_dirs:
-        model = FuseLabel.from_pretrained(model_dir)
-        records, rows = _labelled_rows(model, model_dir, table, columns, split)
-        unseen = sorted({label for r in rows for label in r.labels} - set(model.bundle_.labels))
-        if unseen:
-            log.warning(
-                f"{records.path}: label(s) {model_dir} never saw are left out of its scores: {', '.join(unseen[:10])}"
-            )
+        model, records, rows = _labelled_rows(model_dir, table, columns, split)
         by_id = {r.id: r for r in rows}
         chosen = [r.id for r in rows] if chosen is None else [i for i in chosen if i in by_id]
         models.append((model, by_id))
