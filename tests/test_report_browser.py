@@ -91,7 +91,7 @@ def test_the_pages_read_on_a_desktop_and_a_phone(reported, browser, which, width
             page.screenshot(
                 path=os.environ["FUSELABEL_SCREENSHOT"],
                 full_page=True,
-                clip={"x": 0, "y": 0, "width": 1280, "height": 1500},
+                clip={"x": 0, "y": 0, "width": 1280, "height": 1395},
             )
         errors = page.errors
         requests = [u for u in page.requests if not u.startswith(("file:", "data:"))]
