@@ -419,7 +419,7 @@ def test_summary_marks_the_model_threshold_and_leaves_out_rows_without_input():
     assert per_class["threshold_curve"]["chosen"] is None
 
 
-@pytest.mark.parametrize("labels, name", [(4, "x"), (18, "motorcycle"), (40, "traffic light")])
+@pytest.mark.parametrize("labels, name", [(4, "x"), (18, "motorcycle"), (40, "traffic light"), (500, "label")])
 def test_figures_have_readable_text_and_little_blank(labels, name):
     """No text under 8 points (11 CSS px as shown); the frequency and co-occurrence plots fill their figures."""
     truth, probs = _arrays(rows=200, labels=labels)
