@@ -22,6 +22,25 @@ log = logging.getLogger(__name__)
 
 THUMBNAIL_SIZE = 160  # longest side, pixels
 FIGURE_DPI = 192  # figures are shown at 96 CSS px an inch: twice the density, sharp on high-density screens
+# Each page's sections, (anchor, heading), in the order its template draws them.
+REPORT_SECTIONS = (
+    ("summary", "Summary"),
+    ("run", "Model, run and data"),
+    ("per-label", "Per-label scores"),
+    ("thresholds", "Thresholds and ranking"),
+    ("calibration", "Calibration"),
+    ("training", "Training"),
+    ("labels", "Labels"),
+    ("inputs", "How much each input carries"),
+    ("worst-rows", "Worst rows"),
+    ("label-errors", "Likely label errors"),
+)
+COMPARISON_SECTIONS = (
+    ("summary", "Summary"),
+    ("run", "Models, runs and data"),
+    ("per-label", "Per-label F1"),
+    ("disagreements", "Rows where the models disagree"),
+)
 
 _TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
@@ -155,12 +174,10 @@ def report_html(
         }
         for i in summary["label_issues"]
     ]
-    sections = ["summary", "run", "per-label", "thresholds", "calibration", "training", "labels", "inputs"]
-    headings = ["Summary", "Model, run and data", "Per-label scores", "Thresholds and ranking", "Calibration"]
-    headings += ["Training", "Labels", "How much each input carries", "Worst rows", "Likely label errors"]
     return _TEMPLATES.get_template("report.html.j2").render(
         title=title,
-        toc=list(zip([*sections, "worst-rows", "label-errors"], headings)),
+        toc=REPORT_SECTIONS,
+        headings=dict(REPORT_SECTIONS),
         summary=summary,
         inputs=summary.get("inputs"),
         basis=where,
@@ -234,8 +251,8 @@ def comparison_html(
     ]
     return _TEMPLATES.get_template("comparison.html.j2").render(
         title=title,
-        toc=[("summary", "Summary"), ("run", "Models, runs and data"), ("per-label", "Per-label F1")]
-        + [("disagreements", "Rows where the models disagree")],
+        toc=COMPARISON_SECTIONS,
+        headings=dict(COMPARISON_SECTIONS),
         comparison=comparison,
         names=[m["name"] for m in models],
         basis=basis(comparison["rows"], data),
