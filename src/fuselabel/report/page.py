@@ -60,6 +60,11 @@ def _breakable(value) -> Markup:
 _TEMPLATES.filters["breakable"] = _breakable
 
 
+def _render(template: str, sections, **context) -> str:
+    """A page from its template: the contents list and each section's heading from ``sections``."""
+    return _TEMPLATES.get_template(template).render(toc=sections, headings=dict(sections), **context)
+
+
 def draw(summary: dict) -> dict[str, tuple[object, str]]:
     """``{name: (figure, caption)}`` for every figure the summary supports, in page order."""
     out = {
@@ -174,10 +179,10 @@ def report_html(
         }
         for i in summary["label_issues"]
     ]
-    return _TEMPLATES.get_template("report.html.j2").render(
+    return _render(
+        "report.html.j2",
+        REPORT_SECTIONS,
         title=title,
-        toc=REPORT_SECTIONS,
-        headings=dict(REPORT_SECTIONS),
         summary=summary,
         inputs=summary.get("inputs"),
         basis=where,
@@ -249,10 +254,10 @@ def comparison_html(
         }
         for d in comparison["disagree"]
     ]
-    return _TEMPLATES.get_template("comparison.html.j2").render(
+    return _render(
+        "comparison.html.j2",
+        COMPARISON_SECTIONS,
         title=title,
-        toc=COMPARISON_SECTIONS,
-        headings=dict(COMPARISON_SECTIONS),
         comparison=comparison,
         names=[m["name"] for m in models],
         basis=basis(comparison["rows"], data),
