@@ -239,11 +239,14 @@ def comparison_html(
     run_rows, differ = _run_rows(runs) if runs else ([], [])
     fig = figures.f1_deltas(comparison)
     changed = len(figures.changed_labels(comparison, limit=len(comparison["per_label"])))
-    lines = [("mean F1", [m["mean_f1"] for m in models])] + [
-        (f"{name} {key.replace('f1-score', 'F1')}", [m["averages"][name][key] for m in models])
+    averages = {
+        f"{name} {key.replace('f1-score', 'F1')}": [m["averages"][name][key] for m in models]
         for name in AVERAGES
         for key in ("precision", "recall", "f1-score")
-    ]
+    }
+    # macro F1 beside mean F1, the two headline figures; then every other average
+    lines = [("mean F1", [m["mean_f1"] for m in models]), ("macro avg F1", averages.pop("macro avg F1"))]
+    lines += averages.items()
     disagree = [
         {
             "thumb": thumbs(d["row"]),

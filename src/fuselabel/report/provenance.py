@@ -103,7 +103,7 @@ def fusion(kind: str, combine: str | None, image_weight: float | None) -> dict:
     elif kind == "late" and combine == "union":
         sentence = "The model takes, per label, the larger of its photo head's and its caption head's probability"
     elif kind == "late" and image_weight is not None:
-        w = float(image_weight)
+        w = round(float(image_weight), 4)  # stored in fp16: 0.35 reads back as 0.350098
         if w == 0:
             reads = "caption only"
             sentence = "The model is caption-only: its photo weight is 0, so the photo changes no decision"
@@ -111,7 +111,7 @@ def fusion(kind: str, combine: str | None, image_weight: float | None) -> dict:
             reads = "photo only"
             sentence = "The model is photo-only: its caption weight is 0, so the caption changes no decision"
         else:
-            sentence = f"The model weighs the photo head by {w:g} and the caption head by {1 - w:g}"
+            sentence = f"The model weighs the photo head by {w:g} and the caption head by {round(1 - w, 4):g}"
     if kind == "late" and reads != "both":
         sentence += " (a row without that input is decided by the other head)"
     return {"kind": kind, "combine": combine, "image_weight": image_weight, "reads": reads, "sentence": sentence + "."}
