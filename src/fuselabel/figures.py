@@ -1,5 +1,9 @@
 """The report's figures: each function draws one part of a report summary (fuselabel.report.summarize).
 
+Per-label figures draw the labels the summary chose for them (``shown``: every label up to 30, beyond that
+the most frequent, worst and most confused; ``frequent``: the most frequent), so no figure outgrows a screen
+however many labels the model has; the page's table lists every label.
+
 Figures are ``matplotlib.figure.Figure`` objects rendered by Agg when saved; pyplot and its global
 state are never touched, so drawing a report changes nothing for a caller that also plots. Sizes are
 in inches shown at 96 CSS pixels each, so no text is smaller than ``SMALL`` points (about 11 CSS px).
@@ -43,10 +47,10 @@ def _label_margin(names) -> float:
 
 def per_label_scores(summary: dict) -> Figure:
     """Precision, recall and F1 of every label at the model's thresholds, with each label's support."""
-    rows = summary["report"]["per_label"]
-    names = summary["names"]
+    rows = [summary["report"]["per_label"][j] for j in summary["shown"]]
+    names = [summary["names"][j] for j in summary["shown"]]
     y = np.arange(len(rows))
-    fig = _figure(7, 1.4 + 0.32 * len(rows))
+    fig = _figure(_label_margin(names) + 5, 1.4 + 0.32 * len(rows))
     ax = fig.subplots()
     h = 0.27
     for k, (key, colour) in enumerate((("precision", "#4c72b0"), ("recall", "#dd8452"), ("f1", "#55a868"))):
@@ -64,9 +68,10 @@ def per_label_scores(summary: dict) -> Figure:
 
 def confusion_matrices(summary: dict) -> Figure:
     """One 2x2 confusion matrix per label: rows the truth (no, yes), columns the prediction."""
-    rows = summary["report"]["per_label"]
-    fig, axes = _panels(len(rows), size=1.6, columns=5)
-    for ax, r, name in zip(axes, rows, summary["names"]):
+    shown = summary["shown"]
+    fig, axes = _panels(len(shown), size=1.6, columns=5)
+    for ax, j in zip(axes, shown):
+        r, name = summary["report"]["per_label"][j], summary["names"][j]
         m = np.array([[r["tn"], r["fp"]], [r["fn"], r["tp"]]])
         # Each truth row as a share of itself, so rare labels' misses show as plainly as common ones'.
         share = m / np.maximum(m.sum(1, keepdims=True), 1)
@@ -97,7 +102,14 @@ def threshold_curve(summary: dict) -> Figure:
         fillstyle="none",
         label=f"best: {curve['grid'][best]:.2f} -> {curve['mean_f1'][best]:.4f}",
     )
-    if curve["chosen"] is not None:
+    if curve.get("rule") == "argmax":
+        ax.axhline(
+            curve["model_mean_f1"],
+            color="#c44e52",
+            linestyle="--",
+            label=f"model's rule (the most probable label) -> {curve['model_mean_f1']:.4f}",
+        )
+    elif curve["chosen"] is not None:
         ax.plot(
             curve["chosen"],
             curve["model_mean_f1"],
@@ -124,8 +136,10 @@ def threshold_curve(summary: dict) -> Figure:
 
 def pr_curves(summary: dict) -> Figure:
     """Precision-recall curve of every label, its average precision in the title."""
-    fig, axes = _panels(len(summary["names"]), share=True)
-    for ax, curve, name in zip(axes, summary["pr"], summary["names"]):
+    shown = summary["shown"]
+    fig, axes = _panels(len(shown), share=True)
+    for ax, j in zip(axes, shown):
+        curve, name = summary["pr"][j], summary["names"][j]
         if curve["ap"] is None:
             ax.text(0.5, 0.5, "no positive rows", ha="center", va="center", fontsize=SMALL)
         else:
@@ -193,8 +207,9 @@ def training_curves(history: list[dict]) -> Figure:
 
 def label_frequency(summary: dict) -> Figure:
     """How many rows hold each label, most frequent first, as horizontal bars (names read across)."""
-    names, counts = summary["names"], np.asarray(summary["frequency"])
-    order = np.argsort(-counts, kind="stable")
+    order = summary["frequent"]
+    counts = np.asarray(summary["frequency"])
+    names = [summary["names"][j] for j in order]
     fig = _figure(_label_margin(names) + 4.5, 0.9 + 0.24 * len(names))
     ax = fig.subplots()
     y = np.arange(len(names))
@@ -202,19 +217,21 @@ def label_frequency(summary: dict) -> Figure:
     top = max(int(counts.max(initial=0)), 1)
     for yi, c in zip(y, counts[order]):
         ax.text(c + top * 0.01, yi, str(int(c)), va="center", fontsize=SMALL)
-    ax.set_yticks(y, [names[j] for j in order], fontsize=SMALL)
+    ax.set_yticks(y, names, fontsize=SMALL)
     ax.set_ylim(len(names) - 0.5, -0.5)  # top to bottom
     ax.set_xlim(0, top * 1.12)
     ax.tick_params(axis="x", labelsize=SMALL)
     ax.set_xlabel("rows holding the label", fontsize=TEXT)
-    ax.set_title(f"Label frequency over {summary['rows']} rows", fontsize=TEXT + 1)
+    of = "" if len(order) == len(counts) else f" (the {len(order)} most frequent of {len(counts)} labels)"
+    ax.set_title(f"Label frequency over {summary['rows']} rows{of}", fontsize=TEXT + 1)
     return fig
 
 
 def cooccurrence(summary: dict) -> Figure:
-    """Share of the rows holding label i (row) that also hold label j (column)."""
-    names = summary["names"]
-    counts = np.asarray(summary["cooccurrence"], dtype=float)
+    """Share of the rows holding label i (row) that also hold label j (column), for the most frequent labels."""
+    top = sorted(summary["frequent"])
+    names = [summary["names"][j] for j in top]
+    counts = np.asarray(summary["cooccurrence"], dtype=float)[np.ix_(top, top)]
     share = counts / np.maximum(np.diag(counts)[:, None], 1)
     np.fill_diagonal(share, np.nan)  # always 1: would swamp the colour scale
     # The matrix is square and its tick labels take the same room on both sides, so a figure sized from
@@ -230,7 +247,8 @@ def cooccurrence(summary: dict) -> Figure:
     bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
     bar.set_label("P(column label | row label)", fontsize=TEXT)
     bar.ax.tick_params(labelsize=SMALL)
-    ax.set_title("Label co-occurrence", fontsize=TEXT + 1)
+    of = "" if len(top) == len(summary["names"]) else f" of the {len(top)} most frequent labels"
+    ax.set_title(f"Label co-occurrence{of}", fontsize=TEXT + 1)
     return fig
 
 
@@ -250,9 +268,19 @@ def modality_share(summary: dict) -> Figure:
     return fig
 
 
-def f1_deltas(comparison: dict) -> Figure:
-    """Each model's per-label F1 minus the first model's, one bar per label and model."""
-    rows = [r for r in comparison["per_label"] if any(d is not None for d in r["delta"])]
+def changed_labels(comparison: dict, limit: int = 30) -> list[dict]:
+    """The per-label rows whose F1 differs between the models, the largest difference first (at most ``limit``)."""
+    rows = [r for r in comparison["per_label"] if any(d is not None and abs(d) > 5e-4 for d in r["delta"])]
+    rows.sort(key=lambda r: -max(abs(d) for d in r["delta"] if d is not None))
+    return rows[:limit]
+
+
+def f1_deltas(comparison: dict) -> Figure | None:
+    """Each model's per-label F1 minus the first model's, one bar per label and model, for the labels that
+    differ most (:func:`changed_labels`); None where no label's F1 differs."""
+    rows = changed_labels(comparison)
+    if not rows:
+        return None
     models = comparison["models"][1:]
     names = [r["name"] for r in rows]
     fig = _figure(_label_margin(names) + 4.5, 1.2 + 0.22 * max(len(rows), 1) * max(len(models), 1) ** 0.5)

@@ -122,7 +122,7 @@ def evaluate(y_true, y_pred, labels: list[str], label_names: dict[str, str] | No
         ``per_label`` entry has ``label, name, precision, recall, f1, support,
         predicted, tp, fp, fn, tn``. All values are plain Python types.
     """
-    from sklearn.metrics import accuracy_score, multilabel_confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
     yt, yp = _as_indicator_pair(y_true, y_pred)
     n, c = yt.shape
@@ -134,16 +134,32 @@ def evaluate(y_true, y_pred, labels: list[str], label_names: dict[str, str] | No
     if n == 0:
         raise ValueError("cannot evaluate zero rows")
 
-    prec, rec, f1, support = precision_recall_fscore_support(yt, yp, average=None, zero_division=0.0)
+    per_label = _per_label(yt, yp, labels, names)
     micro_p, micro_r, micro_f, _ = precision_recall_fscore_support(yt, yp, average="micro", zero_division=0.0)
-    # multilabel_confusion_matrix returns [[tn, fp], [fn, tp]] per label.
-    mcm = multilabel_confusion_matrix(yt, yp)
-    predicted = yp.sum(axis=0)
+    return {
+        "rows": int(n),
+        "mean_f1": mean_f1(yt, yp),
+        "micro_f1": float(micro_f),
+        "macro_f1": float(np.mean([r["f1"] for r in per_label])) if c else 0.0,
+        "micro_precision": float(micro_p),
+        "micro_recall": float(micro_r),
+        # sklearn's accuracy on indicator matrices is subset accuracy.
+        "exact_match": float(accuracy_score(yt, yp)),
+        "per_label": per_label,
+    }
 
-    per_label = []
+
+def _per_label(yt: np.ndarray, yp: np.ndarray, labels: list[str], names: dict) -> list[dict[str, Any]]:
+    """One entry per label: its scores at ``zero_division=0``, support, predictions and confusion counts."""
+    from sklearn.metrics import multilabel_confusion_matrix, precision_recall_fscore_support
+
+    prec, rec, f1, support = precision_recall_fscore_support(yt, yp, average=None, zero_division=0.0)
+    mcm = multilabel_confusion_matrix(yt, yp)  # [[tn, fp], [fn, tp]] per label
+    predicted = yp.sum(axis=0)
+    out = []
     for j, lab in enumerate(labels):
         (tn, fp), (fn, tp) = mcm[j]
-        per_label.append(
+        out.append(
             {
                 "label": lab,
                 "name": str(names.get(lab, lab)),
@@ -158,18 +174,7 @@ def evaluate(y_true, y_pred, labels: list[str], label_names: dict[str, str] | No
                 "tn": int(tn),
             }
         )
-
-    return {
-        "rows": int(n),
-        "mean_f1": mean_f1(yt, yp),
-        "micro_f1": float(micro_f),
-        "macro_f1": float(np.mean(f1)) if c else 0.0,
-        "micro_precision": float(micro_p),
-        "micro_recall": float(micro_r),
-        # sklearn's accuracy on indicator matrices is subset accuracy.
-        "exact_match": float(accuracy_score(yt, yp)),
-        "per_label": per_label,
-    }
+    return out
 
 
 def format_report(report: dict[str, Any]) -> str:

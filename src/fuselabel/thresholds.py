@@ -241,6 +241,17 @@ def _class_scores(
     return _f1_from_counts(tp_all, denom).mean(axis=0)
 
 
+def _move_class(j, value, y, probs, thr, ratio, pred, tp, npred) -> None:
+    """Set class ``j``'s threshold to ``value``, updating the per-row state (in place) by its change alone."""
+    new_col = probs[:, j] >= value
+    old_col = pred[:, j]
+    tp += (new_col & y[:, j]).astype(np.int64) - (old_col & y[:, j])
+    npred += new_col.astype(np.int64) - old_col
+    pred[:, j] = new_col
+    thr[j] = value
+    ratio[:, j] = _ratio(probs[:, j], value)
+
+
 def tune_per_class(y_true, probs, ensure_nonempty: bool = True, grid=None, passes: int = 3) -> tuple[np.ndarray, float]:
     """Per-class thresholds by coordinate ascent on mean F1.
 
@@ -288,13 +299,7 @@ def tune_per_class(y_true, probs, ensure_nonempty: bool = True, grid=None, passe
             current = scores[-1]
             best = int(np.argmax(scores[:-1]))
             if scores[best] > current + _IMPROVE_TOL:
-                new_col = probs[:, j] >= grid[best]
-                old_col = pred[:, j]
-                tp += (new_col & y[:, j]).astype(np.int64) - (old_col & y[:, j])
-                npred += new_col.astype(np.int64) - old_col
-                pred[:, j] = new_col
-                thr[j] = grid[best]
-                ratio[:, j] = _ratio(probs[:, j], thr[j])
+                _move_class(j, grid[best], y, probs, thr, ratio, pred, tp, npred)
                 changed = True
         if not changed:
             break
