@@ -87,6 +87,14 @@ def stages(engine, predictor, records, image_dir, batch: int = 16) -> dict:
     }
 
 
+def engine_of(path):
+    """(engine, predictor) of a model folder's exported copy (made now, before anything is timed) or of an
+    exported folder, on one thread: what ``fuselabel predict`` runs on a CPU."""
+    folder = path if is_onnx_folder(path) else export_cached(path)
+    model = OnnxModel(folder, workers=1)
+    return model.engine, model.predictor()
+
+
 def command(src: str | None, model, data, csv, out: Path) -> tuple[float, float, str, float]:
     """(wall seconds with start-up, seconds of prediction alone as the command reports it, its output line,
     CPU seconds the command used)."""
@@ -172,9 +180,7 @@ def main(argv=None) -> int:
 
     limits = {}
     for label, path in [("model", args.model)] + ([("other", args.other_model)] if args.other_model else []):
-        folder = path if is_onnx_folder(path) else export_cached(path)  # exported before anything is timed
-        model = OnnxModel(folder, workers=1)
-        engine, predictor = model.engine, model.predictor()
+        engine, predictor = engine_of(path)
         per_row = stages(engine, predictor, rows, image_dir)
         total = sum(per_row.values())
         print(f"{label} {path}:")
