@@ -28,6 +28,7 @@ from PIL import Image
 
 from .bundle import Bundle
 from .data import build_transform
+from .preprocess import Preprocess
 
 MAX_HEATMAP_SIDE = 768  # the page shows the photo smaller than this; the overlay stretches to fit it
 # Integration steps for the caption's words: one batch of this many captions forward and back. Eight
@@ -99,7 +100,7 @@ def _fixed_inputs(bundle: Bundle, image, caption) -> dict:
 
 
 def _pixels(bundle: Bundle, image: Image.Image) -> torch.Tensor:
-    return build_transform(bundle.preprocessing, train=False)(image).unsqueeze(0)
+    return build_transform(Preprocess.of(bundle.preprocessing), train=False)(image).unsqueeze(0)
 
 
 def _tokenize(bundle: Bundle, caption: str, offsets: bool = False):
@@ -136,10 +137,10 @@ def _grad_cam(bundle: Bundle, part: str, label: int, image: Image.Image, context
         cam = LayerGradCam(logit, _cam_layer(net.image_encoder.backbone)).attribute(pixels, relu_attributions=True)
     with torch.no_grad():
         value = float(logit(pixels)[0])
-    return _to_photo_frame(cam.detach()[0, 0].float(), image.size, bundle.preprocessing), value
+    return _to_photo_frame(cam.detach()[0, 0].float(), image.size, Preprocess.of(bundle.preprocessing)), value
 
 
-def _to_photo_frame(cam: torch.Tensor, photo_size: tuple[int, int], preprocessing: dict) -> np.ndarray:
+def _to_photo_frame(cam: torch.Tensor, photo_size: tuple[int, int], preprocess: Preprocess) -> np.ndarray:
     """The feature-map heat (h, w) over the photo (H, W), normalised to [0, 1].
 
     A squashed photo (crop_pct >= 1) maps whole; a centre crop maps onto the part of the photo the
@@ -148,15 +149,8 @@ def _to_photo_frame(cam: torch.Tensor, photo_size: tuple[int, int], preprocessin
     width, height = photo_size
     scale = min(1.0, MAX_HEATMAP_SIDE / max(width, height))
     out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
-    crop_pct = preprocessing.get("crop_pct", 0.875)
-    if crop_pct >= 1.0:
-        box = (0, 0, out_w, out_h)
-    else:
-        # Short side resized to size / crop_pct, then a size x size centre crop: a square of side
-        # short * crop_pct in the photo's own pixels.
-        side = round(min(out_w, out_h) * crop_pct)
-        left, top = round((out_w - side) / 2), round((out_h - side) / 2)  # as CenterCrop rounds
-        box = (left, top, left + side, top + side)
+    left, top, right, bottom = (round(v * scale) for v in preprocess.photo_box(width, height))
+    box = (left, top, min(right, out_w), min(bottom, out_h))
     heat = np.zeros((out_h, out_w), dtype=np.float32)
     box_w, box_h = max(1, box[2] - box[0]), max(1, box[3] - box[1])
     up = F.interpolate(cam[None, None], size=(box_h, box_w), mode="bilinear", align_corners=False)[0, 0]
