@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fuselabel"
 ORDER = [
     "config",
     "records",
+    "preprocess",
     "images",
     "labels",
     "tables",

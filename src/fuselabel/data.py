@@ -64,7 +64,9 @@ def build_transform(preprocess: Preprocess | dict, train: bool, augment: str = "
         return EvalTransform(preprocess)
     from torchvision import transforms as T
 
-    interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[preprocess.interpolation]
+    interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[
+        preprocess.interpolation
+    ]
     ops = [T.RandomResizedCrop(preprocess.size, scale=(0.5, 1.0), interpolation=interp), T.RandomHorizontalFlip()]
     if augment == "trivial":
         ops.append(T.TrivialAugmentWide(interpolation=interp))

@@ -204,4 +204,3 @@ class Preprocess:
         table = np.ascontiguousarray(((levels - mean) / std).T)
         table.setflags(write=False)
         return table
-

@@ -191,15 +191,6 @@ def _workers(workers: int | None) -> int:
     return usable_cores() if workers is None else max(1, workers)
 
 
-def read_photos(
-    images: Sequence[ImageInput], image_dir, data_config: dict, workers: int | None = None
-) -> tuple[list, list[str | None]]:
-    """Decoded, preprocessed photos (None where unusable) and why each unusable one is."""
-    pixels, errors = read_photos_uint8(images, image_dir, data_config, workers)
-    table = pixel_table(data_config)
-    return [normalise(p, table) if p is not None else None for p in pixels], errors
-
-
 def read_photos_uint8(
     images: Sequence[ImageInput], image_dir, data_config: dict, workers: int | None = 1
 ) -> tuple[list, list[str | None]]:
