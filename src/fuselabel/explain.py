@@ -137,24 +137,26 @@ def _grad_cam(bundle: Bundle, part: str, label: int, image: Image.Image, context
         cam = LayerGradCam(logit, _cam_layer(net.image_encoder.backbone)).attribute(pixels, relu_attributions=True)
     with torch.no_grad():
         value = float(logit(pixels)[0])
-    return _to_photo_frame(cam.detach()[0, 0].float(), image.size, Preprocess.of(bundle.preprocessing)), value
+    return _to_photo_frame(cam.detach()[0, 0].float(), image.size, bundle.preprocessing), value
 
 
-def _to_photo_frame(cam: torch.Tensor, photo_size: tuple[int, int], preprocess: Preprocess) -> np.ndarray:
+def _to_photo_frame(cam: torch.Tensor, photo_size: tuple[int, int], preprocess: Preprocess | dict) -> np.ndarray:
     """The feature-map heat (h, w) over the photo (H, W), normalised to [0, 1].
 
     A squashed photo (crop_pct >= 1) maps whole; a centre crop maps onto the part of the photo the
-    model saw, and the rest stays cold. The photo's longest side is capped at ``MAX_HEATMAP_SIDE``.
+    model saw (``Preprocess.photo_box``), and the rest stays cold. The photo's longest side is capped at
+    ``MAX_HEATMAP_SIDE``.
     """
     width, height = photo_size
     scale = min(1.0, MAX_HEATMAP_SIDE / max(width, height))
     out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
-    left, top, right, bottom = (round(v * scale) for v in preprocess.photo_box(width, height))
-    box = (left, top, min(right, out_w), min(bottom, out_h))
+    left, top, right, bottom = Preprocess.of(preprocess).photo_box(width, height)
+    x0, y0 = min(round(left * scale), out_w - 1), min(round(top * scale), out_h - 1)
+    box_w = min(max(1, round((right - left) * scale)), out_w - x0)
+    box_h = min(max(1, round((bottom - top) * scale)), out_h - y0)
     heat = np.zeros((out_h, out_w), dtype=np.float32)
-    box_w, box_h = max(1, box[2] - box[0]), max(1, box[3] - box[1])
     up = F.interpolate(cam[None, None], size=(box_h, box_w), mode="bilinear", align_corners=False)[0, 0]
-    heat[box[1] : box[1] + box_h, box[0] : box[0] + box_w] = up.clamp(min=0).numpy()
+    heat[y0 : y0 + box_h, x0 : x0 + box_w] = up.clamp(min=0).numpy()
     peak = heat.max()
     return heat / peak if peak > 0 else heat
 
