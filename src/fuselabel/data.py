@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from .images import ImageError, eval_pixels, load_rgb, resolve_image
 from .preprocess import Preprocess
@@ -235,6 +235,32 @@ class TextCollate:
             )
             batch["input_ids"], batch["attention_mask"] = tok["input_ids"], tok["attention_mask"]
         return batch
+
+
+def fit_loaders(config, tokenizer, train_ds, val_ds, *, workers: int, device, sampler=None) -> tuple:
+    """The (training, validation) DataLoaders of a run whose rows carry captions to tokenise: training rows
+    shuffled (or drawn by ``sampler``) with word dropout, validation rows in batches twice as large."""
+    collate = TextCollate(tokenizer, config.text_max_length)
+    train_collate = TextCollate(tokenizer, config.text_max_length, config.word_dropout, config.seed)
+    common = dict(num_workers=workers, pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
+    return (
+        training_loader(train_ds, config, train_collate, sampler, **common),
+        DataLoader(val_ds, batch_size=config.batch_size * 2, collate_fn=collate, **common),
+    )
+
+
+def training_loader(train_ds, config, collate_fn, sampler=None, **kwargs) -> DataLoader:
+    """Training batches of ``config.batch_size``, shuffled or drawn by ``sampler``; a last partial batch is
+    dropped when there are several (a batch of one would break BatchNorm)."""
+    return DataLoader(
+        train_ds,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(train_ds) > config.batch_size,
+        collate_fn=collate_fn,
+        **kwargs,
+    )
 
 
 def oversampling_weights(label_matrix: np.ndarray, power: float = 0.5) -> np.ndarray:

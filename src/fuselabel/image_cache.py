@@ -17,10 +17,10 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .data import TextCollate, default_workers, single_process
+from .data import default_workers, fit_loaders, single_process
 from .geometry import augment_batch, center_batch
 from .gpu_decode import gpu_decode_enabled, iter_uint8
 from .preprocess import Preprocess
@@ -205,26 +205,7 @@ def cached_loaders(
     )
     if device.type == "cuda":
         net.image_encoder.to(memory_format=torch.channels_last)
-    collate = TextCollate(tokenizer, config.text_max_length)
-    dropout = getattr(config, "word_dropout", 0.0)
-    train_collate = (
-        TextCollate(tokenizer, config.text_max_length, word_dropout=dropout, seed=config.seed)
-        if dropout > 0
-        else collate
-    )
     train_ds = CachedRows(train_idx, records, labels, cache)
     val_ds = CachedRows(val_idx, records, labels, cache)
     workers = min(default_workers(config.num_workers), 4)  # only tokenising is left for them
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    return (
-        DataLoader(
-            train_ds,
-            batch_size=config.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            drop_last=len(train_ds) > config.batch_size,
-            collate_fn=train_collate,
-            **common,
-        ),
-        DataLoader(val_ds, batch_size=config.batch_size * 2, collate_fn=collate, **common),
-    )
+    return fit_loaders(config, tokenizer, train_ds, val_ds, workers=workers, device=device, sampler=sampler)
