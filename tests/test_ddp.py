@@ -62,7 +62,7 @@ SCRIPT = textwrap.dedent("""
         val = DataLoader(split(slice(n_train, None)), batch_size=8)
 
         module = FuseLabelModule(net, cfg)
-        module.set_frozen(True)
+        module.set_trainable(image=False, text=False)
         record = Record()
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, max_epochs=1,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,

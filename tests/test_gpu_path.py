@@ -1,11 +1,9 @@
 """The tensor data path (fuselabel.geometry, gpu_decode, image_cache) on CPU tensors: the code a GPU runs, on "cpu".
 
-Tolerances: the tensor path (torchvision.io.decode_jpeg + antialiased torch resize) against the PIL
-path (PIL decode + torchvision Resize/CenterCrop on PIL images), in normalised pixel units, must
-agree to a mean absolute difference < 0.02 over a batch and < 0.05 for every single image
-(measured: about 0.0015 on the course JPEGs; a normalised unit is 1/(255 std), i.e. 0.008
-to 0.017 per grey level for the usual std). Resize kernels differ slightly, so exact equality is
-not expected; the PIL-in-workers mode of the same path must match the PIL path exactly.
+Every path prepares a photo with the model's one ``Preprocess``: the tensor path (torchvision.io.decode_jpeg,
+then Pillow's resize arithmetic on tensors and the shared normalisation table) must give exactly the PIL
+path's tensor. On a CPU torchvision and Pillow decode JPEGs identically, so the checks are equalities; a
+GPU's nvJPEG decoder is the one part that may differ (docs/results.md).
 """
 
 from __future__ import annotations
@@ -21,17 +19,17 @@ from PIL import Image
 from fuselabel import Config
 from fuselabel.data import ImageError, build_transform, load_rgb
 from fuselabel.geometry import (
-    Geometry,
     augment_batch,
     center_batch,
-    center_offsets,
     crop_resize,
     normalize,
     random_resized_crop_boxes,
-    resized_hw,
+    resize_crop,
 )
 from fuselabel.gpu_decode import gpu_decode_enabled, iter_uint8, jpeg_frame, nvjpeg_friendly
 from fuselabel.image_cache import CachedRows, ImageCache
+from fuselabel.images import eval_uint8
+from fuselabel.preprocess import Preprocess
 from fuselabel.records import Record, read_records
 
 # torchvision >= 0.29 flags its JPEG codecs as deprecated (TorchCodec); the GPU machine's 0.26 does not
@@ -55,38 +53,85 @@ def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
 
 def _eval_both(records, image_dir, data_config):
     """(tensor-path pixels, PIL-path pixels, present) for ``records`` at the evaluation geometry."""
-    geo = Geometry.from_data_config(data_config)
-    batches = list(
-        iter_uint8(records, image_dir, geo, geo.size, device="cpu", gpu_decode=True, num_workers=0, batch_size=32)
-    )
+    pp = Preprocess.of(data_config)
+    batches = list(iter_uint8(records, image_dir, pp, device="cpu", gpu_decode=True, num_workers=0, batch_size=32))
     pos = torch.cat([b[0] for b in batches])
     assert pos.tolist() == list(range(len(records)))
-    ours = normalize(torch.cat([b[1] for b in batches]), geo.mean, geo.std)
-    tf = build_transform(data_config, train=False)
+    ours = normalize(torch.cat([b[1] for b in batches]), pp)
+    tf = build_transform(pp, train=False)
     ref = torch.stack([tf(load_rgb(image_dir / r.image_id)) for r in records])
     return ours, ref, torch.cat([b[2] for b in batches])
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Geometry, decoding, evaluation preprocessing
+# One preprocessing: resize, crop, normalisation
 
 
 @pytest.mark.parametrize("w,h", [(320, 240), (240, 320), (137, 250), (300, 300), (301, 57)])
 def test_resize_and_crop_geometry_match_torchvision(w, h):
     from torchvision import transforms as T
 
-    img = Image.new("RGB", (w, h))
-    out = T.Resize(73)(img)
-    assert resized_hw(h, w, 73) == (out.height, out.width)
+    pp = Preprocess(size=50, crop_pct=50 / 73)
+    assert pp.resize == 73
+    out = T.Resize(73)(Image.new("RGB", (w, h)))
+    assert pp.resized(w, h) == out.size
     x = torch.arange(h * w, dtype=torch.float32).view(1, h, w)
-    top, left = center_offsets(h, w, 50)
-    assert torch.equal(T.CenterCrop(50)(x), x[:, top : top + 50, left : left + 50])
+    left, top, right, bottom = pp.crop_box(w, h)
+    assert torch.equal(T.CenterCrop(50)(x), x[:, top:bottom, left:right])
 
 
-def test_geometry_from_backbone_config():
-    geo = Geometry.from_data_config(LITE2)
-    assert (geo.size, geo.resize, geo.interpolation) == (260, 292, "bicubic")  # S = round(260 / 0.89)
-    assert Geometry.from_data_config(dict(LITE2, interpolation="random")).interpolation == "bilinear"
+def test_preprocess_from_backbone_config():
+    pp = Preprocess.of(LITE2)
+    assert (pp.size, pp.resize, pp.interpolation, pp.squash) == (260, 292, "bicubic", False)  # S = round(260 / 0.89)
+    assert Preprocess.of(dict(LITE2, interpolation="random")).interpolation == "bicubic"  # timm's evaluation default
+    assert Preprocess.of(dict(LITE2, crop_pct=1.0)).resize == 260
+    assert Preprocess.of(pp) is pp and Preprocess.of(pp.to_config()) == pp
+
+
+def _photo(w: int, h: int, seed: int) -> Image.Image:
+    """Noise over a gradient: every level and sharp edges, so a one-level difference anywhere shows."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, w)[None, :, None] * np.linspace(0.2, 1, h)[:, None, None]
+    noise = rng.integers(-60, 60, (h, w, 3))
+    return Image.fromarray(np.clip(ramp + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("crop_pct", [0.875, 0.89, 1.0])
+def test_tensor_resize_is_the_pil_resize_byte_for_byte(interpolation, crop_pct):
+    """Up and down, wide and tall, both pass orders: geometry.resize_crop gives images.eval_uint8's bytes."""
+    pp = Preprocess(size=61, crop_pct=crop_pct, interpolation=interpolation)
+    for seed, (w, h) in enumerate([(320, 240), (240, 320), (40, 31), (61, 61), (500, 90), (70, 333), (64, 300)]):
+        img = _photo(w, h, seed)
+        x = torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy())
+        for side in (None, pp.resize):
+            assert np.array_equal(resize_crop([x], pp, side)[0].numpy(), eval_uint8(img, pp, side)), (w, h, side)
+
+
+def test_tensor_resize_is_pillows_own_resize():
+    """The pass order and weights are Pillow's: one Image.resize call gives the same bytes."""
+    from fuselabel.geometry import resize_uint8
+
+    for seed, (w, h, new_w, new_h) in enumerate([(100, 50, 130, 30), (100, 50, 80, 40), (497, 392, 498, 179)]):
+        img = _photo(w, h, seed)
+        x = torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy())[None]
+        for name, resample in (("bicubic", Image.BICUBIC), ("bilinear", Image.BILINEAR)):
+            want = np.asarray(img.resize((new_w, new_h), resample)).transpose(2, 0, 1)
+            assert np.array_equal(resize_uint8(x, new_w, new_h, name)[0].numpy(), want), (w, h, new_w, new_h, name)
+
+
+def test_one_normalisation_on_every_path():
+    """Every uint8 level gives the table's value, on the tensor path and the PIL training path alike."""
+    from fuselabel.data import TablePixels
+
+    pp = Preprocess.of(DATA_CONFIG)
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, 3, 1, 256)
+    want = torch.from_numpy(pp.table.copy())
+    assert torch.equal(normalize(levels, pp)[0, :, 0, :], want)
+    assert torch.equal(TablePixels(pp)(levels[0])[:, 0, :], want)
+    scale, shift = 1 / (255 * torch.tensor(pp.std)), -torch.tensor(pp.mean) / torch.tensor(pp.std)
+    fused = torch.arange(256.0)[None, :] * scale[:, None] + shift[:, None]
+    assert not torch.equal(fused, want)  # the multiply-add the table replaces differs in the last bit
 
 
 def test_jpeg_routing_by_frame_header():
@@ -101,7 +146,7 @@ def test_jpeg_routing_by_frame_header():
     assert jpeg_frame(png.getvalue()) is None and jpeg_frame(b"\xff\xd8\xff") is None and jpeg_frame(b"") is None
 
 
-def test_eval_preprocessing_matches_pil_path_on_synthetic_jpegs(tiny_dataset):
+def test_eval_preprocessing_is_the_pil_path_on_synthetic_jpegs(tiny_dataset):
     """Greyscale, CMYK and RGB JPEGs, upscaled 40 -> 73 px then cropped to 64 (bicubic)."""
     image_dir, csv = tiny_dataset
     records = read_records(csv).records
@@ -109,41 +154,41 @@ def test_eval_preprocessing_matches_pil_path_on_synthetic_jpegs(tiny_dataset):
     assert ours.shape == (len(records), 3, 64, 64) and ours.dtype == torch.float32
     assert ours.is_contiguous(memory_format=torch.channels_last)
     assert bool(present.all())
-    diff = (ours - ref).abs()
-    assert diff.mean() < 0.02, diff.mean()
-    assert diff.mean((1, 2, 3)).max() < 0.05
+    assert torch.equal(ours, ref)
 
 
-def test_eval_preprocessing_matches_pil_path_on_course_jpegs():
+def test_eval_preprocessing_is_the_pil_path_on_course_jpegs():
     data = shared_data_or_skip("real JPEGs for the decode comparison")
     records = read_records(data / "train.csv").records[:48]
-    for config in (LITE2, dict(DATA_CONFIG, input_size=[3, 224, 224], interpolation="bilinear")):
+    for config in (
+        LITE2,
+        dict(LITE2, crop_pct=1.0, input_size=[3, 224, 224]),
+        dict(DATA_CONFIG, interpolation="bilinear"),
+    ):
         ours, ref, _ = _eval_both(records, data / "data", config)
-        diff = (ours - ref).abs()
-        assert diff.mean() < 0.02, diff.mean()
-        assert diff.mean((1, 2, 3)).max() < 0.05
+        assert torch.equal(ours, ref)
 
 
-def test_whole_photo_geometry_matches_pil_path(tiny_dataset):
+def test_whole_photo_geometry_is_the_pil_path(tiny_dataset):
     """crop_pct >= 1: no centre crop, the whole photo squashed to the input size, on both paths."""
     image_dir, csv = tiny_dataset
     records = read_records(csv).records[:12]
     config = dict(DATA_CONFIG, crop_pct=1.0)
-    geo = Geometry.from_data_config(config)
-    assert geo.squash and geo.resize == geo.size == 64
+    pp = Preprocess.of(config)
+    assert pp.squash and pp.resize == pp.size == 64
     ours, ref, _ = _eval_both(records, image_dir, config)
-    assert (ours - ref).abs().mean() < 0.02
-    _, pixels, _ = next(iter_uint8(records, image_dir, geo, 64, device="cpu", gpu_decode=False, num_workers=0))
-    torch.testing.assert_close(normalize(pixels, geo.mean, geo.std), ref, atol=1e-5, rtol=0)
+    assert torch.equal(ours, ref)
+    _, pixels, _ = next(iter_uint8(records, image_dir, pp, device="cpu", gpu_decode=False, num_workers=0))
+    assert torch.equal(normalize(pixels, pp), ref)
 
 
 def test_pil_worker_mode_is_the_pil_path_exactly(tiny_dataset):
     image_dir, csv = tiny_dataset
     records = read_records(csv).records[:10]
-    geo = Geometry.from_data_config(DATA_CONFIG)
-    _, pixels, _ = next(iter_uint8(records, image_dir, geo, geo.size, device="cpu", gpu_decode=False, num_workers=0))
-    ref = torch.stack([build_transform(DATA_CONFIG, train=False)(load_rgb(image_dir / r.image_id)) for r in records])
-    torch.testing.assert_close(normalize(pixels, geo.mean, geo.std), ref, atol=1e-5, rtol=0)
+    pp = Preprocess.of(DATA_CONFIG)
+    _, pixels, _ = next(iter_uint8(records, image_dir, pp, device="cpu", gpu_decode=False, num_workers=0))
+    ref = torch.stack([build_transform(pp, train=False)(load_rgb(image_dir / r.image_id)) for r in records])
+    assert torch.equal(normalize(pixels, pp), ref)
 
 
 def test_unusable_images_follow_the_missing_images_policy(tmp_path):
@@ -155,28 +200,20 @@ def test_unusable_images_follow_the_missing_images_policy(tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
     names = ["ok.jpg", "png.jpg", "broken.jpg", "junk.jpg", "missing.jpg"]
     records = [Record(n, f"caption {i}", (), i + 2) for i, n in enumerate(names)]
-    geo = Geometry.from_data_config(DATA_CONFIG)
+    pp = Preprocess.of(DATA_CONFIG)
     _, pixels, present = next(
-        iter_uint8(
-            records, tmp_path, geo, 64, device="cpu", gpu_decode=True, num_workers=0, missing_images="caption_only"
-        )
+        iter_uint8(records, tmp_path, pp, device="cpu", gpu_decode=True, num_workers=0, missing_images="caption_only")
     )
     assert present.tolist() == [1, 1, 0, 0, 0]
     assert pixels[2:].eq(0).all() and pixels[:2].float().mean() > 10
     tf = build_transform(DATA_CONFIG, train=False)
-    # the PNG is decoded by PIL in the worker, then resized like every other image (tensor resize: close, not equal)
-    assert (normalize(pixels[1:2], geo.mean, geo.std) - tf(load_rgb(tmp_path / "png.jpg"))).abs().mean() < 0.05
+    # the PNG is decoded by PIL in the worker, then resized like every other image
+    assert torch.equal(normalize(pixels[1:2], pp)[0], tf(load_rgb(tmp_path / "png.jpg")))
     for bad, line in (("broken.jpg", 4), ("missing.jpg", 6)):
         with pytest.raises(ImageError, match=rf"{bad}.*CSV line {line}"):
             list(
                 iter_uint8(
-                    [records[0], records[names.index(bad)]],
-                    tmp_path,
-                    geo,
-                    64,
-                    device="cpu",
-                    gpu_decode=True,
-                    num_workers=0,
+                    [records[0], records[names.index(bad)]], tmp_path, pp, device="cpu", gpu_decode=True, num_workers=0
                 )
             )
 
@@ -225,23 +262,28 @@ def test_crop_resize_is_exact_on_whole_pixel_boxes():
 def test_augment_batch_shapes_flips_and_differences():
     g = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (64, 3, 36, 36), dtype=torch.uint8)
-    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    x, boxes, flips = augment_batch(images, 32, mean, std, generator=g, return_params=True)
+    pp = Preprocess(size=32, crop_pct=32 / 36, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    x, boxes, flips = augment_batch(images, pp, generator=g, return_params=True)
     assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert 10 < int(flips.sum()) < 54  # flips are drawn per sample
     assert len(torch.unique(boxes.round(), dim=0)) == 64
     # with the whole image as the only crop, each output is the normalised image or its mirror, as flips says
     x, boxes, flips = augment_batch(
-        images, 36, mean, std, generator=g, scale=(1.0, 1.0), ratio=(1.0, 1.0), return_params=True
+        images,
+        Preprocess(36, 1.0, mean=pp.mean, std=pp.std),
+        generator=g,
+        scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        return_params=True,
     )
-    plain = normalize(images, mean, std)
+    plain = normalize(images, pp)
     for i in range(64):
         expected = plain[i].flip(-1) if flips[i] else plain[i]
-        torch.testing.assert_close(x[i], expected, atol=1e-4, rtol=0)
+        assert torch.equal(x[i], expected)
     assert 0 < int(flips.sum()) < 64
-    centre = center_batch(images, 32, mean, std)
-    torch.testing.assert_close(centre, plain[:, :, 2:34, 2:34])
+    centre = center_batch(images, pp)
+    assert torch.equal(centre, plain[:, :, 2:34, 2:34])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,7 +317,7 @@ def test_image_cache_build_and_batches(tiny_dataset, monkeypatch, decode):
     assert ev.shape == (3, 3, 64, 64) and ev[1].eq(0).all()
     tf = build_transform(DATA_CONFIG, train=False)
     ref = tf(load_rgb(image_dir / records[7].image_id))
-    assert (ev[2] - ref).abs().mean() < 0.02  # cache -> centre crop ~ the PIL eval path
+    assert torch.equal(ev[2], ref)  # cache -> centre crop: the PIL eval path's tensor
     tr1 = cache.materialize(batch, train=True)["pixels"]
     tr2 = cache.materialize(batch, train=True)["pixels"]
     assert tr1.shape == (3, 3, 64, 64) and not torch.equal(tr1[0], tr2[0])  # fresh crops every batch
@@ -333,7 +375,6 @@ def test_photos_stored_turned_are_not_sent_to_the_device_decoder(tmp_path):
     """nvJPEG ignores EXIF: a JPEG with an orientation tag is decoded by PIL (upright), the rest go as bytes."""
     from PIL import Image
 
-    from fuselabel.geometry import Geometry
     from fuselabel.gpu_decode import _ReadDataset
     from fuselabel.records import Record
 
@@ -343,8 +384,7 @@ def test_photos_stored_turned_are_not_sent_to_the_device_decoder(tmp_path):
     exif[0x0112] = 6  # stored turned: shown rotated 90 degrees
     img.save(tmp_path / "turned.jpg", "JPEG", exif=exif.tobytes())
     records = [Record("plain.jpg", "", (), 1), Record("turned.jpg", "", (), 2)]
-    geometry = Geometry(size=32, resize=32, mean=(0.5,) * 3, std=(0.5,) * 3, squash=True)
-    ds = _ReadDataset(records, tmp_path, "bytes", geometry, 32)
+    ds = _ReadDataset(records, tmp_path, "bytes", Preprocess(32, 1.0), 32)
     plain, turned = ds[0], ds[1]
     assert plain["data"] is not None and plain["pixels"] is None
     assert turned["data"] is None and turned["pixels"].shape[1:] == (60, 40)  # upright: 40 wide, 60 high

@@ -13,6 +13,7 @@ ORDER = [
     "config",
     "textfile",
     "records",
+    "preprocess",
     "images",
     "labels",
     "table_formats",

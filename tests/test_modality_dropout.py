@@ -150,7 +150,7 @@ def test_early_fusion_ignores_hidden_inputs():
 def _fit_losses(kind: str, share: float) -> list[float]:
     L.seed_everything(0, verbose=False)
     module = _module(kind, share)
-    module.set_frozen(True)
+    module.set_trainable(image=False, text=False)
     seen: list[float] = []
 
     class Log(L.Callback):

@@ -127,7 +127,7 @@ def test_training_steps_reduce_loss(regime, kind, combine, tokenizer, tiny, sess
         assert ("pixels" in batch) == config.uses_image and ("input_ids" in batch) == config.uses_text
 
     module = FuseLabelModule(net, config)
-    module.set_frozen(regime == "frozen")
+    module.set_trainable(image=regime != "frozen", text=regime != "frozen")
     encoders = [e for e in (net.image_encoder, net.text_encoder) if e is not None]
     before = {id(e): [p.detach().clone() for p in e.parameters()][:3] for e in encoders}
 

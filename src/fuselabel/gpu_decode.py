@@ -2,7 +2,7 @@
 
 DataLoader workers only read file bytes; JPEGs are decoded in batches with nvJPEG
 (``torchvision.io.decode_jpeg(list, device="cuda")``), resized on the device (antialiased) and
-centre-cropped (fuselabel.geometry). Files nvJPEG should not take (not a JPEG, CMYK/YCCK,
+cropped (fuselabel.geometry.resize_crop, the PIL path's own arithmetic). Files nvJPEG should not take (not a JPEG, CMYK/YCCK,
 arithmetic coding) are decoded with PIL in the worker; files it fails on fall back to PIL one by
 one; missing or unreadable files follow the ``missing_images`` policy exactly like the PIL path.
 
@@ -24,8 +24,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data import ImageError, default_workers
-from .geometry import Geometry, resize_center_crop
-from .images import exif_orientation
+from .geometry import resize_crop
+from .images import eval_uint8, exif_orientation
+from .preprocess import Preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -86,19 +87,14 @@ class _ReadDataset(Dataset):
     """What a worker does per row: read the bytes (``mode="bytes"``) or decode and crop with PIL (``"pil"``).
 
     bytes mode returns the raw file for nvJPEG when it can take it, else the full-size PIL decode.
-    pil mode returns uint8 at the final geometry (resize ``resize``, centre crop ``crop``).
+    pil mode returns uint8 ``side`` x ``side`` (``images.eval_uint8``).
     Errors travel back as strings; the main process applies the missing-images policy. Items hold
     bytes and numpy arrays, not tensors: a batch of tensors would cost one shared-memory file each.
     """
 
-    def __init__(self, records, image_dir, mode: str, geometry: Geometry, crop: int):
-        self.records, self.image_dir, self.mode, self.geometry, self.crop = (
-            list(records),
-            Path(image_dir),
-            mode,
-            geometry,
-            crop,
-        )
+    def __init__(self, records, image_dir, mode: str, preprocess: Preprocess, side: int):
+        self.records, self.image_dir, self.mode = list(records), Path(image_dir), mode
+        self.preprocess, self.side = preprocess, side
 
     def __len__(self) -> int:
         return len(self.records)
@@ -121,19 +117,9 @@ class _ReadDataset(Dataset):
         try:
             img = _pil_rgb(data)
             if self.mode == "pil":
-                from torchvision import transforms as T
-
-                interp = (
-                    T.InterpolationMode.BICUBIC
-                    if self.geometry.interpolation == "bicubic"
-                    else T.InterpolationMode.BILINEAR
-                )
-                if self.geometry.squash:
-                    img = T.Resize((self.crop, self.crop), interpolation=interp)(img)
-                else:
-                    img = T.CenterCrop(self.crop)(T.Resize(self.geometry.resize, interpolation=interp)(img))
-                item["final"] = True
-            item["pixels"] = _pil_to_chw(img)
+                item["pixels"], item["final"] = eval_uint8(img, self.preprocess, self.side), True
+            else:
+                item["pixels"] = _pil_to_chw(img)
         except Exception as err:  # PIL raises several types for a broken file
             item["error"] = f"unreadable ({err})"
         return item
@@ -208,11 +194,38 @@ def _policy_error(record, image_dir, reason: str) -> ImageError:
     )
 
 
+def _decode_bytes(items: list[dict], device: torch.device) -> None:
+    """Items that came as JPEG bytes get their pixels decoded on ``device`` (PIL where that fails)."""
+    jpegs = [it for it in items if it["data"] is not None]
+    datas = [torch.frombuffer(bytearray(it["data"]), dtype=torch.uint8) for it in jpegs]
+    for it, img in zip(jpegs, _decode(datas, device)):
+        if img is None:  # nvJPEG refused it: PIL, in this process (rare)
+            try:
+                img = _pil_to_chw(_pil_rgb(it["data"]))
+            except Exception as err:
+                it["error"] = f"unreadable ({err})"
+        it["pixels"] = img
+
+
+def _batch_pixels(batch: dict, preprocess: Preprocess, side: int, device: torch.device) -> torch.Tensor:
+    """uint8 (B, 3, side, side): the workers' finished crops, and the rest resized and cropped on ``device``."""
+    items, final = batch["items"], batch["final"]
+    out = torch.zeros((len(items), 3, side, side), dtype=torch.uint8, device=device)
+    if final:
+        out[final] = batch["pixels"].to(device, non_blocking=True)
+    done = set(final)
+    todo = [k for k, it in enumerate(items) if it["error"] is None and k not in done]
+    if todo:
+        pixels = [torch.as_tensor(items[k]["pixels"]).to(device, non_blocking=True) for k in todo]
+        out[todo] = resize_crop(pixels, preprocess, side)
+    return out
+
+
 def iter_uint8(
     records,
     image_dir,
-    geometry: Geometry,
-    crop: int,
+    preprocess: Preprocess | dict,
+    side: int | None = None,
     *,
     device,
     gpu_decode: bool,
@@ -220,16 +233,18 @@ def iter_uint8(
     batch_size: int = 256,
     missing_images: str = "error",
 ):
-    """Yield (positions (B,) int64, pixels uint8 (B, 3, crop, crop) on ``device``, present float32 (B,)) in row order.
+    """Yield (positions (B,) int64, pixels uint8 (B, 3, side, side) on ``device``, present float32 (B,)) in row order.
 
     ``gpu_decode``: workers read bytes and JPEGs are decoded on ``device`` (nvJPEG on CUDA); else
-    workers decode, resize and crop with PIL. Either way the pixels follow the evaluation geometry
-    (short side ``geometry.resize``, centre crop ``crop``; or squashed whole to ``crop``). Unusable
-    images raise ImageError, or with ``missing_images="caption_only"`` come back as zeros, present 0.
+    workers decode, resize and crop with PIL. Either way the pixels are ``images.eval_uint8``'s for
+    ``side`` (default the input side; see ``Preprocess.crop_box``). Unusable images raise ImageError,
+    or with ``missing_images="caption_only"`` come back as zeros, present 0.
     """
     device = torch.device(device)
+    preprocess = Preprocess.of(preprocess)
+    side = side or preprocess.size
     records = list(records)
-    ds = _ReadDataset(records, image_dir, "bytes" if gpu_decode else "pil", geometry, crop)
+    ds = _ReadDataset(records, image_dir, "bytes" if gpu_decode else "pil", preprocess, side)
     workers = default_workers(num_workers)
     loader = DataLoader(
         ds,
@@ -239,30 +254,10 @@ def iter_uint8(
         prefetch_factor=4 if workers > 0 else None,
     )
     for batch in loader:
-        items, final = batch["items"], batch["final"]
-        jpegs = [it for it in items if it["data"] is not None]
-        datas = [torch.frombuffer(bytearray(it["data"]), dtype=torch.uint8) for it in jpegs]
-        for it, img in zip(jpegs, _decode(datas, device)):
-            if img is None:  # nvJPEG refused it: PIL, in this process (rare)
-                try:
-                    img = _pil_to_chw(_pil_rgb(it["data"]))
-                except Exception as err:
-                    it["error"] = f"unreadable ({err})"
-            it["pixels"] = img
-        out = torch.zeros((len(items), 3, crop, crop), dtype=torch.uint8, device=device)
+        items = batch["items"]
+        _decode_bytes(items, device)
+        out = _batch_pixels(batch, preprocess, side, device)
         present = torch.ones(len(items), dtype=torch.float32)
-        done = set(final)
-        todo = [k for k, it in enumerate(items) if it["error"] is None and k not in done]
-        if final:
-            out[final] = batch["pixels"].to(device, non_blocking=True)
-        if todo:
-            out[todo] = resize_center_crop(
-                [torch.as_tensor(items[k]["pixels"]).to(device, non_blocking=True) for k in todo],
-                geometry.resize,
-                crop,
-                geometry.interpolation,
-                geometry.squash,
-            )
         for k, it in enumerate(items):
             if it["error"] is not None:
                 if missing_images != "caption_only":

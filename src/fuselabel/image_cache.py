@@ -1,9 +1,9 @@
 """The device image cache for fine-tuning (``image_cache="memory"``): decode every image once, augment on the device.
 
-Every image is decoded once (fuselabel.gpu_decode), resized so its short side is
-``S = round(input_size / crop_pct)`` and centre-cropped to ``S x S`` uint8, and kept on the GPU (or
-in pinned host memory when the GPU has no room); with crop_pct >= 1 the whole photo is squashed to
-``input_size`` instead, as data.build_transform does. The DataLoader then yields only row indices
+Every image is decoded once (fuselabel.gpu_decode), resized as the model's ``Preprocess`` says (short
+side ``S = Preprocess.resize``) and cropped to ``S x S`` uint8 around the evaluation crop, and kept on
+the GPU (or in pinned host memory when the GPU has no room); with crop_pct >= 1 the whole photo is
+squashed to the input size instead, as everywhere else. The DataLoader then yields only row indices
 and tokenised captions; ``FuseLabelModule.on_after_batch_transfer`` turns the indices into pixels
 on the device (fuselabel.geometry.augment_batch for training rows, the evaluation centre crop for
 validation rows).
@@ -17,12 +17,13 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .data import TextCollate, default_workers, single_process
-from .geometry import Geometry, augment_batch, center_batch
+from .data import default_workers, fit_loaders, single_process
+from .geometry import augment_batch, center_batch
 from .gpu_decode import gpu_decode_enabled, iter_uint8
+from .preprocess import Preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +31,14 @@ CACHE_AUGMENTS = ("seed", "none")  # augmentations the cache path reproduces; ot
 
 
 class ImageCache:
-    """Every row's image as uint8 (n, 3, S, S), on the GPU or in (pinned) host memory, plus ``present`` (n,)."""
+    """Every row's image as uint8 (n, 3, S, S), on the GPU or in (pinned) host memory, plus ``present`` (n,),
+    the ``Preprocess`` that made them, and the augmentation to apply (``augment``, seeded by ``seed``)."""
 
     def __init__(
-        self, images: torch.Tensor, present: np.ndarray, geometry: Geometry, augment: str = "seed", seed: int = 0
+        self, images: torch.Tensor, present: np.ndarray, preprocess: Preprocess, augment: str = "seed", seed: int = 0
     ):
-        self.images, self.present, self.geometry, self.augment, self.seed = images, present, geometry, augment, seed
+        self.images, self.present, self.augment, self.seed = images, present, augment, seed
+        self.preprocess = preprocess
         self.all_present = bool(np.all(present > 0))  # then batches need no masking (and no device sync)
         self._generators: dict[str, torch.Generator] = {}
 
@@ -53,7 +56,7 @@ class ImageCache:
         cls,
         records,
         image_dir,
-        data_config,
+        preprocess: Preprocess | dict,
         *,
         device,
         gpu_decode: bool = True,
@@ -66,8 +69,8 @@ class ImageCache:
         place: torch.device | None = None,
     ) -> ImageCache:
         device = torch.device(device)
-        geo = Geometry.from_data_config(data_config)
-        n, side = len(records), geo.resize
+        preprocess = Preprocess.of(preprocess)
+        n, side = len(records), preprocess.resize
         where = place if place is not None else cls.placement(n, side, device)
         images = torch.empty(
             (n, 3, side, side),
@@ -82,7 +85,7 @@ class ImageCache:
         for pos, pixels, pres in iter_uint8(
             records,
             image_dir,
-            geo,
+            preprocess,
             side,
             device=device,
             gpu_decode=use_gpu,
@@ -106,7 +109,7 @@ class ImageCache:
             decoder,
             time.perf_counter() - start,
         )
-        return cls(images, present, geo, augment, seed)
+        return cls(images, present, preprocess, augment, seed)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -125,10 +128,9 @@ class ImageCache:
 
     def pixels(self, index: torch.Tensor, train: bool, device=None) -> torch.Tensor:
         images = self.take(index, device)
-        g = self.geometry
         if train and self.augment != "none":
-            return augment_batch(images, g.size, g.mean, g.std, generator=self._generator(images.device))
-        return center_batch(images, g.size, g.mean, g.std)
+            return augment_batch(images, self.preprocess, generator=self._generator(images.device))
+        return center_batch(images, self.preprocess)
 
     def materialize(self, batch: dict, train: bool) -> dict:
         """``batch`` with ``pixels`` made from its ``cache_index`` on the batch's device (rows without an image: 0)."""
@@ -140,23 +142,6 @@ class ImageCache:
         batch = dict(batch)
         batch["pixels"] = pixels
         return batch
-
-    def with_pixels(self, loader, device) -> PixelBatches:
-        """Evaluation batches of ``loader`` moved to ``device`` with pixels, for loops outside Lightning."""
-        return PixelBatches(loader, self, torch.device(device))
-
-
-class PixelBatches:
-    def __init__(self, loader, cache: ImageCache, device: torch.device):
-        self.loader, self.cache, self.device = loader, cache, device
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for batch in self.loader:
-            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            yield self.cache.materialize(batch, train=False)
 
 
 class CachedRows(Dataset):
@@ -195,7 +180,7 @@ def cache_supported(config, net) -> bool:
 
 
 def cached_loaders(
-    config, net, tokenizer, data_config, records, labels, train_idx, val_idx, image_dir, device, sampler=None
+    config, net, tokenizer, preprocess, records, labels, train_idx, val_idx, image_dir, device, sampler=None
 ):
     """The fine-tuning loaders of ``train._loaders`` when ``image_cache="memory"``: index + caption batches.
 
@@ -209,7 +194,7 @@ def cached_loaders(
     cache = ImageCache.build(
         records,
         image_dir,
-        data_config,
+        preprocess,
         device=device,
         gpu_decode=getattr(config, "gpu_decode", True),
         num_workers=config.num_workers,
@@ -220,26 +205,7 @@ def cached_loaders(
     )
     if device.type == "cuda":
         net.image_encoder.to(memory_format=torch.channels_last)
-    collate = TextCollate(tokenizer, config.text_max_length)
-    dropout = getattr(config, "word_dropout", 0.0)
-    train_collate = (
-        TextCollate(tokenizer, config.text_max_length, word_dropout=dropout, seed=config.seed)
-        if dropout > 0
-        else collate
-    )
     train_ds = CachedRows(train_idx, records, labels, cache)
     val_ds = CachedRows(val_idx, records, labels, cache)
     workers = min(default_workers(config.num_workers), 4)  # only tokenising is left for them
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    return (
-        DataLoader(
-            train_ds,
-            batch_size=config.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            drop_last=len(train_ds) > config.batch_size,
-            collate_fn=train_collate,
-            **common,
-        ),
-        DataLoader(val_ds, batch_size=config.batch_size * 2, collate_fn=collate, **common),
-    )
+    return fit_loaders(config, tokenizer, train_ds, val_ds, workers=workers, device=device, sampler=sampler)

@@ -17,10 +17,13 @@ from typing import Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .preprocess import Preprocess, columns_first
+
 ImageInput = Union[str, PathLike, bytes, Image.Image, np.ndarray, None]
 # What a photo is decoded for: the encoder's input side (int), a (width, height) box, or the encoder's
-# data config (``input_size``, ``crop_pct``); None decodes every pixel.
-DecodeTarget = Union[int, tuple, list, dict, None]
+# preprocessing (a Preprocess or its data config); None decodes every pixel.
+DecodeTarget = Union[int, tuple, list, dict, Preprocess, None]
+_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 # A large photo is decoded (JPEG: DCT scaling) or reduced (other formats: integer box averaging) only
 # down to twice the size the evaluation resize needs, and that resize does the rest. This is Pillow's
@@ -161,14 +164,12 @@ def exif_orientation(data: bytes) -> int:
 def decode_box(target: DecodeTarget) -> tuple[int, int] | None:
     """The smallest upright (width, height) a photo may be decoded at for ``target`` (see DecodeTarget).
 
-    For a data config: with ``crop_pct >= 1`` the whole photo is squashed to size x size, so each side
-    must stay >= size; otherwise the short side is resized to size / crop_pct before the centre crop,
-    so both sides must stay >= that.
+    For the preprocessing both sides must stay >= its ``resize`` side.
     """
     if target is None:
         return None
-    if isinstance(target, dict):
-        side = resize_side(target)
+    if isinstance(target, (dict, Preprocess)):
+        side = Preprocess.of(target).resize
         return side, side
     if isinstance(target, (tuple, list)):
         return max(1, int(target[0])), max(1, int(target[1]))
@@ -344,57 +345,38 @@ def open_image(
         return None, str(err)
 
 
-def eval_pixels(img: Image.Image, data_config: dict) -> np.ndarray:
-    """The encoder's input at evaluation: (3, H, W) float32, normalised, from one RGB image.
+def eval_pixels(img: Image.Image, preprocess: Preprocess | dict) -> np.ndarray:
+    """The encoder's input at evaluation: (3, H, W) float32, normalised, from one RGB image."""
+    preprocess = Preprocess.of(preprocess)
+    return normalise(eval_uint8(img, preprocess), preprocess.table)
 
-    ``crop_pct >= 1`` squashes the whole photo to a square (an object at the edge still counts
-    in multi-label data); otherwise the short side is resized and the centre cropped, as the
-    backbone was evaluated. Same arithmetic as torchvision's Resize / CenterCrop on PIL images.
+
+def eval_uint8(img: Image.Image, preprocess: Preprocess | dict, side: int | None = None) -> np.ndarray:
+    """The resized, cropped photo of :func:`eval_pixels` before normalisation: (3, side, side) uint8.
+
+    ``side`` (default the input side) is the square kept (see ``Preprocess.crop_box``). The resize is
+    Pillow's, one pass at a time in the order ``preprocess.columns_first`` gives, so the result does not
+    depend on the Pillow version and ``geometry.resize_crop`` can repeat its integer arithmetic exactly
+    on a device.
     """
-    return normalise(eval_uint8(img, data_config), pixel_table(data_config))
-
-
-def resize_side(data_config: dict) -> int:
-    """The side the evaluation resize makes: the input size for a squashed whole photo (``crop_pct >= 1``),
-    else the short side before the centre crop (size / crop_pct). Decoding never goes below it."""
-    size = int(data_config["input_size"][-1])
-    crop_pct = data_config.get("crop_pct", 0.875)
-    return size if crop_pct >= 1.0 else int(round(size / crop_pct))
-
-
-def eval_uint8(img: Image.Image, data_config: dict) -> np.ndarray:
-    """The resized, cropped photo of :func:`eval_pixels` before normalisation: (3, H, W) uint8."""
-    size = data_config["input_size"][-1]
-    resample = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST}.get(
-        data_config.get("interpolation", "bicubic"), Image.BICUBIC
-    )
-    short = resize_side(data_config)
-    if data_config.get("crop_pct", 0.875) >= 1.0:
-        img = img.resize((size, size), resample)
-    else:
-        w, h = img.size
-        if w <= h:
-            new_w, new_h = short, int(short * h / w)
-        else:
-            new_w, new_h = int(short * w / h), short
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), resample)
-        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-        img = img.crop((left, top, left + size, top + size))
+    preprocess = Preprocess.of(preprocess)
+    new_w, new_h = preprocess.resized(*img.size)
+    resample = _FILTERS[preprocess.interpolation]
+    if columns_first(img.width, img.height, new_w, new_h):
+        img = img.resize((img.width, new_h), resample)
+    if new_w != img.width:
+        img = img.resize((new_w, img.height), resample)
+    if new_h != img.height:
+        img = img.resize((new_w, new_h), resample)
+    left, top, right, bottom = preprocess.crop_box(new_w, new_h, side)
+    if (left, top, right, bottom) != (0, 0, new_w, new_h):
+        img = img.crop((left, top, right, bottom))
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def pixel_table(data_config: dict) -> np.ndarray:
-    """(3, 256) float32: each channel's normalised value of every uint8 level.
-
-    Computed with the float32 arithmetic of ``(x / 255 - mean) / std``, so looking pixels up gives
-    exactly those numbers; a fused multiply-add (``x * a + b``) differs in the last bit for about
-    four levels in ten.
-    """
-    levels = np.arange(256, dtype=np.float32)[:, None] / 255.0
-    mean = np.asarray(data_config["mean"], dtype=np.float32)
-    std = np.asarray(data_config["std"], dtype=np.float32)
-    return np.ascontiguousarray(((levels - mean) / std).T)
+def pixel_table(preprocess: Preprocess | dict) -> np.ndarray:
+    """(3, 256) float32: each channel's normalised value of every uint8 level (``Preprocess.table``)."""
+    return Preprocess.of(preprocess).table
 
 
 def normalise(pixels: np.ndarray, table: np.ndarray) -> np.ndarray:

@@ -70,10 +70,6 @@ class FuseLabelModule(L.LightningModule):
             if enc is not None:
                 enc.requires_grad_(self.trainable[name])
 
-    def set_frozen(self, frozen: bool) -> None:
-        """Both encoders frozen (the frozen regime) or both trained (finetune)."""
-        self.set_trainable(image=not frozen, text=not frozen)
-
     @property
     def frozen_encoders(self) -> list[str]:
         return [

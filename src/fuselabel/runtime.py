@@ -28,6 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from .images import ImageError, ImageInput, eval_uint8, normalise, open_image, pixel_table
+from .preprocess import Preprocess
 from .thresholds import apply_argmax, apply_thresholds
 
 log = logging.getLogger(__name__)
@@ -191,23 +192,16 @@ def _workers(workers: int | None) -> int:
     return usable_cores() if workers is None else max(1, workers)
 
 
-def read_photos(
-    images: Sequence[ImageInput], image_dir, data_config: dict, workers: int | None = None
-) -> tuple[list, list[str | None]]:
-    """Decoded, preprocessed photos (None where unusable) and why each unusable one is."""
-    pixels, errors = read_photos_uint8(images, image_dir, data_config, workers)
-    table = pixel_table(data_config)
-    return [normalise(p, table) if p is not None else None for p in pixels], errors
-
-
 def read_photos_uint8(
     images: Sequence[ImageInput], image_dir, data_config: dict, workers: int | None = 1
 ) -> tuple[list, list[str | None]]:
     """Decoded photos as the encoder's (3, H, W) uint8 pixels (None where unusable), and why each unusable one is."""
 
+    preprocess = Preprocess.of(data_config)
+
     def one(item):
-        img, err = open_image(item, image_dir, size=data_config)  # no more pixels than the encoder uses
-        return (eval_uint8(img, data_config), None) if img is not None else (None, err)
+        img, err = open_image(item, image_dir, size=preprocess)  # no more pixels than the encoder uses
+        return (eval_uint8(img, preprocess), None) if img is not None else (None, err)
 
     workers = _workers(workers)
     if workers > 1 and len(images) > 1:

@@ -30,10 +30,12 @@ from .data import (
     TextCollate,
     build_transform,
     default_workers,
+    fit_loaders,
     make_sampler,
     oversampling_weights,
     single_process,
     stratified_split,
+    training_loader,
 )
 from .encoders import choose_text_length, create_tokenizer, image_data_config, text_length_limit, token_counts
 from .features import frozen_features
@@ -470,14 +472,7 @@ def _loaders(config, regime, net, tokenizer, data_config, records, labels, train
             batches = LengthGroupedBatchSampler(lengths, config.batch_size, config.seed, weights)
             train_loader = DataLoader(train_ds, batch_sampler=batches, collate_fn=train_collate)
         else:
-            train_loader = DataLoader(
-                train_ds,
-                batch_size=config.batch_size,
-                shuffle=sampler is None,
-                sampler=sampler,
-                drop_last=len(train_ds) > config.batch_size,
-                collate_fn=train_collate,
-            )
+            train_loader = training_loader(train_ds, config, train_collate, sampler)
         return train_loader, DataLoader(val_ds, batch_size=1024 if not text_trains else 256, collate_fn=collate)
     # The device image cache: decode every image once, augment on the device (PIL workers are the bottleneck).
     from .image_cache import cache_supported, cached_loaders
@@ -486,7 +481,6 @@ def _loaders(config, regime, net, tokenizer, data_config, records, labels, train
         return cached_loaders(
             config, net, tokenizer, data_config, records, labels, train_idx, val_idx, image_dir, device, sampler
         )
-    collate = TextCollate(tokenizer, config.text_max_length)
     load_images = net.image_encoder is not None
     train_tf = build_transform(data_config, True, config.augment) if load_images else None
     val_tf = build_transform(data_config, False) if load_images else None
@@ -496,20 +490,7 @@ def _loaders(config, regime, net, tokenizer, data_config, records, labels, train
     val_ds = PairDataset(
         [records[i] for i in val_idx], image_dir, val_tf, labels[val_idx], config.missing_images, load_images
     )
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    train_collate = TextCollate(tokenizer, config.text_max_length, config.word_dropout, config.seed)
-    return (
-        DataLoader(
-            train_ds,
-            batch_size=config.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            drop_last=len(train_ds) > config.batch_size,
-            collate_fn=train_collate,
-            **common,
-        ),
-        DataLoader(val_ds, batch_size=config.batch_size * 2, collate_fn=collate, **common),
-    )
+    return fit_loaders(config, tokenizer, train_ds, val_ds, workers=workers, device=device, sampler=sampler)
 
 
 @contextlib.contextmanager
