@@ -170,8 +170,6 @@ def _save_bundle(out: Path, bundle: Bundle, extra_files) -> int:
         if bundle.net.text_encoder is not None:
             bundle.net.text_encoder.backbone.config.save_pretrained(tmp / "text")
             bundle.tokenizer.save_pretrained(tmp / "text")
-        for name, data in bundle.extra.items():
-            _write_json(tmp / name, data)
         for name, src in (extra_files or {}).items():
             if src and Path(src).exists():
                 shutil.copyfile(src, tmp / name)
@@ -185,6 +183,8 @@ def _save_bundle(out: Path, bundle: Bundle, extra_files) -> int:
             if type(err).__name__ != "SafetensorError":
                 raise
             raise OSError(errno.EIO, f"cannot write the weights ({err})", str(out / WEIGHTS)) from err
+        for name, data in bundle.extra.items():  # last, so that a callable (metrics with timings) can time the rest
+            _write_json(tmp / name, data() if callable(data) else data)
         _write_json(tmp / CHECKSUMS, {name: _sha256(tmp / name) for name in _files_of(tmp)})
         size = folder_size(tmp)
         if size > cfg.max_size_mb * 1e6:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .writers import atomic_path, file_lock, fsync_dir
+from .writers import file_lock, fsync_dir
 
 try:
     import fcntl
@@ -91,11 +91,6 @@ def pause_for_test(stage: str) -> None:
 
 def temporary_name(prefix: str = TMP_PREFIX) -> str:
     return f"{prefix}{uuid.uuid4().hex[:16]}"
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 @contextlib.contextmanager

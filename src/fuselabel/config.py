@@ -135,6 +135,8 @@ class Config:
     cache_dir: Optional[str] = runtime(None)  # frozen-feature cache; None = ~/.cache/fuselabel
     image_cache: Literal["none", "memory"] = runtime("none")  # finetune: decode each photo once, augment on device
     gpu_decode: bool = runtime(True)  # on a GPU, decode JPEGs with nvJPEG; False = PIL workers
+    logger: Literal["none", "csv", "tensorboard", "mlflow"] = runtime("none")  # experiment tracker of the run
+    log_dir: Optional[str] = runtime(None)  # where the tracker writes; None = OUT.logs beside the model
 
     @field_validator("image_size", "image_crop_pct", mode="before")
     @classmethod
@@ -375,6 +377,8 @@ HELP: dict[str, str] = {
     "$XDG_CACHE_HOME/fuselabel, else ~/.cache/fuselabel)",
     "image_cache": "finetune: none | memory (decode each photo once, augment on the device)",
     "gpu_decode": "on a GPU, decode JPEGs with nvJPEG for the image cache",
+    "logger": "experiment tracker the run's losses and validation mean F1 go to: none | csv | tensorboard | mlflow",
+    "log_dir": "folder the tracker writes to (none: OUT.logs beside the model folder)",
 }
 
 

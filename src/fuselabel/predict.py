@@ -21,18 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import fsync_dir, pause_for_test, write_atomic
+from .cache import pause_for_test
 from .images import ImageError
 from .runtime import STATUSES, WINDOW, Prediction
 from .tables import Columns, read_table
 from .writers import (
     atomic_path,
     atomic_write_text,
+    fsync_dir,
     output_format,
     probability_lines,
     submission_lines,
     table_prediction_lines,
     table_probability_lines,
+    write_atomic,
     write_table_lines,
 )
 

@@ -32,6 +32,7 @@ __all__ = [
     "fsync_dir",
     "file_lock",
     "atomic_write_text",
+    "write_atomic",
     "ordinary_permissions",
     "output_format",
     "table_prediction_lines",
@@ -118,6 +119,12 @@ def ordinary_permissions(path: str | os.PathLike[str]) -> None:
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
         if not p.is_symlink():
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], lines: Iterable[str]) -> None:
