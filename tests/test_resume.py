@@ -199,12 +199,12 @@ def test_resume_refuses_a_run_with_other_settings(root, reference, capsys):
     import fuselabel.train as train_module
 
     computed = []
-    real_loaders = train_module._loaders
-    train_module._loaders = lambda *a, **k: computed.append(1) or real_loaders(*a, **k)
+    real_loaders = train_module.make_loaders
+    train_module.make_loaders = lambda *a, **k: computed.append(1) or real_loaders(*a, **k)
     try:
         code = main([*args, "--lr", "0.5", "--resume"])
     finally:
-        train_module._loaders = real_loaders
+        train_module.make_loaders = real_loaders
     err = capsys.readouterr().err
     assert code == 2 and "cannot resume" in err and "lr" in err and "Traceback" not in err
     assert not computed  # refused before any feature was computed
