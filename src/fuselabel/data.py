@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from .images import ImageError, eval_pixels, load_rgb, resolve_image
 
@@ -237,6 +237,20 @@ def oversampling_weights(label_matrix: np.ndarray, power: float = 0.5) -> np.nda
     inv[inv == 0] = 1.0 / freq.max()
     weights = inv**power
     return weights / weights.mean()
+
+
+def train_loader(dataset, config, sampler, collate_fn, **options) -> DataLoader:
+    """The training rows in batches of ``batch_size``: shuffled unless a ``sampler`` draws them, the last short
+    batch dropped unless it is the only one."""
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(dataset) > config.batch_size,
+        collate_fn=collate_fn,
+        **options,
+    )
 
 
 def make_sampler(label_matrix: np.ndarray, kind: str, power: float, seed: int):

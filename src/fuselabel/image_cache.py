@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .data import TextCollate, default_workers, single_process
+from .data import TextCollate, default_workers, single_process, train_loader
 from .geometry import Geometry, augment_batch, center_batch
 from .gpu_decode import gpu_decode_enabled, iter_uint8
 
@@ -197,7 +197,7 @@ def cache_supported(config, net) -> bool:
 def cached_loaders(
     config, net, tokenizer, data_config, records, labels, train_idx, val_idx, image_dir, device, sampler=None
 ):
-    """The fine-tuning loaders of ``train._loaders`` when ``image_cache="memory"``: index + caption batches.
+    """The fine-tuning loaders of ``loaders.make_loaders`` when ``image_cache="memory"``: index + caption batches.
 
     ``loader.dataset.image_source`` is the ImageCache that the LightningModule's
     ``on_after_batch_transfer`` turns indices into pixels with.
@@ -232,14 +232,6 @@ def cached_loaders(
     workers = min(default_workers(config.num_workers), 4)  # only tokenising is left for them
     common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     return (
-        DataLoader(
-            train_ds,
-            batch_size=config.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            drop_last=len(train_ds) > config.batch_size,
-            collate_fn=train_collate,
-            **common,
-        ),
+        train_loader(train_ds, config, sampler, train_collate, **common),
         DataLoader(val_ds, batch_size=config.batch_size * 2, collate_fn=collate, **common),
     )

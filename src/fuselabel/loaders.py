@@ -19,6 +19,7 @@ from .data import (
     make_sampler,
     oversampling_weights,
     single_process,
+    train_loader,
 )
 from .features import frozen_features
 from .runtime import caption_given
@@ -55,16 +56,9 @@ def make_loaders(
     sampler = make_sampler(labels[train_idx], config.sampler, config.oversample_power, config.seed)
     val_captions = [records[i].caption for i in val_idx]
     if regime in ("frozen", "hybrid"):
+        text = not (regime == "hybrid" and net.text_encoder is not None)  # hybrid: the text encoder trains
         feats, present = frozen_features(
-            net,
-            tokenizer,
-            data_config,
-            records,
-            image_dir,
-            config,
-            device=device,
-            timings=timings,
-            text=not (regime == "hybrid" and net.text_encoder is not None),
+            net, tokenizer, data_config, records, image_dir, config, device=device, text=text, timings=timings
         )
         train, val = _feature_loaders(
             config, regime, net, tokenizer, feats, present, records, labels, train_idx, val_idx, sampler
@@ -117,15 +111,7 @@ def _feature_loaders(config, regime, net, tokenizer, feats, present, records, la
         )
         batches = LengthGroupedBatchSampler(lengths, config.batch_size, config.seed, weights)
         return DataLoader(train_ds, batch_sampler=batches, collate_fn=train_collate), val_loader
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=config.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=len(train_ds) > config.batch_size,
-        collate_fn=train_collate,
-    )
-    return train_loader, val_loader
+    return train_loader(train_ds, config, sampler, train_collate), val_loader
 
 
 def _photo_loaders(
@@ -145,13 +131,7 @@ def _photo_loaders(
     train_ds, val_ds = rows(train_idx, train_tf), rows(val_idx, val_tf)
     common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     train_collate = TextCollate(tokenizer, config.text_max_length, config.word_dropout, config.seed)
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=config.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=len(train_ds) > config.batch_size,
-        collate_fn=train_collate,
-        **common,
+    return (
+        train_loader(train_ds, config, sampler, train_collate, **common),
+        DataLoader(val_ds, batch_size=config.batch_size * 2, collate_fn=collate, **common),
     )
-    return train_loader, DataLoader(val_ds, batch_size=config.batch_size * 2, collate_fn=collate, **common)

@@ -241,10 +241,7 @@ def run_training(config: Config, module, train_loader, val_loader, work: Path, l
         trainer = L.Trainer(
             max_epochs=config.epochs,
             max_steps=config.max_steps,
-            accelerator=config.accelerator,
-            devices=config.devices,
-            num_nodes=config.num_nodes,
-            strategy=config.strategy,
+            **{k: getattr(config, k) for k in ("accelerator", "devices", "num_nodes", "strategy")},
             precision=config.precision or ("bf16-mixed" if cuda is not None else "32-true"),
             callbacks=callbacks,
             logger=[lg for lg in loggers if lg is not None],
