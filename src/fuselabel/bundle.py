@@ -8,6 +8,7 @@
                            training table's column names and label separator
       thresholds.json      the chosen decision rule plus the alternatives tuned beside it
       preprocessing.json   image preprocessing from the backbone's config
+      int8_ranges.json     activation ranges of a static int8 image encoder (only then), as calibrated
       text/                Hugging Face config + tokenizer of the text encoder
       model.safetensors    all weights (fp16 by default)
       split.json           ImageIDs of the train and validation sides
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING
 
 from .cache import pause_for_test
 from .config import Config, group_of
+from .onnxrt import INT8_CALIBRATION
 from .outputs import OutputError, kind_of, output_lock
 from .writers import ordinary_permissions
 
@@ -55,6 +57,8 @@ WEIGHTS = "model.safetensors"
 FORMAT_FILE = "fuselabel.json"
 CHECKSUMS = "sha256.json"
 TEXT_DIR = "text"
+# The int8 image encoder's calibration ranges, in a file of their own (older folders keep them in preprocessing.json)
+INT8_RANGES = "int8_ranges.json"
 # What a load reads: one snapshot of these (and of text/), never the rest of the folder (e.g. an onnx/ export)
 LOADED_FILES = (
     FORMAT_FILE,
@@ -63,6 +67,7 @@ LOADED_FILES = (
     "labels.json",
     "thresholds.json",
     "preprocessing.json",
+    INT8_RANGES,
     "split.json",
     "metrics.json",
     WEIGHTS,
@@ -166,7 +171,11 @@ def _save_bundle(out: Path, bundle: Bundle, extra_files) -> int:
         _write_json(tmp / "labels.json", {"labels": bundle.labels, "names": bundle.label_names, "table": bundle.table})
         _write_json(tmp / "thresholds.json", bundle.thresholds)
         if bundle.preprocessing is not None:
-            _write_json(tmp / "preprocessing.json", bundle.preprocessing)
+            preprocessing = dict(bundle.preprocessing)
+            ranges = preprocessing.pop(INT8_CALIBRATION, None)
+            _write_json(tmp / "preprocessing.json", preprocessing)
+            if ranges is not None:
+                _write_json(tmp / INT8_RANGES, ranges)
         if bundle.net.text_encoder is not None:
             bundle.net.text_encoder.backbone.config.save_pretrained(tmp / "text")
             bundle.tokenizer.save_pretrained(tmp / "text")
@@ -474,6 +483,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     labels = _json_of(files, path, "labels.json")
     thresholds = _json_of(files, path, "thresholds.json")
     preprocessing = _json_of(files, path, "preprocessing.json") if "preprocessing.json" in files else None
+    if preprocessing is not None and INT8_RANGES in files:  # a folder written before keeps them inside
+        preprocessing[INT8_CALIBRATION] = _json_of(files, path, INT8_RANGES)
     if WEIGHTS not in files:
         raise BundleError(f"{path}: {WEIGHTS} is missing")
     try:
