@@ -16,11 +16,14 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fuselabel.cache import FeatureCache
+
+PAUSING = str(Path(__file__).with_name("pausing.py"))  # runs a command that stops where told
 
 WORKER = """
 import os, sys, time
@@ -58,6 +61,7 @@ def start_worker(tmp_path, name, start, stop, chunk=10, env=None, rank=0, world=
     out = tmp_path / f"{name}.npz"
     args = [
         sys.executable,
+        PAUSING,
         "-c",
         WORKER,
         str(tmp_path / "cache"),

@@ -49,6 +49,9 @@ TRAIN = [
 CHUNK_ROWS = "16"  # three chunks of image features for the 48 rows, so a kill can fall between two
 
 
+PAUSING = str(Path(__file__).with_name("pausing.py"))  # runs a command that stops where told
+
+
 def train(root: Path, out: Path, cache: Path, *extra, pause: str | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "FUSELABEL_TEST_PAUSE_AT"}
     env["FUSELABEL_CACHE_CHUNK_ROWS"] = CHUNK_ROWS
@@ -57,6 +60,7 @@ def train(root: Path, out: Path, cache: Path, *extra, pause: str | None = None) 
     log = open(root / f"{out.name}.log", "a")
     cmd = [
         sys.executable,
+        PAUSING,
         "-m",
         "fuselabel.cli",
         "train",
@@ -231,7 +235,7 @@ def test_folder_swap_killed_between_renames_keeps_the_previous_folder(tmp_path):
         (folder / "weights").write_text(text)
     env = dict(os.environ, FUSELABEL_TEST_PAUSE_AT="bundle-swap")
     proc = subprocess.Popen(
-        [sys.executable, "-c", SWAP, str(new), str(out)], stderr=subprocess.PIPE, env=env, text=True
+        [sys.executable, PAUSING, "-c", SWAP, str(new), str(out)], stderr=subprocess.PIPE, env=env, text=True
     )
     assert "paused at bundle-swap" in proc.stderr.readline()
     proc.send_signal(signal.SIGKILL)

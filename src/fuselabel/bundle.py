@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cache import pause_for_test
+from . import writers
 from .config import Config, group_of
 from .onnxrt import INT8_CALIBRATION
 from .outputs import OutputError, kind_of, output_lock
@@ -202,7 +202,7 @@ def _save_bundle(out: Path, bundle: Bundle, extra_files) -> int:
                 f"(--max-size-mb); try save_dtype=fp16 or a smaller encoder. Nothing was written to {out}."
             )
         ordinary_permissions(tmp)
-        pause_for_test("bundle-write")
+        writers.reached("bundle-write")
         replace_folder(tmp, out)
         return size
     finally:
@@ -282,7 +282,7 @@ def replace_folder(tmp: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
-        pause_for_test("bundle-swap")
+        writers.reached("bundle-swap")
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:

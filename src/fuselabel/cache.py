@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 import uuid
 import zipfile
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import writers
 from .writers import file_lock, fsync_dir
 
 try:
@@ -56,34 +56,6 @@ def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fuselabel"
     )
     return Path(base)
-
-
-# ---- test hooks: stop at a named point so that a test can kill the process there, or dawdle there ----
-
-_pauses_seen: dict[str, int] = {}
-
-
-def pause_for_test(stage: str) -> None:
-    """Sleep at ``stage`` when FUSELABEL_TEST_PAUSE_AT names it (test hook; unset in normal use).
-
-    ``FUSELABEL_TEST_PAUSE_AT=stage`` or ``stage:N`` (the N-th time this process reaches it), several
-    joined by commas. The process announces the pause on stderr and sleeps, for the test to kill it.
-    ``FUSELABEL_TEST_DELAY_S=seconds`` makes every stage a short wait instead, to widen the windows in
-    which concurrent processes could get in each other's way.
-    """
-    delay = os.environ.get("FUSELABEL_TEST_DELAY_S")
-    if delay:
-        time.sleep(float(delay))
-    wanted = os.environ.get("FUSELABEL_TEST_PAUSE_AT")
-    if not wanted:
-        return
-    _pauses_seen[stage] = _pauses_seen.get(stage, 0) + 1
-    for item in wanted.split(","):
-        name, _, nth = item.strip().partition(":")
-        if name == stage and _pauses_seen[stage] == int(nth or 1):
-            sys.stderr.write(f"FUSELABEL_TEST_PAUSE_AT: paused at {stage} (pid {os.getpid()})\n")
-            sys.stderr.flush()
-            time.sleep(3600)
 
 
 # ---- atomic files ----
@@ -120,7 +92,7 @@ def write_locked_atomic(path: Path, data: bytes, stage: str | None = None) -> No
         f.flush()
         os.fsync(f.fileno())
         if stage:
-            pause_for_test(stage)
+            writers.reached(stage)
         os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -190,6 +162,14 @@ def _chunk_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+def _log_fetch(label: str, store: Path, rows: int, computed: int, seconds: float) -> None:
+    if not computed:
+        log.info("%s: %d rows cached (%s)", label, rows, store)
+        return
+    cached = f", {rows - computed} cached" if computed < rows else ""
+    log.info("%s: %d rows computed in %.1fs%s (%s)", label, computed, seconds, cached, store)
+
+
 class FeatureCache:
     """Per-row feature vectors on disk, one store per encoder setting, shared safely between processes.
 
@@ -226,11 +206,8 @@ class FeatureCache:
         store = self.root / key
         store.mkdir(parents=True, exist_ok=True)
         start, computed = time.time(), 0
-        first, seen = [], set()  # one index per distinct key: a repeated caption is computed once
-        for i, k in enumerate(row_keys):
-            if k not in seen:
-                seen.add(k)
-                first.append(i)
+        # The first row of each distinct key: a repeated caption is computed once.
+        first = sorted({k: i for i, k in reversed(list(enumerate(row_keys)))}.values())
         shares = [first[lo : lo + self.chunk_rows] for lo in range(0, len(first), self.chunk_rows)]
         mine = shares[rank::world]
         waited = None
@@ -242,10 +219,10 @@ class FeatureCache:
                 index = self._index(store)
                 todo = [i for i in share if row_keys[i] not in index]
                 if todo:
-                    pause_for_test("cache-chunk-listed")
+                    writers.reached("cache-chunk-listed")
                     self._save_chunk(store, [row_keys[i] for i in todo], compute(todo), label)
                     computed += len(todo)
-                    pause_for_test("cache-chunk-saved")
+                    writers.reached("cache-chunk-saved")
             index = self._index(store)
             if any(row_keys[i] not in index for i in first):
                 if waited is None or time.time() - waited > WAIT_LOG_S:
@@ -262,17 +239,7 @@ class FeatureCache:
                     self._discard(store, Path(str(err)))
                 if world > 1:
                     mine = shares  # whose share it was is unknown: whoever gets there first computes it
-        if computed:
-            log.info(
-                "%s: %d rows computed in %.1fs%s (%s)",
-                label,
-                computed,
-                time.time() - start,
-                f", {len(row_keys) - computed} cached" if computed < len(row_keys) else "",
-                store,
-            )
-        else:
-            log.info("%s: %d rows cached (%s)", label, len(row_keys), store)
+        _log_fetch(label, store, len(row_keys), computed, time.time() - start)
         self._compact(store)
         return arrays
 

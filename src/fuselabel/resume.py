@@ -24,7 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
-from .cache import pause_for_test
+from . import writers
 from .config import Config
 from .tracking import experiment_logger
 from .writers import atomic_path, write_atomic
@@ -122,7 +122,7 @@ class PausePoints(L.Callback):
     """Test hook (FUSELABEL_TEST_PAUSE_AT=train-batch:N): stop before the N-th training batch."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        pause_for_test("train-batch")
+        writers.reached("train-batch")
 
 
 def default_work_dir(out: str | Path) -> Path:

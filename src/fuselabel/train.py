@@ -12,8 +12,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from . import writers
 from .bundle import Bundle, save_bundle
-from .cache import pause_for_test
 from .calibration import calibrate
 from .config import Config
 from .data import FeatureDataset, stratified_split
@@ -267,7 +267,7 @@ def _module(config: Config, run: _Run, train_loader) -> FuseLabelModule:
 
 def _calibrate(config: Config, run: _Run, val_loader, data_dir):
     """Fusion and thresholds tuned on the stored model through the prediction path (weights rounded as saved)."""
-    pause_for_test("tune")
+    writers.reached("tune")
     round_like_saved(run.net, config.save_dtype)
     bundle = _bundle(config, run, {})
     rows = val_loader.dataset

@@ -34,6 +34,7 @@ __all__ = [
     "atomic_write_text",
     "write_atomic",
     "ordinary_permissions",
+    "reached",
     "output_format",
     "table_prediction_lines",
     "table_probability_lines",
@@ -43,6 +44,12 @@ __all__ = [
     "write_rows",
     "write_submission",
 ]
+
+
+def reached(stage: str) -> None:
+    """A named point of a long write or run where a kill must leave everything usable (``bundle-swap``,
+    ``cache-chunk-write``, ``predict-publish``, ``train-batch``, ...). It does nothing: the robustness tests
+    put their own function here (``tests/pausing.py``) to stop a process at such a point and kill it."""
 
 
 def _check_id(image_id: str) -> None:
