@@ -35,7 +35,6 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,7 +43,7 @@ from . import writers
 from .config import Config, group_of
 from .onnxrt import INT8_CALIBRATION
 from .outputs import OutputError, kind_of, output_lock
-from .writers import ordinary_permissions
+from .writers import TEMPORARY_SUFFIX, ordinary_permissions, temporary_beside
 
 if TYPE_CHECKING:  # torch, the network and the tokenizer load with the weights: reading a folder's records
     import torch  # (settings, size, files) and replacing folders need none of them
@@ -222,19 +221,21 @@ def new_folder_beside(out: Path) -> Path:
     """An empty folder beside ``out`` to build its replacement in.
 
     Called under ``out``'s lock (``outputs.output_lock``): no other writer of ``out`` lives, so any
-    ``.OUT.tmp.*`` folder there was left by one that died, and is removed.
+    temporary of ``out`` there (``writers.temporary_beside``) was left by one that died, and is removed.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     for left in _temporaries(out):
         shutil.rmtree(left, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp.{uuid.uuid4().hex[:12]}"
+    tmp = temporary_beside(out)
     tmp.mkdir()
     return tmp
 
 
 def _temporaries(out: Path):
-    """The folders replacements of ``out`` are built in (a name like ``m[1]`` matched as written)."""
-    return out.parent.glob(f".{glob.escape(out.name)}.tmp.*")
+    """The folders replacements of ``out`` are built in (a name like ``m[1]`` matched as written); ``.OUT.tmp.*``:
+    those of earlier versions."""
+    name = glob.escape(out.name)
+    return [*out.parent.glob(f".{name}.*{TEMPORARY_SUFFIX}"), *out.parent.glob(f".{name}.tmp.*")]
 
 
 def _set_aside(out: Path) -> Path:
