@@ -162,11 +162,11 @@ def test_killed_at_every_stage_then_resumed_matches_an_uninterrupted_run(root, r
     kill_at(root, out, cache, "bundle-write", "--resume")
     assert digests(out) == previous
     load_bundle(out)
-    assert list(root.glob(".model.tmp.*")), "the half-written folder should be left beside, unused"
+    assert list(root.glob(".model.*.tmp")), "the half-written folder should be left beside, unused"
 
     finish(train(root, out, cache, "--resume"), root, out)
     assert "training had finished" in (root / "model.log").read_text().rsplit("resuming from", 1)[1]
-    assert not list(root.glob(".model.tmp.*")) and not work.exists()
+    assert not list(root.glob(".model.*.tmp")) and not work.exists()
 
     got, got_thresholds = validation(out)
     want, want_thresholds = validation(reference)
