@@ -75,8 +75,9 @@ def test_checkpoint_monitor_equals_evaluate_on_course_rows(tmp_path, session_cac
 
     data = shared_data_or_skip("validation F1 of a few hundred course rows")
     csv = tmp_path / "train.csv"
-    write_rows(read_records(data / "train.csv"), range(300), csv)
-    settings = dict(preset="cpu-fast", epochs=4, save_dtype="fp32", accelerator="cpu", num_workers=1)
+    write_rows(read_records(data / "train.csv"), range(400), csv)
+    settings = dict(preset="cpu-fast", epochs=4, val_fraction=0.25, save_dtype="fp32", max_size_mb=200)
+    settings.update(accelerator="cpu", num_workers=1)
     FuseLabel(**settings, cache_dir=session_cache).fit(csv, images=data / "data", out=tmp_path / "m", progress=False)
     metrics = _checkpoint_figure_is_recorded_figure(tmp_path / "m")
     got = _evaluate_val(tmp_path / "m", csv, data / "data", tmp_path, session_cache)
