@@ -473,6 +473,16 @@ def snapshot(path: str | Path, attempts: int = 5, patience_s: float = 10.0) -> t
     )
 
 
+def _preprocessing_of(files: dict, path: Path) -> dict | None:
+    """preprocessing.json with the int8 ranges of their own file (a folder written before keeps them inside)."""
+    if "preprocessing.json" not in files:
+        return None
+    preprocessing = _json_of(files, path, "preprocessing.json")
+    if INT8_RANGES in files:
+        preprocessing[INT8_CALIBRATION] = _json_of(files, path, INT8_RANGES)
+    return preprocessing
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     from safetensors.torch import load as load_weights
 
@@ -483,9 +493,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     config = _config_of(files, path)
     labels = _json_of(files, path, "labels.json")
     thresholds = _json_of(files, path, "thresholds.json")
-    preprocessing = _json_of(files, path, "preprocessing.json") if "preprocessing.json" in files else None
-    if preprocessing is not None and INT8_RANGES in files:  # a folder written before keeps them inside
-        preprocessing[INT8_CALIBRATION] = _json_of(files, path, INT8_RANGES)
+    preprocessing = _preprocessing_of(files, path)
     if WEIGHTS not in files:
         raise BundleError(f"{path}: {WEIGHTS} is missing")
     try:

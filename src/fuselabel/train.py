@@ -256,6 +256,24 @@ def _prepare(config: Config, data_dir, csv, val, columns, label_names) -> _Run:
     )
 
 
+def _loaders(config: Config, run: _Run, data_dir, timings: StageTimes):
+    """(train loader, validation loader); frozen features are computed (or read from the cache) here."""
+    return make_loaders(
+        config,
+        run.regime,
+        run.net,
+        run.tokenizer,
+        run.data_config,
+        run.records.records,
+        run.labels,
+        run.train_idx,
+        run.val_idx,
+        data_dir,
+        run.device,
+        timings=timings,
+    )
+
+
 def _module(config: Config, run: _Run, train_loader) -> FuseLabelModule:
     weigh = class_weight_from_labels if config.task == "multiclass" else pos_weight_from_labels
     pos_weight = weigh(run.labels[run.train_idx]) if config.pos_weight else None
@@ -373,20 +391,7 @@ def fit(
     fingerprint = run_fingerprint(config, run.records)
     check_resumable(work_dir, out, resume, fingerprint)
     with timings.stage("features_s"):
-        train_loader, val_loader = make_loaders(
-            config,
-            run.regime,
-            run.net,
-            run.tokenizer,
-            run.data_config,
-            run.records.records,
-            run.labels,
-            run.train_idx,
-            run.val_idx,
-            data_dir,
-            run.device,
-            timings=timings,
-        )
+        train_loader, val_loader = _loaders(config, run, data_dir, timings)
     module = _module(config, run, train_loader)
     with work_folder(work_dir, out, resume, fingerprint) as (work, last):
         with timings.stage("train_s"):
