@@ -29,6 +29,7 @@ def predict(model, data, table, out, proba, chunk_size, pause=None) -> float:
         env["FUSELABEL_TEST_PAUSE_AT"] = pause
     cmd = [
         sys.executable,
+        str(Path(__file__).parents[1] / "tests" / "pausing.py"),  # stops at the pause point asked for
         "-m",
         "fuselabel.cli",
         "predict",

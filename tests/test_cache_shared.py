@@ -16,11 +16,14 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fuselabel.cache import FeatureCache
+
+PAUSING = str(Path(__file__).with_name("pausing.py"))  # runs a command that stops where told
 
 WORKER = """
 import os, sys, time
@@ -58,6 +61,7 @@ def start_worker(tmp_path, name, start, stop, chunk=10, env=None, rank=0, world=
     out = tmp_path / f"{name}.npz"
     args = [
         sys.executable,
+        PAUSING,
         "-c",
         WORKER,
         str(tmp_path / "cache"),
@@ -94,6 +98,11 @@ def store_files(tmp_path) -> list[str]:
     return sorted(p.name for p in (tmp_path / "cache" / "features" / "store").iterdir())
 
 
+def temporaries(tmp_path) -> list[str]:
+    """Files of the store that are neither chunks nor its lock: temporaries and their writers' locks."""
+    return [n for n in store_files(tmp_path) if not n.startswith("chunk-") and n != ".lock"]
+
+
 def check_chunks(tmp_path) -> int:
     """Every chunk file loads and its arrays agree in length; returns the number of distinct rows stored."""
     keys = set()
@@ -124,7 +133,7 @@ def run_together(tmp_path, specs, env=None):
         with np.load(out) as got:
             assert (got["features"] == expected(keys_between(start, stop))).all()
             assert (got["present"] == 1).all()
-    assert not [n for n in store_files(tmp_path) if n.startswith(".tmp")]
+    assert not temporaries(tmp_path)
     return procs
 
 
@@ -175,7 +184,7 @@ def test_writer_killed_mid_write_leaves_nothing_accepted(tmp_path):
     proc.wait(timeout=30)
     files = store_files(tmp_path)
     assert sum(n.startswith("chunk-") for n in files) == 1
-    assert any(n.startswith(".tmp.") for n in files)
+    assert temporaries(tmp_path) and all(n.endswith((".tmp", ".tmp.lock")) for n in temporaries(tmp_path))
     assert not out.exists()
 
     recomputed: list[int] = []
@@ -189,7 +198,7 @@ def test_writer_killed_mid_write_leaves_nothing_accepted(tmp_path):
     # and its temporary (whose writer's lock died with it) is removed.
     assert sorted(recomputed) == list(range(10, 30))
     assert (got["features"] == expected(keys_between(0, 30))).all()
-    assert not [n for n in store_files(tmp_path) if n.startswith(".tmp")]
+    assert not temporaries(tmp_path)
     assert check_chunks(tmp_path) == 30
 
 

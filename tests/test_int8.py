@@ -101,10 +101,9 @@ def test_converted_and_exported_folders_keep_it(int8_model, tmp_path, session_ca
 
     root, image_dir, csv = int8_model
     convert_bundle(root / "model", tmp_path / "small", "int8")
-    kept = json.loads((tmp_path / "small" / "preprocessing.json").read_text())
-    assert (
-        kept["int8_calibration"] == json.loads((root / "model" / "preprocessing.json").read_text())["int8_calibration"]
-    )
+    ranges = json.loads((root / "model" / "int8_ranges.json").read_text())
+    assert json.loads((tmp_path / "small" / "int8_ranges.json").read_text()) == ranges
+    assert "int8_calibration" not in json.loads((tmp_path / "small" / "preprocessing.json").read_text())
     manifest = export_onnx(root / "model", tmp_path / "onnx")
     assert manifest["files"]["image_encoder"]["quantized"].startswith("static QDQ")
     assert manifest["files"]["image_encoder"]["bytes"] < manifest["files"]["image_encoder"]["float_bytes"]
@@ -115,6 +114,34 @@ def test_converted_and_exported_folders_keep_it(int8_model, tmp_path, session_ca
     model = FuseLabel.from_pretrained(root / "model", cache_dir=session_cache)
     predict_csv(model, image_dir, csv, tmp_path / "torch.csv", progress=False)
     assert (tmp_path / "onnx.csv").read_bytes() == (tmp_path / "torch.csv").read_bytes()
+
+
+def test_ranges_sit_beside_the_graph_and_in_their_own_file(int8_model, tmp_path):
+    """The ranges are a file of the model folder (not inside preprocessing.json) and of the cache, beside the
+    graph they were measured on; a folder written with them inside preprocessing.json still loads them."""
+    import hashlib
+    import shutil
+
+    from fuselabel.bundle import load_bundle
+
+    root, _, _ = int8_model
+    ranges = json.loads((root / "model" / "int8_ranges.json").read_text())
+    assert ranges["photos"] > 0 and ranges["ranges"]
+    assert "int8_calibration" not in json.loads((root / "model" / "preprocessing.json").read_text())
+    old = tmp_path / "old"
+    shutil.copytree(root / "model", old)
+    preprocessing = json.loads((old / "preprocessing.json").read_text())
+    (old / "preprocessing.json").write_text(json.dumps({**preprocessing, "int8_calibration": ranges}))
+    (old / "int8_ranges.json").unlink()
+    sums = json.loads((old / "sha256.json").read_text())
+    sums.pop("int8_ranges.json")
+    sums["preprocessing.json"] = hashlib.sha256((old / "preprocessing.json").read_bytes()).hexdigest()
+    (old / "sha256.json").write_text(json.dumps(sums))
+    assert (
+        load_bundle(old).preprocessing["int8_calibration"]
+        == ranges
+        == (load_bundle(root / "model").preprocessing["int8_calibration"])
+    )
 
 
 def test_text_features_are_the_prediction_features_one_caption_a_run(int8_model, tmp_path, session_cache):

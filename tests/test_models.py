@@ -33,10 +33,10 @@ from fuselabel.engines import engine_for_bundle
 from fuselabel.features import frozen_features
 from fuselabel.labels import label_vocabulary, labels_to_matrix
 from fuselabel.module import FuseLabelModule
-from fuselabel.network import FuseLabelNet, combine_probabilities
+from fuselabel.network import FuseLabelNet
 from fuselabel.predict import load_model, predict_csv
 from fuselabel.records import read_records
-from fuselabel.runtime import Prediction, Predictor
+from fuselabel.runtime import Prediction, Predictor, fuse
 
 # Optimizer steps on one fixed batch: the frozen regime only trains a head (cheap); the fine-tuning
 # regime back-propagates through the encoders, so it gets fewer steps.
@@ -207,48 +207,38 @@ def test_seed_pairing_trains_and_predicts_offline(tiny_dataset, tmp_path):
 # Probabilities: the two late-fusion rules and caption-only rows
 
 
-@pytest.fixture(scope="module")
-def late_net(session_cache):
-    """A late-fusion network with random-init encoders (only its probability rules are under test)."""
-    config = tiny_config(
-        session_cache,
-        kind="late",
-        image_pretrained=False,
-        text_pretrained=False,
-        text_config_overrides=dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64),
-    )
-    return FuseLabelNet(config, num_labels=5).eval()
-
-
 def _logits(seed=0, rows=6, labels=5):
     g = torch.Generator().manual_seed(seed)
     return {"image": 3 * torch.randn(rows, labels, generator=g), "text": 3 * torch.randn(rows, labels, generator=g)}
 
 
-def test_union_is_elementwise_max(late_net):
-    late_net.config = late_net.config.replace(late_combine="union")
+def _fused(logits, combine, weight, image_present=None):
+    """The prediction path's fusion (runtime.fuse), which training's validation uses too."""
+    parts = {k: torch.sigmoid(v).numpy() for k, v in logits.items()}
+    n = len(next(iter(parts.values())))
+    image = np.ones(n, bool) if image_present is None else image_present.numpy() > 0.5
+    return torch.from_numpy(fuse(parts, combine, weight, image, np.ones(n, bool)))
+
+
+def test_union_is_elementwise_max():
     logits = _logits()
     expected = torch.maximum(torch.sigmoid(logits["image"]), torch.sigmoid(logits["text"]))
-    torch.testing.assert_close(late_net.probabilities(logits), expected)
+    torch.testing.assert_close(_fused(logits, "union", 0.5), expected)
 
 
 @pytest.mark.parametrize("weight", [0.0, 0.3, 0.5, 1.0])
-def test_weighted_is_convex_combination(late_net, weight):
-    late_net.config = late_net.config.replace(late_combine="weighted")
-    late_net.late_weight.fill_(weight)
+def test_weighted_is_convex_combination(weight):
     logits = _logits(1)
     p_img, p_txt = torch.sigmoid(logits["image"]), torch.sigmoid(logits["text"])
-    torch.testing.assert_close(late_net.probabilities(logits), weight * p_img + (1 - weight) * p_txt)
+    torch.testing.assert_close(_fused(logits, "weighted", weight), weight * p_img + (1 - weight) * p_txt)
 
 
 @pytest.mark.parametrize("combine", ["weighted", "union"])
-def test_caption_only_rows_get_text_probabilities(late_net, combine):
-    late_net.config = late_net.config.replace(late_combine=combine)
-    late_net.late_weight.fill_(0.7)
+def test_caption_only_rows_get_text_probabilities(combine):
     logits = _logits(2)
     present = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
-    fused = late_net.probabilities(logits, present)
-    no_image = combine_probabilities({k: torch.sigmoid(v) for k, v in logits.items()}, combine, 0.7)
+    fused = _fused(logits, combine, 0.7, present)
+    no_image = _fused(logits, combine, 0.7)
     p_txt = torch.sigmoid(logits["text"])
     torch.testing.assert_close(fused[present == 0], p_txt[present == 0])
     torch.testing.assert_close(fused[present == 1], no_image[present == 1])
@@ -256,7 +246,7 @@ def test_caption_only_rows_get_text_probabilities(late_net, combine):
 
 def test_single_head_probabilities_are_its_sigmoid():
     x = torch.randn(4, 3)
-    torch.testing.assert_close(combine_probabilities({"text": torch.sigmoid(x)}, "union", 0.2), torch.sigmoid(x))
+    torch.testing.assert_close(_fused({"text": x}, "union", 0.2), torch.sigmoid(x))
 
 
 def test_early_fusion_ignores_pixels_of_caption_only_rows(session_cache):

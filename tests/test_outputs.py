@@ -140,7 +140,6 @@ def _hold(tmp_path, path):
     return proc
 
 
-@pytest.mark.skipif(outputs.fcntl is None, reason="no flock on this system")
 def test_a_second_writer_is_refused_at_once_naming_the_first(tmp_path):
     out = tmp_path / "sub.csv"
     proc = _hold(tmp_path, out)
@@ -158,7 +157,6 @@ def test_a_second_writer_is_refused_at_once_naming_the_first(tmp_path):
     assert not list(tmp_path.glob(".sub.csv.lock"))  # no lock file is left beside the output
 
 
-@pytest.mark.skipif(outputs.fcntl is None, reason="no flock on this system")
 def test_two_trainings_into_one_folder(tmp_path, capsys, tiny_dataset):
     image_dir, csv = tiny_dataset
     out = tmp_path / "m"
@@ -283,3 +281,33 @@ def test_every_case_in_the_robustness_doc_names_a_test_that_exists():
     assert len(named) >= 15
     for path, name in named:
         assert re.search(rf"^def {name}\(", (root / path).read_text(), re.M), f"{path}::{name} does not exist"
+
+
+DIES_WRITING = """
+import sys, time
+from fuselabel.writers import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_text("half")
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_dead_writers_temporaries_go_and_a_live_ones_stay(tmp_path):
+    from fuselabel.writers import atomic_path, remove_abandoned
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DIES_WRITING, str(tmp_path / "dead.txt")], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dead.txt.")]  # its temporary and lock
+    with atomic_path(tmp_path / "live.txt") as live:
+        live.write_text("being written")
+        remove_abandoned(tmp_path)
+        assert live.read_text() == "being written"  # its writer holds the lock: left alone
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dead.txt.")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.txt"]
+    assert (tmp_path / "live.txt").read_text() == "being written"

@@ -8,10 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from fuselabel.records import read_records
+
+PAUSING = str(Path(__file__).with_name("pausing.py"))  # runs a command that stops where told
 
 PAUSE = "FUSELABEL_TEST_PAUSE_AT"
 
@@ -22,6 +25,7 @@ def _predict(model, images, csv, out, proba, pause=None, timeout=300):
         env[PAUSE] = pause
     cmd = [
         sys.executable,
+        PAUSING,
         "-m",
         "fuselabel.cli",
         "predict",

@@ -49,6 +49,9 @@ TRAIN = [
 CHUNK_ROWS = "16"  # three chunks of image features for the 48 rows, so a kill can fall between two
 
 
+PAUSING = str(Path(__file__).with_name("pausing.py"))  # runs a command that stops where told
+
+
 def train(root: Path, out: Path, cache: Path, *extra, pause: str | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "FUSELABEL_TEST_PAUSE_AT"}
     env["FUSELABEL_CACHE_CHUNK_ROWS"] = CHUNK_ROWS
@@ -57,6 +60,7 @@ def train(root: Path, out: Path, cache: Path, *extra, pause: str | None = None) 
     log = open(root / f"{out.name}.log", "a")
     cmd = [
         sys.executable,
+        PAUSING,
         "-m",
         "fuselabel.cli",
         "train",
@@ -158,11 +162,11 @@ def test_killed_at_every_stage_then_resumed_matches_an_uninterrupted_run(root, r
     kill_at(root, out, cache, "bundle-write", "--resume")
     assert digests(out) == previous
     load_bundle(out)
-    assert list(root.glob(".model.tmp.*")), "the half-written folder should be left beside, unused"
+    assert list(root.glob(".model.*.tmp")), "the half-written folder should be left beside, unused"
 
     finish(train(root, out, cache, "--resume"), root, out)
     assert "training had finished" in (root / "model.log").read_text().rsplit("resuming from", 1)[1]
-    assert not list(root.glob(".model.tmp.*")) and not work.exists()
+    assert not list(root.glob(".model.*.tmp")) and not work.exists()
 
     got, got_thresholds = validation(out)
     want, want_thresholds = validation(reference)
@@ -199,12 +203,12 @@ def test_resume_refuses_a_run_with_other_settings(root, reference, capsys):
     import fuselabel.train as train_module
 
     computed = []
-    real_loaders = train_module._loaders
-    train_module._loaders = lambda *a, **k: computed.append(1) or real_loaders(*a, **k)
+    real_loaders = train_module.make_loaders
+    train_module.make_loaders = lambda *a, **k: computed.append(1) or real_loaders(*a, **k)
     try:
         code = main([*args, "--lr", "0.5", "--resume"])
     finally:
-        train_module._loaders = real_loaders
+        train_module.make_loaders = real_loaders
     err = capsys.readouterr().err
     assert code == 2 and "cannot resume" in err and "lr" in err and "Traceback" not in err
     assert not computed  # refused before any feature was computed
@@ -231,7 +235,7 @@ def test_folder_swap_killed_between_renames_keeps_the_previous_folder(tmp_path):
         (folder / "weights").write_text(text)
     env = dict(os.environ, FUSELABEL_TEST_PAUSE_AT="bundle-swap")
     proc = subprocess.Popen(
-        [sys.executable, "-c", SWAP, str(new), str(out)], stderr=subprocess.PIPE, env=env, text=True
+        [sys.executable, PAUSING, "-c", SWAP, str(new), str(out)], stderr=subprocess.PIPE, env=env, text=True
     )
     assert "paused at bundle-swap" in proc.stderr.readline()
     proc.send_signal(signal.SIGKILL)

@@ -8,6 +8,7 @@
                            training table's column names and label separator
       thresholds.json      the chosen decision rule plus the alternatives tuned beside it
       preprocessing.json   image preprocessing from the backbone's config
+      int8_ranges.json     activation ranges of a static int8 image encoder (only then), as calibrated
       text/                Hugging Face config + tokenizer of the text encoder
       model.safetensors    all weights (fp16 by default)
       split.json           ImageIDs of the train and validation sides
@@ -34,16 +35,16 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cache import pause_for_test
+from . import writers
 from .config import Config, group_of
+from .onnxrt import INT8_CALIBRATION
 from .outputs import OutputError, kind_of, output_lock
 from .preprocess import Preprocess
-from .writers import ordinary_permissions
+from .writers import TEMPORARY_SUFFIX, ordinary_permissions, temporary_beside
 
 if TYPE_CHECKING:  # torch, the network and the tokenizer load with the weights: reading a folder's records
     import torch  # (settings, size, files) and replacing folders need none of them
@@ -56,6 +57,8 @@ WEIGHTS = "model.safetensors"
 FORMAT_FILE = "fuselabel.json"
 CHECKSUMS = "sha256.json"
 TEXT_DIR = "text"
+# The int8 image encoder's calibration ranges, in a file of their own (older folders keep them in preprocessing.json)
+INT8_RANGES = "int8_ranges.json"
 # What a load reads: one snapshot of these (and of text/), never the rest of the folder (e.g. an onnx/ export)
 LOADED_FILES = (
     FORMAT_FILE,
@@ -64,6 +67,7 @@ LOADED_FILES = (
     "labels.json",
     "thresholds.json",
     "preprocessing.json",
+    INT8_RANGES,
     "split.json",
     "metrics.json",
     WEIGHTS,
@@ -167,12 +171,14 @@ def _save_bundle(out: Path, bundle: Bundle, extra_files) -> int:
         _write_json(tmp / "labels.json", {"labels": bundle.labels, "names": bundle.label_names, "table": bundle.table})
         _write_json(tmp / "thresholds.json", bundle.thresholds)
         if bundle.preprocessing is not None:
-            _write_json(tmp / "preprocessing.json", Preprocess.of(bundle.preprocessing).to_config())
+            preprocessing = Preprocess.of(bundle.preprocessing).to_config()
+            ranges = preprocessing.pop(INT8_CALIBRATION, None)
+            _write_json(tmp / "preprocessing.json", preprocessing)
+            if ranges is not None:
+                _write_json(tmp / INT8_RANGES, ranges)
         if bundle.net.text_encoder is not None:
             bundle.net.text_encoder.backbone.config.save_pretrained(tmp / "text")
             bundle.tokenizer.save_pretrained(tmp / "text")
-        for name, data in bundle.extra.items():
-            _write_json(tmp / name, data)
         for name, src in (extra_files or {}).items():
             if src and Path(src).exists():
                 shutil.copyfile(src, tmp / name)
@@ -186,6 +192,8 @@ def _save_bundle(out: Path, bundle: Bundle, extra_files) -> int:
             if type(err).__name__ != "SafetensorError":
                 raise
             raise OSError(errno.EIO, f"cannot write the weights ({err})", str(out / WEIGHTS)) from err
+        for name, data in bundle.extra.items():  # last, so that a callable (metrics with timings) can time the rest
+            _write_json(tmp / name, data() if callable(data) else data)
         _write_json(tmp / CHECKSUMS, {name: _sha256(tmp / name) for name in _files_of(tmp)})
         size = folder_size(tmp)
         if size > cfg.max_size_mb * 1e6:
@@ -194,7 +202,7 @@ def _save_bundle(out: Path, bundle: Bundle, extra_files) -> int:
                 f"(--max-size-mb); try save_dtype=fp16 or a smaller encoder. Nothing was written to {out}."
             )
         ordinary_permissions(tmp)
-        pause_for_test("bundle-write")
+        writers.reached("bundle-write")
         replace_folder(tmp, out)
         return size
     finally:
@@ -214,19 +222,21 @@ def new_folder_beside(out: Path) -> Path:
     """An empty folder beside ``out`` to build its replacement in.
 
     Called under ``out``'s lock (``outputs.output_lock``): no other writer of ``out`` lives, so any
-    ``.OUT.tmp.*`` folder there was left by one that died, and is removed.
+    temporary of ``out`` there (``writers.temporary_beside``) was left by one that died, and is removed.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     for left in _temporaries(out):
         shutil.rmtree(left, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp.{uuid.uuid4().hex[:12]}"
+    tmp = temporary_beside(out)
     tmp.mkdir()
     return tmp
 
 
 def _temporaries(out: Path):
-    """The folders replacements of ``out`` are built in (a name like ``m[1]`` matched as written)."""
-    return out.parent.glob(f".{glob.escape(out.name)}.tmp.*")
+    """The folders replacements of ``out`` are built in (a name like ``m[1]`` matched as written); ``.OUT.tmp.*``:
+    those of earlier versions."""
+    name = glob.escape(out.name)
+    return [*out.parent.glob(f".{name}.*{TEMPORARY_SUFFIX}"), *out.parent.glob(f".{name}.tmp.*")]
 
 
 def _set_aside(out: Path) -> Path:
@@ -274,7 +284,7 @@ def replace_folder(tmp: Path, out: Path) -> None:
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
-        pause_for_test("bundle-swap")
+        writers.reached("bundle-swap")
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
@@ -472,6 +482,16 @@ def snapshot(path: str | Path, attempts: int = 5, patience_s: float = 10.0) -> t
         f"{path}: the folder changed on every one of {attempt} reads ({last or 'replaced'}); "
         "if nothing is writing it, it is damaged: save or train the model again"
     )
+
+
+def _preprocessing_of(files: dict, path: Path) -> dict | None:
+    """preprocessing.json with the int8 ranges of their own file (a folder written before keeps them inside)."""
+    if "preprocessing.json" not in files:
+        return None
+    preprocessing = _json_of(files, path, "preprocessing.json")
+    if INT8_RANGES in files:
+        preprocessing[INT8_CALIBRATION] = _json_of(files, path, INT8_RANGES)
+    return preprocessing
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:

@@ -1,12 +1,12 @@
-"""Files that several processes share: atomic writes, a lock, and the frozen-feature cache.
+"""The frozen-feature cache: files that several processes share, written atomically (``writers``).
 
 Several processes may fill one cache folder at once (the ranks of a DDP run, two runs started
 side by side, a run killed and started again). The rules that keep that safe:
 
 - a file is written under a temporary name in its destination folder, flushed to disk and renamed
   into place (``os.replace``), so a reader sees the whole file or none of it; a killed writer leaves
-  only a temporary file that nothing reads, and that the next writer removes once the ``flock``
-  its writer held on it is free (the lock goes when its process dies);
+  only a temporary file that nothing reads, and that the next writer removes once the lock
+  (``writers.file_lock``) its writer held on it is free (the lock goes when its process dies);
 - a feature store is a folder of immutable chunk files named by the hash of their bytes, checked on
   reading; its index is the union of the chunks' row keys, so adding rows never rewrites what is
   stored, and a damaged chunk is removed and its rows computed again;
@@ -19,33 +19,25 @@ There are no claims, process ids, host names or clocks. See docs/robustness.md.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
 import re
-import sys
 import time
-import uuid
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from .writers import atomic_path, file_lock, fsync_dir
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock between processes (one process per cache folder)
-    fcntl = None
+from . import writers
+from .writers import atomic_path, file_lock, remove_abandoned
 
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 2000  # rows computed and saved at a time: a killed extraction keeps every finished chunk
 COMPACT_CHUNKS = 16  # more small chunks than this in a store are merged into one
-TMP_PREFIX = ".tmp."
 WAIT_LOG_S = 60.0  # how often a rank waiting for the other ranks' shares says so
 
 
@@ -56,91 +48,6 @@ def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fuselabel"
     )
     return Path(base)
-
-
-# ---- test hooks: stop at a named point so that a test can kill the process there, or dawdle there ----
-
-_pauses_seen: dict[str, int] = {}
-
-
-def pause_for_test(stage: str) -> None:
-    """Sleep at ``stage`` when FUSELABEL_TEST_PAUSE_AT names it (test hook; unset in normal use).
-
-    ``FUSELABEL_TEST_PAUSE_AT=stage`` or ``stage:N`` (the N-th time this process reaches it), several
-    joined by commas. The process announces the pause on stderr and sleeps, for the test to kill it.
-    ``FUSELABEL_TEST_DELAY_S=seconds`` makes every stage a short wait instead, to widen the windows in
-    which concurrent processes could get in each other's way.
-    """
-    delay = os.environ.get("FUSELABEL_TEST_DELAY_S")
-    if delay:
-        time.sleep(float(delay))
-    wanted = os.environ.get("FUSELABEL_TEST_PAUSE_AT")
-    if not wanted:
-        return
-    _pauses_seen[stage] = _pauses_seen.get(stage, 0) + 1
-    for item in wanted.split(","):
-        name, _, nth = item.strip().partition(":")
-        if name == stage and _pauses_seen[stage] == int(nth or 1):
-            sys.stderr.write(f"FUSELABEL_TEST_PAUSE_AT: paused at {stage} (pid {os.getpid()})\n")
-            sys.stderr.flush()
-            time.sleep(3600)
-
-
-# ---- atomic files ----
-
-
-def temporary_name(prefix: str = TMP_PREFIX) -> str:
-    return f"{prefix}{uuid.uuid4().hex[:16]}"
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-@contextlib.contextmanager
-def _locked_temporary(folder: Path):
-    """(path, file) of a new temporary in ``folder``, ``flock``-ed while open: while its writer lives, nobody
-    else's :func:`remove_abandoned` touches it."""
-    while True:
-        tmp = folder / temporary_name()
-        f = open(tmp, "w+b")
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        if os.fstat(f.fileno()).st_nlink:  # not removed by a cleaner between creating and locking it
-            break
-        f.close()
-    try:
-        yield tmp, f
-    finally:
-        f.close()
-        tmp.unlink(missing_ok=True)
-
-
-def write_locked_atomic(path: Path, data: bytes, stage: str | None = None) -> None:
-    """``data`` into ``path``: temporary file (locked while written), fsync, rename, fsync of the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked_temporary(path.parent) as (tmp, f):
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-        if stage:
-            pause_for_test(stage)
-        os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def remove_abandoned(folder: Path, prefix: str = TMP_PREFIX) -> None:
-    """Temporaries whose writer died: their ``flock`` is free. Without ``fcntl`` nothing is removed."""
-    if fcntl is None:
-        return
-    for p in Path(folder).glob(prefix + "*"):
-        try:
-            with open(p, "rb") as f:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                p.unlink()  # while locked: its writer, if it just created it, sees it gone and starts again
-        except (BlockingIOError, FileNotFoundError, IsADirectoryError):
-            pass
 
 
 # ---- row keys ----
@@ -195,6 +102,14 @@ def _chunk_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+def _log_fetch(label: str, store: Path, rows: int, computed: int, seconds: float) -> None:
+    if not computed:
+        log.info("%s: %d rows cached (%s)", label, rows, store)
+        return
+    cached = f", {rows - computed} cached" if computed < rows else ""
+    log.info("%s: %d rows computed in %.1fs%s (%s)", label, computed, seconds, cached, store)
+
+
 class FeatureCache:
     """Per-row feature vectors on disk, one store per encoder setting, shared safely between processes.
 
@@ -205,8 +120,8 @@ class FeatureCache:
     computed, ``chunk_rows`` at a time, each chunk saved as soon as it is done.
 
         features/<key>/chunk-<sha256>.npz   immutable: row_keys plus one array per output, same length
-        features/<key>/.lock                flock: merging and removing chunks exclude readers
-        features/<key>/.tmp.<random>        a chunk being written (flock-ed by its writer); never read
+        features/<key>/.lock                lock: merging and removing chunks exclude readers
+        features/<key>/.chunk-<sha256>.npz.<random>.tmp   a chunk being written (locked by its writer); never read
     """
 
     def __init__(self, cache_dir=None, chunk_rows: int | None = None, poll_s: float = 0.2):
@@ -231,11 +146,8 @@ class FeatureCache:
         store = self.root / key
         store.mkdir(parents=True, exist_ok=True)
         start, computed = time.time(), 0
-        first, seen = [], set()  # one index per distinct key: a repeated caption is computed once
-        for i, k in enumerate(row_keys):
-            if k not in seen:
-                seen.add(k)
-                first.append(i)
+        # The first row of each distinct key: a repeated caption is computed once.
+        first = sorted({k: i for i, k in reversed(list(enumerate(row_keys)))}.values())
         shares = [first[lo : lo + self.chunk_rows] for lo in range(0, len(first), self.chunk_rows)]
         mine = shares[rank::world]
         waited = None
@@ -247,10 +159,10 @@ class FeatureCache:
                 index = self._index(store)
                 todo = [i for i in share if row_keys[i] not in index]
                 if todo:
-                    pause_for_test("cache-chunk-listed")
+                    writers.reached("cache-chunk-listed")
                     self._save_chunk(store, [row_keys[i] for i in todo], compute(todo), label)
                     computed += len(todo)
-                    pause_for_test("cache-chunk-saved")
+                    writers.reached("cache-chunk-saved")
             index = self._index(store)
             if any(row_keys[i] not in index for i in first):
                 if waited is None or time.time() - waited > WAIT_LOG_S:
@@ -259,7 +171,7 @@ class FeatureCache:
                 time.sleep(self.poll_s)  # another rank's share, or one of ours found damaged and removed
                 continue
             try:
-                with file_lock(store / ".lock", shared=True):
+                with file_lock(store / ".lock"):
                     arrays = self._read(store, row_keys)
                 break
             except _BadChunk as err:  # unreadable data found late: drop that chunk and compute its rows again
@@ -267,17 +179,7 @@ class FeatureCache:
                     self._discard(store, Path(str(err)))
                 if world > 1:
                     mine = shares  # whose share it was is unknown: whoever gets there first computes it
-        if computed:
-            log.info(
-                "%s: %d rows computed in %.1fs%s (%s)",
-                label,
-                computed,
-                time.time() - start,
-                f", {len(row_keys) - computed} cached" if computed < len(row_keys) else "",
-                store,
-            )
-        else:
-            log.info("%s: %d rows cached (%s)", label, len(row_keys), store)
+        _log_fetch(label, store, len(row_keys), computed, time.time() - start)
         self._compact(store)
         return arrays
 
@@ -294,7 +196,10 @@ class FeatureCache:
         remove_abandoned(store)
         data = _chunk_bytes(arrays)
         path = store / f"chunk-{hashlib.sha256(data).hexdigest()}.npz"
-        write_locked_atomic(path, data, stage=stage)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+            if stage:
+                writers.reached(stage)
         return path
 
     # -- reading --

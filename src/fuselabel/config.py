@@ -199,6 +199,10 @@ class Config:
         "none", "finetune: none | memory (decode each photo once, augment on the device)"
     )
     gpu_decode: bool = runtime(True, "on a GPU, decode JPEGs with nvJPEG for the image cache (no: PIL workers)")
+    logger: Literal["none", "csv", "tensorboard", "mlflow"] = runtime(
+        "none", "experiment tracker the run's losses and validation mean F1 go to: none | csv | tensorboard | mlflow"
+    )
+    log_dir: Optional[str] = runtime(None, "folder the tracker writes to (none: OUT.logs beside the model folder)")
 
     @field_validator("image_size", "image_crop_pct", mode="before")
     @classmethod

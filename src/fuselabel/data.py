@@ -244,22 +244,8 @@ def fit_loaders(config, tokenizer, train_ds, val_ds, *, workers: int, device, sa
     train_collate = TextCollate(tokenizer, config.text_max_length, config.word_dropout, config.seed)
     common = dict(num_workers=workers, pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0)
     return (
-        training_loader(train_ds, config, train_collate, sampler, **common),
+        train_loader(train_ds, config, sampler, train_collate, **common),
         DataLoader(val_ds, batch_size=config.batch_size * 2, collate_fn=collate, **common),
-    )
-
-
-def training_loader(train_ds, config, collate_fn, sampler=None, **kwargs) -> DataLoader:
-    """Training batches of ``config.batch_size``, shuffled or drawn by ``sampler``; a last partial batch is
-    dropped when there are several (a batch of one would break BatchNorm)."""
-    return DataLoader(
-        train_ds,
-        batch_size=config.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=len(train_ds) > config.batch_size,
-        collate_fn=collate_fn,
-        **kwargs,
     )
 
 
@@ -274,6 +260,20 @@ def oversampling_weights(label_matrix: np.ndarray, power: float = 0.5) -> np.nda
     inv[inv == 0] = 1.0 / freq.max()
     weights = inv**power
     return weights / weights.mean()
+
+
+def train_loader(dataset, config, sampler, collate_fn, **options) -> DataLoader:
+    """The training rows in batches of ``batch_size``: shuffled unless a ``sampler`` draws them, the last short
+    batch dropped unless it is the only one."""
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(dataset) > config.batch_size,
+        collate_fn=collate_fn,
+        **options,
+    )
 
 
 def make_sampler(label_matrix: np.ndarray, kind: str, power: float, seed: int):

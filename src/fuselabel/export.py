@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from .onnxrt import (
     quantize_int8_static,
 )
 from .runtime import MANIFEST, ONNX_FORMAT, ONNX_FORMAT_VERSION
-from .writers import ordinary_permissions
+from .writers import ordinary_permissions, temporary_beside
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,8 @@ def export_onnx(
     if text_length is None and net.text_encoder is not None:  # never chosen: all the encoder takes
         text_length = text_length_limit(bundle.tokenizer, net.text_encoder.backbone.config)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temporary_beside(out)
+    tmp.mkdir()
     t0 = time.time()
     try:
         files: dict = {}
@@ -269,8 +269,9 @@ def export_cached(model_dir, cache_dir=None) -> Path | None:
     """A model folder's exported ONNX copy in the cache folder, exported on first use; `predict`, `evaluate`
     and `serve` on a CPU run from it. None: no copy, and the PyTorch model runs instead (a folder without
     file hashes, which cannot be recognised later, or one whose network ONNX cannot express; said once)."""
-    from .cache import default_cache_dir, file_lock
+    from .cache import default_cache_dir
     from .runtime import exported_location, is_onnx_folder
+    from .writers import file_lock
 
     folder = exported_location(model_dir, default_cache_dir(cache_dir))
     if folder is None or is_onnx_folder(folder):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 
@@ -79,15 +80,28 @@ def run_shares() -> tuple[int, int]:
 
 
 def frozen_features(
-    net, tokenizer, data_config, records, image_dir, config, *, device=None, progress=True, image=True, text=True
+    net,
+    tokenizer,
+    data_config,
+    records,
+    image_dir,
+    config,
+    *,
+    device=None,
+    progress=True,
+    image=True,
+    text=True,
+    timings=None,
 ):
-    """Features for ``records`` from the network's frozen encoders, through the cache."""
-    cache = FeatureCache(config.cache_dir)
-    rank, world = run_shares()
+    """Features for ``records`` from the network's frozen encoders, through the cache.
+
+    ``timings`` (a ``tracking.StageTimes``), when given, adds up the seconds spent in each encoder
+    (``image_encoder_s``, ``text_encoder_s``) and decoding photos (``decode_s``: the rest of the image pass).
+    """
     out: dict[str, np.ndarray] = {}
     present = np.ones(len(records), dtype=np.float32)
     if image and net.image_encoder is not None and config.image_quant == "int8" and INT8_CALIBRATION not in data_config:
-        # Calibrated here, on the training photos, and kept in the preprocessing the model folder saves, so
+        # Calibrated here, on the training photos, and kept with the preprocessing the model folder saves, so
         # prediction rebuilds the very encoder the heads learn from (and the feature cache keys on it).
         data_config[INT8_CALIBRATION] = calibrate_image_int8(
             net.image_encoder, data_config, [r.image_id for r in records], image_dir, config.cache_dir
@@ -102,50 +116,69 @@ def frozen_features(
         encoders=config.feature_engine,
         cache_dir=config.cache_dir,
     )
+    if timings is not None:
+        timings.timed(engine, "image_features", "image_encoder_s")
+        timings.timed(engine, "text_features", "text_encoder_s")
     if image and net.image_encoder is not None:
-        key = cache.key(
-            kind="image",
-            weights=weights_digest(net.image_encoder),
-            model=config.image_model,
-            data_config=data_config,
-            flip=config.tta_flip,
-            pool=[config.image_pool, config.image_layers, config.image_tokens],
-            missing=config.missing_images,
-        )
-
-        def compute_images(idx):
-            feats, pres = extract_image_features(
-                engine,
-                [records[i] for i in idx],
-                image_dir,
-                missing_images=config.missing_images,
-                num_workers=config.num_workers,
-                progress=progress,
-            )
-            return {"features": feats, "present": pres}
-
-        arrays = cache.fetch(
-            key, image_row_keys(records, image_dir), compute_images, "image features", rank=rank, world=world
-        )
-        out["image"], present = arrays["features"], arrays["present"]
+        before, start = (timings or {}).get("image_encoder_s", 0.0), time.perf_counter()
+        out["image"], present = _image_features(engine, net, data_config, records, image_dir, config, progress)
+        if timings is not None:
+            encoding = timings.get("image_encoder_s", 0.0) - before
+            timings.add("decode_s", max(0.0, time.perf_counter() - start - encoding))
     if text and net.text_encoder is not None:
-        # Keyed on the quantisation only when there is one, so float features keep the keys they had.
-        quant = {"quant": config.text_quant} if config.text_quant != "none" else {}
-        key = cache.key(
-            kind="text",
-            weights=weights_digest(net.text_encoder),
-            model=config.text_model,
-            max_length=config.text_max_length,
-            **quant,
-        )
-        captions = [r.caption for r in records]
-        arrays = cache.fetch(
-            key,
-            text_row_keys(captions),
-            lambda idx: {"features": encode_texts(engine, [captions[i] for i in idx], config.num_workers)},
-            "text features",
-            rank=rank,
-            world=world,
-        )
-        out["text"] = arrays["features"]
+        out["text"] = _text_features(engine, net, records, config)
     return out, present
+
+
+def _image_features(engine, net, data_config, records, image_dir, config, progress):
+    cache = FeatureCache(config.cache_dir)
+    key = cache.key(
+        kind="image",
+        weights=weights_digest(net.image_encoder),
+        model=config.image_model,
+        data_config=data_config,
+        flip=config.tta_flip,
+        pool=[config.image_pool, config.image_layers, config.image_tokens],
+        missing=config.missing_images,
+    )
+
+    def compute_images(idx):
+        feats, pres = extract_image_features(
+            engine,
+            [records[i] for i in idx],
+            image_dir,
+            missing_images=config.missing_images,
+            num_workers=config.num_workers,
+            progress=progress,
+        )
+        return {"features": feats, "present": pres}
+
+    rank, world = run_shares()
+    arrays = cache.fetch(
+        key, image_row_keys(records, image_dir), compute_images, "image features", rank=rank, world=world
+    )
+    return arrays["features"], arrays["present"]
+
+
+def _text_features(engine, net, records, config):
+    cache = FeatureCache(config.cache_dir)
+    # Keyed on the quantisation only when there is one, so float features keep the keys they had.
+    quant = {"quant": config.text_quant} if config.text_quant != "none" else {}
+    key = cache.key(
+        kind="text",
+        weights=weights_digest(net.text_encoder),
+        model=config.text_model,
+        max_length=config.text_max_length,
+        **quant,
+    )
+    captions = [r.caption for r in records]
+    rank, world = run_shares()
+    arrays = cache.fetch(
+        key,
+        text_row_keys(captions),
+        lambda idx: {"features": encode_texts(engine, [captions[i] for i in idx], config.num_workers)},
+        "text features",
+        rank=rank,
+        world=world,
+    )
+    return arrays["features"]

@@ -9,14 +9,12 @@ from __future__ import annotations
 import math
 
 import lightning as L
-import numpy as np
 import torch
 
+from .calibration import score_validation
 from .config import Config
-from .losses import build_loss
-from .metrics import row_f1
+from .losses import build_loss, probabilities
 from .network import FuseLabelNet
-from .thresholds import apply_argmax, tune_global
 
 # The batch flag that says a row has the input a one-modality head reads.
 PRESENCE_KEYS = {"image": "image_present", "text": "caption_present"}
@@ -51,16 +49,22 @@ def hide_modalities(batch: dict, share: float, generator: torch.Generator) -> di
 
 
 class FuseLabelModule(L.LightningModule):
+    """The network, its loss and optimiser settings, and which encoders train: what Lightning fits.
+
+    Holds the ``FuseLabelNet`` being trained, the run's ``Config``, the loss (with per-label weights), the
+    per-head validation probabilities of the epoch under way, and ``val_calibration``: the last validation
+    epoch's tuned fusion and thresholds, whose mean F1 (``val_f1``) picks the checkpoint and stops training.
+    """
+
     def __init__(self, net: FuseLabelNet, config: Config, pos_weight: torch.Tensor | None = None):
         super().__init__()
         self.net = net
         self.config = config
         # pos_weight: per-label positive weights (multilabel) or per-class weights (multiclass), see losses
         self.criterion = build_loss(config.loss, pos_weight=pos_weight, task=config.task, **config.loss_kwargs)
-        self._val_probs: list[torch.Tensor] = []
-        self._val_labels: list[torch.Tensor] = []
+        self._val_rows: list[dict[str, torch.Tensor]] = []
         self.trainable = {"image": False, "text": False}
-        self.best_val_f1 = 0.0
+        self.val_calibration = None
         self._dropout_generator: torch.Generator | None = None
 
     def set_trainable(self, image: bool, text: bool) -> None:
@@ -136,28 +140,32 @@ class FuseLabelModule(L.LightningModule):
         logits = self.net(batch)
         loss = self._loss(logits, batch)
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=len(batch["labels"]), sync_dist=True)
-        fused = self.net.probabilities(logits, batch.get("image_present"))
-        self._val_probs.append(fused.detach().float().cpu())
-        self._val_labels.append(batch["labels"].detach().cpu())
+        n = len(batch["labels"])
+        ones = torch.ones(n, device=batch["labels"].device)
+        row = {f"part_{k}": probabilities(v, self.config.task).detach().float() for k, v in logits.items()}
+        row["labels"] = batch["labels"].detach()
+        row["image_present"] = batch.get("image_present", ones).detach().float()
+        row["caption_present"] = batch.get("caption_present", ones).detach().float()
+        self._val_rows.append(row)
 
     def on_validation_epoch_end(self):
-        if not self._val_probs:
+        if not self._val_rows:
             return
-        probs = torch.cat(self._val_probs)
-        labels = torch.cat(self._val_labels)
-        self._val_probs.clear()
-        self._val_labels.clear()
+        rows = {k: torch.cat([r[k] for r in self._val_rows]) for k in self._val_rows[0]}
+        self._val_rows.clear()
         if self.trainer.world_size > 1:
-            probs = self.all_gather(probs.to(self.device)).reshape(-1, probs.shape[-1]).cpu()
-            labels = self.all_gather(labels.to(self.device)).reshape(-1, labels.shape[-1]).cpu()
-        # Checkpoints and early stopping follow the figure we report: mean F1 at a tuned global threshold, or
-        # of the arg-max label for multiclass (there the same as accuracy: one true label, one predicted).
-        if self.config.task == "multiclass":
-            f1 = row_f1(labels.numpy().astype(bool), apply_argmax(probs.numpy())).mean()
-        else:
-            _, f1 = tune_global(labels.numpy().astype(np.uint8), probs.numpy(), self.config.ensure_nonempty)
-        self.best_val_f1 = max(self.best_val_f1, float(f1))
-        self.log("val_f1", float(f1), prog_bar=True, sync_dist=False)
+            rows = {k: self.all_gather(v).reshape(-1, *v.shape[1:]) for k, v in rows.items()}
+        rows = {k: v.cpu().numpy() for k, v in rows.items()}
+        # Checkpoints and early stopping follow the figure the model folder records: the prediction path's
+        # fusion and decision rule, tuned on these rows as calibration tunes them (runtime.fuse, thresholds).
+        self.val_calibration = score_validation(
+            self.config,
+            rows["labels"],
+            {k.removeprefix("part_"): v for k, v in rows.items() if k.startswith("part_")},
+            rows["image_present"] > 0.5,
+            rows["caption_present"] > 0.5,
+        )
+        self.log("val_f1", self.val_calibration.mean_f1, prog_bar=True, sync_dist=False)
 
     def configure_optimizers(self):
         cfg = self.config

@@ -1,21 +1,17 @@
-"""The whole network: image and text encoders around a head, and the rule that fuses per-head probabilities.
+"""The whole network: image and text encoders around a head.
 
-``FuseLabelNet`` works from raw inputs (pixels, token ids) or from cached features;
-``combine_probabilities`` applies the prediction path's fusion rule (``runtime.fuse``) to the
-per-head probabilities of training and validation.
+``FuseLabelNet`` works from raw inputs (pixels, token ids) or from cached features. Its per-head
+probabilities are fused by the prediction path's rule (``runtime.fuse``), in training's validation too.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
 from .config import Config
 from .encoders import PooledImageEncoder, create_image_encoder, create_text_encoder
 from .heads import build_head
-from .losses import probabilities
-from .runtime import fuse
 
 
 class FuseLabelNet(nn.Module):
@@ -83,19 +79,3 @@ class FuseLabelNet(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         return self.head(self.encode(batch))
-
-    def probabilities(self, logits: dict, image_present: torch.Tensor | None = None) -> torch.Tensor:
-        parts = {k: probabilities(v, self.config.task) for k, v in logits.items()}
-        return combine_probabilities(parts, self.config.late_combine, self.late_weight, image_present)
-
-
-def combine_probabilities(
-    parts: dict, combine: str = "weighted", weight=0.5, image_present: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``runtime.fuse`` for training's tensors, where every row has its caption and a lone head is kept as is."""
-    if len(parts) == 1:
-        return next(iter(parts.values()))
-    arrays = {k: v.detach().float().cpu().numpy() for k, v in parts.items()}
-    n = len(arrays["image"])
-    image = np.ones(n, bool) if image_present is None else image_present.detach().cpu().numpy().astype(bool)
-    return torch.from_numpy(fuse(arrays, combine, float(weight), image, np.ones(n, bool)))

@@ -5,7 +5,7 @@ runs EfficientNet-Lite several times faster in onnxruntime than eagerly, and Min
 twice as fast.
 
 Graphs kept in the cache folder (:func:`cached_graph`) are exported by one process at a time
-(an ``flock`` beside the graph), written under a temporary name, flushed to disk and renamed into
+(a lock beside the graph, ``writers.file_lock``), written under a temporary name, flushed to disk and renamed into
 place, and recorded with their size and hash beside them (``NAME.onnx.sha256``). A graph that
 does not match its record (cut short by a crash, damaged, or left without one) is exported again.
 """
@@ -13,7 +13,6 @@ does not match its record (cut short by a crash, damaged, or left without one) i
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import logging
 import os
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .writers import atomic_path, file_lock
+from .writers import atomic_path, file_lock, remove_abandoned
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +105,7 @@ def cached_graph(path: str | os.PathLike, export) -> Path:
             return path
         if path.exists():
             log.warning("%s: does not match %s (cut short or damaged); exporting it again", path, record.name)
-        # Under the lock no other exporter of this graph lives: its leftovers are a killed one's.
-        for left in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            left.unlink(missing_ok=True)
+        remove_abandoned(path.parent)  # temporaries of killed writers, this graph's or another's
         record.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         export(path)

@@ -9,10 +9,10 @@ work :func:`check_output` refuses, with the path and what to do instead, an outp
   an ONNX folder, a report only a report, a file only a file (never a folder of the user's data),
 - lies in a folder that cannot be written.
 
-:func:`output_lock` holds an ``flock`` on ``.NAME.lock`` beside the output while a command writes
-it, so a second writer is refused at once, naming the first. The lock is the ``flock`` itself: it
-goes when its process dies, whatever the clocks or host names say; the pid and host in the file are
-only for the message. :func:`explain_error` turns the machine's limits (a full disk, a read-only
+:func:`output_lock` holds the lock of ``writers.file_lock`` on ``.NAME.lock`` beside the output while
+a command writes it, so a second writer is refused at once, naming the first. The lock goes when its
+process dies, whatever the clocks or host names say; the pid and host in the file are only for the
+message. :func:`explain_error` turns the machine's limits (a full disk, a read-only
 folder, a path that is a folder where a file was meant) into one line naming the path.
 """
 
@@ -25,10 +25,7 @@ import re
 import socket
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory lock; outputs are checked but two writers are not excluded
-    fcntl = None
+from .writers import LockHeld, file_lock
 
 # What each kind of output is recognised by, when it already exists.
 MODEL, ONNX, REPORT, FILE, WORK = "model", "onnx", "report", "file", "work"
@@ -182,7 +179,7 @@ def output_lock(path: str | os.PathLike):
     """
     path = Path(path)
     lock = _lock_path(path)
-    if lock in _held or fcntl is None or not _is_rank_zero():
+    if lock in _held or not _is_rank_zero():
         _held[lock] = _held.get(lock, 0) + 1
         try:
             yield path
@@ -192,33 +189,24 @@ def output_lock(path: str | os.PathLike):
                 del _held[lock]
         return
     _writable_parent(path)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputError(
-                f"{path}: {_holder(lock)} is writing it now; wait for it to finish, or choose "
-                f"another output path (the lock is {lock}, held by a live process)"
-            ) from None
-        try:  # the holder before us may have removed the file it locked: lock the one at the path
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+    held = contextlib.ExitStack()
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        _held[lock] = 1
-        yield path
-    finally:
-        _held.pop(lock, None)
-        with contextlib.suppress(OSError):
-            os.unlink(lock)  # while still held, so nobody locks a file that is going away
-        os.close(fd)
+        held.enter_context(file_lock(lock, wait=False))
+    except LockHeld:
+        raise OutputError(
+            f"{path}: {_holder(lock)} is writing it now; wait for it to finish, or choose "
+            f"another output path (the lock is {lock}, held by a live process)"
+        ) from None
+    with held:
+        try:
+            with open(lock, "w") as f:  # for the message of a second writer; the lock is the lock itself
+                f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            _held[lock] = 1
+            yield path
+        finally:
+            _held.pop(lock, None)
+            with contextlib.suppress(OSError):
+                os.unlink(lock)  # while still held: a writer waiting on it takes the next file at the path
 
 
 @contextlib.contextmanager

@@ -21,18 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import fsync_dir, pause_for_test, write_atomic
+from . import writers
 from .images import ImageError
 from .runtime import STATUSES, WINDOW, Prediction
 from .tables import Columns, read_table
 from .writers import (
     atomic_path,
     atomic_write_text,
+    fsync_dir,
     output_format,
     probability_lines,
     submission_lines,
     table_prediction_lines,
     table_probability_lines,
+    write_atomic,
     write_table_lines,
 )
 
@@ -235,7 +237,7 @@ def predict_csv(
                 if i in done:
                     continue
                 _save_part(parts, i, predict_chunk(model, records, image_dir, b, strict=strict))
-                pause_for_test("predict-chunk")
+                writers.reached("predict-chunk")
                 bar.update(1)
         except (ValueError, ImageError):
             # Bad input (--strict): a rerun on the same rows stops at the same row, so nothing is kept for it.
@@ -378,7 +380,7 @@ def _publish(parts: Path, staged: list[tuple[Path, Path]]) -> None:
     run complete renames a kill interrupted (roll forward), so the outputs never stay a mix of two runs."""
     journal = parts / JOURNAL
     write_atomic(journal, json.dumps([[str(t), str(f)] for t, f in staged]).encode())
-    pause_for_test("predict-publish")
+    writers.reached("predict-publish")
     _finish_publish(parts)
 
 
@@ -390,7 +392,7 @@ def _finish_publish(parts: Path) -> None:
     for tmp, final in pairs:
         if Path(tmp).exists():
             os.replace(tmp, final)
-            pause_for_test("predict-rename")
+            writers.reached("predict-rename")
     for folder in {Path(final).parent for _, final in pairs}:
         fsync_dir(folder)
     journal.unlink()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import itertools
 import json
@@ -22,17 +23,17 @@ import numpy as np
 from .labels import vocab_index
 from .records import LABEL_TOKEN_RE, Record, RecordSet, parse_records
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no locks; writes stay atomic, two writers may only do the same work twice
-    fcntl = None
-
 __all__ = [
     "atomic_path",
+    "remove_abandoned",
+    "temporary_beside",
     "fsync_dir",
     "file_lock",
+    "LockHeld",
     "atomic_write_text",
+    "write_atomic",
     "ordinary_permissions",
+    "reached",
     "output_format",
     "table_prediction_lines",
     "table_probability_lines",
@@ -44,9 +45,29 @@ __all__ = [
 ]
 
 
+def reached(stage: str) -> None:
+    """A named point of a long write or run where a kill must leave everything usable (``bundle-swap``,
+    ``cache-chunk-write``, ``predict-publish``, ``train-batch``, ...). It does nothing: the robustness tests
+    put their own function here (``tests/pausing.py``) to stop a process at such a point and kill it."""
+
+
 def _check_id(image_id: str) -> None:
     if not isinstance(image_id, str) or not image_id or any(c in image_id for c in ',"\r\n'):
         raise ValueError(f'cannot write ImageID {image_id!r}: must be a non-empty string without , " or line breaks')
+
+
+def temporary_beside(path: str | os.PathLike[str]) -> Path:
+    """The one name of every temporary file or folder: ``.NAME.<random>.tmp`` beside ``path``, on its file system
+    (so a rename puts it in place at once) and hidden. :func:`remove_abandoned` knows it by this name."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{TEMPORARY_SUFFIX}"
+
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def _writer_lock(tmp: Path) -> Path:
+    return tmp.with_name(tmp.name + ".lock")
 
 
 @contextlib.contextmanager
@@ -57,42 +78,79 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     Beside the target, so the rename stays on one file system: readers see either the old thing or the
     complete new one, and an error at any point leaves the old one untouched. A file gets the permissions of
-    the file it replaces, or ordinary ones (:func:`ordinary_permissions`), never a temporary's 0600.
+    the file it replaces, or ordinary ones (:func:`ordinary_permissions`), never a temporary's 0600. The
+    temporary's lock is held while it exists, so :func:`remove_abandoned` removes it only once its writer died.
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            try:
-                os.chmod(tmp, path.stat().st_mode & 0o7777)
-            except FileNotFoundError:
-                ordinary_permissions(tmp)
-        os.replace(tmp, path)
-        fsync_dir(directory)
-    finally:
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists() or tmp.is_symlink():
-            tmp.unlink()
+    tmp = temporary_beside(path)
+    lock = _writer_lock(tmp)
+    with file_lock(lock):
+        try:
+            yield tmp
+            if tmp.is_file():
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                try:
+                    os.chmod(tmp, path.stat().st_mode & 0o7777)
+                except FileNotFoundError:
+                    ordinary_permissions(tmp)
+            os.replace(tmp, path)
+            fsync_dir(directory)
+        finally:
+            _remove(tmp)
+            lock.unlink(missing_ok=True)  # while held: a cleaner that waited on it finds nothing to do
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def remove_abandoned(folder: str | os.PathLike[str]) -> None:
+    """The temporaries :func:`atomic_path` left in ``folder`` when its writer died: their lock is free. A live
+    writer's are left alone, whatever their age. (Only for folders whose temporaries all come from it.)"""
+    folder = Path(folder)
+    found = [*folder.glob(f".*{TEMPORARY_SUFFIX}"), *folder.glob(f".*{TEMPORARY_SUFFIX}.lock")]
+    for tmp in {folder / p.name.removesuffix(".lock") for p in found}:
+        lock = _writer_lock(tmp)
+        try:
+            with file_lock(lock, wait=False):
+                _remove(tmp)
+                lock.unlink(missing_ok=True)
+        except LockHeld:
+            pass
+
+
+class LockHeld(OSError):
+    """Another process holds the lock at ``filename`` (asked for with ``wait=False``)."""
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, shared: bool = False):
-    """``flock`` on ``path`` (created if absent): exclusive for writers, shared for readers."""
+def file_lock(path: str | os.PathLike[str], *, wait: bool = True) -> Iterator[Path]:
+    """The one lock between processes: ``filelock.FileLock`` on ``path`` (created if absent; ``flock`` on POSIX,
+    ``LockFileEx`` on Windows), held while the block runs. The system drops it when its process dies, whatever
+    the clocks or host names say, so a killed holder never leaves it taken.
+
+    ``wait=False``: :class:`LockHeld` at once when another process holds it. A process that takes a lock it
+    already holds through this function waits for itself: callers that nest keep count (``outputs``).
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    lock = FileLock(path, timeout=-1 if wait else 0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LockHeld(errno.EAGAIN, "held by another process", str(path)) from None
+    try:
+        yield path
+    finally:
+        lock.release()
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -118,6 +176,12 @@ def ordinary_permissions(path: str | os.PathLike[str]) -> None:
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
         if not p.is_symlink():
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], lines: Iterable[str]) -> None:
