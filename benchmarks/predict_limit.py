@@ -7,7 +7,7 @@ Times every stage of prediction alone, in CPU seconds of one thread (so outside 
 little): decoding and the evaluation resize, the uint8 -> float look-up, the image encoder, the text
 encoder, heads and fusion. Rows are independent, so the limit is ``cores / CPU seconds a row``. Then
 runs the whole command (`fuselabel predict`, a fresh process) on the same rows, and on one row, and
-the training feature loop (``runtime.encode_images``, decoding and the image encoder) on the same
+the training feature loop (``encoding.encode_images``, decoding and the image encoder) on the same
 photos. Prints the limits, the achieved rows/s with and without start-up and the fractions.
 
 A model folder runs from its exported copy in the cache, as `fuselabel predict` does (exported once,
@@ -35,7 +35,8 @@ from fuselabel.export import export_cached
 from fuselabel.images import normalise, pixel_table
 from fuselabel.predict import OnnxModel
 from fuselabel.records import read_records, resolve_data
-from fuselabel.runtime import WINDOW, encode_images, is_onnx_folder, read_photos_uint8, usable_cores
+from fuselabel.encoding import WINDOW, encode_images, read_photos_uint8, usable_cores
+from fuselabel.onnx_folder import is_onnx_folder
 from fuselabel.writers import write_rows
 
 

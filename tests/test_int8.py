@@ -42,7 +42,7 @@ def test_training_features_are_the_prediction_features(int8_model, session_cache
     from fuselabel.engines import TorchEngine, engine_for_bundle
     from fuselabel.features import frozen_features
     from fuselabel.records import read_records
-    from fuselabel.runtime import encode_images
+    from fuselabel.encoding import encode_images
 
     root, image_dir, csv = int8_model
     bundle = load_bundle(root / "model")
@@ -102,7 +102,8 @@ def test_text_features_are_the_prediction_features_one_caption_a_run(int8_model,
     from fuselabel.export import export_onnx
     from fuselabel.features import frozen_features
     from fuselabel.records import read_records
-    from fuselabel.runtime import OnnxFolderEngine, encode_texts
+    from fuselabel.encoding import encode_texts
+    from fuselabel.onnx_folder import OnnxFolderEngine
 
     root, image_dir, csv = int8_model
     bundle = load_bundle(root / "model")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundle import BundleError, replace_folder
+from .snapshot import BundleError, replace_folder
 from .encoders import text_length_limit
 from .losses import probabilities
 from .onnxrt import (
@@ -49,7 +49,7 @@ from .onnxrt import (
     quantize_int8_dynamic,
     quantize_int8_static,
 )
-from .runtime import MANIFEST, ONNX_FORMAT, ONNX_FORMAT_VERSION
+from .onnx_folder import MANIFEST, ONNX_FORMAT, ONNX_FORMAT_VERSION
 from .writers import ordinary_permissions
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ def _synthetic_rows(n: int = 8, seed: int = 0) -> tuple[list, list]:
 def check_against_torch(bundle, onnx_dir: Path, n: int = 8, seed: int = 0, threads: int | None = None) -> dict:
     """Max |ONNX - PyTorch| per head and fused, and agreement of label decisions, end to end on synthetic rows."""
     from .engines import engine_for_bundle
-    from .runtime import Predictor, load_onnx_predictor
+    from .onnx_folder import load_onnx_predictor
+    from .runtime import Predictor
 
     images, captions = _synthetic_rows(n, seed)
     eager = Predictor(
@@ -270,7 +271,7 @@ def export_cached(model_dir, cache_dir=None) -> Path | None:
     and `serve` on a CPU run from it. None: no copy, and the PyTorch model runs instead (a folder without
     file hashes, which cannot be recognised later, or one whose network ONNX cannot express; said once)."""
     from .cache import default_cache_dir, file_lock
-    from .runtime import exported_location, is_onnx_folder
+    from .onnx_folder import exported_location, is_onnx_folder
 
     folder = exported_location(model_dir, default_cache_dir(cache_dir))
     if folder is None or is_onnx_folder(folder):
