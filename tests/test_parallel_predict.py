@@ -145,8 +145,8 @@ def test_workers_and_chunk_size_never_change_a_byte(tiny_model, tmp_path, sessio
 
 
 def test_training_features_do_not_depend_on_workers(tiny_model, session_cache):
-    from fuselabel.records import read_records
     from fuselabel.encoding import encode_images, encode_texts
+    from fuselabel.records import read_records
 
     root, image_dir, csv = tiny_model
     engine = OnnxFolderEngine(export_cached(root / "model", session_cache))

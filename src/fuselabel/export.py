@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .snapshot import BundleError, replace_folder
 from .encoders import text_length_limit
 from .losses import probabilities
+from .onnx_folder import MANIFEST, ONNX_FORMAT, ONNX_FORMAT_VERSION
 from .onnxrt import (
     INT8_CALIBRATION,
     INT8_OPS,
@@ -49,7 +49,7 @@ from .onnxrt import (
     quantize_int8_dynamic,
     quantize_int8_static,
 )
-from .onnx_folder import MANIFEST, ONNX_FORMAT, ONNX_FORMAT_VERSION
+from .snapshot import BundleError, replace_folder
 from .writers import ordinary_permissions
 
 log = logging.getLogger(__name__)

@@ -9,34 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from .encoding import encode_by_length
+from .bundle import Bundle
+from .config import Config
+from .encoding import encode_by_length, session
 from .runtime import Predictor
 
 ONNX_FORMAT = "fuselabel-onnx"
 ONNX_FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-
-
-def session(path, threads: int | None = None):
-    """An onnxruntime CPU session, single-threaded by default: the cores are kept busy by workers over
-    different windows of rows (two 1-thread streams scale better than one 2-thread one, and a window's
-    numbers then never depend on how many cores there are)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if os.environ.get("FUSELABEL_ORT_SPIN", "0") != "1":
-        # Spinning threads burn the cores that the photo decoders need between batches.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+# The model settings an exported folder records (beside its labels, thresholds and preprocessing).
+EXPORTED_SETTINGS = ("kind", "late_combine", "task", "text_max_length")
 
 
 class OnnxFolderEngine:
@@ -119,3 +106,40 @@ def load_onnx_predictor(folder, *, threads: int | None = None, **options) -> tup
     engine = OnnxFolderEngine(folder, threads)
     m = engine.manifest
     return Predictor(engine, m["labels"], m["thresholds"], m["ensure_nonempty"], **options), engine
+
+
+def read_exported(folder, runtime: dict | None = None) -> Bundle:
+    """An exported folder's records as a ``Bundle`` without a network: it predicts and evaluates through
+    onnxruntime, but holds no PyTorch weights to save, fine-tune or explain with. ``runtime``: where it runs."""
+    folder = Path(folder)
+    m = json.loads((folder / MANIFEST).read_text())
+    model = {k: m[k] for k in EXPORTED_SETTINGS if m.get(k) is not None}
+    return Bundle(
+        config=Config.from_dict({**model, **(runtime or {})}, source=str(folder)),
+        labels=list(m["labels"]),
+        label_names=m.get("label_names") or {},
+        thresholds={"thresholds": m["thresholds"], "ensure_nonempty": m["ensure_nonempty"]},
+        preprocessing=m.get("preprocessing"),
+        path=folder,
+        table=m.get("table") or {},
+    )
+
+
+def describe_exported(folder) -> str:
+    """What ``fuselabel info`` prints of an exported ONNX folder: its files, the model and its decision rule."""
+    folder = Path(folder)
+    m = json.loads((folder / MANIFEST).read_text())
+    lines = [f"{folder}: exported ONNX folder ({m.get('format')} version {m.get('version')}), runs without PyTorch"]
+    for part, info in m.get("files", {}).items():
+        path = folder / info["path"]
+        size = path.stat().st_size / 1e6 if path.is_file() else 0.0
+        lines.append(f"  {part:<14} {info['path']:<24} {size:8.1f} MB" + (" (int8)" if info.get("quantized") else ""))
+    lines.append(
+        f"model: {m.get('kind')} ({m.get('late_combine')}), task {m.get('task', 'multilabel')}, "
+        f"text length {m.get('text_max_length')}"
+    )
+    names = m.get("label_names") or {}
+    labels = [names.get(t, t) if names.get(t, t) == t else f"{t} ({names[t]})" for t in m["labels"]]
+    lines.append(f"labels ({len(labels)}): {', '.join(labels)}")
+    lines.append(f"rule: {m.get('head', {}).get('rule', '')}")
+    return "\n".join(lines)

@@ -84,6 +84,26 @@ def fuse(
     return fused.astype(np.float32)
 
 
+def describe_fusion(kind: str, combine: str, weight: float) -> dict:
+    """How a model's heads make one probability, for a person reading the heads' figures: ``kind``,
+    ``combine`` (late fusion's rule), ``image_weight`` (the photo head's share under ``weighted``), ``rule``."""
+    combine = combine if kind == "late" else None
+    weight = round(float(weight), 4) if combine == "weighted" else None
+    rules = {
+        "image": "the photo head alone",
+        "text": "the caption head alone",
+        "early": "one head over the photo's and the caption's features together",
+    }
+    if kind == "late":
+        both = (
+            "the larger of the photo head's and the caption head's probability"
+            if combine == "union"
+            else f"{weight:g} x the photo head's probability + {1 - weight:g} x the caption head's"
+        )
+        rules["late"] = f"{both}; with only one input given, that input's head alone"
+    return {"kind": kind, "combine": combine, "image_weight": weight, "rule": rules[kind]}
+
+
 def decide(probs: np.ndarray, thresholds: np.ndarray, ensure_nonempty: bool, task: str = "multilabel") -> np.ndarray:
     """Label sets from probabilities; rows without probabilities get no labels.
 
