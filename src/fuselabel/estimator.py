@@ -32,13 +32,23 @@ from .runtime import Prediction, Predictor, describe_fusion, gpu_driver_present
 log = logging.getLogger(__name__)
 
 
-def _as_label(token: str):
-    return int(token) if token.lstrip("-").isdigit() else token
-
-
 def _as_labels(tokens: Sequence[str]) -> list:
     """Label tokens as the user's labels: ints when every one is an integer."""
-    return [_as_label(t) for t in tokens] if all(t.lstrip("-").isdigit() for t in tokens) else list(tokens)
+    return [int(t) for t in tokens] if all(t.lstrip("-").isdigit() for t in tokens) else list(tokens)
+
+
+def _exported_copy(model_dir: Path, cache_dir) -> Path | None:
+    """The model folder's exported ONNX copy in the cache, exported first when missing (None: there is none, and
+    the PyTorch model predicts)."""
+    from .cache import default_cache_dir
+    from .onnx_folder import exported_location, is_onnx_folder
+
+    folder = exported_location(model_dir, default_cache_dir(cache_dir))
+    if folder is None or is_onnx_folder(folder):
+        return folder
+    from .export import export_cached  # imports torch: only while the copy is missing
+
+    return export_cached(model_dir, cache_dir)
 
 
 class FuseLabel:
@@ -282,17 +292,13 @@ class FuseLabel:
         bundle.config = bundle.config.replace(**runtime)
         history = path / "history.csv"
         self._history = history.read_bytes() if history.is_file() else None
-        if exported and bundle.config.feature_engine != "torch" and self._on_cpu():
-            from .export import export_cached  # imports torch only while the copy is missing
-
-            self._onnx = export_cached(path, bundle.config.cache_dir)
+        device = self.__dict__.get("_device")
+        on_cpu = str(device).startswith("cpu") if device is not None else not gpu_driver_present()
+        if exported and on_cpu and bundle.config.feature_engine != "torch":
+            self._onnx = _exported_copy(path, bundle.config.cache_dir)
         if self._onnx is None:
             attach_weights(bundle, files)
         self.bundle_ = bundle
-
-    def _on_cpu(self) -> bool:
-        device = self.__dict__.get("_device")
-        return str(device).startswith("cpu") if device is not None else not gpu_driver_present()
 
     def torch_bundle(self) -> Bundle:
         """The model with its PyTorch network, loaded on first use (once, whichever thread asks) from the
