@@ -68,12 +68,12 @@ class FuseLabel:
     def __init__(self, preset: str | None = None, config: str | Path | None = None, **settings):
         self.preset = preset
         self.config = config
-        self.settings = settings
+        self._settings = settings
 
     # ------------------------------------------------------------------ scikit-learn's contract
     def get_params(self, deep: bool = True) -> dict:
         """The constructor's arguments, as given: ``preset``, ``config`` and every setting keyword."""
-        return {"preset": self.preset, "config": self.config, **self.settings}
+        return {"preset": self.preset, "config": self.config, **self._settings}
 
     def set_params(self, **params) -> FuseLabel:
         """Change constructor arguments (checked, like the constructor's, at ``fit``); an unknown key is refused."""
@@ -82,12 +82,12 @@ class FuseLabel:
             if key in ("preset", "config"):
                 setattr(self, key, value)
             else:
-                self.settings[key] = value
+                self._settings[key] = value
         return self
 
     def get_config(self) -> Config:
         """The settings the constructor's arguments make, checked (ValueError naming a bad key or value)."""
-        return build_config(self.preset, self.config, **self.settings)
+        return build_config(self.preset, self.config, **self._settings)
 
     def __sklearn_is_fitted__(self) -> bool:
         return getattr(self, "bundle_", None) is not None
@@ -256,7 +256,7 @@ class FuseLabel:
             fixed = {k: v for k, v in config.to_dict("model").items() if k in EXPORTED_SETTINGS}
         else:
             fixed = {**config.to_dict("model"), **config.to_dict("run")}
-        model.settings = {**fixed, **runtime}
+        model._settings = {**fixed, **runtime}
         return model
 
     load = from_pretrained
