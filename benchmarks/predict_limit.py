@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fuselabel import FuseLabel
+from fuselabel.encoding import WINDOW, encode_images, read_photos_uint8, usable_cores
 from fuselabel.export import export_cached
 from fuselabel.images import normalise, pixel_table
-from fuselabel.predict import OnnxModel
-from fuselabel.records import read_records, resolve_data
-from fuselabel.encoding import WINDOW, encode_images, read_photos_uint8, usable_cores
 from fuselabel.onnx_folder import is_onnx_folder
+from fuselabel.records import read_records, resolve_data
 from fuselabel.writers import write_rows
 
 
@@ -174,8 +174,9 @@ def main(argv=None) -> int:
     limits = {}
     for label, path in [("model", args.model)] + ([("other", args.other_model)] if args.other_model else []):
         folder = path if is_onnx_folder(path) else export_cached(path)  # exported before anything is timed
-        model = OnnxModel(folder, workers=1)
-        engine, predictor = model.engine, model.predictor()
+        model = FuseLabel.from_pretrained(folder, num_workers=1)
+        predictor = model.predictor()
+        engine = predictor.engine
         per_row = stages(engine, predictor, rows, image_dir)
         total = sum(per_row.values())
         print(f"{label} {path}:")
