@@ -115,14 +115,12 @@ class FuseLabel:
     @property
     def config_(self) -> Config:
         """The fitted model's settings (what it is, how it was trained, where it runs)."""
-        self._check_fitted()
-        return self.bundle_.config
+        return self._fitted().config
 
     @property
     def labels_(self) -> list:
         """The model's output columns: labels as in the training data (ints when every label is an integer)."""
-        self._check_fitted()
-        return _as_labels(self.bundle_.labels)
+        return _as_labels(self._fitted().labels)
 
     @property
     def classes_(self) -> np.ndarray:
@@ -134,38 +132,33 @@ class FuseLabel:
 
     @property
     def label_names_(self) -> list[str]:
-        self._check_fitted()
-        return [self.bundle_.label_names.get(t, t) for t in self.bundle_.labels]
+        bundle = self._fitted()
+        return [bundle.label_names.get(t, t) for t in bundle.labels]
 
     @property
     def thresholds_(self) -> np.ndarray:
-        self._check_fitted()
-        return self.bundle_.threshold_vector
+        return self._fitted().threshold_vector
 
     @property
     def path_(self) -> Path | None:
         """The model folder it was loaded from or saved to (None: held in memory only)."""
-        self._check_fitted()
-        return self.bundle_.path
+        return self._fitted().path
 
     @property
     def weights_sha256_(self) -> str | None:
         """The sha256 of the model folder's weights file as loaded (None: an exported folder, or in memory)."""
-        self._check_fitted()
-        return self.bundle_.weights_sha256
+        return self._fitted().weights_sha256
 
     @property
     def validation_(self) -> dict:
         """The validation figures recorded at training (``metrics.json``), per-label ones left out; {} if none."""
-        self._check_fitted()
-        figures = (self.bundle_.extra.get("metrics.json") or {}).get("validation", {})
+        figures = (self._fitted().extra.get("metrics.json") or {}).get("validation", {})
         return {k: v for k, v in figures.items() if k != "per_label"}
 
     @property
     def preprocessing_(self) -> dict | None:
         """The photo preprocessing (timm data config): photos are decoded for this size, no larger."""
-        self._check_fitted()
-        return self.bundle_.preprocessing
+        return self._fitted().preprocessing
 
     @property
     def fusion_(self) -> dict:
@@ -176,6 +169,10 @@ class FuseLabel:
 
     def _target_form(self) -> Target:
         return self.__dict__.get("_target") or Target("lists", [])
+
+    def _fitted(self) -> Bundle:
+        self._check_fitted()
+        return self.bundle_
 
     def _check_fitted(self) -> None:
         if getattr(self, "bundle_", None) is None:
