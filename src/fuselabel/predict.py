@@ -102,11 +102,9 @@ def predict_csv(
     format follows ``out``'s suffix (``.csv``, ``.tsv``, ``.jsonl``, ``.parquet``). A course-format table
     predicted by a model trained on course-format data gives Kaggle's ``ImageID,Labels``.
 
-    ``model`` is a ``FuseLabel`` (``FuseLabel.from_pretrained`` opens a model folder or an exported ONNX
-    folder; a path given here is opened so). Rows without a usable
-    photo are predicted from their caption and rows with an empty caption from their photo; each is
-    counted, and ``--proba`` output has an ``input`` column saying which. A row with neither gets
-    no labels and is named in the summary. ``strict=True`` makes any of these an error instead.
+    ``model`` is a ``FuseLabel`` or the path of a model folder or exported ONNX folder. A row without a usable
+    photo is predicted from its caption, one with an empty caption from its photo, each counted and flagged in
+    ``--proba``'s ``input`` column; a row with neither gets no labels and is named. ``strict=True``: errors.
     """
     t0 = time.time()
     if isinstance(model, (str, Path)):
@@ -129,10 +127,10 @@ def predict_csv(
     else:
         _predict_here(model, records, image_dir, bounds, parts, done, strict=strict, progress=progress)
     summary = _merge(parts, len(bounds), records, model.bundle_.labels, model.bundle_.table, out, proba_out)
-    summary["resumed_chunks"] = len(done)
     _remove_leftovers(out, proba_out)  # this run's parts and any earlier run's, and killed writes' temporaries
     elapsed = time.time() - t0
     summary.update(
+        resumed_chunks=len(done),
         rows=len(records),
         seconds=elapsed,
         rows_per_s=len(records) / max(elapsed, 1e-9),
