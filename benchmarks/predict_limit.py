@@ -7,7 +7,7 @@ Times every stage of prediction alone, in CPU seconds of one thread (so outside 
 little): decoding and the evaluation resize, the uint8 -> float look-up, the image encoder, the text
 encoder, heads and fusion. Rows are independent, so the limit is ``cores / CPU seconds a row``. Then
 runs the whole command (`fuselabel predict`, a fresh process) on the same rows, and on one row, and
-the training feature loop (``runtime.encode_images``, decoding and the image encoder) on the same
+the training feature loop (``encoding.encode_images``, decoding and the image encoder) on the same
 photos. Prints the limits, the achieved rows/s with and without start-up and the fractions.
 
 A model folder runs from its exported copy in the cache, as `fuselabel predict` does (exported once,
@@ -31,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fuselabel import FuseLabel
+from fuselabel.encoding import WINDOW, encode_images, read_photos_uint8, usable_cores
 from fuselabel.export import export_cached
 from fuselabel.images import normalise, pixel_table
-from fuselabel.predict import OnnxModel
+from fuselabel.onnx_folder import is_onnx_folder
 from fuselabel.records import read_records, resolve_data
-from fuselabel.runtime import WINDOW, encode_images, is_onnx_folder, read_photos_uint8, usable_cores
 from fuselabel.writers import write_rows
 
 
@@ -91,8 +92,8 @@ def engine_of(path):
     """(engine, predictor) of a model folder's exported copy (made now, before anything is timed) or of an
     exported folder, on one thread: what ``fuselabel predict`` runs on a CPU."""
     folder = path if is_onnx_folder(path) else export_cached(path)
-    model = OnnxModel(folder, workers=1)
-    return model.engine, model.predictor()
+    predictor = FuseLabel.from_pretrained(folder, num_workers=1).predictor()
+    return predictor.engine, predictor
 
 
 def command(src: str | None, model, data, csv, out: Path) -> tuple[float, float, str, float]:

@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 from fuselabel.data import PairDataset, build_transform
+from fuselabel.encoding import read_photos_uint8
 from fuselabel.geometry import normalize
 from fuselabel.gpu_decode import iter_uint8
 from fuselabel.image_cache import ImageCache
 from fuselabel.images import normalise
 from fuselabel.preprocess import Preprocess, resample_weights
 from fuselabel.records import Record
-from fuselabel.runtime import read_photos_uint8
 
 # Photo sizes on both sides of the 73 px resize, wide and tall, each under twice it (so every path decodes
 # every pixel; larger photos are decoded smaller on the PIL path, see images.load_rgb).

@@ -214,7 +214,9 @@ def quiet_lightning():
         yield
 
 
-def run_training(config: Config, module, train_loader, val_loader, work: Path, last, out, progress: bool, t0: float):
+def run_training(
+    config: Config, module, train_loader, val_loader, work: Path, last, out, progress: bool, t0: float, extra=()
+):
     """Lightning's loop with the run's callbacks: (what training left, the Trainer, the F1 history)."""
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=work / "checkpoints",
@@ -233,6 +235,7 @@ def run_training(config: Config, module, train_loader, val_loader, work: Path, l
         RandomState(train_loader),
         PausePoints(),
         L.pytorch.callbacks.EarlyStopping(monitor="val_f1", mode="max", patience=config.patience),
+        *extra,
     ]
     # The history the model folder keeps (history.csv); a resumed run appends. Then the user's tracker.
     loggers = [L.pytorch.loggers.CSVLogger(work, name="logs", version=0), experiment_logger(config, out)]

@@ -163,9 +163,9 @@ def describe_table(raw: RawBatch, columns: Columns, trained: Mapping, need_label
     label_col = pick_column(
         "labels", columns.label, raw.columns, [trained.get("label_col")], _LABEL_NAMES, path, "--label-col", need_labels
     )
-    id_col = (
-        pick_column("row id", columns.id, raw.columns, [], (), path, "--id-col", False) if columns.id else image_col
-    )
+    # A model trained with an id column of its own names rows by it again wherever the table has it.
+    trained_id = trained.get("id_col") if trained.get("id_col") != trained.get("image_col") else None
+    id_col = pick_column("row id", columns.id, raw.columns, [trained_id], (), path, "--id-col", False) or image_col
     split_col = (
         pick_column("split", columns.split, raw.columns, [], (), path, "--split-col", True) if columns.split else None
     )

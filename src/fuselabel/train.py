@@ -366,6 +366,7 @@ def fit(
     resume: bool = False,
     columns: Columns | None = None,
     val=None,
+    extra_callbacks: list | None = None,
 ) -> TrainResult | None:
     """Train a model on a labelled table and write its folder to ``out``.
 
@@ -375,6 +376,8 @@ def fit(
     Checkpoints and logs go to ``work_dir`` (default ``OUT.work``, removed once the model is saved);
     ``resume=True`` continues the run a kill interrupted there: extracted features come from the
     cache, training from its last checkpoint (optimiser, schedule and random streams included).
+    ``extra_callbacks`` are Lightning callbacks added to the run's own (``fuselabel tune`` reports each
+    epoch's validation F1 to its pruner through one).
     Returns None on non-zero ranks of a multi-process run (only rank 0 tunes and saves).
     """
     t0, timings = time.time(), StageTimes()
@@ -390,7 +393,7 @@ def fit(
     with work_folder(work_dir, out, resume, fingerprint) as (work, last):
         with timings.stage("train_s"):
             trained, trainer, history = run_training(
-                config, module, train_loader, val_loader, work, last, out, progress, t0
+                config, module, train_loader, val_loader, work, last, out, progress, t0, extra_callbacks or []
             )
         if not trainer.is_global_zero:
             return None

@@ -46,8 +46,9 @@ from .config import Config, TuneSettings, choices
 from .experiment import logged_to
 from .outputs import MODEL, WORK, check_output, output_locks
 from .records import RecordSet
+from .resume import run_fingerprint
 from .tables import Columns, read_table
-from .train import _run_fingerprint, fit
+from .train import fit
 from .writers import atomic_path, atomic_write_text
 
 __all__ = ["search", "TuneResult", "suggest_settings", "work_dir"]
@@ -216,7 +217,7 @@ class _Objective:
 def _fingerprint(config: Config, records: RecordSet, settings: TuneSettings) -> dict:
     """What a resumed study must share with the one it continues: settings, rows and search space."""
     space = {"params": settings.params, "threshold_methods": settings.threshold_methods}
-    return json.loads(json.dumps({**_run_fingerprint(config, records), **space}, default=str))
+    return json.loads(json.dumps({**run_fingerprint(config, records), **space}, default=str))
 
 
 def _copy_study(src: Path, dst: Path) -> None:

@@ -89,13 +89,14 @@ def write_report(
 def _labelled_rows(model_dir, table, columns, split: str):
     """The model, the table and its labelled rows on the ``split`` side of the model's split; labels the model
     never saw are named in a warning (they are left out of its figures)."""
-    from ..estimator import FuseLabel, split_rows
+    from ..estimator import FuseLabel
+    from ..evaluation import split_rows
     from ..tables import read_table, require_labels
 
     model = FuseLabel.from_pretrained(model_dir)
     records = read_table(table, columns, trained=model.bundle_.table, need_labels=True)
     require_labels(records, "the report")
-    rows = split_rows(model_dir, records.records, split)
+    rows = split_rows(model.bundle_, records.records, split)
     unseen = sorted({label for r in rows for label in r.labels} - set(model.bundle_.labels))
     if unseen:
         log.warning(
