@@ -7,7 +7,8 @@ thresholds), so it flatters. This benchmark first sets aside a stratified share 
 split inside it), then the untouched rows are scored. The baseline, in the same run
 and on the same rows, answers every row with the most frequent training label ("person").
 
-    python benchmarks/heldout.py --data DATA --preset cpu                 # the default model
+    python benchmarks/heldout.py --data DATA                              # the default model
+    python benchmarks/heldout.py --data DATA --preset default cpu         # ... and the fp32 one
     python benchmarks/heldout.py --data DATA --preset cpu cpu-best --out runs/heldout
     python benchmarks/heldout.py --data DATA --preset cpu --set kind=early --set decoder=query
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="image folder, or a folder with data/ and the CSV")
     ap.add_argument("--csv")
-    ap.add_argument("--preset", nargs="+", default=["cpu"])
+    ap.add_argument("--preset", nargs="+", default=["default"], help="presets to train ('default': no preset)")
     ap.add_argument("--holdout", type=float, default=0.1)
     ap.add_argument("--split-seed", type=int, default=2026)
     ap.add_argument("--cache-dir")
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         overrides = dict(args.set)
         if args.cache_dir:
             overrides["cache_dir"] = args.cache_dir
-        config = build_config(preset, **overrides)
+        config = build_config(None if preset == "default" else preset, **overrides)
         t0 = time.time()
         result = fit(config, images, dev_csv, out / f"model-{preset}", progress=False)
         train_s = time.time() - t0

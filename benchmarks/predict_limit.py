@@ -13,20 +13,27 @@ photos. Prints the limits, the achieved rows/s with and without start-up and the
 A model folder runs from its exported copy in the cache, as `fuselabel predict` does (exported once,
 before anything is timed). ``--baseline-src`` also runs the command from another source tree (an
 older fuselabel) on the same rows in the same run, and says whether its files are byte-identical.
-``evaluate``, ``inspect`` and the service's start are timed on one row too. Ends with lines ``LIMIT ...``,
-``PREDICT ...``, ``ONE_ROW ...``, ``START ...``, ``FEATURES ...``.
+``evaluate`` and ``inspect`` are timed on one row too, ``evaluate`` on all the rows (when the table has labels),
+and the service (``fuselabel serve`` with its defaults) from launch to its first answer and over the rows from
+one client, in ``/predict/batch`` requests of 32. Ends with lines ``LIMIT ...``, ``PREDICT ...``, ``ONE_ROW ...``,
+``START ...``, ``EVALUATE ...``, ``SERVICE ...``, ``FEATURES ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import os
 import re
 import resource
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -135,13 +142,10 @@ def command(src: str | None, model, data, csv, out: Path) -> tuple[float, float,
 
 def start_times(model, data, one_csv: Path) -> dict:
     """Wall seconds of the other commands that start on one row, each a fresh process: ``evaluate`` (from the
-    exported copy, as on any CPU), ``inspect``, and the service's model loading (``serve.Model``, everything
-    before the port opens)."""
-    runs = {
-        "evaluate": ["-m", "fuselabel.cli", "evaluate", str(model), "--data", str(data), "--csv", str(one_csv)],
-        "inspect": ["-m", "fuselabel.cli", "inspect", "--data", str(data), "--csv", str(one_csv)],
-        "serve": ["-c", f"from fuselabel.serve import Model; Model({str(model)!r})"],
-    }
+    exported copy, as on any CPU; only when the table has labels) and ``inspect``."""
+    runs = {"inspect": ["-m", "fuselabel.cli", "inspect", "--data", str(data), "--csv", str(one_csv)]}
+    if read_records(one_csv).labelled:
+        runs["evaluate"] = ["-m", "fuselabel.cli", "evaluate", str(model), "--data", str(data), "--csv", str(one_csv)]
     out = {}
     for name, args in runs.items():
         t0 = time.perf_counter()
@@ -150,6 +154,55 @@ def start_times(model, data, one_csv: Path) -> dict:
         if done.returncode:
             raise SystemExit(done.stderr)
     return out
+
+
+def evaluate_wall(model, data, csv: Path) -> float:
+    """Wall seconds of ``fuselabel evaluate`` over the rows, a fresh process, start-up included."""
+    t0 = time.perf_counter()
+    args = ["-m", "fuselabel.cli", "evaluate", str(model), "--data", str(data), "--csv", str(csv)]
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    return time.perf_counter() - t0
+
+
+def service_rate(model, rows, image_dir, batch: int = 32) -> tuple[float, float]:
+    """(seconds from launching ``fuselabel serve`` with its defaults until /health answers, rows/s of one client
+    sending the rows as /predict/batch requests of ``batch`` rows, one after another)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "fuselabel.cli", "serve", str(model), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.perf_counter()
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.perf_counter() - t0 > 300:
+                    raise SystemExit(f"the service did not start ({' '.join(cmd)})") from None
+                time.sleep(0.1)
+        start = time.perf_counter() - t0
+        bodies = []
+        for lo in range(0, len(rows), batch):
+            items = []
+            for r in rows[lo : lo + batch]:
+                photo = Path(image_dir) / r.image_id
+                data = base64.b64encode(photo.read_bytes()).decode() if photo.is_file() else None
+                items.append({"caption": r.caption, "image_base64": data})
+            bodies.append(json.dumps(items).encode())
+        headers = {"Content-Type": "application/json"}
+        t1 = time.perf_counter()
+        for body in bodies:
+            request = urllib.request.Request(base + "/predict/batch", data=body, headers=headers)
+            urllib.request.urlopen(request, timeout=600).read()
+        return start, len(rows) / (time.perf_counter() - t1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
 
 
 def main(argv=None) -> int:
@@ -219,6 +272,19 @@ def main(argv=None) -> int:
     if not is_onnx_folder(args.model):  # evaluate and the service take a model folder
         for name, s in start_times(args.model, args.data, one_csv).items():
             print(f"START {name}: {s:.2f} s")
+        predicted = results["new"][0]
+        if read_records(rows_csv).labelled:
+            wall = evaluate_wall(args.model, args.data, rows_csv)
+            print(
+                f"EVALUATE {len(rows) / wall:.1f} rows/s with start-up ({predicted / wall:.2f}x predict's "
+                f"{len(rows) / predicted:.1f}; {100 * len(rows) / wall / limit:.0f} % of the limit)"
+            )
+        start, rate = service_rate(args.model, rows, image_dir)
+        print(f"START serve (until /health answers): {start:.2f} s")
+        print(
+            f"SERVICE one client, /predict/batch of 32: {rate:.1f} rows/s ({rate * results['new'][1] / len(rows):.2f}x "
+            f"predict without start-up; {100 * rate / limit:.0f} % of the limit)"
+        )
     if "baseline" in results:
         for suffix in (".csv", ".proba.csv"):
             same = (work / f"new{suffix}").read_bytes() == (work / f"baseline{suffix}").read_bytes()

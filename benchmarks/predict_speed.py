@@ -1,18 +1,18 @@
-"""How much faster is prediction with onnxruntime encoders than with eager PyTorch, over the same model?
+"""How close is prediction to what the CPU allows, and how much faster than eager PyTorch, over the same model?
 
-    python benchmarks/predict_speed.py --model MODEL_DIR --data DIR [--csv FILE] --rows 200
+    python benchmarks/predict_speed.py --model MODEL_DIR --data DIR [--csv FILE] --rows 1000
 
 Both runs go through the one prediction path, ``runtime.Predictor`` (the same photo reading,
 chunks, fusion and thresholds as ``fuselabel predict``); only the engine differs:
 
-(a) ``engine_for_bundle(bundle, engine="onnx")``: the encoders in onnxruntime, the heads in
-    PyTorch (what ``fuselabel predict`` uses on a CPU);
-(b) ``engine_for_bundle(bundle, engine="torch")``: encoders and heads in eager PyTorch.
+(a) ``FuseLabel.from_pretrained(MODEL, exported=True)``: the model's exported ONNX copy (what
+    ``fuselabel predict`` runs on a CPU, int8 encoders where the model has them);
+(b) ``FuseLabel.from_pretrained(MODEL, feature_engine="torch")``: encoders and heads in eager PyTorch.
 
-Both timings include loading the model folder. The one-off ONNX exports that (a) caches per
-weights digest are done by an untimed warm-up on a few rows and reported separately. Prints
-samples/s of both, the ratio and the share of rows whose label sets agree, ending with a line
-``RATIO onnx/torch = 6.3x, agreement 99.8%``.
+Both timings include loading the model. The limit is what the CPU allows: the usable cores over the CPU
+seconds a row of every stage, each timed alone on one thread (``predict_limit.stages``). Prints rows/s of
+both against the limit, and the share of rows whose label sets agree, ending with a line
+``LIMIT 99.6 rows/s; exported 91.0 (91 %), eager 12.0 (12 %); agreement 99.8%``.
 """
 
 from __future__ import annotations
@@ -30,28 +30,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 
-from fuselabel.bundle import load_bundle
-from fuselabel.engines import engine_for_bundle
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from predict_limit import engine_of, stages
+
+from fuselabel import FuseLabel
+from fuselabel.encoding import usable_cores
 from fuselabel.labels import matrix_to_labels
 from fuselabel.records import read_records, resolve_data
-from fuselabel.runtime import Prediction, Predictor
+from fuselabel.runtime import Prediction
 from fuselabel.writers import write_submission
 
 
-def timed_predict(
-    model_dir, engine: str, records, image_dir, *, cache_dir=None, batch_size: int = 16, workers: int | None = None
-) -> tuple[Prediction, float, str]:
-    """Load the folder, build the engine and predict ``records`` chunk by chunk: (prediction, seconds, engine name)."""
+def timed_predict(model_dir, engine: str, records, image_dir, *, cache_dir=None, workers=None):
+    """Load the model, build the engine and predict ``records`` chunk by chunk: (prediction, seconds, engine name)."""
     t0 = time.time()
-    bundle = load_bundle(model_dir)
-    predictor = Predictor(
-        engine_for_bundle(bundle, engine=engine, device="cpu", cache_dir=cache_dir),
-        bundle.labels,
-        bundle.threshold_vector,
-        bundle.thresholds.get("ensure_nonempty", True),
-        batch_size=batch_size,
-        workers=workers,
-    )
+    if engine == "onnx":
+        model = FuseLabel.from_pretrained(model_dir, exported=True, cache_dir=cache_dir, num_workers=workers)
+    else:
+        model = FuseLabel.from_pretrained(model_dir, feature_engine="torch", cache_dir=cache_dir, num_workers=workers)
+    predictor = model.predictor()
     chunks = list(predictor.iter_predict(((r.image_id, r.caption) for r in records), image_dir=image_dir))
     return Prediction.concat(chunks), time.time() - t0, predictor.engine.name
 
@@ -62,7 +60,6 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="image folder, or a folder with data/ and train.csv")
     parser.add_argument("--csv", help="CSV (default DATA/train.csv)")
     parser.add_argument("--rows", type=int, default=200, help="first N rows of the CSV")
-    parser.add_argument("--batch-size", type=int, default=16, help="photos per encoder call (divides 64)")
     parser.add_argument("--num-workers", type=int, help="threads reading photos (default: up to 8 cores)")
     parser.add_argument("--cache-dir", help="where the exported encoder graphs are kept (default ~/.cache/fuselabel)")
     parser.add_argument("--keep", help="write the two submissions into this folder")
@@ -75,15 +72,16 @@ def main(argv=None) -> int:
         f"model {args.model}; {n} rows of {csv_path}; torch threads {torch.get_num_threads()}, "
         f"{os.cpu_count()} CPU cores"
     )
-    common = dict(cache_dir=args.cache_dir, batch_size=args.batch_size, workers=args.num_workers)
+    common = dict(cache_dir=args.cache_dir, workers=args.num_workers)
+    image_dir = images if (Path(images) / records[0].image_id).exists() else Path(args.data)
 
     t = time.time()
-    timed_predict(args.model, "onnx", records[:4], images, **common)
+    timed_predict(args.model, "onnx", records[:4], image_dir, **common)
     print(f"warm-up (one-off ONNX exports, cached by weights digest): {time.time() - t:.1f}s")
 
-    fast, fast_s, fast_name = timed_predict(args.model, "onnx", records, images, **common)
+    fast, fast_s, fast_name = timed_predict(args.model, "onnx", records, image_dir, **common)
     print(f"(a) Predictor, {fast_name}: {fast_s:.1f}s -> {n / fast_s:.1f} samples/s")
-    eager, eager_s, eager_name = timed_predict(args.model, "torch", records, images, **common)
+    eager, eager_s, eager_name = timed_predict(args.model, "torch", records, image_dir, **common)
     print(f"(b) Predictor, {eager_name}: {eager_s:.1f}s -> {n / eager_s:.1f} samples/s")
 
     known = ~np.isnan(eager.probs).any(1)
@@ -92,11 +90,19 @@ def main(argv=None) -> int:
     if args.keep:
         keep = Path(args.keep)
         keep.mkdir(parents=True, exist_ok=True)
-        labels, ids = load_bundle(args.model).labels, [r.image_id for r in records]
+        labels, ids = FuseLabel.from_pretrained(args.model).labels_, [r.image_id for r in records]
         for name, pred in (("onnx", fast), ("torch", eager)):
             write_submission(keep / f"{name}_submission.csv", ids, matrix_to_labels(pred.predicted, labels))
         print(f"submissions kept in {keep}")
-    print(f"RATIO onnx/torch = {eager_s / fast_s:.1f}x, agreement {100 * agreement:.1f}%")
+    engine, predictor = engine_of(args.model)
+    per_row = sum(stages(engine, predictor, records, image_dir).values())
+    limit = usable_cores() / per_row
+    print(f"limit: {usable_cores()} cores / {1e3 * per_row:.1f} ms CPU a row (every stage alone on one thread)")
+    print(f"RATIO exported/eager = {eager_s / fast_s:.1f}x")
+    print(
+        f"LIMIT {limit:.1f} rows/s; exported {n / fast_s:.1f} ({100 * n / fast_s / limit:.0f} %), eager "
+        f"{n / eager_s:.1f} ({100 * n / eager_s / limit:.0f} %); agreement {100 * agreement:.1f}%"
+    )
     return 0
 
 
