@@ -587,20 +587,13 @@ def cmd_export(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .config import SERVE_LIMITS
+    from .config import ServeSettings
     from .serve import run
 
-    run(
-        args.model_dir,
-        args.host,
-        args.port,
-        workers=args.workers,
-        max_connections=args.max_connections,
-        header_timeout=args.header_timeout,
-        json_logs=args.json_logs,
-        **{key: getattr(args, key) for key in SERVE_LIMITS},
-        **given_settings(args),
-    )
+    # The parsed values of the serve group's fields (what ``flags.group_values`` gives once serve's flags are
+    # generated from ServeSettings).
+    values = {key: getattr(args, key) for key in ServeSettings.model_fields if getattr(args, key, None) is not None}
+    run(args.model_dir, ServeSettings(**values), **given_settings(args))
 
 
 def cmd_report(args) -> None:
