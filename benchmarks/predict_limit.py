@@ -131,7 +131,7 @@ def start_times(model, data, one_csv: Path) -> dict:
     runs = {
         "evaluate": ["-m", "fuselabel.cli", "evaluate", str(model), "--data", str(data), "--csv", str(one_csv)],
         "inspect": ["-m", "fuselabel.cli", "inspect", "--data", str(data), "--csv", str(one_csv)],
-        "serve": ["-c", f"from fuselabel.serve import Model; Model({str(model)!r})"],
+        "serve": ["-c", f"from fuselabel.serve.model import Model; Model({str(model)!r})"],
     }
     out = {}
     for name, args in runs.items():

@@ -113,7 +113,10 @@ async def malformed(request: Request, exc: RequestValidationError):
     # One readable line, and the errors without their inputs (which may be a whole photo).
     errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
     message = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in errors)
-    return JSONResponse({"detail": message, "errors": errors}, status_code=422)
+    # A body that is not JSON at all is malformed (400), as a broken multipart body is; 422 is for well-formed
+    # bodies whose fields are wrong.
+    status = 400 if any(e["type"] == "json_invalid" for e in errors) else 422
+    return JSONResponse({"detail": message, "errors": errors}, status_code=status)
 
 
 def _about_routes(app, model: Model, settings: ServeSettings, metrics: Metrics, keyed: bool, unauthorised: dict):

@@ -2,6 +2,7 @@
 
 import hashlib
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -86,9 +87,9 @@ class Model:
         ]
 
     def pieces(self, n: int) -> list[tuple[int, int]]:
-        """Row ranges of one request, each run on a thread of its own: the predictor's batches (photos are
-        encoded in batches at the same fixed positions whether a window runs whole or in these pieces)."""
-        step = self.predictor.batch_size
+        """Row ranges of one request, one a worker thread: even a single request keeps every worker busy, as
+        ``fuselabel predict`` keeps them busy with its windows."""
+        step = max(1, math.ceil(n / self.workers))
         return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
     def predict(self, images: list, captions: list) -> Prediction:
