@@ -101,12 +101,25 @@ def create_app(
     app.add_middleware(HeadAsGet)
     app.add_middleware(Observe, metrics=metrics)  # added last: the outermost, so it sees every answer
     app.state.model = model
+    _document_inputs(app, model.kind)
     app.exception_handler(RequestValidationError)(malformed)
     guarded = {**ERRORS, **UNAUTHORISED} if key else ERRORS
     _about_routes(app, model, settings, metrics, key is not None, UNAUTHORISED if key else {})
     _prediction_routes(app, model, decoder, settings, metrics, guarded)
     _explain_route(app, model, decoder, settings, metrics, guarded, label_ids)
     return app
+
+
+def _document_inputs(app, kind: str) -> None:
+    """The app's OpenAPI document, made once, says which inputs a request must hold (``schemas.require_an_input``)."""
+    make = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            app.openapi_schema = schemas.require_an_input(make(), kind)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def malformed(request: Request, exc: RequestValidationError):

@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..config import ServeSettings
 
 MAX_CAPTION_CHARS = 10_000  # far beyond any token limit; keeps tokenising cheap
+# Standard base64 with its padding, optionally as a data: URL: what ``base64.b64decode(validate=True)`` takes.
+BASE64 = r"^(data:[^,]*,)?([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 PHOTO_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
 
 LabelId = int | str
@@ -143,6 +145,7 @@ class BatchItem(BaseModel):
         None,
         description="the photo's bytes in base64 (a data: URL also works): JPEG, PNG, WebP, GIF or BMP, within "
         "/info's limits.max_megapixels; the whole request within limits.max_upload_mb",
+        json_schema_extra={"pattern": BASE64},
     )
 
 
@@ -240,3 +243,31 @@ def batch_of(max_batch: int):
             json_schema_extra={"minItems": 1, "maxItems": max_batch},
         ),
     ]
+
+
+def require_an_input(spec: dict, kind: str) -> dict:
+    """``spec`` (the OpenAPI document) saying what the handlers check: each request (each batch item) holds an
+    input this model reads, a photo or a caption that is not blank (an empty photo is none, as a blank caption is).
+    """
+    reads = {"image": ("photo",), "text": ("caption",)}.get(kind, ("photo", "caption"))
+    bodies = {
+        "Body_predict_predict_post": "image",
+        "Body_explain_label_explain_post": "image",
+        "BatchItem": "image_base64",
+    }
+    components = spec["components"]["schemas"]
+    for name, photo in bodies.items():
+        fields = components[name]["properties"]
+        if photo == "image":  # a form: fields are sent or not, never null; the photo is a file part
+            for field in ("image", "caption"):
+                fields[field] = {k: v for k, v in fields[field].items() if k != "anyOf"} | {"type": "string"}
+            fields["image"]["contentMediaType"] = "application/octet-stream"
+            fields["image"]["format"] = "binary"
+        branches = {
+            "photo": {"required": [photo], "properties": {photo: {"type": "string", "minLength": 1}}},
+            "caption": {"required": ["caption"], "properties": {"caption": {"type": "string", "pattern": r"\S"}}},
+        }
+        components[name]["anyOf"] = [branches[given] for given in reads]
+    for operation in (spec["paths"][path]["post"] for path in ("/predict", "/explain")):
+        operation["requestBody"]["required"] = True  # an input is required, so a body is
+    return spec
