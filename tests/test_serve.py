@@ -954,6 +954,30 @@ def test_workers_share_the_port_and_metrics(trained, tmp_path):
     assert len(access) == 6 and all(x["status"] == 200 and len(x["request_id"]) == 32 for x in access)
 
 
+def test_an_upload_over_the_limit_gets_its_413_even_from_a_client_that_sends_it_all(trained, tmp_path):
+    """Python's http.client sends the whole body before it reads the answer: the service reads and drops the
+    rest of the body, then answers 413, rather than closing on a client that is still sending."""
+    import http.client
+
+    with served_process(trained[1], tmp_path) as (proc, url):
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(2):  # twice: the first refusal leaves the service serving
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            try:
+                conn.request(
+                    "POST",
+                    "/predict",
+                    body=b"\xff" * 12_000_000,
+                    headers={"Content-Type": "multipart/form-data; boundary=b"},
+                )
+                response = conn.getresponse()
+                assert response.status == 413
+                assert "upload limit of 10 MB" in json.loads(response.read())["detail"]
+            finally:
+                conn.close()
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
 # ---------------------------------------------------------------- the container
 
 ROOT = Path(__file__).resolve().parents[1]
