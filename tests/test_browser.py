@@ -17,6 +17,7 @@ import pytest
 from conftest import shared_data_or_skip
 from test_serve import CAPTION, serving, train_tiny_model
 
+from fuselabel.config import ServeSettings
 from fuselabel.serve import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -35,9 +36,25 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, session_cache):
-    image_dir, model = train_tiny_model(tmp_path_factory.mktemp("browser"), session_cache)
+def tiny(tmp_path_factory, session_cache):
+    return train_tiny_model(tmp_path_factory.mktemp("browser"), session_cache)
+
+
+@pytest.fixture(scope="module")
+def service(tiny):
+    image_dir, model = tiny
     with serving(create_app(model)) as url:
+        yield url, image_dir
+
+
+PAGE_KEY = "page-key-123"
+
+
+@pytest.fixture(scope="module")
+def keyed_service(tiny, session_cache):
+    """The same model behind an API key."""
+    image_dir, model = tiny
+    with serving(create_app(model, ServeSettings(api_key=PAGE_KEY), cache_dir=session_cache)) as url:
         yield url, image_dir
 
 
@@ -322,4 +339,45 @@ def test_docs_render_offline(service, browser):
     paths = page.locator(".opblock-summary-path").all_inner_texts()
     assert {"/predict", "/predict/batch", "/explain", "/metrics"} <= {p.strip() for p in paths}
     assert not outside, outside
+    page.close()
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
+def test_a_keyed_service_asks_for_its_key_and_keeps_it_in_the_tab(keyed_service, browser, viewport):
+    url, image_dir = keyed_service
+    context = browser.new_context(viewport=WIDTHS[viewport])
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#key-row:not([hidden])")
+    assert page.locator("#model-id").inner_text() == ""  # /info wants the key too
+    page.fill("#caption", CAPTION)
+    page.click("#predict-button")
+    page.wait_for_function("() => document.getElementById('message').className === 'error'")
+    assert page.locator("#message").inner_text().startswith("This service wants its API key")
+    assert page.locator("#result-panel").is_hidden()
+
+    page.fill("#api-key", PAGE_KEY)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function("() => document.getElementById('model-id').textContent !== ''")
+    _predict(page, image_dir / "5.jpg", CAPTION)
+    assert page.locator("#bars .bar-row").count() == 4
+    box = page.locator("#api-key").bounding_box()
+    assert box["width"] <= WIDTHS[viewport]["width"] and box["height"] >= 30
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= WIDTHS[viewport]["width"]
+    assert page.evaluate("() => sessionStorage.getItem('fuselabel-api-key')") == PAGE_KEY
+    assert page.evaluate("() => localStorage.length") == 0  # never kept beyond the tab's session
+    page.reload()
+    page.wait_for_function("() => document.getElementById('model-id').textContent !== ''")
+    assert page.locator("#api-key").input_value() == PAGE_KEY
+    context.close()
+    other = browser.new_context().new_page()  # another session: no key
+    other.goto(url)
+    other.wait_for_selector("#key-row:not([hidden])")
+    assert other.locator("#api-key").input_value() == ""
+    other.context.close()
+
+
+def test_an_open_service_shows_no_key_field(service, browser):
+    page = _open(browser, service[0])
+    assert page.locator("#key-row").is_hidden()
     page.close()

@@ -1,5 +1,7 @@
 // The fuselabel page: one photo and/or caption -> every label's bar, and a "why" view for one label.
-// Plain DOM code against the service's JSON (POST predict, POST explain, GET info); no build step.
+// Plain DOM code against the service's JSON (POST predict, POST explain, GET health and info); no build step.
+// A service started with an API key says so in /health; the page then asks for the key, keeps it in the tab's
+// sessionStorage (gone when the tab closes) and sends it as X-API-Key.
 //
 // What is shown always belongs to the inputs shown: a newer request makes any older answer stale (it is
 // dropped when it arrives), and new input or an error clears the results of the old one.
@@ -7,7 +9,13 @@
 
 const $ = (id) => document.getElementById(id);
 const TYPES = { "image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WebP", "image/gif": "GIF", "image/bmp": "BMP" };
+const KEY_STORE = "fuselabel-api-key";
 const state = { file: null, photoUrl: null, sent: null, ticket: 0, limits: { max_upload_mb: 10 }, pending: null };
+
+function keyHeaders() {
+  const key = sessionStorage.getItem(KEY_STORE);
+  return key ? { "X-API-Key": key } : {};
+}
 
 function setMessage(text, isError = false) {
   $("message").textContent = text;
@@ -107,6 +115,7 @@ function inputsForm(extra = {}) {
 
 // What a person reads when the service says no: what happened and what to do, not a status code.
 function humanError(status, detail, retryAfter) {
+  if (status === 401) return "This service wants its API key: enter it in the API key field, then try again.";
   if (status === 413) return `Too large for the service (limit ${state.limits.max_upload_mb} MB): choose a smaller photo.`;
   if (status === 415) return "The service could not read this file as a photo: send a JPEG, PNG, WebP, GIF or BMP "
     + "photo (very large photos are refused too).";
@@ -121,7 +130,7 @@ class ServiceError extends Error {}
 async function post(path, form, signal) {
   let response;
   try {
-    response = await fetch(path, { method: "POST", body: form, signal });
+    response = await fetch(path, { method: "POST", body: form, signal, headers: keyHeaders() });
   } catch (err) {
     if (err.name === "AbortError") throw err;
     throw new ServiceError("Could not reach the service: check that it is running, then try again.");
@@ -298,7 +307,12 @@ function renderWords(words) {
 
 async function showModel() {
   try {
-    const info = await (await fetch("info")).json();
+    const health = await (await fetch("health")).json();
+    $("key-row").hidden = !health.key_required;
+    $("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
+    const response = await fetch("info", { headers: keyHeaders() });
+    if (!response.ok) return;  // no key yet: the model's name waits for it
+    const info = await response.json();
     if (info.limits) state.limits = info.limits;
     const f1 = info.validation && info.validation.mean_f1;
     $("model-id").textContent = info.model + (f1 ? ` · validation mean F1 ${f1.toFixed(3)}` : "");
@@ -310,6 +324,11 @@ function wire() {
   $("clear-photo").addEventListener("click", () => { clearResults(); clearPhoto(); setMessage(""); });
   $("caption").addEventListener("input", () => { if (state.sent) { clearResults(); setMessage(""); } });
   $("predict-button").addEventListener("click", predict);
+  $("api-key").addEventListener("change", (e) => {
+    const key = e.target.value.trim();
+    if (key) sessionStorage.setItem(KEY_STORE, key); else sessionStorage.removeItem(KEY_STORE);
+    showModel();
+  });
   $("show-heatmap").addEventListener("change", (e) => {
     $("heatmap").hidden = !e.target.checked || !$("heatmap").getAttribute("src");
   });
