@@ -117,18 +117,11 @@ def app_from_environment():
     return create_app(options.pop("model_dir"), settings, **options)
 
 
-def run(
-    model_dir: str | Path,
-    settings: ServeSettings | None = None,
-    *,
-    cache_dir: str | None = None,
-    feature_engine: str = "auto",
-    num_workers: int | None = None,
-) -> None:
+def run(model_dir: str | Path, settings: ServeSettings | None = None, **runtime) -> None:
     """Serve until SIGINT or SIGTERM; requests in flight finish first, then this returns.
 
-    ``settings``: where it listens and its limits (default ``ServeSettings()``); ``cache_dir``,
-    ``feature_engine`` and ``num_workers`` are where the model runs (``model.Model``).
+    ``settings``: where it listens and its limits (default ``ServeSettings()``); ``runtime``: where the model
+    runs, ``create_app``'s keywords (``cache_dir``, ``feature_engine``, ``num_workers``).
     """
     import tempfile
 
@@ -137,7 +130,6 @@ def run(
     from .app import create_app
 
     settings = settings or ServeSettings()
-    runtime = dict(cache_dir=cache_dir, feature_engine=feature_engine, num_workers=num_workers)
     _limit_malloc_arenas()
     setup_logging(settings.json_logs)
     _raise_open_file_limit(settings.max_connections + 64)

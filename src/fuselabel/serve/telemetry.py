@@ -40,21 +40,18 @@ class Metrics:
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
-        self.in_progress = Gauge(
-            "fuselabel_requests_in_progress", "prediction requests at work", registry=r, multiprocess_mode="livesum"
-        )
-        self.waiting = Gauge(
-            "fuselabel_requests_waiting",
-            "prediction requests waiting for a turn (the queue)",
-            registry=r,
-            multiprocess_mode="livesum",
+
+        # Under --workers N each process keeps its own figures: "livesum" adds up the living processes' gauges.
+        def gauge(name: str, text: str, mode: str):
+            return Gauge(name, text, registry=r, multiprocess_mode=mode)
+
+        self.in_progress = gauge("fuselabel_requests_in_progress", "prediction requests at work", "livesum")
+        self.waiting = gauge(
+            "fuselabel_requests_waiting", "prediction requests waiting for a turn (the queue)", "livesum"
         )
         self.refused = Counter("fuselabel_requests_refused", "prediction requests answered 503 (busy)", registry=r)
-        self.model_load = Gauge(
-            "fuselabel_model_load_seconds",
-            "time to load the model and make its first prediction",
-            registry=r,
-            multiprocess_mode="max",
+        self.model_load = gauge(
+            "fuselabel_model_load_seconds", "time to load the model and make its first prediction", "max"
         )
         self.photos = Counter("fuselabel_photos_decoded", "photos decoded", registry=r)
         self.rows = Counter(
