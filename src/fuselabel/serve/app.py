@@ -77,6 +77,19 @@ def create_app(
         + (" The prediction routes and /info want the API key (X-API-Key or Authorization: Bearer)." if key else ""),
         redoc_url=None,
     )
+    _add_middleware(app, settings, key, metrics)
+    app.state.model = model
+    _document_inputs(app, model.kind)
+    app.exception_handler(RequestValidationError)(malformed)
+    guarded = {**ERRORS, **UNAUTHORISED} if key else ERRORS
+    _about_routes(app, model, settings, metrics, key is not None, UNAUTHORISED if key else {})
+    _prediction_routes(app, model, decoder, settings, metrics, guarded)
+    _explain_route(app, model, decoder, settings, metrics, guarded, label_ids)
+    return app
+
+
+def _add_middleware(app, settings: ServeSettings, key: str | None, metrics: Metrics) -> None:
+    """The middleware, innermost first: a request meets them in the opposite order (``__init__``)."""
     app.add_middleware(BodyLimit, max_bytes=int(settings.max_upload_mb * 1e6), timeout=settings.body_timeout)
     app.add_middleware(
         Admission,
@@ -100,14 +113,6 @@ def create_app(
         )
     app.add_middleware(HeadAsGet)
     app.add_middleware(Observe, metrics=metrics)  # added last: the outermost, so it sees every answer
-    app.state.model = model
-    _document_inputs(app, model.kind)
-    app.exception_handler(RequestValidationError)(malformed)
-    guarded = {**ERRORS, **UNAUTHORISED} if key else ERRORS
-    _about_routes(app, model, settings, metrics, key is not None, UNAUTHORISED if key else {})
-    _prediction_routes(app, model, decoder, settings, metrics, guarded)
-    _explain_route(app, model, decoder, settings, metrics, guarded, label_ids)
-    return app
 
 
 def _document_inputs(app, kind: str) -> None:
