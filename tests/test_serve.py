@@ -635,6 +635,13 @@ def test_bad_limits_are_refused():
         ServeSettings(max_uplod_mb=5)  # a misspelt setting is refused, not ignored
 
 
+def test_serve_command_names_each_impossible_limit(tmp_path, capsys):
+    assert main(["serve", str(tmp_path), "--max-batch", "0", "--max-queue", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-batch: Input should be greater than 0" in err and "--max-queue:" in err
+    assert "Traceback" not in err
+
+
 def test_serve_command_refuses_a_folder_that_is_no_model(tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     assert "not a fuselabel model folder" in capsys.readouterr().err

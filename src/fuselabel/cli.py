@@ -587,13 +587,21 @@ def cmd_export(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from pydantic import ValidationError
+
     from .config import ServeSettings
     from .serve import run
 
     # The parsed values of the serve group's fields (what ``flags.group_values`` gives once serve's flags are
     # generated from ServeSettings).
     values = {key: getattr(args, key) for key in ServeSettings.model_fields if getattr(args, key, None) is not None}
-    run(args.model_dir, ServeSettings(**values), **given_settings(args))
+    try:
+        settings = ServeSettings(**values)
+    except ValidationError as err:
+        raise ValueError(
+            "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())
+        ) from None
+    run(args.model_dir, settings, **given_settings(args))
 
 
 def cmd_report(args) -> None:
