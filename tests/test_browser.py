@@ -381,3 +381,49 @@ def test_an_open_service_shows_no_key_field(service, browser):
     page = _open(browser, service[0])
     assert page.locator("#key-row").is_hidden()
     page.close()
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
+def test_enter_predicts_shift_enter_breaks_the_line_and_buttons_show_they_are_busy(service, browser, viewport):
+    url, _ = service
+    page = _open(browser, url, viewport)
+    # Answers held back until the test lets them go: the busy state is seen, not raced.
+    page.evaluate(
+        """() => {
+        const real = window.fetch;
+        window.release = null;
+        window.fetch = async (url, opts) => {
+            const answer = await real(url, opts);
+            if (String(url).endsWith("predict") || String(url).endsWith("explain")) {
+                await new Promise((r) => { window.release = r; });
+            }
+            return answer;
+        };
+    }"""
+    )
+    page.click("#caption")
+    page.keyboard.type("a dog")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("and a kite")
+    assert page.locator("#caption").input_value() == "a dog\nand a kite"
+    assert page.locator("#bars .bar-row").count() == 0  # Shift+Enter sent nothing
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#predict-button[aria-busy='true']")
+    assert page.locator("#caption").input_value() == "a dog\nand a kite"  # Enter added no line
+    page.wait_for_function("() => window.release !== null")
+    page.evaluate("() => window.release()")
+    page.wait_for_selector("#bars .bar-row")
+    assert page.locator("#predict-button").get_attribute("aria-busy") == "false"
+
+    why = page.locator(".why-button").first
+    page.evaluate("() => { window.release = null; }")
+    why.click()
+    page.wait_for_function("() => document.querySelector('.why-button').getAttribute('aria-busy') === 'true'")
+    assert page.locator("[aria-busy='true']").count() == 1
+    page.wait_for_function("() => window.release !== null")
+    page.evaluate("() => window.release()")
+    page.wait_for_selector("#why-panel:not([hidden])")
+    assert page.locator("[aria-busy='true']").count() == 0
+    assert page.locator("#caption-hint").is_visible()
+    assert not page.errors, page.errors
+    page.close()

@@ -35,6 +35,7 @@ function newTicket() {
   if (state.pending) state.pending.abort();
   state.pending = new AbortController();
   state.ticket += 1;
+  setBusy(null);  // the request at work, if any, is dropped
   return state.ticket;
 }
 
@@ -143,6 +144,13 @@ async function post(path, form, signal) {
   return body;
 }
 
+// The button whose request is at work says so (aria-busy, and a style) until its answer, or a newer request's
+// start, ends it: only one request is ever shown as at work.
+function setBusy(button) {
+  document.querySelectorAll("[aria-busy='true']").forEach((b) => b.setAttribute("aria-busy", "false"));
+  if (button) button.setAttribute("aria-busy", "true");
+}
+
 async function predict() {
   const caption = $("caption").value.trim();
   if (!state.file && !caption) {
@@ -155,6 +163,7 @@ async function predict() {
   const signal = state.pending.signal;
   state.sent = { file: state.file, caption };
   setMessage("Predicting…");
+  setBusy($("predict-button"));
   try {
     const result = await post("predict", inputsForm(), signal);
     if (ticket !== state.ticket) return;
@@ -164,6 +173,8 @@ async function predict() {
     if (ticket !== state.ticket || err.name === "AbortError") return;
     clearResults();
     setMessage(err.message, true);
+  } finally {
+    if (ticket === state.ticket) setBusy(null);
   }
 }
 
@@ -222,6 +233,7 @@ async function explain(lab) {
   const ticket = newTicket();
   const signal = state.pending.signal;
   setMessage(`Explaining ${lab.name}…`);
+  setBusy(document.querySelector(`.why-button[data-label="${CSS.escape(String(lab.id))}"]`));
   $("why-panel").hidden = true;
   hideHeatmap();
   document.querySelectorAll(".bar-row").forEach((r) => r.classList.toggle("chosen", r.dataset.label === String(lab.id)));
@@ -235,6 +247,8 @@ async function explain(lab) {
     if (ticket !== state.ticket || err.name === "AbortError") return;
     $("why-panel").hidden = true;
     setMessage(err.message, true);
+  } finally {
+    if (ticket === state.ticket) setBusy(null);
   }
 }
 
@@ -324,6 +338,10 @@ function wire() {
   $("clear-photo").addEventListener("click", () => { clearResults(); clearPhoto(); setMessage(""); });
   $("caption").addEventListener("input", () => { if (state.sent) { clearResults(); setMessage(""); } });
   $("predict-button").addEventListener("click", predict);
+  $("caption").addEventListener("keydown", (e) => {
+    // Enter predicts; Shift+Enter is a new line (and Enter while an input method composes is its own).
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); predict(); }
+  });
   $("api-key").addEventListener("change", (e) => {
     const key = e.target.value.trim();
     if (key) sessionStorage.setItem(KEY_STORE, key); else sessionStorage.removeItem(KEY_STORE);
