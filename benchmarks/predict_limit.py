@@ -7,7 +7,7 @@ Times every stage of prediction alone, in CPU seconds of one thread (so outside 
 little): decoding and the evaluation resize, the uint8 -> float look-up, the image encoder, the text
 encoder, heads and fusion. Rows are independent, so the limit is ``cores / CPU seconds a row``. Then
 runs the whole command (`fuselabel predict`, a fresh process) on the same rows, and on one row, and
-the training feature loop (``runtime.encode_images``, decoding and the image encoder) on the same
+the training feature loop (``encoding.encode_images``, decoding and the image encoder) on the same
 photos. Prints the limits, the achieved rows/s with and without start-up and the fractions.
 
 A model folder runs from its exported copy in the cache, as `fuselabel predict` does (exported once,
@@ -31,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fuselabel import FuseLabel
+from fuselabel.encoding import WINDOW, encode_images, read_photos_uint8, usable_cores
 from fuselabel.export import export_cached
 from fuselabel.images import normalise, pixel_table
-from fuselabel.predict import OnnxModel
+from fuselabel.onnx_folder import is_onnx_folder
 from fuselabel.records import read_records, resolve_data
-from fuselabel.runtime import WINDOW, encode_images, is_onnx_folder, read_photos_uint8, usable_cores
 from fuselabel.writers import write_rows
 
 
@@ -126,12 +127,12 @@ def command(src: str | None, model, data, csv, out: Path) -> tuple[float, float,
 
 def start_times(model, data, one_csv: Path) -> dict:
     """Wall seconds of the other commands that start on one row, each a fresh process: ``evaluate`` (from the
-    exported copy, as on any CPU), ``inspect``, and the service's model loading (``serve.Model``, everything
+    exported copy, as on any CPU), ``inspect``, and the service's model loading (``serve.model.open_model``, everything
     before the port opens)."""
     runs = {
         "evaluate": ["-m", "fuselabel.cli", "evaluate", str(model), "--data", str(data), "--csv", str(one_csv)],
         "inspect": ["-m", "fuselabel.cli", "inspect", "--data", str(data), "--csv", str(one_csv)],
-        "serve": ["-c", f"from fuselabel.serve.model import Model; Model({str(model)!r})"],
+        "serve": ["-c", f"from fuselabel.serve.model import open_model; open_model({str(model)!r})"],
     }
     out = {}
     for name, args in runs.items():
@@ -173,8 +174,9 @@ def main(argv=None) -> int:
     limits = {}
     for label, path in [("model", args.model)] + ([("other", args.other_model)] if args.other_model else []):
         folder = path if is_onnx_folder(path) else export_cached(path)  # exported before anything is timed
-        model = OnnxModel(folder, workers=1)
-        engine, predictor = model.engine, model.predictor()
+        model = FuseLabel.from_pretrained(folder, num_workers=1)
+        predictor = model.predictor()
+        engine = predictor.engine
         per_row = stages(engine, predictor, rows, image_dir)
         total = sum(per_row.values())
         print(f"{label} {path}:")

@@ -131,23 +131,21 @@ def test_each_rank_builds_its_engine_on_its_own_device():
     not before on a bare ``cuda``; checked with a stand-in model, so no GPU is needed."""
     from types import SimpleNamespace
 
-    from fuselabel.predict import place_on
+    from fuselabel import FuseLabel
 
     built = []
 
-    class Model:
-        _predictor = None
-
+    class Model(FuseLabel):
         def predictor(self, *, strict=False, device=None):
-            if self._predictor is None:
+            if self.__dict__.get("_predictor") is None:
                 built.append(device)
                 self._predictor = SimpleNamespace(engine=SimpleNamespace(device=device))
             return self._predictor
 
     model = Model()
-    place_on(model, "cuda:1")
-    place_on(model, "cuda:1")  # already there: not built again
+    model.place_on("cuda:1")
+    model.place_on("cuda:1")  # already there: not built again
     assert built == ["cuda:1"]
     model._predictor = SimpleNamespace(engine=SimpleNamespace(device="cuda"))  # built early, before the ranks
-    place_on(model, "cuda:1")
+    model.place_on("cuda:1")
     assert built == ["cuda:1", "cuda:1"]

@@ -283,8 +283,9 @@ def test_image_cache_build_and_batches(tiny_dataset, monkeypatch, decode):
 
 
 def test_fit_with_image_cache_end_to_end(tiny_dataset, tmp_path, monkeypatch):
+    from fuselabel import FuseLabel
     from fuselabel.bundle import load_bundle
-    from fuselabel.predict import load_model, predict_csv
+    from fuselabel.predict import predict_csv
     from fuselabel.train import fit
 
     calls = {"train": 0, "eval": 0}
@@ -324,7 +325,11 @@ def test_fit_with_image_cache_end_to_end(tiny_dataset, tmp_path, monkeypatch):
     assert load_bundle(tmp_path / "model").config.kind == "late"
     sub = tmp_path / "sub.csv"
     predict_csv(
-        load_model(tmp_path / "model", feature_engine="torch", num_workers=0), image_dir, csv, sub, progress=False
+        FuseLabel.from_pretrained(tmp_path / "model", feature_engine="torch", num_workers=0),
+        image_dir,
+        csv,
+        sub,
+        progress=False,
     )
     assert len(sub.read_text().splitlines()) == len(read_records(csv).records) + 1
 

@@ -39,10 +39,10 @@ def test_preset_and_refusals():
 
 def test_training_features_are_the_prediction_features(int8_model, session_cache):
     from fuselabel.bundle import load_bundle
+    from fuselabel.encoding import encode_images
     from fuselabel.engines import TorchEngine, engine_for_bundle
     from fuselabel.features import frozen_features
     from fuselabel.records import read_records
-    from fuselabel.runtime import encode_images
 
     root, image_dir, csv = int8_model
     bundle = load_bundle(root / "model")
@@ -98,11 +98,12 @@ def test_converted_and_exported_folders_keep_it(int8_model, tmp_path, session_ca
 
 def test_text_features_are_the_prediction_features_one_caption_a_run(int8_model, tmp_path, session_cache):
     from fuselabel.bundle import load_bundle
+    from fuselabel.encoding import encode_texts
     from fuselabel.engines import TorchEngine, engine_for_bundle
     from fuselabel.export import export_onnx
     from fuselabel.features import frozen_features
+    from fuselabel.onnx_folder import OnnxFolderEngine
     from fuselabel.records import read_records
-    from fuselabel.runtime import OnnxFolderEngine, encode_texts
 
     root, image_dir, csv = int8_model
     bundle = load_bundle(root / "model")

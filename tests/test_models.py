@@ -17,7 +17,7 @@ import torch
 from conftest import RepeatBatch
 from torch.utils.data import DataLoader
 
-from fuselabel import Config
+from fuselabel import Config, FuseLabel
 from fuselabel.bundle import Bundle, BundleError, describe, load_bundle, save_bundle
 from fuselabel.data import FeatureDataset, PairDataset, TextCollate, build_transform
 from fuselabel.encoders import (
@@ -34,7 +34,7 @@ from fuselabel.features import frozen_features
 from fuselabel.labels import label_vocabulary, labels_to_matrix
 from fuselabel.module import FuseLabelModule
 from fuselabel.network import FuseLabelNet, combine_probabilities
-from fuselabel.predict import load_model, predict_csv
+from fuselabel.predict import predict_csv
 from fuselabel.records import read_records
 from fuselabel.runtime import Prediction, Predictor
 
@@ -191,7 +191,9 @@ def test_seed_pairing_trains_and_predicts_offline(tiny_dataset, tmp_path):
     assert saved.net.text_encoder.num_features == 64
 
     sub = tmp_path / "submission.csv"
-    info = predict_csv(load_model(out, feature_engine="torch", num_workers=0), image_dir, csv, sub, progress=False)
+    info = predict_csv(
+        FuseLabel.from_pretrained(out, feature_engine="torch", num_workers=0), image_dir, csv, sub, progress=False
+    )
     ids = [r.image_id for r in read_records(csv).records]
     lines = sub.read_text().splitlines()
     assert lines[0] == "ImageID,Labels"

@@ -168,13 +168,13 @@ def test_save_load_and_every_engine_agree(multiclass_model, tmp_path):
 
 def test_exported_folder_gives_one_label_a_row(multiclass_model, tmp_path):
     from fuselabel.export import export_onnx
-    from fuselabel.predict import load_model, predict_csv
+    from fuselabel.predict import predict_csv
 
     model, root, image_dir, csv, _ = multiclass_model
     manifest = export_onnx(root / "model", tmp_path / "onnx", check_rows=8)
     assert manifest["task"] == "multiclass" and "arg-max" in manifest["head"]["rule"]
     assert manifest["checks"]["rows_identical"] == 1.0
-    onnx = load_model(tmp_path / "onnx")
+    onnx = FuseLabel.from_pretrained(tmp_path / "onnx")
     assert onnx.predictor().task == "multiclass"
     sub = tmp_path / "submission.csv"
     predict_csv(onnx, image_dir, csv, sub, progress=False)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fuselabel import runtime
+from fuselabel import encoding
 from fuselabel.export import export_cached
 from fuselabel.images import eval_pixels, eval_uint8, normalise, pixel_table
-from fuselabel.predict import OnnxModel, predict_csv
+from fuselabel.onnx_folder import OnnxFolderEngine
+from fuselabel.predict import predict_csv
 
 
 def _float_pixels(img: Image.Image, cfg: dict) -> np.ndarray:
@@ -77,30 +78,30 @@ def test_usable_cores_follow_affinity_and_quota(monkeypatch):
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no CPU affinity on this system")
     allowed = os.sched_getaffinity(0)
-    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: None)
-    assert runtime.usable_cores() == len(allowed)
+    monkeypatch.setattr(encoding, "_cgroup_quota", lambda: None)
+    assert encoding.usable_cores() == len(allowed)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {min(allowed)})
-    assert runtime.usable_cores() == 1
+    assert encoding.usable_cores() == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: 2.0)
-    assert runtime.usable_cores() == 2
-    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: 0.3)
-    assert runtime.usable_cores() == 1
-    assert runtime._workers(None) == 1 and runtime._workers(3) == 3
+    monkeypatch.setattr(encoding, "_cgroup_quota", lambda: 2.0)
+    assert encoding.usable_cores() == 2
+    monkeypatch.setattr(encoding, "_cgroup_quota", lambda: 0.3)
+    assert encoding.usable_cores() == 1
+    assert encoding._workers(None) == 1 and encoding._workers(3) == 3
 
 
 def test_cgroup_quota_files(tmp_path, monkeypatch):
-    real = runtime.Path
+    real = encoding.Path
 
     def fake(text, files):
         for name, value in files.items():
             (tmp_path / name.strip("/").replace("/", "_")).write_text(value)
         return lambda p: real(tmp_path / str(p).strip("/").replace("/", "_"))
 
-    monkeypatch.setattr(runtime, "Path", fake("v2", {"/sys/fs/cgroup/cpu.max": "150000 100000\n"}))
-    assert runtime._cgroup_quota() == 1.5
-    monkeypatch.setattr(runtime, "Path", fake("v2", {"/sys/fs/cgroup/cpu.max": "max 100000\n"}))
-    assert runtime._cgroup_quota() is None
+    monkeypatch.setattr(encoding, "Path", fake("v2", {"/sys/fs/cgroup/cpu.max": "150000 100000\n"}))
+    assert encoding._cgroup_quota() == 1.5
+    monkeypatch.setattr(encoding, "Path", fake("v2", {"/sys/fs/cgroup/cpu.max": "max 100000\n"}))
+    assert encoding._cgroup_quota() is None
 
 
 def _many_rows(image_dir, csv, folder, copies: int = 12):
@@ -130,7 +131,7 @@ def test_workers_and_chunk_size_never_change_a_byte(tiny_model, tmp_path, sessio
     outputs = {}
     for workers, chunk in [(1, 512), (2, 512), (2, 64), (3, 128)]:
         if exported:
-            model = OnnxModel(export_cached(root / "model", session_cache), workers=workers)
+            model = FuseLabel.from_pretrained(export_cached(root / "model", session_cache), num_workers=workers)
         else:
             model = FuseLabel.from_pretrained(root / "model", num_workers=workers, cache_dir=session_cache)
         assert model.predictor().workers == workers
@@ -144,11 +145,11 @@ def test_workers_and_chunk_size_never_change_a_byte(tiny_model, tmp_path, sessio
 
 
 def test_training_features_do_not_depend_on_workers(tiny_model, session_cache):
+    from fuselabel.encoding import encode_images, encode_texts
     from fuselabel.records import read_records
-    from fuselabel.runtime import encode_images, encode_texts
 
     root, image_dir, csv = tiny_model
-    engine = OnnxModel(export_cached(root / "model", session_cache)).engine
+    engine = OnnxFolderEngine(export_cached(root / "model", session_cache))
     records = read_records(csv).records * 3
     texts = [encode_texts(engine, [r.caption for r in records], workers=w) for w in (1, 2)]
     assert texts[0].shape == (len(records), engine.feature_dims["text"])

@@ -16,9 +16,9 @@ import pytest
 from conftest import shared_data_or_skip
 from PIL import Image, ImageDraw, ImageOps
 
+from fuselabel.encoding import read_photos
 from fuselabel.images import decode_box, eval_pixels, load_rgb, open_image, resolve_image
 from fuselabel.inspection import find_missing_images, find_unreadable_images
-from fuselabel.runtime import read_photos
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 

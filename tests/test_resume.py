@@ -217,7 +217,7 @@ def test_resume_refuses_a_run_with_other_settings(root, reference, capsys):
 SWAP = """
 import sys
 from pathlib import Path
-import fuselabel.bundle as bundle
+import fuselabel.snapshot as bundle
 
 bundle._exchange = lambda a, b: False  # a file system without an atomic swap (e.g. NFS)
 bundle.replace_folder(Path(sys.argv[1]), Path(sys.argv[2]))

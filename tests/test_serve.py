@@ -754,11 +754,12 @@ def test_a_malformed_body_is_a_documented_400(client, path, body, content_type):
 
 def test_a_batch_is_spread_over_the_worker_threads(trained, monkeypatch):
     """One request's rows run as pieces on several threads at once, as ``fuselabel predict`` runs its windows."""
-    from fuselabel.serve.model import Model
+    from fuselabel.serve.model import Runner
 
-    model = Model(trained[1], num_workers=4)
+    model = FuseLabel.from_pretrained(trained[1], exported=True)
+    runner = Runner(model, workers=4)
     seen, lock, both_waiting = [], threading.Lock(), threading.Barrier(2, timeout=30)
-    real = model.predictor.predict
+    real = runner.predictor.predict
 
     def recording(images, captions, **kw):
         with lock:
@@ -766,9 +767,9 @@ def test_a_batch_is_spread_over_the_worker_threads(trained, monkeypatch):
         both_waiting.wait()  # two pieces at work at the same time, or this times out
         return real(images, captions, **kw)
 
-    monkeypatch.setattr(model.predictor, "predict", recording)
+    monkeypatch.setattr(runner.predictor, "predict", recording)
     photos = [Image.open(trained[0] / f"{i}.jpg").convert("RGB") for i in range(8)]
-    pred = model.predict(photos, [CAPTION] * 8)
+    pred = runner.predict(photos, [CAPTION] * 8)
     assert len(pred) == 8 and all(s == "ok" for s in pred.status)
     assert sorted(n for _, n in seen) == [2, 2, 2, 2]
     assert len({name for name, _ in seen}) >= 2

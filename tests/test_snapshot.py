@@ -2,7 +2,7 @@
 
 Two small models differ in every file a load reads: model A has labels a1..a4, thresholds 0.25 and its head's
 first weight matrix filled with 0.25; model B the same with b and 0.75. One process puts A and B in place in
-turn, as fast as it can (``bundle.replace_folder``, as every save does); this process loads the folder again
+turn, as fast as it can (``snapshot.replace_folder``, as every save does); this process loads the folder again
 and again and checks that labels, thresholds and weights of each load come from the same model.
 """
 
@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-import fuselabel.bundle as bundle_module
+import fuselabel.snapshot as bundle_module
 from fuselabel.bundle import Bundle, load_bundle, save_bundle
 from fuselabel.config import build_config
 from fuselabel.network import FuseLabelNet
@@ -23,7 +23,7 @@ from fuselabel.network import FuseLabelNet
 REPLACER = """
 import shutil, sys, time
 from pathlib import Path
-import fuselabel.bundle as bundle
+import fuselabel.snapshot as bundle
 
 a, b, out, stop, swap = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
 if swap == "renames":

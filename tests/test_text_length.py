@@ -150,7 +150,7 @@ def test_folder_with_saved_64_predicts_as_before(tmp_path, session_cache):
 
 def test_exported_folder_keeps_the_length_and_counts_cut_texts(tmp_path, session_cache):
     from fuselabel.export import export_onnx
-    from fuselabel.runtime import load_onnx_predictor
+    from fuselabel.onnx_folder import load_onnx_predictor
 
     out = _fit(tmp_path, "export", _captions(22, 38, seed=1) + _captions(2, 200, seed=2), session_cache)
     length = load_bundle(out).config.text_max_length

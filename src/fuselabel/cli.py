@@ -356,23 +356,6 @@ def _add_inference_args(p: argparse.ArgumentParser, distributed: bool = False) -
     add_settings(p, RUNNING)
 
 
-def _load_model(args, exported: bool = False, evaluates: bool = False):
-    from .predict import exported_folder, load_model
-
-    settings = given_settings(args)
-    exported = exported and _one_cpu(args) and settings.get("feature_engine", "auto") != "torch"
-    if exported:
-        folder = exported_folder(args.model_dir, settings.get("cache_dir"))
-        if folder is not None and not (folder / "manifest.json").is_file():  # the first run exports it
-            from .export import export_cached
-
-            exported = export_cached(args.model_dir, settings.get("cache_dir")) is not None
-    model = load_model(args.model_dir, exported=exported, evaluates=evaluates, **settings)
-    if getattr(args, "devices", 1) <= 1 and getattr(args, "num_nodes", 1) <= 1:
-        model.predictor(device=args.device)  # built here, once; several ranks build it on their own devices
-    return model
-
-
 def cmd_train(args) -> None:
     from .config import build_config
     from .tables import read_table
@@ -461,14 +444,16 @@ def _one_cpu(args) -> bool:
 
 
 def _predict(args, images, csv) -> None:
+    from .estimator import FuseLabel
     from .predict import predict_csv
-
-    model = _load_model(args, exported=True)
-    progress = _progress(args)
-    from .predict import trained_table
     from .tables import read_table
 
-    records = read_table(csv, _columns(args), trained=trained_table(model))
+    # One process on a CPU runs from the exported copy: no torch to load. Several ranks place it themselves.
+    model = FuseLabel.from_pretrained(
+        args.model_dir, exported=_one_cpu(args), device=args.device, **given_settings(args)
+    )
+    progress = _progress(args)
+    records = read_table(csv, _columns(args), trained=model.bundle_.table)
     result = predict_csv(
         model,
         _image_dir(args, images, records),
@@ -509,15 +494,19 @@ def _predict(args, images, csv) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from .estimator import FuseLabel
     from .metrics import format_report
-    from .predict import evaluate_csv, trained_table
+    from .predict import evaluate_csv
     from .tables import read_table
 
     images, csv = resolve_data(args.data, args.csv)
     if args.json:
         check_output(args.json, outputs.FILE, [args.model_dir, csv])
-    model = _load_model(args, exported=True, evaluates=True)  # on a CPU, from the exported copy: no torch
-    records = read_table(csv, _columns(args), trained=trained_table(model), need_labels=True)
+    # on a CPU, from the exported copy: no torch
+    model = FuseLabel.from_pretrained(
+        args.model_dir, exported=_one_cpu(args), device=args.device, **given_settings(args)
+    )
+    records = read_table(csv, _columns(args), trained=model.bundle_.table, need_labels=True)
     report = evaluate_csv(model, _image_dir(args, images, records), records, split=args.split, strict=args.strict)
     print(format_report(report))
     print(f"predicted with {model.predictor().engine.name}")
@@ -565,11 +554,9 @@ def cmd_convert(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .runtime import is_onnx_folder
+    from .onnx_folder import describe_exported, is_onnx_folder
 
     if is_onnx_folder(args.model_dir):
-        from .predict import describe_exported
-
         print(describe_exported(args.model_dir))
         return
     from .bundle import describe

@@ -20,8 +20,8 @@ import torch
 from . import onnxrt
 from .cache import default_cache_dir
 from .encoders import text_length_limit, token_counts
+from .encoding import encode_by_length, session
 from .losses import probabilities
-from .runtime import encode_by_length, session
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ def calibrate_image_int8(
 ) -> dict:
     """Activation ranges for the static int8 image encoder, measured on up to ``photos`` of ``images`` spread
     evenly over them (unusable ones skipped). Deterministic: the same photos give the same ranges."""
+    from .encoding import read_photos_uint8
     from .images import normalise, pixel_table
-    from .runtime import read_photos_uint8
 
     step = max(1, len(images) // photos)
     pixels, _ = read_photos_uint8(list(images)[::step][:photos], image_dir, data_config, workers=None)

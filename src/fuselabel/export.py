@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bundle import BundleError, replace_folder
 from .encoders import text_length_limit
 from .losses import probabilities
+from .onnx_folder import MANIFEST, ONNX_FORMAT, ONNX_FORMAT_VERSION
 from .onnxrt import (
     INT8_CALIBRATION,
     INT8_OPS,
@@ -49,7 +49,7 @@ from .onnxrt import (
     quantize_int8_dynamic,
     quantize_int8_static,
 )
-from .runtime import MANIFEST, ONNX_FORMAT, ONNX_FORMAT_VERSION
+from .snapshot import BundleError, replace_folder
 from .writers import ordinary_permissions
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ def _synthetic_rows(n: int = 8, seed: int = 0) -> tuple[list, list]:
 def check_against_torch(bundle, onnx_dir: Path, n: int = 8, seed: int = 0, threads: int | None = None) -> dict:
     """Max |ONNX - PyTorch| per head and fused, and agreement of label decisions, end to end on synthetic rows."""
     from .engines import engine_for_bundle
-    from .runtime import Predictor, load_onnx_predictor
+    from .onnx_folder import load_onnx_predictor
+    from .runtime import Predictor
 
     images, captions = _synthetic_rows(n, seed)
     eager = Predictor(
@@ -146,112 +147,26 @@ def export_onnx(
     manifest's ``checks`` hold the largest absolute differences from PyTorch on ``check_rows``
     synthetic rows (per graph and end to end) and the share of label decisions that agree.
     """
-    import onnxruntime
-
-    from . import __version__
     from .bundle import load_bundle
 
     model_dir = Path(model_dir)
     out = Path(out_dir) if out_dir else model_dir / ONNX_DIR
     bundle = load_bundle(model_dir)
-    net, cfg = bundle.net.float().eval(), bundle.config
-    text_length = cfg.text_max_length
+    net = bundle.net.float().eval()
+    text_length = bundle.config.text_max_length
     if text_length is None and net.text_encoder is not None:  # never chosen: all the encoder takes
         text_length = text_length_limit(bundle.tokenizer, net.text_encoder.backbone.config)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     t0 = time.time()
     try:
-        files: dict = {}
-        if net.image_encoder is not None:
-            size = list(bundle.preprocessing["input_size"])
-            export_image_encoder(net.image_encoder, tmp / "image_encoder.onnx", size, opset)
-            files["image_encoder"] = {
-                "path": "image_encoder.onnx",
-                "inputs": {"pixels": ["batch", *size]},
-                "outputs": {"features": ["batch", net.image_encoder.num_features]},
-                "quantized": None,
-            }
-        if net.text_encoder is not None:
-            export_text_encoder(net.text_encoder, bundle.tokenizer, tmp / "text_encoder.onnx", text_length, opset)
-            files["text_encoder"] = {
-                "path": "text_encoder.onnx",
-                "inputs": {"input_ids": ["batch", "length"], "attention_mask": ["batch", "length"]},
-                "outputs": {"features": ["batch", net.text_encoder.num_features]},
-                "quantized": None,
-            }
-        export_head(net, tmp / "head.onnx", opset)
-        names, outputs = head_input_names(cfg.kind), head_output_names(cfg.kind)
-        files["head"] = {
-            "path": "head.onnx",
-            "inputs": {n: ["batch"] if n.endswith("_present") else ["batch", "dim"] for n in names},
-            "outputs": {o: ["batch", len(bundle.labels)] for o in outputs},
-            "quantized": None,
-        }
+        files = _export_graphs(bundle, tmp, text_length, opset)
         float_bytes = {k: (tmp / v["path"]).stat().st_size for k, v in files.items()}
-        # An int8 model's encoders are always the int8 ones its heads learnt on: the static image encoder
-        # rebuilt from its saved ranges, the dynamic text encoder quantised as training quantised it; --int8
-        # quantises the same way what is still float.
-        quantize = {}
-        calibration = bundle.preprocessing.get(INT8_CALIBRATION) if "image_encoder" in files else None
-        if calibration:
-            quantize["image_encoder"] = (
-                lambda src, dst: quantize_int8_static(src, dst, calibration["ranges"]),
-                calibration["method"],
-            )
-        for part, ops in (("text_encoder", INT8_TEXT_OPS), ("head", INT8_OPS)):
-            if part in files and (int8 or (part == "text_encoder" and cfg.text_quant == "int8")):
-                quantize[part] = (lambda src, dst, ops=ops: quantize_int8_dynamic(src, dst, ops), dynamic_label(ops))
-        for part, (run, label) in quantize.items():
-            src = tmp / files[part]["path"]
-            fp32 = src.with_name(src.stem + ".fp32.onnx")
-            os.replace(src, fp32)
-            run(fp32, src)
-            fp32.unlink()
-            files[part]["quantized"] = label
+        _quantize(bundle, files, tmp, int8)
         for part, info in files.items():
             info["bytes"] = (tmp / info["path"]).stat().st_size
             info["float_bytes"] = float_bytes[part]
-        tokenizer = {}
-        if net.text_encoder is not None:
-            bundle.tokenizer.save_pretrained(tmp / "tokenizer")
-            tokenizer = {
-                "tokenizer": "tokenizer/tokenizer.json",
-                "pad_id": int(bundle.tokenizer.pad_token_id),
-                "pad_token": str(bundle.tokenizer.pad_token),
-            }
-        dims = {}
-        if net.image_encoder is not None:
-            dims["image"] = net.image_encoder.num_features
-        if net.text_encoder is not None:
-            dims["text"] = net.text_encoder.num_features
-        manifest = {
-            "format": ONNX_FORMAT,
-            "version": ONNX_FORMAT_VERSION,
-            "fuselabel": __version__,
-            "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "opset": opset,
-            "int8": bool(int8),
-            "kind": cfg.kind,
-            "task": cfg.task,
-            "late_combine": cfg.late_combine,
-            "late_weight": float(net.late_weight),
-            "tta_flip": bool(cfg.tta_flip),
-            "text_max_length": text_length,
-            **tokenizer,
-            "preprocessing": bundle.preprocessing,
-            "feature_dims": dims,
-            "labels": bundle.labels,
-            "label_names": bundle.label_names,
-            "table": bundle.table,
-            "thresholds": [float(t) for t in bundle.threshold_vector],
-            "ensure_nonempty": bool(bundle.thresholds.get("ensure_nonempty", True)),
-            "files": files,
-            "head": {"inputs": names, "outputs": outputs, "rule": _rule(cfg.kind, cfg.late_combine, cfg.task)},
-            "export_s": None,
-            "checks": None,
-        }
+        manifest = _manifest(bundle, files, tmp, text_length, opset, int8)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if check_rows:
             manifest["checks"] = check_against_torch(bundle, tmp, check_rows, threads=threads)
@@ -265,12 +180,117 @@ def export_onnx(
     return manifest
 
 
+def _export_graphs(bundle, tmp: Path, text_length: int | None, opset: int) -> dict:
+    """The encoders' and the head's float graphs written to ``tmp``; the manifest's ``files`` entry of each."""
+    net, files = bundle.net, {}
+    if net.image_encoder is not None:
+        size = list(bundle.preprocessing["input_size"])
+        export_image_encoder(net.image_encoder, tmp / "image_encoder.onnx", size, opset)
+        files["image_encoder"] = {
+            "path": "image_encoder.onnx",
+            "inputs": {"pixels": ["batch", *size]},
+            "outputs": {"features": ["batch", net.image_encoder.num_features]},
+            "quantized": None,
+        }
+    if net.text_encoder is not None:
+        export_text_encoder(net.text_encoder, bundle.tokenizer, tmp / "text_encoder.onnx", text_length, opset)
+        files["text_encoder"] = {
+            "path": "text_encoder.onnx",
+            "inputs": {"input_ids": ["batch", "length"], "attention_mask": ["batch", "length"]},
+            "outputs": {"features": ["batch", net.text_encoder.num_features]},
+            "quantized": None,
+        }
+    export_head(net, tmp / "head.onnx", opset)
+    kind = bundle.config.kind
+    files["head"] = {
+        "path": "head.onnx",
+        "inputs": {n: ["batch"] if n.endswith("_present") else ["batch", "dim"] for n in head_input_names(kind)},
+        "outputs": {o: ["batch", len(bundle.labels)] for o in head_output_names(kind)},
+        "quantized": None,
+    }
+    return files
+
+
+def _quantize(bundle, files: dict, tmp: Path, int8: bool) -> None:
+    """Replace graphs by their int8 forms. An int8 model's encoders are always the int8 ones its heads learnt
+    on: the static image encoder rebuilt from its saved ranges, the dynamic text encoder quantised as training
+    quantised it; ``int8`` quantises the same way what is still float."""
+    quantize = {}
+    calibration = bundle.preprocessing.get(INT8_CALIBRATION) if "image_encoder" in files else None
+    if calibration:
+        quantize["image_encoder"] = (
+            lambda src, dst: quantize_int8_static(src, dst, calibration["ranges"]),
+            calibration["method"],
+        )
+    for part, ops in (("text_encoder", INT8_TEXT_OPS), ("head", INT8_OPS)):
+        if part in files and (int8 or (part == "text_encoder" and bundle.config.text_quant == "int8")):
+            quantize[part] = (lambda src, dst, ops=ops: quantize_int8_dynamic(src, dst, ops), dynamic_label(ops))
+    for part, (run, label) in quantize.items():
+        src = tmp / files[part]["path"]
+        fp32 = src.with_name(src.stem + ".fp32.onnx")
+        os.replace(src, fp32)
+        run(fp32, src)
+        fp32.unlink()
+        files[part]["quantized"] = label
+
+
+def _manifest(bundle, files: dict, tmp: Path, text_length: int | None, opset: int, int8: bool) -> dict:
+    """What an exported folder says about itself: versions, the model, its preprocessing, labels and rule."""
+    import onnxruntime
+
+    from . import __version__
+
+    net, cfg = bundle.net, bundle.config
+    tokenizer, dims = {}, {}
+    if net.text_encoder is not None:
+        bundle.tokenizer.save_pretrained(tmp / "tokenizer")
+        tokenizer = {
+            "tokenizer": "tokenizer/tokenizer.json",
+            "pad_id": int(bundle.tokenizer.pad_token_id),
+            "pad_token": str(bundle.tokenizer.pad_token),
+        }
+        dims["text"] = net.text_encoder.num_features
+    if net.image_encoder is not None:
+        dims["image"] = net.image_encoder.num_features
+    return {
+        "format": ONNX_FORMAT,
+        "version": ONNX_FORMAT_VERSION,
+        "fuselabel": __version__,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": opset,
+        "int8": bool(int8),
+        "kind": cfg.kind,
+        "task": cfg.task,
+        "late_combine": cfg.late_combine,
+        "late_weight": float(net.late_weight),
+        "tta_flip": bool(cfg.tta_flip),
+        "text_max_length": text_length,
+        **tokenizer,
+        "preprocessing": bundle.preprocessing,
+        "feature_dims": dict(sorted(dims.items())),
+        "labels": bundle.labels,
+        "label_names": bundle.label_names,
+        "table": bundle.table,
+        "thresholds": [float(t) for t in bundle.threshold_vector],
+        "ensure_nonempty": bool(bundle.thresholds.get("ensure_nonempty", True)),
+        "files": files,
+        "head": {
+            "inputs": head_input_names(cfg.kind),
+            "outputs": head_output_names(cfg.kind),
+            "rule": _rule(cfg.kind, cfg.late_combine, cfg.task),
+        },
+        "export_s": None,
+        "checks": None,
+    }
+
+
 def export_cached(model_dir, cache_dir=None) -> Path | None:
     """A model folder's exported ONNX copy in the cache folder, exported on first use; `predict`, `evaluate`
     and `serve` on a CPU run from it. None: no copy, and the PyTorch model runs instead (a folder without
     file hashes, which cannot be recognised later, or one whose network ONNX cannot express; said once)."""
     from .cache import default_cache_dir, file_lock
-    from .runtime import exported_location, is_onnx_folder
+    from .onnx_folder import exported_location, is_onnx_folder
 
     folder = exported_location(model_dir, default_cache_dir(cache_dir))
     if folder is None or is_onnx_folder(folder):

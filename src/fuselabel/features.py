@@ -4,7 +4,7 @@ On a CPU the encoders cost far more than the heads, so the frozen regime runs ea
 over the data once and trains heads on the stored vectors. The cache key covers everything
 that changes the numbers: the encoder's weights and structure, the preprocessing, test-time
 flipping, and each row's input (the photo file's bytes; the caption's text). The encoders run
-through the same engine and image loop as prediction (``engines``, ``runtime.encode_images``).
+through the same engine and image loop as prediction (``engines``, ``encoding.encode_images``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import os
 import numpy as np
 
 from .cache import FeatureCache, image_row_keys, text_row_keys
+from .encoding import encode_images, encode_texts
 from .engines import TorchEngine, calibrate_image_int8, weights_digest
 from .images import ImageError
 from .onnxrt import INT8_CALIBRATION
-from .runtime import encode_images, encode_texts
 
 log = logging.getLogger(__name__)
 

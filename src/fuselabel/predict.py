@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from .cache import fsync_dir, pause_for_test, write_atomic
+from .encoding import WINDOW
+from .estimator import FuseLabel
 from .images import ImageError
-from .runtime import STATUSES, WINDOW, Prediction
+from .runtime import STATUSES, Prediction
 from .tables import Columns, read_table
 from .writers import (
     atomic_path,
@@ -39,84 +41,12 @@ from .writers import (
 log = logging.getLogger(__name__)
 
 
-def load_model(model_dir, *, exported: bool = False, evaluates: bool = False, **runtime):
-    """A PyTorch model folder as a ``FuseLabel``, or an exported ONNX folder as a torch-free predictor.
-
-    ``exported=True`` (a CPU run whose encoders are not asked to run in torch): a model folder whose exported
-    ONNX copy is in the cache (``export.export_cached`` makes it) runs from that copy, so that starting takes
-    neither torch nor timm nor transformers; ``evaluates=True`` wants a ``FuseLabel`` even then (it scores
-    labelled rows, its own split included).
-    """
-    from .runtime import is_onnx_folder
-
-    workers = runtime.get("num_workers")
-    if is_onnx_folder(model_dir):
-        return OnnxModel(model_dir, workers=workers)
-    if exported and runtime.get("feature_engine", "auto") != "torch":
-        folder = exported_folder(model_dir, runtime.get("cache_dir"))
-        if folder is not None and is_onnx_folder(folder):
-            if evaluates:
-                from .estimator import FuseLabel
-
-                return FuseLabel.from_exported(folder, model_dir, **runtime)
-            return OnnxModel(folder, workers=workers)
-    from .estimator import FuseLabel
-
-    return FuseLabel.from_pretrained(model_dir, **runtime)
-
-
 def exported_folder(model_dir, cache_dir=None) -> Path | None:
     """Where a model folder's exported ONNX copy is kept in the cache (None: a folder too old to have file hashes)."""
     from .cache import default_cache_dir
     from .runtime import exported_location
 
     return exported_location(model_dir, default_cache_dir(cache_dir))
-
-
-class OnnxModel:
-    """An exported folder behind the same few methods ``predict_csv`` uses of a ``FuseLabel``."""
-
-    def __init__(self, folder, workers: int | None = None):
-        from .runtime import load_onnx_predictor
-
-        self._predictor, self.engine = load_onnx_predictor(folder, workers=workers)
-        self.tokens = self.engine.labels
-        self.table = self.engine.manifest.get("table") or {}
-
-    def predictor(self, *, strict: bool = False, device=None):
-        self._predictor.strict = strict
-        return self._predictor
-
-
-def describe_exported(folder) -> str:
-    """What ``fuselabel info`` prints of an exported ONNX folder: its files, the model and its decision rule."""
-    from .runtime import MANIFEST
-
-    folder = Path(folder)
-    m = json.loads((folder / MANIFEST).read_text())
-    lines = [f"{folder}: exported ONNX folder ({m.get('format')} version {m.get('version')}), runs without PyTorch"]
-    for part, info in m.get("files", {}).items():
-        path = folder / info["path"]
-        size = path.stat().st_size / 1e6 if path.is_file() else 0.0
-        lines.append(f"  {part:<14} {info['path']:<24} {size:8.1f} MB" + (" (int8)" if info.get("quantized") else ""))
-    lines.append(
-        f"model: {m.get('kind')} ({m.get('late_combine')}), task {m.get('task', 'multilabel')}, "
-        f"text length {m.get('text_max_length')}"
-    )
-    names = m.get("label_names") or {}
-    labels = [names.get(t, t) if names.get(t, t) == t else f"{t} ({names[t]})" for t in m["labels"]]
-    lines.append(f"labels ({len(labels)}): {', '.join(labels)}")
-    lines.append(f"rule: {m.get('head', {}).get('rule', '')}")
-    return "\n".join(lines)
-
-
-def _tokens(model) -> list[str]:
-    return model.tokens if isinstance(model, OnnxModel) else model.bundle_.labels
-
-
-def trained_table(model) -> dict:
-    """The model's training table (column names, label separator); {} for folders older than that record."""
-    return model.table if isinstance(model, OnnxModel) else model.bundle_.table
 
 
 def _save_part(folder: Path, index: int, p: Prediction) -> None:
@@ -172,83 +102,35 @@ def predict_csv(
     format follows ``out``'s suffix (``.csv``, ``.tsv``, ``.jsonl``, ``.parquet``). A course-format table
     predicted by a model trained on course-format data gives Kaggle's ``ImageID,Labels``.
 
-    ``model`` is a ``FuseLabel``, a model folder, or an exported ONNX folder. Rows without a usable
-    photo are predicted from their caption and rows with an empty caption from their photo; each is
-    counted, and ``--proba`` output has an ``input`` column saying which. A row with neither gets
-    no labels and is named in the summary. ``strict=True`` makes any of these an error instead.
+    ``model`` is a ``FuseLabel`` or the path of a model folder or exported ONNX folder. A row without a usable
+    photo is predicted from its caption, one with an empty caption from its photo, each counted and flagged in
+    ``--proba``'s ``input`` column; a row with neither gets no labels and is named. ``strict=True``: errors.
     """
     t0 = time.time()
     if isinstance(model, (str, Path)):
-        model = load_model(model)
+        model = FuseLabel.from_pretrained(model)
     if chunk_size <= 0 or chunk_size % WINDOW:
         raise ValueError(f"chunk_size must be a positive multiple of {WINDOW}, got {chunk_size}")
-    records = read_table(csv, columns, trained=trained_table(model))
+    records = read_table(csv, columns, trained=model.bundle_.table)
     bounds = _chunks(len(records), chunk_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     distributed = devices > 1 or num_nodes > 1
-    # Every rank, and a rerun after a kill, computes the same folder from what the parts depend on.
-    key = parts_key(model, records, chunk_size, strict)
-    parts = (
-        out.parent / f".{out.name}.parts-{key}"
-        if key
-        else Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
-    )
-    parts.mkdir(exist_ok=True)
+    parts = _parts_folder(model, records, out, chunk_size, strict)
     if not distributed or _is_rank_zero():
         _finish_publish(parts)  # a kill between the renames of an earlier run: complete them first
-    done = {i for i, b in enumerate(bounds) if _part_ok(parts, i, b[1] - b[0])}
-    if done:
-        log.info(
-            f"resuming: {len(done)} of {len(bounds)} chunks were already predicted by an earlier run "
-            f"({parts.name}); predicting the other {len(bounds) - len(done)}"
-        )
+    done = _finished_chunks(parts, bounds)
     if distributed:
-        rank0 = _predict_distributed(
-            model,
-            records,
-            image_dir,
-            bounds,
-            parts,
-            strict=strict,
-            devices=devices,
-            num_nodes=num_nodes,
-            strategy=strategy,
-            accelerator=accelerator,
-            done=done,
-        )
-        if not rank0:  # rank 0 writes the outputs, then removes the parts
-            return {}
+        ranks = dict(devices=devices, num_nodes=num_nodes, strategy=strategy, accelerator=accelerator)
+        if not _predict_distributed(model, records, image_dir, bounds, parts, strict=strict, done=done, **ranks):
+            return {}  # rank 0 writes the outputs, then removes the parts
     else:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=len(bounds),
-            initial=len(done),
-            desc="predict",
-            unit="chunk",
-            disable=None if progress else True,
-            leave=False,
-        )
-        try:
-            for i, b in enumerate(bounds):
-                if i in done:
-                    continue
-                _save_part(parts, i, predict_chunk(model, records, image_dir, b, strict=strict))
-                pause_for_test("predict-chunk")
-                bar.update(1)
-        except (ValueError, ImageError):
-            # Bad input (--strict): a rerun on the same rows stops at the same row, so nothing is kept for it.
-            # A kill, a full disk or Ctrl-C keeps the finished chunks for the rerun.
-            shutil.rmtree(parts, ignore_errors=True)
-            raise
-        finally:
-            bar.close()
-    summary = _merge(parts, len(bounds), records, _tokens(model), trained_table(model), out, proba_out)
-    summary["resumed_chunks"] = len(done)
+        _predict_here(model, records, image_dir, bounds, parts, done, strict=strict, progress=progress)
+    summary = _merge(parts, len(bounds), records, model.bundle_.labels, model.bundle_.table, out, proba_out)
     _remove_leftovers(out, proba_out)  # this run's parts and any earlier run's, and killed writes' temporaries
     elapsed = time.time() - t0
     summary.update(
+        resumed_chunks=len(done),
         rows=len(records),
         seconds=elapsed,
         rows_per_s=len(records) / max(elapsed, 1e-9),
@@ -258,11 +140,62 @@ def predict_csv(
     return summary
 
 
+def _parts_folder(model, records, out: Path, chunk_size: int, strict: bool) -> Path:
+    """Where finished chunks are kept: every rank, and a rerun after a kill, computes the same folder from what
+    the parts depend on (a model held only in memory gets a folder of its own)."""
+    key = parts_key(model, records, chunk_size, strict)
+    parts = (
+        out.parent / f".{out.name}.parts-{key}"
+        if key
+        else Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
+    )
+    parts.mkdir(exist_ok=True)
+    return parts
+
+
+def _finished_chunks(parts: Path, bounds) -> set[int]:
+    done = {i for i, b in enumerate(bounds) if _part_ok(parts, i, b[1] - b[0])}
+    if done:
+        log.info(
+            f"resuming: {len(done)} of {len(bounds)} chunks were already predicted by an earlier run "
+            f"({parts.name}); predicting the other {len(bounds) - len(done)}"
+        )
+    return done
+
+
+def _predict_here(model, records, image_dir, bounds, parts: Path, done: set, *, strict: bool, progress: bool) -> None:
+    """The chunks not yet done, in this process, each saved as its part file when finished."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=len(bounds),
+        initial=len(done),
+        desc="predict",
+        unit="chunk",
+        disable=None if progress else True,
+        leave=False,
+    )
+    try:
+        for i, b in enumerate(bounds):
+            if i in done:
+                continue
+            _save_part(parts, i, predict_chunk(model, records, image_dir, b, strict=strict))
+            pause_for_test("predict-chunk")
+            bar.update(1)
+    except (ValueError, ImageError):
+        # Bad input (--strict): a rerun on the same rows stops at the same row, so nothing is kept for it.
+        # A kill, a full disk or Ctrl-C keeps the finished chunks for the rerun.
+        shutil.rmtree(parts, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+
+
 def parts_key(model, records, chunk_size: int, strict: bool) -> str | None:
     """What finished parts depend on: the model's files, the rows, the chunk size and strictness (None: a model
     held only in memory, whose parts cannot be recognised by a later run)."""
     digest = hashlib.sha256()
-    folder = model.engine.folder if isinstance(model, OnnxModel) else getattr(model.bundle_, "path", None)
+    folder = model.bundle_.path
     if folder is None:
         return None
     folder = Path(folder)
@@ -436,7 +369,7 @@ def _predict_distributed(
 
     class ChunkPredictor(L.LightningModule):
         def on_predict_start(self):
-            place_on(model, self.device)  # this rank's device, known only now that Lightning has assigned it
+            model.place_on(self.device)  # this rank's device, known only now that Lightning has assigned it
 
         def predict_step(self, batch, batch_idx):
             # Lightning's sampler pads the last round with repeated chunks; rewriting a part is harmless.
@@ -458,24 +391,10 @@ def _predict_distributed(
     return trainer.is_global_zero
 
 
-def place_on(model, device) -> None:
-    """Build ``model``'s engine on ``device`` (a rank's own: cuda:1 on local rank 1), unless it is there already.
-    An exported ONNX folder runs on the CPU wherever it is."""
-    if isinstance(model, OnnxModel):
-        return
-    device = str(device)
-    current = model._predictor.engine.device if model._predictor is not None else None
-    if current is None or str(current) != device:
-        model._predictor = None
-        model.predictor(device=device)
-
-
 def evaluate_csv(
     model, image_dir, csv, *, split: str = "all", strict: bool = False, columns: Columns | None = None
 ) -> dict:
     """Metrics of a model (or model folder) on a labelled table, or on the rows of one side of its own split."""
     if isinstance(model, (str, Path)):
-        model = load_model(model)
-    if isinstance(model, OnnxModel):
-        raise ValueError(f"{csv}: evaluate needs the model folder; an exported ONNX folder only predicts")
+        model = FuseLabel.from_pretrained(model)
     return model.evaluate(csv, images=image_dir, split=split, strict=strict, **(columns or Columns()).keywords())

@@ -910,12 +910,12 @@ def write_report(
 
 
 def _labelled_rows(model, model_dir, table, columns, split: str):
-    from .estimator import split_rows
+    from .evaluation import split_rows
     from .tables import read_table, require_labels
 
     records = read_table(table, columns, trained=model.bundle_.table, need_labels=True)
     require_labels(records, "the report")
-    return records, split_rows(model_dir, records.records, split)
+    return records, split_rows(model.bundle_, records.records, split)
 
 
 def _data(records, table_rows: int, reported: int, split: str) -> dict:

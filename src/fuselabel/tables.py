@@ -527,7 +527,9 @@ def read_table(
         "--label-col",
         required=need_labels,
     )
-    id_col = _pick("row id", columns.id, raw.columns, [], (), path, "--id-col", False) if columns.id else image_col
+    # A model trained with an id column of its own names rows by it again wherever the table has it.
+    trained_id = trained.get("id_col") if trained.get("id_col") != trained.get("image_col") else None
+    id_col = _pick("row id", columns.id, raw.columns, [trained_id], (), path, "--id-col", False) or image_col
     split_col = _pick("split", columns.split, raw.columns, [], (), path, "--split-col", True) if columns.split else None
     sep = _label_sep(raw, label_col, columns.label_sep, trained.get("label_sep")) if label_col else None
 

@@ -2,21 +2,21 @@
 
 import base64
 
-from .model import Model
+from ..estimator import FuseLabel
+from .model import model_id
 
 
-def rows(model: Model, pred) -> list[dict]:
-    est = model.estimator
+def rows(model: FuseLabel, pred) -> list[dict]:
     out = []
     for i, status in enumerate(pred.status):
         labels = []
-        for j, (lab, name) in enumerate(zip(est.labels_, est.label_names_)):
+        for j, (lab, name) in enumerate(zip(model.labels_, model.label_names_)):
             labels.append(
                 {
                     "id": lab,
                     "name": name,
                     "probability": float(pred.probs[i, j]),
-                    "threshold": float(est.thresholds_[j]),
+                    "threshold": float(model.thresholds_[j]),
                     "predicted": bool(pred.predicted[i, j]),
                     "parts": {part: float(p[i, j]) for part, p in pred.parts.items()},
                 }
@@ -36,7 +36,7 @@ def rows(model: Model, pred) -> list[dict]:
     return out
 
 
-def explanation(model: Model, label_index: int, pred, expl) -> dict:
+def explanation(model: FuseLabel, label_index: int, pred, expl) -> dict:
     from ..explain import heatmap_png
 
     row = rows(model, pred)[0]
@@ -57,11 +57,11 @@ def explanation(model: Model, label_index: int, pred, expl) -> dict:
             "baseline_logit": expl.words_baseline_logit,
         }
     return {
-        "model": model.id,
+        "model": model_id(model),
         "label": row["labels"][label_index],
         "status": row["status"],
         "inputs": row["inputs"],
-        "fusion": model.fusion,
+        "fusion": model.fusion_,
         "heatmap": heat,
         "words": words,
     }

@@ -2,7 +2,6 @@
 
 # No ``from __future__ import annotations``: the /explain form's label list is a value known only in
 # create_app, and FastAPI reads parameter annotations as objects.
-import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -15,11 +14,12 @@ from fastapi_offline import FastAPIOffline
 
 from ..bundle import folder_size
 from ..config import ServeSettings
+from ..estimator import FuseLabel
 from . import schemas
 from .answers import explanation, rows
 from .inputs import Decoder, caption_text, require_input
 from .middleware import Admission, BodyLimit, HeadAsGet, Observe, RequireKey
-from .model import Model, ModelChanged
+from .model import ModelChanged, Runner, label_table, model_id, open_model, shown_settings
 from .schemas import ERRORS, UNAUTHORISED
 from .telemetry import WORK_PATHS, Metrics
 
@@ -57,21 +57,22 @@ def create_app(
 ) -> FastAPIOffline:
     """The service for one model folder (loaded now, once). ``settings``: its limits and who may call it
     (default ``ServeSettings()``); ``cache_dir``, ``feature_engine`` and ``num_workers`` are where the model
-    runs (``model.Model``)."""
+    runs (``model.open_model``)."""
     settings = settings or ServeSettings()
     key = api_key(settings)
     metrics = Metrics()
-    model = Model(model_dir, cache_dir=cache_dir, feature_engine=feature_engine, num_workers=num_workers)
-    metrics.model_load.set(model.load_seconds)
-    decoder = Decoder(settings.decode_workers, model.preprocessing, int(settings.max_megapixels * 1e6), metrics)
-    label_ids = [str(lab) for lab in model.estimator.labels_]
+    model, seconds = open_model(model_dir, cache_dir=cache_dir, feature_engine=feature_engine, num_workers=num_workers)
+    metrics.model_load.set(seconds)
+    runner = Runner(model, num_workers)
+    decoder = Decoder(settings.decode_workers, model.preprocessing_, int(settings.max_megapixels * 1e6), metrics)
+    label_ids = [str(lab) for lab in model.labels_]
 
     # The docs page (/docs) loads its scripts from this package, not from a CDN: it works offline. ReDoc
     # would fetch its logo and fonts from the internet, so it is left out.
     app = FastAPIOffline(
         title="fuselabel",
         summary="Labels for image + caption pairs",
-        version=model.id,
+        version=model_id(model),
         description=f"Labels of this model: {', '.join(label_ids)}. Every error is JSON `{{detail}}`; see each "
         "route's answers."
         + (" The prediction routes and /info want the API key (X-API-Key or Authorization: Bearer)." if key else ""),
@@ -79,12 +80,12 @@ def create_app(
     )
     _add_middleware(app, settings, key, metrics)
     app.state.model = model
-    _document_inputs(app, model.kind)
+    _document_inputs(app, model.config_.kind)
     app.exception_handler(RequestValidationError)(malformed)
     guarded = {**ERRORS, **UNAUTHORISED} if key else ERRORS
     _about_routes(app, model, settings, metrics, key is not None, UNAUTHORISED if key else {})
-    _prediction_routes(app, model, decoder, settings, metrics, guarded)
-    _explain_route(app, model, decoder, settings, metrics, guarded, label_ids)
+    _prediction_routes(app, runner, decoder, settings, metrics, guarded)
+    _explain_route(app, runner, decoder, settings, metrics, guarded, label_ids)
     return app
 
 
@@ -137,8 +138,9 @@ async def malformed(request: Request, exc: RequestValidationError):
     return JSONResponse({"detail": message, "errors": errors}, status_code=status)
 
 
-def _about_routes(app, model: Model, settings: ServeSettings, metrics: Metrics, keyed: bool, unauthorised: dict):
+def _about_routes(app, model: FuseLabel, settings: ServeSettings, metrics: Metrics, keyed: bool, unauthorised: dict):
     """The page, and what the service and its model are: /health, /metrics, /labels, /info."""
+    name = model_id(model)
 
     @app.get("/", include_in_schema=False)
     def page():
@@ -148,7 +150,7 @@ def _about_routes(app, model: Model, settings: ServeSettings, metrics: Metrics, 
 
     @app.get("/health", response_model=schemas.Health, summary="liveness: answers while the process serves")
     async def health():  # async: answered on the event loop, never behind busy worker threads
-        return {"status": "ok", "model": model.id, "key_required": keyed}
+        return {"status": "ok", "model": name, "key_required": keyed}
 
     @app.get(
         "/metrics",
@@ -163,7 +165,7 @@ def _about_routes(app, model: Model, settings: ServeSettings, metrics: Metrics, 
 
     @app.get("/labels", response_model=schemas.Labels, summary="the model's labels and thresholds")
     def labels():
-        return {"model": model.id, "labels": model.labels}
+        return {"model": name, "labels": label_table(model)}
 
     @app.get(
         "/info",
@@ -172,16 +174,15 @@ def _about_routes(app, model: Model, settings: ServeSettings, metrics: Metrics, 
         summary="the model's settings, validation figures, size and limits",
     )
     def info():
-        metrics_path = model.path / "metrics.json"
-        figures = json.loads(metrics_path.read_text()).get("validation", {}) if metrics_path.is_file() else {}
+        folder = Path(model.path_)
         return {
-            "model": model.id,
-            "folder": model.path.resolve().name,
-            "size_bytes": folder_size(model.path),
-            "labels": model.labels,
-            "fusion": model.fusion,
-            "settings": model.settings(),
-            "validation": {k: v for k, v in figures.items() if k != "per_label"},
+            "model": name,
+            "folder": folder.resolve().name,
+            "size_bytes": folder_size(folder),
+            "labels": label_table(model),
+            "fusion": model.fusion_,
+            "settings": shown_settings(model),
+            "validation": model.validation_,
             "limits": schemas.limits(settings),
         }
 
@@ -190,10 +191,10 @@ def _about_routes(app, model: Model, settings: ServeSettings, metrics: Metrics, 
 # waiting for the model never hold up the event loop (nor its shutdown).
 
 
-def _prediction_routes(app, model: Model, decoder: Decoder, settings: ServeSettings, metrics: Metrics, errors: dict):
+def _prediction_routes(app, runner: Runner, decoder: Decoder, settings: ServeSettings, metrics: Metrics, errors: dict):
     Photo = Annotated[UploadFile | None, schemas.photo_field(settings)]
     Caption = Annotated[str | None, schemas.caption_field()]
-    max_batch = settings.max_batch
+    model, name, max_batch = runner.model, model_id(runner.model), settings.max_batch
 
     @app.post(
         "/predict",
@@ -204,10 +205,10 @@ def _prediction_routes(app, model: Model, decoder: Decoder, settings: ServeSetti
     def predict(image: Photo = None, caption: Caption = None):
         text = caption_text(caption)
         photo = decoder.one(image.file.read()) if image is not None else None
-        require_input(model.kind, photo, text)
-        pred = model.predict([photo], [text])
+        require_input(model.config_.kind, photo, text)
+        pred = runner.predict([photo], [text])
         metrics.count_rows(pred)
-        return {"model": model.id, **rows(model, pred)[0]}
+        return {"model": name, **rows(model, pred)[0]}
 
     @app.post(
         "/predict/batch",
@@ -225,16 +226,19 @@ def _prediction_routes(app, model: Model, decoder: Decoder, settings: ServeSetti
         texts = [caption_text(item.caption, f"item {i}: caption") for i, item in enumerate(items)]
         photos = decoder.many([(item.image_base64 or b"", f"item {i}: image_base64") for i, item in enumerate(items)])
         for i, (photo, text) in enumerate(zip(photos, texts)):
-            require_input(model.kind, photo, text, f"item {i}")
-        pred = model.predict(photos, texts)
+            require_input(model.config_.kind, photo, text, f"item {i}")
+        pred = runner.predict(photos, texts)
         metrics.count_rows(pred)
-        return {"model": model.id, "results": rows(model, pred)}
+        return {"model": name, "results": rows(model, pred)}
 
 
-def _explain_route(app, model, decoder, settings: ServeSettings, metrics: Metrics, errors: dict, label_ids: list):
+def _explain_route(
+    app, runner: Runner, decoder: Decoder, settings: ServeSettings, metrics: Metrics, errors: dict, label_ids: list
+):
     Photo = Annotated[UploadFile | None, schemas.photo_field(settings)]
     Caption = Annotated[str | None, schemas.caption_field()]
     Label = Annotated[str, Form(description="a label id, as /labels lists them", json_schema_extra={"enum": label_ids})]
+    model = runner.model
 
     @app.post(
         "/explain",
@@ -247,10 +251,10 @@ def _explain_route(app, model, decoder, settings: ServeSettings, metrics: Metric
             raise HTTPException(422, f"label: {label!r} is not one of this model's labels ({', '.join(label_ids)})")
         text = caption_text(caption)
         photo = decoder.one(image.file.read()) if image is not None else None
-        require_input(model.kind, photo, text)
+        require_input(model.config_.kind, photo, text)
         try:
-            pred, expl = model.explain(label_ids.index(label), photo, text)
+            pred, expl = runner.explain(label_ids.index(label), photo, text)
         except ModelChanged as err:
             raise HTTPException(503, str(err)) from None
         metrics.count_rows(pred)
-        return explanation(model, label_ids.index(label), pred, expl)
+        return explanation(runner.model, label_ids.index(label), pred, expl)
