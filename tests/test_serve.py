@@ -270,12 +270,11 @@ def test_request_ids(client):
 
 def test_an_unexpected_error_is_a_500_with_the_request_id(trained, monkeypatch, caplog):
     app = create_app(trained[1])
-    model = app.state.model
 
     def broken(images, captions):
         raise RuntimeError("a fault no request should reach")
 
-    monkeypatch.setattr(model, "predict", broken)
+    monkeypatch.setattr(app.state.runner, "predict", broken)
     with TestClient(app, raise_server_exceptions=False) as c, caplog.at_level("ERROR"):
         answer = c.post("/predict", data={"caption": "a dog"}, headers={"X-Request-ID": "fault-1"})
         assert c.get("/health").status_code == 200  # the service goes on

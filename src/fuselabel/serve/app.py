@@ -79,7 +79,7 @@ def create_app(
         redoc_url=None,
     )
     _add_middleware(app, settings, key, metrics)
-    app.state.model = model
+    app.state.model, app.state.runner = model, runner
     _document_inputs(app, model.config_.kind)
     app.exception_handler(RequestValidationError)(malformed)
     guarded = {**ERRORS, **UNAUTHORISED} if key else ERRORS

@@ -89,14 +89,19 @@ class Runner:
         the service started with (they load now, on the first explanation)."""
 
         def both():
+            if self.model.bundle_.net is None:  # the weights load now: they must be those of the start
+                self._check_unchanged()
             try:
                 return self.predict([image], [caption]), self.model.explain(label_index, image, caption)
             except BundleError:
-                if self.model.folder_changed():
-                    raise ModelChanged(
-                        f"the model folder's weights changed after the service started (it serves "
-                        f"{model_id(self.model)}); restart the service to explain with them"
-                    ) from None
+                self._check_unchanged()
                 raise
 
         return self.explainer.submit(both).result()
+
+    def _check_unchanged(self) -> None:
+        if self.model.folder_changed():
+            raise ModelChanged(
+                f"the model folder's weights changed after the service started (it serves "
+                f"{model_id(self.model)}); restart the service to explain with them"
+            )
