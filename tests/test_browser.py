@@ -427,3 +427,30 @@ def test_enter_predicts_shift_enter_breaks_the_line_and_buttons_show_they_are_bu
     assert page.locator("#caption-hint").is_visible()
     assert not page.errors, page.errors
     page.close()
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
+def test_the_page_says_what_each_input_weighs(service, browser, viewport):
+    url, image_dir = service
+    fusion = httpx.get(f"{url}/info").json()["fusion"]
+    page = _open(browser, url, viewport)
+    _predict(page, image_dir / "5.jpg", CAPTION)
+    shown = page.locator("#fusion").inner_text()
+    if fusion["image_weight"] is None:
+        assert shown == ""
+    else:
+        assert shown == f"photo weight {fusion['image_weight']:.2f} · caption weight {1 - fusion['image_weight']:.2f}"
+    assert page.locator("#no-photo-notice").is_hidden()
+
+    def photo_weight_zero(route):  # a model whose tuned photo weight is 0, as the service would describe it
+        answer = route.fetch().json()
+        answer["fusion"] = {**answer["fusion"], "combine": "weighted", "image_weight": 0.0}
+        route.fulfill(json=answer)
+
+    page.route("**/predict", photo_weight_zero)
+    _predict(page, caption=CAPTION + " again")
+    page.wait_for_selector("#no-photo-notice:not([hidden])")
+    assert page.locator("#fusion").inner_text() == "photo weight 0.00 · caption weight 1.00"
+    assert "does not use photos" in page.locator("#no-photo-notice").inner_text()
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= WIDTHS[viewport]["width"]
+    page.close()

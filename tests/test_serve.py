@@ -325,6 +325,12 @@ def test_predict_photo_and_caption_matches_the_model(client, trained, estimator)
         assert set(lab["parts"]) == {"image", "text"}
 
 
+def test_a_prediction_says_the_fusion_rule_in_force(client):
+    answer = client.post("/predict", data={"caption": CAPTION}).json()
+    assert answer["fusion"] == client.get("/info").json()["fusion"]
+    assert answer["fusion"]["kind"] == "late"
+
+
 def test_caption_only_is_judged_by_its_caption(client):
     body = _post(client, caption=CAPTION).json()
     assert body["status"] == "caption_only" and body["inputs"] == ["caption"]

@@ -208,7 +208,7 @@ def _prediction_routes(app, runner: Runner, decoder: Decoder, settings: ServeSet
         require_input(model.config_.kind, photo, text)
         pred = runner.predict([photo], [text])
         metrics.count_rows(pred)
-        return {"model": name, **rows(model, pred)[0]}
+        return {"model": name, "fusion": model.fusion_, **rows(model, pred)[0]}
 
     @app.post(
         "/predict/batch",

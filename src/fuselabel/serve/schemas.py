@@ -39,6 +39,16 @@ class LabelScore(Label):
     )
 
 
+class Fusion(BaseModel):
+    """How the heads make one probability: the rule in force, and the photo head's weight under late fusion's
+    weighted average (0: this model does not use photos; 1: nor captions)."""
+
+    kind: str
+    combine: str | None
+    image_weight: float | None
+    rule: str
+
+
 class Row(BaseModel):
     labels: list[LabelScore] = Field(description="every label, in the model's order")
     predicted: list[LabelRef] = Field(description="the predicted set, in the model's label order")
@@ -48,6 +58,7 @@ class Row(BaseModel):
 
 class Prediction(Row):
     model: str = Field(examples=["comp5329@1a2b3c4d5e6f"])
+    fusion: Fusion = Field(description="the rule that made each probability from the heads' (as /info says)")
 
 
 class BatchPrediction(BaseModel):
@@ -78,13 +89,6 @@ class Words(BaseModel):
     target: str | None = None
     logit: float | None = None
     baseline_logit: float | None = None
-
-
-class Fusion(BaseModel):
-    kind: str
-    combine: str | None
-    image_weight: float | None
-    rule: str
 
 
 class Explanation(BaseModel):

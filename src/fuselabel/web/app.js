@@ -186,6 +186,7 @@ function renderResult(result) {
   $("why-panel").hidden = true;
   hideHeatmap();
   $("status").textContent = STATUS_TEXT[result.status] || result.status;
+  showFusion(result.fusion);
   const rows = [...result.labels].sort((a, b) => b.probability - a.probability);
   // Chips in the bars' order: the most probable first.
   $("predicted").replaceChildren(...rows.filter((lab) => lab.predicted).map((lab) => {
@@ -195,6 +196,14 @@ function renderResult(result) {
     return chip;
   }));
   $("bars").replaceChildren(...rows.map(barRow));
+}
+
+// What each input contributed: the photo head's weight in force, and a plain notice when it is nothing.
+function showFusion(fusion) {
+  const weight = fusion ? fusion.image_weight : null;
+  $("fusion").textContent = weight === null || weight === undefined ? ""
+    : `photo weight ${weight.toFixed(2)} · caption weight ${(1 - weight).toFixed(2)}`;
+  $("no-photo-notice").hidden = weight !== 0;
 }
 
 function barRow(lab) {
