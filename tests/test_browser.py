@@ -454,3 +454,17 @@ def test_the_page_says_what_each_input_weighs(service, browser, viewport):
     assert "does not use photos" in page.locator("#no-photo-notice").inner_text()
     assert page.evaluate("() => document.documentElement.scrollWidth") <= WIDTHS[viewport]["width"]
     page.close()
+
+
+def test_words_past_the_token_limit_are_struck_and_counted(service, browser):
+    url, _ = service
+    page = _open(browser, url, "phone")
+    _predict(page, caption=" ".join(["dog"] * 300))
+    page.locator(".why-button").first.click()
+    page.wait_for_selector("#words .word[data-score]")
+    words = page.locator("#words .word").count()
+    unread = page.locator("#words .word.unread").count()
+    assert words == 300 and 0 < unread < words
+    legend = page.locator("#words-target").inner_text()
+    assert f"read {words - unread} of the caption's {words} words" in legend and "struck-through" in legend
+    page.close()

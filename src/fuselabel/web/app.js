@@ -324,8 +324,13 @@ function renderWords(words) {
   }
   if (at < caption.length) parts.push(document.createTextNode(caption.slice(at)));
   $("words").replaceChildren(...parts);
+  const read = words.items.filter((w) => w.score !== null).length;
   $("words-target").textContent = `Each word's share of the ${words.target} above an empty caption `
-    + "(integrated gradients): red raised the label, blue lowered it; shading relative to the strongest word.";
+    + "(integrated gradients): red raised the label, blue lowered it; shading relative to the strongest word."
+    + (read < words.items.length
+      ? ` The model read ${read} of the caption's ${words.items.length} words: struck-through words were past its `
+        + "token limit and not read."
+      : "");
 }
 
 async function showModel() {
