@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 def exported_folder(model_dir, cache_dir=None) -> Path | None:
     """Where a model folder's exported ONNX copy is kept in the cache (None: a folder too old to have file hashes)."""
     from .cache import default_cache_dir
-    from .runtime import exported_location
+    from .onnx_folder import exported_location
 
     return exported_location(model_dir, default_cache_dir(cache_dir))
 
