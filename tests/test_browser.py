@@ -468,3 +468,27 @@ def test_words_past_the_token_limit_are_struck_and_counted(service, browser):
     legend = page.locator("#words-target").inner_text()
     assert f"read {words - unread} of the caption's {words} words" in legend and "struck-through" in legend
     page.close()
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
+def test_the_heatmap_is_shown_beside_the_words(service, browser, viewport):
+    url, image_dir = service
+    page = _open(browser, url, viewport)
+    _predict(page, image_dir / "5.jpg", CAPTION)
+    page.locator(".why-button").first.click()
+    page.wait_for_selector("#why-heat:not([hidden])")
+    page.wait_for_function("() => document.getElementById('why-photo').naturalWidth > 0")
+    assert page.locator("#why-heatmap").get_attribute("src") == page.locator("#heatmap").get_attribute("src")
+    # Measured at one moment: the panel may still be scrolling into view.
+    photo, heat, words = page.evaluate(
+        """() => ["why-photo", "why-heatmap", "why-words"].map((id) => {
+            const r = document.getElementById(id).getBoundingClientRect();
+            return {x: r.x, y: r.y, width: r.width, height: r.height};
+        })"""
+    )
+    assert heat == pytest.approx(photo, abs=1)  # laid over the photo exactly
+    assert 0 <= words["y"] - (photo["y"] + photo["height"]) < 200  # in the same panel, just above the words
+    page.uncheck("#show-heatmap")
+    assert page.locator("#why-heatmap").is_hidden() and page.locator("#heatmap").is_hidden()
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= WIDTHS[viewport]["width"]
+    page.close()

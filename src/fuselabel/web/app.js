@@ -288,6 +288,10 @@ function renderWhy(why) {
   if (why.heatmap) {
     $("heatmap").src = `data:image/png;base64,${why.heatmap.png_base64}`;
     $("heatmap").hidden = !$("show-heatmap").checked;
+    // The same heatmap beside the words, over a small copy of the photo: on a phone the photo is far above.
+    $("why-photo").src = state.photoUrl;
+    $("why-heatmap").src = $("heatmap").src;
+    $("why-heatmap").hidden = $("heatmap").hidden;
     const imageHead = why.label.parts.image;
     const strength = imageHead === undefined ? "" : ` The photo head gives this label ${percent(imageHead)}.`;
     $("heat-target").textContent = `Grad-CAM of the ${why.heatmap.target}: warm areas raised it. The shading is `
@@ -363,6 +367,7 @@ function wire() {
   });
   $("show-heatmap").addEventListener("change", (e) => {
     $("heatmap").hidden = !e.target.checked || !$("heatmap").getAttribute("src");
+    $("why-heatmap").hidden = $("heatmap").hidden;
   });
   const zone = $("drop-zone");
   zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
