@@ -3,6 +3,7 @@
 #   docker build -t fuselabel .
 #   docker run --rm -p 8000:8000 -v "$PWD/models/comp5329:/model:ro" fuselabel            # the model mounted
 #   docker run --rm -p 8000:8000 -v ... fuselabel --workers 2 --json-logs                 # more serve options
+#   docker run --rm -p 8000:8000 -e FUSELABEL_API_KEY="$KEY" -v ... fuselabel             # callers need the key
 #
 # To bake a model in instead, build an image on top of this one from the model folder:
 #   printf 'FROM fuselabel\nCOPY --chown=fuselabel . /model\n' | docker build -t fuselabel-comp5329 -f - models/comp5329

@@ -12,7 +12,8 @@ Starts ``fuselabel serve MODEL_DIR`` on a free loopback port, waits for /health,
 Photos are synthetic JPEGs (320-640 px) unless ``--images`` names a folder of real ones. Prints
 throughput, p50 / p99 latency (all requests and per kind), the count of each status per kind, and
 the server's resident memory sampled every half second (psutil when installed, else
-/proc/PID/status VmRSS). Exits 1 if any response is a 5xx or a request fails outright, and stops
+/proc/PID/status VmRSS). With ``$FUSELABEL_API_KEY`` set, the server requires it and every request sends
+it. Exits 1 if any response is a 5xx or a request fails outright, and stops
 the server with SIGTERM, expecting it to exit 0.
 """
 
@@ -70,6 +71,9 @@ WORDS = [
     "next",
     "to",
 ]
+
+# The server inherits the environment: with a key there, every request carries it.
+KEY = {"X-API-Key": os.environ["FUSELABEL_API_KEY"]} if os.environ.get("FUSELABEL_API_KEY") else {}
 
 
 def free_port() -> int:
@@ -201,7 +205,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def drive(args, base: str, photos: list[bytes], pid: int) -> tuple[list, float, list]:
     """Send the requests; returns ([(kind, status, seconds)], elapsed seconds, [(t, rss bytes)])."""
-    info = httpx.get(f"{base}/info").json()
+    info = httpx.get(f"{base}/info", headers=KEY).json()
     requests = Requests(
         photos, str(info["labels"][0]["id"]), int(args.max_upload_mb * 1e6), info["limits"]["max_caption_chars"]
     )
@@ -212,7 +216,7 @@ def drive(args, base: str, photos: list[bytes], pid: int) -> tuple[list, float, 
 
     def one(i: int) -> None:
         if not hasattr(local, "http"):
-            local.http = httpx.Client(base_url=base, timeout=300)
+            local.http = httpx.Client(base_url=base, timeout=300, headers=KEY)
         t0 = time.perf_counter()
         try:
             status: int | str = requests.send(
@@ -220,7 +224,7 @@ def drive(args, base: str, photos: list[bytes], pid: int) -> tuple[list, float, 
             ).status_code
         except httpx.HTTPError as err:
             status = f"failed ({type(err).__name__})"
-            local.http = httpx.Client(base_url=base, timeout=300)  # the connection may be gone
+            local.http = httpx.Client(base_url=base, timeout=300, headers=KEY)  # the connection may be gone
         with lock:
             results.append((kinds[i], status, time.perf_counter() - t0))
 

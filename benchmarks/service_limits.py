@@ -38,7 +38,7 @@ import httpx
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from load import MemorySampler, free_port, rss_bytes, start_server, stop
+from load import KEY, MemorySampler, free_port, rss_bytes, start_server, stop
 
 MB = 2**20
 
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryFile() as log:
         proc = start_server(args.model, port, shlex.split(args.serve_args), log)
         try:
-            http = httpx.Client(base_url=url, timeout=600)
+            http = httpx.Client(base_url=url, timeout=600, headers=KEY)
             http.post("/predict", data={"caption": "warm up"})
             time.sleep(1)
             idle = rss_bytes(proc.pid)
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
             def forty():
                 def send(_):
                     try:
-                        return httpx.post(f"{url}/predict/batch", json=batch, timeout=600)
+                        return httpx.post(f"{url}/predict/batch", json=batch, timeout=600, headers=KEY)
                     except httpx.HTTPError as err:
                         return err
 

@@ -17,6 +17,7 @@ import pytest
 from conftest import shared_data_or_skip
 from test_serve import CAPTION, serving, train_tiny_model
 
+from fuselabel.config import ServeSettings
 from fuselabel.serve import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -35,9 +36,25 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory, session_cache):
-    image_dir, model = train_tiny_model(tmp_path_factory.mktemp("browser"), session_cache)
+def tiny(tmp_path_factory, session_cache):
+    return train_tiny_model(tmp_path_factory.mktemp("browser"), session_cache)
+
+
+@pytest.fixture(scope="module")
+def service(tiny):
+    image_dir, model = tiny
     with serving(create_app(model)) as url:
+        yield url, image_dir
+
+
+PAGE_KEY = "page-key-123"
+
+
+@pytest.fixture(scope="module")
+def keyed_service(tiny, session_cache):
+    """The same model behind an API key."""
+    image_dir, model = tiny
+    with serving(create_app(model, ServeSettings(api_key=PAGE_KEY), cache_dir=session_cache)) as url:
         yield url, image_dir
 
 
@@ -322,4 +339,156 @@ def test_docs_render_offline(service, browser):
     paths = page.locator(".opblock-summary-path").all_inner_texts()
     assert {"/predict", "/predict/batch", "/explain", "/metrics"} <= {p.strip() for p in paths}
     assert not outside, outside
+    page.close()
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
+def test_a_keyed_service_asks_for_its_key_and_keeps_it_in_the_tab(keyed_service, browser, viewport):
+    url, image_dir = keyed_service
+    context = browser.new_context(viewport=WIDTHS[viewport])
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#key-row:not([hidden])")
+    assert page.locator("#model-id").inner_text() == ""  # /info wants the key too
+    page.fill("#caption", CAPTION)
+    page.click("#predict-button")
+    page.wait_for_function("() => document.getElementById('message').className === 'error'")
+    assert page.locator("#message").inner_text().startswith("This service wants its API key")
+    assert page.locator("#result-panel").is_hidden()
+
+    page.fill("#api-key", PAGE_KEY)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function("() => document.getElementById('model-id').textContent !== ''")
+    _predict(page, image_dir / "5.jpg", CAPTION)
+    assert page.locator("#bars .bar-row").count() == 4
+    box = page.locator("#api-key").bounding_box()
+    assert box["width"] <= WIDTHS[viewport]["width"] and box["height"] >= 30
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= WIDTHS[viewport]["width"]
+    assert page.evaluate("() => sessionStorage.getItem('fuselabel-api-key')") == PAGE_KEY
+    assert page.evaluate("() => localStorage.length") == 0  # never kept beyond the tab's session
+    page.reload()
+    page.wait_for_function("() => document.getElementById('model-id').textContent !== ''")
+    assert page.locator("#api-key").input_value() == PAGE_KEY
+    context.close()
+    other = browser.new_context().new_page()  # another session: no key
+    other.goto(url)
+    other.wait_for_selector("#key-row:not([hidden])")
+    assert other.locator("#api-key").input_value() == ""
+    other.context.close()
+
+
+def test_an_open_service_shows_no_key_field(service, browser):
+    page = _open(browser, service[0])
+    assert page.locator("#key-row").is_hidden()
+    page.close()
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
+def test_enter_predicts_shift_enter_breaks_the_line_and_buttons_show_they_are_busy(service, browser, viewport):
+    url, _ = service
+    page = _open(browser, url, viewport)
+    # Answers held back until the test lets them go: the busy state is seen, not raced.
+    page.evaluate(
+        """() => {
+        const real = window.fetch;
+        window.release = null;
+        window.fetch = async (url, opts) => {
+            const answer = await real(url, opts);
+            if (String(url).endsWith("predict") || String(url).endsWith("explain")) {
+                await new Promise((r) => { window.release = r; });
+            }
+            return answer;
+        };
+    }"""
+    )
+    page.click("#caption")
+    page.keyboard.type("a dog")
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.type("and a kite")
+    assert page.locator("#caption").input_value() == "a dog\nand a kite"
+    assert page.locator("#bars .bar-row").count() == 0  # Shift+Enter sent nothing
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#predict-button[aria-busy='true']")
+    assert page.locator("#caption").input_value() == "a dog\nand a kite"  # Enter added no line
+    page.wait_for_function("() => window.release !== null")
+    page.evaluate("() => window.release()")
+    page.wait_for_selector("#bars .bar-row")
+    assert page.locator("#predict-button").get_attribute("aria-busy") == "false"
+
+    why = page.locator(".why-button").first
+    page.evaluate("() => { window.release = null; }")
+    why.click()
+    page.wait_for_function("() => document.querySelector('.why-button').getAttribute('aria-busy') === 'true'")
+    assert page.locator("[aria-busy='true']").count() == 1
+    page.wait_for_function("() => window.release !== null")
+    page.evaluate("() => window.release()")
+    page.wait_for_selector("#why-panel:not([hidden])")
+    assert page.locator("[aria-busy='true']").count() == 0
+    assert page.locator("#caption-hint").is_visible()
+    assert not page.errors, page.errors
+    page.close()
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
+def test_the_page_says_what_each_input_weighs(service, browser, viewport):
+    url, image_dir = service
+    fusion = httpx.get(f"{url}/info").json()["fusion"]
+    page = _open(browser, url, viewport)
+    _predict(page, image_dir / "5.jpg", CAPTION)
+    shown = page.locator("#fusion").inner_text()
+    if fusion["image_weight"] is None:
+        assert shown == ""
+    else:
+        assert shown == f"photo weight {fusion['image_weight']:.2f} · caption weight {1 - fusion['image_weight']:.2f}"
+    assert page.locator("#no-photo-notice").is_hidden()
+
+    def photo_weight_zero(route):  # a model whose tuned photo weight is 0, as the service would describe it
+        answer = route.fetch().json()
+        answer["fusion"] = {**answer["fusion"], "combine": "weighted", "image_weight": 0.0}
+        route.fulfill(json=answer)
+
+    page.route("**/predict", photo_weight_zero)
+    _predict(page, caption=CAPTION + " again")
+    page.wait_for_selector("#no-photo-notice:not([hidden])")
+    assert page.locator("#fusion").inner_text() == "photo weight 0.00 · caption weight 1.00"
+    assert "does not use photos" in page.locator("#no-photo-notice").inner_text()
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= WIDTHS[viewport]["width"]
+    page.close()
+
+
+def test_words_past_the_token_limit_are_struck_and_counted(service, browser):
+    url, _ = service
+    page = _open(browser, url, "phone")
+    _predict(page, caption=" ".join(["dog"] * 300))
+    page.locator(".why-button").first.click()
+    page.wait_for_selector("#words .word[data-score]")
+    words = page.locator("#words .word").count()
+    unread = page.locator("#words .word.unread").count()
+    assert words == 300 and 0 < unread < words
+    legend = page.locator("#words-target").inner_text()
+    assert f"read {words - unread} of the caption's {words} words" in legend and "struck-through" in legend
+    page.close()
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
+def test_the_heatmap_is_shown_beside_the_words(service, browser, viewport):
+    url, image_dir = service
+    page = _open(browser, url, viewport)
+    _predict(page, image_dir / "5.jpg", CAPTION)
+    page.locator(".why-button").first.click()
+    page.wait_for_selector("#why-heat:not([hidden])")
+    page.wait_for_function("() => document.getElementById('why-photo').naturalWidth > 0")
+    assert page.locator("#why-heatmap").get_attribute("src") == page.locator("#heatmap").get_attribute("src")
+    # Measured at one moment: the panel may still be scrolling into view.
+    photo, heat, words = page.evaluate(
+        """() => ["why-photo", "why-heatmap", "why-words"].map((id) => {
+            const r = document.getElementById(id).getBoundingClientRect();
+            return {x: r.x, y: r.y, width: r.width, height: r.height};
+        })"""
+    )
+    assert heat == pytest.approx(photo, abs=1)  # laid over the photo exactly
+    assert 0 <= words["y"] - (photo["y"] + photo["height"]) < 200  # in the same panel, just above the words
+    page.uncheck("#show-heatmap")
+    assert page.locator("#why-heatmap").is_hidden() and page.locator("#heatmap").is_hidden()
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= WIDTHS[viewport]["width"]
     page.close()

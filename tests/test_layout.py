@@ -68,10 +68,12 @@ ORDER = [
 
 
 def _imports(module: str) -> set[str]:
-    """The fuselabel modules a module (or every file of a package folder) imports."""
-    if (PACKAGE / module).is_dir():
+    """The package's modules that ``module`` imports; a package folder (``serve/``) counts as one module, so
+    its files' imports of the package's own modules are those of ``..``."""
+    folder = PACKAGE / module
+    if folder.is_dir():
         pattern = r"from \.\.(\w+) import|from \.\. import (\w+)"
-        texts = [p.read_text() for p in (PACKAGE / module).glob("*.py")]
+        texts = [p.read_text() for p in sorted(folder.glob("*.py"))]
     else:
         pattern = r"from \.(\w+) import|from \. import (\w+)"
         texts = [(PACKAGE / f"{module}.py").read_text()]

@@ -30,13 +30,19 @@ from conftest import make_tiny_dataset
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from PIL import Image
+from pydantic import ValidationError
 from test_cli import TINY_TRAIN
 
 from fuselabel.bundle import folder_size
 from fuselabel.cli import main
+from fuselabel.config import ServeSettings
 from fuselabel.estimator import FuseLabel
 from fuselabel.explain import _to_photo_frame, explain
-from fuselabel.serve import MAX_CAPTION_CHARS, REQUEST_ID, JsonFormatter, _require_input, create_app
+from fuselabel.serve import create_app
+from fuselabel.serve.inputs import require_input
+from fuselabel.serve.schemas import MAX_CAPTION_CHARS
+from fuselabel.serve.server import PROTOCOL
+from fuselabel.serve.telemetry import REQUEST_ID, JsonFormatter, RequestIdFilter
 
 CAPTION = "a photo of a dog and a car next to a kite"
 
@@ -103,9 +109,7 @@ def serving(app, header_timeout: float = 10, **config):
     connection limits ``fuselabel serve`` uses (``config``: more uvicorn settings); yields its base URL."""
     import uvicorn
 
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=free_port(), log_level="warning", http="fuselabel.serve:TimedH11Protocol", **config
-    )
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", http=PROTOCOL, **config)
     config.header_timeout = header_timeout
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -135,7 +139,7 @@ def client(trained):
 @pytest.fixture(scope="module")
 def strict_client(trained):
     """Small limits, to reach them cheaply: 0.05 MB a request, 2 items a batch, 1 megapixel a photo."""
-    return TestClient(create_app(trained[1], max_upload_mb=0.05, max_batch=2, max_megapixels=1))
+    return TestClient(create_app(trained[1], ServeSettings(max_upload_mb=0.05, max_batch=2, max_megapixels=1)))
 
 
 @pytest.fixture(scope="module")
@@ -204,18 +208,20 @@ def test_page_docs_and_openapi(client):
     assert page.status_code == 200 and 'id="predict-button"' in page.text
     for asset in ("/static/app.js", "/static/style.css"):
         assert client.get(asset).status_code == 200, asset
-    # The docs pages load their scripts and styles from the service itself: they work offline.
-    for docs in ("/docs", "/redoc"):
-        html = client.get(docs).text
-        assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', html)
-        assert assets and all(a.startswith("/") for a in assets), (docs, assets)
-        assert all(client.get(a).status_code == 200 for a in assets), assets
+    # The docs page loads its scripts and styles from the service itself: it works offline. ReDoc, which would
+    # fetch its logo and fonts from the internet, is not served.
+    html = client.get("/docs").text
+    assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', html)
+    assert assets and all(a.startswith("/") for a in assets), assets
+    assert all(client.get(a).status_code == 200 for a in assets), assets
+    assert client.get("/redoc").status_code == 404
     spec = client.get("/openapi.json").json()
     paths = spec["paths"]
     assert {"/predict", "/predict/batch", "/explain", "/labels", "/health", "/info", "/metrics"} <= set(paths)
     for path in ("/predict", "/predict/batch", "/explain"):
         answers = paths[path]["post"]["responses"]
-        assert {"200", "413", "415", "422", "503"} <= set(answers), path
+        assert {"200", "400", "408", "413", "415", "422", "503"} <= set(answers), path
+        assert "401" not in answers, path  # no key set: none asked for
         assert answers["200"]["content"]["application/json"]["schema"] != {}, path
         assert "Retry-After" in answers["503"]["headers"]
     for path in ("/health", "/labels", "/info"):
@@ -264,12 +270,11 @@ def test_request_ids(client):
 
 def test_an_unexpected_error_is_a_500_with_the_request_id(trained, monkeypatch, caplog):
     app = create_app(trained[1])
-    model = app.state.model
 
     def broken(images, captions):
         raise RuntimeError("a fault no request should reach")
 
-    monkeypatch.setattr(model, "predict", broken)
+    monkeypatch.setattr(app.state.runner, "predict", broken)
     with TestClient(app, raise_server_exceptions=False) as c, caplog.at_level("ERROR"):
         answer = c.post("/predict", data={"caption": "a dog"}, headers={"X-Request-ID": "fault-1"})
         assert c.get("/health").status_code == 200  # the service goes on
@@ -285,8 +290,6 @@ def test_json_log_lines_carry_the_request_id():
     try:
         record = logging.LogRecord("fuselabel.access", logging.INFO, __file__, 1, "%s %s", ("GET", "/health"), None)
         record.status, record.ms = 200, 1.5
-        from fuselabel.serve import RequestIdFilter
-
         RequestIdFilter().filter(record)
         line = json.loads(JsonFormatter().format(record))
     finally:
@@ -320,6 +323,12 @@ def test_predict_photo_and_caption_matches_the_model(client, trained, estimator)
     assert body["predicted"], "ensure_nonempty: at least one label"
     for lab in body["labels"]:
         assert set(lab["parts"]) == {"image", "text"}
+
+
+def test_a_prediction_says_the_fusion_rule_in_force(client):
+    answer = client.post("/predict", data={"caption": CAPTION}).json()
+    assert answer["fusion"] == client.get("/info").json()["fusion"]
+    assert answer["fusion"]["kind"] == "late"
 
 
 def test_caption_only_is_judged_by_its_caption(client):
@@ -613,23 +622,166 @@ def test_explain_rejects_a_non_image(client):
 def test_a_request_needs_an_input_the_model_reads(kind, photo, caption, ok):
     args = (kind, object() if photo else None, "a dog" if caption else None)
     if ok:
-        _require_input(*args)
+        require_input(*args)
     else:
         with pytest.raises(HTTPException) as err:
-            _require_input(*args)
+            require_input(*args)
         assert err.value.status_code == 422
 
 
-def test_bad_limits_are_refused(trained):
-    with pytest.raises(ValueError, match="max-batch"):
-        create_app(trained[1], max_batch=0)
-    with pytest.raises(ValueError, match="--max-concurrency must be above 0.*--max-queue must be at least 0"):
-        create_app(trained[1], max_concurrency=0, max_queue=-1)
+def test_bad_limits_are_refused():
+    with pytest.raises(ValidationError, match="max_batch"):
+        ServeSettings(max_batch=0)
+    with pytest.raises(
+        ValidationError, match="(?s)max_concurrency.*greater than 0.*max_queue.*greater than or equal to 0"
+    ):
+        ServeSettings(max_concurrency=0, max_queue=-1)
+    with pytest.raises(ValidationError, match="max_uplod_mb"):
+        ServeSettings(max_uplod_mb=5)  # a misspelt setting is refused, not ignored
+
+
+def test_serve_command_names_each_impossible_limit(tmp_path, capsys):
+    assert main(["serve", str(tmp_path), "--max-batch", "0", "--max-queue", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-batch: Input should be greater than 0" in err and "--max-queue:" in err
+    assert "Traceback" not in err
 
 
 def test_serve_command_refuses_a_folder_that_is_no_model(tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     assert "not a fuselabel model folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- who may call: keys and CORS; HEAD; malformed bodies
+
+KEY = "k3y-for-tests"
+ORIGIN = "https://labels.example.org"
+
+
+@pytest.fixture(scope="module")
+def keyed_client(trained):
+    return TestClient(create_app(trained[1], ServeSettings(api_key=KEY, cors_origin=[ORIGIN])))
+
+
+def test_a_key_guards_the_prediction_routes_and_info(keyed_client, trained):
+    for path in ("/predict", "/explain"):
+        refused = _post(keyed_client, path, caption=CAPTION, label="1")
+        assert refused.status_code == 401, path
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert "X-API-Key" in refused.json()["detail"]
+    assert keyed_client.post("/predict/batch", json=[{"caption": CAPTION}]).status_code == 401
+    assert keyed_client.get("/info").status_code == 401
+    wrong = keyed_client.post("/predict", data={"caption": CAPTION}, headers={"X-API-Key": KEY + "x"})
+    assert wrong.status_code == 401 and "not this service's" in wrong.json()["detail"]
+
+    for headers in ({"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY}"}):
+        answer = keyed_client.post("/predict", data={"caption": CAPTION}, headers=headers)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["labels"]
+    batch = keyed_client.post("/predict/batch", json=[{"caption": CAPTION}], headers={"X-API-Key": KEY})
+    assert batch.status_code == 200
+    assert keyed_client.get("/info", headers={"X-API-Key": KEY}).status_code == 200
+
+    # Open: liveness (which says a key is wanted, for the page), the labels, the page and the docs.
+    health = keyed_client.get("/health")
+    assert health.status_code == 200 and health.json()["key_required"] is True
+    for path in ("/labels", "/", "/static/app.js", "/docs", "/openapi.json"):
+        assert keyed_client.get(path).status_code == 200, path
+    answers = keyed_client.get("/openapi.json").json()["paths"]["/predict"]["post"]["responses"]
+    assert "WWW-Authenticate" in answers["401"]["headers"]
+
+
+def test_cors_preflight_and_answers_name_the_allowed_origin(keyed_client):
+    preflight = keyed_client.options(
+        "/predict",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-api-key" in preflight.headers["access-control-allow-headers"].lower()
+    # A refusal is readable by the page too (it carries the CORS header), and another origin gets none.
+    refused = keyed_client.post("/predict", data={"caption": CAPTION}, headers={"Origin": ORIGIN})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == ORIGIN
+    other = keyed_client.options(
+        "/predict", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+
+
+def test_the_key_comes_from_the_setting_a_file_or_the_environment(tmp_path, monkeypatch):
+    from fuselabel.serve.app import api_key
+
+    monkeypatch.delenv("FUSELABEL_API_KEY", raising=False)
+    assert api_key(ServeSettings()) is None
+    monkeypatch.setenv("FUSELABEL_API_KEY", "from-env")
+    assert api_key(ServeSettings()) == "from-env"
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\nsecond line\n")
+    assert api_key(ServeSettings(api_key_file=str(key_file))) == "from-file"
+    assert api_key(ServeSettings(api_key="given")) == "given"
+    with pytest.raises(ValueError, match="not both"):
+        api_key(ServeSettings(api_key="given", api_key_file=str(key_file)))
+    key_file.write_text("\n")
+    with pytest.raises(ValueError, match=f"{re.escape(str(key_file))}: its first line is empty"):
+        api_key(ServeSettings(api_key_file=str(key_file)))
+    with pytest.raises(ValueError, match="cannot read it"):
+        api_key(ServeSettings(api_key_file=str(tmp_path / "missing")))
+
+
+def test_head_answers_wherever_get_does(client):
+    for path in ("/health", "/labels", "/info", "/metrics", "/", "/docs", "/openapi.json", "/static/app.js"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == 200, path
+        assert head.content == b"", path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    assert client.head("/nowhere").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "path, body, content_type",
+    [
+        ("/predict/batch", b'[{"caption": "a dog"', "application/json"),
+        ("/predict", b"caption=dog", "multipart/form-data"),  # no boundary
+        ("/explain", b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n", "multipart/form-data; boundary=b"),
+    ],
+)
+def test_a_malformed_body_is_a_documented_400(client, path, body, content_type):
+    response = client.post(path, content=body, headers={"content-type": content_type})
+    assert response.status_code == 400, response.text
+    assert isinstance(response.json()["detail"], str)
+    documented = client.get("/openapi.json").json()["paths"][path]["post"]["responses"]["400"]
+    assert documented["content"]["application/json"]["schema"]["$ref"].endswith("/Error")
+
+
+def test_a_batch_is_spread_over_the_worker_threads(trained, monkeypatch):
+    """One request's rows run as pieces on several threads at once, as ``fuselabel predict`` runs its windows."""
+    from fuselabel.serve.model import Runner
+
+    model = FuseLabel.from_pretrained(trained[1], exported=True)
+    runner = Runner(model, workers=4)
+    seen, lock, both_waiting = [], threading.Lock(), threading.Barrier(2, timeout=30)
+    real = runner.predictor.predict
+
+    def recording(images, captions, **kw):
+        with lock:
+            seen.append((threading.current_thread().name, len(images)))
+        both_waiting.wait()  # two pieces at work at the same time, or this times out
+        return real(images, captions, **kw)
+
+    monkeypatch.setattr(runner.predictor, "predict", recording)
+    photos = [Image.open(trained[0] / f"{i}.jpg").convert("RGB") for i in range(8)]
+    pred = runner.predict(photos, [CAPTION] * 8)
+    assert len(pred) == 8 and all(s == "ok" for s in pred.status)
+    assert sorted(n for _, n in seen) == [2, 2, 2, 2]
+    assert len({name for name, _ in seen}) >= 2
+    assert all(name.startswith("fuselabel-predict") for name, _ in seen)
+    whole = real(photos, [CAPTION] * 8)  # the same rows as one window on one thread
+    np.testing.assert_allclose(pred.probs, whole.probs, atol=1e-5)
+    assert (pred.predicted == whole.predicted).all()
 
 
 # ---------------------------------------------------------------- concurrency and a graceful stop
@@ -739,7 +891,7 @@ def _form(trained) -> tuple[bytes, str]:
 def test_busy_service_answers_503_with_retry_after(trained):
     """One request at work and one waiting at most: a third is refused at once, a waiting one after its
     queue timeout, and /health and /metrics still answer."""
-    app = create_app(trained[1], max_concurrency=1, max_queue=1, queue_timeout=1.5)
+    app = create_app(trained[1], ServeSettings(max_concurrency=1, max_queue=1, queue_timeout=1.5))
     body, content_type = _form(trained)
     with serving(app) as url:
         first, resume, answer = _slow_request(url, body, content_type)
@@ -768,7 +920,7 @@ def test_busy_service_answers_503_with_retry_after(trained):
 def test_stalled_connections_are_closed_and_do_not_block_health(trained):
     """Sockets that send nothing, or half a request head, are closed after the header timeout; a body
     that stops arriving gets 408 after the body timeout."""
-    with serving(create_app(trained[1], body_timeout=1), header_timeout=1) as url:
+    with serving(create_app(trained[1], ServeSettings(body_timeout=1)), header_timeout=1) as url:
         port = int(url.rsplit(":", 1)[1])
         stalled = []
         for i in range(40):
@@ -813,6 +965,30 @@ def test_workers_share_the_port_and_metrics(trained, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "serve.log").read_text().splitlines() if x.startswith("{")]
     access = [x for x in lines if x["logger"] == "fuselabel.access" and x.get("path") == "/predict"]
     assert len(access) == 6 and all(x["status"] == 200 and len(x["request_id"]) == 32 for x in access)
+
+
+def test_an_upload_over_the_limit_gets_its_413_even_from_a_client_that_sends_it_all(trained, tmp_path):
+    """Python's http.client sends the whole body before it reads the answer: the service reads and drops the
+    rest of the body, then answers 413, rather than closing on a client that is still sending."""
+    import http.client
+
+    with served_process(trained[1], tmp_path) as (proc, url):
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(2):  # twice: the first refusal leaves the service serving
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            try:
+                conn.request(
+                    "POST",
+                    "/predict",
+                    body=b"\xff" * 12_000_000,
+                    headers={"Content-Type": "multipart/form-data; boundary=b"},
+                )
+                response = conn.getresponse()
+                assert response.status == 413
+                assert "upload limit of 10 MB" in json.loads(response.read())["detail"]
+            finally:
+                conn.close()
+        assert httpx.get(f"{url}/health").status_code == 200
 
 
 # ---------------------------------------------------------------- the container

@@ -15,8 +15,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fuselabel.cli import main
-from fuselabel.predict import exported_folder
+from fuselabel.onnx_folder import exported_location
 from fuselabel.serve import create_app
+from fuselabel.serve.model import model_id
 from fuselabel.tables import read_table
 
 HEAVY = ("torch", "torchvision", "timm", "transformers", "sklearn", "lightning", "torch._dynamo")
@@ -39,7 +40,7 @@ SERVE = (
     "statuses.append(client.post('/predict', **form).status_code)\n"
     "statuses.append(client.post('/predict/batch', json=[{'caption': 'a red kite',\n"
     "    'image_base64': base64.b64encode(image).decode()}]).status_code)\n"
-    "out = {'engine': app.state.model.engine, 'statuses': statuses, 'heavy_serving': heavy()}\n"
+    "out = {'engine': app.state.runner.predictor.engine.name, 'statuses': statuses, 'heavy_serving': heavy()}\n"
     "answer = client.post('/explain', files=form['files'], data={**form['data'], 'label': '2'})\n"
     "out.update(explain_status=answer.status_code, explanation=answer.json(), heavy_explained=heavy())\n"
     "print('RESULT', json.dumps(out))\n"
@@ -60,9 +61,9 @@ def started(tiny_model, tmp_path_factory):
     """(model folder, cache, service started on the exported copy, service started on the PyTorch model)."""
     root, _, _ = tiny_model
     model, cache = root / "model", tmp_path_factory.mktemp("serve-cache")
-    assert not (exported_folder(model, cache) / "manifest.json").exists()
+    assert not (exported_location(model, cache) / "manifest.json").exists()
     exported = create_app(model, cache_dir=str(cache))  # the first start exports the copy
-    assert (exported_folder(model, cache) / "manifest.json").is_file()
+    assert (exported_location(model, cache) / "manifest.json").is_file()
     eager = create_app(model, cache_dir=str(cache), feature_engine="torch")
     return model, cache, exported, eager
 
@@ -85,13 +86,13 @@ def test_service_starts_without_heavy_modules_and_explains_on_demand(started, ti
 def test_the_exported_copy_serves_what_the_pytorch_model_serves(started, tiny_model):
     """Same id, labels, thresholds, settings, fusion rule and figures; the same explanations; the same predictions."""
     _, _, exported, eager = started
-    assert exported.state.model.engine == "onnxruntime (exported folder)"
-    assert "torch heads" in eager.state.model.engine
+    assert exported.state.runner.predictor.engine.name == "onnxruntime (exported folder)"
+    assert "torch heads" in eager.state.runner.predictor.engine.name
     a, b = TestClient(exported), TestClient(eager)
     for path in ("/health", "/labels", "/info"):
         assert a.get(path).json() == b.get(path).json(), path
-    assert exported.state.model.id == eager.state.model.id
-    assert exported.state.model.preprocessing == eager.state.model.preprocessing
+    assert model_id(exported.state.model) == model_id(eager.state.model)
+    assert exported.state.model.preprocessing_ == eager.state.model.preprocessing_
 
     photo = (tiny_model[1] / "7.jpg").read_bytes()
     files = {"image": ("p.jpg", photo, "image/jpeg")}

@@ -291,20 +291,11 @@ def cmd_export(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .config import SERVE_LIMITS
+    from .config import ServeSettings
+    from .flags import group_values
     from .serve import run
 
-    run(
-        args.model_dir,
-        args.host,
-        args.port,
-        workers=args.workers,
-        max_connections=args.max_connections,
-        header_timeout=args.header_timeout,
-        json_logs=args.json_logs,
-        **{key: getattr(args, key) for key in SERVE_LIMITS},
-        **given_settings(args),
-    )
+    run(args.model_dir, ServeSettings(**group_values(args, ServeSettings)), **given_settings(args))
 
 
 def cmd_report(args) -> None:

@@ -361,22 +361,6 @@ def build_config(preset: str | None = None, yaml_path: str | Path | None = None,
     return Config.from_dict(values, source=str(yaml_path or "settings"))
 
 
-# The service's limits (``fuselabel serve`` flags, ``serve.create_app`` keywords): default and meaning. A decoding
-# photo costs 4 bytes a pixel (Pillow's RGB) before it is reduced, so the service's pixel limit (lower than the
-# library's 64 megapixels) times the decoding threads bounds that memory: 2 x 25 MP x 4 B = 200 MB. A
-# 24-megapixel camera photo still opens.
-SERVE_LIMITS: dict[str, tuple[float | int, str]] = {
-    "max_upload_mb": (10.0, "largest request body"),
-    "max_batch": (32, "most items in one /predict/batch request"),
-    "max_megapixels": (25.0, "photos with more pixels are refused (415) before they are decoded"),
-    "decode_workers": (2, "threads decoding photos (each holds one at full size)"),
-    "max_concurrency": (4, "prediction requests at work at once"),
-    "max_queue": (32, "prediction requests waiting for a turn; beyond it, 503 with Retry-After"),
-    "queue_timeout": (30.0, "seconds a request may wait before its 503"),
-    "body_timeout": (60.0, "seconds for a request body to arrive (else 408)"),
-}
-
-
 class ServeSettings(BaseModel):
     """Every setting of ``fuselabel serve`` and ``serve.create_app``: where it listens, its limits, who may call it.
 

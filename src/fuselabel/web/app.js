@@ -1,5 +1,7 @@
 // The fuselabel page: one photo and/or caption -> every label's bar, and a "why" view for one label.
-// Plain DOM code against the service's JSON (POST predict, POST explain, GET info); no build step.
+// Plain DOM code against the service's JSON (POST predict, POST explain, GET health and info); no build step.
+// A service started with an API key says so in /health; the page then asks for the key, keeps it in the tab's
+// sessionStorage (gone when the tab closes) and sends it as X-API-Key.
 //
 // What is shown always belongs to the inputs shown: a newer request makes any older answer stale (it is
 // dropped when it arrives), and new input or an error clears the results of the old one.
@@ -7,7 +9,13 @@
 
 const $ = (id) => document.getElementById(id);
 const TYPES = { "image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WebP", "image/gif": "GIF", "image/bmp": "BMP" };
+const KEY_STORE = "fuselabel-api-key";
 const state = { file: null, photoUrl: null, sent: null, ticket: 0, limits: { max_upload_mb: 10 }, pending: null };
+
+function keyHeaders() {
+  const key = sessionStorage.getItem(KEY_STORE);
+  return key ? { "X-API-Key": key } : {};
+}
 
 function setMessage(text, isError = false) {
   $("message").textContent = text;
@@ -27,6 +35,7 @@ function newTicket() {
   if (state.pending) state.pending.abort();
   state.pending = new AbortController();
   state.ticket += 1;
+  setBusy(null);  // the request at work, if any, is dropped
   return state.ticket;
 }
 
@@ -107,6 +116,7 @@ function inputsForm(extra = {}) {
 
 // What a person reads when the service says no: what happened and what to do, not a status code.
 function humanError(status, detail, retryAfter) {
+  if (status === 401) return "This service wants its API key: enter it in the API key field, then try again.";
   if (status === 413) return `Too large for the service (limit ${state.limits.max_upload_mb} MB): choose a smaller photo.`;
   if (status === 415) return "The service could not read this file as a photo: send a JPEG, PNG, WebP, GIF or BMP "
     + "photo (very large photos are refused too).";
@@ -121,7 +131,7 @@ class ServiceError extends Error {}
 async function post(path, form, signal) {
   let response;
   try {
-    response = await fetch(path, { method: "POST", body: form, signal });
+    response = await fetch(path, { method: "POST", body: form, signal, headers: keyHeaders() });
   } catch (err) {
     if (err.name === "AbortError") throw err;
     throw new ServiceError("Could not reach the service: check that it is running, then try again.");
@@ -132,6 +142,13 @@ async function post(path, form, signal) {
     throw new ServiceError(humanError(response.status, body && body.detail, response.headers.get("Retry-After")));
   }
   return body;
+}
+
+// The button whose request is at work says so (aria-busy, and a style) until its answer, or a newer request's
+// start, ends it: only one request is ever shown as at work.
+function setBusy(button) {
+  document.querySelectorAll("[aria-busy='true']").forEach((b) => b.setAttribute("aria-busy", "false"));
+  if (button) button.setAttribute("aria-busy", "true");
 }
 
 async function predict() {
@@ -146,6 +163,7 @@ async function predict() {
   const signal = state.pending.signal;
   state.sent = { file: state.file, caption };
   setMessage("Predicting…");
+  setBusy($("predict-button"));
   try {
     const result = await post("predict", inputsForm(), signal);
     if (ticket !== state.ticket) return;
@@ -155,6 +173,8 @@ async function predict() {
     if (ticket !== state.ticket || err.name === "AbortError") return;
     clearResults();
     setMessage(err.message, true);
+  } finally {
+    if (ticket === state.ticket) setBusy(null);
   }
 }
 
@@ -166,6 +186,7 @@ function renderResult(result) {
   $("why-panel").hidden = true;
   hideHeatmap();
   $("status").textContent = STATUS_TEXT[result.status] || result.status;
+  showFusion(result.fusion);
   const rows = [...result.labels].sort((a, b) => b.probability - a.probability);
   // Chips in the bars' order: the most probable first.
   $("predicted").replaceChildren(...rows.filter((lab) => lab.predicted).map((lab) => {
@@ -175,6 +196,14 @@ function renderResult(result) {
     return chip;
   }));
   $("bars").replaceChildren(...rows.map(barRow));
+}
+
+// What each input contributed: the photo head's weight in force, and a plain notice when it is nothing.
+function showFusion(fusion) {
+  const weight = fusion ? fusion.image_weight : null;
+  $("fusion").textContent = weight === null || weight === undefined ? ""
+    : `photo weight ${weight.toFixed(2)} · caption weight ${(1 - weight).toFixed(2)}`;
+  $("no-photo-notice").hidden = weight !== 0;
 }
 
 function barRow(lab) {
@@ -213,6 +242,7 @@ async function explain(lab) {
   const ticket = newTicket();
   const signal = state.pending.signal;
   setMessage(`Explaining ${lab.name}…`);
+  setBusy(document.querySelector(`.why-button[data-label="${CSS.escape(String(lab.id))}"]`));
   $("why-panel").hidden = true;
   hideHeatmap();
   document.querySelectorAll(".bar-row").forEach((r) => r.classList.toggle("chosen", r.dataset.label === String(lab.id)));
@@ -226,6 +256,8 @@ async function explain(lab) {
     if (ticket !== state.ticket || err.name === "AbortError") return;
     $("why-panel").hidden = true;
     setMessage(err.message, true);
+  } finally {
+    if (ticket === state.ticket) setBusy(null);
   }
 }
 
@@ -256,6 +288,10 @@ function renderWhy(why) {
   if (why.heatmap) {
     $("heatmap").src = `data:image/png;base64,${why.heatmap.png_base64}`;
     $("heatmap").hidden = !$("show-heatmap").checked;
+    // The same heatmap beside the words, over a small copy of the photo: on a phone the photo is far above.
+    $("why-photo").src = state.photoUrl;
+    $("why-heatmap").src = $("heatmap").src;
+    $("why-heatmap").hidden = $("heatmap").hidden;
     const imageHead = why.label.parts.image;
     const strength = imageHead === undefined ? "" : ` The photo head gives this label ${percent(imageHead)}.`;
     $("heat-target").textContent = `Grad-CAM of the ${why.heatmap.target}: warm areas raised it. The shading is `
@@ -292,13 +328,23 @@ function renderWords(words) {
   }
   if (at < caption.length) parts.push(document.createTextNode(caption.slice(at)));
   $("words").replaceChildren(...parts);
+  const read = words.items.filter((w) => w.score !== null).length;
   $("words-target").textContent = `Each word's share of the ${words.target} above an empty caption `
-    + "(integrated gradients): red raised the label, blue lowered it; shading relative to the strongest word.";
+    + "(integrated gradients): red raised the label, blue lowered it; shading relative to the strongest word."
+    + (read < words.items.length
+      ? ` The model read ${read} of the caption's ${words.items.length} words: struck-through words were past its `
+        + "token limit and not read."
+      : "");
 }
 
 async function showModel() {
   try {
-    const info = await (await fetch("info")).json();
+    const health = await (await fetch("health")).json();
+    $("key-row").hidden = !health.key_required;
+    $("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
+    const response = await fetch("info", { headers: keyHeaders() });
+    if (!response.ok) return;  // no key yet: the model's name waits for it
+    const info = await response.json();
     if (info.limits) state.limits = info.limits;
     const f1 = info.validation && info.validation.mean_f1;
     $("model-id").textContent = info.model + (f1 ? ` · validation mean F1 ${f1.toFixed(3)}` : "");
@@ -310,8 +356,18 @@ function wire() {
   $("clear-photo").addEventListener("click", () => { clearResults(); clearPhoto(); setMessage(""); });
   $("caption").addEventListener("input", () => { if (state.sent) { clearResults(); setMessage(""); } });
   $("predict-button").addEventListener("click", predict);
+  $("caption").addEventListener("keydown", (e) => {
+    // Enter predicts; Shift+Enter is a new line (and Enter while an input method composes is its own).
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); predict(); }
+  });
+  $("api-key").addEventListener("change", (e) => {
+    const key = e.target.value.trim();
+    if (key) sessionStorage.setItem(KEY_STORE, key); else sessionStorage.removeItem(KEY_STORE);
+    showModel();
+  });
   $("show-heatmap").addEventListener("change", (e) => {
     $("heatmap").hidden = !e.target.checked || !$("heatmap").getAttribute("src");
+    $("why-heatmap").hidden = $("heatmap").hidden;
   });
   const zone = $("drop-zone");
   zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });

@@ -1,0 +1,67 @@
+"""Answers built from the model's predictions and explanations, in the shapes of ``schemas``."""
+
+import base64
+
+from ..estimator import FuseLabel
+from .model import model_id
+
+
+def rows(model: FuseLabel, pred) -> list[dict]:
+    out = []
+    for i, status in enumerate(pred.status):
+        labels = []
+        for j, (lab, name) in enumerate(zip(model.labels_, model.label_names_)):
+            labels.append(
+                {
+                    "id": lab,
+                    "name": name,
+                    "probability": float(pred.probs[i, j]),
+                    "threshold": float(model.thresholds_[j]),
+                    "predicted": bool(pred.predicted[i, j]),
+                    "parts": {part: float(p[i, j]) for part, p in pred.parts.items()},
+                }
+            )
+        out.append(
+            {
+                "labels": labels,
+                "predicted": [{"id": lab["id"], "name": lab["name"]} for lab in labels if lab["predicted"]],
+                "inputs": [
+                    name
+                    for name, used in (("image", pred.image_present[i]), ("caption", pred.caption_present[i]))
+                    if used
+                ],
+                "status": status,
+            }
+        )
+    return out
+
+
+def explanation(model: FuseLabel, label_index: int, pred, expl) -> dict:
+    from ..explain import heatmap_png
+
+    row = rows(model, pred)[0]
+    heat = words = None
+    if expl.heatmap is not None:
+        heat = {
+            "png_base64": base64.b64encode(heatmap_png(expl.heatmap)).decode(),
+            "width": int(expl.heatmap.shape[1]),
+            "height": int(expl.heatmap.shape[0]),
+            "target": expl.heatmap_target,
+            "logit": expl.heatmap_logit,
+        }
+    if expl.words is not None:
+        words = {
+            "items": expl.words,
+            "target": expl.words_target,
+            "logit": expl.words_logit,
+            "baseline_logit": expl.words_baseline_logit,
+        }
+    return {
+        "model": model_id(model),
+        "label": row["labels"][label_index],
+        "status": row["status"],
+        "inputs": row["inputs"],
+        "fusion": model.fusion_,
+        "heatmap": heat,
+        "words": words,
+    }
