@@ -34,9 +34,8 @@ from typing import TYPE_CHECKING
 
 from . import writers
 from .config import Config, group_of
-from .onnxrt import INT8_CALIBRATION
 from .outputs import output_lock
-from .preprocess import Preprocess
+from .preprocess import INT8_CALIBRATION, Preprocess
 from .snapshot import (
     CHECKSUMS,
     FORMAT_FILE,

@@ -22,6 +22,7 @@ from .cache import default_cache_dir
 from .encoders import text_length_limit, token_counts
 from .encoding import encode_by_length, session
 from .losses import probabilities
+from .preprocess import INT8_CALIBRATION
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class TorchEngine:
         self._image_run = self._text_run = None
         if net.image_encoder is not None:
             self.feature_dims["image"] = net.image_encoder.num_features
-            int8 = (data_config or {}).get(onnxrt.INT8_CALIBRATION)
+            int8 = (data_config or {}).get(INT8_CALIBRATION)
             # An int8 model's heads were trained on its int8 features: its image encoder runs in onnxruntime
             # whatever the engine asked for.
             if self.onnx or int8 is not None:

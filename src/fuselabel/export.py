@@ -36,7 +36,6 @@ from .encoders import text_length_limit
 from .losses import probabilities
 from .onnx_folder import MANIFEST, ONNX_FORMAT, ONNX_FORMAT_VERSION
 from .onnxrt import (
-    INT8_CALIBRATION,
     INT8_OPS,
     INT8_TEXT_OPS,
     OPSET,
@@ -48,6 +47,7 @@ from .onnxrt import (
     quantize_int8_dynamic,
     quantize_int8_static,
 )
+from .preprocess import INT8_CALIBRATION
 from .snapshot import BundleError, replace_folder
 from .writers import ordinary_permissions, temporary_beside
 

@@ -19,7 +19,7 @@ from .cache import FeatureCache, image_row_keys, text_row_keys
 from .encoding import encode_images, encode_texts
 from .engines import TorchEngine, calibrate_image_int8, weights_digest
 from .images import ImageError
-from .onnxrt import INT8_CALIBRATION
+from .preprocess import INT8_CALIBRATION
 
 log = logging.getLogger(__name__)
 

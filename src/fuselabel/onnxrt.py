@@ -156,7 +156,6 @@ def export_text_encoder(encoder: nn.Module, tokenizer, path: Path, max_length: i
 # 2-core AVX2 CPU without VNNI this runs EfficientNet-Lite2 1.9x as fast as float32 (reduced range: 1.6x, with
 # larger errors). Activation ranges come from calibration photos and are saved with the model, so the graph
 # is rebuilt exactly wherever the model goes.
-INT8_CALIBRATION = "int8_calibration"
 
 
 @contextlib.contextmanager

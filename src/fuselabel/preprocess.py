@@ -81,6 +81,11 @@ def _centre(length: int, crop: int) -> int:
     return int(round((length - crop) / 2.0))
 
 
+# The key under which a static int8 image encoder's activation ranges travel with the preprocessing (kept in
+# their own file of the model folder, int8_ranges.json)
+INT8_CALIBRATION = "int8_calibration"
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How a photo becomes the image encoder's input, the same on every path.
