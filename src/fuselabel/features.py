@@ -9,12 +9,13 @@ through the same engine and image loop as prediction (``engines``, ``encoding.en
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import time
 
 import numpy as np
 
+from . import encoding
 from .cache import FeatureCache, image_row_keys, text_row_keys
 from .encoding import encode_images, encode_texts
 from .engines import TorchEngine, calibrate_image_int8, weights_digest
@@ -95,17 +96,19 @@ def frozen_features(
 ):
     """Features for ``records`` from the network's frozen encoders, through the cache.
 
-    ``timings`` (a ``tracking.StageTimes``), when given, adds up the seconds spent in each encoder
-    (``image_encoder_s``, ``text_encoder_s``) and decoding photos (``decode_s``: the rest of the image pass).
+    ``timings`` (a ``tracking.StageTimes``), when given, adds up the seconds of work (summed over the worker
+    threads) spent decoding photos (``decode_s``) and in each encoder (``image_encoder_s``, ``text_encoder_s``),
+    and the wall seconds of the int8 calibration (``int8_calibration_s``).
     """
     out: dict[str, np.ndarray] = {}
     present = np.ones(len(records), dtype=np.float32)
     if image and net.image_encoder is not None and config.image_quant == "int8" and INT8_CALIBRATION not in data_config:
         # Calibrated here, on the training photos, and kept with the preprocessing the model folder saves, so
         # prediction rebuilds the very encoder the heads learn from (and the feature cache keys on it).
-        data_config[INT8_CALIBRATION] = calibrate_image_int8(
-            net.image_encoder, data_config, [r.image_id for r in records], image_dir, config.cache_dir
-        )
+        with timings.stage("int8_calibration_s") if timings is not None else contextlib.nullcontext():
+            data_config[INT8_CALIBRATION] = calibrate_image_int8(
+                net.image_encoder, data_config, [r.image_id for r in records], image_dir, config.cache_dir
+            )
     engine = TorchEngine(
         net,
         tokenizer,
@@ -116,15 +119,14 @@ def frozen_features(
         encoders=config.feature_engine,
         cache_dir=config.cache_dir,
     )
+    decoding = contextlib.nullcontext()
     if timings is not None:
         timings.timed(engine, "image_features", "image_encoder_s")
         timings.timed(engine, "text_features", "text_encoder_s")
+        decoding = timings.timing(encoding, "read_photos_uint8", "decode_s")
     if image and net.image_encoder is not None:
-        before, start = (timings or {}).get("image_encoder_s", 0.0), time.perf_counter()
-        out["image"], present = _image_features(engine, net, data_config, records, image_dir, config, progress)
-        if timings is not None:
-            encoding = timings.get("image_encoder_s", 0.0) - before
-            timings.add("decode_s", max(0.0, time.perf_counter() - start - encoding))
+        with decoding:
+            out["image"], present = _image_features(engine, net, data_config, records, image_dir, config, progress)
     if text and net.text_encoder is not None:
         out["text"] = _text_features(engine, net, records, config)
     return out, present

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 # The stages of a run, in order: what metrics.json's timings and the summary line hold (seconds).
-STAGES = ("decode_s", "image_encoder_s", "text_encoder_s", "train_s", "calibrate_s", "save_s")
+# Seconds of work summed over the worker threads (decode, encoders) or wall seconds (the rest)
+STAGES = ("decode_s", "image_encoder_s", "text_encoder_s", "int8_calibration_s", "train_s", "calibrate_s", "save_s")
 EXTRAS = {"tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",)}
 
 
@@ -63,7 +64,8 @@ class StageTimes(dict):
         self[name] = self.get(name, 0.0) + seconds
 
     def timed(self, obj, method: str, name: str) -> None:
-        """Count the time ``obj.method`` takes, on this object only, under ``name``."""
+        """Count the time ``obj.method`` takes, on this object only, under ``name`` (summed over the threads that
+        call it: seconds of work, which on several threads add up to more than the wall time)."""
         inner = getattr(obj, method)
 
         def counted(*args, **kwargs):
@@ -71,6 +73,16 @@ class StageTimes(dict):
                 return inner(*args, **kwargs)
 
         setattr(obj, method, counted)
+
+    @contextlib.contextmanager
+    def timing(self, obj, method: str, name: str):
+        """:meth:`timed` for the duration of a ``with`` block, then ``obj.method`` as it was (a module's function)."""
+        inner = getattr(obj, method)
+        self.timed(obj, method, name)
+        try:
+            yield
+        finally:
+            setattr(obj, method, inner)
 
     def line(self) -> str:
         """The stages in one phrase: ``decode 1s, image encoder 40s, ...`` (stages that took no time left out)."""

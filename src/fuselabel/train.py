@@ -27,7 +27,7 @@ from .network import FuseLabelNet
 from .records import RecordSet
 from .resume import check_resumable, load_best, run_fingerprint, run_training, work_folder
 from .tables import Columns, read_table, require_labels, table_spelling
-from .tracking import StageTimes, check_logger
+from .tracking import STAGES, StageTimes, check_logger
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ def fit(
     epoch's validation F1 to its pruner through one).
     Returns None on non-zero ranks of a multi-process run (only rank 0 tunes and saves).
     """
-    t0, timings = time.time(), StageTimes()
+    t0, timings = time.time(), StageTimes.fromkeys(STAGES, 0.0)
     check_logger(config)
     run = _prepare(config, data_dir, csv, val, columns, label_names)
     config = run.config
