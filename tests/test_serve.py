@@ -377,6 +377,9 @@ def test_the_answer_says_how_much_of_the_caption_was_read(client, estimator):
     assert long["read_text"] == " ".join(["dog"] * (length - 2))
     rows = client.post("/predict/batch", json=[{"caption": CAPTION}, {"caption": "dog " * 200}]).json()["results"]
     assert [r["contributions"]["caption"]["cut"] for r in rows] == [False, True]
+    # The same count before predicting, as the page shows it while a caption is typed.
+    assert client.post("/caption", data={"caption": " ".join(["dog"] * 200)}).json()["caption"] == long
+    assert client.post("/caption", data={"caption": "  "}).json()["caption"] is None
 
 
 def test_a_warmed_service_explains_without_loading_the_model_again(trained, monkeypatch):

@@ -49,18 +49,16 @@ def contributions(model: FuseLabel, pred, i: int) -> dict:
         "separable": pred.image_changed is not None,
         "image_changed": changed["image"],
         "caption_changed": changed["caption"],
-        "caption": None
-        if read is None
-        else {
-            "tokens": read.tokens,
-            "tokens_read": read.tokens_read,
-            "max_tokens": read.max_tokens,
-            "words": read.words,
-            "words_read": read.words_read,
-            "read_text": read.read_text,
-            "cut": read.cut,
-        },
+        "caption": caption_read(read),
     }
+
+
+def caption_read(read) -> dict | None:
+    """A ``runtime.CaptionReading`` as ``schemas.CaptionRead`` (None stays None)."""
+    if read is None:
+        return None
+    fields = ("tokens", "tokens_read", "max_tokens", "words", "words_read", "read_text", "cut")
+    return {name: getattr(read, name) for name in fields}
 
 
 def explanation(model: FuseLabel, label_index: int, pred, expl) -> dict:

@@ -16,7 +16,7 @@ from ..bundle import folder_size
 from ..config import ServeSettings
 from ..estimator import FuseLabel
 from . import schemas
-from .answers import explanation, rows
+from .answers import caption_read, explanation, rows
 from .inputs import Decoder, caption_text, require_input
 from .middleware import Admission, BodyLimit, HeadAsGet, Observe, RequireKey
 from .model import ModelChanged, Runner, label_table, model_id, open_model, shown_settings
@@ -24,7 +24,8 @@ from .schemas import ERRORS, UNAUTHORISED
 from .telemetry import WORK_PATHS, Metrics
 
 WEB = Path(__file__).parents[1] / "web"
-KEYED_PATHS = (*WORK_PATHS, "/info")  # what an API key guards; /health, /labels, /metrics and the page stay open
+# What an API key guards; /health, /labels, /metrics and the page stay open.
+KEYED_PATHS = (*WORK_PATHS, "/info", "/caption")
 
 
 def api_key(settings: ServeSettings) -> str | None:
@@ -209,6 +210,16 @@ def _prediction_routes(app, runner: Runner, decoder: Decoder, settings: ServeSet
         pred = runner.predict([photo], [text])
         metrics.count_rows(pred)
         return {"model": name, "fusion": model.fusion_, **rows(model, pred)[0]}
+
+    @app.post(
+        "/caption",
+        response_model=schemas.CaptionReading,
+        responses=errors,
+        summary="how much of a caption the model reads (tokens and words), without predicting",
+    )
+    def read_caption(caption: Caption = None):
+        text = caption_text(caption)
+        return {"model": name, "caption": caption_read(runner.predictor.read_caption(text) if text else None)}
 
     @app.post(
         "/predict/batch",

@@ -72,6 +72,11 @@ class Contributions(BaseModel):
     caption: CaptionRead | None = Field(description="null without a caption, or for a model that reads none")
 
 
+class CaptionReading(BaseModel):
+    model: str
+    caption: CaptionRead | None = Field(description="null for an empty caption, or a model that reads none")
+
+
 class Row(BaseModel):
     labels: list[LabelScore] = Field(description="every label, in the model's order")
     predicted: list[LabelRef] = Field(description="the predicted set, in the model's label order")
