@@ -1129,3 +1129,35 @@ def test_container_serves_a_mounted_model(docker, trained):
         assert user.stdout.strip() != "0"
     finally:
         subprocess.run(["docker", "stop", "-t", "30", name], capture_output=True)
+
+
+class _HeadsOnly:
+    """An engine whose heads give fixed probabilities: enough for the fusion and decision steps."""
+
+    def __init__(self, kind, parts, combine="weighted", weight=0.5):
+        self.kind, self.parts, self.late_combine, self.late_weight = kind, parts, combine, weight
+        self.task, self.feature_dims = "multilabel", {"image": 2, "text": 2}
+
+    def heads(self, feats):
+        n = len(next(iter(feats.values())))
+        return {k: np.repeat(np.asarray([v], np.float32), n, axis=0) for k, v in self.parts.items()}
+
+
+@pytest.mark.parametrize(
+    ("kind", "parts", "weight", "image", "caption"),
+    [
+        ("late", {"image": [0.9, 0.1], "text": [0.1, 0.9]}, 0.5, True, True),  # each adds its own label
+        ("late", {"image": [0.9, 0.1], "text": [0.1, 0.9]}, 0.0, False, True),  # a photo weighing 0 never counts
+        ("late", {"image": [0.9, 0.9], "text": [0.9, 0.9]}, 0.5, False, False),  # either alone says the same
+        ("early", {"early": [0.9, 0.1]}, None, None, None),  # one head over both: not separable
+    ],
+)
+def test_what_each_input_changed_follows_the_fusion_rule(kind, parts, weight, image, caption):
+    from fuselabel.runtime import Predictor
+
+    predictor = Predictor(_HeadsOnly(kind, parts, weight=weight), ["a", "b"], [0.4, 0.4], ensure_nonempty=False)
+    pred = predictor.predict_features({}, [True], [True])
+    if image is None:
+        assert pred.image_changed is None and pred.caption_changed is None
+    else:
+        assert (bool(pred.image_changed[0]), bool(pred.caption_changed[0])) == (image, caption)
