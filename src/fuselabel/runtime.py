@@ -252,30 +252,26 @@ class Predictor:
             self._check_strict(image_present, caption_present, errors, row_names, kind)
         self.texts_cut += texts_cut
         pred = self.predict_features(feats, image_present, caption_present, image_errors=errors, texts_cut=texts_cut)
-        pred.captions_read = [self.read_caption(c) if seen else None for c, seen in zip(captions, caption_present)]
+        read = iter(self.read_captions([c for c, seen in zip(captions, caption_present) if seen]))
+        pred.captions_read = [next(read) if seen else None for seen in caption_present]
         return pred
 
     def read_caption(self, caption: str) -> CaptionReading | None:
         """How much of ``caption`` this model reads (None: the model reads no captions)."""
+        return self.read_captions([caption])[0]
+
+    def read_captions(self, captions: Sequence[str]) -> list[CaptionReading | None]:
+        """How much of each caption this model reads, tokenised in one call (all None: it reads no captions)."""
         length = getattr(self.engine, "max_length", None) or getattr(self.engine, "manifest", {}).get("text_max_length")
         if not uses_text(self.engine.kind) or getattr(self.engine, "tokenizer", None) is None or not length:
-            return None
+            return [None] * len(captions)
+        if not captions:
+            return []
         with self._reader_lock:  # a fast tokenizer is not safe from several threads at once
             if self._reader is None:
                 self._reader = _untruncated(self.engine.tokenizer)
-            offsets, special = self._reader(caption)
-        content = [o for o, s in zip(offsets, special) if not s]
-        keep = max(0, length - (len(offsets) - len(content)))
-        end = len(caption) if keep >= len(content) else (content[keep - 1][1] if keep else 0)
-        words = [m.end() for m in re.finditer(r"\S+", caption)]
-        return CaptionReading(
-            tokens=len(offsets),
-            tokens_read=min(len(offsets), length),
-            max_tokens=int(length),
-            words=len(words),
-            words_read=sum(e <= end for e in words),
-            read_text=caption[:end],
-        )
+            encoded = self._reader(list(captions))
+        return [None if e is None else _reading(c, *e, int(length)) for c, e in zip(captions, encoded)]
 
     def predict_features(
         self,
@@ -385,28 +381,44 @@ class Predictor:
 
 
 def _untruncated(tokenizer):
-    """caption -> (token offsets, special-token flags), uncut: a ``tokenizers.Tokenizer`` (exported folders) is
-    copied without its truncation and padding; a Hugging Face tokenizer is asked not to cut."""
+    """captions -> [(token offsets, special-token flags)], uncut: a ``tokenizers.Tokenizer`` (exported folders) is
+    copied without its truncation and padding; a Hugging Face tokenizer is asked not to cut (None for each caption
+    where it is a slow one, which gives no offsets)."""
     if hasattr(tokenizer, "encode_batch"):
         from tokenizers import Tokenizer
 
         copy = Tokenizer.from_str(tokenizer.to_str())
         copy.no_truncation()
         copy.no_padding()
+        return lambda captions: [(e.offsets, e.special_tokens_mask) for e in copy.encode_batch(captions)]
 
-        def read(caption: str):
-            enc = copy.encode(caption)
-            return enc.offsets, enc.special_tokens_mask
+    if not getattr(tokenizer, "is_fast", False):  # only a fast tokenizer tells where its tokens lie
+        return lambda captions: [None] * len(captions)
 
-        return read
-
-    def read_hf(caption: str):
+    def read_hf(captions: list[str]):
         enc = tokenizer(
-            caption, truncation=False, verbose=False, return_offsets_mapping=True, return_special_tokens_mask=True
+            captions, truncation=False, verbose=False, return_offsets_mapping=True, return_special_tokens_mask=True
         )
-        return enc["offset_mapping"], enc["special_tokens_mask"]
+        return list(zip(enc["offset_mapping"], enc["special_tokens_mask"]))
 
     return read_hf
+
+
+def _reading(caption: str, offsets, special, length: int) -> CaptionReading:
+    """What ``length`` tokens keep of ``caption``, from its uncut tokens: the special tokens stay, the content
+    tokens past the rest of the length are cut."""
+    content = [o for o, s in zip(offsets, special) if not s]
+    keep = max(0, length - (len(offsets) - len(content)))
+    end = len(caption) if keep >= len(content) else (content[keep - 1][1] if keep else 0)
+    words = [m.end() for m in re.finditer(r"\S+", caption)]
+    return CaptionReading(
+        tokens=len(offsets),
+        tokens_read=min(len(offsets), length),
+        max_tokens=length,
+        words=len(words),
+        words_read=sum(e <= end for e in words),
+        read_text=caption[:end],
+    )
 
 
 def _status(image: bool, caption: bool, kind: str) -> str:
