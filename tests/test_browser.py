@@ -492,3 +492,132 @@ def test_the_heatmap_is_shown_beside_the_words(service, browser, viewport):
     assert page.locator("#why-heatmap").is_hidden() and page.locator("#heatmap").is_hidden()
     assert page.evaluate("() => document.documentElement.scrollWidth") <= WIDTHS[viewport]["width"]
     page.close()
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
+def test_the_page_says_what_each_input_changed_and_how_much_caption_was_read(service, browser, viewport):
+    url, image_dir = service
+    photo = image_dir / "5.jpg"
+    expected = httpx.post(
+        f"{url}/predict", data={"caption": CAPTION}, files={"image": (photo.name, photo.read_bytes(), "image/jpeg")}
+    ).json()["contributions"]
+    page = _open(browser, url, viewport)
+    page.set_input_files("#photo-input", str(photo))
+    page.wait_for_selector("#photo-frame:not([hidden])")
+    page.fill("#caption", CAPTION)
+    words = len(CAPTION.split())
+    page.wait_for_function(f"() => document.getElementById('caption-count').textContent.startsWith('{words} of')")
+    assert page.locator("#caption-count").inner_text() == (
+        f"{words} of {words} words read ({words + 2} of {expected['caption']['max_tokens']} tokens)"
+    )
+    page.click("#predict-button")
+    page.wait_for_selector("#bars .bar-row")
+    lines = page.locator("#contributions li").all_inner_texts()
+    assert lines[0].startswith("Photo: " + ("changed" if expected["image_changed"] else "did not change"))
+    assert lines[1].startswith("Caption: " + ("changed" if expected["caption_changed"] else "did not change"))
+    assert f"read {words} of {words} words" in lines[1]
+    assert page.locator("#caption-cut").is_hidden()
+
+    long = " ".join(["dog"] * 300)
+    page.fill("#caption", long)
+    page.wait_for_function("() => document.getElementById('caption-count').classList.contains('cut')")
+    read = httpx.post(f"{url}/caption", data={"caption": long}).json()["caption"]
+    assert page.locator("#caption-count").inner_text().startswith(f"{read['words_read']} of 300 words read")
+    page.click("#predict-button")
+    page.wait_for_selector("#caption-cut:not([hidden])")
+    assert f"read {read['words_read']} of 300 words" in page.locator("#caption-cut").inner_text()
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= WIDTHS[viewport]["width"]
+    assert not page.errors, page.errors
+    page.close()
+
+
+def test_the_page_says_so_when_a_model_reads_captions_and_photos_together(service, browser):
+    url, _ = service
+    page = _open(browser, url, "phone")
+
+    def early(route):  # an early-fusion model, as the service would describe it
+        answer = route.fetch().json()
+        answer["fusion"] = {"kind": "early", "combine": None, "image_weight": None, "rule": "one head"}
+        answer["contributions"].update(separable=False, image_weight=None, image_changed=None, caption_changed=None)
+        route.fulfill(json=answer)
+
+    page.route("**/predict", early)
+    _predict(page, caption=CAPTION)
+    lines = page.locator("#contributions li").all_inner_texts()
+    assert "cannot be told apart" in lines[0] and lines[1] == "Photo: none given."
+    assert lines[2].startswith("Caption: the model read")
+    page.close()
+
+
+MANY = 500
+
+
+@pytest.fixture(scope="module")
+def many_labels(tmp_path_factory, session_cache):
+    """A caption model of 500 labels, trained in seconds: each caption names its two labels' numbers."""
+    from conftest import TINY_SETTINGS
+
+    from fuselabel import FuseLabel
+
+    names = [f"category{i:03d}" for i in range(MANY)]
+    labels = [[names[i % MANY], names[(7 * i + 3) % MANY]] for i in range(2 * MANY)]
+    captions = [f"a photo with thing {i % MANY} and thing {(7 * i + 3) % MANY}" for i in range(2 * MANY)]
+    out = tmp_path_factory.mktemp("many") / "model"
+    settings = {**TINY_SETTINGS, "kind": "text", "epochs": 1}
+    FuseLabel(**settings, cache_dir=session_cache).fit(
+        images=[None] * len(captions), captions=captions, labels=labels, out=out, progress=False
+    )
+    with serving(create_app(out)) as url:
+        yield url
+
+
+# Every word of the result panel on one line: a word split over two lines has two boxes.
+BROKEN_WORDS = """() => {
+    const broken = [];
+    const walk = document.createTreeWalker(document.getElementById('result-panel'), NodeFilter.SHOW_TEXT);
+    for (let node = walk.nextNode(); node; node = walk.nextNode()) {
+        if (!node.parentElement.offsetParent) continue;
+        for (const m of node.textContent.matchAll(/\\S+/g)) {
+            const range = document.createRange();
+            range.setStart(node, m.index);
+            range.setEnd(node, m.index + m[0].length);
+            if (range.getClientRects().length > 1) broken.push(m[0]);
+        }
+    }
+    return broken;
+}"""
+WIDEST = "() => Math.max(...[...document.querySelectorAll('body *')].map(e => e.getBoundingClientRect().right))"
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
+def test_hundreds_of_labels_show_the_likely_ones_and_a_filter(many_labels, browser, viewport):
+    url = many_labels
+    caption = "a photo with thing 123 and thing 9"
+    answer = httpx.post(f"{url}/predict", data={"caption": caption}).json()
+    ranked = sorted(answer["labels"], key=lambda lab: -lab["probability"])
+    likely = [lab["name"] for i, lab in enumerate(ranked) if lab["predicted"] or i < 10]
+    page = _open(browser, url, viewport)
+    _predict(page, caption=caption)
+    assert page.locator("#bars .bar-name").all_inner_texts() == likely
+    assert f"{len(likely)} of {MANY}" in page.locator("#bars-shown").inner_text()
+    width = WIDTHS[viewport]["width"]
+    assert page.evaluate(WIDEST) <= width and page.evaluate(BROKEN_WORDS) == []
+
+    page.fill("#label-filter", "category123")
+    page.wait_for_function("() => document.querySelectorAll('#bars .bar-row').length === 1")
+    assert page.locator("#bars .bar-name").all_inner_texts() == ["category123"]
+    assert page.locator("#bars-shown").inner_text().startswith(f"1 of {MANY} labels match")
+    page.fill("#label-filter", "category1")  # category100 to category199
+    page.wait_for_function("() => document.querySelectorAll('#bars .bar-row').length === 50")
+    found = [lab["name"] for lab in ranked if lab["name"].startswith("category1")]
+    assert page.locator("#bars .bar-name").all_inner_texts() == found[:50]
+    assert page.locator("#bars-shown").inner_text().startswith(f"100 of {MANY} labels match")
+    page.locator(".why-button").first.click()
+    page.wait_for_selector("#why-panel:not([hidden])")
+    assert page.locator("#why-label").inner_text() == found[0]
+    page.fill("#label-filter", "")
+    page.wait_for_function(f"() => document.querySelectorAll('#bars .bar-row').length === {len(likely)}")
+    assert page.evaluate(WIDEST) <= width and page.evaluate(BROKEN_WORDS) == []
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= width
+    assert not page.errors, page.errors
+    page.close()

@@ -331,6 +331,77 @@ def test_a_prediction_says_the_fusion_rule_in_force(client):
     assert answer["fusion"]["kind"] == "late"
 
 
+def test_each_input_says_whether_it_changed_the_label_set(client, trained, estimator):
+    photo = _photo(trained)
+    both = _post(client, photo=photo, caption=CAPTION).json()
+    caption_only = _post(client, caption=CAPTION).json()
+    photo_only = _post(client, photo=photo).json()
+    said = both["contributions"]
+    assert said["separable"] is True
+    assert said["image_weight"] == client.get("/info").json()["fusion"]["image_weight"]
+    # Without the photo the caption head alone decides, and the other way round: what the one-input answers say.
+    assert said["image_changed"] == (caption_only["predicted"] != both["predicted"])
+    assert said["caption_changed"] == (photo_only["predicted"] != both["predicted"])
+    # An absent input changed nothing; a lone input made the whole answer (without it there is none).
+    assert (caption_only["contributions"]["image_changed"], caption_only["contributions"]["caption_changed"]) == (
+        False,
+        True,
+    )
+    assert (photo_only["contributions"]["image_changed"], photo_only["contributions"]["caption_changed"]) == (
+        True,
+        False,
+    )
+    assert photo_only["contributions"]["caption"] is None
+    details = estimator.predict_details([photo, photo, None], [CAPTION, None, CAPTION])
+    assert details.image_changed.tolist() == [said["image_changed"], True, False]
+    assert details.caption_changed.tolist() == [said["caption_changed"], False, True]
+    assert details.captions_read[0].read_text == CAPTION and details.captions_read[1] is None
+
+
+def test_the_answer_says_how_much_of_the_caption_was_read(client, estimator):
+    length = estimator.bundle_.config.text_max_length
+    short = _post(client, caption=CAPTION).json()["contributions"]["caption"]
+    words = len(CAPTION.split())
+    assert short == {
+        "tokens": words + 2,  # each word one token, and [CLS] and [SEP]
+        "tokens_read": words + 2,
+        "max_tokens": length,
+        "words": words,
+        "words_read": words,
+        "read_text": CAPTION,
+        "cut": False,
+    }
+    long = _post(client, caption=" ".join(["dog"] * 200)).json()["contributions"]["caption"]
+    assert (long["tokens"], long["tokens_read"], long["cut"]) == (202, length, True)
+    assert (long["words"], long["words_read"]) == (200, length - 2)
+    assert long["read_text"] == " ".join(["dog"] * (length - 2))
+    rows = client.post("/predict/batch", json=[{"caption": CAPTION}, {"caption": "dog " * 200}]).json()["results"]
+    assert [r["contributions"]["caption"]["cut"] for r in rows] == [False, True]
+    # The same count before predicting, as the page shows it while a caption is typed.
+    assert client.post("/caption", data={"caption": " ".join(["dog"] * 200)}).json()["caption"] == long
+    assert client.post("/caption", data={"caption": "  "}).json()["caption"] is None
+
+
+def test_a_warmed_service_explains_without_loading_the_model_again(trained, monkeypatch):
+    app = create_app(trained[1])
+    runner = app.state.runner
+    assert runner.warming is None, "start-up itself does not warm"
+    with TestClient(app) as warm:
+        assert warm.post("/predict", data={"caption": CAPTION}).status_code == 200
+        runner.warming.result(timeout=300)
+        assert runner.model.bundle_.net is not None
+
+        def no_second_load(path):
+            raise AssertionError(f"{path} loaded again")
+
+        monkeypatch.setattr("fuselabel.bundle.load_bundle", no_second_load)
+        answer = warm.post("/explain", data={"caption": CAPTION, "label": str(runner.model.labels_[0])})
+        assert answer.status_code == 200, answer.text
+    cold = create_app(trained[1], ServeSettings(warm_explainer=False))
+    TestClient(cold).post("/predict", data={"caption": CAPTION})
+    assert cold.state.runner.warming is None and cold.state.runner.model.bundle_.net is None
+
+
 def test_caption_only_is_judged_by_its_caption(client):
     body = _post(client, caption=CAPTION).json()
     assert body["status"] == "caption_only" and body["inputs"] == ["caption"]
@@ -1058,3 +1129,35 @@ def test_container_serves_a_mounted_model(docker, trained):
         assert user.stdout.strip() != "0"
     finally:
         subprocess.run(["docker", "stop", "-t", "30", name], capture_output=True)
+
+
+class _HeadsOnly:
+    """An engine whose heads give fixed probabilities: enough for the fusion and decision steps."""
+
+    def __init__(self, kind, parts, combine="weighted", weight=0.5):
+        self.kind, self.parts, self.late_combine, self.late_weight = kind, parts, combine, weight
+        self.task, self.feature_dims = "multilabel", {"image": 2, "text": 2}
+
+    def heads(self, feats):
+        n = len(next(iter(feats.values())))
+        return {k: np.repeat(np.asarray([v], np.float32), n, axis=0) for k, v in self.parts.items()}
+
+
+@pytest.mark.parametrize(
+    ("kind", "parts", "weight", "image", "caption"),
+    [
+        ("late", {"image": [0.9, 0.1], "text": [0.1, 0.9]}, 0.5, True, True),  # each adds its own label
+        ("late", {"image": [0.9, 0.1], "text": [0.1, 0.9]}, 0.0, False, True),  # a photo weighing 0 never counts
+        ("late", {"image": [0.9, 0.9], "text": [0.9, 0.9]}, 0.5, False, False),  # either alone says the same
+        ("early", {"early": [0.9, 0.1]}, None, None, None),  # one head over both: not separable
+    ],
+)
+def test_what_each_input_changed_follows_the_fusion_rule(kind, parts, weight, image, caption):
+    from fuselabel.runtime import Predictor
+
+    predictor = Predictor(_HeadsOnly(kind, parts, weight=weight), ["a", "b"], [0.4, 0.4], ensure_nonempty=False)
+    pred = predictor.predict_features({}, [True], [True])
+    if image is None:
+        assert pred.image_changed is None and pred.caption_changed is None
+    else:
+        assert (bool(pred.image_changed[0]), bool(pred.caption_changed[0])) == (image, caption)

@@ -28,10 +28,12 @@ CAPTION = "a photo of a dog and a car next to a kite"
 SERVE = (
     "import base64, json, sys\n"
     "from fastapi.testclient import TestClient\n"
+    "from fuselabel.config import ServeSettings\n"
     "from fuselabel.serve import create_app\n"
     "model, cache, photo = sys.argv[1:4]\n"
     f"heavy = lambda: sorted(m for m in {HEAVY!r} if m in sys.modules)\n"
-    "app = create_app(model, cache_dir=cache)\n"
+    # Warming the explaining model after the first answer would load torch: what start-up itself needs is measured.
+    "app = create_app(model, ServeSettings(warm_explainer=False), cache_dir=cache)\n"
     "client = TestClient(app)\n"
     "image = open(photo, 'rb').read()\n"
     "form = dict(files={'image': ('p.jpg', image, 'image/jpeg')}, data={'caption': %r})\n"

@@ -399,6 +399,10 @@ class ServeSettings(BaseModel):
     cors_origin: list[str] = Field(
         default_factory=list, description="an origin whose pages may call the service from a browser (repeat it)"
     )
+    warm_explainer: bool = Field(
+        True,
+        description="after the first answer, load the explaining model in the background so the first 'why' is quick",
+    )
 
 
 # What ``fuselabel tune`` may vary: settings that change the heads, never the cached encoder features.

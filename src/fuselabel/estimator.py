@@ -388,7 +388,9 @@ class FuseLabel:
         strict: bool = False,
         **columns,
     ) -> Prediction:
-        """Probabilities per head and fused, label sets, and which rows lacked a photo or a caption.
+        """Probabilities per head and fused, label sets, which rows lacked a photo or a caption, and what each
+        input contributed: ``image_changed`` / ``caption_changed`` (would a row's label set differ without it;
+        None for early fusion) and ``captions_read`` (a ``runtime.CaptionReading`` a captioned row).
 
         ``X`` is a table (a path or a DataFrame; ``images`` is then its photo folder, and ``image_col``,
         ``text_col`` ... name its columns), rows as dicts, or the photos themselves (paths, PIL images,

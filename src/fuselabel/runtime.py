@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +43,11 @@ class Prediction:
     status: list[str]  # ok | caption_only | image_only | no_input
     image_errors: list[str | None] = field(default_factory=list)  # why a photo was unusable
     texts_cut: int = 0  # captions longer than the model's text length, cut to it
+    # Whether the row's label set would differ without its photo / its caption (late fusion and one-input
+    # models; None for early fusion, whose one head mixes both inputs and cannot be taken apart).
+    image_changed: np.ndarray | None = None
+    caption_changed: np.ndarray | None = None
+    captions_read: list[CaptionReading | None] = field(default_factory=list)  # None: no caption, or not read
 
     def __len__(self) -> int:
         return len(self.status)
@@ -57,7 +64,29 @@ class Prediction:
             status=[s for c in chunks for s in c.status],
             image_errors=[e for c in chunks for e in c.image_errors],
             texts_cut=sum(c.texts_cut for c in chunks),
+            image_changed=None if first.image_changed is None else np.concatenate([c.image_changed for c in chunks]),
+            caption_changed=(
+                None if first.caption_changed is None else np.concatenate([c.caption_changed for c in chunks])
+            ),
+            captions_read=[r for c in chunks for r in c.captions_read],
         )
+
+
+@dataclass
+class CaptionReading:
+    """How much of one caption the model reads: its tokens (special ones included) against the text length,
+    and its words (runs of non-space) wholly inside the part read."""
+
+    tokens: int
+    tokens_read: int
+    max_tokens: int
+    words: int
+    words_read: int
+    read_text: str  # the caption's start that the model reads
+
+    @property
+    def cut(self) -> bool:
+        return self.tokens > self.tokens_read
 
 
 def fuse(
@@ -172,6 +201,8 @@ class Predictor:
                 f"(got {batch_size} and {chunk_size})"
             )
         self.chunk_size = chunk_size
+        self._reader = None  # the engine's tokenizer without truncation, built on the first caption read
+        self._reader_lock = getattr(engine, "_lock", None) or threading.Lock()
 
     def predict(
         self,
@@ -220,7 +251,27 @@ class Predictor:
         if self.strict:
             self._check_strict(image_present, caption_present, errors, row_names, kind)
         self.texts_cut += texts_cut
-        return self.predict_features(feats, image_present, caption_present, image_errors=errors, texts_cut=texts_cut)
+        pred = self.predict_features(feats, image_present, caption_present, image_errors=errors, texts_cut=texts_cut)
+        read = iter(self.read_captions([c for c, seen in zip(captions, caption_present) if seen]))
+        pred.captions_read = [next(read) if seen else None for seen in caption_present]
+        return pred
+
+    def read_caption(self, caption: str) -> CaptionReading | None:
+        """How much of ``caption`` this model reads (None: the model reads no captions)."""
+        return self.read_captions([caption])[0]
+
+    def read_captions(self, captions: Sequence[str]) -> list[CaptionReading | None]:
+        """How much of each caption this model reads, tokenised in one call (all None: it reads no captions)."""
+        length = getattr(self.engine, "max_length", None) or getattr(self.engine, "manifest", {}).get("text_max_length")
+        if not uses_text(self.engine.kind) or getattr(self.engine, "tokenizer", None) is None or not length:
+            return [None] * len(captions)
+        if not captions:
+            return []
+        with self._reader_lock:  # a fast tokenizer is not safe from several threads at once
+            if self._reader is None:
+                self._reader = _untruncated(self.engine.tokenizer)
+            encoded = self._reader(list(captions))
+        return [None if e is None else _reading(c, *e, int(length)) for c, e in zip(captions, encoded)]
 
     def predict_features(
         self,
@@ -246,16 +297,37 @@ class Predictor:
             else np.zeros((0, len(self.labels)), np.float32)
         )
         status = [_status(i, c, kind) for i, c in zip(image_present, caption_present)]
+        predicted = decide(probs, self.thresholds, self.ensure_nonempty, self.task)
+        image_changed, caption_changed = self._effects(parts, image_present, caption_present, predicted)
         return Prediction(
             probs=probs,
             parts=parts,
-            predicted=decide(probs, self.thresholds, self.ensure_nonempty, self.task),
+            predicted=predicted,
+            image_changed=image_changed,
+            caption_changed=caption_changed,
             image_present=image_present,
             caption_present=caption_present,
             status=status,
             image_errors=image_errors if image_errors is not None else [None] * n,
             texts_cut=texts_cut,
         )
+
+    def _effects(self, parts: dict, image_present: np.ndarray, caption_present: np.ndarray, predicted: np.ndarray):
+        """(photo changed the label set, caption changed it) per row: the heads' figures fused again as if that
+        input were absent. None, None for early fusion, whose one head cannot be taken apart."""
+        kind, none = self.engine.kind, np.zeros(len(predicted), bool)
+        if kind == "early":
+            return None, None
+        if not len(predicted):
+            return none, none
+
+        def differs(image, caption) -> np.ndarray:
+            probs = fuse(parts, self.engine.late_combine, self.engine.late_weight, image, caption)
+            return (decide(probs, self.thresholds, self.ensure_nonempty, self.task) != predicted).any(axis=1)
+
+        image_changed = image_present & differs(none, caption_present) if uses_image(kind) else none
+        caption_changed = caption_present & differs(image_present, none) if uses_text(kind) else none
+        return image_changed, caption_changed
 
     def _complete(self, feats: dict, n: int, image_present: np.ndarray, caption_present: np.ndarray) -> dict:
         """Every input the heads take, with zeros for what a row lacks (its head's answer is then unused)."""
@@ -306,6 +378,47 @@ class Predictor:
     def _chunk(self, chunk, image_dir, names_iter) -> Prediction:
         names = [next(names_iter) for _ in chunk] if names_iter is not None else None
         return self.predict([r[0] for r in chunk], [r[1] for r in chunk], image_dir=image_dir, row_names=names)
+
+
+def _untruncated(tokenizer):
+    """captions -> [(token offsets, special-token flags)], uncut: a ``tokenizers.Tokenizer`` (exported folders) is
+    copied without its truncation and padding; a Hugging Face tokenizer is asked not to cut (None for each caption
+    where it is a slow one, which gives no offsets)."""
+    if hasattr(tokenizer, "encode_batch"):
+        from tokenizers import Tokenizer
+
+        copy = Tokenizer.from_str(tokenizer.to_str())
+        copy.no_truncation()
+        copy.no_padding()
+        return lambda captions: [(e.offsets, e.special_tokens_mask) for e in copy.encode_batch(captions)]
+
+    if not getattr(tokenizer, "is_fast", False):  # only a fast tokenizer tells where its tokens lie
+        return lambda captions: [None] * len(captions)
+
+    def read_hf(captions: list[str]):
+        enc = tokenizer(
+            captions, truncation=False, verbose=False, return_offsets_mapping=True, return_special_tokens_mask=True
+        )
+        return list(zip(enc["offset_mapping"], enc["special_tokens_mask"]))
+
+    return read_hf
+
+
+def _reading(caption: str, offsets, special, length: int) -> CaptionReading:
+    """What ``length`` tokens keep of ``caption``, from its uncut tokens: the special tokens stay, the content
+    tokens past the rest of the length are cut."""
+    content = [o for o, s in zip(offsets, special) if not s]
+    keep = max(0, length - (len(offsets) - len(content)))
+    end = len(caption) if keep >= len(content) else (content[keep - 1][1] if keep else 0)
+    words = [m.end() for m in re.finditer(r"\S+", caption)]
+    return CaptionReading(
+        tokens=len(offsets),
+        tokens_read=min(len(offsets), length),
+        max_tokens=length,
+        words=len(words),
+        words_read=sum(e <= end for e in words),
+        read_text=caption[:end],
+    )
 
 
 def _status(image: bool, caption: bool, kind: str) -> str:

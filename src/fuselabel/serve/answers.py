@@ -31,9 +31,34 @@ def rows(model: FuseLabel, pred) -> list[dict]:
                     if used
                 ],
                 "status": status,
+                "contributions": contributions(model, pred, i),
             }
         )
     return out
+
+
+def contributions(model: FuseLabel, pred, i: int) -> dict:
+    """What row ``i``'s photo and caption each did to its answer (``schemas.Contributions``)."""
+    read = pred.captions_read[i] if i < len(pred.captions_read) else None
+    changed = {
+        name: None if flags is None else bool(flags[i])
+        for name, flags in (("image", pred.image_changed), ("caption", pred.caption_changed))
+    }
+    return {
+        "image_weight": model.fusion_["image_weight"],
+        "separable": pred.image_changed is not None,
+        "image_changed": changed["image"],
+        "caption_changed": changed["caption"],
+        "caption": caption_read(read),
+    }
+
+
+def caption_read(read) -> dict | None:
+    """A ``runtime.CaptionReading`` as ``schemas.CaptionRead`` (None stays None)."""
+    if read is None:
+        return None
+    fields = ("tokens", "tokens_read", "max_tokens", "words", "words_read", "read_text", "cut")
+    return {name: getattr(read, name) for name in fields}
 
 
 def explanation(model: FuseLabel, label_index: int, pred, expl) -> dict:

@@ -16,7 +16,7 @@ from ..bundle import folder_size
 from ..config import ServeSettings
 from ..estimator import FuseLabel
 from . import schemas
-from .answers import explanation, rows
+from .answers import caption_read, explanation, rows
 from .inputs import Decoder, caption_text, require_input
 from .middleware import Admission, BodyLimit, HeadAsGet, Observe, RequireKey
 from .model import ModelChanged, Runner, label_table, model_id, open_model, shown_settings
@@ -24,7 +24,8 @@ from .schemas import ERRORS, UNAUTHORISED
 from .telemetry import WORK_PATHS, Metrics
 
 WEB = Path(__file__).parents[1] / "web"
-KEYED_PATHS = (*WORK_PATHS, "/info")  # what an API key guards; /health, /labels, /metrics and the page stay open
+# What an API key guards; /health, /labels, /metrics and the page stay open.
+KEYED_PATHS = (*WORK_PATHS, "/info", "/caption")
 
 
 def api_key(settings: ServeSettings) -> str | None:
@@ -63,7 +64,7 @@ def create_app(
     metrics = Metrics()
     model, seconds = open_model(model_dir, cache_dir=cache_dir, feature_engine=feature_engine, num_workers=num_workers)
     metrics.model_load.set(seconds)
-    runner = Runner(model, num_workers)
+    runner = Runner(model, num_workers, warm=settings.warm_explainer)
     decoder = Decoder(settings.decode_workers, model.preprocessing_, int(settings.max_megapixels * 1e6), metrics)
     label_ids = [str(lab) for lab in model.labels_]
 
@@ -209,6 +210,16 @@ def _prediction_routes(app, runner: Runner, decoder: Decoder, settings: ServeSet
         pred = runner.predict([photo], [text])
         metrics.count_rows(pred)
         return {"model": name, "fusion": model.fusion_, **rows(model, pred)[0]}
+
+    @app.post(
+        "/caption",
+        response_model=schemas.CaptionReading,
+        responses=errors,
+        summary="how much of a caption the model reads (tokens and words), without predicting",
+    )
+    def read_caption(caption: Caption = None):
+        text = caption_text(caption)
+        return {"model": name, "caption": caption_read(runner.predictor.read_caption(text) if text else None)}
 
     @app.post(
         "/predict/batch",

@@ -67,10 +67,14 @@ class Runner:
     """The threads the model works on. A request's rows are cut into one piece a worker (default: the usable
     cores, as ``fuselabel predict`` keeps them busy with its windows), run at once; the pieces of concurrent
     requests share the workers in arrival order. Explanations run on one thread of their own, in turn: the
-    network's explanation hooks are shared."""
+    network's explanation hooks are shared. ``warm``: after the first prediction, the explaining model loads
+    and explains one made-up row on that thread, so the first "why" a person asks for does not wait for it;
+    start-up itself stays free of torch."""
 
-    def __init__(self, model: FuseLabel, workers: int | None = None):
+    def __init__(self, model: FuseLabel, workers: int | None = None, *, warm: bool = False):
         self.model, self.workers = model, workers or usable_cores()
+        self.warming = None  # the warm-up's future, once started
+        self._warm = warm and model.weights_sha256_ is not None  # an exported folder holds nothing to explain
         self.predictor = model.predictor()
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="fuselabel-predict")
         self.explainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuselabel-explain")
@@ -82,7 +86,17 @@ class Runner:
     def predict(self, images: list, captions: list) -> Prediction:
         run = self.predictor.predict
         futures = [self.pool.submit(run, images[a:b], captions[a:b]) for a, b in self.pieces(len(images))]
-        return Prediction.concat([f.result() for f in futures])
+        pred = Prediction.concat([f.result() for f in futures])
+        if self._warm and self.warming is None:
+            self.warming = self.explainer.submit(self._warm_up)
+        return pred
+
+    def _warm_up(self) -> None:
+        try:
+            if not self._check_unchanged(raising=False):
+                self.model.explain(0, Image.new("RGB", (64, 64), "gray"), "a photo")
+        except Exception:  # a failed warm-up costs only speed: the first explanation tries again and says why
+            log.exception("warming the explaining model failed")
 
     def explain(self, label_index: int, image, caption):
         """(the row's prediction, its explanation); ModelChanged when the folder's weights are no longer those
@@ -99,9 +113,13 @@ class Runner:
 
         return self.explainer.submit(both).result()
 
-    def _check_unchanged(self) -> None:
-        if self.model.folder_changed():
+    def _check_unchanged(self, raising: bool = True) -> bool:
+        """Whether the folder's weights changed since the start; raises ModelChanged if so and ``raising``."""
+        if not self.model.folder_changed():
+            return False
+        if raising:
             raise ModelChanged(
                 f"the model folder's weights changed after the service started (it serves "
                 f"{model_id(self.model)}); restart the service to explain with them"
             )
+        return True

@@ -49,11 +49,40 @@ class Fusion(BaseModel):
     rule: str
 
 
+class CaptionRead(BaseModel):
+    """How much of the caption the model read: its tokens against the model's text length, and its words."""
+
+    tokens: int = Field(description="the caption's tokens, special ones included")
+    tokens_read: int
+    max_tokens: int = Field(description="the model's text length: the most tokens it reads")
+    words: int
+    words_read: int = Field(description="words wholly inside the part read")
+    read_text: str = Field(description="the caption's start that the model read")
+    cut: bool = Field(description="true when the caption was longer than the model reads")
+
+
+class Contributions(BaseModel):
+    """What each input did to this answer: the photo head's weight in force, and whether the label set would
+    differ with the photo (or the caption) absent, worked out from the heads' figures and the fusion rule."""
+
+    image_weight: float | None = Field(description="the photo head's weight (weighted late fusion), else null")
+    separable: bool = Field(description="false for early fusion: one head over both inputs, not taken apart")
+    image_changed: bool | None = Field(description="the label set differs without the photo (null: not separable)")
+    caption_changed: bool | None = Field(description="the label set differs without the caption (null: not separable)")
+    caption: CaptionRead | None = Field(description="null without a caption, or for a model that reads none")
+
+
+class CaptionReading(BaseModel):
+    model: str
+    caption: CaptionRead | None = Field(description="null for an empty caption, or a model that reads none")
+
+
 class Row(BaseModel):
     labels: list[LabelScore] = Field(description="every label, in the model's order")
     predicted: list[LabelRef] = Field(description="the predicted set, in the model's label order")
     inputs: list[Literal["image", "caption"]] = Field(description="the inputs the model used")
     status: str = Field(description="ok (both inputs), image_only or caption_only", examples=["ok"])
+    contributions: Contributions
 
 
 class Prediction(Row):

@@ -10,7 +10,7 @@ log = logging.getLogger("fuselabel.serve")
 access_log = logging.getLogger("fuselabel.access")
 
 WORK_PATHS = ("/predict", "/predict/batch", "/explain")  # the requests that admission control counts
-ROUTES = {"/", "/health", "/labels", "/info", "/metrics", "/docs", "/redoc", "/openapi.json", *WORK_PATHS}
+ROUTES = {"/", "/health", "/labels", "/info", "/metrics", "/docs", "/redoc", "/openapi.json", "/caption", *WORK_PATHS}
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")

@@ -10,7 +10,12 @@
 const $ = (id) => document.getElementById(id);
 const TYPES = { "image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WebP", "image/gif": "GIF", "image/bmp": "BMP" };
 const KEY_STORE = "fuselabel-api-key";
-const state = { file: null, photoUrl: null, sent: null, ticket: 0, limits: { max_upload_mb: 10 }, pending: null };
+const state = { file: null, photoUrl: null, sent: null, ticket: 0, limits: { max_upload_mb: 10 }, pending: null,
+                rows: [], counting: null, countTimer: null };
+// With hundreds of labels a bar for each buries the answer: the predicted labels and the most probable are
+// drawn, and the filter box finds any other (at most FOUND_MAX bars for one search).
+const TOP = 10;
+const FOUND_MAX = 50;
 
 function keyHeaders() {
   const key = sessionStorage.getItem(KEY_STORE);
@@ -43,8 +48,11 @@ function clearResults() {
   newTicket();   // whatever is still on its way belongs to inputs no longer shown
   $("result-panel").hidden = true;
   $("why-panel").hidden = true;
+  $("caption-cut").hidden = true;
   $("bars").replaceChildren();
   $("predicted").replaceChildren();
+  $("contributions").replaceChildren();
+  state.rows = [];
   hideHeatmap();
   state.sent = null;
 }
@@ -195,7 +203,94 @@ function renderResult(result) {
     chip.textContent = lab.name;
     return chip;
   }));
-  $("bars").replaceChildren(...rows.map(barRow));
+  state.rows = rows;
+  drawBars();
+  showContributions(result);
+}
+
+// The bars: the predicted labels and the TOP most probable, or those the filter box finds.
+function drawBars() {
+  const rows = state.rows;
+  const query = $("label-filter").value.trim().toLowerCase();
+  let shown;
+  let said;
+  if (query) {
+    const found = rows.filter((lab) => lab.name.toLowerCase().includes(query) || String(lab.id).toLowerCase() === query);
+    shown = found.slice(0, FOUND_MAX);
+    said = `${found.length} of ${rows.length} labels match “${$("label-filter").value.trim()}”`
+      + (found.length > FOUND_MAX ? `; the ${FOUND_MAX} most probable are shown: type more to narrow them.` : ".");
+  } else {
+    shown = rows.filter((lab, i) => lab.predicted || i < TOP);
+    said = `The predicted labels and the most probable: ${shown.length} of ${rows.length}. Find the others here.`;
+  }
+  $("filter-row").hidden = rows.length <= TOP;
+  $("bars-shown").textContent = said;
+  $("bars").replaceChildren(...shown.map(barRow));
+}
+
+function plural(n, word) {
+  return `${n} ${word}${n === 1 ? "" : "s"}`;
+}
+
+function readText(c) {
+  return `read ${c.words_read} of ${plural(c.words, "word")} (${c.tokens_read} of ${c.tokens} tokens; `
+    + `it reads at most ${c.max_tokens})`;
+}
+
+// What each input did to this answer: whether the label set would differ without it, and how much of the
+// caption was read. A weight of 0 or 1 means the model ignores one input altogether.
+function showContributions(result) {
+  const c = result.contributions;
+  const weight = c.image_weight;
+  const lines = [];
+  const effect = (changed, other) => (changed ? "changed the labels"
+    : `did not change the labels (the ${other} alone gives the same ones)`);
+  if (!c.separable) {
+    lines.push("This model reads the photo and the caption together in one head (early fusion): what each "
+      + "contributed cannot be told apart.");
+  }
+  if (weight === 0) lines.push("Photo: not used by this model.");
+  else if (!result.inputs.includes("image")) lines.push("Photo: none given.");
+  else if (c.separable) lines.push(`Photo: ${effect(c.image_changed, "caption")}.`);
+  const read = c.caption ? `; the model ${readText(c.caption)}` : "";
+  if (weight === 1) lines.push("Caption: not used by this model.");
+  else if (!result.inputs.includes("caption")) lines.push("Caption: none given.");
+  else if (c.separable) lines.push(`Caption: ${effect(c.caption_changed, "photo")}${read}.`);
+  else if (read) lines.push(`Caption: the model ${readText(c.caption)}.`);
+  $("contributions").replaceChildren(...lines.map((text) => {
+    const li = document.createElement("li");
+    li.textContent = text;
+    return li;
+  }));
+  $("no-caption-notice").hidden = weight !== 1;
+  const cut = c.caption && c.caption.cut;
+  $("caption-cut").hidden = !cut;
+  $("caption-cut").textContent = cut ? `This caption is longer than the model reads: it ${readText(c.caption)}; `
+    + `the rest did not count. It read: “${c.caption.read_text}”.` : "";
+}
+
+// The caption box's limit as it is typed: the service counts the tokens the model would read.
+function countCaption() {
+  clearTimeout(state.countTimer);
+  state.countTimer = setTimeout(async () => {
+    if (state.counting) state.counting.abort();
+    state.counting = new AbortController();
+    const caption = $("caption").value;
+    const shown = $("caption-count");
+    if (!caption.trim()) { shown.textContent = ""; shown.classList.remove("cut"); return; }
+    const form = new FormData();
+    form.append("caption", caption);
+    try {
+      const answer = await post("caption", form, state.counting.signal);
+      const c = answer.caption;
+      shown.classList.toggle("cut", Boolean(c && c.cut));
+      shown.textContent = !c ? "This model does not read captions."
+        : `${c.words_read} of ${plural(c.words, "word")} read (${c.tokens_read} of ${c.max_tokens} tokens)`
+          + (c.cut ? ": the rest is past the model's limit and not read." : "");
+    } catch (err) {
+      if (err.name !== "AbortError") shown.textContent = "";
+    }
+  }, 200);
 }
 
 // What each input contributed: the photo head's weight in force, and a plain notice when it is nothing.
@@ -354,7 +449,11 @@ async function showModel() {
 function wire() {
   $("photo-input").addEventListener("change", (e) => choosePhoto(e.target.files[0]));
   $("clear-photo").addEventListener("click", () => { clearResults(); clearPhoto(); setMessage(""); });
-  $("caption").addEventListener("input", () => { if (state.sent) { clearResults(); setMessage(""); } });
+  $("caption").addEventListener("input", () => {
+    countCaption();
+    if (state.sent) { clearResults(); setMessage(""); }
+  });
+  $("label-filter").addEventListener("input", drawBars);
   $("predict-button").addEventListener("click", predict);
   $("caption").addEventListener("keydown", (e) => {
     // Enter predicts; Shift+Enter is a new line (and Enter while an input method composes is its own).
