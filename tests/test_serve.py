@@ -714,7 +714,7 @@ def test_bad_limits_are_refused():
 def test_serve_command_names_each_impossible_limit(tmp_path, capsys):
     assert main(["serve", str(tmp_path), "--max-batch", "0", "--max-queue", "-1"]) == 2
     err = capsys.readouterr().err
-    assert "--max-batch: Input should be greater than 0" in err and "--max-queue:" in err
+    assert "--max-batch (max_batch=0): Input should be greater than 0" in err and "--max-queue (max_queue=-1)" in err
     assert "Traceback" not in err
 
 

@@ -29,6 +29,9 @@ TEXT_MODEL = dict(
     hidden_dim=16,
     text_config_overrides={"num_hidden_layers": 1},
     feature_engine="torch",
+    # the fp32 text encoder these tests compare with eager PyTorch (the CPU default is int8: test_int8.py)
+    text_quant="none",
+    save_dtype="fp16",
 )
 WORDS = ["red", "green", "blue", "small", "large", "street", "field", "window", "table", "river", "cloud", "stone"]
 

@@ -27,12 +27,32 @@ def test_csv_logger_writes_the_validation_mean_f1_of_every_epoch(tmp_path, sessi
     assert [round(float(r["val_f1"]), 6) for r in rows] == [round(r["val_f1"], 6) for r in kept]
 
 
-@pytest.mark.parametrize("logger,module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow")])
-def test_a_missing_tracker_package_names_the_extra_to_install(logger, module):
-    if importlib.util.find_spec(module) or (logger == "tensorboard" and importlib.util.find_spec("tensorboardX")):
-        pytest.skip(f"{module} is installed here")
+@pytest.mark.parametrize("logger", ["tensorboard", "mlflow"])
+def test_a_missing_tracker_package_names_the_extra_to_install(logger, monkeypatch):
+    real = importlib.util.find_spec
+    absent = {"tensorboard", "tensorboardX", "mlflow"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name, *a))
     with pytest.raises(ValueError, match=rf"pip install 'fuselabel\[{logger}\]'"):
         check_logger(Config(logger=logger))
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "mlflow"])
+def test_tensorboard_and_mlflow_receive_the_run(logger, tmp_path, session_cache):
+    """With the extra installed, the tracker's own files appear under log_dir."""
+    image_dir, table = make_tiny_dataset(tmp_path / "d", 48)
+    settings = {**TINY_SETTINGS, "epochs": 2, "logger": logger, "log_dir": str(tmp_path / "logs")}
+    FuseLabel(**settings, cache_dir=session_cache).fit(table, images=image_dir, out=tmp_path / "m", progress=False)
+    written = [p.name for p in (tmp_path / "logs").rglob("*") if p.is_file()]
+    if logger == "tensorboard":
+        assert any(name.startswith("events.out.tfevents") for name in written), written
+    else:
+        import mlflow
+
+        store = tmp_path / "logs" / "mlflow.db"
+        assert store.is_file(), written
+        client = mlflow.MlflowClient(f"sqlite:///{store.as_posix()}")
+        (run,) = client.search_runs([client.get_experiment_by_name("m").experiment_id])
+        assert len(client.get_metric_history(run.info.run_id, "val_f1")) == 2
 
 
 def test_no_tracker_by_default_and_unknown_ones_refused():

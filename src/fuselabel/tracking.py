@@ -44,8 +44,13 @@ def experiment_logger(config, out):
     if config.logger == "tensorboard":
         return loggers.TensorBoardLogger(folder, name=name)
     if config.logger == "mlflow":
+        # MLflow's file store is retired: a local SQLite store, which `mlflow ui --backend-store-uri` opens
         folder.mkdir(parents=True, exist_ok=True)
-        return loggers.MLFlowLogger(experiment_name=name, tracking_uri=folder.resolve().as_uri())
+        return loggers.MLFlowLogger(
+            experiment_name=name,
+            tracking_uri=f"sqlite:///{(folder / 'mlflow.db').resolve().as_posix()}",
+            artifact_location=(folder / "artifacts").resolve().as_uri(),
+        )
     return None
 
 
