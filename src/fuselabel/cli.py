@@ -131,19 +131,23 @@ def _one_cpu(args) -> bool:
 def _predict(args, images, csv) -> None:
     from .estimator import FuseLabel
     from .predict import predict_csv
+    from .predict_rows import first_rows
 
     # One process on a CPU runs from the exported copy: no torch to load. Several ranks place it themselves.
     model = FuseLabel.from_pretrained(
         args.model_dir, exported=_one_cpu(args), device=args.device, **given_settings(args)
     )
     progress = _progress(args)
-    records = read_rows(args, csv, columns(args), trained=model.bundle_.table)
+    # The table is streamed, not read here: its first rows say where the photo paths start.
+    first = first_rows(csv, columns(args), trained=model.bundle_.table, **reader_options(args))
     result = predict_csv(
         model,
-        image_dir(args, images, records),
-        records,
+        image_dir(args, images, first),
+        csv,
         args.out,
         proba_out=args.proba,
+        columns=columns(args),
+        reader=reader_options(args),
         strict=args.strict,
         chunk_size=args.chunk_size,
         devices=args.devices,
