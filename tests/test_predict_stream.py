@@ -20,12 +20,14 @@ WORDS = ["dog", "cat", "person", "car", "bus", "tree", "kite", "boat", "sofa", "
 
 
 def _captions_table(path: Path, rows: int, extra: str = "") -> Path:
-    """``rows`` caption-only rows (no photo files exist), their captions varied so predictions differ."""
+    """``rows`` caption-only rows (no photo files exist), their captions varied so predictions differ; every
+    caption is as long as the first rows', so a longer table never asks the text encoder for more memory."""
+    n = len(WORDS)
     with open(path, "w", encoding="utf-8") as f:
         f.write("ImageID,Caption\n")
         for i in range(rows):
-            a, b = WORDS[i % len(WORDS)], WORDS[(i * 7 + 3) % len(WORDS)]
-            f.write(f'{i}.jpg,"a {a} beside a {b}, picture {i}"\n')
+            a, b, c = WORDS[i % n], WORDS[(i // n) % n], WORDS[(i // n // n) % n]
+            f.write(f'{i}.jpg,"a {a} beside a {b} and a {c}"\n')
         f.write(extra)
     return path
 
@@ -107,18 +109,21 @@ _PEAK = textwrap.dedent("""
         line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
         return int(line.split()[1]) / 1024
 
-    model_dir, table, out = sys.argv[1:4]
+    model_dir, warm_up, table, out = sys.argv[1:5]
     model = FuseLabel.from_pretrained(model_dir)
-    model.predictor().predict([None] * 64, ["a warm-up row"] * 64)  # the engine's own memory is not the table's
+    # reader batches of 2,000 rows: both tables are read in full batches, so only what grows with the rows differs
+    reader = {"batch_rows": 2000}
+    # a first table brings the engine's own memory (thread pools, allocators) to its level: not the table's
+    predict_csv(model, Path(out).parent, warm_up, out, proba_out=out + ".proba", reader=reader, progress=False)
     before = high_water_mb()
-    summary = predict_csv(model, Path(out).parent, table, out, proba_out=out + ".proba", progress=False)
+    summary = predict_csv(model, Path(out).parent, table, out, proba_out=out + ".proba", reader=reader, progress=False)
     print(json.dumps({"mb": high_water_mb() - before, "rows": summary["rows"]}))
 """)
 
 
-def _peak_growth(model_dir: Path, table: Path) -> dict:
+def _peak_growth(model_dir: Path, warm_up: Path, table: Path) -> dict:
     out = table.with_suffix(".out.csv")
-    cmd = [sys.executable, "-c", _PEAK, str(model_dir), str(table), str(out)]
+    cmd = [sys.executable, "-c", _PEAK, str(model_dir), str(warm_up), str(table), str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -127,8 +132,10 @@ def _peak_growth(model_dir: Path, table: Path) -> dict:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak memory is read from /proc (Linux)")
 def test_peak_memory_does_not_grow_with_the_rows(tiny_model, tmp_path):
     model_dir = tiny_model[0] / "model"
-    small = _peak_growth(model_dir, _captions_table(tmp_path / "small.csv", 6_000))
-    big = _peak_growth(model_dir, _captions_table(tmp_path / "big.csv", 60_000))
+    warm_up = _captions_table(tmp_path / "warm-up.csv", 3_000)
+    small = _peak_growth(model_dir, warm_up, _captions_table(tmp_path / "small.csv", 6_000))
+    big = _peak_growth(model_dir, warm_up, _captions_table(tmp_path / "big.csv", 60_000))
     assert (small["rows"], big["rows"]) == (6_000, 60_000)
-    # Held whole, 54,000 more rows would take about 38 MB (0.7 kB a row); streamed, a 12-byte slot for each id.
-    assert big["mb"] - small["mb"] < 12, (small, big)
+    # Held whole, 54,000 more rows would take about 38 MB (0.7 kB a row); streamed, a 12-byte slot for each id, and
+    # a few MB the allocators settle into over a longer run.
+    assert big["mb"] - small["mb"] < 16, (small, big)
