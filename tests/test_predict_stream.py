@@ -77,7 +77,9 @@ def test_chunks_follow_the_table_across_reader_batches(tmp_path):
 def test_the_scan_identifies_the_rows(model, tmp_path):
     a = scan_table(_captions_table(tmp_path / "a.csv", 500), batch_rows=120)
     b = scan_table(_captions_table(tmp_path / "b.csv", 500), batch_rows=77)
-    changed = (tmp_path / "c.csv").write_text((tmp_path / "a.csv").read_text().replace("picture 321", "picture 3"))
+    changed = (tmp_path / "c.csv").write_text(
+        (tmp_path / "a.csv").read_text().replace('\n321.jpg,"a ', '\n321.jpg,"one ')
+    )
     c = scan_table(tmp_path / "c.csv")
     assert changed and a.rows == b.rows == c.rows == 500
     assert a.digest == b.digest != c.digest  # the reader's batches do not matter, a changed caption does
