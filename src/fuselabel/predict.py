@@ -26,7 +26,7 @@ from . import writers
 from .encoding import WINDOW
 from .estimator import FuseLabel
 from .images import ImageError
-from .predict_rows import ChunkCursor, TableScan, iter_chunks, scan_table
+from .predict_rows import ChunkCursor, TableScan, scan_table
 from .records import RecordSet
 from .runtime import STATUSES, Prediction
 from .tables import Columns
@@ -146,24 +146,18 @@ def predict_csv(
     if not distributed or _is_rank_zero():
         _finish_publish(parts)  # a kill between the renames of an earlier run: complete them first
     done = _finished_chunks(parts, sizes)
-    if distributed:
-        ranks = dict(devices=devices, num_nodes=num_nodes, strategy=strategy, accelerator=accelerator)
-        cursor = ChunkCursor(csv, chunk_size, **reading)
-        if not _predict_distributed(model, cursor, image_dir, len(sizes), parts, strict=strict, done=done, **ranks):
-            return {}  # rank 0 writes the outputs, then removes the parts
-    else:
-        chunks = iter_chunks(csv, chunk_size, **reading)
-        _predict_here(model, chunks, image_dir, len(sizes), parts, done, strict=strict, progress=progress)
+    ranks = (
+        dict(devices=devices, num_nodes=num_nodes, strategy=strategy, accelerator=accelerator) if distributed else {}
+    )
+    chunks = ChunkCursor(csv, chunk_size, **reading)
+    if not _predict_chunks(model, chunks, image_dir, len(sizes), parts, done, ranks, strict=strict, progress=progress):
+        return {}  # rank 0 writes the outputs, then removes the parts
     summary = _merge(parts, sizes, scan, model.bundle_.labels, model.bundle_.table, out, proba_out)
     _remove_leftovers(out, proba_out)  # this run's parts and any earlier run's, and killed writes' temporaries
-    elapsed = time.time() - t0
+    elapsed, engine = time.time() - t0, model.predictor().engine.name
+    rate = scan.rows / max(elapsed, 1e-9)
     summary.update(
-        resumed_chunks=len(done),
-        rows=scan.rows,
-        seconds=elapsed,
-        rows_per_s=scan.rows / max(elapsed, 1e-9),
-        out=str(out),
-        engine=model.predictor().engine.name,
+        resumed_chunks=len(done), rows=scan.rows, seconds=elapsed, rows_per_s=rate, out=str(out), engine=engine
     )
     return summary
 
@@ -189,6 +183,15 @@ def _finished_chunks(parts: Path, sizes: list[int]) -> set[int]:
             f"({parts.name}); predicting the other {len(sizes) - len(done)}"
         )
     return done
+
+
+def _predict_chunks(model, chunks: ChunkCursor, image_dir, n_chunks, parts, done, ranks: dict, **how) -> bool:
+    """The chunks not yet done, in this process or shared among ``ranks`` (Lightning's settings; none: here);
+    True where the outputs are to be written."""
+    if ranks:
+        return _predict_distributed(model, chunks, image_dir, n_chunks, parts, strict=how["strict"], done=done, **ranks)
+    _predict_here(model, chunks.read(), image_dir, n_chunks, parts, done, **how)
+    return True
 
 
 def _predict_here(model, chunks, image_dir, n_chunks: int, parts: Path, done: set, *, strict, progress) -> None:

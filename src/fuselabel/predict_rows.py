@@ -89,6 +89,10 @@ class ChunkCursor:
         self.open = lambda: enumerate(iter_chunks(source, chunk_size, columns, **reader))
         self.chunks, self.at = self.open(), -1
 
+    def read(self) -> Iterator[RecordSet]:
+        """Every chunk, in order, read once (for a process that predicts them all)."""
+        return (chunk for _, chunk in self.open())
+
     def get(self, index: int) -> RecordSet:
         if index <= self.at:
             self.chunks, self.at = self.open(), -1
