@@ -52,6 +52,7 @@ ORDER = [
     "inputs",
     "evaluation",
     "estimator",
+    "predict_rows",
     "predict",
     "figures",
     "report",

@@ -131,26 +131,27 @@ def _one_cpu(args) -> bool:
 def _predict(args, images, csv) -> None:
     from .estimator import FuseLabel
     from .predict import predict_csv
+    from .predict_rows import first_rows
 
     # One process on a CPU runs from the exported copy: no torch to load. Several ranks place it themselves.
     model = FuseLabel.from_pretrained(
         args.model_dir, exported=_one_cpu(args), device=args.device, **given_settings(args)
     )
-    progress = _progress(args)
-    records = read_rows(args, csv, columns(args), trained=model.bundle_.table)
+    # The table is streamed, not read here: its first rows say where the photo paths start.
+    reading = {"columns": columns(args), "reader": reader_options(args)}
+    first = first_rows(csv, reading["columns"], trained=model.bundle_.table, **reading["reader"])
+    spread = {k: getattr(args, k) for k in ("devices", "num_nodes", "strategy", "accelerator")}
     result = predict_csv(
         model,
-        image_dir(args, images, records),
-        records,
+        image_dir(args, images, first),
+        csv,
         args.out,
         proba_out=args.proba,
         strict=args.strict,
         chunk_size=args.chunk_size,
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        strategy=args.strategy,
-        accelerator=args.accelerator,
-        progress=progress,
+        progress=_progress(args),
+        **reading,
+        **spread,
     )
     if not result:  # a rank other than the one that writes the outputs
         return

@@ -1,9 +1,10 @@
 """Course-format files in and out: a CSV of rows -> predictions -> submission (and probabilities) CSV.
 
-Rows go through the model in chunks; each finished chunk is saved as a part file, and the
-output files are written from the parts at the end, in the CSV's row order and atomically. So
-memory stays bounded however many rows there are, and one process or many (``devices > 1``:
-Lightning's ``Trainer.predict``, each rank taking every N-th chunk) write byte-identical files.
+The table is read a batch at a time (:mod:`fuselabel.predict_rows`): once to check, count and hash its rows,
+then in chunks that go through the model; each finished chunk is saved as a part file with its rows' ids, and the
+output files are written from the parts at the end, in the table's row order and atomically. So memory stays
+bounded however many rows there are, and one process or many (``devices > 1``: Lightning's ``Trainer.predict``,
+each rank taking every N-th chunk) write byte-identical files.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from . import writers
 from .encoding import WINDOW
 from .estimator import FuseLabel
 from .images import ImageError
+from .predict_rows import ChunkCursor, TableScan, scan_table
+from .records import RecordSet
 from .runtime import STATUSES, Prediction
-from .tables import Columns, read_table
+from .tables import Columns
 from .writers import (
     atomic_path,
     atomic_write_text,
@@ -51,32 +54,49 @@ def exported_folder(model_dir, cache_dir=None) -> Path | None:
     return exported_location(model_dir, default_cache_dir(cache_dir))
 
 
-def _save_part(folder: Path, index: int, p: Prediction) -> None:
+def _save_part(folder: Path, index: int, chunk: RecordSet, p: Prediction) -> None:
     code = np.asarray([STATUSES.index(s) for s in p.status], dtype=np.int8)
+    ids = np.asarray([r.id for r in chunk.records], dtype=str)  # the merge writes them: the table is not read again
     with atomic_path(folder / f"part-{index:06d}.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, probs=p.probs, predicted=p.predicted, status=code, texts_cut=np.int64(p.texts_cut))
+        np.savez(f, ids=ids, probs=p.probs, predicted=p.predicted, status=code, texts_cut=np.int64(p.texts_cut))
 
 
 def _read_parts(folder: Path, n_chunks: int):
     for i in range(n_chunks):
         with np.load(folder / f"part-{i:06d}.npz") as part:
-            cut = int(part["texts_cut"]) if "texts_cut" in part.files else 0
-            yield part["probs"], part["predicted"], [STATUSES[c] for c in part["status"]], cut
+            status = [STATUSES[c] for c in part["status"]]
+            yield part["ids"].tolist(), part["probs"], part["predicted"], status, int(part["texts_cut"])
 
 
-def _chunks(n: int, size: int) -> list[tuple[int, int]]:
-    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+class _PartIds:
+    """The rows' ids as the writers take them (a length, and the ids in row order), read from the parts as the
+    writers go: never all in memory."""
+
+    def __init__(self, parts: Path, n_chunks: int, rows: int) -> None:
+        self.parts, self.n_chunks, self.rows = parts, n_chunks, rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __iter__(self):
+        for i in range(self.n_chunks):
+            with np.load(self.parts / f"part-{i:06d}.npz") as part:
+                yield from part["ids"].tolist()
 
 
-def predict_chunk(model, records, image_dir, bounds, *, strict: bool) -> Prediction:
-    """One chunk of a RecordSet's rows; a row with an empty photo cell has no photo."""
-    lo, hi = bounds
-    rows = records.records[lo:hi]
+def _chunk_rows(rows: int, chunk_size: int) -> list[int]:
+    """How many rows each chunk holds."""
+    return [min(chunk_size, rows - lo) for lo in range(0, rows, chunk_size)]
+
+
+def predict_chunk(model, chunk: RecordSet, image_dir, *, strict: bool) -> Prediction:
+    """One chunk of rows; a row with an empty photo cell has no photo."""
+    rows = chunk.records
     return model.predictor(strict=strict).predict(
         [r.image_id or None for r in rows],
         [r.caption for r in rows],
         image_dir=image_dir,
-        row_names=[records.row_name(r) for r in rows],
+        row_names=[chunk.row_name(r) for r in rows],
     )
 
 
@@ -95,6 +115,7 @@ def predict_csv(
     accelerator: str = "cpu",
     progress: bool = True,
     columns: Columns | None = None,
+    reader: dict | None = None,
 ) -> dict:
     """Write the predictions of a table's rows, in input order; returns counts and timings.
 
@@ -102,7 +123,9 @@ def predict_csv(
     by default the model's training columns, then the course names). The output has the table's id
     column and the model's label column, labels spelled and separated as in its training table; its
     format follows ``out``'s suffix (``.csv``, ``.tsv``, ``.jsonl``, ``.parquet``). A course-format table
-    predicted by a model trained on course-format data gives Kaggle's ``ImageID,Labels``.
+    predicted by a model trained on course-format data gives Kaggle's ``ImageID,Labels``. ``reader``: the
+    reader's options (``delimiter``, ``sheet``). The table is read a batch at a time, and a table with a bad row
+    (malformed, duplicate id) is refused, its rows named, before anything is predicted.
 
     ``model`` is a ``FuseLabel`` or the path of a model folder or exported ONNX folder. A row without a usable
     photo is predicted from its caption, one with an empty caption from its photo, each counted and flagged in
@@ -113,39 +136,36 @@ def predict_csv(
         model = FuseLabel.from_pretrained(model)
     if chunk_size <= 0 or chunk_size % WINDOW:
         raise ValueError(f"chunk_size must be a positive multiple of {WINDOW}, got {chunk_size}")
-    records = read_table(csv, columns, trained=model.bundle_.table)
-    bounds = _chunks(len(records), chunk_size)
+    reading = {"columns": columns, "trained": model.bundle_.table, **(reader or {})}
+    scan = scan_table(csv, **reading)
+    sizes = _chunk_rows(scan.rows, chunk_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     distributed = devices > 1 or num_nodes > 1
-    parts = _parts_folder(model, records, out, chunk_size, strict)
+    parts = _parts_folder(model, scan.digest, out, chunk_size, strict)
     if not distributed or _is_rank_zero():
         _finish_publish(parts)  # a kill between the renames of an earlier run: complete them first
-    done = _finished_chunks(parts, bounds)
-    if distributed:
-        ranks = dict(devices=devices, num_nodes=num_nodes, strategy=strategy, accelerator=accelerator)
-        if not _predict_distributed(model, records, image_dir, bounds, parts, strict=strict, done=done, **ranks):
-            return {}  # rank 0 writes the outputs, then removes the parts
-    else:
-        _predict_here(model, records, image_dir, bounds, parts, done, strict=strict, progress=progress)
-    summary = _merge(parts, len(bounds), records, model.bundle_.labels, model.bundle_.table, out, proba_out)
+    done = _finished_chunks(parts, sizes)
+    ranks = (
+        dict(devices=devices, num_nodes=num_nodes, strategy=strategy, accelerator=accelerator) if distributed else {}
+    )
+    chunks = ChunkCursor(csv, chunk_size, **reading)
+    if not _predict_chunks(model, chunks, image_dir, len(sizes), parts, done, ranks, strict=strict, progress=progress):
+        return {}  # rank 0 writes the outputs, then removes the parts
+    summary = _merge(parts, sizes, scan, model.bundle_.labels, model.bundle_.table, out, proba_out)
     _remove_leftovers(out, proba_out)  # this run's parts and any earlier run's, and killed writes' temporaries
-    elapsed = time.time() - t0
+    elapsed, engine = time.time() - t0, model.predictor().engine.name
+    rate = scan.rows / max(elapsed, 1e-9)
     summary.update(
-        resumed_chunks=len(done),
-        rows=len(records),
-        seconds=elapsed,
-        rows_per_s=len(records) / max(elapsed, 1e-9),
-        out=str(out),
-        engine=model.predictor().engine.name,
+        resumed_chunks=len(done), rows=scan.rows, seconds=elapsed, rows_per_s=rate, out=str(out), engine=engine
     )
     return summary
 
 
-def _parts_folder(model, records, out: Path, chunk_size: int, strict: bool) -> Path:
+def _parts_folder(model, rows_digest: str, out: Path, chunk_size: int, strict: bool) -> Path:
     """Where finished chunks are kept: every rank, and a rerun after a kill, computes the same folder from what
     the parts depend on (a model held only in memory gets a folder of its own)."""
-    key = parts_key(model, records, chunk_size, strict)
+    key = parts_key(model, rows_digest, chunk_size, strict)
     parts = (
         out.parent / f".{out.name}.parts-{key}"
         if key
@@ -155,33 +175,37 @@ def _parts_folder(model, records, out: Path, chunk_size: int, strict: bool) -> P
     return parts
 
 
-def _finished_chunks(parts: Path, bounds) -> set[int]:
-    done = {i for i, b in enumerate(bounds) if _part_ok(parts, i, b[1] - b[0])}
+def _finished_chunks(parts: Path, sizes: list[int]) -> set[int]:
+    done = {i for i, n in enumerate(sizes) if _part_ok(parts, i, n)}
     if done:
         log.info(
-            f"resuming: {len(done)} of {len(bounds)} chunks were already predicted by an earlier run "
-            f"({parts.name}); predicting the other {len(bounds) - len(done)}"
+            f"resuming: {len(done)} of {len(sizes)} chunks were already predicted by an earlier run "
+            f"({parts.name}); predicting the other {len(sizes) - len(done)}"
         )
     return done
 
 
-def _predict_here(model, records, image_dir, bounds, parts: Path, done: set, *, strict: bool, progress: bool) -> None:
+def _predict_chunks(model, chunks: ChunkCursor, image_dir, n_chunks, parts, done, ranks: dict, **how) -> bool:
+    """The chunks not yet done, in this process or shared among ``ranks`` (Lightning's settings; none: here);
+    True where the outputs are to be written."""
+    if ranks:
+        return _predict_distributed(model, chunks, image_dir, n_chunks, parts, strict=how["strict"], done=done, **ranks)
+    _predict_here(model, chunks.read(), image_dir, n_chunks, parts, done, **how)
+    return True
+
+
+def _predict_here(model, chunks, image_dir, n_chunks: int, parts: Path, done: set, *, strict, progress) -> None:
     """The chunks not yet done, in this process, each saved as its part file when finished."""
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=len(bounds),
-        initial=len(done),
-        desc="predict",
-        unit="chunk",
-        disable=None if progress else True,
-        leave=False,
+        total=n_chunks, initial=len(done), desc="predict", unit="chunk", disable=None if progress else True, leave=False
     )
     try:
-        for i, b in enumerate(bounds):
+        for i, chunk in enumerate(chunks):
             if i in done:
                 continue
-            _save_part(parts, i, predict_chunk(model, records, image_dir, b, strict=strict))
+            _save_part(parts, i, chunk, predict_chunk(model, chunk, image_dir, strict=strict))
             writers.reached("predict-chunk")
             bar.update(1)
     except (ValueError, ImageError):
@@ -193,9 +217,9 @@ def _predict_here(model, records, image_dir, bounds, parts: Path, done: set, *, 
         bar.close()
 
 
-def parts_key(model, records, chunk_size: int, strict: bool) -> str | None:
-    """What finished parts depend on: the model's files, the rows, the chunk size and strictness (None: a model
-    held only in memory, whose parts cannot be recognised by a later run)."""
+def parts_key(model, rows_digest: str, chunk_size: int, strict: bool) -> str | None:
+    """What finished parts depend on: the model's files, the rows (``TableScan.digest``), the chunk size and
+    strictness (None: a model held only in memory, whose parts cannot be recognised by a later run)."""
     digest = hashlib.sha256()
     folder = model.bundle_.path
     if folder is None:
@@ -209,9 +233,7 @@ def parts_key(model, records, chunk_size: int, strict: bool) -> str | None:
             if name.endswith(".json"):
                 digest.update(path.read_bytes())
     digest.update(str(folder.resolve()).encode())
-    for r in records.records:
-        digest.update(json.dumps([r.image_id, r.caption]).encode())
-    digest.update(f"{chunk_size}:{strict}".encode())
+    digest.update(f"{rows_digest}:{chunk_size}:{strict}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -223,42 +245,38 @@ def _part_ok(parts: Path, index: int, rows: int) -> bool:
         return False
     try:
         with np.load(path) as part:
-            return len(part["status"]) == rows and part["probs"].shape[0] == rows
+            return "ids" in part.files and all(len(part[k]) == rows for k in ("ids", "status", "probs"))
     except Exception:  # zipfile, numpy and OS errors alike: the part is computed again
         path.unlink(missing_ok=True)
         return False
 
 
 def _is_rank_zero() -> bool:
-    import os
-
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0
 
 
-def _merge(parts: Path, n_chunks: int, records, tokens, trained: dict, out: Path, proba_out) -> dict:
+def _merge(parts: Path, sizes: list[int], scan: TableScan, tokens, trained: dict, out: Path, proba_out) -> dict:
     """The output files from the part files, streamed in row order; counts of each input status."""
-    ids = [r.id for r in records.records]
+    ids = _PartIds(parts, len(sizes), scan.rows)
     counts: Counter = Counter()
     no_input: list[str] = []
     texts_cut = 0
 
     def label_rows():
         nonlocal texts_cut
-        start = 0
-        for _, predicted, status, cut in _read_parts(parts, n_chunks):
+        for chunk_ids, _, predicted, status, cut in _read_parts(parts, len(sizes)):
             texts_cut += cut
-            for j, (row, s) in enumerate(zip(predicted, status)):
+            for row_id, row, s in zip(chunk_ids, predicted, status):
                 counts[s] += 1
                 if s == "no_input":
-                    no_input.append(ids[start + j])
+                    no_input.append(row_id)
                 yield [tokens[k] for k in np.flatnonzero(row)]
-            start += len(status)
 
     def proba_rows():
-        for probs, _, status, _ in _read_parts(parts, n_chunks):
+        for _, probs, _, status, _ in _read_parts(parts, len(sizes)):
             yield from zip(probs, status)
 
-    course = records.table.get("format") == "course" and trained.get("format") in (None, "course")
+    course = scan.table.get("format") == "course" and trained.get("format") in (None, "course")
     staged = []  # (temporary, final): both outputs are written whole first, then renamed together
 
     def write(final, course_lines, table_lines):
@@ -269,7 +287,7 @@ def _merge(parts: Path, n_chunks: int, records, tokens, trained: dict, out: Path
             write_table_lines(tmp, fmt, table_lines(fmt))
         staged.append((tmp, Path(final)))
 
-    id_col = records.table.get("id_col") or "ImageID"
+    id_col = scan.table.get("id_col") or "ImageID"
     try:
         write(
             out,
@@ -345,9 +363,9 @@ def _remove_leftovers(out: Path, proba_out) -> None:
 
 def _predict_distributed(
     model,
-    records,
+    cursor: ChunkCursor,
     image_dir,
-    bounds,
+    n_chunks: int,
     parts: Path,
     *,
     strict,
@@ -364,7 +382,7 @@ def _predict_distributed(
 
     class Chunks(torch.utils.data.Dataset):
         def __len__(self):
-            return len(bounds)
+            return n_chunks
 
         def __getitem__(self, i):
             return i
@@ -374,10 +392,12 @@ def _predict_distributed(
             model.place_on(self.device)  # this rank's device, known only now that Lightning has assigned it
 
         def predict_step(self, batch, batch_idx):
-            # Lightning's sampler pads the last round with repeated chunks; rewriting a part is harmless.
+            # A rank is handed its chunks in increasing order, so it reads the table forward once; a chunk handed
+            # twice (a sampler's padding) is read again and rewritten, which is harmless.
             for i in batch.tolist():
                 if i not in done:
-                    _save_part(parts, i, predict_chunk(model, records, image_dir, bounds[i], strict=strict))
+                    chunk = cursor.get(i)
+                    _save_part(parts, i, chunk, predict_chunk(model, chunk, image_dir, strict=strict))
 
     trainer = L.Trainer(
         accelerator=accelerator,
