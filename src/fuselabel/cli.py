@@ -53,18 +53,9 @@ def cmd_train(args) -> None:
 
     show_log(quiet=args.quiet)  # again: importing Lightning set its own loggers up
     with outputs.output_locks(args.out, args.work_dir):  # one training per model (and work) folder at a time
-        result = fit(
-            config,
-            image_dir(args, images, records),
-            records,
-            args.out,
-            label_names=args.label_names,
-            work_dir=args.work_dir,
-            resume=args.resume,
-            progress=_progress(args),
-            columns=columns(args),
-            val=args.val_csv,
-        )
+        run = dict(label_names=args.label_names, work_dir=args.work_dir, resume=args.resume, val=args.val_csv)
+        where = image_dir(args, images, records)
+        result = fit(config, where, records, args.out, progress=_progress(args), columns=columns(args), **run)
     from .runtime import gpu_driver_present
 
     if result is not None and not gpu_driver_present():
@@ -141,18 +132,8 @@ def _predict(args, images, csv) -> None:
     reading = {"columns": columns(args), "reader": reader_options(args)}
     first = first_rows(csv, reading["columns"], trained=model.bundle_.table, **reading["reader"])
     spread = {k: getattr(args, k) for k in ("devices", "num_nodes", "strategy", "accelerator")}
-    result = predict_csv(
-        model,
-        image_dir(args, images, first),
-        csv,
-        args.out,
-        proba_out=args.proba,
-        strict=args.strict,
-        chunk_size=args.chunk_size,
-        progress=_progress(args),
-        **reading,
-        **spread,
-    )
+    outputs_ = dict(proba_out=args.proba, strict=args.strict, chunk_size=args.chunk_size, progress=_progress(args))
+    result = predict_csv(model, image_dir(args, images, first), csv, args.out, **outputs_, **reading, **spread)
     if not result:  # a rank other than the one that writes the outputs
         return
     counts = result["status_counts"]

@@ -30,6 +30,10 @@ TEXT_ALIASES = {
     "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
 }
 
+# BERT-base's sizes, which ALBERT-base shares
+_BASE_SIZE = dict(
+    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512
+)
 # Architectures we can build without any download (random init), keyed by hub name.
 BUILTIN_TEXT_CONFIGS = {
     "sentence-transformers/all-MiniLM-L6-v2": dict(
@@ -42,25 +46,9 @@ BUILTIN_TEXT_CONFIGS = {
         max_position_embeddings=512,
     ),
     "albert-base-v2": dict(
-        model_type="albert",
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        embedding_size=128,
-        vocab_size=30000,
-        max_position_embeddings=512,
-        hidden_act="gelu_new",
+        _BASE_SIZE, model_type="albert", embedding_size=128, vocab_size=30000, hidden_act="gelu_new"
     ),
-    "bert-base-uncased": dict(
-        model_type="bert",
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        vocab_size=30522,
-        max_position_embeddings=512,
-    ),
+    "bert-base-uncased": dict(_BASE_SIZE, model_type="bert", vocab_size=30522),
 }
 
 

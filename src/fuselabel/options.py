@@ -28,6 +28,11 @@ def unset(metavar: str, description: str, **extra):
     return option(None, description, metavar=metavar, **extra)
 
 
+def _table(description: str, found: str, alias: str):
+    """A table option (``TABLE``), also spelled ``alias``, whose default is ``found`` when left out."""
+    return unset("TABLE", description, found=found, aliases=(alias,))
+
+
 class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -51,11 +56,10 @@ class TableOptions(Options):
     ImageID, Caption, Labels)"""
 
     data: Optional[str] = unset("DIR", "image folder, or a folder with data/ and the table")
-    csv: Optional[str] = unset(
-        "TABLE",
+    csv: Optional[str] = _table(
         "the table: CSV, TSV, JSON Lines, Parquet or the course CSV",
-        found="DATA/train.csv; predict: DATA/test.csv",
-        aliases=("--table",),
+        "DATA/train.csv; predict: DATA/test.csv",
+        "--table",
     )
     images: Optional[str] = unset(
         "DIR", "folder the table's photo paths are relative to", found="DATA/data if it holds them, else DATA"
@@ -78,11 +82,8 @@ class TableOptions(Options):
         "names of label ids: two columns (id, name) of a CSV/TSV, or a JSON object",
         found="label_names.csv beside the table or in DATA",
     )
-    val_csv: Optional[str] = unset(
-        "TABLE",
-        "validation rows, in the training table's format",
-        found="a stratified --val-fraction",
-        aliases=("--val-table",),
+    val_csv: Optional[str] = _table(
+        "validation rows, in the training table's format", "a stratified --val-fraction", "--val-table"
     )
     split_col: Optional[str] = unset(
         "COL", "column saying train, val or test for each row (test rows are left out of training)"

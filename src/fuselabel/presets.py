@@ -14,6 +14,15 @@ class Preset(dict):
         self.description = description
 
 
+# What the fine-tuning presets share: both encoders train on late fusion, photos cropped at random
+_FINETUNE = dict(regime="finetune", kind="late", image_crop_pct=None, augment="seed")
+
+
+def _schedule(*, epochs: int, batch_size: int, lr: float, lr_image: float, lr_text: float) -> dict:
+    """A fine-tuning run's length, batch and the learning rates of the heads and of each encoder."""
+    return dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_image=lr_image, lr_text=lr_text)
+
+
 PRESETS: dict[str, Preset] = {
     "cpu-fast": Preset(
         "frozen Lite0 features, the whole photo at Lite0's own 224 px: the quickest sensible model on a laptop",
@@ -55,34 +64,20 @@ PRESETS: dict[str, Preset] = {
     # augmentation does the zooming
     "gpu-best": Preset(
         "fine-tuning at the backbone's own 260 px with random resized crops (a GPU)",
-        regime="finetune",
-        kind="late",
+        **_FINETUNE,
         image_size=260,
-        image_crop_pct=None,
-        epochs=12,
-        batch_size=128,
-        lr=1e-3,
-        lr_image=3e-4,
-        lr_text=5e-5,
-        augment="seed",
+        **_schedule(epochs=12, batch_size=128, lr=1e-3, lr_image=3e-4, lr_text=5e-5),
         precision="bf16-mixed",
         image_cache="memory",
     ),
     "seed": Preset(
         "the course seed: EfficientNet-B3 + ALBERT-base, Table 1 settings (needs their weights, hub or local)",
+        **_FINETUNE,
         image_model="efficientnet_b3",
         image_size=None,
-        image_crop_pct=None,
         text_model="albert-base-v2",
-        regime="finetune",
-        kind="late",
         late_combine="union",
-        epochs=10,
-        batch_size=32,
-        lr=1e-4,
-        lr_image=1e-4,
-        lr_text=2e-5,
+        **_schedule(epochs=10, batch_size=32, lr=1e-4, lr_image=1e-4, lr_text=2e-5),
         threshold_method="balanced",
-        augment="seed",
     ),
 }
