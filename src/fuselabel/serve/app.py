@@ -2,6 +2,7 @@
 
 # No ``from __future__ import annotations``: the /explain form's label list is a value known only in
 # create_app, and FastAPI reads parameter annotations as objects.
+import contextlib
 import os
 from pathlib import Path
 from typing import Annotated
@@ -48,6 +49,13 @@ def api_key(settings: ServeSettings) -> str | None:
     return key.strip() or None
 
 
+@contextlib.asynccontextmanager
+async def _warm_at_start(app):
+    """Once the server answers, the explaining model loads on its own thread while predictions go on."""
+    app.state.runner.warm()
+    yield
+
+
 def create_app(
     model_dir: str | Path,
     settings: ServeSettings | None = None,
@@ -78,6 +86,7 @@ def create_app(
         "route's answers."
         + (" The prediction routes and /info want the API key (X-API-Key or Authorization: Bearer)." if key else ""),
         redoc_url=None,
+        lifespan=_warm_at_start,
     )
     _add_middleware(app, settings, key, metrics)
     app.state.model, app.state.runner = model, runner

@@ -67,9 +67,9 @@ class Runner:
     """The threads the model works on. A request's rows are cut into one piece a worker (default: the usable
     cores, as ``fuselabel predict`` keeps them busy with its windows), run at once; the pieces of concurrent
     requests share the workers in arrival order. Explanations run on one thread of their own, in turn: the
-    network's explanation hooks are shared. ``warm``: after the first prediction, the explaining model loads
-    and explains one made-up row on that thread, so the first "why" a person asks for does not wait for it;
-    start-up itself stays free of torch."""
+    network's explanation hooks are shared. ``warm``: once the service has started (or after the first
+    prediction, whichever comes first), the explaining model loads and explains one made-up row on that thread,
+    so the first "why" a person asks for does not wait for it; opening the model itself stays free of torch."""
 
     def __init__(self, model: FuseLabel, workers: int | None = None, *, warm: bool = False):
         self.model, self.workers = model, workers or usable_cores()
@@ -87,9 +87,13 @@ class Runner:
         run = self.predictor.predict
         futures = [self.pool.submit(run, images[a:b], captions[a:b]) for a, b in self.pieces(len(images))]
         pred = Prediction.concat([f.result() for f in futures])
+        self.warm()
+        return pred
+
+    def warm(self) -> None:
+        """Start loading the explaining model on its thread, once (when the service warms it)."""
         if self._warm and self.warming is None:
             self.warming = self.explainer.submit(self._warm_up)
-        return pred
 
     def _warm_up(self) -> None:
         try:
