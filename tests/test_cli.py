@@ -113,7 +113,9 @@ def test_train_writes_model_folder(trained):
     assert len(split["train_ids"]) + len(split["val_ids"]) == 48
     assert not set(split["train_ids"]) & set(split["val_ids"])
     thresholds = json.loads((model / "thresholds.json").read_text())
-    assert len(thresholds["thresholds"]) == 4 and 0.0 <= thresholds["late_weight"] <= 1.0
+    # the late weight is tuned over the 0.05 grid, stored as fp16 like every weight
+    grid = {float(np.float16(w)) for w in np.round(np.arange(0.0, 1.0001, 0.05), 2)}
+    assert len(thresholds["thresholds"]) == 4 and thresholds["late_weight"] in grid
 
 
 def test_predict_unlabelled_keeps_input_order(trained, tmp_path, capsys):
@@ -180,7 +182,6 @@ def test_evaluate_json(trained, tmp_path, capsys):
     report = json.loads(report_path.read_text())
     for key in ("mean_f1", "micro_f1", "macro_f1", "per_label"):
         assert key in report, key
-    assert 0.0 <= report["mean_f1"] <= 1.0
     assert len(report["per_label"]) == 4
     # Colour and caption words give the labels away; even two epochs of a tiny head beat chance.
     assert report["mean_f1"] > 0.5, report

@@ -328,7 +328,8 @@ def test_dataframes_in_python(named_model):
     with pytest.raises(RecordsError, match="no column 'nope'"):
         model.predict(df, images=root, image_col="nope")
     report = model.evaluate(df, images=root, text_col=["name", "details"], id_col="sku")
-    assert 0.0 <= report["mean_f1"] <= 1.0
+    # the labels follow the names in the captions: a model that read the columns right beats chance clearly
+    assert report["mean_f1"] > 0.5, report["mean_f1"]
 
 
 def test_evaluate_counts_a_label_the_model_never_saw_as_missed(named_model, caplog):
