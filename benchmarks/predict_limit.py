@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     if not is_onnx_folder(args.model):  # evaluate and the service take a model folder
         for name, s in start_times(args.model, args.data, one_csv).items():
             print(f"START {name}: {s:.2f} s")
-        predicted = results["new"][0]
+        predicted, limit = results["new"][0], limits["model"]
         if read_records(rows_csv).labelled:
             wall = evaluate_wall(args.model, args.data, rows_csv)
             print(
