@@ -29,6 +29,32 @@ SHARED_DATA = Path(
     os.environ.get("FUSELABEL_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared/data/comp5329"
 )
 
+# The browser tests drive Debian's chromium (Playwright's own browser downloads are not used), headless.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (Debian: apt-get install chromium)"
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless chromium, one a test module."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
 # Synthetic labels, in the course's style (integer tokens), each with a colour and a caption word.
 TINY_LABELS = {
     "1": ((230, 40, 40), "person"),

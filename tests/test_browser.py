@@ -14,25 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import shared_data_or_skip
+from conftest import needs_chromium, shared_data_or_skip
 from test_serve import CAPTION, serving, train_tiny_model
 
 from fuselabel.config import ServeSettings
 from fuselabel.serve import create_app
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (Debian: apt-get install chromium)"
-)
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +44,6 @@ def keyed_service(tiny, session_cache):
     image_dir, model = tiny
     with serving(create_app(model, ServeSettings(api_key=PAGE_KEY), cache_dir=session_cache)) as url:
         yield url, image_dir
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def _real_row() -> tuple[Path, str]:

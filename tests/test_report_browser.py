@@ -9,21 +9,10 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import needs_chromium
 from test_report import _page, reported  # noqa: F401 (the fixture, used by name)
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (Debian: apt-get install chromium)"
-)
+pytestmark = needs_chromium
 
 # What the page looks like to a reader: images, widths, cells whose words wrap mid-word, the provenance table.
 MEASURE = """() => {
@@ -58,16 +47,6 @@ MEASURE = """() => {
     facts,
   };
 }"""
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def _open(browser, path: Path, width: int):
