@@ -185,6 +185,29 @@ TINY_SETTINGS = dict(
 )
 
 
+# The same tiny model as ``fuselabel train`` flags (the encoders' quantisation left to the machine's default).
+TINY_CLI_TRAIN = [
+    "--preset",
+    "cpu-fast",
+    "--image-size",
+    "64",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "16",
+    "--val-fraction",
+    "0.25",
+    "--num-workers",
+    "0",
+    "--accelerator",
+    "cpu",
+    "--set",
+    "hidden_dim=32",
+    "--set",
+    "text_config_overrides={num_hidden_layers: 1}",
+]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, session_cache):
     """(folder, image_dir, csv): the tiny data set and a FuseLabel trained on it, saved in ``folder / "model"``."""

@@ -30,6 +30,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import TINY_CLI_TRAIN as TINY_TRAIN
 from conftest import TINY_LABELS, make_tiny_dataset
 from PIL import Image
 
@@ -39,27 +40,6 @@ from fuselabel.images import MAX_PIXELS, ImageError, check_image, load_rgb
 from fuselabel.inspection import summarize
 from fuselabel.records import RecordsError, read_records
 
-# Frozen packaged Lite0 at 64 px and a one-layer MiniLM: a model in a few seconds (as in test_cli.py).
-TINY_TRAIN = [
-    "--preset",
-    "cpu-fast",
-    "--image-size",
-    "64",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "16",
-    "--val-fraction",
-    "0.25",
-    "--num-workers",
-    "0",
-    "--accelerator",
-    "cpu",
-    "--set",
-    "hidden_dim=32",
-    "--set",
-    "text_config_overrides={num_hidden_layers: 1}",
-]
 PREDICT = ["--num-workers", "1", "--quiet"]
 WORDS = {label: word for label, (_, word) in TINY_LABELS.items()}  # "1" -> "person": non-numeric labels
 

@@ -12,38 +12,13 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import make_tiny_dataset, shared_data_or_skip
+from conftest import TINY_CLI_TRAIN, make_tiny_dataset, shared_data_or_skip
 
 from fuselabel.cli import main
 from fuselabel.records import read_records
 
-TINY_TRAIN = [
-    "--preset",
-    "cpu-fast",
-    "--image-size",
-    "64",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "16",
-    "--val-fraction",
-    "0.25",
-    "--num-workers",
-    "0",
-    "--accelerator",
-    "cpu",
-    "--set",
-    "hidden_dim=32",
-    "--set",
-    "text_config_overrides={num_hidden_layers: 1}",
-    # the fp32 encoders these tests were written for; the int8 default on a CPU has its own tests (test_int8.py)
-    "--image-quant",
-    "none",
-    "--text-quant",
-    "none",
-    "--save-dtype",
-    "fp16",
-]
+# the fp32 encoders these tests were written for; the int8 default on a CPU has its own tests (test_int8.py)
+TINY_TRAIN = [*TINY_CLI_TRAIN, "--image-quant", "none", "--text-quant", "none", "--save-dtype", "fp16"]
 INFER = ["--num-workers", "0"]
 
 

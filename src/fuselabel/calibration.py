@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import Config
+from .config import THRESHOLD_METHODS, Config
 from .engines import engine_for_bundle
 from .metrics import mean_f1
 from .runtime import Prediction, Predictor, caption_given, decide, fuse
 from .thresholds import argmax_rule, tune, tune_global
-
-THRESHOLD_METHODS = ("global", "per_class", "balanced")
 
 
 @dataclass

@@ -97,6 +97,7 @@ def predict_chunk(model, chunk: RecordSet, image_dir, *, strict: bool) -> Predic
         [r.caption for r in rows],
         image_dir=image_dir,
         row_names=[chunk.row_name(r) for r in rows],
+        read_captions=False,
     )
 
 

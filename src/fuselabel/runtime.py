@@ -211,8 +211,10 @@ class Predictor:
         *,
         image_dir=None,
         row_names: Sequence[str] | None = None,
+        read_captions: bool = True,
     ) -> Prediction:
-        """One chunk of rows (callers keep chunks bounded; ``iter_predict`` does it for them)."""
+        """One chunk of rows (callers keep chunks bounded; ``iter_predict`` does it for them). ``read_captions``
+        False leaves ``captions_read`` empty: files of predictions, which do not show it, skip that tokenising."""
         kind = self.engine.kind
         n = len(images) if images is not None else len(captions)
         images = list(images) if images is not None else [None] * n
@@ -252,8 +254,9 @@ class Predictor:
             self._check_strict(image_present, caption_present, errors, row_names, kind)
         self.texts_cut += texts_cut
         pred = self.predict_features(feats, image_present, caption_present, image_errors=errors, texts_cut=texts_cut)
-        read = iter(self.read_captions([c for c, seen in zip(captions, caption_present) if seen]))
-        pred.captions_read = [next(read) if seen else None for seen in caption_present]
+        if read_captions:
+            read = iter(self.read_captions([c for c, seen in zip(captions, caption_present) if seen]))
+            pred.captions_read = [next(read) if seen else None for seen in caption_present]
         return pred
 
     def read_caption(self, caption: str) -> CaptionReading | None:

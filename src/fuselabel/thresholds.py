@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from fuselabel.config import THRESHOLD_METHODS
 from fuselabel.metrics import _f1_from_counts, row_f1
 
 __all__ = [
@@ -45,7 +46,7 @@ __all__ = [
 #: 0.01, 0.02, ..., 0.99 (rounded so the values print and serialise cleanly).
 DEFAULT_GRID = np.round(np.arange(1, 100) / 100.0, 2)
 
-METHODS = ("global", "per_class", "balanced")
+METHODS = THRESHOLD_METHODS  # the decision rules, as config declares them
 
 #: The decision rule of single-label (``task="multiclass"``) models: the most probable class, nothing tuned.
 ARGMAX = "argmax"

@@ -225,7 +225,7 @@ def _prepare(config: Config, data_dir, csv, val, columns, label_names) -> _Run:
         if net.image_encoder is None
         else image_data_config(net.image_encoder.backbone, config.image_size, config.image_crop_pct)
     )
-    device = torch.device("cuda" if torch.cuda.is_available() and config.accelerator != "cpu" else "cpu")
+    device = torch.device("cuda" if gpu else "cpu")
     if regime in ("frozen", "hybrid"):
         # Frozen encoders are stored rounded to save_dtype: the heads learn on, and are tuned with, the features
         # of the encoders that predictions will run.
