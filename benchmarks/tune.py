@@ -43,7 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--rows", type=int, help="use a random subset of this many rows (a quick check)")
     ap.add_argument("--trials", type=int, default=40, help="trials of the search, the default's included")
     ap.add_argument("--timeout", type=float, help="seconds the search may take (default: no limit)")
-    ap.add_argument("--preset", default="cpu", help="the settings the default trains with and the search starts from")
+    ap.add_argument(
+        "--preset",
+        default="default",
+        help="the settings the default trains with and the search starts from ('default': no preset)",
+    )
     ap.add_argument("--holdout", type=float, default=0.1)
     ap.add_argument("--split-seed", type=int, default=2026)
     ap.add_argument("--cache-dir")
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
     overrides = dict(args.set)
     if args.cache_dir:
         overrides["cache_dir"] = args.cache_dir
-    config = build_config(args.preset, **overrides)
+    config = build_config(None if args.preset == "default" else args.preset, **overrides)
     runtime = {"cache_dir": args.cache_dir} if args.cache_dir else {}
 
     t0 = time.time()

@@ -422,7 +422,7 @@ def test_the_page_says_what_each_input_weighs(service, browser, viewport):
 
     def photo_weight_zero(route):  # a model whose tuned photo weight is 0, as the service would describe it
         answer = route.fetch().json()
-        answer["fusion"] = {**answer["fusion"], "combine": "weighted", "image_weight": 0.0}
+        answer["fusion"] = {**answer["fusion"], "combine": "weighted", "image_weight": 0.0, "reads": "caption only"}
         route.fulfill(json=answer)
 
     page.route("**/predict", photo_weight_zero)
@@ -515,7 +515,7 @@ def test_the_page_says_so_when_a_model_reads_captions_and_photos_together(servic
 
     def early(route):  # an early-fusion model, as the service would describe it
         answer = route.fetch().json()
-        answer["fusion"] = {"kind": "early", "combine": None, "image_weight": None, "rule": "one head"}
+        answer["fusion"] = {"kind": "early", "combine": None, "image_weight": None, "rule": "one head", "reads": "both"}
         answer["contributions"].update(separable=False, image_weight=None, image_changed=None, caption_changed=None)
         route.fulfill(json=answer)
 

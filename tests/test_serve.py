@@ -331,6 +331,26 @@ def test_a_prediction_says_the_fusion_rule_in_force(client):
     assert answer["fusion"]["kind"] == "late"
 
 
+def test_a_model_whose_photo_weight_is_0_is_named_caption_only(trained):
+    app = create_app(trained[1])
+    engine = app.state.model.predictor().engine
+    assert engine.late_combine == "weighted"
+    client = TestClient(app)
+    assert client.get("/info").json()["fusion"]["reads"] == "both"
+    engine.late_weight = 0.0  # as calibration sets it when the photo head only hurts
+    photo = _photo(trained)
+    answer = _post(client, photo=photo, caption=CAPTION).json()
+    assert answer["fusion"]["reads"] == "caption only" and answer["fusion"]["image_weight"] == 0.0
+    assert client.get("/info").json()["fusion"]["reads"] == "caption only"
+    # and it is true: the photo changes nothing
+    assert answer["contributions"]["image_changed"] is False
+    alone = _post(client, caption=CAPTION).json()
+    assert answer["predicted"] == alone["predicted"]
+    assert [lab["probability"] for lab in answer["labels"]] == pytest.approx(
+        [lab["probability"] for lab in alone["labels"]], abs=1e-6
+    )
+
+
 def test_each_input_says_whether_it_changed_the_label_set(client, trained, estimator):
     photo = _photo(trained)
     both = _post(client, photo=photo, caption=CAPTION).json()
@@ -386,10 +406,13 @@ def test_a_warmed_service_explains_without_loading_the_model_again(trained, monk
     app = create_app(trained[1])
     runner = app.state.runner
     assert runner.warming is None, "start-up itself does not warm"
+    assert runner.explainer_state() == "on first use"
     with TestClient(app) as warm:
+        assert warm.get("/health").json()["explainer"] in ("loading", "ready")
         assert warm.post("/predict", data={"caption": CAPTION}).status_code == 200
         runner.warming.result(timeout=300)
         assert runner.model.bundle_.net is not None
+        assert warm.get("/health").json()["explainer"] == "ready"
 
         def no_second_load(path):
             raise AssertionError(f"{path} loaded again")
@@ -400,6 +423,7 @@ def test_a_warmed_service_explains_without_loading_the_model_again(trained, monk
     cold = create_app(trained[1], ServeSettings(warm_explainer=False))
     TestClient(cold).post("/predict", data={"caption": CAPTION})
     assert cold.state.runner.warming is None and cold.state.runner.model.bundle_.net is None
+    assert TestClient(cold).get("/health").json()["explainer"] == "on first use"
 
 
 def test_caption_only_is_judged_by_its_caption(client):

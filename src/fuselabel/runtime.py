@@ -113,9 +113,24 @@ def fuse(
     return fused.astype(np.float32)
 
 
+def inputs_read(kind: str, combine: str | None, weight: float | None) -> str:
+    """Which inputs a model's decisions rest on: ``both``, ``caption only`` or ``photo only``.
+
+    A weighted late fusion whose photo weight is 0 decides from the caption alone wherever a caption is given
+    (and a weight of 1 from the photo alone); only a row missing that input falls back on the other head.
+    """
+    if kind in ("image", "text"):
+        return "photo only" if kind == "image" else "caption only"
+    if kind == "late" and combine == "weighted" and weight is not None:
+        w = round(float(weight), 4)  # stored in fp16: 0.35 reads back as 0.350098
+        return "caption only" if w == 0 else "photo only" if w == 1 else "both"
+    return "both"
+
+
 def describe_fusion(kind: str, combine: str, weight: float) -> dict:
     """How a model's heads make one probability, for a person reading the heads' figures: ``kind``,
-    ``combine`` (late fusion's rule), ``image_weight`` (the photo head's share under ``weighted``), ``rule``."""
+    ``combine`` (late fusion's rule), ``image_weight`` (the photo head's share under ``weighted``), ``rule``,
+    and ``reads`` (:func:`inputs_read`: ``caption only`` for a model whose photo weight is 0)."""
     combine = combine if kind == "late" else None
     weight = round(float(weight), 4) if combine == "weighted" else None
     rules = {
@@ -130,7 +145,8 @@ def describe_fusion(kind: str, combine: str, weight: float) -> dict:
             else f"{weight:g} x the photo head's probability + {1 - weight:g} x the caption head's"
         )
         rules["late"] = f"{both}; with only one input given, that input's head alone"
-    return {"kind": kind, "combine": combine, "image_weight": weight, "rule": rules[kind]}
+    reads = inputs_read(kind, combine, weight)
+    return {"kind": kind, "combine": combine, "image_weight": weight, "rule": rules[kind], "reads": reads}
 
 
 def decide(probs: np.ndarray, thresholds: np.ndarray, ensure_nonempty: bool, task: str = "multilabel") -> np.ndarray:

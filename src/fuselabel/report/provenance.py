@@ -8,6 +8,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..runtime import inputs_read
+
 MISSING = "not recorded"
 
 
@@ -88,30 +90,24 @@ def describe_run(model_dir, name: str | None = None) -> dict:
 
 def fusion(kind: str, combine: str | None, image_weight: float | None) -> dict:
     """Which inputs a model's decisions rest on: ``{"kind", "combine", "image_weight", "reads", "sentence"}``,
-    ``reads`` one of ``both``, ``caption only``, ``photo only``.
-
-    A weighted late fusion whose photo weight is 0 decides from the caption alone wherever a caption is given
-    (and a weight of 1 from the photo alone); only a row missing that input falls back on the other head.
-    """
-    reads, sentence = "both", "The model combines the photo and the caption"
+    ``reads`` as :func:`fuselabel.runtime.inputs_read` decides it (the rule the service's answers state)."""
+    reads = inputs_read(kind, combine, image_weight)
+    w = round(float(image_weight), 4) if image_weight is not None else None  # fp16: 0.35 reads back as 0.350098
+    sentence = "The model combines the photo and the caption"
     if kind == "image":
-        reads, sentence = "photo only", "The model reads the photo only: it has no caption head"
+        sentence = "The model reads the photo only: it has no caption head"
     elif kind == "text":
-        reads, sentence = "caption only", "The model reads the caption only: it has no photo head"
+        sentence = "The model reads the caption only: it has no photo head"
     elif kind == "early":
         sentence = "The model reads the photo and the caption together, through one head"
     elif kind == "late" and combine == "union":
         sentence = "The model takes, per label, the larger of its photo head's and its caption head's probability"
-    elif kind == "late" and image_weight is not None:
-        w = round(float(image_weight), 4)  # stored in fp16: 0.35 reads back as 0.350098
-        if w == 0:
-            reads = "caption only"
-            sentence = "The model is caption-only: its photo weight is 0, so the photo changes no decision"
-        elif w == 1:
-            reads = "photo only"
-            sentence = "The model is photo-only: its caption weight is 0, so the caption changes no decision"
-        else:
-            sentence = f"The model weighs the photo head by {w:g} and the caption head by {round(1 - w, 4):g}"
+    elif reads == "caption only":
+        sentence = "The model is caption-only: its photo weight is 0, so the photo changes no decision"
+    elif reads == "photo only":
+        sentence = "The model is photo-only: its caption weight is 0, so the caption changes no decision"
+    elif kind == "late" and w is not None:
+        sentence = f"The model weighs the photo head by {w:g} and the caption head by {round(1 - w, 4):g}"
     if kind == "late" and reads != "both":
         sentence += " (a row without that input is decided by the other head)"
     return {"kind": kind, "combine": combine, "image_weight": image_weight, "reads": reads, "sentence": sentence + "."}

@@ -160,7 +160,7 @@ def _about_routes(app, model: FuseLabel, settings: ServeSettings, metrics: Metri
 
     @app.get("/health", response_model=schemas.Health, summary="liveness: answers while the process serves")
     async def health():  # async: answered on the event loop, never behind busy worker threads
-        return {"status": "ok", "model": name, "key_required": keyed}
+        return {"status": "ok", "model": name, "key_required": keyed, "explainer": app.state.runner.explainer_state()}
 
     @app.get(
         "/metrics",

@@ -95,6 +95,12 @@ class Runner:
         if self._warm and self.warming is None:
             self.warming = self.explainer.submit(self._warm_up)
 
+    def explainer_state(self) -> str:
+        """loading, ready or on first use (not warmed, or the warm-up failed): what /health says of /explain."""
+        if self.warming is not None and not self.warming.done():
+            return "loading"
+        return "ready" if self.model.bundle_.net is not None else "on first use"
+
     def _warm_up(self) -> None:
         try:
             if not self._check_unchanged(raising=False):

@@ -47,6 +47,11 @@ class Fusion(BaseModel):
     combine: str | None
     image_weight: float | None
     rule: str
+    reads: str = Field(
+        description="the inputs the model's decisions rest on: both, caption only (a photo head of weight 0, or "
+        "none), or photo only",
+        examples=["both"],
+    )
 
 
 class CaptionRead(BaseModel):
@@ -134,6 +139,10 @@ class Health(BaseModel):
     status: Literal["ok"]
     model: str
     key_required: bool = Field(description="whether the other routes want an API key (X-API-Key)")
+    explainer: Literal["loading", "ready", "on first use"] = Field(
+        description="the model /explain runs: loading (in the background since the start), ready, or loaded on "
+        "the first explanation (the service does not warm it, or the warm-up failed)"
+    )
 
 
 class Labels(BaseModel):

@@ -241,7 +241,7 @@ function readText(c) {
 // caption was read. A weight of 0 or 1 means the model ignores one input altogether.
 function showContributions(result) {
   const c = result.contributions;
-  const weight = c.image_weight;
+  const reads = result.fusion ? result.fusion.reads : "both";
   const lines = [];
   const effect = (changed, other) => (changed ? "changed the labels"
     : `did not change the labels (the ${other} alone gives the same ones)`);
@@ -249,11 +249,11 @@ function showContributions(result) {
     lines.push("This model reads the photo and the caption together in one head (early fusion): what each "
       + "contributed cannot be told apart.");
   }
-  if (weight === 0) lines.push("Photo: not used by this model.");
+  if (reads === "caption only") lines.push("Photo: not used by this model.");
   else if (!result.inputs.includes("image")) lines.push("Photo: none given.");
   else if (c.separable) lines.push(`Photo: ${effect(c.image_changed, "caption")}.`);
   const read = c.caption ? `; the model ${readText(c.caption)}` : "";
-  if (weight === 1) lines.push("Caption: not used by this model.");
+  if (reads === "photo only") lines.push("Caption: not used by this model.");
   else if (!result.inputs.includes("caption")) lines.push("Caption: none given.");
   else if (c.separable) lines.push(`Caption: ${effect(c.caption_changed, "photo")}${read}.`);
   else if (read) lines.push(`Caption: the model ${readText(c.caption)}.`);
@@ -262,7 +262,6 @@ function showContributions(result) {
     li.textContent = text;
     return li;
   }));
-  $("no-caption-notice").hidden = weight !== 1;
   const cut = c.caption && c.caption.cut;
   $("caption-cut").hidden = !cut;
   $("caption-cut").textContent = cut ? `This caption is longer than the model reads: it ${readText(c.caption)}; `
@@ -298,7 +297,10 @@ function showFusion(fusion) {
   const weight = fusion ? fusion.image_weight : null;
   $("fusion").textContent = weight === null || weight === undefined ? ""
     : `photo weight ${weight.toFixed(2)} · caption weight ${(1 - weight).toFixed(2)}`;
-  $("no-photo-notice").hidden = weight !== 0;
+  // A late fusion that gives one input no weight (a model without a photo head never asks for a photo).
+  const ignores = (reads) => Boolean(fusion) && fusion.kind === "late" && fusion.reads === reads;
+  $("no-photo-notice").hidden = !ignores("caption only");
+  $("no-caption-notice").hidden = !ignores("photo only");
 }
 
 function barRow(lab) {
