@@ -204,6 +204,21 @@ def test_caption_only_and_photo_only(service, browser):
     page.close()
 
 
+def test_a_why_asked_while_the_explaining_model_loads_says_so(service, browser):
+    url, image_dir = service
+    page = _open(browser, url, "phone")
+    _predict(page, image_dir / "5.jpg", CAPTION)
+    page.route("**/health", lambda route: route.fulfill(json={**route.fetch().json(), "explainer": "loading"}))
+    _slow_first(page, "/explain", 3000)
+    page.locator(".why-button").first.click()
+    page.wait_for_function("() => document.getElementById('message').textContent.includes('still loading')")
+    assert page.locator(".why-button[aria-busy='true']").count() == 1
+    page.wait_for_selector("#why-panel:not([hidden])", timeout=30_000)
+    assert page.locator("#message").inner_text() == ""
+    assert not page.errors, page.errors
+    page.close()
+
+
 def test_a_late_why_answer_is_not_drawn_over_a_newer_prediction(service, browser):
     url, image_dir = service
     page = _open(browser, url)

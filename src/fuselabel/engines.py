@@ -167,22 +167,14 @@ class TorchEngine:
         self.tokenizer, self.max_length = tokenizer, text_max_length
         self.texts_cut = 0  # captions longer than max_length, over every call so far
         self._lock = threading.Lock()
+        self._image_lock = threading.Lock()
         self.onnx = use_onnx(encoders, self.device)
         self.feature_dims = {}
-        self._image_run = self._text_run = None
+        self._text_run = None
+        self._image = None  # how photos are encoded, settled on the first photo (_image_runner)
+        self._cache_dir = cache_dir
         if net.image_encoder is not None:
             self.feature_dims["image"] = net.image_encoder.num_features
-            int8 = (data_config or {}).get(INT8_CALIBRATION)
-            # An int8 model's heads were trained on its int8 features: its image encoder runs in onnxruntime
-            # whatever the engine asked for.
-            if self.onnx or int8 is not None:
-                image_sess = image_session(
-                    net.image_encoder,
-                    tuple(data_config["input_size"]),
-                    cache_dir,
-                    int8=int8["ranges"] if int8 else None,
-                )
-                self._image_run = lambda x: image_sess.run(None, {"pixels": x})[0]
         # Dynamic int8 quantises each run's activations with one scale, so such a text encoder runs one caption
         # a run: a caption's features never depend on the captions beside it.
         self.text_batch = 1 if cfg.text_quant == "int8" else None
@@ -196,10 +188,31 @@ class TorchEngine:
                 self._text_run = lambda ids, mask: text_sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
         self.name = ("onnxruntime encoders, " if self.onnx else "torch encoders, ") + f"torch heads ({self.device})"
 
+    def _image_runner(self):
+        """The onnxruntime session photos run through, or None (eager torch), settled on the first photo: a
+        training run calibrates the int8 encoder while its captions are encoded, and the ranges reach this
+        engine's ``data_config`` before the first photo does."""
+        with self._image_lock:
+            if self._image is None:
+                int8 = (self.data_config or {}).get(INT8_CALIBRATION)
+                # An int8 model's heads were trained on its int8 features: its image encoder runs in
+                # onnxruntime whatever the engine asked for.
+                sess = None
+                if self.onnx or int8 is not None:
+                    sess = image_session(
+                        self.net.image_encoder,
+                        tuple(self.data_config["input_size"]),
+                        self._cache_dir,
+                        int8=int8["ranges"] if int8 else None,
+                    )
+                self._image = (sess,)
+            return self._image[0]
+
     @torch.inference_mode()
     def image_features(self, pixels: np.ndarray) -> np.ndarray:
-        if self._image_run is not None:
-            return self._image_run(np.asarray(pixels, dtype=np.float32))
+        sess = self._image_runner()
+        if sess is not None:
+            return sess.run(None, {"pixels": np.asarray(pixels, dtype=np.float32)})[0]
         x = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         return self.net.image_encoder(x).float().cpu().numpy()
 

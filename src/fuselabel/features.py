@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -102,13 +103,6 @@ def frozen_features(
     """
     out: dict[str, np.ndarray] = {}
     present = np.ones(len(records), dtype=np.float32)
-    if image and net.image_encoder is not None and config.image_quant == "int8" and INT8_CALIBRATION not in data_config:
-        # Calibrated here, on the training photos, and kept with the preprocessing the model folder saves, so
-        # prediction rebuilds the very encoder the heads learn from (and the feature cache keys on it).
-        with timings.stage("int8_calibration_s") if timings is not None else contextlib.nullcontext():
-            data_config[INT8_CALIBRATION] = calibrate_image_int8(
-                net.image_encoder, data_config, [r.image_id for r in records], image_dir, config.cache_dir
-            )
     engine = TorchEngine(
         net,
         tokenizer,
@@ -124,12 +118,29 @@ def frozen_features(
         timings.timed(engine, "image_features", "image_encoder_s")
         timings.timed(engine, "text_features", "text_encoder_s")
         decoding = timings.timing(encoding, "read_photos_uint8", "decode_s")
-    if image and net.image_encoder is not None:
+    images = image and net.image_encoder is not None
+    calibrating = None
+    with ThreadPoolExecutor(1, thread_name_prefix="fuselabel-calibrate") as beside:
+        if images and config.image_quant == "int8" and INT8_CALIBRATION not in data_config:
+            # Calibrated on the training photos while the captions are encoded (the histograms keep one core
+            # busy, the text encoder the rest), and kept with the preprocessing the model folder saves, so
+            # prediction rebuilds the very encoder the heads learn from (and the feature cache keys on it).
+            calibrating = beside.submit(_calibrate, net, data_config, records, image_dir, config, timings)
+        if text and net.text_encoder is not None:
+            out["text"] = _text_features(engine, net, records, config)
+        if calibrating is not None:
+            data_config[INT8_CALIBRATION] = calibrating.result()  # before the engine's first photo
+    if images:
         with decoding:
             out["image"], present = _image_features(engine, net, data_config, records, image_dir, config, progress)
-    if text and net.text_encoder is not None:
-        out["text"] = _text_features(engine, net, records, config)
     return out, present
+
+
+def _calibrate(net, data_config, records, image_dir, config, timings) -> dict:
+    with timings.stage("int8_calibration_s") if timings is not None else contextlib.nullcontext():
+        return calibrate_image_int8(
+            net.image_encoder, data_config, [r.image_id for r in records], image_dir, config.cache_dir
+        )
 
 
 def _image_features(engine, net, data_config, records, image_dir, config, progress):

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import warnings
 from pathlib import Path
 
@@ -52,8 +53,17 @@ def export_graph(
     dynamic_axes: dict,
     opset: int = OPSET,
 ) -> Path:
-    """torch.onnx.export into ``path``, written beside it first so a reader never sees half a file."""
+    """torch.onnx.export into ``path``, written beside it first so a reader never sees half a file. One export
+    at a time in a process: the exporter and the switches around it are process-wide state."""
     path = Path(path)
+    with _EXPORTING:
+        return _export(module, args, path, input_names, output_names, dynamic_axes, opset)
+
+
+_EXPORTING = threading.Lock()
+
+
+def _export(module, args, path: Path, input_names, output_names, dynamic_axes, opset) -> Path:
     mha = getattr(torch.backends, "mha", None)
     fastpath = mha.get_fastpath_enabled() if mha else None
     try:

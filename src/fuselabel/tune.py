@@ -232,10 +232,12 @@ def _copy_study(src: Path, dst: Path) -> None:
 
 
 def _pruner(optuna, settings: TuneSettings):
-    """The median rule after 5 unpruned trials and 3 epochs: early epochs and early studies say too little."""
+    """The median rule from the first finished trial (the default's) on, after 5 epochs: a trial whose validation
+    F1 trails the finished trials' median at the same epoch stops. Over the course rows one trial can take minutes,
+    so waiting for five finished trials before pruning spent most of a 15-minute budget on two poor ones."""
     if not settings.prune:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3)
+    return optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=5)
 
 
 def _open_study(optuna, out: Path, work: Path, settings: TuneSettings, fingerprint: dict):

@@ -340,6 +340,13 @@ async function explain(lab) {
   const signal = state.pending.signal;
   setMessage(`Explaining ${lab.name}…`);
   setBusy(document.querySelector(`.why-button[data-label="${CSS.escape(String(lab.id))}"]`));
+  // A service just started may still be loading the explaining model: the wait is then said, not silent.
+  fetch("health").then((r) => r.json()).then((health) => {
+    if (ticket === state.ticket && health.explainer === "loading" && $("message").textContent.startsWith("Explaining")) {
+      setMessage(`Explaining ${lab.name}… The explaining model is still loading (the service started moments ago); `
+        + "this first answer takes a few seconds more.");
+    }
+  }).catch(() => {});
   $("why-panel").hidden = true;
   hideHeatmap();
   document.querySelectorAll(".bar-row").forEach((r) => r.classList.toggle("chosen", r.dataset.label === String(lab.id)));
