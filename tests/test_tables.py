@@ -21,7 +21,7 @@ from fuselabel import FuseLabel
 from fuselabel.cli import main
 from fuselabel.labels import read_label_names
 from fuselabel.records import RecordsError, read_records
-from fuselabel.tables import Columns, find_label_sep, read_table
+from fuselabel.tables import Columns, find_label_sep, iter_table, read_table
 
 NAMES = {"1": "traffic light", "2": "fire hydrant", "3": "café, au lait", "4": 'the "kite"'}
 FORMATS = ("csv", "tsv", "jsonl", "parquet")
@@ -118,6 +118,24 @@ def test_columns_are_found_or_named(tmp_path):
         read_table(tmp_path / "b.csv")
     with pytest.raises(ValueError, match="columns have no names"):
         read_table(pd.DataFrame([["x.jpg", "a dog"]]))
+
+
+@pytest.mark.parametrize("name", ["dup.csv", "dup.jsonl", "course.csv"])
+def test_a_second_read_remembers_no_ids(tmp_path, name):
+    """predict's chunk pass reads a table its first pass checked: duplicates were refused then, so it keeps no ids."""
+    path = tmp_path / name
+    if name == "dup.jsonl":
+        path.write_text('{"image": "1.jpg", "text": "a"}\n{"image": "1.jpg", "text": "b"}\n')
+    elif name == "course.csv":
+        path.write_text('ImageID,Labels,Caption\n1.jpg,1,"a"\n1.jpg,2,"b"\n')
+    else:
+        path.write_text("image,text\n1.jpg,a\n1.jpg,b\n")
+    checked = list(iter_table(path, strict=False))
+    reasons = [b.reason.split(",")[0] for batch in checked for b in batch.bad_rows]
+    assert len(reasons) == 1 and reasons[0].startswith("duplicate ") and reasons[0].endswith(" 1.jpg")
+    again = list(iter_table(path, strict=False, check_ids=False))
+    assert [r.caption for batch in again for r in batch.records] == ["a", "b"]
+    assert not any(batch.bad_rows for batch in again)
 
 
 def test_bad_rows_are_named_by_file_and_line(tmp_path):

@@ -69,10 +69,10 @@ def scan_table(source, columns: Columns | None = None, **reader) -> TableScan:
 
 def iter_chunks(source, chunk_size: int, columns: Columns | None = None, **reader) -> Iterator[RecordSet]:
     """The table's rows in chunks of ``chunk_size`` (the last one shorter), in order; a table :func:`scan_table`
-    has accepted, so bad rows are not looked at again."""
+    has accepted, so bad rows are not looked at again, nor ids remembered to find duplicates."""
     pending: list = []
     batch = None
-    for batch in iter_table(source, columns, strict=False, **reader):
+    for batch in iter_table(source, columns, strict=False, check_ids=False, **reader):
         pending.extend(batch.records)
         while len(pending) >= chunk_size:
             yield RecordSet(batch.path, pending[:chunk_size], labelled=batch.labelled, table=batch.table)

@@ -315,7 +315,7 @@ def _xlsx_batches(path: Path, sheet: str | int | None, size: int) -> Iterator[Ra
     yield from _frame_batches(df, str(path), "xlsx", size, first_row=2)
 
 
-def course_batches(path: Path, size: int) -> Iterator[RecordSet]:
+def course_batches(path: Path, size: int, seen: SeenIds | None = None) -> Iterator[RecordSet]:
     """A course-dialect file as record sets of about ``size`` rows, cut only where a row starts (by the
     parser's own rule), each parsed by :func:`fuselabel.records.parse_records` with its true line numbers, a
     duplicate of a row in an earlier batch named as one within a batch."""
@@ -327,7 +327,7 @@ def course_batches(path: Path, size: int) -> Iterator[RecordSet]:
         return line[:-2] if crlf and line.endswith("\r\n") else line.rstrip("\n")
 
     block: list[str] = []
-    first_line, starts, seen = 2, None, SeenIds()
+    first_line, starts, seen = 2, None, SeenIds() if seen is None else seen
     for line in itertools.chain(lines, [None]):
         if line is not None and len(block) < size:
             block.append(line)
@@ -349,7 +349,7 @@ def course_batches(path: Path, size: int) -> Iterator[RecordSet]:
 
 
 def raw_batches(
-    source, name: str | None, *, delimiter: str | None, sheet: str | int | None, size: int
+    source, name: str | None, *, delimiter: str | None, sheet: str | int | None, size: int, seen: SeenIds | None = None
 ) -> tuple[str, Path, Iterator[RawBatch] | Iterator[RecordSet]]:
     """(format, path, batches): :class:`RawBatch` es for the general formats, record sets for the course CSV."""
     # A DataFrame can only come from a pandas that is loaded already: reading a file does not import pandas
@@ -378,5 +378,5 @@ def raw_batches(
     chosen = delimiter_of(delimiter) or ("\t" if fmt == "tsv" else _sniff(sample))
     fmt = "tsv" if chosen == "\t" else "csv"
     if chosen == "," and _is_course(path, sample.split("\n", 1)[0]):
-        return "course", path, course_batches(path, size)
+        return "course", path, course_batches(path, size, seen)
     return fmt, path, _delimited_batches(path, chosen, fmt, size)

@@ -32,7 +32,7 @@ from .labels import LABEL_SEPS, find_label_sep, label_sep_minority
 from .records import BadRow, Record, RecordSet, bad_rows_message, no_labels_error
 from .table_columns import Columns, describe_course, describe_table
 from .table_formats import FORMATS, RawBatch, is_list, raw_batches, table_format
-from .textfile import RecordsError, SeenIds
+from .textfile import NoIds, RecordsError, SeenIds
 
 __all__ = [
     "BATCH_ROWS",
@@ -132,9 +132,9 @@ class _RowReader:
     """Turns batches of cells into records with one table description, remembering across batches which ids were
     seen (to name a duplicate with the line of its first row)."""
 
-    def __init__(self, table: dict, path: Path) -> None:
+    def __init__(self, table: dict, path: Path, seen: SeenIds) -> None:
         self.table, self.path = table, path
-        self.seen = SeenIds()
+        self.seen = seen
 
     def _bad(self, raw: RawBatch, n: int, reason: str, row) -> None:
         raw.bad_rows.append(BadRow(str(self.path), n, reason, _snippet(row)))
@@ -194,9 +194,19 @@ def _course_sets(batches: Iterator[RecordSet], columns: Columns, need_labels: bo
 
 
 def _record_sets(
-    source, columns: Columns, size: int, *, trained=None, need_labels=False, name=None, delimiter=None, sheet=None
+    source,
+    columns: Columns,
+    size: int,
+    *,
+    trained=None,
+    need_labels=False,
+    name=None,
+    delimiter=None,
+    sheet=None,
+    check_ids=True,
 ) -> Iterator[RecordSet]:
-    fmt, path, batches = raw_batches(source, name, delimiter=delimiter, sheet=sheet, size=size)
+    seen = SeenIds() if check_ids else NoIds()
+    fmt, path, batches = raw_batches(source, name, delimiter=delimiter, sheet=sheet, size=size, seen=seen)
     trained = trained or {}
     if fmt == "course":
         yield from _course_sets(batches, columns, need_labels)  # type: ignore[arg-type]
@@ -207,7 +217,7 @@ def _record_sets(
             if not raw.rows and raw.bad_rows:
                 # nothing readable to choose columns from: the bad rows are the news
                 raise RecordsError(bad_rows_message(path, raw.bad_rows, raw.unit))
-            reader = _RowReader(describe_table(raw, columns, trained, need_labels, path), path)
+            reader = _RowReader(describe_table(raw, columns, trained, need_labels, path), path, seen)
         yield reader.records(raw)  # type: ignore[arg-type]
     if reader is not None:
         _warn_minority(path, reader.table)
@@ -239,7 +249,8 @@ def iter_table(
     CSV (a JSON array and a workbook are read whole, then handed out in batches). The columns and the label
     separator are chosen from the first batch. Arguments as :func:`read_table` (``reader``: ``trained``,
     ``need_labels``, ``name``, ``delimiter``, ``sheet``); with ``strict`` the first batch holding a bad row raises
-    :class:`RecordsError` naming its bad rows (by file and line, or row)."""
+    :class:`RecordsError` naming its bad rows (by file and line, or row). ``check_ids=False`` (a second read of a
+    table already checked) remembers no ids, so a duplicate is not found, and memory holds nothing a row."""
     if batch_rows <= 0:
         raise ValueError(f"batch_rows must be positive, got {batch_rows}")
     if isinstance(source, RecordSet):  # already read

@@ -68,8 +68,8 @@ class SeenIds:
     """
 
     def __init__(self, slots: int = 1024) -> None:
-        self._keys = array("q", bytes(8 * slots))  # 0: an empty slot
-        self._lines = array("i", bytes(4 * slots))
+        self._keys = array("q", [0]) * slots  # 0: an empty slot
+        self._lines = array("i", [0]) * slots
         self._used = 0
 
     @staticmethod
@@ -100,11 +100,25 @@ class SeenIds:
     def _grow(self) -> None:
         old = zip(self._keys, self._lines)
         size = 2 * len(self._keys)
-        self._keys, self._lines = array("q", bytes(8 * size)), array("i", bytes(4 * size))
+        self._keys, self._lines = array("q", [0]) * size, array("i", [0]) * size
         for key, line in old:
             if key:
                 i = self._slot(key)
                 self._keys[i], self._lines[i] = key, line
+
+
+class NoIds(SeenIds):
+    """Remembers no ids: for reading again a table whose ids a first pass has checked (``predict``'s chunks), so
+    the second pass holds nothing a row."""
+
+    def __init__(self) -> None:
+        pass
+
+    def line_of(self, row_id: str) -> int | None:
+        return None
+
+    def add(self, row_id: str, line: int) -> None:
+        pass
 
 
 # File signatures of what is most often passed by mistake where a CSV belongs.
