@@ -171,7 +171,7 @@ class TorchEngine:
         self.onnx = use_onnx(encoders, self.device)
         self.feature_dims = {}
         self._text_run = None
-        self._image = None  # how photos are encoded, settled on the first photo (_image_runner)
+        self._image = None  # how photos are encoded, settled on the first photo (image_runner)
         self._cache_dir = cache_dir
         if net.image_encoder is not None:
             self.feature_dims["image"] = net.image_encoder.num_features
@@ -188,7 +188,7 @@ class TorchEngine:
                 self._text_run = lambda ids, mask: text_sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
         self.name = ("onnxruntime encoders, " if self.onnx else "torch encoders, ") + f"torch heads ({self.device})"
 
-    def _image_runner(self):
+    def image_runner(self):
         """The onnxruntime session photos run through, or None (eager torch), settled on the first photo: a
         training run calibrates the int8 encoder while its captions are encoded, and the ranges reach this
         engine's ``data_config`` before the first photo does."""
@@ -210,7 +210,7 @@ class TorchEngine:
 
     @torch.inference_mode()
     def image_features(self, pixels: np.ndarray) -> np.ndarray:
-        sess = self._image_runner()
+        sess = self.image_runner()
         if sess is not None:
             return sess.run(None, {"pixels": np.asarray(pixels, dtype=np.float32)})[0]
         x = torch.from_numpy(pixels).to(self.device, non_blocking=True)

@@ -131,6 +131,7 @@ def frozen_features(
         if calibrating is not None:
             data_config[INT8_CALIBRATION] = calibrating.result()  # before the engine's first photo
     if images:
+        engine.image_runner()  # built before the photos, so the encoder's recorded seconds are its work alone
         with decoding:
             out["image"], present = _image_features(engine, net, data_config, records, image_dir, config, progress)
     return out, present
