@@ -10,8 +10,8 @@ chunk byte for byte, and its probabilities equal the big run's on the same leadi
     python benchmarks/predict_scale.py --model MODEL --data ../shared/data/comp5329 [--rows 200000]
 
 ``--caption-only`` leaves the photos out (no links: every row is predicted from its caption), which is how a
-million rows are measured against ten thousand without a million links (the table is streamed, so the peak grows
-by the reader's 12-byte slot per id, about 12 MB, not by the rows):
+million rows are measured against ten thousand without a million links (the table is streamed: only the checking
+pass keeps something a row, a 12-byte slot per id to find duplicates, and it ends before the model runs):
 
     python benchmarks/predict_scale.py --model MODEL --data ../shared/data/comp5329 --caption-only \
         --rows 1000000 --small 10000
@@ -155,7 +155,7 @@ def main() -> None:
     # Against the small run with the same chunks (a single chunk of all the rows holds more at once).
     base = small["peak_rss_mb"]
     print(f"peak memory ratio {args.rows} / {args.small} rows: {big['peak_rss_mb'] / base:.2f}")
-    # the table is streamed: what the larger run holds more is the reader's 12-byte slot per id, not the rows
+    # the table is streamed: the chunks' pass holds nothing a row (the checking pass's ids are gone by then)
     print(f"peak memory growth {args.rows} over {args.small} rows: {big['peak_rss_mb'] - base:+.1f} MB")
     print(
         f"small run equals the big run's first {full - 1} rows: {same_prefix}; "
