@@ -5,17 +5,24 @@
 
 Times every stage of prediction alone, in CPU seconds of one thread (so outside load inflates them
 little): decoding and the evaluation resize, the uint8 -> float look-up, the image encoder, the text
-encoder, heads and fusion. Rows are independent, so the limit is ``cores / CPU seconds a row``. Then
+encoder, heads and fusion. Rows are independent, so the limit is ``cores / CPU seconds a row``. Cores share
+caches and memory, so each stage is timed a second way too, on every core at once (``LIMIT_BUSY``): what the CPU
+allows when all of it works, which the command can reach and the first limit, on most machines, cannot. Then
 runs the whole command (`fuselabel predict`, a fresh process) on the same rows, and on one row, and
 the training feature loop (``encoding.encode_images``, decoding and the image encoder) on the same
 photos. Prints the limits, the achieved rows/s with and without start-up and the fractions.
+
+The stages and the command are measured ``--repeats`` times (3), each command right after its own stage timings,
+and the figures are medians: a shared machine's speed drifts by several per cent within minutes. Each source tree
+is byte-compiled first, so a command starts as an installed package's does.
 
 A model folder runs from its exported copy in the cache, as `fuselabel predict` does (exported once,
 before anything is timed). ``--baseline-src`` also runs the command from another source tree (an
 older fuselabel) on the same rows in the same run, and says whether its files are byte-identical.
 ``evaluate`` and ``inspect`` are timed on one row too, ``evaluate`` on all the rows (when the table has labels),
 and the service (``fuselabel serve`` with its defaults) from launch to its first answer and over the rows from
-one client, in ``/predict/batch`` requests of 32. Ends with lines ``LIMIT ...``, ``PREDICT ...``, ``ONE_ROW ...``,
+one client, in ``/predict/batch`` requests of 32. Ends with lines ``LIMIT ...``, ``LIMIT_BUSY ...``, ``PREDICT ...``,
+``ONE_ROW ...``,
 ``START ...``, ``EVALUATE ...``, ``SERVICE ...``, ``WHY ...``, ``FEATURES ...``.
 """
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import compileall
 import json
 import os
 import re
@@ -34,10 +42,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+import fuselabel
 from fuselabel import FuseLabel
 from fuselabel.encoding import WINDOW, encode_images, read_photos_uint8, usable_cores
 from fuselabel.export import export_cached
@@ -48,14 +58,15 @@ from fuselabel.writers import write_rows
 
 
 def cpu(fn):
-    """(result, CPU seconds of this process) of ``fn()``."""
-    t0 = time.process_time()
+    """(result, CPU seconds of this thread) of ``fn()`` (the sessions run on their caller's thread)."""
+    t0 = time.thread_time()
     out = fn()
-    return out, time.process_time() - t0
+    return out, time.thread_time() - t0
 
 
-def stages(engine, predictor, records, image_dir, batch: int = 16) -> dict:
-    """CPU seconds a row of each stage, each alone on one thread."""
+def stages(engine, predictor, records, image_dir) -> dict:
+    """CPU seconds a row of each stage, each alone on one thread, in the batches prediction uses."""
+    batch = predictor.batch_size
     n = len(records)
     (pixels, _), decode = cpu(
         lambda: read_photos_uint8([r.image_id for r in records], image_dir, engine.data_config, workers=1)
@@ -95,12 +106,28 @@ def stages(engine, predictor, records, image_dir, batch: int = 16) -> dict:
     }
 
 
+def stages_busy(engine, predictor, records, image_dir, cores: int) -> dict:
+    """CPU seconds a row of each stage with every core running it at once: ``stages`` on ``cores`` threads, each
+    over every ``cores``-th window of rows. Cores that share caches and memory slow each other, so this is what
+    the CPU allows when all of it works, as prediction makes it."""
+    shares = [[r for i, r in enumerate(records) if (i // WINDOW) % cores == k] for k in range(cores)]
+    with ThreadPoolExecutor(cores) as pool:
+        parts = list(pool.map(lambda share: stages(engine, predictor, share, image_dir), shares))
+    return {k: sum(p[k] * len(share) for p, share in zip(parts, shares)) / len(records) for k in parts[0]}
+
+
 def engine_of(path):
     """(engine, predictor) of a model folder's exported copy (made now, before anything is timed) or of an
     exported folder, on one thread: what ``fuselabel predict`` runs on a CPU."""
     folder = path if is_onnx_folder(path) else export_cached(path)
     predictor = FuseLabel.from_pretrained(folder, num_workers=1).predictor()
     return predictor.engine, predictor
+
+
+def compiled(src: Path) -> None:
+    """Byte-compile a fuselabel source tree, so its commands start as an installed package's do (an install writes
+    the bytecode; a tree run with PYTHONDONTWRITEBYTECODE would compile every module at every start)."""
+    compileall.compile_dir(str(src), quiet=1)
 
 
 def command(src: str | None, model, data, csv, out: Path) -> tuple[float, float, str, float]:
@@ -261,6 +288,13 @@ def main(argv=None) -> int:
         "run, with the ratio of its rows/s to the first's",
     )
     ap.add_argument("--skip-features", action="store_true", help="leave out the training feature loop")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="times the stages and the command are measured, one after the other (the figures are their medians: "
+        "a shared machine's speed drifts by several per cent within minutes)",
+    )
     args = ap.parse_args(argv)
 
     images, csv = resolve_data(args.data, args.csv)
@@ -279,41 +313,85 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{len(rows)} rows, {cores} usable cores, load average {load:.2f} at start")
 
-    limits = {}
-    for label, path in [("model", args.model)] + ([("other", args.other_model)] if args.other_model else []):
-        engine, predictor = engine_of(path)
-        per_row = stages(engine, predictor, rows, image_dir)
-        total = sum(per_row.values())
-        print(f"{label} {path}:")
-        for name, s in per_row.items():
-            print(f"  {name:18s} {1e3 * s:7.2f} ms CPU a row")
-        limits[label] = cores / total
-        print(f"LIMIT {label} {limits[label]:.1f} rows/s ({cores} cores / {1e3 * total:.1f} ms CPU a row)")
-        if label == "model":
-            first = engine, per_row
-    engine, per_row = first
-    limit = limits["model"]
-
-    results = {}
+    compiled(Path(fuselabel.__file__).parent)
+    if args.baseline_src:
+        compiled(Path(args.baseline_src))
+    models = [("model", args.model)] + ([("other", args.other_model)] if args.other_model else [])
+    engines = {label: engine_of(path) for label, path in models}
     runs = (
         [("new", None, args.model)]
         + ([("baseline", args.baseline_src, args.model)] if args.baseline_src else [])
         + ([("other", None, args.other_model)] if args.other_model else [])
     )
-    for name, src, path in runs:
-        wall, alone, line, used = command(src, path, args.data, rows_csv, work / f"{name}.csv")
-        one_wall, _, _, _ = command(src, path, args.data, one_csv, work / f"{name}-one.csv")
+    # Per repeat: the stages' CPU a row, alone on one thread and with every core running them at once.
+    measured: dict = {label: [] for label, _ in models}
+    busy: dict = {label: [] for label, _ in models}
+    timed: dict = {name: [] for name, _, _ in runs}  # per repeat: (wall, alone, one row, CPU used, line)
+    for repeat in range(args.repeats):
+        # Each command follows its own stage measurements, so a ratio compares figures minutes apart at most.
+        for label, _ in models:
+            measured[label].append(stages(*engines[label], rows, image_dir))
+            busy[label].append(stages_busy(*engines[label], rows, image_dir, cores))
+            for name, src, p in runs:
+                if (name == "other") != (label == "other"):
+                    continue
+                wall, alone, line, used = command(src, p, args.data, rows_csv, work / f"{name}.csv")
+                one_wall = command(src, p, args.data, one_csv, work / f"{name}-one.csv")[0]
+                timed[name].append((wall, alone, one_wall, used, line))
+                limit, limit_busy = (cores / sum(m[label][-1].values()) for m in (measured, busy))
+                print(
+                    f"  repeat {repeat + 1} {name}: limit {limit:.1f} rows/s (all cores busy {limit_busy:.1f}), "
+                    f"command {len(rows) / wall:.1f} rows/s with start-up ({100 * len(rows) / wall / limit:.0f} %; "
+                    f"{100 * len(rows) / wall / limit_busy:.0f} % busy), {len(rows) / alone:.1f} without "
+                    f"({100 * len(rows) / alone / limit:.0f} %; {100 * len(rows) / alone / limit_busy:.0f} % busy)"
+                )
+
+    def medians(per_repeat: list[dict]) -> dict:
+        return {k: float(np.median([m[k] for m in per_repeat])) for k in per_repeat[0]}
+
+    limits, limits_busy = {}, {}
+    for label, path in models:
+        per_row, per_row_busy = medians(measured[label]), medians(busy[label])
+        total, total_busy = sum(per_row.values()), sum(per_row_busy.values())
+        print(f"{label} {path} (medians of {args.repeats} measurements; alone on one thread, all cores busy):")
+        for name, s in per_row.items():
+            print(f"  {name:18s} {1e3 * s:7.2f} {1e3 * per_row_busy[name]:7.2f} ms CPU a row")
+        limits[label], limits_busy[label] = cores / total, cores / total_busy
+        print(f"LIMIT {label} {limits[label]:.1f} rows/s ({cores} cores / {1e3 * total:.1f} ms CPU a row, each alone)")
+        print(
+            f"LIMIT_BUSY {label} {limits_busy[label]:.1f} rows/s ({cores} cores / {1e3 * total_busy:.1f} ms CPU a "
+            f"row, every core running the stages)"
+        )
+        if label == "model":
+            first = engines[label][0], per_row
+    engine, per_row = first
+
+    results = {}
+    for name, _, _ in runs:
+        label = "other" if name == "other" else "model"
+        wall, alone, one_wall, used = (float(np.median([t[i] for t in timed[name]])) for i in range(4))
+        line = timed[name][-1][4]
         results[name] = (wall, alone, one_wall)
-        limit = limits["other" if name == "other" else "model"]
+        limit, limit_busy = limits[label], limits_busy[label]
+        # Each repeat's fraction against its own limits, beside the fraction of the medians.
+        fractions = [len(rows) / t[0] * sum(m.values()) / cores for t, m in zip(timed[name], measured[label])]
+        fractions_busy = [len(rows) / t[0] * sum(m.values()) / cores for t, m in zip(timed[name], busy[label])]
         # Outside load shows as fewer cores used; the pipeline's own overhead as CPU beyond the stages' sum.
         print(
             f"CPU {name}: {used:.1f} s for {len(rows)} rows ({used / wall:.2f} cores busy on average; "
-            f"{len(rows) * cores / limit / used * 100:.0f} % of it the stages' own CPU)"
+            f"{len(rows) * cores / limit_busy / used * 100:.0f} % of it the stages' own CPU with all cores busy, "
+            f"{len(rows) * cores / limit / used * 100:.0f} % of their CPU alone)"
         )
+        rate, rate_alone = len(rows) / wall, len(rows) / alone
+
+        def pct(values):
+            return ", ".join(f"{100 * f:.0f} %" for f in values)
+
         print(
-            f"PREDICT {name}: {len(rows) / wall:.1f} rows/s with start-up ({100 * len(rows) / wall / limit:.0f} % "
-            f"of the limit), {len(rows) / alone:.1f} rows/s without ({100 * len(rows) / alone / limit:.0f} %); "
-            f"start-up {wall - alone:.1f} s  [{line}]"
+            f"PREDICT {name}: {rate:.1f} rows/s with start-up: {100 * rate / limit:.0f} % of the limit (repeats "
+            f"{pct(fractions)}), {100 * rate / limit_busy:.0f} % of the all-cores-busy limit (repeats "
+            f"{pct(fractions_busy)}); {rate_alone:.1f} rows/s without ({100 * rate_alone / limit:.0f} %; "
+            f"{100 * rate_alone / limit_busy:.0f} %); start-up {wall - alone:.1f} s  [{line}]"
         )
         print(f"ONE_ROW {name}: {one_wall:.2f} s")
     if not is_onnx_folder(args.model):  # evaluate and the service take a model folder

@@ -20,7 +20,7 @@ import torch
 from . import onnxrt
 from .cache import default_cache_dir
 from .encoders import text_length_limit, token_counts
-from .encoding import encode_by_length, session
+from .encoding import ORT_IMAGE_BATCH, TORCH_IMAGE_BATCH, encode_by_length, session
 from .losses import probabilities
 from .preprocess import INT8_CALIBRATION
 
@@ -187,6 +187,12 @@ class TorchEngine:
                 )
                 self._text_run = lambda ids, mask: text_sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
         self.name = ("onnxruntime encoders, " if self.onnx else "torch encoders, ") + f"torch heads ({self.device})"
+
+    @property
+    def image_batch(self) -> int:
+        """Photos a run: small in onnxruntime, larger in eager torch (see ``encoding.ORT_IMAGE_BATCH``)."""
+        in_ort = self.onnx or (self.data_config or {}).get(INT8_CALIBRATION) is not None
+        return ORT_IMAGE_BATCH if in_ort else TORCH_IMAGE_BATCH
 
     def image_runner(self):
         """The onnxruntime session photos run through, or None (eager torch), settled on the first photo: a

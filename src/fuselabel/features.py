@@ -32,7 +32,7 @@ def extract_image_features(
     image_dir,
     *,
     missing_images: str = "error",
-    batch_size: int = 16,
+    batch_size: int | None = None,
     num_workers: int | None = None,
     progress: bool = False,
 ):

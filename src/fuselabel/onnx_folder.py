@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from .bundle import Bundle
 from .config import Config
-from .encoding import encode_by_length, session
+from .encoding import ORT_IMAGE_BATCH, encode_by_length, session
 from .runtime import Predictor
 
 ONNX_FORMAT = "fuselabel-onnx"
@@ -48,8 +49,14 @@ class OnnxFolderEngine:
         self._lock = threading.Lock()
         self.data_config = m["preprocessing"]
         self.tta_flip = bool(m["tta_flip"])
+        self.image_batch = ORT_IMAGE_BATCH
         self.feature_dims = m["feature_dims"]
-        self.sessions = {part: session(self.folder / info["path"], threads) for part, info in m["files"].items()}
+        # Building a session is mostly outside the GIL: the encoders' and the heads' are built side by side.
+        with ThreadPoolExecutor(len(m["files"])) as pool:
+            built = {
+                part: pool.submit(session, self.folder / info["path"], threads) for part, info in m["files"].items()
+            }
+            self.sessions = {part: future.result() for part, future in built.items()}
         self.tokenizer = None
         # A dynamically quantised text encoder runs one caption a run (see ``onnxrt.quantize_int8_dynamic``).
         text_quant = (m["files"].get("text_encoder") or {}).get("quantized") or ""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .encoding import WINDOW, Engine, image_window, over_windows
+from .encoding import PIECE, WINDOW, Engine, image_window, over_windows
 from .images import ImageError, ImageInput, pixel_table
 from .thresholds import apply_argmax, apply_thresholds
 
@@ -194,7 +194,7 @@ class Predictor:
         thresholds,
         ensure_nonempty: bool = True,
         *,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         workers: int | None = None,
         strict: bool = False,
         chunk_size: int = 8 * WINDOW,
@@ -207,11 +207,10 @@ class Predictor:
         # The decision rule follows the model (its engine) unless a caller says otherwise.
         self.task = task or getattr(engine, "task", "multilabel")
         self.texts_cut = 0  # captions cut to the model's text length, over every call so far
-        # Small batches suit onnxruntime on a few CPU cores (measured: 16 beats 64 by ~10 %).
-        self.batch_size = batch_size
+        self.batch_size = batch_size or engine.image_batch  # photos a run: the engine's (encoding.ORT_IMAGE_BATCH)
         self.workers = workers
         self.strict = strict
-        if WINDOW % batch_size or chunk_size % WINDOW:
+        if WINDOW % self.batch_size or chunk_size % WINDOW:
             raise ValueError(
                 f"batch_size must divide {WINDOW} and chunk_size be a multiple of it "
                 f"(got {batch_size} and {chunk_size})"
@@ -246,18 +245,22 @@ class Predictor:
         table = pixel_table(self.engine.data_config) if uses_image(kind) else None
         cut_before = getattr(self.engine, "texts_cut", 0)
 
-        def window(lo: int, hi: int):
-            # Photos, then captions, of one window on one worker: the other workers' windows run meanwhile.
+        def piece(lo: int, hi: int):
+            # The photos of one piece on one worker, while the other workers take the next pieces. A window's
+            # captions go with its first piece: the text encoder's batches, and so its numbers, are the window's.
             image = (
                 image_window(self.engine, images[lo:hi], image_dir, self.batch_size, table)
                 if uses_image(kind)
                 else None
             )
-            idx = np.flatnonzero(caption_present[lo:hi])
+            if lo % WINDOW:
+                return image, (None, None)
+            idx = np.flatnonzero(caption_present[lo : lo + WINDOW])
             text = self.engine.text_features([captions[lo + i] for i in idx]) if len(idx) else None
             return image, (idx, text)
 
-        for lo, (image, (idx, text)) in over_windows(window, n, self.workers):
+        span = PIECE if uses_image(kind) else WINDOW
+        for lo, (image, (idx, text)) in over_windows(piece, n, self.workers, size=span):
             if image is not None:
                 f, p, e = image
                 image_present[lo : lo + len(p)], errors[lo : lo + len(e)] = p, e
