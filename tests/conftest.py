@@ -208,6 +208,13 @@ TINY_CLI_TRAIN = [
 ]
 
 
+def tiny_cli_train(*extra: str, epochs: int = 2) -> list[str]:
+    """``TINY_CLI_TRAIN`` for ``epochs`` epochs, with ``extra`` flags after it."""
+    flags = list(TINY_CLI_TRAIN)
+    flags[flags.index("--epochs") + 1] = str(epochs)
+    return [*flags, *extra]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, session_cache):
     """(folder, image_dir, csv): the tiny data set and a FuseLabel trained on it, saved in ``folder / "model"``."""

@@ -78,7 +78,9 @@ def _predict(page, photo=None, caption=None):
 
 
 def _slow_first(page, path: str, ms: int = 1500):
-    """The page's first answer from ``path`` is held back ``ms`` after it arrives (later ones are not)."""
+    """The page's first answer from ``path`` is held back ``ms`` after it arrives (later ones are not). The page
+    fetches paths relative to itself ("explain"), so a leading "/" is dropped: "/explain" once matched nothing."""
+    path = path.lstrip("/")
     page.evaluate(
         """([path, ms]) => {
         const real = window.fetch;
@@ -209,7 +211,7 @@ def test_a_why_asked_while_the_explaining_model_loads_says_so(service, browser):
     page = _open(browser, url, "phone")
     _predict(page, image_dir / "5.jpg", CAPTION)
     page.route("**/health", lambda route: route.fulfill(json={**route.fetch().json(), "explainer": "loading"}))
-    _slow_first(page, "/explain", 3000)
+    _slow_first(page, "explain", 3000)
     page.locator(".why-button").first.click()
     page.wait_for_function("() => document.getElementById('message').textContent.includes('still loading')")
     assert page.locator(".why-button[aria-busy='true']").count() == 1

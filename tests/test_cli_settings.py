@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_tiny_dataset
+from conftest import TINY_CLI_TRAIN, make_tiny_dataset
 
 from fuselabel.cli import given_settings, main
 from fuselabel.config import PRESETS, Config
@@ -200,22 +200,9 @@ def test_quiet_training_prints_the_summary_and_nothing_else(tmp_path, session_ca
             str(tmp_path / "d"),
             "--out",
             str(tmp_path / "m"),
-            "--preset",
-            "cpu-fast",
-            "--image-size",
-            "64",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "16",
-            "--val-fraction",
-            "0.25",
-            "--num-workers",
-            "0",
+            *TINY_CLI_TRAIN,
             "--cache-dir",
             session_cache,
-            "--set",
-            "hidden_dim=32",
             "--text-config-overrides",
             "{num_hidden_layers: 1}",
             "--quiet",

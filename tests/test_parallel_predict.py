@@ -156,3 +156,20 @@ def test_training_features_do_not_depend_on_workers(tiny_model, session_cache):
     assert texts[0].tobytes() == texts[1].tobytes()
     images = [encode_images(engine, [r.image_id for r in records], image_dir, workers=w) for w in (1, 2)]
     assert images[0][0].tobytes() == images[1][0].tobytes() and images[0][1].all()
+
+
+def test_a_photos_features_do_not_depend_on_the_photos_run_beside_it(tiny_model, session_cache):
+    """Prediction runs photos through onnxruntime one at a time (``encoding.ORT_IMAGE_BATCH``), and prediction
+    pieces and training windows hold several such runs: any run size must give every photo the same numbers."""
+    from fuselabel.encoding import ORT_IMAGE_BATCH, encode_images
+    from fuselabel.records import read_records
+    from fuselabel.runtime import Predictor
+
+    root, image_dir, csv = tiny_model
+    engine = OnnxFolderEngine(export_cached(root / "model", session_cache))
+    assert engine.image_batch == ORT_IMAGE_BATCH
+    assert Predictor(engine, engine.labels, [0.5] * len(engine.labels)).batch_size == ORT_IMAGE_BATCH
+    photos = [r.image_id for r in read_records(csv).records][:37]  # a last run shorter than the others
+    runs = {b: encode_images(engine, photos, image_dir, batch_size=b, workers=2)[0] for b in (1, 4, 16)}
+    assert runs[1].shape == (37, engine.feature_dims["image"])
+    assert runs[1].tobytes() == runs[4].tobytes() == runs[16].tobytes()

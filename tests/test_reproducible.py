@@ -8,32 +8,11 @@ from __future__ import annotations
 
 import json
 
-from conftest import make_tiny_dataset
+from conftest import make_tiny_dataset, tiny_cli_train
 
 from fuselabel.cli import main
 
-TINY_TRAIN = [
-    "--preset",
-    "cpu-fast",
-    "--image-size",
-    "64",
-    "--epochs",
-    "3",
-    "--batch-size",
-    "16",
-    "--val-fraction",
-    "0.25",
-    "--num-workers",
-    "0",
-    "--accelerator",
-    "cpu",
-    "--seed",
-    "7",
-    "--set",
-    "hidden_dim=32",
-    "--set",
-    "text_config_overrides={num_hidden_layers: 1}",
-]
+TINY_TRAIN = tiny_cli_train("--seed", "7", epochs=3)
 
 
 def _read(folder, name):

@@ -21,31 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny_dataset
+from conftest import make_tiny_dataset, tiny_cli_train
 
 from fuselabel.bundle import load_bundle, readable_folder, replace_folder
 
 # The tiny model of tests/test_cli.py, for four epochs: two batches an epoch on the 36 training rows.
-TRAIN = [
-    "--preset",
-    "cpu-fast",
-    "--image-size",
-    "64",
-    "--epochs",
-    "4",
-    "--batch-size",
-    "16",
-    "--val-fraction",
-    "0.25",
-    "--num-workers",
-    "0",
-    "--accelerator",
-    "cpu",
-    "--set",
-    "hidden_dim=32",
-    "--set",
-    "text_config_overrides={num_hidden_layers: 1}",
-]
+TRAIN = tiny_cli_train(epochs=4)
 CHUNK_ROWS = "16"  # three chunks of image features for the 48 rows, so a kill can fall between two
 
 

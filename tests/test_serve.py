@@ -1161,7 +1161,7 @@ class _HeadsOnly:
     def __init__(self, kind, parts, combine="weighted", weight=0.5):
         self.kind, self.parts, self.late_combine, self.late_weight = kind, parts, combine, weight
         self.task, self.feature_dims = "multilabel", {"image": 2, "text": 2}
-        self.image_batch = 4
+        self.image_batch = 1
 
     def heads(self, feats):
         n = len(next(iter(feats.values())))

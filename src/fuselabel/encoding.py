@@ -23,10 +23,11 @@ from .preprocess import Preprocess
 # never depend on how the rows were chunked or shared among processes (batch composition changes the
 # last bits of a float). Chunks are whole windows.
 WINDOW = 64
-# Photos a run of an image encoder in onnxruntime on one thread. Four keep a run's activations near the core's
-# caches: on 2 cores, with an encoder on each, 4 gave about 10 % more photos a second than 16, with the same
-# numbers (each photo's features do not depend on the photos beside it). Eager torch (a GPU) takes larger runs.
-ORT_IMAGE_BATCH = 4
+# Photos a run of an image encoder in onnxruntime on one thread. One photo's activations stay in the core's
+# caches: with both cores busy, Lite2 at 320 px encoded 1.19x the photos a second in runs of 1 as in runs of 16
+# in float32, 1.11x in int8 (benchmarks/image_batch.py), with the same numbers (a photo's features do not depend
+# on the photos beside it). Eager torch (a GPU) takes larger runs.
+ORT_IMAGE_BATCH = 1
 TORCH_IMAGE_BATCH = 16
 # Rows of photos one prediction task encodes, a multiple of every image batch: a window's photos in four tasks,
 # so the cores finish a chunk's last tasks nearly together instead of one waiting on the other's whole window.

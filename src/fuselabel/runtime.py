@@ -210,10 +210,10 @@ class Predictor:
         self.batch_size = batch_size or engine.image_batch  # photos a run: the engine's (encoding.ORT_IMAGE_BATCH)
         self.workers = workers
         self.strict = strict
-        if WINDOW % self.batch_size or chunk_size % WINDOW:
+        if PIECE % self.batch_size or chunk_size % WINDOW:  # runs at fixed positions of fixed windows
             raise ValueError(
-                f"batch_size must divide {WINDOW} and chunk_size be a multiple of it "
-                f"(got {batch_size} and {chunk_size})"
+                f"batch_size must divide {PIECE} and chunk_size be a multiple of {WINDOW} "
+                f"(got {self.batch_size} and {chunk_size})"
             )
         self.chunk_size = chunk_size
         self._reader = None  # the engine's tokenizer without truncation, built on the first caption read
@@ -248,14 +248,9 @@ class Predictor:
         def piece(lo: int, hi: int):
             # The photos of one piece on one worker, while the other workers take the next pieces. A window's
             # captions go with its first piece: the text encoder's batches, and so its numbers, are the window's.
-            image = (
-                image_window(self.engine, images[lo:hi], image_dir, self.batch_size, table)
-                if uses_image(kind)
-                else None
-            )
-            if lo % WINDOW:
-                return image, (None, None)
-            idx = np.flatnonzero(caption_present[lo : lo + WINDOW])
+            photos = images[lo:hi]
+            image = image_window(self.engine, photos, image_dir, self.batch_size, table) if uses_image(kind) else None
+            idx = np.flatnonzero(caption_present[lo : lo + WINDOW]) if lo % WINDOW == 0 else []
             text = self.engine.text_features([captions[lo + i] for i in idx]) if len(idx) else None
             return image, (idx, text)
 
