@@ -34,6 +34,7 @@ while not stop.exists():
     shutil.copytree(a if n % 2 else b, tmp)
     bundle.replace_folder(tmp, out)
     n += 1
+    time.sleep(0.005)  # a save takes longer than a copy: without a pause a slow reader could lose every race
     if n == 2:
         Path(str(stop) + ".ready").touch()
 print(n)

@@ -8,6 +8,7 @@ replacement gets the old model or the new one, never one's thresholds with the o
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import glob
@@ -151,19 +152,23 @@ class _Moved(Exception):
 
 
 def _read_at(dir_fd: int, names) -> dict[str, bytes]:
-    """The files of ``names`` that the open folder ``dir_fd`` holds, read through it (never by path)."""
+    """The files of ``names`` that the open folder ``dir_fd`` holds, read through it (never by path).
+
+    Every file is opened before any is read: an open file stays readable when a replacement removes the folder, so
+    only the opening must fall between two replacements, not the reading of the weights. (Read one by one, loads of
+    a folder replaced in a tight loop could lose every race for ten seconds.)"""
     present = set(os.listdir(dir_fd))
-    files = {}
-    for name in names:
-        if name not in present:
-            continue
-        try:
-            fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
-        except FileNotFoundError:  # listed a moment ago: the folder is being removed after a replacement
-            raise _Moved() from None
-        with os.fdopen(fd, "rb") as f:
-            files[name] = f.read()
-    return files
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for name in names:
+            if name not in present:
+                continue
+            try:
+                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+            except FileNotFoundError:  # listed a moment ago: the folder is being removed after a replacement
+                raise _Moved() from None
+            handles[name] = stack.enter_context(os.fdopen(fd, "rb"))
+        return {name: f.read() for name, f in handles.items()}
 
 
 def _snapshot_at(path: Path) -> dict[str, bytes]:
