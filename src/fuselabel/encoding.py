@@ -46,7 +46,7 @@ class Engine(Protocol):
     feature_dims: dict  # {"image": d, "text": d} for the modalities the model uses
     name: str  # which runtime, for the user: "onnxruntime", "torch (cpu)", ...
     texts_cut: int  # captions so far longer than the text length (cut to it)
-    image_batch: int  # photos a run of the image encoder (a divisor of WINDOW)
+    image_batch: int  # photos a run of the image encoder (a divisor of PIECE)
 
     def image_features(self, pixels: np.ndarray) -> np.ndarray: ...
 

@@ -188,11 +188,18 @@ class TorchEngine:
                 self._text_run = lambda ids, mask: text_sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
         self.name = ("onnxruntime encoders, " if self.onnx else "torch encoders, ") + f"torch heads ({self.device})"
 
+    def _int8_ranges(self) -> dict | None:
+        return (self.data_config or {}).get(INT8_CALIBRATION)
+
+    def _photos_in_onnxruntime(self) -> bool:
+        # An int8 model's heads were trained on its int8 features: its image encoder runs in onnxruntime whatever
+        # the engine asked for.
+        return self.onnx or self._int8_ranges() is not None
+
     @property
     def image_batch(self) -> int:
         """Photos a run: small in onnxruntime, larger in eager torch (see ``encoding.ORT_IMAGE_BATCH``)."""
-        in_ort = self.onnx or (self.data_config or {}).get(INT8_CALIBRATION) is not None
-        return ORT_IMAGE_BATCH if in_ort else TORCH_IMAGE_BATCH
+        return ORT_IMAGE_BATCH if self._photos_in_onnxruntime() else TORCH_IMAGE_BATCH
 
     def image_runner(self):
         """The onnxruntime session photos run through, or None (eager torch), settled on the first photo: a
@@ -200,11 +207,9 @@ class TorchEngine:
         engine's ``data_config`` before the first photo does."""
         with self._image_lock:
             if self._image is None:
-                int8 = (self.data_config or {}).get(INT8_CALIBRATION)
-                # An int8 model's heads were trained on its int8 features: its image encoder runs in
-                # onnxruntime whatever the engine asked for.
+                int8 = self._int8_ranges()
                 sess = None
-                if self.onnx or int8 is not None:
+                if self._photos_in_onnxruntime():
                     sess = image_session(
                         self.net.image_encoder,
                         tuple(self.data_config["input_size"]),
