@@ -27,6 +27,8 @@ ORDER = [
     "losses",
     "encoding",
     "runtime",
+    "explanation",
+    "occlusion",
     "data",
     "geometry",
     "gpu_decode",

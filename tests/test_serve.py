@@ -37,7 +37,8 @@ from fuselabel.bundle import folder_size
 from fuselabel.cli import main
 from fuselabel.config import ServeSettings
 from fuselabel.estimator import FuseLabel
-from fuselabel.explain import _to_photo_frame, explain
+from fuselabel.explain import explain
+from fuselabel.explanation import to_photo_frame
 from fuselabel.serve import create_app
 from fuselabel.serve.inputs import require_input
 from fuselabel.serve.schemas import MAX_CAPTION_CHARS
@@ -403,7 +404,8 @@ def test_the_answer_says_how_much_of_the_caption_was_read(client, estimator):
 
 
 def test_a_warmed_service_explains_without_loading_the_model_again(trained, monkeypatch):
-    app = create_app(trained[1])
+    gradients = ServeSettings(explain_method="gradients")
+    app = create_app(trained[1], gradients)
     runner = app.state.runner
     assert runner.warming is None, "start-up itself does not warm"
     assert runner.explainer_state() == "on first use"
@@ -420,10 +422,23 @@ def test_a_warmed_service_explains_without_loading_the_model_again(trained, monk
         monkeypatch.setattr("fuselabel.bundle.load_bundle", no_second_load)
         answer = warm.post("/explain", data={"caption": CAPTION, "label": str(runner.model.labels_[0])})
         assert answer.status_code == 200, answer.text
-    cold = create_app(trained[1], ServeSettings(warm_explainer=False))
+        assert answer.json()["method"] == "gradients"
+    cold = create_app(trained[1], gradients.model_copy(update={"warm_explainer": False}))
     TestClient(cold).post("/predict", data={"caption": CAPTION})
     assert cold.state.runner.warming is None and cold.state.runner.model.bundle_.net is None
     assert TestClient(cold).get("/health").json()["explainer"] == "on first use"
+
+
+def test_explaining_by_occlusion_needs_no_pytorch_weights(trained):
+    """The default explains with the model that predicts: nothing to warm, ready from the start, weights unloaded."""
+    app = create_app(trained[1])
+    runner = app.state.runner
+    with TestClient(app) as client:
+        assert client.get("/health").json()["explainer"] == "ready"
+        answer = client.post("/explain", data={"caption": CAPTION, "label": str(runner.model.labels_[0])})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["method"] == "occlusion"
+    assert runner.warming is None and runner.model.bundle_.net is None
 
 
 def test_caption_only_is_judged_by_its_caption(client):
@@ -596,14 +611,14 @@ def test_words_past_the_token_limit_have_no_score(estimator):
 
 
 def test_heatmap_of_a_centre_crop_covers_only_the_crop():
-    cam = torch.ones(2, 2)
-    heat = _to_photo_frame(cam, (100, 50), {"crop_pct": 0.5, "input_size": [3, 32, 32]})
+    cam = np.ones((2, 2), np.float32)
+    heat = to_photo_frame(cam, (100, 50), {"crop_pct": 0.5, "input_size": [3, 32, 32]})
     assert heat.shape == (50, 100)
     hot = np.argwhere(heat > 0)
     # The model saw a square of side 25 (half the short side) at the centre.
     assert hot[:, 0].min() == 12 and hot[:, 0].max() == 36
     assert hot[:, 1].min() == 38 and hot[:, 1].max() == 62
-    whole = _to_photo_frame(cam, (100, 50), {"crop_pct": 1.0, "input_size": [3, 32, 32]})
+    whole = to_photo_frame(cam, (100, 50), {"crop_pct": 1.0, "input_size": [3, 32, 32]})
     assert (whole == 1).all()
 
 

@@ -27,6 +27,9 @@ from pydantic.dataclasses import dataclass
 
 from .presets import PRESETS
 
+# How a model explains a label: by covering parts of its inputs, or by its gradients (``FuseLabel.explain``).
+ExplainMethod = Literal["occlusion", "gradients"]
+
 Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -399,9 +402,16 @@ class ServeSettings(BaseModel):
     cors_origin: list[str] = Field(
         default_factory=list, description="an origin whose pages may call the service from a browser (repeat it)"
     )
+    explain_method: ExplainMethod = Field(
+        "occlusion",
+        description="how /explain finds why: occlusion (covers parts of the photo and leaves out words, on the "
+        "model that predicts; quick from the start) or gradients (Grad-CAM and integrated gradients on the "
+        "PyTorch weights, which load in the background)",
+    )
     warm_explainer: bool = Field(
         True,
-        description="after the first answer, load the explaining model in the background so the first 'why' is quick",
+        description="with --explain-method gradients: load the PyTorch weights in the background at start, so the "
+        "first 'why' is quick",
     )
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError
-from .config import Config, build_config, check_keys
+from .config import Config, ExplainMethod, build_config, check_keys
 from .images import ImageInput
 from .inputs import Target, as_matrix, column_keywords, prediction_rows, training_rows
 from .onnx_folder import EXPORTED_SETTINGS
@@ -337,13 +337,21 @@ class FuseLabel:
         except FileNotFoundError:
             return True
 
-    def explain(self, label_index: int, image=None, caption: str | None = None):
+    def explain(self, label_index: int, image=None, caption: str | None = None, method: ExplainMethod = "occlusion"):
         """Why the model gave label ``labels_[label_index]`` its probability on one row (a PIL photo, a
-        caption; either may be None): an ``explain.Explanation``, a heatmap over the photo and a score per
-        caption word. Loads the PyTorch weights on first use (``torch_bundle``)."""
-        from .explain import explain
+        caption; either may be None): an ``explanation.Explanation``, a heatmap over the photo and a score per
+        caption word. ``method``: ``occlusion`` covers parts of the inputs and runs the model as it predicts
+        (no PyTorch needed, exported folders too); ``gradients`` is Grad-CAM and integrated gradients on the
+        PyTorch weights, which load on first use (``torch_bundle``)."""
+        if method == "occlusion":
+            from .occlusion import explain as by_occlusion
 
-        return explain(self.torch_bundle(), int(label_index), image, caption)
+            return by_occlusion(self.predictor(), int(label_index), image, caption)
+        if method != "gradients":
+            raise ValueError(f"method: {method!r}; use occlusion or gradients")
+        from .explain import explain as by_gradients
+
+        return by_gradients(self.torch_bundle(), int(label_index), image, caption)
 
     # ------------------------------------------------------------------ prediction
     def predictor(self, *, strict: bool = False, device=None) -> Predictor:

@@ -16,46 +16,28 @@ a flipped copy's features when it predicts; the heatmap covers the photo as give
 
 from __future__ import annotations
 
-import io
-import re
 from bisect import bisect_right
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .bundle import Bundle
 from .data import build_transform
+from .explanation import Explanation, caption_words, to_photo_frame
 from .preprocess import Preprocess
 
-MAX_HEATMAP_SIDE = 768  # the page shows the photo smaller than this; the overlay stretches to fit it
 # Integration steps for the caption's words: one batch of this many captions forward and back. Eight
 # Gauss-Legendre steps keep a 64-token caption through MiniLM-L6 to about 0.4 s of one CPU core
 # (word occlusion, one caption per word, took three times as long).
 WORD_STEPS = 8
 
 
-@dataclass
-class Explanation:
-    """What ``explain`` found for one label; a side is None when its input is missing or unread."""
-
-    label_index: int
-    heatmap: np.ndarray | None = None  # (H, W) in [0, 1] over the photo as given (longest side capped)
-    heatmap_target: str | None = None  # which logit the heatmap explains
-    heatmap_logit: float | None = None
-    words: list[dict] | None = None  # {"text", "start", "end", "score"}; score None past the token limit
-    words_target: str | None = None  # which logit the word scores explain
-    words_logit: float | None = None
-    words_baseline_logit: float | None = None  # the logit of the caption with every word replaced by [PAD]
-
-
 def explain(bundle: Bundle, label_index: int, image: Image.Image | None, caption: str | None) -> Explanation:
     """Heatmap and word scores for label ``label_index`` of one photo and/or caption (RGB PIL image, str)."""
     net = bundle.net.eval()
     kind = bundle.config.kind
-    out = Explanation(label_index)
+    out = Explanation(label_index, method="gradients")
     caption = caption if caption and caption.strip() else None
     with torch.no_grad():
         context = _fixed_inputs(bundle, image, caption)
@@ -137,32 +119,7 @@ def _grad_cam(bundle: Bundle, part: str, label: int, image: Image.Image, context
         cam = LayerGradCam(logit, _cam_layer(net.image_encoder.backbone)).attribute(pixels, relu_attributions=True)
     with torch.no_grad():
         value = float(logit(pixels)[0])
-    return _to_photo_frame(cam.detach()[0, 0].float(), image.size, bundle.preprocessing), value
-
-
-def _to_photo_frame(cam: torch.Tensor, photo_size: tuple[int, int], preprocess: Preprocess | dict) -> np.ndarray:
-    """The feature-map heat (h, w) over the photo (H, W), normalised to [0, 1].
-
-    A squashed photo (crop_pct >= 1) maps whole; a centre crop maps onto the part of the photo the
-    model saw (``Preprocess.photo_box``), and the rest stays cold. The photo's longest side is capped at
-    ``MAX_HEATMAP_SIDE``.
-    """
-    width, height = photo_size
-    scale = min(1.0, MAX_HEATMAP_SIDE / max(width, height))
-    out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
-    left, top, right, bottom = Preprocess.of(preprocess).photo_box(width, height)
-    x0, y0 = min(round(left * scale), out_w - 1), min(round(top * scale), out_h - 1)
-    box_w = min(max(1, round((right - left) * scale)), out_w - x0)
-    box_h = min(max(1, round((bottom - top) * scale)), out_h - y0)
-    heat = np.zeros((out_h, out_w), dtype=np.float32)
-    up = F.interpolate(cam[None, None], size=(box_h, box_w), mode="bilinear", align_corners=False)[0, 0]
-    heat[y0 : y0 + box_h, x0 : x0 + box_w] = up.clamp(min=0).numpy()
-    peak = heat.max()
-    return heat / peak if peak > 0 else heat
-
-
-def _caption_words(caption: str) -> list[tuple[int, int]]:
-    return [m.span() for m in re.finditer(r"\S+", caption)]
+    return to_photo_frame(cam.detach()[0, 0].float().numpy(), image.size, bundle.preprocessing), value
 
 
 def _word_attributions(
@@ -198,7 +155,7 @@ def _word_attributions(
     token_scores = tokens.detach()[0].sum(-1)
     with torch.no_grad():
         value, base = float(logit(ids)[0]), float(logit(baseline)[0])
-    spans = _caption_words(caption)
+    spans = caption_words(caption)
     starts = [s for s, _ in spans]
     by_word: dict[int, float] = {}
     for (start, end), score, is_special in zip(
@@ -209,14 +166,3 @@ def _word_attributions(
             by_word[word] = by_word.get(word, 0.0) + score
     words = [{"text": caption[s:e], "start": s, "end": e, "score": by_word.get(i)} for i, (s, e) in enumerate(spans)]
     return words, value, base
-
-
-def heatmap_png(heat: np.ndarray, colormap: str = "jet", max_alpha: float = 0.6) -> bytes:
-    """The heatmap as an RGBA PNG to lay over the photo: colour from ``colormap``, opacity rising with heat."""
-    import matplotlib
-
-    rgba = matplotlib.colormaps[colormap](heat)
-    rgba[..., 3] = max_alpha * np.sqrt(heat)  # faint evidence stays visible, cold areas stay clear
-    buf = io.BytesIO()
-    Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA").save(buf, "PNG", optimize=True)
-    return buf.getvalue()

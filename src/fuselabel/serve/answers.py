@@ -62,7 +62,7 @@ def caption_read(read) -> dict | None:
 
 
 def explanation(model: FuseLabel, label_index: int, pred, expl) -> dict:
-    from ..explain import heatmap_png
+    from ..explanation import heatmap_png
 
     row = rows(model, pred)[0]
     heat = words = None
@@ -87,6 +87,7 @@ def explanation(model: FuseLabel, label_index: int, pred, expl) -> dict:
         "status": row["status"],
         "inputs": row["inputs"],
         "fusion": model.fusion_,
+        "method": expl.method,
         "heatmap": heat,
         "words": words,
     }

@@ -72,7 +72,7 @@ def create_app(
     metrics = Metrics()
     model, seconds = open_model(model_dir, cache_dir=cache_dir, feature_engine=feature_engine, num_workers=num_workers)
     metrics.model_load.set(seconds)
-    runner = Runner(model, num_workers, warm=settings.warm_explainer)
+    runner = Runner(model, num_workers, method=settings.explain_method, warm=settings.warm_explainer)
     decoder = Decoder(settings.decode_workers, model.preprocessing_, int(settings.max_megapixels * 1e6), metrics)
     label_ids = [str(lab) for lab in model.labels_]
 

@@ -66,15 +66,17 @@ def shown_settings(model: FuseLabel) -> dict:
 class Runner:
     """The threads the model works on. A request's rows are cut into one piece a worker (default: the usable
     cores, as ``fuselabel predict`` keeps them busy with its windows), run at once; the pieces of concurrent
-    requests share the workers in arrival order. Explanations run on one thread of their own, in turn: the
-    network's explanation hooks are shared. ``warm``: once the service has started (or after the first
-    prediction, whichever comes first), the explaining model loads and explains one made-up row on that thread,
-    so the first "why" a person asks for does not wait for it; opening the model itself stays free of torch."""
+    requests share the workers in arrival order. Explanations run on one thread of their own, in turn, by
+    ``method``: ``occlusion`` runs the predicting model itself, ready from the start; ``gradients`` needs the
+    PyTorch weights, whose hooks are shared. ``warm`` (``gradients`` only): once the service has started (or
+    after the first prediction, whichever comes first), those weights load and explain one made-up row on that
+    thread, so the first "why" a person asks for does not wait for them; opening the model stays free of torch."""
 
-    def __init__(self, model: FuseLabel, workers: int | None = None, *, warm: bool = False):
-        self.model, self.workers = model, workers or usable_cores()
+    def __init__(self, model: FuseLabel, workers: int | None = None, *, method: str = "occlusion", warm: bool = False):
+        self.model, self.workers, self.method = model, workers or usable_cores(), method
         self.warming = None  # the warm-up's future, once started
-        self._warm = warm and model.weights_sha256_ is not None  # an exported folder holds nothing to explain
+        # An exported folder holds no PyTorch weights to warm (it explains by occlusion only).
+        self._warm = warm and method == "gradients" and model.weights_sha256_ is not None
         self.predictor = model.predictor()
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="fuselabel-predict")
         self.explainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuselabel-explain")
@@ -97,6 +99,8 @@ class Runner:
 
     def explainer_state(self) -> str:
         """loading, ready or on first use (not warmed, or the warm-up failed): what /health says of /explain."""
+        if self.method == "occlusion":
+            return "ready"
         if self.warming is not None and not self.warming.done():
             return "loading"
         return "ready" if self.model.bundle_.net is not None else "on first use"
@@ -104,7 +108,7 @@ class Runner:
     def _warm_up(self) -> None:
         try:
             if not self._check_unchanged(raising=False):
-                self.model.explain(0, Image.new("RGB", (64, 64), "gray"), "a photo")
+                self.model.explain(0, Image.new("RGB", (64, 64), "gray"), "a photo", method="gradients")
         except Exception:  # a failed warm-up costs only speed: the first explanation tries again and says why
             log.exception("warming the explaining model failed")
 
@@ -113,10 +117,11 @@ class Runner:
         the service started with (they load now, on the first explanation)."""
 
         def both():
-            if self.model.bundle_.net is None:  # the weights load now: they must be those of the start
-                self._check_unchanged()
+            if self.method == "gradients" and self.model.bundle_.net is None:
+                self._check_unchanged()  # the weights load now: they must be those of the start
             try:
-                return self.predict([image], [caption]), self.model.explain(label_index, image, caption)
+                explained = self.model.explain(label_index, image, caption, method=self.method)
+                return self.predict([image], [caption]), explained
             except BundleError:
                 self._check_unchanged()
                 raise

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Body, File, Form
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import ServeSettings
+from ..config import ExplainMethod, ServeSettings
 
 MAX_CAPTION_CHARS = 10_000  # far beyond any token limit; keeps tokenising cheap
 # Standard base64 with its padding, optionally as a data: URL: what ``base64.b64decode(validate=True)`` takes.
@@ -114,7 +114,8 @@ class WordScore(BaseModel):
     start: int
     end: int
     score: float | None = Field(
-        description="share of the logit above an empty caption; null: past the model's token limit, not read"
+        description="occlusion: how far the logit falls when the word is left out; gradients: the word's share of "
+        "the logit above an empty caption; null: past the model's token limit, not read"
     )
 
 
@@ -131,6 +132,10 @@ class Explanation(BaseModel):
     status: str
     inputs: list[Literal["image", "caption"]]
     fusion: Fusion
+    method: ExplainMethod = Field(
+        description="occlusion: heat is how far the logit falls when that part of the photo is covered, run on the "
+        "model that predicted; gradients: Grad-CAM and integrated gradients on the PyTorch weights"
+    )
     heatmap: Heatmap | None
     words: Words | None
 

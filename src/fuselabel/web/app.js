@@ -398,16 +398,20 @@ function renderWhy(why) {
     $("why-heatmap").hidden = $("heatmap").hidden;
     const imageHead = why.label.parts.image;
     const strength = imageHead === undefined ? "" : ` The photo head gives this label ${percent(imageHead)}.`;
-    $("heat-target").textContent = `Grad-CAM of the ${why.heatmap.target}: warm areas raised it. The shading is `
-      + `relative: its strongest spot is always full strength, however weak the evidence.${strength}`;
+    const how = why.method === "occlusion"
+      ? `Each of 7 × 7 parts of the photo covered in turn: warm parts are those whose covering lowered the `
+        + `${why.heatmap.target} most.`
+      : `Grad-CAM of the ${why.heatmap.target}: warm areas raised it.`;
+    $("heat-target").textContent = `${how} The shading is relative: its strongest spot is always full strength, `
+      + `however weak the evidence.${strength}`;
   } else {
     hideHeatmap();
   }
   $("why-words").hidden = !why.words;
-  if (why.words) renderWords(why.words);
+  if (why.words) renderWords(why.words, why.method);
 }
 
-function renderWords(words) {
+function renderWords(words, method) {
   const scale = Math.max(1e-6, ...words.items.map((w) => Math.abs(w.score || 0)));
   const caption = state.sent.caption;
   const parts = [];
@@ -433,8 +437,10 @@ function renderWords(words) {
   if (at < caption.length) parts.push(document.createTextNode(caption.slice(at)));
   $("words").replaceChildren(...parts);
   const read = words.items.filter((w) => w.score !== null).length;
-  $("words-target").textContent = `Each word's share of the ${words.target} above an empty caption `
-    + "(integrated gradients): red raised the label, blue lowered it; shading relative to the strongest word."
+  $("words-target").textContent = (method === "occlusion"
+    ? `Each word left out in turn: how far the ${words.target} fell without it. `
+    : `Each word's share of the ${words.target} above an empty caption (integrated gradients): `)
+    + "red raised the label, blue lowered it; shading relative to the strongest word."
     + (read < words.items.length
       ? ` The model read ${read} of the caption's ${words.items.length} words: struck-through words were past its `
         + "token limit and not read."

@@ -1,0 +1,110 @@
+"""How soon does a freshly started service answer its first "why"?
+
+    python benchmarks/first_why.py --model MODEL_DIR --data DIR --csv ROWS.csv [--repeats 3]
+
+For each explanation method (``occlusion``, the default, and ``gradients``) launches ``fuselabel serve MODEL
+--explain-method M`` with its other defaults, waits for ``/health`` to answer, then does what the page does for
+a person in a hurry: one ``/predict`` of a row (photo and caption) and, the moment it answers, one ``/explain``
+of that row's most probable label. Prints the seconds from launch to ``/health``, the seconds of that first
+``/explain`` and when it ended (from launch), then a second ``/explain`` of another row (warm). The methods
+alternate over ``--repeats`` launches and each figure is a median. Ends with lines ``WHY_<METHOD> ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+
+from fuselabel.records import read_records, resolve_data
+
+METHODS = ("occlusion", "gradients")
+
+
+def _launch(model, method: str):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "fuselabel.cli", "serve", str(model), "--port", str(port), "--explain-method", method]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}", t0
+
+
+def _wait_health(proc, base: str, t0: float) -> float:
+    while True:
+        try:
+            json.loads(urllib.request.urlopen(base + "/health", timeout=2).read())
+            return time.perf_counter() - t0
+        except OSError:
+            if proc.poll() is not None or time.perf_counter() - t0 > 300:
+                raise SystemExit(f"the service did not start ({' '.join(proc.args)})") from None
+            time.sleep(0.02)
+
+
+def _why(base: str, row, image_dir: Path, predict: bool) -> float:
+    """Seconds of one /explain of the row's most probable label (after a /predict of it when ``predict``)."""
+    files = {"image": (row.image_id, (image_dir / row.image_id).read_bytes(), "image/jpeg")}
+    if predict:
+        answer = httpx.post(base + "/predict", data={"caption": row.caption}, files=files, timeout=120)
+        label = answer.raise_for_status().json()["labels"][0]["id"]
+    else:
+        label = httpx.get(base + "/labels").json()["labels"][0]["id"]
+    t0 = time.perf_counter()
+    httpx.post(
+        base + "/explain", data={"caption": row.caption, "label": label}, files=files, timeout=300
+    ).raise_for_status()
+    return time.perf_counter() - t0
+
+
+def one_launch(model, method: str, rows, image_dir: Path) -> dict:
+    proc, base, t0 = _launch(model, method)
+    try:
+        health = _wait_health(proc, base, t0)
+        first = _why(base, rows[0], image_dir, predict=True)
+        ended = time.perf_counter() - t0
+        return {"health": health, "first": first, "ended": ended, "warm": _why(base, rows[1], image_dir, False)}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="model folder")
+    ap.add_argument("--data", required=True, help="data folder (its images)")
+    ap.add_argument("--csv", required=True, help="rows whose photos and captions to explain (the first two)")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    image_dir, csv = resolve_data(args.data, args.csv)
+    rows = [r for r in read_records(csv).records if (Path(image_dir) / r.image_id).is_file()][:2]
+    if len(rows) < 2:
+        raise SystemExit(f"{args.csv}: fewer than two rows with a photo in {image_dir}")
+    # The first launch exports the model's ONNX copy into the cache if it is not there yet: not timed.
+    one_launch(args.model, "occlusion", rows, Path(image_dir))
+    runs = {m: [] for m in METHODS}
+    for i in range(args.repeats):
+        for method in METHODS if i % 2 == 0 else METHODS[::-1]:
+            runs[method].append(one_launch(args.model, method, rows, Path(image_dir)))
+            print(method, {k: round(v, 2) for k, v in runs[method][-1].items()}, flush=True)
+    for method, got in runs.items():
+        med = {k: statistics.median(r[k] for r in got) for k in got[0]}
+        print(
+            f"WHY_{method.upper()} /health {med['health']:.2f} s after launch; the first /explain (right after the "
+            f"first /predict) {med['first']:.2f} s, answered {med['ended']:.2f} s after launch; warm {med['warm']:.2f}"
+            f" s (medians of {len(got)} launches)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
