@@ -117,7 +117,8 @@ def test_predict_and_explain_in_the_page(service, browser, source, viewport, tmp
     assert page.locator("#predicted .chip").all_inner_texts() == [
         lab["name"] for lab in by_probability if lab["predicted"]
     ]
-    assert all(ROUNDED.match(v) for v in page.locator("#bars .bar-value").all_inner_texts())
+    values = [v.splitlines()[0] for v in page.locator("#bars .bar-value").all_inner_texts()]
+    assert all(ROUNDED.match(v) for v in values), values
     assert page.locator("#bars .bar-row.predicted").count() == len(expected["predicted"])
     assert page.locator("#bars .bar-threshold").count() == len(expected["labels"])
 
@@ -157,6 +158,40 @@ def test_predict_and_explain_in_the_page(service, browser, source, viewport, tmp
 
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert (tmp_path / "page.png").stat().st_size > 0
+    page.close()
+
+
+@pytest.mark.parametrize("viewport", ["desktop", "phone"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_thresholds_and_the_models_figures_are_in_view_without_hovering(service, browser, viewport, shared):
+    """A phone shows no tooltips: the legend gives a threshold every label shares, or each bar its own; the header's
+    validation figure names its rows and shows the macro F1 beside the mean."""
+    url, image_dir = service
+    page = _open(browser, url, viewport)
+    validation = httpx.get(f"{url}/info").json()["validation"]
+    header = page.locator("#model-id").inner_text()
+    assert f"validation mean F1 {validation['mean_f1']:.3f}" in header
+    assert f"macro {validation['macro_f1']:.3f}" in header and f"on {validation['rows']:,} rows" in header
+
+    def own_thresholds(route):
+        answer = route.fetch().json()
+        for i, lab in enumerate(answer["labels"]):
+            lab["threshold"] = 0.2 + 0.1 * i
+        route.fulfill(json=answer)
+
+    if not shared:
+        page.route("**/predict", own_thresholds)
+    _predict(page, image_dir / "5.jpg", CAPTION)
+    legend = page.locator(".legend").first.inner_text()
+    figures = page.locator("#bars .bar-threshold-value").all_inner_texts()
+    if shared:
+        threshold = httpx.get(f"{url}/labels").json()["labels"][0]["threshold"]
+        assert f"{_percent(threshold)} for every label" in legend and figures == []
+    else:
+        assert "its figure under the probability" in legend
+        names = page.locator("#bars .bar-name").all_inner_texts()
+        assert len(figures) == len(names) and all(f.startswith("≥ ") and ROUNDED.match(f[2:]) for f in figures)
+    assert not page.errors
     page.close()
 
 

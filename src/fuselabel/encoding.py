@@ -126,7 +126,7 @@ def image_window(
         idx = [i for i in range(start, min(start + batch_size, n)) if pixels[i] is not None]
         if not idx:
             continue
-        x = np.stack([pixels[i] for i in idx])
+        x = pixels[idx[0]][None] if len(idx) == 1 else np.stack([pixels[i] for i in idx])  # a run of one: no copy
         f = engine.image_features(normalise(x, table))
         if engine.tta_flip:
             # Flipping commutes with the per-pixel normalisation, so the uint8 photo is flipped.

@@ -260,9 +260,9 @@ class Predictor:
                 f, p, e = image
                 image_present[lo : lo + len(p)], errors[lo : lo + len(e)] = p, e
                 if f is not None:
-                    feats.setdefault("image_feat", np.zeros((n, f.shape[1]), np.float32))[lo : lo + len(f)] = f
+                    _rows_of(feats, "image_feat", n, f.shape[1])[lo : lo + len(f)] = f
             if text is not None:
-                feats.setdefault("text_feat", np.zeros((n, text.shape[1]), np.float32))[lo + idx] = text
+                _rows_of(feats, "text_feat", n, text.shape[1])[lo + idx] = text
         texts_cut = getattr(self.engine, "texts_cut", 0) - cut_before
         if self.strict:
             self._check_strict(image_present, caption_present, errors, row_names, kind)
@@ -395,6 +395,13 @@ class Predictor:
     def _chunk(self, chunk, image_dir, names_iter) -> Prediction:
         names = [next(names_iter) for _ in chunk] if names_iter is not None else None
         return self.predict([r[0] for r in chunk], [r[1] for r in chunk], image_dir=image_dir, row_names=names)
+
+
+def _rows_of(feats: dict, key: str, n: int, dim: int) -> np.ndarray:
+    """``feats[key]``, made (n, dim) zeros on first use (once: a chunk has 32 pieces, each of 2.6 MB zeros)."""
+    if key not in feats:
+        feats[key] = np.zeros((n, dim), np.float32)
+    return feats[key]
 
 
 def _untruncated(tokenizer):

@@ -204,6 +204,11 @@ function renderResult(result) {
     return chip;
   }));
   state.rows = rows;
+  // Thresholds in plain view (a phone shows no tooltips): one figure when every label shares it, else each row's.
+  const thresholds = new Set(rows.map((lab) => lab.threshold));
+  state.oneThreshold = thresholds.size === 1;
+  $("threshold-legend").textContent = state.oneThreshold
+    ? `, ${percent(rows[0].threshold)} for every label` : " (its figure under the probability)";
   drawBars();
   showContributions(result);
 }
@@ -323,6 +328,12 @@ function barRow(lab) {
   const value = document.createElement("span");
   value.className = "bar-value";
   value.textContent = percent(lab.probability);
+  if (!state.oneThreshold) {
+    const threshold = document.createElement("span");
+    threshold.className = "bar-threshold-value";
+    threshold.textContent = `≥ ${percent(lab.threshold)}`;
+    value.append(threshold);
+  }
   const why = document.createElement("button");
   why.type = "button";
   why.className = "why-button";
@@ -438,7 +449,7 @@ function renderWords(words, method) {
   $("words").replaceChildren(...parts);
   const read = words.items.filter((w) => w.score !== null).length;
   $("words-target").textContent = (method === "occlusion"
-    ? `Each word left out in turn: how far the ${words.target} fell without it. `
+    ? `Each word left out in turn, and how far the ${words.target} fell without it: `
     : `Each word's share of the ${words.target} above an empty caption (integrated gradients): `)
     + "red raised the label, blue lowered it; shading relative to the strongest word."
     + (read < words.items.length
@@ -456,8 +467,16 @@ async function showModel() {
     if (!response.ok) return;  // no key yet: the model's name waits for it
     const info = await response.json();
     if (info.limits) state.limits = info.limits;
-    const f1 = info.validation && info.validation.mean_f1;
-    $("model-id").textContent = info.model + (f1 ? ` · validation mean F1 ${f1.toFixed(3)}` : "");
+    // A figure names its basis: the macro F1 beside the mean, and the validation rows both come from.
+    const v = info.validation || {};
+    let figure = "";
+    if (v.mean_f1 != null) {
+      const basis = [];
+      if (v.macro_f1 != null) basis.push(`macro ${v.macro_f1.toFixed(3)}`);
+      if (v.rows) basis.push(`on ${v.rows.toLocaleString("en")} rows`);
+      figure = ` · validation mean F1 ${v.mean_f1.toFixed(3)}` + (basis.length ? ` (${basis.join(", ")})` : "");
+    }
+    $("model-id").textContent = info.model + figure;
   } catch (err) { /* the page works without it */ }
 }
 
