@@ -102,3 +102,24 @@ def test_words_past_the_token_limit_are_not_scored(tiny_model):
     reading = model.predictor().read_caption(caption)
     scored = [w["score"] is not None for w in words]
     assert len(words) == 200 and sum(scored) == reading.words_read and scored == sorted(scored, reverse=True)
+
+
+class EarlyQuadrantEngine(QuadrantEngine):
+    """The same evidence through early fusion's one head, which reads both inputs at once."""
+
+    kind = "early"
+
+    def heads(self, feats):
+        z = 3 * feats["image_feat"] * feats["image_present"][:, None] + (2 * feats["text_feat"] - 1)
+        return {"early": 1 / (1 + np.exp(-z))}
+
+
+def test_early_fusion_holds_the_other_input_at_its_value():
+    photo = Image.new("RGB", (40, 40), "white")
+    result = explain(Predictor(EarlyQuadrantEngine(), ["1"], [0.5]), 0, photo, "one dog")
+    both = 3 * np.float32((1 - 0.485) / 0.229) + 1  # the photo's part and one dog's
+    assert result.heatmap_target == result.words_target == "early head logit"
+    assert result.heatmap_logit == pytest.approx(both, abs=1e-4) and result.words_logit == pytest.approx(both, abs=1e-4)
+    assert [w["score"] for w in result.words] == pytest.approx([0, 2], abs=1e-4)
+    assert result.words_baseline_logit == pytest.approx(both - 2, abs=1e-4)
+    assert result.heatmap[:10, 30:].min() > 0.5 and result.heatmap[30:, :].max() == 0

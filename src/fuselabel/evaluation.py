@@ -3,7 +3,9 @@ label the model never saw counts, and what the report says besides the figures."
 
 from __future__ import annotations
 
+import importlib
 import logging
+import threading
 
 import numpy as np
 
@@ -30,18 +32,30 @@ def split_rows(bundle, records: list, split: str) -> list:
     return chosen
 
 
+def _import_quietly(name: str) -> None:
+    """Import ``name`` ahead of its use; a failure is left for that use to raise, with its own traceback."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+
+
 def evaluate_records(predictor: Predictor, bundle, records, images, split: str = "all") -> dict:
     """The metrics report of ``predictor`` (the model of ``bundle``) on a labelled RecordSet's rows.
 
     A label the model never saw counts as missed on every row that holds it (and is named once in a
     warning), so the figure is what the model would score on these rows.
     """
+    # scikit-learn's import (about a second) overlaps the prediction, whose encoders run outside the GIL.
+    metrics_import = threading.Thread(target=_import_quietly, args=("sklearn.metrics",), daemon=True)
+    metrics_import.start()
     rows = split_rows(bundle, records.records, split)
     names = (records.row_name(r) for r in rows)
     chunks = list(
         predictor.iter_predict(((r.image_id or None, r.caption) for r in rows), image_dir=images, names=names)
     )
     p = Prediction.concat(chunks)
+    metrics_import.join()
     tokens = list(bundle.labels)
     unseen = sort_labels(set(label_vocabulary(r.labels for r in rows)) - set(tokens))
     predicted = p.predicted
