@@ -59,7 +59,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             got[method] = model.explain(label, photo, row.caption, method=method)
             secs[method].append(time.perf_counter() - t0)
-            p = float(pred.parts["image"][0, label]) if "image" in pred.parts else None
+            p = float(np.clip(pred.parts["image"][0, label], 2**-24, 1 - 2**-24)) if "image" in pred.parts else None
             if p is not None and got[method].heatmap_logit is not None:
                 logit_gap[method].append(abs(got[method].heatmap_logit - np.log(p / (1 - p))))
         a, b = got["occlusion"], got["gradients"]

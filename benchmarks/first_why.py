@@ -5,7 +5,7 @@
 For each explanation method (``occlusion``, the default, and ``gradients``) launches ``fuselabel serve MODEL
 --explain-method M`` with its other defaults, waits for ``/health`` to answer, then does what the page does for
 a person in a hurry: one ``/predict`` of a row (photo and caption) and, the moment it answers, one ``/explain``
-of that row's most probable label. Prints the seconds from launch to ``/health``, the seconds of that first
+of that row for the model's first label. Prints the seconds from launch to ``/health``, the seconds of that first
 ``/explain`` and when it ended (from launch), then a second ``/explain`` of another row (warm). The methods
 alternate over ``--repeats`` launches and each figure is a median. Ends with lines ``WHY_<METHOD> ...``.
 """
@@ -13,66 +13,31 @@ alternate over ``--repeats`` launches and each figure is a median. Ends with lin
 from __future__ import annotations
 
 import argparse
-import json
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
-import httpx
+from predict_limit import launch_service, service_health, why_seconds
 
 from fuselabel.records import read_records, resolve_data
 
 METHODS = ("occlusion", "gradients")
 
 
-def _launch(model, method: str):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    cmd = [sys.executable, "-m", "fuselabel.cli", "serve", str(model), "--port", str(port), "--explain-method", method]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, f"http://127.0.0.1:{port}", t0
-
-
-def _wait_health(proc, base: str, t0: float) -> float:
-    while True:
-        try:
-            json.loads(urllib.request.urlopen(base + "/health", timeout=2).read())
-            return time.perf_counter() - t0
-        except OSError:
-            if proc.poll() is not None or time.perf_counter() - t0 > 300:
-                raise SystemExit(f"the service did not start ({' '.join(proc.args)})") from None
-            time.sleep(0.02)
-
-
-def _why(base: str, row, image_dir: Path, predict: bool) -> float:
-    """Seconds of one /explain of the row's most probable label (after a /predict of it when ``predict``)."""
-    files = {"image": (row.image_id, (image_dir / row.image_id).read_bytes(), "image/jpeg")}
-    if predict:
-        answer = httpx.post(base + "/predict", data={"caption": row.caption}, files=files, timeout=120)
-        label = answer.raise_for_status().json()["labels"][0]["id"]
-    else:
-        label = httpx.get(base + "/labels").json()["labels"][0]["id"]
-    t0 = time.perf_counter()
-    httpx.post(
-        base + "/explain", data={"caption": row.caption, "label": label}, files=files, timeout=300
-    ).raise_for_status()
-    return time.perf_counter() - t0
-
-
 def one_launch(model, method: str, rows, image_dir: Path) -> dict:
-    proc, base, t0 = _launch(model, method)
+    proc, base, t0 = launch_service(model, "--explain-method", method)
     try:
-        health = _wait_health(proc, base, t0)
-        first = _why(base, rows[0], image_dir, predict=True)
+        service_health(proc, base, t0)
+        health = time.perf_counter() - t0
+        first = why_seconds(base, rows[0], image_dir)
         ended = time.perf_counter() - t0
-        return {"health": health, "first": first, "ended": ended, "warm": _why(base, rows[1], image_dir, False)}
+        return {
+            "health": health,
+            "first": first,
+            "ended": ended,
+            "warm": why_seconds(base, rows[1], image_dir, predict=False),
+        }
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)

@@ -193,7 +193,7 @@ def evaluate_wall(model, data, csv: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _first_why(base: str, row, image_dir, predict: bool = True) -> float:
+def why_seconds(base: str, row, image_dir, predict: bool = True) -> float:
     """Seconds of one /explain of ``row``'s first label (after one /predict of it, as a user of the page would)."""
     import httpx
 
@@ -208,36 +208,36 @@ def _first_why(base: str, row, image_dir, predict: bool = True) -> float:
     return time.perf_counter() - t0
 
 
-def _launch(model):
-    """``fuselabel serve MODEL`` with its defaults on a free port: (process, base URL, launch time)."""
+def launch_service(model, *flags: str):
+    """``fuselabel serve MODEL`` with its defaults (but ``flags``) on a free port: (process, base URL, launch time)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    cmd = [sys.executable, "-m", "fuselabel.cli", "serve", str(model), "--port", str(port)]
+    cmd = [sys.executable, "-m", "fuselabel.cli", "serve", str(model), "--port", str(port), *flags]
     t0 = time.perf_counter()
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}", t0
 
 
-def _health(proc, base: str, t0: float) -> dict:
-    """/health's answer, once the service gives one."""
+def service_health(proc, base: str, t0: float) -> dict:
+    """/health's answer, once the service gives one (asked every 20 ms)."""
     while True:
         try:
             return json.loads(urllib.request.urlopen(base + "/health", timeout=2).read())
         except OSError:
             if proc.poll() is not None or time.perf_counter() - t0 > 300:
                 raise SystemExit(f"the service did not start ({' '.join(proc.args)})") from None
-            time.sleep(0.1)
+            time.sleep(0.02)
 
 
 def warm_timeline(model, rows, image_dir) -> tuple[float, float]:
     """(seconds from launching the service until /health says its explaining model is ready, seconds of the first
     /explain after a /predict once it is): a person's first "why" on the page."""
-    proc, base, t0 = _launch(model)
+    proc, base, t0 = launch_service(model)
     try:
-        while _health(proc, base, t0).get("explainer") == "loading":
+        while service_health(proc, base, t0).get("explainer") == "loading":
             time.sleep(0.05)
         ready = time.perf_counter() - t0
-        return ready, _first_why(base, rows[2], image_dir)
+        return ready, why_seconds(base, rows[2], image_dir)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -246,11 +246,11 @@ def warm_timeline(model, rows, image_dir) -> tuple[float, float]:
 def service_rate(model, rows, image_dir, batch: int = 32) -> tuple[float, float]:
     """(seconds from launching ``fuselabel serve`` with its defaults until /health answers, rows/s of one client
     sending the rows as /predict/batch requests of ``batch`` rows, one after another)."""
-    proc, base, t0 = _launch(model)
+    proc, base, t0 = launch_service(model)
     try:
-        _health(proc, base, t0)
+        service_health(proc, base, t0)
         start = time.perf_counter() - t0
-        first_why = _first_why(base, rows[0], image_dir)
+        first_why = why_seconds(base, rows[0], image_dir)
         bodies = []
         for lo in range(0, len(rows), batch):
             items = []
@@ -267,7 +267,7 @@ def service_rate(model, rows, image_dir, batch: int = 32) -> tuple[float, float]
         rate = len(rows) / (time.perf_counter() - t1)
         print(
             f"WHY the first /explain after the first /predict: {first_why:.2f} s; another after the batches: "
-            f"{_first_why(base, rows[1], image_dir, predict=False):.2f} s"
+            f"{why_seconds(base, rows[1], image_dir, predict=False):.2f} s"
         )
         return start, rate
     finally:
