@@ -433,11 +433,11 @@ def test_train_leaves_the_exported_copy_and_a_failed_export_falls_back(
     trained, tmp_path, capsys, caplog, monkeypatch, session_cache
 ):
     import fuselabel.export
-    from fuselabel.predict import exported_folder
+    from fuselabel.onnx_folder import exported_location
 
     image_dir, csv, model = trained
     # Training on a CPU made the copy `predict` runs from, so its first run starts without PyTorch too.
-    assert (exported_folder(model, session_cache) / "manifest.json").is_file()
+    assert (exported_location(model, session_cache) / "manifest.json").is_file()
     code, out, _ = _run(
         capsys,
         "predict",

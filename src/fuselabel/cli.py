@@ -56,7 +56,7 @@ def cmd_train(args) -> None:
         run = dict(label_names=args.label_names, work_dir=args.work_dir, resume=args.resume, val=args.val_csv)
         where = image_dir(args, images, records)
         result = fit(config, where, records, args.out, progress=_progress(args), columns=columns(args), **run)
-    from .runtime import gpu_driver_present
+    from .encoding import gpu_driver_present
 
     if result is not None and not gpu_driver_present():
         # `predict`, `evaluate` and `serve` on a CPU run from the exported copy: made now (seconds), the first
@@ -108,7 +108,7 @@ def _processes(devices, accelerator: str) -> int:
 
 def _one_cpu(args) -> bool:
     """One process on the CPU: a model folder can then run from its exported ONNX copy (no torch to load)."""
-    from .runtime import gpu_driver_present
+    from .encoding import gpu_driver_present
 
     device = args.device or ("cuda" if gpu_driver_present() else "cpu")
     return (

@@ -55,6 +55,12 @@ class Engine(Protocol):
     def heads(self, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+def gpu_driver_present() -> bool:
+    """Whether an NVIDIA driver is loaded, told without importing torch: where one is, torch's default device
+    is cuda, so a model runs there rather than from its exported copy on the CPU."""
+    return os.path.exists("/proc/driver/nvidia/version")
+
+
 def usable_cores() -> int:
     """How many cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers)."""
     try:

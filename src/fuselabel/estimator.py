@@ -24,26 +24,22 @@ import numpy as np
 
 from .bundle import Bundle, BundleError
 from .config import Config, ExplainMethod, build_config, check_keys
+from .encoding import gpu_driver_present
 from .images import ImageInput
 from .inputs import Target, as_matrix, column_keywords, prediction_rows, training_rows
+from .labels import as_user_labels
 from .onnx_folder import EXPORTED_SETTINGS
-from .runtime import Prediction, Predictor, describe_fusion, gpu_driver_present
+from .runtime import Prediction, Predictor, describe_fusion
 
 log = logging.getLogger(__name__)
-
-
-def _as_labels(tokens: Sequence[str]) -> list:
-    """Label tokens as the user's labels: ints when every one is an integer."""
-    return [int(t) for t in tokens] if all(t.lstrip("-").isdigit() for t in tokens) else list(tokens)
 
 
 def _exported_copy(model_dir: Path, cache_dir) -> Path | None:
     """The model folder's exported ONNX copy in the cache, exported first when missing (None: there is none, and
     the PyTorch model predicts)."""
-    from .cache import default_cache_dir
     from .onnx_folder import exported_location, is_onnx_folder
 
-    folder = exported_location(model_dir, default_cache_dir(cache_dir))
+    folder = exported_location(model_dir, cache_dir)
     if folder is None or is_onnx_folder(folder):
         return folder
     from .export import export_cached  # imports torch: only while the copy is missing
@@ -120,7 +116,7 @@ class FuseLabel:
     @property
     def labels_(self) -> list:
         """The model's output columns: labels as in the training data (ints when every label is an integer)."""
-        return _as_labels(self._fitted().labels)
+        return as_user_labels(self._fitted().labels)
 
     @property
     def classes_(self) -> np.ndarray:
@@ -128,7 +124,7 @@ class FuseLabel:
         matrix's columns then, else ``labels_``."""
         self._check_fitted()
         target = self._target_form()
-        return np.asarray(_as_labels(target.columns) if target.form == "matrix" else self.labels_, dtype=object)
+        return np.asarray(as_user_labels(target.columns) if target.form == "matrix" else self.labels_, dtype=object)
 
     @property
     def label_names_(self) -> list[str]:
@@ -338,11 +334,9 @@ class FuseLabel:
             return True
 
     def explain(self, label_index: int, image=None, caption: str | None = None, method: ExplainMethod = "occlusion"):
-        """Why the model gave label ``labels_[label_index]`` its probability on one row (a PIL photo, a
-        caption; either may be None): an ``explanation.Explanation``, a heatmap over the photo and a score per
-        caption word. ``method``: ``occlusion`` covers parts of the inputs and runs the model as it predicts
-        (no PyTorch needed, exported folders too); ``gradients`` is Grad-CAM and integrated gradients on the
-        PyTorch weights, which load on first use (``torch_bundle``)."""
+        """Why label ``labels_[label_index]`` got its probability on one row (a PIL photo, a caption; either may be
+        None): an ``explanation.Explanation``. ``occlusion`` covers parts of the inputs on the engine that predicts
+        (no PyTorch); ``gradients``: Grad-CAM and integrated gradients on the PyTorch weights, loaded on first use."""
         if method == "occlusion":
             from .occlusion import explain as by_occlusion
 

@@ -289,11 +289,10 @@ def export_cached(model_dir, cache_dir=None) -> Path | None:
     """A model folder's exported ONNX copy in the cache folder, exported on first use; `predict`, `evaluate`
     and `serve` on a CPU run from it. None: no copy, and the PyTorch model runs instead (a folder without
     file hashes, which cannot be recognised later, or one whose network ONNX cannot express; said once)."""
-    from .cache import default_cache_dir
     from .onnx_folder import exported_location, is_onnx_folder
     from .writers import file_lock
 
-    folder = exported_location(model_dir, default_cache_dir(cache_dir))
+    folder = exported_location(model_dir, cache_dir)
     if folder is None or is_onnx_folder(folder):
         return folder
     # Processes starting together (a service's workers, parallel jobs): one exports, the others wait for it.

@@ -187,6 +187,11 @@ def label_sep_minority(fields: Sequence[str | None], sep: str | None) -> list[in
     ]
 
 
+def as_user_labels(tokens: Sequence[str]) -> list:
+    """Label tokens as the user's labels: ints when every one is an integer."""
+    return [int(t) for t in tokens] if all(t.lstrip("-").isdigit() for t in tokens) else list(tokens)
+
+
 def sort_labels(tokens: Iterable[str]) -> list[str]:
     """Label tokens in vocabulary order: numerically when all are integers, else lexicographically."""
     tokens = list(tokens)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
+from .cache import default_cache_dir
 from .config import Config
 from .encoding import ORT_IMAGE_BATCH, encode_by_length, session
 from .runtime import Predictor
@@ -99,14 +100,15 @@ def is_onnx_folder(path) -> bool:
     return (Path(path) / MANIFEST).is_file() and not (Path(path) / "model.safetensors").exists()
 
 
-def exported_location(model_dir, cache_root) -> Path | None:
-    """The folder under ``cache_root`` for a model folder's exported ONNX copy, named by the hashes of the model's
-    files (``sha256.json``) and the ONNX folder format; None for a model folder without file hashes."""
+def exported_location(model_dir, cache_dir=None) -> Path | None:
+    """Where a model folder's exported ONNX copy is kept in the cache folder (``cache.default_cache_dir``), named by
+    the hashes of the model's files (``sha256.json``) and the ONNX folder format; None for a model folder without
+    file hashes (too old to be recognised later)."""
     hashes = Path(model_dir) / "sha256.json"
     if not hashes.is_file():
         return None
     key = hashlib.sha256(hashes.read_bytes() + f":{ONNX_FORMAT_VERSION}".encode()).hexdigest()[:20]
-    return Path(cache_root) / "exported" / key
+    return default_cache_dir(cache_dir) / "exported" / key
 
 
 def load_onnx_predictor(folder, *, threads: int | None = None, **options) -> tuple[Predictor, OnnxFolderEngine]:

@@ -46,14 +46,6 @@ from .writers import (
 log = logging.getLogger(__name__)
 
 
-def exported_folder(model_dir, cache_dir=None) -> Path | None:
-    """Where a model folder's exported ONNX copy is kept in the cache (None: a folder too old to have file hashes)."""
-    from .cache import default_cache_dir
-    from .onnx_folder import exported_location
-
-    return exported_location(model_dir, default_cache_dir(cache_dir))
-
-
 def _save_part(folder: Path, index: int, chunk: RecordSet, p: Prediction) -> None:
     code = np.asarray([STATUSES.index(s) for s in p.status], dtype=np.int8)
     ids = np.asarray([r.id for r in chunk.records], dtype=str)  # the merge writes them: the table is not read again

@@ -14,7 +14,6 @@ probabilities (NaN) and no labels. ``strict=True`` makes any missing input an er
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -176,12 +175,6 @@ def uses_image(kind: str) -> bool:
 
 def uses_text(kind: str) -> bool:
     return kind in ("text", "early", "late")
-
-
-def gpu_driver_present() -> bool:
-    """Whether an NVIDIA driver is loaded, told without importing torch: where one is, torch's default device
-    is cuda, so a model runs there rather than from its exported copy on the CPU."""
-    return os.path.exists("/proc/driver/nvidia/version")
 
 
 class Predictor:
