@@ -120,6 +120,15 @@ def read_photos_uint8(
     return [d[0] for d in done], [d[1] for d in done]
 
 
+def image_features(engine: Engine, pixels: np.ndarray) -> np.ndarray:
+    """Features of one run of normalised photos (N, 3, H, W); a ``tta_flip`` model's average with their mirror
+    images (flipping commutes with the per-pixel normalisation)."""
+    f = engine.image_features(pixels)
+    if engine.tta_flip:
+        f = (f + engine.image_features(np.ascontiguousarray(pixels[..., ::-1]))) / 2
+    return f
+
+
 def image_window(
     engine: Engine, images: Sequence[ImageInput], image_dir, batch_size: int, table
 ) -> tuple[np.ndarray | None, np.ndarray, list[str | None]]:
@@ -132,11 +141,7 @@ def image_window(
         idx = [i for i in range(start, min(start + batch_size, n)) if pixels[i] is not None]
         if not idx:
             continue
-        x = pixels[idx[0]][None] if len(idx) == 1 else np.stack([pixels[i] for i in idx])  # a run of one: no copy
-        f = engine.image_features(normalise(x, table))
-        if engine.tta_flip:
-            # Flipping commutes with the per-pixel normalisation, so the uint8 photo is flipped.
-            f = (f + engine.image_features(normalise(x[..., ::-1], table))) / 2
+        f = image_features(engine, normalise(np.stack([pixels[i] for i in idx]), table))
         if out is None:
             out = np.zeros((n, f.shape[1]), dtype=np.float32)
         out[idx] = f

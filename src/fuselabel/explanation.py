@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from .config import ExplainMethod
 from .preprocess import Preprocess
@@ -50,7 +51,7 @@ def to_photo_frame(cam, photo_size: tuple[int, int], preprocess: Preprocess | di
     model saw (``Preprocess.photo_box``), and the rest stays cold. The photo's longest side is capped at
     ``MAX_HEATMAP_SIDE``.
     """
-    cam = np.asarray(cam, dtype=np.float32)
+    cam = np.ascontiguousarray(cam, dtype=np.float32)
     width, height = photo_size
     scale = min(1.0, MAX_HEATMAP_SIDE / max(width, height))
     out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
@@ -59,29 +60,16 @@ def to_photo_frame(cam, photo_size: tuple[int, int], preprocess: Preprocess | di
     box_w = min(max(1, round((right - left) * scale)), out_w - x0)
     box_h = min(max(1, round((bottom - top) * scale)), out_h - y0)
     heat = np.zeros((out_h, out_w), dtype=np.float32)
-    heat[y0 : y0 + box_h, x0 : x0 + box_w] = np.maximum(_bilinear(cam, box_h, box_w), 0)
+    # Pillow's bilinear filter: cell centres on pixel centres (as torch's align_corners=False) when enlarging.
+    up = Image.fromarray(cam, "F").resize((box_w, box_h), Image.Resampling.BILINEAR)
+    heat[y0 : y0 + box_h, x0 : x0 + box_w] = np.maximum(np.asarray(up), 0)
     peak = heat.max()
     return heat / peak if peak > 0 else heat
-
-
-def _bilinear(grid: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``grid`` resized bilinearly to (height, width), cell centres on pixel centres (align_corners=False)."""
-
-    def axis(n_in: int, n_out: int):
-        pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
-        lo = np.floor(pos).astype(int)
-        hi = np.minimum(lo + 1, n_in - 1)
-        return lo, hi, (pos - lo).astype(np.float32)
-
-    (r0, r1, fr), (c0, c1, fc) = axis(grid.shape[0], height), axis(grid.shape[1], width)
-    rows = grid[r0] * (1 - fr)[:, None] + grid[r1] * fr[:, None]
-    return rows[:, c0] * (1 - fc) + rows[:, c1] * fc
 
 
 def heatmap_png(heat: np.ndarray, colormap: str = "jet", max_alpha: float = 0.6) -> bytes:
     """The heatmap as an RGBA PNG to lay over the photo: colour from ``colormap``, opacity rising with heat."""
     import matplotlib
-    from PIL import Image
 
     rgba = matplotlib.colormaps[colormap](heat)
     rgba[..., 3] = max_alpha * np.sqrt(heat)  # faint evidence stays visible, cold areas stay clear

@@ -21,11 +21,9 @@ model, of the label against the rest); probabilities within 2**-24 of 0 or 1 are
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
-from .encoding import read_photos_uint8, usable_cores
+from .encoding import image_features, over_windows, read_photos_uint8
 from .explanation import Explanation, caption_words, to_photo_frame
 from .images import normalise, open_image, pixel_table
 from .runtime import Predictor, caption_given, uses_image, uses_text
@@ -96,17 +94,9 @@ def _covered(pixels: np.ndarray) -> np.ndarray:
 
 
 def _image_features(engine, pixels: np.ndarray) -> np.ndarray:
-    """Features of each photo in the engine's runs, spread over the cores; a ``tta_flip`` model's average."""
-    size = engine.image_batch
-
-    def run(lo: int) -> np.ndarray:
-        x = pixels[lo : lo + size]
-        f = engine.image_features(x)
-        return (f + engine.image_features(np.ascontiguousarray(x[..., ::-1]))) / 2 if engine.tta_flip else f
-
-    starts = range(0, len(pixels), size)
-    with ThreadPoolExecutor(min(usable_cores(), len(starts))) as pool:
-        return np.concatenate(list(pool.map(run, starts)))
+    """Features of each photo, in the engine's runs spread over the cores."""
+    runs = over_windows(lambda lo, hi: image_features(engine, pixels[lo:hi]), len(pixels), None, engine.image_batch)
+    return np.concatenate([f for _, f in runs])
 
 
 def _logits(predictor: Predictor, part: str, label: int, image_feat, text_feat) -> np.ndarray:
