@@ -12,9 +12,10 @@ runs the whole command (`fuselabel predict`, a fresh process) on the same rows, 
 the training feature loop (``encoding.encode_images``, decoding and the image encoder) on the same
 photos. Prints the limits, the achieved rows/s with and without start-up and the fractions.
 
-The stages and the command are measured ``--repeats`` times (3), each command right after its own stage timings,
-and the figures are medians: a shared machine's speed drifts by several per cent within minutes. Each source tree
-is byte-compiled first, so a command starts as an installed package's does.
+The command is run ``--repeats`` times (3) and the stages are measured before the first run and after each, so
+every run lies between two measurements of the limits and is compared with their mean: a shared machine's speed
+drifts by several per cent within minutes. The headline fraction is the median of the runs' fractions; the figures
+are medians. Each source tree is byte-compiled first, so a command starts as an installed package's does.
 
 A model folder runs from its exported copy in the cache, as `fuselabel predict` does (exported once,
 before anything is timed). ``--baseline-src`` also runs the command from another source tree (an
@@ -114,6 +115,12 @@ def stages_busy(engine, predictor, records, image_dir, cores: int) -> dict:
     with ThreadPoolExecutor(cores) as pool:
         parts = list(pool.map(lambda share: stages(engine, predictor, share, image_dir), shares))
     return {k: sum(p[k] * len(share) for p, share in zip(parts, shares)) / len(records) for k in parts[0]}
+
+
+def bracketed(per_measurement: list[dict], repeat: int, cores: int) -> float:
+    """Rows/s the stages allow during ``repeat``: from the mean CPU a row of the measurements before and after it."""
+    either_side = per_measurement[repeat : repeat + 2]
+    return cores / float(np.mean([sum(m.values()) for m in either_side]))
 
 
 def engine_of(path):
@@ -292,7 +299,7 @@ def main(argv=None) -> int:
         "--repeats",
         type=int,
         default=3,
-        help="times the stages and the command are measured, one after the other (the figures are their medians: "
+        help="times the command is run, each between two measurements of the stages (the figures are medians: "
         "a shared machine's speed drifts by several per cent within minutes)",
     )
     args = ap.parse_args(argv)
@@ -323,28 +330,33 @@ def main(argv=None) -> int:
         + ([("baseline", args.baseline_src, args.model)] if args.baseline_src else [])
         + ([("other", None, args.other_model)] if args.other_model else [])
     )
-    # Per repeat: the stages' CPU a row, alone on one thread and with every core running them at once.
+    # The stages' CPU a row, alone on one thread and with every core running them at once, measured before the
+    # first repeat's commands and after each repeat's: every command lies between two measurements of the limits,
+    # and is compared with their mean (the machine's speed drifts by several per cent within minutes).
     measured: dict = {label: [] for label, _ in models}
     busy: dict = {label: [] for label, _ in models}
     timed: dict = {name: [] for name, _, _ in runs}  # per repeat: (wall, alone, one row, CPU used, line)
-    for repeat in range(args.repeats):
-        # Each command follows its own stage measurements, so a ratio compares figures minutes apart at most.
+    for repeat in range(args.repeats + 1):
         for label, _ in models:
             measured[label].append(stages(*engines[label], rows, image_dir))
             busy[label].append(stages_busy(*engines[label], rows, image_dir, cores))
             for name, src, p in runs:
                 if (name == "other") != (label == "other"):
                     continue
-                wall, alone, line, used = command(src, p, args.data, rows_csv, work / f"{name}.csv")
-                one_wall = command(src, p, args.data, one_csv, work / f"{name}-one.csv")[0]
-                timed[name].append((wall, alone, one_wall, used, line))
-                limit, limit_busy = (cores / sum(m[label][-1].values()) for m in (measured, busy))
-                print(
-                    f"  repeat {repeat + 1} {name}: limit {limit:.1f} rows/s (all cores busy {limit_busy:.1f}), "
-                    f"command {len(rows) / wall:.1f} rows/s with start-up ({100 * len(rows) / wall / limit:.0f} %; "
-                    f"{100 * len(rows) / wall / limit_busy:.0f} % busy), {len(rows) / alone:.1f} without "
-                    f"({100 * len(rows) / alone / limit:.0f} %; {100 * len(rows) / alone / limit_busy:.0f} % busy)"
-                )
+                if repeat:  # the repeat before this one is bracketed now
+                    wall, alone = timed[name][-1][:2]
+                    limit, limit_busy = (bracketed(m[label], repeat - 1, cores) for m in (measured, busy))
+                    print(
+                        f"  repeat {repeat} {name}: limit {limit:.1f} rows/s (all cores busy {limit_busy:.1f}), "
+                        f"command {len(rows) / wall:.1f} rows/s with start-up ({100 * len(rows) / wall / limit:.0f} %; "
+                        f"{100 * len(rows) / wall / limit_busy:.0f} % busy), {len(rows) / alone:.1f} without "
+                        f"({100 * len(rows) / alone / limit:.0f} %; {100 * len(rows) / alone / limit_busy:.0f} % busy)",
+                        flush=True,
+                    )
+                if repeat < args.repeats:
+                    wall, alone, line, used = command(src, p, args.data, rows_csv, work / f"{name}.csv")
+                    one_wall = command(src, p, args.data, one_csv, work / f"{name}-one.csv")[0]
+                    timed[name].append((wall, alone, one_wall, used, line))
 
     def medians(per_repeat: list[dict]) -> dict:
         return {k: float(np.median([m[k] for m in per_repeat])) for k in per_repeat[0]}
@@ -353,7 +365,7 @@ def main(argv=None) -> int:
     for label, path in models:
         per_row, per_row_busy = medians(measured[label]), medians(busy[label])
         total, total_busy = sum(per_row.values()), sum(per_row_busy.values())
-        print(f"{label} {path} (medians of {args.repeats} measurements; alone on one thread, all cores busy):")
+        print(f"{label} {path} (medians of {args.repeats + 1} measurements; alone on one thread, all cores busy):")
         for name, s in per_row.items():
             print(f"  {name:18s} {1e3 * s:7.2f} {1e3 * per_row_busy[name]:7.2f} ms CPU a row")
         limits[label], limits_busy[label] = cores / total, cores / total_busy
@@ -374,8 +386,8 @@ def main(argv=None) -> int:
         results[name] = (wall, alone, one_wall)
         limit, limit_busy = limits[label], limits_busy[label]
         # Each repeat's fraction against its own limits, beside the fraction of the medians.
-        fractions = [len(rows) / t[0] * sum(m.values()) / cores for t, m in zip(timed[name], measured[label])]
-        fractions_busy = [len(rows) / t[0] * sum(m.values()) / cores for t, m in zip(timed[name], busy[label])]
+        fractions = [len(rows) / t[0] / bracketed(measured[label], i, cores) for i, t in enumerate(timed[name])]
+        fractions_busy = [len(rows) / t[0] / bracketed(busy[label], i, cores) for i, t in enumerate(timed[name])]
         # Outside load shows as fewer cores used; the pipeline's own overhead as CPU beyond the stages' sum.
         print(
             f"CPU {name}: {used:.1f} s for {len(rows)} rows ({used / wall:.2f} cores busy on average; "
@@ -388,10 +400,11 @@ def main(argv=None) -> int:
             return ", ".join(f"{100 * f:.0f} %" for f in values)
 
         print(
-            f"PREDICT {name}: {rate:.1f} rows/s with start-up: {100 * rate / limit:.0f} % of the limit (repeats "
-            f"{pct(fractions)}), {100 * rate / limit_busy:.0f} % of the all-cores-busy limit (repeats "
+            f"PREDICT {name}: {rate:.1f} rows/s with start-up: {100 * np.median(fractions):.0f} % of the limit "
+            f"measured either side, the median of repeats {pct(fractions)} ({100 * rate / limit:.0f} % of the "
+            f"median limit); {100 * np.median(fractions_busy):.0f} % of the all-cores-busy limit (repeats "
             f"{pct(fractions_busy)}); {rate_alone:.1f} rows/s without ({100 * rate_alone / limit:.0f} %; "
-            f"{100 * rate_alone / limit_busy:.0f} %); start-up {wall - alone:.1f} s  [{line}]"
+            f"{100 * rate_alone / limit_busy:.0f} %); start-up {wall - alone:.2f} s  [{line}]"
         )
         print(f"ONE_ROW {name}: {one_wall:.2f} s")
     if not is_onnx_folder(args.model):  # evaluate and the service take a model folder

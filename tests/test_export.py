@@ -28,13 +28,13 @@ from conftest import shared_data_or_skip
 from fuselabel.bundle import Bundle, load_bundle, save_bundle
 from fuselabel.config import Config
 from fuselabel.encoders import create_tokenizer, image_data_config
-from fuselabel.encoding import session
 from fuselabel.engines import TorchEngine, engine_for_bundle
 from fuselabel.export import HeadGraph, export_head, export_image_encoder, export_onnx
 from fuselabel.network import FuseLabelNet
 from fuselabel.onnx_folder import load_onnx_predictor
 from fuselabel.records import Record, read_records
 from fuselabel.runtime import Prediction, Predictor
+from fuselabel.sessions import session
 
 FP32_TOL = 1e-4  # max |onnx - torch| of fp32 probabilities
 INT8_AGREEMENT = 0.95  # share of label decisions (row x label cells) int8 must keep

@@ -38,6 +38,7 @@ ORDER = [
     "network",
     "onnxrt",
     "cache",
+    "sessions",
     "engines",
     "features",
     "loaders",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import os
@@ -332,5 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     return code or 0
 
 
+def run() -> None:
+    """The ``fuselabel`` command: ``main`` on the command line's arguments, then exit with its status."""
+    code = main()
+    # What the command wrote is closed and synced by now. The interpreter's teardown would end with a garbage
+    # collection over every object the libraries made at import, 0.05 s of each command; frozen, they are left
+    # to the operating system. Exit handlers (logging, experiment trackers) still run.
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -239,19 +239,3 @@ def encode_by_length(encode, captions: list[str], batch_size: int = 64, workers:
                 out = np.zeros((len(captions), feats.shape[1]), dtype=np.float32)
             out[idx] = feats
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
-
-
-def session(path, threads: int | None = None):
-    """An onnxruntime CPU session, single-threaded by default: the cores are kept busy by workers over
-    different windows of rows (two 1-thread streams scale better than one 2-thread one, and a window's
-    numbers then never depend on how many cores there are)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if os.environ.get("FUSELABEL_ORT_SPIN", "0") != "1":
-        # Spinning threads burn the cores that the photo decoders need between batches.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

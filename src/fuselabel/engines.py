@@ -20,9 +20,10 @@ import torch
 from . import onnxrt
 from .cache import default_cache_dir
 from .encoders import text_length_limit, token_counts
-from .encoding import ORT_IMAGE_BATCH, TORCH_IMAGE_BATCH, encode_by_length, session
+from .encoding import ORT_IMAGE_BATCH, TORCH_IMAGE_BATCH, encode_by_length
 from .losses import probabilities
 from .preprocess import INT8_CALIBRATION
+from .sessions import session
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def image_graph(encoder: torch.nn.Module, input_shape, cache_dir=None, int8: dic
 def image_session(
     encoder: torch.nn.Module, input_shape, cache_dir=None, threads: int | None = None, int8: dict | None = None
 ):
-    return session(image_graph(encoder, input_shape, cache_dir, int8), threads)
+    return session(image_graph(encoder, input_shape, cache_dir, int8), threads, cache_dir)
 
 
 # Photos the int8 ranges are measured on. Their histograms cost about 0.9 s a photo on one core; on the course
@@ -123,7 +124,7 @@ def text_session(
     threads: int | None = None,
     int8: bool = False,
 ):
-    return session(text_graph(encoder, tokenizer, cache_dir, max_length, int8), threads)
+    return session(text_graph(encoder, tokenizer, cache_dir, max_length, int8), threads, cache_dir)
 
 
 def resolve_device(device=None) -> torch.device:

@@ -18,8 +18,9 @@ import numpy as np
 from .bundle import Bundle
 from .cache import default_cache_dir
 from .config import Config
-from .encoding import ORT_IMAGE_BATCH, encode_by_length, session
+from .encoding import ORT_IMAGE_BATCH, encode_by_length
 from .runtime import Predictor
+from .sessions import session
 
 ONNX_FORMAT = "fuselabel-onnx"
 ONNX_FORMAT_VERSION = 2
@@ -71,7 +72,7 @@ class OnnxFolderEngine:
         self.name = "onnxruntime (exported folder)"
 
     def image_features(self, pixels: np.ndarray) -> np.ndarray:
-        return self.sessions["image_encoder"].run(None, {"pixels": pixels.astype(np.float32)})[0]
+        return self.sessions["image_encoder"].run(None, {"pixels": np.asarray(pixels, dtype=np.float32)})[0]
 
     def text_features(self, captions: list[str]) -> np.ndarray:
         return encode_by_length(self._encode_text, captions, batch_size=self.text_batch)
