@@ -349,7 +349,13 @@ def course_batches(path: Path, size: int, seen: SeenIds | None = None) -> Iterat
 
 
 def raw_batches(
-    source, name: str | None, *, delimiter: str | None, sheet: str | int | None, size: int, seen: SeenIds | None = None
+    source,
+    name: str | None,
+    *,
+    size: int,
+    seen: SeenIds | None = None,
+    delimiter: str | None = None,
+    sheet: str | int | None = None,
 ) -> tuple[str, Path, Iterator[RawBatch] | Iterator[RecordSet]]:
     """(format, path, batches): :class:`RawBatch` es for the general formats, record sets for the course CSV."""
     # A DataFrame can only come from a pandas that is loaded already: reading a file does not import pandas

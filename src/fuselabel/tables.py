@@ -194,19 +194,11 @@ def _course_sets(batches: Iterator[RecordSet], columns: Columns, need_labels: bo
 
 
 def _record_sets(
-    source,
-    columns: Columns,
-    size: int,
-    *,
-    trained=None,
-    need_labels=False,
-    name=None,
-    delimiter=None,
-    sheet=None,
-    check_ids=True,
+    source, columns: Columns, size: int, *, trained=None, need_labels=False, check_ids=True, name=None, **raw
 ) -> Iterator[RecordSet]:
+    """``iter_table``'s batches; ``raw``: how the file is read (``delimiter``, ``sheet``), as ``raw_batches`` takes it."""
     seen = SeenIds() if check_ids else NoIds()
-    fmt, path, batches = raw_batches(source, name, delimiter=delimiter, sheet=sheet, size=size, seen=seen)
+    fmt, path, batches = raw_batches(source, name, size=size, seen=seen, **raw)
     trained = trained or {}
     if fmt == "course":
         yield from _course_sets(batches, columns, need_labels)  # type: ignore[arg-type]
