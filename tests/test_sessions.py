@@ -152,3 +152,29 @@ def test_another_processor_or_runtime_gets_its_own_copy(tmp_path, monkeypatch):
     assert optimised_copy(graph.stat(), tmp_path) != here
     monkeypatch.setattr(ort, "__version__", "0.0.1")
     assert optimised_copy(graph.stat(), tmp_path) != here
+
+
+def test_processes_starting_together_share_one_copy(tmp_path):
+    """Several processes (a service's workers, ranks) build a session of the same graph at once from an empty cache:
+    each gets the graph's numbers, one copy is left and no temporary."""
+    import subprocess
+    import sys
+
+    graph, cache = tmp_path / "g.onnx", tmp_path / "cache"
+    _graph(graph, seed=7)
+    np.save(tmp_path / "x.npy", X)
+    code = (
+        "import sys, numpy as np; from fuselabel.sessions import session; "
+        "s = session(sys.argv[1], cache_dir=sys.argv[2]); "
+        "np.save(sys.argv[3], s.run(None, {'x': np.load(sys.argv[4])})[0])"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(graph), str(cache), str(tmp_path / f"y{i}.npy"), str(tmp_path / "x.npy")]
+        )
+        for i in range(4)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0] * 4
+    for i in range(4):
+        np.testing.assert_array_equal(np.load(tmp_path / f"y{i}.npy"), _plain(graph))
+    assert [p.name for p in (cache / sessions.OPTIMISED).iterdir()] == [optimised_copy(graph.stat(), cache).name]

@@ -3,14 +3,13 @@
 Building a session optimises its graph first (the int8 quantise/dequantise pairs fused into integer kernels, the
 attention and layer-norm fusions, the convolutions' memory layout): 0.05 to 0.1 s for each encoder, most of a
 command's start beside its imports. onnxruntime can save the graph it optimised (its offline mode). The copy saved
-here stops before the layout step, the one that depends on the processor (its vector width), so it is the same
-on any CPU; a session built from it applies only that step, in about 0.02 s, and computes the same numbers
-(``tests/test_sessions.py``).
+here stops before the layout step, the one that depends on the processor's vector width; a session built from it
+applies only that step, in about 0.02 s, and computes the same numbers (``tests/test_sessions.py``).
 
 The copy is named by the graph file's identity (device, inode, size and times), the onnxruntime version and the
 processor's name and features, so a rewritten graph, an upgrade or a cache folder shared with another machine
-never meets a copy made for something else; knowing the file by its identity, a start reads none of it. Where the cache folder cannot be written, the session is built from the graph itself, as
-before.
+never meets a copy made for something else; knowing the file by its identity, a start reads none of it. Where the
+cache folder cannot be written, the session is built from the graph itself.
 """
 
 from __future__ import annotations
