@@ -112,6 +112,7 @@ def stages_busy(engine, predictor, records, image_dir, cores: int) -> dict:
     over every ``cores``-th window of rows. Cores that share caches and memory slow each other, so this is what
     the CPU allows when all of it works, as prediction makes it."""
     shares = [[r for i, r in enumerate(records) if (i // WINDOW) % cores == k] for k in range(cores)]
+    shares = [share for share in shares if share]  # fewer windows than cores: the idle ones have nothing to time
     with ThreadPoolExecutor(cores) as pool:
         parts = list(pool.map(lambda share: stages(engine, predictor, share, image_dir), shares))
     return {k: sum(p[k] * len(share) for p, share in zip(parts, shares)) / len(records) for k in parts[0]}
