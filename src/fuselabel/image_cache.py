@@ -12,15 +12,14 @@ validation rows).
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from .data import default_workers, fit_loaders, single_process
+from .encoding import progress_bar
 from .geometry import augment_batch, center_batch
 from .gpu_decode import gpu_decode_enabled, iter_uint8
 from .preprocess import Preprocess
@@ -81,7 +80,7 @@ class ImageCache:
         present = np.ones(n, dtype=np.float32)
         use_gpu = gpu_decode_enabled(gpu_decode, device)
         start = time.perf_counter()
-        bar = tqdm(total=n, desc="image cache", unit="img", disable=not progress or not sys.stderr.isatty())
+        bar = progress_bar(n, "image cache", "img", progress)
         for pos, pixels, pres in iter_uint8(
             records,
             image_dir,

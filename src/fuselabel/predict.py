@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import writers
-from .encoding import WINDOW
+from .encoding import WINDOW, progress_bar
 from .estimator import FuseLabel
 from .images import ImageError
 from .predict_rows import ChunkCursor, TableScan, scan_table
@@ -189,11 +189,7 @@ def _predict_chunks(model, chunks: ChunkCursor, image_dir, n_chunks, parts, done
 
 def _predict_here(model, chunks, image_dir, n_chunks: int, parts: Path, done: set, *, strict, progress) -> None:
     """The chunks not yet done, in this process, each saved as its part file when finished."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=n_chunks, initial=len(done), desc="predict", unit="chunk", disable=None if progress else True, leave=False
-    )
+    bar = progress_bar(n_chunks, "predict", "chunk", progress, initial=len(done))
     try:
         for i, chunk in enumerate(chunks):
             if i in done:
