@@ -13,7 +13,6 @@ alternate over ``--repeats`` launches and each figure is a median. Ends with lin
 from __future__ import annotations
 
 import argparse
-import signal
 import statistics
 import time
 from pathlib import Path
@@ -26,8 +25,7 @@ METHODS = ("occlusion", "gradients")
 
 
 def one_launch(model, method: str, rows, image_dir: Path) -> dict:
-    proc, base, t0 = launch_service(model, "--explain-method", method)
-    try:
+    with launch_service(model, "--explain-method", method) as (proc, base, t0):
         service_health(proc, base, t0)
         health = time.perf_counter() - t0
         first = why_seconds(base, rows[0], image_dir)
@@ -38,9 +36,6 @@ def one_launch(model, method: str, rows, image_dir: Path) -> dict:
             "ended": ended,
             "warm": why_seconds(base, rows[1], image_dir, predict=False),
         }
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
 
 
 def main(argv=None) -> int:

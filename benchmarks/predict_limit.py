@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import base64
 import compileall
+import contextlib
 import json
 import os
 import re
@@ -216,14 +217,21 @@ def why_seconds(base: str, row, image_dir, predict: bool = True) -> float:
     return time.perf_counter() - t0
 
 
+@contextlib.contextmanager
 def launch_service(model, *flags: str):
-    """``fuselabel serve MODEL`` with its defaults (but ``flags``) on a free port: (process, base URL, launch time)."""
+    """``fuselabel serve MODEL`` with its defaults (but ``flags``) on a free port, stopped (SIGTERM) when the block
+    ends: (process, base URL, launch time)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     cmd = [sys.executable, "-m", "fuselabel.cli", "serve", str(model), "--port", str(port), *flags]
     t0 = time.perf_counter()
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}", t0
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc, f"http://127.0.0.1:{port}", t0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
 
 
 def service_health(proc, base: str, t0: float) -> dict:
@@ -240,22 +248,17 @@ def service_health(proc, base: str, t0: float) -> dict:
 def warm_timeline(model, rows, image_dir) -> tuple[float, float]:
     """(seconds from launching the service until /health says its explaining model is ready, seconds of the first
     /explain after a /predict once it is): a person's first "why" on the page."""
-    proc, base, t0 = launch_service(model)
-    try:
+    with launch_service(model) as (proc, base, t0):
         while service_health(proc, base, t0).get("explainer") == "loading":
             time.sleep(0.05)
         ready = time.perf_counter() - t0
         return ready, why_seconds(base, rows[2], image_dir)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
 
 
 def service_rate(model, rows, image_dir, batch: int = 32) -> tuple[float, float]:
     """(seconds from launching ``fuselabel serve`` with its defaults until /health answers, rows/s of one client
     sending the rows as /predict/batch requests of ``batch`` rows, one after another)."""
-    proc, base, t0 = launch_service(model)
-    try:
+    with launch_service(model) as (proc, base, t0):
         service_health(proc, base, t0)
         start = time.perf_counter() - t0
         first_why = why_seconds(base, rows[0], image_dir)
@@ -278,9 +281,6 @@ def service_rate(model, rows, image_dir, batch: int = 32) -> tuple[float, float]
             f"{why_seconds(base, rows[1], image_dir, predict=False):.2f} s"
         )
         return start, rate
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
 
 
 def main(argv=None) -> int:
