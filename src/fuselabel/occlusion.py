@@ -53,7 +53,8 @@ def explain(predictor: Predictor, label_index: int, image, caption: str | None) 
         part = "text" if kind in ("text", "late") else "early"
         reading = predictor.read_caption(caption)
         text = reading.read_text if reading is not None else caption
-        read = [(s, min(e, len(text))) for s, e in caption_words(caption) if s < len(text)]
+        spans = caption_words(caption)
+        read = [(s, min(e, len(text))) for s, e in spans if s < len(text)]
         # Without each read word in turn (from the part read, so no unread word moves into view), then none.
         variants = [text[:s] + text[e:] for s, e in read] + [""]
         feats = np.concatenate([text_feat, engine.text_features(variants)])
@@ -61,7 +62,7 @@ def explain(predictor: Predictor, label_index: int, image, caption: str | None) 
         scores = logits[0] - logits[1:-1]
         out.words = [
             {"text": caption[s:e], "start": s, "end": e, "score": float(scores[i]) if i < len(read) else None}
-            for i, (s, e) in enumerate(caption_words(caption))
+            for i, (s, e) in enumerate(spans)
         ]
         out.words_target, out.words_logit = f"{part} head {name}", float(logits[0])
         out.words_baseline_logit = float(logits[-1])
